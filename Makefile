@@ -1,0 +1,27 @@
+# The two commands a new user needs (README.md): `make demo` and `make test`.
+# Both prepare the machine first (topologies/host-setup.sh is idempotent).
+
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench clean
+
+setup:
+	@VENV=$(VENV) bash topologies/host-setup.sh
+
+demo: setup
+	$(VENV)/bin/mbvisor demo
+
+test: setup
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# Pure logic only (grammar, ring, channel): seconds, no root, no OVS.
+test-fast:
+	$(PYTHON) -m pytest -m "not host" $(PYTEST_ARGS)
+
+bench: setup
+	$(PYTHON) bench/channel.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

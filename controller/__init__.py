@@ -1,0 +1,1 @@
+"""The OS-Ken application that compiles middlebox state into OpenFlow rules."""

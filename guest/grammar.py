@@ -1,0 +1,404 @@
+"""Text grammar of MB commands: framing, parsing and canonical formatting.
+
+The guest writes commands as text (the report's format), the host parses them.
+Parsing is strict and every rejection is a `CommandError` pointing at a column,
+because the person who typed the command (or the MB software that generated it)
+needs to know exactly what to fix.  Formatting is canonical, so
+`parse_command(format_command(c)) == c` and equal commands format identically.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from . import fields as kinds
+from .commands import (
+    FIELD_BY_LETTER,
+    FIELD_KINDS,
+    FILTER_FIELDS,
+    LAYER,
+    AddFilter,
+    Cancel,
+    Command,
+    DeleteFilter,
+    DeleteFilters,
+    Filter,
+    Layer,
+    Query,
+    RegisterFirewall,
+    RegisterLoadBalancer,
+    check_filter,
+    check_load_balancer,
+    mask_letters,
+)
+from .errors import (
+    CommandError,
+    DuplicateFieldError,
+    EncodingError,
+    FramingError,
+    MaskMismatchError,
+    MissingTokenError,
+    UnexpectedTokenError,
+    UnknownCommandError,
+)
+from .fields import ValueKind
+
+MAX_TEXT_BYTES = 4096
+FRAME_MARK = "@"
+_BLANKS = " \t"
+_TOKEN = re.compile(r"[^ \t]+")
+
+
+# ---- text decoding and framing ----
+
+
+def decode_text(text: str | bytes) -> str:
+    """Check size, encoding and alphabet; commands are printable ASCII plus space and tab."""
+    if len(text) > MAX_TEXT_BYTES:
+        raise FramingError(
+            f"text is {len(text)} {'bytes' if isinstance(text, bytes) else 'characters'} long;"
+            f" at most {MAX_TEXT_BYTES} bytes are allowed",
+            column=MAX_TEXT_BYTES + 1,
+        )
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as error:
+            byte = text[error.start]
+            raise EncodingError(
+                f"byte 0x{byte:02x} is not valid UTF-8; commands are printable ASCII text",
+                column=error.start + 1,
+                token=f"\\x{byte:02x}",
+            ) from None
+    for index, character in enumerate(text):
+        if not (" " <= character <= "~" or character == "\t"):
+            kind = "non-ASCII" if ord(character) > 0x7F else "control"
+            raise EncodingError(
+                f"{kind} character U+{ord(character):04X} is not allowed; commands are printable ASCII text",
+                column=index + 1,
+                token=character,
+            )
+    return text
+
+
+def split_frame(text: str | bytes) -> list[tuple[int, str]]:
+    """The commands of a framed text as (column of the command's first character,
+    command text), so a host can parse and report each one on its own.
+
+    Text without any `@` is one bare command (leniency for humans at a prompt).
+    """
+    text = decode_text(text)
+    if FRAME_MARK not in text:
+        return [(1, text)]
+    commands = []
+    position = 0
+    while True:
+        position = _skip_blanks(text, position)
+        if position == len(text):
+            return commands
+        if text[position] != FRAME_MARK:
+            raise FramingError(
+                f"text outside a frame; expected {FRAME_MARK}command{FRAME_MARK}",
+                column=position + 1,
+                token=_TOKEN.match(text, position)[0],
+            )
+        end = text.find(FRAME_MARK, position + 1)
+        if end < 0:
+            raise FramingError(
+                f"frame is not terminated; expected a closing {FRAME_MARK}", column=position + 1, token=FRAME_MARK
+            )
+        body = text[position + 1 : end]
+        if not body.strip(_BLANKS):
+            raise FramingError("empty frame; expected a command between the @ marks", column=position + 1, token=text[position : end + 1])
+        commands.append((position + 2, body))
+        position = end + 1
+
+
+def _skip_blanks(text: str, position: int) -> int:
+    while position < len(text) and text[position] in _BLANKS:
+        position += 1
+    return position
+
+
+def parse_frame(text: str | bytes) -> list[Command]:
+    """Every command of a framed text; the first bad one raises (columns are in the whole text)."""
+    return [parse_command(body, first_column=column) for column, body in split_frame(text)]
+
+
+def format_frame(commands: list[Command]) -> str:
+    return "".join(f"{FRAME_MARK}{format_command(command)}{FRAME_MARK}" for command in commands)
+
+
+# ---- tokens ----
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+    column: int
+
+
+@dataclass
+class _Tokens:
+    """The tokens of one command, consumed left to right."""
+
+    tokens: list[Token]
+    end_column: int
+    position: int = 0
+
+    def peek(self) -> Token | None:
+        return self.tokens[self.position] if self.position < len(self.tokens) else None
+
+    def take(self, what: str, expected: str) -> Token:
+        token = self.peek()
+        if token is None:
+            raise MissingTokenError(f"missing {what}; expected {expected}", column=self.end_column)
+        self.position += 1
+        return token
+
+    def take_value(self, kind: ValueKind, what: str) -> tuple[Token, object]:
+        token = self.take(what, kind.expected)
+        return token, parse_value(kind, token)
+
+    def finish(self) -> None:
+        token = self.peek()
+        if token is not None:
+            raise UnexpectedTokenError(
+                f"unexpected '{token.text}' after the end of the command", column=token.column, token=token.text
+            )
+
+
+def _tokenize(text: str, first_column: int) -> _Tokens:
+    offset = first_column - 1
+    tokens = [Token(match[0], match.start() + 1 + offset) for match in _TOKEN.finditer(text)]
+    end_column = tokens[-1].column + len(tokens[-1].text) if tokens else first_column
+    return _Tokens(tokens, end_column)
+
+
+def parse_value(kind: ValueKind, token: Token):
+    try:
+        return kind.parse(token.text)
+    except CommandError as error:
+        raise error.located(column=token.column) from None
+
+
+def _checked(check: Callable[[], None], tokens_by_field: dict[str, Token]) -> None:
+    """Run a cross-field check, pointing its error at the token of the field it names."""
+    try:
+        check()
+    except CommandError as error:
+        token = tokens_by_field.get(error.field)
+        raise (error.located(column=token.column) if token else error) from None
+
+
+# ---- parsing ----
+
+
+def parse_command(text: str | bytes, first_column: int = 1) -> Command:
+    """One bare (unframed) command.  `first_column` is the column of the text's first
+    character in a larger text, so errors point into that text."""
+    tokens = _tokenize(decode_text(text), first_column)
+    letter = tokens.take("command", "R, A, D, X, I, M or T")
+    parser = _PARSERS.get(letter.text)
+    if parser is None:
+        raise UnknownCommandError(
+            f"'{letter.text}' is not a command; expected R, A, D, X, I, M or T", column=letter.column, token=letter.text
+        )
+    command = parser(tokens)
+    tokens.finish()
+    return command
+
+
+def _take_mac(tokens: _Tokens) -> tuple[Token, str]:
+    return tokens.take_value(kinds.MAC_ADDRESS, "MB MAC address")
+
+
+def _parse_register(tokens: _Tokens) -> Command:
+    service = tokens.take("service", "F (firewall) or L (load balancer)")
+    if service.text == "F":
+        _, mac = _take_mac(tokens)
+        _, ip = tokens.take_value(kinds.IP_ADDRESS, "MB IP address")
+        return RegisterFirewall(mac, ip)
+    if service.text == "L":
+        return _parse_load_balancer(tokens)
+    raise UnknownCommandError(
+        f"'{service.text}' is not a service; expected F (firewall) or L (load balancer)",
+        column=service.column,
+        token=service.text,
+    )
+
+
+def _parse_load_balancer(tokens: _Tokens) -> RegisterLoadBalancer:
+    mac_token, mac = _take_mac(tokens)
+    ip_token, ip = tokens.take_value(kinds.IP_ADDRESS, "MB IP address")
+    type_token, redirect_type = tokens.take_value(kinds.REDIRECT_TYPE, "redirect type")
+    source_token, source = tokens.take_value(kinds.REDIRECT_SOURCE, "redirect source")
+    backends_token = tokens.take("backend address", "an address or a comma-separated list like 10.0.0.5,10.0.0.6")
+    command = RegisterLoadBalancer(mac, ip, redirect_type, source, _parse_backends(backends_token))
+    _checked(
+        lambda: check_load_balancer(command),
+        {"source": source_token, "backends": backends_token, "ip": ip_token},
+    )
+    return command
+
+
+def _parse_backends(token: Token) -> tuple[str, ...]:
+    backends = []
+    column = token.column
+    for item in token.text.split(","):
+        if not item:
+            raise MissingTokenError(
+                "missing backend address in the list; expected addresses separated by single commas",
+                column=column,
+                token=token.text,
+            )
+        backends.append(parse_value(kinds.IP_ADDRESS, Token(item, column)))
+        column += len(item) + 1
+    return tuple(backends)
+
+
+def _parse_cancel(tokens: _Tokens) -> Cancel:
+    return Cancel(_take_mac(tokens)[1])
+
+
+def _parse_query(layer: Layer) -> Callable[[_Tokens], Query]:
+    return lambda tokens: Query(_take_mac(tokens)[1], layer)
+
+
+@dataclass(frozen=True)
+class _FieldTokens:
+    letter: Token
+    value: Token | None
+
+
+def _parse_filter_command(adding: bool) -> Callable[[_Tokens], Command]:
+    """A and D share their shape: mac, layer, mask, then field letters with values
+    (A always; D either all or none)."""
+
+    def parse(tokens: _Tokens) -> Command:
+        _, mac = _take_mac(tokens)
+        _, layer = tokens.take_value(LAYER, "filter layer")
+        mask_token, mask = tokens.take_value(kinds.FILTER_MASK, "filter mask")
+        given = _take_field_tokens(tokens)
+        _check_letters(given, mask, mask_token)
+        with_values = [field for field in given if field.value is not None]
+        if not with_values and not adding:
+            return DeleteFilters(mac, layer, mask)
+        _check_all_have_values(given, tokens, adding)
+        filter = _build_filter(layer, given)
+        return AddFilter(mac, filter) if adding else DeleteFilter(mac, filter)
+
+    return parse
+
+
+def _take_field_tokens(tokens: _Tokens) -> list[_FieldTokens]:
+    """Pair each field letter with the value after it, if the next token is not a letter."""
+    given = []
+    while (letter := tokens.peek()) is not None:
+        tokens.position += 1
+        if letter.text not in FIELD_BY_LETTER:
+            raise UnexpectedTokenError(
+                f"'{letter.text}' is not a field letter; expected s, d, t or p",
+                column=letter.column,
+                token=letter.text,
+            )
+        value = tokens.peek()
+        if value is not None and value.text not in FIELD_BY_LETTER:
+            tokens.position += 1
+        else:
+            value = None
+        given.append(_FieldTokens(letter, value))
+    return given
+
+
+def _check_letters(given: list[_FieldTokens], mask: int, mask_token: Token) -> None:
+    seen: set[str] = set()
+    for field in given:
+        if field.letter.text in seen:
+            raise DuplicateFieldError(
+                f"field {field.letter.text} is given twice; each field may appear once",
+                column=field.letter.column,
+                token=field.letter.text,
+            )
+        seen.add(field.letter.text)
+    given_mask = sum(FIELD_BY_LETTER[letter].bit for letter in seen)
+    if given_mask != mask:
+        raise MaskMismatchError(
+            f"mask {mask} means fields {' '.join(mask_letters(mask))}"
+            f" but the command gives {' '.join(mask_letters(given_mask)) or 'none'}",
+            column=mask_token.column,
+            token=mask_token.text,
+        )
+
+
+def _check_all_have_values(given: list[_FieldTokens], tokens: _Tokens, adding: bool) -> None:
+    rule = (
+        "every field of a filter needs a value"
+        if adding
+        else "give every field a value (one exact filter) or none (every filter with this mask)"
+    )
+    for index, field in enumerate(given):
+        if field.value is None:
+            following = given[index + 1] if index + 1 < len(given) else None
+            column = following.letter.column if following else tokens.end_column
+            raise MissingTokenError(
+                f"missing value for field {field.letter.text}; {rule}", column=column, token=field.letter.text
+            )
+
+
+def _build_filter(layer: Layer, given: list[_FieldTokens]) -> Filter:
+    layer_kinds = FIELD_KINDS[layer]
+    values = {}
+    tokens_by_field = {}
+    for field in given:
+        spec = FIELD_BY_LETTER[field.letter.text]
+        values[spec.attribute] = parse_value(layer_kinds[spec.letter], field.value)
+        tokens_by_field[spec.attribute] = field.value
+    filter = Filter(layer, **values)
+    _checked(lambda: check_filter(filter), tokens_by_field)
+    return filter
+
+
+_PARSERS: dict[str, Callable[[_Tokens], Command]] = {
+    "R": _parse_register,
+    "A": _parse_filter_command(adding=True),
+    "D": _parse_filter_command(adding=False),
+    "X": _parse_cancel,
+    **{layer.value: _parse_query(layer) for layer in Layer},
+}
+
+
+# ---- formatting ----
+
+
+def format_filter_fields(filter: Filter) -> str:
+    kinds_of_layer = FIELD_KINDS[filter.layer]
+    return " ".join(
+        f"{spec.letter} {kinds_of_layer[spec.letter].format(getattr(filter, spec.attribute))}"
+        for spec in FILTER_FIELDS
+        if getattr(filter, spec.attribute) is not None
+    )
+
+
+def format_command(command: Command) -> str:
+    """The canonical text of a command: single spaces, canonical values, fields in s d t p order."""
+    match command:
+        case RegisterFirewall(mac=mac, ip=ip):
+            return f"R F {mac} {ip}"
+        case RegisterLoadBalancer():
+            source = kinds.REDIRECT_SOURCE.format(command.source)
+            backends = ",".join(command.backends)
+            return f"R L {command.mac} {command.ip} {command.redirect_type} {source} {backends}"
+        case AddFilter(mac=mac, filter=filter) | DeleteFilter(mac=mac, filter=filter):
+            letter = "A" if isinstance(command, AddFilter) else "D"
+            return f"{letter} {mac} {filter.layer.value} {filter.mask} {format_filter_fields(filter)}"
+        case DeleteFilters(mac=mac, layer=layer, mask=mask):
+            letters = " ".join(spec.letter for spec in FILTER_FIELDS if mask & spec.bit)
+            return f"D {mac} {layer.value} {mask} {letters}"
+        case Cancel(mac=mac):
+            return f"X {mac}"
+        case Query(mac=mac, layer=layer):
+            return f"{layer.value} {mac}"
+    raise TypeError(f"not a command: {command!r}")

@@ -1,0 +1,171 @@
+"""Guest side of the channel: put commands in the ring and wait for the host's answers.
+
+Several processes in one guest may write at once (``mbctl`` invocations, a vendor's
+daemon): claiming a slot and publishing it happens under ``flock`` on the region's
+descriptor, plus a thread lock for threads sharing one writer.  Waiting for an answer
+happens outside the lock, so writers pipeline.
+
+A slot is reused only when the host has answered its previous command *and* that
+command's writer has read the answer (or gave up, or died), so an answer is never
+overwritten before the one waiting for it has seen it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from . import ring
+from .backoff import Backoff
+from .channel_errors import BadRegion, ChannelReset, RegionTooSmall, ResponseTimeout, RingFull
+from .region import Region
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A published command: what the writer needs to find its answer."""
+
+    seq: int
+    epoch: int
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ChannelWriter:
+    """Writes commands into a region and collects the host's answers."""
+
+    def __init__(self, region: Region):
+        self.region = region
+        self._threads = threading.Lock()
+        self._pid = os.getpid()
+
+    @contextmanager
+    def _locked(self):
+        with self._threads:
+            fcntl.flock(self.region.fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self.region.fd, fcntl.LOCK_UN)
+
+    def _header(self, *, initialise_blank: bool) -> ring.Header:
+        header = ring.read_header(self.region.buf)
+        if header.blank and initialise_blank:
+            self._initialise()
+            header = ring.read_header(self.region.buf)
+        problem = header.problem(self.region.size)
+        if problem:
+            raise BadRegion(f"{self.region.path}: {problem}")
+        return header
+
+    def _initialise(self) -> None:
+        try:
+            geometry = ring.geometry_for(self.region.size)
+        except ring.LayoutError as error:
+            raise RegionTooSmall(f"{self.region.path}: {error}") from None
+        ring.initialise(self.region.buf, self.region.size, geometry, _new_epoch())
+
+    def initialise(self, geometry: ring.Geometry | None = None) -> int:
+        """Format the region afresh (a new epoch): pending commands and answers are dropped.
+        Returns the new epoch."""
+        with self._locked():
+            try:
+                geometry = geometry or ring.geometry_for(self.region.size)
+                ring.initialise(self.region.buf, self.region.size, geometry, _new_epoch())
+            except ring.LayoutError as error:
+                raise RegionTooSmall(f"{self.region.path}: {error}") from None
+            return ring.read_header(self.region.buf).guest_epoch
+
+    def header(self) -> ring.Header:
+        """The current header, validated (a blank region is initialised first)."""
+        with self._locked():
+            return self._header(initialise_blank=True)
+
+    def submit(self, payload: bytes, timeout: float = 5.0) -> Ticket:
+        """Publish one command; waits up to ``timeout`` for a free slot, else RingFull."""
+        deadline = time.monotonic() + timeout
+        backoff = Backoff(ceiling=1e-3)
+        while True:
+            with self._locked():
+                header = self._header(initialise_blank=True)
+                geometry = header.geometry
+                if len(payload) > geometry.max_command_length:
+                    raise BadRegion(f"command of {len(payload)} bytes does not fit a "
+                                    f"{geometry.max_command_length}-byte slot")
+                seq = header.publish
+                if self._slot_reusable(header, seq):
+                    ring.encode_command(self.region.buf, geometry, seq, header.guest_epoch,
+                                        payload, self._pid)
+                    ring.write_u64(self.region.buf, ring.OFFSET_PUBLISH, seq + 1)
+                    return Ticket(seq, header.guest_epoch)
+                pending = seq - header.host_consume
+            if time.monotonic() >= deadline:
+                raise RingFull(f"ring full: {pending} of {geometry.slot_count} commands are waiting "
+                               f"for the host (is the mbvisor agent running?)")
+            backoff.wait(deadline)
+
+    def _slot_reusable(self, header: ring.Header, seq: int) -> bool:
+        geometry = header.geometry
+        if seq - header.host_consume >= geometry.slot_count:
+            return False
+        if seq < geometry.slot_count:
+            return True
+        previous, pid, state = ring.read_command_owner(self.region.buf, geometry, seq)
+        if previous != seq - geometry.slot_count or state != ring.SlotState.PUBLISHED:
+            return True
+        return not _alive(pid)
+
+    def wait(self, ticket: Ticket, timeout: float = 5.0) -> ring.Response:
+        """The host's answer to ``ticket``; ResponseTimeout leaves the command pending."""
+        deadline = time.monotonic() + timeout
+        backoff = Backoff()
+        buf = self.region.buf
+        while True:
+            header = ring.read_header(buf)
+            if header.guest_epoch != ticket.epoch or header.problem(self.region.size):
+                raise ChannelReset(f"channel was re-initialised while command {ticket.seq} waited; "
+                                   "its outcome is unknown")
+            response = ring.decode_response(buf, header.geometry, ticket.seq, ticket.epoch)
+            if response is not None:
+                self._mark(header.geometry, ticket, ring.SlotState.COLLECTED)
+                return response
+            if time.monotonic() >= deadline:
+                self._mark(header.geometry, ticket, ring.SlotState.ABANDONED)
+                ahead = ticket.seq - header.host_consume
+                raise ResponseTimeout(
+                    f"no answer to command {ticket.seq} within {timeout:g} s; it stays pending "
+                    f"in the ring ({ahead} command(s) ahead of it are unanswered)", ticket.seq)
+            backoff.wait(deadline)
+
+    def _mark(self, geometry: ring.Geometry, ticket: Ticket, state: ring.SlotState) -> None:
+        """Record that nobody waits for this slot's answer any more, so it may be reused."""
+        seq, _, _ = ring.read_command_owner(self.region.buf, geometry, ticket.seq)
+        if seq == ticket.seq:
+            ring.write_u32(self.region.buf, geometry.command_offset(ticket.seq) + ring.OFFSET_SLOT_STATE,
+                           state)
+
+    def request(self, payload: bytes, timeout: float = 5.0) -> ring.Response:
+        """Submit and wait, sharing one deadline."""
+        deadline = time.monotonic() + timeout
+        ticket = self.submit(payload, timeout)
+        return self.wait(ticket, max(0.0, deadline - time.monotonic()))
+
+
+def _new_epoch() -> int:
+    """Random, so a re-initialised guest never reuses an (epoch, seq) key the host saw."""
+    return secrets.randbelow(2**32 - 1) + 1

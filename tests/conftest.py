@@ -1,0 +1,38 @@
+"""Shared fixtures: channel regions with unique names that are removed even on failure."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from mbvisor.guest import ring
+from mbvisor.guest.region import open_file
+from mbvisor.guest.writer import ChannelWriter
+
+
+@pytest.fixture
+def region_path():
+    """A unique /dev/shm file (what QEMU's memory backend uses), deleted afterwards."""
+    path = f"/dev/shm/mbvisor-test-{uuid.uuid4().hex[:12]}"
+    yield path
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+@pytest.fixture
+def make_channel(region_path):
+    """Create the region, format it with a geometry, return (writer, path)."""
+    opened = []
+
+    def make(geometry: ring.Geometry | None = None, size: int = 1 << 20):
+        region = open_file(region_path, create_size=max(size, (geometry or ring.Geometry(4)).region_size))
+        opened.append(region)
+        writer = ChannelWriter(region)
+        writer.initialise(geometry)
+        return writer
+
+    yield make
+    for region in opened:
+        region.close()

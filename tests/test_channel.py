@@ -1,0 +1,215 @@
+"""Writer and reader on a real shared-memory file, in one process: ordering, wrap-around,
+restart, re-initialisation, full ring, time-outs and hostile bytes."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from mbvisor.guest import ring
+from mbvisor.guest.channel_errors import (BadRegion, ChannelReset, DeviceNotFound, RegionTooSmall,
+                                          ResponseTimeout, RingFull)
+from mbvisor.guest.reader import ChannelReader, serve
+from mbvisor.guest.region import open_file, open_shm
+from mbvisor.guest.writer import ChannelWriter, Ticket
+
+SMALL = ring.Geometry(4, 128, 128)
+
+
+def reader_for(writer: ChannelWriter) -> ChannelReader:
+    return ChannelReader(open_file(writer.region.path))
+
+
+def answer_all(reader: ChannelReader, prefix: str = "ok ") -> list[bytes]:
+    taken = []
+    while (incoming := reader.poll()) is not None:
+        taken.append(incoming.payload)
+        reader.answer(incoming.seq, ring.Status.OK, prefix + incoming.payload.decode())
+    return taken
+
+
+def test_round_trip_in_order(make_channel):
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    tickets = [writer.submit(f"cmd {i}".encode()) for i in range(3)]
+    assert answer_all(reader) == [b"cmd 0", b"cmd 1", b"cmd 2"]
+    assert [writer.wait(t).text for t in tickets] == ["ok cmd 0", "ok cmd 1", "ok cmd 2"]
+    assert [t.seq for t in tickets] == [0, 1, 2]
+
+
+def test_wrap_around_ten_times_the_ring(make_channel):
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(reader, lambda c: (0, c.payload.decode()[::-1]), stop))
+    thread.start()
+    try:
+        for i in range(SMALL.slot_count * 12):
+            response = writer.request(f"n{i:05d}".encode())
+            assert (response.ok, response.text) == (True, f"n{i:05d}"[::-1])
+    finally:
+        stop.set()
+        thread.join()
+    assert reader.consume == SMALL.slot_count * 12 and reader.stats.corrupt == 0
+
+
+def test_poll_returns_the_same_command_until_answered(make_channel):
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    writer.submit(b"X 52:34:56:00:12:22")
+    first, again = reader.poll(), reader.poll()
+    assert first == again and first.seq == 0
+    with pytest.raises(ValueError, match="out of order"):
+        reader.answer(1, ring.Status.OK, "")
+
+
+def test_full_ring_is_reported_after_the_timeout(make_channel):
+    writer = make_channel(SMALL)
+    for i in range(SMALL.slot_count):
+        writer.submit(b"x")
+    with pytest.raises(RingFull, match="4 of 4 commands are waiting"):
+        writer.submit(b"x", timeout=0.05)
+
+
+def test_answer_not_yet_read_is_never_overwritten(make_channel):
+    """The host answered every slot, but the first command's writer has not read its
+    answer: reusing its slot would destroy that answer, so the ring counts as full."""
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    tickets = [writer.submit(b"x") for _ in range(SMALL.slot_count)]
+    answer_all(reader)
+    with pytest.raises(RingFull):
+        writer.submit(b"y", timeout=0.05)
+    assert writer.wait(tickets[0]).ok
+    assert writer.submit(b"y").seq == SMALL.slot_count
+
+
+def test_slot_of_a_dead_writer_is_reclaimed(make_channel):
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    pid = os.fork()
+    if pid == 0:  # a writer that publishes and dies without reading its answer
+        ChannelWriter(open_file(writer.region.path)).submit(b"orphan")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    tickets = [writer.submit(b"x") for _ in range(SMALL.slot_count - 1)]
+    answer_all(reader)
+    assert all(writer.wait(t).ok for t in tickets)
+    assert writer.submit(b"reuses the orphan's slot", timeout=1).seq == SMALL.slot_count
+
+
+def test_timeout_leaves_command_pending_and_its_slot_reusable(make_channel):
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    ticket = writer.submit(b"slow")
+    with pytest.raises(ResponseTimeout, match="no answer to command 0") as raised:
+        writer.wait(ticket, timeout=0.02)
+    assert raised.value.seq == 0
+    assert reader.poll().payload == b"slow"  # still pending, answered later
+    answer_all(reader)
+    for _ in range(SMALL.slot_count):
+        writer.submit(b"more", timeout=0.1)
+
+
+def test_restarted_reader_resumes_without_replaying(make_channel):
+    writer = make_channel(SMALL)
+    first = reader_for(writer)
+    for i in range(3):
+        writer.submit(f"c{i}".encode())
+    incoming = first.poll()
+    first.answer(incoming.seq, ring.Status.OK, "done")
+    # Die between writing the answer to c1 and moving the consume counter.
+    geometry = ring.read_header(writer.region.buf).geometry
+    ring.encode_response(writer.region.buf, geometry, 1, first.epoch, ring.Status.OK, "done before crash")
+    restarted = reader_for(writer)
+    assert restarted.poll().payload == b"c2"
+    assert restarted.stats.resumed_answers == 1
+    assert writer.wait(Ticket(1, first.epoch)).text == "done before crash"
+
+
+def test_guest_reinitialisation_starts_a_new_epoch(make_channel):
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    writer.submit(b"old")
+    waiting = writer.submit(b"old too")
+    assert reader.poll().payload == b"old"
+    old_epoch = reader.epoch
+    new_epoch = writer.initialise(SMALL)
+    assert new_epoch != old_epoch
+    with pytest.raises(ChannelReset):
+        writer.wait(waiting, timeout=1)
+    assert not reader.answer(0, ring.Status.OK, "late answer for the old epoch")
+    writer.submit(b"new")
+    incoming = reader.poll()
+    assert (incoming.payload, incoming.seq, incoming.epoch) == (b"new", 0, new_epoch)
+    header = ring.read_header(writer.region.buf)
+    assert (header.host_epoch, header.consume) == (new_epoch, 0)
+
+
+def test_corrupt_slot_is_answered_with_an_error_and_skipped(make_channel):
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    bad = writer.submit(b"A 52:34:56:00:12:22 I 4 s 10.0.0.1")
+    good = writer.submit(b"X 52:34:56:00:12:22")
+    writer.region.buf[SMALL.command_offset(0) + ring.SLOT_HEADER_SIZE + 5] ^= 0x20
+    assert reader.poll().payload == b"X 52:34:56:00:12:22"
+    reader.answer(1, ring.Status.OK, "ok")
+    response = writer.wait(bad)
+    assert response.status == ring.Status.CORRUPT and "CRC mismatch" in response.text
+    assert writer.wait(good).ok and reader.stats.corrupt == 1
+
+
+def test_writer_reports_foreign_or_damaged_regions(make_channel, tmp_path):
+    writer = make_channel(SMALL)
+    writer.region.buf[0:4] = b"NOPE"
+    with pytest.raises(BadRegion, match="bad magic"):
+        writer.submit(b"x")
+    writer.region.buf[0:4] = ring.MAGIC
+    struct.pack_into("<H", writer.region.buf, 4, 9)
+    with pytest.raises(BadRegion, match="protocol version 9"):
+        writer.submit(b"x")
+    tiny = tmp_path / "tiny"
+    tiny.write_bytes(bytes(4096))
+    with pytest.raises(RegionTooSmall, match="4096 bytes"):
+        open_file(tiny)
+    with pytest.raises(DeviceNotFound):
+        open_file(tmp_path / "missing")
+
+
+def test_blank_region_is_initialised_by_the_first_writer(region_path):
+    with open_file(region_path, create_size=1 << 20) as region:
+        ticket = ChannelWriter(region).submit(b"first")
+        header = ring.read_header(region.buf)
+        assert header.problem(region.size) is None
+        assert (ticket.seq, ticket.epoch) == (0, header.guest_epoch)
+        assert header.geometry == ring.Geometry(128)
+
+
+def test_posix_shm_name_opens_the_same_bytes(region_path):
+    name = os.path.basename(region_path)
+    with open_shm(name, create_size=1 << 20) as host, open_file(region_path) as guest:
+        ChannelWriter(guest).submit(b"via posix_ipc")
+        assert ChannelReader(host).poll().payload == b"via posix_ipc"
+    with pytest.raises(DeviceNotFound, match="does not exist"):
+        open_shm("mbvisor-test-no-such-object")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, SMALL.region_size - 1), st.binary(min_size=1, max_size=16)),
+                min_size=1, max_size=20))
+def test_reader_survives_any_bytes_anywhere(make_channel, damage):
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    writer.submit(b"before")
+    for offset, data in damage:
+        chunk = data[:SMALL.region_size - offset]
+        writer.region.buf[offset:offset + len(chunk)] = chunk
+    for _ in range(2 * SMALL.slot_count):
+        incoming = reader.poll()
+        if incoming is not None:
+            reader.answer(incoming.seq, ring.Status.OK, "ok")
+    assert reader.consume >= 0

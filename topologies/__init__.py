@@ -1,0 +1,1 @@
+"""Lab topologies: namespace hypervisor, Mininet and QEMU launch scripts, host setup."""
