@@ -112,10 +112,10 @@ def open_shm(name: str, *, create_size: int | None = None) -> Region:
     return _map(fd, size, "/dev/shm" + object_name)
 
 
-def ivshmem_devices(pci_root: Path = PCI_DEVICES) -> list[Path]:
+def ivshmem_devices(pci_root: Path | None = None) -> list[Path]:
     """PCI functions that are ivshmem devices, sorted by address."""
     found = []
-    for device in sorted(pci_root.glob("*")):
+    for device in sorted((pci_root or PCI_DEVICES).glob("*")):
         try:
             vendor = int((device / "vendor").read_text(), 16)
             product = int((device / "device").read_text(), 16)
@@ -126,8 +126,9 @@ def ivshmem_devices(pci_root: Path = PCI_DEVICES) -> list[Path]:
     return found
 
 
-def open_device(bdf: str | None = None, pci_root: Path = PCI_DEVICES) -> Region:
+def open_device(bdf: str | None = None, pci_root: Path | None = None) -> Region:
     """Map BAR2 of the ivshmem device (the only one, or the one at ``bdf``)."""
+    pci_root = pci_root or PCI_DEVICES
     devices = ivshmem_devices(pci_root)
     if bdf:
         devices = [d for d in devices if d.name == bdf or d.name.endswith(bdf)]

@@ -293,3 +293,38 @@ def decode_response(buf, geometry: Geometry, seq: int, epoch: int) -> Response |
     if crc != _crc(struct.pack("<QIIHH", seq, epoch, length, status, flags), data):
         return None
     return Response(seq, epoch, status, data.decode("utf-8", "replace"), bool(flags & FLAG_TRUNCATED))
+
+
+def describe(buf, region_size: int, recent: int = 5) -> dict:
+    """What an operator wants to know about a region, without changing it: its state,
+    counters and the last few answers (``mbctl -r``, ``mbvisor channel status``)."""
+    header = read_header(buf)
+    if header.blank:
+        return {"state": "blank", "detail": "not initialised yet (the guest's first command does it)"}
+    problem = header.problem(region_size)
+    if problem:
+        return {"state": "unusable", "detail": problem}
+    consume = header.host_consume
+    answers = []
+    for seq in range(max(0, consume - recent), consume):
+        response = decode_response(buf, header.geometry, seq, header.guest_epoch)
+        if response is not None:
+            answers.append({"seq": seq, "status": response.status_name, "text": response.text})
+    return {
+        "state": "ready",
+        "epoch": f"{header.guest_epoch:#010x}",
+        "slots": header.geometry.slot_count,
+        "published": header.publish,
+        "answered": consume,
+        "pending": max(0, header.publish - consume),
+        "host_attached": header.host_epoch == header.guest_epoch,
+        "last_answers": answers,
+    }
+
+
+def format_description(state: dict) -> str:
+    lines = [f"{key:14} {value}" for key, value in state.items() if key != "last_answers"]
+    for answer in state.get("last_answers", []):
+        text = answer["text"].replace("\n", "\n" + " " * 22)
+        lines.append(f"  #{answer['seq']:<6} {answer['status']:12} {text}")
+    return "\n".join(lines)

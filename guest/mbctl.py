@@ -1,0 +1,216 @@
+"""``mbctl``: the middlebox's tool for telling the hypervisor what it may offload.
+
+Compatible with the report's helper (``-w "@...@"`` writes, ``-r`` reads) and with
+readable sub-commands that build the same grammar.  Every command is checked locally
+before it enters the ring, then the tool waits for the host's answer and exits with a
+code that says what happened (see ``EXIT_CODES``), so scripts in the middlebox can act
+on the outcome.  Standard library only: it runs inside a minimal VM image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import ring
+from .channel_errors import ChannelError, ResponseTimeout, RingFull
+from .errors import CommandError
+from .grammar import format_frame, parse_frame
+from .region import open_region
+from .writer import ChannelWriter
+
+EXIT_OK = 0
+EXIT_HOST_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INVALID_COMMAND = 3
+EXIT_TIMEOUT = 4
+EXIT_CHANNEL = 5
+EXIT_RING_FULL = 6
+EXIT_CODES = {
+    EXIT_OK: "the host applied the command(s)",
+    EXIT_HOST_ERROR: "the host answered with an error (refused, rejected, corrupt, ...)",
+    EXIT_USAGE: "wrong arguments",
+    EXIT_INVALID_COMMAND: "the command is not valid grammar; nothing was sent",
+    EXIT_TIMEOUT: "no answer in time; the command stays pending in the ring",
+    EXIT_CHANNEL: "no usable channel: device missing, foreign or too small region, re-initialised",
+    EXIT_RING_FULL: "every slot is waiting for the host; nothing was sent",
+}
+
+LAYERS = {"ip": "I", "mac": "M", "transport": "T"}
+FIELDS = (("src", "s"), ("dst", "d"), ("tos", "t"), ("proto", "p"))
+MASK_BITS = {"d": 8, "s": 4, "t": 2, "p": 1}
+
+
+def default_mac(net: Path = Path("/sys/class/net")) -> str | None:
+    """The VM's own MAC when it has exactly one network interface besides loopback."""
+    if os.environ.get("MBCTL_MAC"):
+        return os.environ["MBCTL_MAC"]
+    addresses = []
+    for interface in sorted(net.glob("*")):
+        try:
+            address = (interface / "address").read_text().strip()
+        except OSError:
+            continue
+        if interface.name != "lo" and address and address != "00:00:00:00:00:00":
+            addresses.append(address)
+    return addresses[0] if len(addresses) == 1 else None
+
+
+def filter_text(args: argparse.Namespace, letter: str) -> str:
+    """``A``/``D`` text from --src/--dst/--tos/--proto (values) or --fields (letters only)."""
+    parts = [letter, args.mac, LAYERS[args.layer]]
+    if getattr(args, "fields", None):
+        letters = [dict(FIELDS).get(name.strip(), name.strip()) for name in args.fields.split(",")]
+        fields = [(given, None) for given in letters]
+    else:
+        fields = [(short, getattr(args, name)) for name, short in FIELDS if getattr(args, name) is not None]
+    mask = sum(MASK_BITS.get(short, 0) for short, _ in fields)
+    parts.append(str(mask))
+    for short, value in fields:
+        parts += [short] if value is None else [short, value]
+    return " ".join(parts)
+
+
+def command_text(args: argparse.Namespace) -> str:
+    """The grammar text a sub-command stands for (validated by the parser afterwards)."""
+    action = args.action
+    if action == "write":
+        return args.write
+    if action == "register":
+        return f"R F {args.mac} {args.ip}"
+    if action == "redirect":
+        if args.source:
+            return f"R L {args.mac} {args.ip} 1 {args.source} {args.to}"
+        return f"R L {args.mac} {args.ip} 0 * {args.to}"
+    if action == "filter":
+        return filter_text(args, "A" if args.filter_action == "add" else "D")
+    if action == "show":
+        return f"{LAYERS[args.layer]} {args.mac}"
+    if action == "cancel":
+        return f"X {args.mac}"
+    raise AssertionError(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+    parser = argparse.ArgumentParser(
+        prog="mbctl", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
+        description="Offload firewall filters and load-balancer redirects to the hypervisor "
+                    "through the ivshmem channel, and show what the host answered.")
+    parser.add_argument("-w", "--write", metavar="TEXT",
+                        help='send command(s) in the report\'s form, e.g. "@R F 52:34:56:00:12:22 10.0.0.5@"')
+    parser.add_argument("-r", "--read", action="store_true", help="show the channel's state and last answers")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--device", metavar="BDF", help="ivshmem PCI device (default: the only one)")
+    where.add_argument("--shm", metavar="PATH", help="region file instead of the device, e.g. /dev/shm/mb0")
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait (default 5)")
+    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+    parser.add_argument("--raw", action="store_true", help="with -w: send the text unchecked (testing the host)")
+    sub = parser.add_subparsers(dest="action", metavar="COMMAND")
+
+    def with_mac(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        command.add_argument("--mac", default=default_mac(),
+                             help="the middlebox's MAC (default: $MBCTL_MAC or the VM's only NIC)")
+        return command
+
+    register = with_mac(sub.add_parser("register", help="register this middlebox for firewall offload"))
+    register.add_argument("service", choices=["firewall"])
+    register.add_argument("--ip", required=True, help="the middlebox's IP address")
+
+    redirect = with_mac(sub.add_parser("redirect", help="offload a load-balancer decision (R L)"))
+    redirect.add_argument("--ip", required=True, help="the address clients use (the middlebox's)")
+    redirect.add_argument("--to", required=True, metavar="BACKEND[,BACKEND...]",
+                          help="backend address, or a comma-separated pool")
+    redirect.add_argument("--from", dest="source", metavar="SRC",
+                          help="only traffic from this source (type 1); default: all traffic (type 0)")
+
+    filters = sub.add_parser("filter", help="add or delete a firewall filter (A / D)")
+    filter_sub = filters.add_subparsers(dest="filter_action", required=True, metavar="add|del")
+    for name in ("add", "del"):
+        command = with_mac(filter_sub.add_parser(name, help=f"{name} a deny filter"))
+        command.add_argument("--layer", required=True, choices=sorted(LAYERS))
+        for field, _ in FIELDS:
+            command.add_argument(f"--{field}", metavar="VALUE")
+        if name == "del":
+            command.add_argument("--fields", metavar="src,dst,...",
+                                 help="delete every filter of the layer using exactly these fields")
+
+    show = with_mac(sub.add_parser("show", help="ask for the current filters of a layer"))
+    show.add_argument("layer", choices=sorted(LAYERS))
+    with_mac(sub.add_parser("cancel", help="cancel the registration; every offload goes (X)"))
+    sub.add_parser("status", help="same as -r")
+    sub.add_parser("init", help="re-initialise the channel (new epoch; pending commands are dropped)")
+    return parser
+
+
+def send(writer: ChannelWriter, text: str, args: argparse.Namespace) -> int:
+    if args.raw:
+        payload = text.encode("utf-8", "surrogateescape")
+    else:
+        try:
+            payload = format_frame(parse_frame(text)).encode()
+        except CommandError as error:
+            return fail(f"invalid command: {error}", EXIT_INVALID_COMMAND, args)
+    started = time.monotonic()
+    response = writer.request(payload, args.timeout)
+    elapsed_ms = (time.monotonic() - started) * 1000
+    if args.json:
+        print(json.dumps({"seq": response.seq, "epoch": response.epoch, "status": response.status_name,
+                          "code": response.status, "text": response.text, "truncated": response.truncated,
+                          "round_trip_ms": round(elapsed_ms, 3)}))
+    else:
+        stream = sys.stdout if response.ok else sys.stderr
+        prefix = "" if response.ok else f"mbctl: host answered {response.status_name}: "
+        print(prefix + response.text + (" [answer truncated]" if response.truncated else ""), file=stream)
+    return EXIT_OK if response.ok else EXIT_HOST_ERROR
+
+
+def show_status(region, args: argparse.Namespace) -> int:
+    state = {"region": region.path, **ring.describe(region.buf, region.size)}
+    print(json.dumps(state) if args.json else ring.format_description(state))
+    return EXIT_OK if state["state"] != "unusable" else EXIT_CHANNEL
+
+
+def fail(message: str, code: int, args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps({"error": message, "exit_code": code}))
+    print(f"mbctl: {message}", file=sys.stderr)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.write:
+        args.action = "write"
+    if args.read or args.action == "status":
+        args.action = "status"
+    if not args.action:
+        return fail("nothing to do; give -w TEXT, -r or a command (see --help)", EXIT_USAGE, args)
+    if args.action not in ("write", "status", "init") and not args.mac:
+        return fail("no --mac given and the VM's MAC could not be guessed (set MBCTL_MAC)", EXIT_USAGE, args)
+    try:
+        with open_region(shm=args.shm, device=args.device) as region:
+            if args.action == "status":
+                return show_status(region, args)
+            writer = ChannelWriter(region)
+            if args.action == "init":
+                print(f"channel re-initialised, epoch {writer.initialise():#010x}")
+                return EXIT_OK
+            return send(writer, command_text(args), args)
+    except ResponseTimeout as error:
+        return fail(str(error), EXIT_TIMEOUT, args)
+    except RingFull as error:
+        return fail(str(error), EXIT_RING_FULL, args)
+    except ChannelError as error:
+        return fail(str(error), EXIT_CHANNEL, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

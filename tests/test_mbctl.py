@@ -1,0 +1,120 @@
+"""``mbctl`` against a real region served by the real reader: answers and exit codes."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from mbvisor.agents.echo import answer_frame
+from mbvisor.guest import mbctl, ring
+from mbvisor.guest.reader import ChannelReader, serve
+from mbvisor.guest.region import open_file
+
+MAC = "52:34:56:00:12:22"
+
+
+@pytest.fixture
+def served(make_channel):
+    """A formatted region answered by the echo responder in a thread; yields its path."""
+    writer = make_channel()
+    stop = threading.Event()
+    reader = ChannelReader(open_file(writer.region.path))
+    thread = threading.Thread(target=serve, args=(reader, answer_frame, stop), daemon=True)
+    thread.start()
+    yield writer.region.path
+    stop.set()
+    thread.join(timeout=5)
+    reader.region.close()
+
+
+def run(capsys, *arguments) -> tuple[int, str, str]:
+    code = mbctl.main(list(arguments))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("arguments, command", [
+    (["register", "firewall", "--mac", MAC, "--ip", "10.0.0.5"], f"R F {MAC} 10.0.0.5"),
+    (["redirect", "--mac", MAC, "--ip", "10.0.0.5", "--to", "10.0.0.9"], f"R L {MAC} 10.0.0.5 0 * 10.0.0.9"),
+    (["redirect", "--mac", MAC, "--ip", "10.0.0.5", "--to", "10.0.0.9,10.0.0.8", "--from", "10.1.0.7"],
+     f"R L {MAC} 10.0.0.5 1 10.1.0.7 10.0.0.9,10.0.0.8"),
+    (["filter", "add", "--mac", MAC, "--layer", "ip", "--src", "10.0.0.0/8", "--proto", "udp"],
+     f"A {MAC} I 5 s 10.0.0.0/8 p 17"),
+    (["filter", "del", "--mac", MAC, "--layer", "mac", "--src", "52:34:56:00:66:66"],
+     f"D {MAC} M 4 s 52:34:56:00:66:66"),
+    (["filter", "del", "--mac", MAC, "--layer", "transport", "--fields", "dst,proto"], f"D {MAC} T 9 d p"),
+    (["show", "mac", "--mac", MAC], f"M {MAC}"),
+    (["cancel", "--mac", MAC], f"X {MAC}"),
+    (["-w", f"@X {MAC}@"], f"X {MAC}"),
+])
+def test_sub_commands_send_the_grammar_and_print_the_answer(served, capsys, arguments, command):
+    code, out, err = run(capsys, "--shm", served, *arguments)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0].startswith(f"ok {command}")
+
+
+def test_json_answer(served, capsys):
+    code, out, _ = run(capsys, "--shm", served, "--json", "-w", f"@R F {MAC} 10.0.0.5@@T {MAC}@")
+    answer = json.loads(out)
+    assert code == 0 and answer["status"] == "OK" and answer["seq"] == 0
+    assert answer["text"].splitlines() == [f"ok R F {MAC} 10.0.0.5",
+                                           f"ok T {MAC}: no filters (echo responder keeps no state)"]
+
+
+def test_invalid_command_is_refused_locally_and_not_sent(served, capsys):
+    code, out, err = run(capsys, "--shm", served, "-w", f"@A {MAC} q 4 s 10.0.0.1@")
+    assert code == mbctl.EXIT_INVALID_COMMAND
+    assert "column 22: 'q' is not a filter layer; expected I, M or T" in err
+    assert ring.describe(open_file(served).buf, 1 << 20)["published"] == 0
+
+
+def test_host_error_answer_exits_one(served, capsys):
+    code, out, err = run(capsys, "--shm", served, "--raw", "-w", f"@A {MAC} I 4 d 10.0.0.1@")
+    assert code == mbctl.EXIT_HOST_ERROR
+    assert "host answered SYNTAX" in err and "mask 4 means" in err
+
+
+def test_no_answer_is_a_timeout_and_stays_pending(make_channel, capsys):
+    path = make_channel().region.path
+    code, _, err = run(capsys, "--shm", path, "--timeout", "0.05", "cancel", "--mac", MAC)
+    assert code == mbctl.EXIT_TIMEOUT and "stays pending" in err
+    code, out, _ = run(capsys, "--shm", path, "--json", "-r")
+    assert json.loads(out)["pending"] == 1
+
+
+def test_full_ring_exit_code(make_channel, capsys):
+    writer = make_channel(ring.Geometry(4, 128, 128))
+    for _ in range(4):
+        writer.submit(b"@X 52:34:56:00:12:22@")
+    code, _, err = run(capsys, "--shm", writer.region.path, "--timeout", "0.05", "cancel", "--mac", MAC)
+    assert code == mbctl.EXIT_RING_FULL and "ring full" in err
+
+
+def test_missing_region_and_missing_device(tmp_path, capsys, monkeypatch):
+    code, _, err = run(capsys, "--shm", str(tmp_path / "nothing"), "cancel", "--mac", MAC)
+    assert code == mbctl.EXIT_CHANNEL and "does not exist" in err
+    monkeypatch.setattr("mbvisor.guest.region.PCI_DEVICES", tmp_path)
+    code, _, err = run(capsys, "cancel", "--mac", MAC)
+    assert code == mbctl.EXIT_CHANNEL and "no ivshmem device (PCI 1af4:1110)" in err
+
+
+def test_usage_errors(capsys):
+    assert run(capsys)[0] == mbctl.EXIT_USAGE
+    with pytest.raises(SystemExit) as raised:
+        mbctl.main(["filter", "add", "--layer", "dns"])
+    assert raised.value.code == mbctl.EXIT_USAGE
+
+
+def test_default_mac_is_the_only_nic(tmp_path, monkeypatch):
+    monkeypatch.delenv("MBCTL_MAC", raising=False)
+    for name, address in (("lo", "00:00:00:00:00:00"), ("eth0", "52:34:56:00:12:22")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "address").write_text(address + "\n")
+    assert mbctl.default_mac(tmp_path) == "52:34:56:00:12:22"
+    (tmp_path / "eth1").mkdir()
+    (tmp_path / "eth1" / "address").write_text("52:34:56:00:12:23\n")
+    assert mbctl.default_mac(tmp_path) is None
+    monkeypatch.setenv("MBCTL_MAC", "52:34:56:00:00:01")
+    assert mbctl.default_mac(tmp_path) == "52:34:56:00:00:01"
