@@ -18,6 +18,10 @@ class BadRegion(ChannelError):
     """The region holds something else: wrong magic, another protocol version, bad geometry."""
 
 
+class CommandTooLong(ChannelError):
+    """The command does not fit one slot of this region's ring; nothing was sent."""
+
+
 class RingFull(ChannelError):
     """Every slot holds a command the host has not answered yet (or an answer not yet read)."""
 

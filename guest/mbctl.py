@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import ring
-from .channel_errors import ChannelError, ResponseTimeout, RingFull
+from .channel_errors import ChannelError, CommandTooLong, ResponseTimeout, RingFull
 from .errors import CommandError
 from .grammar import format_frame, parse_frame
 from .region import open_region
@@ -202,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
             return send(writer, command_text(args), args)
     except ResponseTimeout as error:
         return fail(str(error), EXIT_TIMEOUT, args)
+    except CommandTooLong as error:
+        return fail(str(error), EXIT_INVALID_COMMAND, args)
     except RingFull as error:
         return fail(str(error), EXIT_RING_FULL, args)
     except ChannelError as error:

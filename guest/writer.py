@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from . import ring
 from .backoff import Backoff
-from .channel_errors import BadRegion, ChannelReset, RegionTooSmall, ResponseTimeout, RingFull
+from .channel_errors import (BadRegion, ChannelReset, CommandTooLong, RegionTooSmall, ResponseTimeout,
+                             RingFull)
 from .region import Region
 
 
@@ -78,17 +79,27 @@ class ChannelWriter:
             geometry = ring.geometry_for(self.region.size)
         except ring.LayoutError as error:
             raise RegionTooSmall(f"{self.region.path}: {error}") from None
-        ring.initialise(self.region.buf, self.region.size, geometry, _new_epoch())
+        ring.initialise(self.region.buf, self.region.size, geometry, self._next_epoch())
+
+    def _next_epoch(self) -> int:
+        """Random, so a re-initialised guest never reuses an (epoch, seq) key the host saw,
+        and never the current one, so the host always notices the change."""
+        current = ring.read_header(self.region.buf).guest_epoch
+        while (epoch := secrets.randbelow(2**32 - 1) + 1) == current:
+            pass
+        return epoch
 
     def initialise(self, geometry: ring.Geometry | None = None) -> int:
         """Format the region afresh (a new epoch): pending commands and answers are dropped.
         Returns the new epoch."""
         with self._locked():
-            try:
-                geometry = geometry or ring.geometry_for(self.region.size)
-                ring.initialise(self.region.buf, self.region.size, geometry, _new_epoch())
-            except ring.LayoutError as error:
-                raise RegionTooSmall(f"{self.region.path}: {error}") from None
+            if geometry is None:
+                self._initialise()
+            else:
+                try:
+                    ring.initialise(self.region.buf, self.region.size, geometry, self._next_epoch())
+                except ring.LayoutError as error:
+                    raise BadRegion(f"{self.region.path}: {error}") from None
             return ring.read_header(self.region.buf).guest_epoch
 
     def header(self) -> ring.Header:
@@ -105,8 +116,8 @@ class ChannelWriter:
                 header = self._header(initialise_blank=True)
                 geometry = header.geometry
                 if len(payload) > geometry.max_command_length:
-                    raise BadRegion(f"command of {len(payload)} bytes does not fit a "
-                                    f"{geometry.max_command_length}-byte slot")
+                    raise CommandTooLong(f"command of {len(payload)} bytes does not fit this ring's "
+                                         f"{geometry.max_command_length}-byte slots; send it in parts")
                 seq = header.publish
                 if self._slot_reusable(header, seq):
                     ring.encode_command(self.region.buf, geometry, seq, header.guest_epoch,
@@ -165,7 +176,3 @@ class ChannelWriter:
         ticket = self.submit(payload, timeout)
         return self.wait(ticket, max(0.0, deadline - time.monotonic()))
 
-
-def _new_epoch() -> int:
-    """Random, so a re-initialised guest never reuses an (epoch, seq) key the host saw."""
-    return secrets.randbelow(2**32 - 1) + 1

@@ -186,7 +186,7 @@ def test_blank_region_is_initialised_by_the_first_writer(region_path):
         header = ring.read_header(region.buf)
         assert header.problem(region.size) is None
         assert (ticket.seq, ticket.epoch) == (0, header.guest_epoch)
-        assert header.geometry == ring.Geometry(128)
+        assert header.geometry == ring.Geometry(64)
 
 
 def test_posix_shm_name_opens_the_same_bytes(region_path):

@@ -118,3 +118,12 @@ def test_default_mac_is_the_only_nic(tmp_path, monkeypatch):
     assert mbctl.default_mac(tmp_path) is None
     monkeypatch.setenv("MBCTL_MAC", "52:34:56:00:00:01")
     assert mbctl.default_mac(tmp_path) == "52:34:56:00:00:01"
+
+
+def test_command_longer_than_a_slot_is_refused_before_sending(served, capsys):
+    code, _, err = run(capsys, "--shm", served, "--raw", "-w", "x" * 4080)
+    assert code == mbctl.EXIT_INVALID_COMMAND and "does not fit this ring's 4064-byte slots" in err
+    frame = "".join(f"@A {MAC} T 8 d {port}@" for port in range(1, 300))
+    code, _, err = run(capsys, "--shm", served, "-w", frame)
+    assert code == mbctl.EXIT_INVALID_COMMAND and "at most 4096 bytes" in err
+    assert ring.describe(open_file(served).buf, 1 << 20)["published"] == 0

@@ -109,7 +109,7 @@ def test_every_header_field_is_validated(field, offset, fmt, value, expected):
 
 
 def test_default_geometry_fills_a_power_of_two_and_refuses_tiny_regions():
-    assert ring.geometry_for(1 << 20) == ring.Geometry(128)
+    assert ring.geometry_for(1 << 20) == ring.Geometry(64)
     assert ring.geometry_for(1 << 20).region_size <= 1 << 20
     assert ring.geometry_for(64 << 20).slot_count == ring.MAX_SLOT_COUNT
     with pytest.raises(ring.LayoutError, match="too small"):
