@@ -32,6 +32,7 @@ MAX_SLOT_SIZE = 65536
 # Header: magic, version, header_size, slot_count, command_slot_size,
 # response_slot_size, guest_epoch, publish, consume, host_epoch.
 _HEADER = struct.Struct("<4sHHIIIIQQI")
+OFFSET_GUEST_EPOCH = 20
 OFFSET_PUBLISH = 24
 OFFSET_CONSUME = 32
 OFFSET_HOST_EPOCH = 40

@@ -27,6 +27,12 @@ from .channel_errors import (BadRegion, ChannelReset, CommandTooLong, RegionTooS
 from .region import Region
 
 
+# Answers collected early on behalf of a waiter of this process (see _stash_own_answer),
+# keyed by (epoch, seq): epochs are random per region, so keys do not collide.
+_STASH: dict[tuple[int, int], ring.Response] = {}
+_STASH_LOCK = threading.Lock()
+
+
 @dataclass(frozen=True)
 class Ticket:
     """A published command: what the writer needs to find its answer."""
@@ -125,6 +131,7 @@ class ChannelWriter:
                     ring.write_u64(self.region.buf, ring.OFFSET_PUBLISH, seq + 1)
                     return Ticket(seq, header.guest_epoch)
                 pending = seq - header.host_consume
+                self._stash_own_answers(header)
             if time.monotonic() >= deadline:
                 raise RingFull(f"ring full: {pending} of {geometry.slot_count} commands are waiting "
                                f"for the host (is the mbvisor agent running?)")
@@ -139,10 +146,34 @@ class ChannelWriter:
         previous, pid, state = ring.read_command_owner(self.region.buf, geometry, seq)
         if previous != seq - geometry.slot_count or state != ring.SlotState.PUBLISHED:
             return True
-        return not _alive(pid)
+        if pid != self._pid:
+            return not _alive(pid)
+        self._stash_own_answers(header)
+        return ring.read_command_owner(self.region.buf, geometry, seq)[2] != ring.SlotState.PUBLISHED
+
+    def _stash_own_answers(self, header: ring.Header) -> None:
+        """Pipelining writers can block each other: each one's next slot holds an answer the
+        other has not read, and neither reads while it waits in ``submit``.  A writer that
+        waits for a slot therefore collects every answer of its own process now, keeps it
+        for ``wait()``, and frees those slots."""
+        geometry = header.geometry
+        for seq in range(max(0, header.host_consume - geometry.slot_count), header.host_consume):
+            owner_seq, pid, state = ring.read_command_owner(self.region.buf, geometry, seq)
+            if owner_seq != seq or pid != self._pid or state != ring.SlotState.PUBLISHED:
+                continue
+            ticket = Ticket(seq, header.guest_epoch)
+            response = ring.decode_response(self.region.buf, geometry, seq, header.guest_epoch)
+            if response is not None:
+                with _STASH_LOCK:
+                    _STASH[(ticket.epoch, ticket.seq)] = response
+                self._mark(geometry, ticket, ring.SlotState.COLLECTED)
 
     def wait(self, ticket: Ticket, timeout: float = 5.0) -> ring.Response:
         """The host's answer to ``ticket``; ResponseTimeout leaves the command pending."""
+        with _STASH_LOCK:
+            stashed = _STASH.pop((ticket.epoch, ticket.seq), None)
+        if stashed is not None:
+            return stashed
         deadline = time.monotonic() + timeout
         backoff = Backoff()
         buf = self.region.buf

@@ -76,16 +76,29 @@ def test_full_ring_is_reported_after_the_timeout(make_channel):
 
 
 def test_answer_not_yet_read_is_never_overwritten(make_channel):
-    """The host answered every slot, but the first command's writer has not read its
-    answer: reusing its slot would destroy that answer, so the ring counts as full."""
+    """The host answered every slot, but another process's writer has not read its answers
+    yet: reusing a slot would destroy one, so the ring counts as full until it reads them."""
     writer = make_channel(SMALL)
     reader = reader_for(writer)
-    tickets = [writer.submit(b"x") for _ in range(SMALL.slot_count)]
-    answer_all(reader)
-    with pytest.raises(RingFull):
-        writer.submit(b"y", timeout=0.05)
-    assert writer.wait(tickets[0]).ok
-    assert writer.submit(b"y").seq == SMALL.slot_count
+    published, release = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a live writer that reads its answers only when told to
+        other = ChannelWriter(open_file(writer.region.path))
+        tickets = [other.submit(b"x") for _ in range(SMALL.slot_count)]
+        os.write(published[1], b"!")
+        os.read(release[0], 1)
+        os._exit(0 if all(other.wait(t).ok for t in tickets) else 1)
+    try:
+        assert os.read(published[0], 1) == b"!"
+        answer_all(reader)
+        with pytest.raises(RingFull):
+            writer.submit(b"y", timeout=0.05)
+        os.write(release[1], b"!")
+        assert os.waitpid(pid, 0)[1] == 0
+        assert writer.submit(b"y").seq == SMALL.slot_count
+    finally:
+        for fd in published + release:
+            os.close(fd)
 
 
 def test_slot_of_a_dead_writer_is_reclaimed(make_channel):
@@ -213,3 +226,19 @@ def test_reader_survives_any_bytes_anywhere(make_channel, damage):
         if incoming is not None:
             reader.answer(incoming.seq, ring.Status.OK, "ok")
     assert reader.consume >= 0
+
+
+def test_pipelining_writer_never_blocks_on_its_own_unread_answers(make_channel):
+    """More tickets outstanding than slots: the writer's next slot holds one of its own
+    answers; it must keep that answer for wait() rather than wait for itself."""
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(reader, lambda c: (0, c.payload.decode()), stop))
+    thread.start()
+    try:
+        tickets = [writer.submit(f"p{i}".encode(), timeout=2) for i in range(SMALL.slot_count * 3)]
+        assert [writer.wait(t, timeout=2).text for t in tickets] == [f"p{i}" for i in range(SMALL.slot_count * 3)]
+    finally:
+        stop.set()
+        thread.join()
