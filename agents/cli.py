@@ -1,7 +1,7 @@
 """``mbvisor``: the host-side command.
 
-Sub-commands grow with the product; today: ``channel`` (create a region, show its
-state, serve it with the echo responder) and ``demo`` (the lab story so far).
+Sub-commands: ``controller`` (the OS-Ken app with its REST API), ``channel`` (create a
+region, show its state, serve it with the echo responder) and ``demo`` (the lab story).
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from mbvisor.guest import ring
 from mbvisor.guest.channel_errors import ChannelError
@@ -62,6 +64,20 @@ def channel_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def controller(args: argparse.Namespace) -> int:
+    """Run the OS-Ken app (OpenFlow listener and REST API in one process)."""
+    os.environ["MBVISOR_DB"] = str(args.db)
+    os.environ["MBVISOR_REST_HOST"] = args.rest_host
+    os.environ["MBVISOR_REST_PORT"] = str(args.rest_port)
+    if args.token_file:
+        os.environ["MBVISOR_TOKEN"] = Path(args.token_file).read_text().strip()
+    from os_ken.cmd import manager
+
+    manager.main(["--ofp-listen-host", args.ofp_host, "--ofp-tcp-listen-port", str(args.ofp_port),
+                  "mbvisor.controller.app"])
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -87,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="answer a region's commands with the echo responder (validates, offloads nothing)")
     serve_parser.add_argument("name")
     serve_parser.set_defaults(handler=channel_serve)
+
+    control = sub.add_parser("controller", help="the OS-Ken controller: OpenFlow, REST API and metrics")
+    control.add_argument("--ofp-host", default="127.0.0.1", help="OpenFlow listen address (default 127.0.0.1)")
+    control.add_argument("--ofp-port", type=int, default=6653, help="OpenFlow listen port (default 6653)")
+    control.add_argument("--rest-host", default="127.0.0.1", help="REST listen address (default loopback)")
+    control.add_argument("--rest-port", type=int, default=8181, help="REST port (default 8181)")
+    control.add_argument("--db", default="/var/lib/mbvisor/controller.sqlite", help="desired-state database")
+    control.add_argument("--token-file", help="file holding the bearer token required for writes")
+    control.set_defaults(handler=controller)
 
     demo_parser = sub.add_parser("demo", help="the lab demo: mbctl -> channel -> host reader -> answer")
     demo_parser.add_argument("--output", default="results/demo.json", help="machine-readable result")

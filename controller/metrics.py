@@ -1,0 +1,34 @@
+"""Prometheus metrics of the controller, in a registry of its own (one per app instance)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.commands = Counter("mbvisor_commands", "Commands handled, by answer status", ["status"],
+                                registry=self.registry)
+        self.switches = Gauge("mbvisor_switch_connected", "1 while the switch is connected", ["dpid"],
+                              registry=self.registry)
+        self.errors = Counter("mbvisor_openflow_errors", "OpenFlow errors reported by switches",
+                              registry=self.registry)
+        self.flows = Gauge("mbvisor_flows_installed", "Flows mbvisor holds on the switch", ["dpid"],
+                           registry=self.registry)
+        self.handled = Gauge("mbvisor_packets_handled_in_switch",
+                             "Packets dropped or redirected by offload flows (guest wake-ups avoided)",
+                             ["dpid", "mac"], registry=self.registry)
+
+    def command(self, status: str) -> None:
+        self.commands.labels(status).inc()
+
+    def switch_connected(self, dpid: int, connected: bool) -> None:
+        self.switches.labels(f"{dpid:016x}").set(1 if connected else 0)
+
+    def openflow_errors(self, count: int) -> None:
+        if count:
+            self.errors.inc(count)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

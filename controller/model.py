@@ -1,0 +1,209 @@
+"""Desired state of the offloads and the pure transition ``apply(state, request)``.
+
+The controller's one source of truth: which middleboxes are registered on which switch
+port, with which filters and redirects.  ``apply`` never performs I/O; the OS-Ken shell
+persists the new state, compiles it to flows and answers the guest only after the switch
+confirmed them.  A rejected command leaves the state exactly as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from mbvisor.guest.commands import (AddFilter, Cancel, Command, DeleteFilter, DeleteFilters, Filter,
+                                    Layer, Query, RegisterFirewall, RegisterLoadBalancer)
+from mbvisor.guest.grammar import format_command
+
+
+class ApplyError(Exception):
+    """A command that is valid grammar but cannot be applied; ``code`` is stable for APIs."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-middlebox bounds that protect the switch's tables from one tenant."""
+
+    filters: int = 1000
+    redirects: int = 64
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Where the guest that sent a command lives, as the host agent vouches for it."""
+
+    dpid: int
+    port: int
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """Traffic for the middlebox (from ``source`` only, or from anyone when None) goes to
+    ``backends`` (a pool when several)."""
+
+    source: str | None
+    backends: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Middlebox:
+    dpid: int
+    port: int
+    mac: str
+    zone: int
+    firewall_ip: str | None = None
+    balancer_ip: str | None = None
+    filters: frozenset[Filter] = frozenset()
+    redirects: tuple[Redirect, ...] = ()
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.dpid, self.mac)
+
+
+@dataclass(frozen=True)
+class State:
+    """Every middlebox, keyed by (datapath id, MAC)."""
+
+    middleboxes: tuple[Middlebox, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+
+    def find(self, dpid: int, mac: str) -> Middlebox | None:
+        return next((mb for mb in self.middleboxes if mb.key == (dpid, mac)), None)
+
+    def on(self, dpid: int) -> list[Middlebox]:
+        return [mb for mb in self.middleboxes if mb.dpid == dpid]
+
+    def put(self, middlebox: Middlebox) -> "State":
+        others = tuple(mb for mb in self.middleboxes if mb.key != middlebox.key)
+        return replace(self, middleboxes=tuple(sorted(others + (middlebox,), key=lambda mb: mb.key)))
+
+    def remove(self, dpid: int, mac: str) -> "State":
+        return replace(self, middleboxes=tuple(mb for mb in self.middleboxes if mb.key != (dpid, mac)))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: State
+    text: str
+
+
+def apply(state: State, binding: Binding, command: Command) -> Outcome:
+    """The state after ``command`` from the guest at ``binding``, with the answer text."""
+    current = state.find(binding.dpid, command.mac)
+    if current is not None and current.port != binding.port:
+        raise ApplyError("port-conflict", f"{command.mac} is registered on port {current.port} of this "
+                                          f"switch, not on port {binding.port}; cancel it there first")
+    handler = _HANDLERS[type(command)]
+    return handler(state, binding, current, command)
+
+
+def _new_middlebox(state: State, binding: Binding, mac: str) -> Middlebox:
+    used = {mb.zone for mb in state.on(binding.dpid)}
+    zone = next(zone for zone in range(1, 65536) if zone not in used)
+    return Middlebox(binding.dpid, binding.port, mac, zone)
+
+
+def _register_firewall(state, binding, current, command: RegisterFirewall) -> Outcome:
+    middlebox = current or _new_middlebox(state, binding, command.mac)
+    if middlebox.firewall_ip not in (None, command.ip):
+        raise ApplyError("already-registered", f"{command.mac} is registered for firewall offload with "
+                                               f"{middlebox.firewall_ip}; cancel (X) before changing its address")
+    return Outcome(state.put(replace(middlebox, firewall_ip=command.ip)),
+                   f"registered {command.mac} {command.ip} for firewall offload")
+
+
+def _register_balancer(state, binding, current, command: RegisterLoadBalancer) -> Outcome:
+    middlebox = current or _new_middlebox(state, binding, command.mac)
+    if middlebox.balancer_ip not in (None, command.ip):
+        raise ApplyError("already-registered", f"{command.mac} balances {middlebox.balancer_ip}; "
+                                               "cancel (X) before changing its address")
+    _check_backends_unique(state, middlebox, command.backends)
+    redirect = Redirect(command.source, command.backends)
+    kept = tuple(r for r in middlebox.redirects if r.source != command.source)
+    if len(kept) >= state.limits.redirects:
+        raise ApplyError("limit", f"{command.mac} has {len(kept)} redirects, the limit is {state.limits.redirects}")
+    redirects = tuple(sorted(kept + (redirect,), key=lambda r: (r.source is None, r.source or "")))
+    scope = f"from {command.source}" if command.source else "from any source"
+    return Outcome(state.put(replace(middlebox, balancer_ip=command.ip, redirects=redirects)),
+                   f"redirecting {command.ip} {scope} to {','.join(command.backends)}")
+
+
+def _check_backends_unique(state: State, middlebox: Middlebox, backends: tuple[str, ...]) -> None:
+    """Replies are recognised by their backend source address, so a backend serves one
+    middlebox per switch."""
+    for other in state.on(middlebox.dpid):
+        if other.mac == middlebox.mac:
+            continue
+        shared = set(backends) & {b for r in other.redirects for b in r.backends}
+        if shared:
+            raise ApplyError("backend-in-use", f"backend {sorted(shared)[0]} already serves another "
+                                               "middlebox on this switch")
+
+
+def _registered_firewall(current: Middlebox | None, mac: str) -> Middlebox:
+    if current is None or current.firewall_ip is None:
+        raise ApplyError("not-registered", f"{mac} is not registered for firewall offload; send R F first")
+    return current
+
+
+def _add_filter(state, binding, current, command: AddFilter) -> Outcome:
+    middlebox = _registered_firewall(current, command.mac)
+    _check_destination_mac(middlebox, command.filter)
+    if command.filter in middlebox.filters:
+        return Outcome(state, f"filter already present: {format_command(command)}")
+    if len(middlebox.filters) >= state.limits.filters:
+        raise ApplyError("limit", f"{command.mac} has {len(middlebox.filters)} filters, "
+                                  f"the limit is {state.limits.filters}")
+    return Outcome(state.put(replace(middlebox, filters=middlebox.filters | {command.filter})),
+                   f"added: {format_command(command)}")
+
+
+def _check_destination_mac(middlebox: Middlebox, filter: Filter) -> None:
+    """Offloaded filters only see traffic addressed to the middlebox, so a MAC-layer
+    destination other than its own could never match (and must never touch others)."""
+    if filter.layer is Layer.MAC and filter.destination not in (None, middlebox.mac):
+        raise ApplyError("foreign-destination", f"a MAC filter's destination must be the middlebox's own "
+                                                f"MAC {middlebox.mac}, not {filter.destination}")
+
+
+def _delete_filter(state, binding, current, command: DeleteFilter) -> Outcome:
+    middlebox = _registered_firewall(current, command.mac)
+    if command.filter not in middlebox.filters:
+        raise ApplyError("no-such-filter", f"no such filter: {format_command(command)}")
+    return Outcome(state.put(replace(middlebox, filters=middlebox.filters - {command.filter})),
+                   f"deleted: {format_command(command)}")
+
+
+def _delete_filters(state, binding, current, command: DeleteFilters) -> Outcome:
+    middlebox = _registered_firewall(current, command.mac)
+    gone = {f for f in middlebox.filters if f.layer == command.layer and f.mask == command.mask}
+    return Outcome(state.put(replace(middlebox, filters=middlebox.filters - gone)),
+                   f"deleted {len(gone)} filter(s)")
+
+
+def _cancel(state, binding, current, command: Cancel) -> Outcome:
+    if current is None:
+        raise ApplyError("not-registered", f"{command.mac} is not registered")
+    return Outcome(state.remove(binding.dpid, command.mac), f"cancelled {command.mac}: every offload removed")
+
+
+def _query(state, binding, current, command: Query) -> Outcome:
+    middlebox = _registered_firewall(current, command.mac)
+    lines = sorted(format_command(AddFilter(command.mac, f)) for f in middlebox.filters
+                   if f.layer == command.layer)
+    return Outcome(state, "\n".join(lines) if lines else "no filters")
+
+
+_HANDLERS = {
+    RegisterFirewall: _register_firewall,
+    RegisterLoadBalancer: _register_balancer,
+    AddFilter: _add_filter,
+    DeleteFilter: _delete_filter,
+    DeleteFilters: _delete_filters,
+    Cancel: _cancel,
+    Query: _query,
+}

@@ -1,0 +1,160 @@
+"""The controller's command path: idempotency, apply, install, persist, answer.
+
+Kept apart from the OS-Ken event handlers (``app``) so the order of the steps is readable
+in one place: a duplicate is answered from the store; a command is applied to a copy of the
+state; the switch must confirm the flows before the new state is saved and the command is
+answered; if the switch refuses, the old flows are put back and the state stays as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mbvisor.guest.commands import Command, Query, RegisterLoadBalancer, command_from_dict
+from mbvisor.guest.errors import CommandError
+from mbvisor.guest.grammar import parse_command
+
+from .metrics import Metrics
+from .model import ApplyError, Binding, Limits, State, apply
+from .store import Store
+
+log = logging.getLogger("mbvisor.controller")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database: Path
+    rest_host: str = "127.0.0.1"
+    rest_port: int = 8181
+    token: str | None = None
+    limits: Limits = Limits()
+
+    @classmethod
+    def from_environment(cls, environ=os.environ) -> "Settings":
+        """Managers give apps no arguments of their own; ``mbvisor controller`` sets these."""
+        state_dir = Path(environ.get("MBVISOR_STATE_DIR", "/var/lib/mbvisor"))
+        return cls(
+            database=Path(environ.get("MBVISOR_DB", state_dir / "controller.sqlite")),
+            rest_host=environ.get("MBVISOR_REST_HOST", "127.0.0.1"),
+            rest_port=int(environ.get("MBVISOR_REST_PORT", "8181")),
+            token=environ.get("MBVISOR_TOKEN") or None,
+            limits=Limits(filters=int(environ.get("MBVISOR_MAX_FILTERS", "1000")),
+                          redirects=int(environ.get("MBVISOR_MAX_REDIRECTS", "64"))),
+        )
+
+
+@dataclass(frozen=True)
+class CommandRequest:
+    """What the host agent posts: the command, where its guest lives, its idempotency key."""
+
+    dpid: int
+    port: int
+    command: dict | str
+    channel: str | None = None
+    epoch: int | None = None
+    seq: int | None = None
+
+    @property
+    def key(self) -> tuple[str, int, int] | None:
+        if self.channel is None or self.epoch is None or self.seq is None:
+            return None
+        return (self.channel, self.epoch, self.seq)
+
+    def parsed(self) -> Command:
+        if isinstance(self.command, str):
+            return parse_command(self.command)
+        return command_from_dict(self.command)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """``status`` is a channel status name (OK, SYNTAX, REJECTED, UNAVAILABLE, ...)."""
+
+    status: str
+    text: str
+    code: str = "ok"
+    replayed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "OK"
+
+
+@dataclass
+class Core:
+    settings: Settings
+    switches: object  # the app: install_middlebox(), resolve(), switches
+    state: State = field(init=False)
+    store: Store = field(init=False)
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.store = Store(self.settings.database)
+        self.state = self.store.load(self.settings.limits)
+        self.metrics = Metrics()
+        log.info("loaded %d middlebox(es) from %s", len(self.state.middleboxes), self.settings.database)
+
+    def start_rest(self) -> None:
+        from .rest import start_server
+
+        start_server(self, self.settings)
+
+    def neighbours_for(self, dpid: int, state: State) -> dict[str, str]:
+        return self.switches.neighbours.get(dpid, {})
+
+    def execute(self, request: CommandRequest) -> Answer:
+        answer = self._execute(request)
+        self.metrics.command(answer.status)
+        log.info("command %s on %s port %s key %s: %s %s", _short(request.command), f"{request.dpid:016x}",
+                 request.port, request.key, answer.status, answer.text.splitlines()[0] if answer.text else "")
+        return answer
+
+    def _execute(self, request: CommandRequest) -> Answer:
+        if request.key is not None and (previous := self.store.answer(request.key)) is not None:
+            return Answer(previous[0], previous[1], replayed=True)
+        try:
+            command = request.parsed()
+        except CommandError as error:
+            return self._remember(request, Answer("SYNTAX", str(error), "syntax"))
+        binding = Binding(request.dpid, request.port)
+        try:
+            outcome = apply(self.state, binding, command)
+        except ApplyError as error:
+            return self._remember(request, Answer("REJECTED", str(error), error.code))
+        if isinstance(command, Query) or outcome.state == self.state:
+            return self._remember(request, Answer("OK", outcome.text))
+        if request.dpid not in self.switches.switches:
+            return Answer("UNAVAILABLE", f"switch {request.dpid:016x} is not connected; try again", "switch-down")
+        if isinstance(command, RegisterLoadBalancer):
+            self.switches.resolve(request.dpid, command.backends)
+        try:
+            errors = self.switches.install_middlebox(request.dpid, self.state, outcome.state, command.mac)
+        except Exception as error:  # a bug here must cost one command, not the controller
+            log.exception("installing %s failed", _short(request.command))
+            self.switches.resync(request.dpid)
+            return Answer("INTERNAL", f"internal error while installing flows: {error}", "internal")
+        if errors:
+            self.switches.install_middlebox(request.dpid, outcome.state, self.state, command.mac)
+            return self._remember(request, Answer("REJECTED", "switch refused: " + "; ".join(errors), "switch-error"))
+        self.store.save(self.state, outcome.state, request.key, "OK", outcome.text)
+        self.state = outcome.state
+        return Answer("OK", outcome.text)
+
+    def _remember(self, request: CommandRequest, answer: Answer) -> Answer:
+        """Answers that changed nothing are stored too, so a duplicate gets the same answer."""
+        self.store.save(self.state, self.state, request.key, answer.status, answer.text)
+        return answer
+
+    def delete_middlebox(self, dpid: int, mac: str) -> Answer:
+        """The operator's delete: like the guest's X, without a guest."""
+        middlebox = self.state.find(dpid, mac)
+        if middlebox is None:
+            return Answer("REJECTED", f"no middlebox {mac} on {dpid:016x}", "not-found")
+        return self.execute(CommandRequest(dpid, middlebox.port, f"X {mac}"))
+
+
+def _short(command: dict | str) -> str:
+    return command if isinstance(command, str) else str(command.get("op"))
