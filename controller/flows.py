@@ -37,7 +37,7 @@ from .model import Middlebox, Redirect, State
 
 COOKIE_TAG = 0x4D42 << 48
 COOKIE_TAG_MASK = 0xFFFF << 48
-BASE_COOKIE = COOKIE_TAG  # flows every switch gets (table-miss); MAC 0 is no middlebox's
+BASE_COOKIE = COOKIE_TAG  # flows every switch gets; MAC 0 is no middlebox's (model refuses it)
 
 OFFLOAD_TABLE = 0
 REDIRECT_TABLE = 1
@@ -45,9 +45,9 @@ BACKEND_TABLE = 2
 
 ARP_CAPTURE = 4000
 FILTER = 3000
-REDIRECT_INVALID = 2200
 REDIRECT_FROM_SOURCE = 2100
 REDIRECT = 2000
+REDIRECT_REPLY = 1900  # below every entry flow: a backend talking to another MB's address enters that MB
 MISS = 0
 
 ETH_IPV4 = 0x0800
@@ -216,7 +216,8 @@ def _port_masks(ports: tuple[int, int] | None) -> list:
 # --- load-balancer redirects ------------------------------------------------------------
 
 def group_id(middlebox: Middlebox, index: int) -> int:
-    """Unique per switch: the middlebox's conntrack zone and the redirect's position."""
+    """Unique per switch: the middlebox's conntrack zone and the redirect's position
+    (``Limits`` keeps redirects per middlebox within the 8 bits)."""
     return (middlebox.zone << 8) | index
 
 
@@ -251,7 +252,9 @@ def compile_redirects(middlebox: Middlebox, neighbours: dict[str, Neighbour]) ->
                            _match(eth_type=_eth_type(backend), reg0=_bucket_mark(middlebox, index, i)),
                            (("ct_commit_nat", zone, backend), *_to(neighbours[backend])), cookie))
     for backend in backends:
-        flows.add(Flow(OFFLOAD_TABLE, REDIRECT,
+        # Everything the backend sends is looked up in the zone; what is not a reply of a
+        # redirected connection (new or invalid there) falls to NORMAL in table 1 unchanged.
+        flows.add(Flow(OFFLOAD_TABLE, REDIRECT_REPLY,
                        _match(eth_type=_eth_type(backend), **{f"{ip}_src": backend}), to_conntrack, cookie))
         flows.add(Flow(REDIRECT_TABLE, REDIRECT,
                        _match(eth_type=_eth_type(backend), ct_state=ct_state("+est+trk-rpl"), ct_zone=zone,
@@ -259,7 +262,6 @@ def compile_redirects(middlebox: Middlebox, neighbours: dict[str, Neighbour]) ->
                        _to(neighbours[backend]), cookie))
     flows.add(Flow(REDIRECT_TABLE, REDIRECT, _match(ct_state=ct_state("+trk+rpl"), ct_zone=zone),
                    (("output_ct_mark",),), cookie))
-    flows.add(Flow(REDIRECT_TABLE, REDIRECT_INVALID, _match(ct_state=ct_state("+inv+trk"), ct_zone=zone), (), cookie))
     return flows, groups, set()
 
 

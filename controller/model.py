@@ -23,12 +23,21 @@ class ApplyError(Exception):
         self.code = code
 
 
+MAX_REDIRECTS = 256  # group ids hold a redirect's index in 8 bits (flows.group_id)
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-middlebox bounds that protect the switch's tables from one tenant."""
 
     filters: int = 1000
     redirects: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0 < self.redirects <= MAX_REDIRECTS:
+            raise ValueError(f"redirects per middlebox must be 1..{MAX_REDIRECTS}, not {self.redirects}")
+        if self.filters <= 0:
+            raise ValueError(f"filters per middlebox must be positive, not {self.filters}")
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,8 @@ class Outcome:
 
 def apply(state: State, binding: Binding, command: Command) -> Outcome:
     """The state after ``command`` from the guest at ``binding``, with the answer text."""
+    if int(command.mac.split(":")[0], 16) & 1 or command.mac == "00:00:00:00:00:00":
+        raise ApplyError("bad-mac", f"{command.mac} is not a unicast MAC address; a middlebox has its own")
     current = state.find(binding.dpid, command.mac)
     if current is not None and current.port != binding.port:
         raise ApplyError("port-conflict", f"{command.mac} is registered on port {current.port} of this "

@@ -62,7 +62,7 @@ class Store:
                 self.db.execute("INSERT INTO middleboxes VALUES (?, ?, ?)",
                                 (*middlebox.key, encode_middlebox(middlebox)))
             if key is not None:
-                self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)", (*key, status, text))
+                self.db.execute("INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?)", (*key, status, text))
 
     def answer(self, key: tuple[str, int, int]) -> tuple[str, str] | None:
         return self.db.execute("SELECT status, text FROM answers WHERE channel = ? AND epoch = ? AND seq = ?",

@@ -1,0 +1,198 @@
+"""Unit tests of the controller's SQLite store: desired state and idempotency answers on disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mbvisor.controller.model import ApplyError, Binding, Limits, Middlebox, Redirect, State, apply
+from mbvisor.controller.store import Store, decode_middlebox, encode_middlebox
+from mbvisor.guest.grammar import parse_command
+
+FAST = settings(max_examples=40, deadline=None)
+
+MAC = "52:34:56:00:12:22"
+MAC2 = "52:34:56:00:12:33"
+LIMITS = Limits(filters=50, redirects=8)
+
+
+def build(*texts: str, state: State | None = None, binding: Binding = Binding(1, 5)) -> State:
+    state = state if state is not None else State(limits=LIMITS)
+    for text in texts:
+        state = apply(state, binding, parse_command(text)).state
+    return state
+
+
+EVERYTHING = (
+    f"R F {MAC} 10.0.0.100",
+    f"A {MAC} I 15 s 10.1.0.0/16 d 10.0.0.100 t ef p tcp",
+    f"A {MAC} I 8 d 2001:db8::/32",
+    f"A {MAC} M 7 s aa:bb:cc:dd:ee:ff t 3 p arp",
+    f"A {MAC} M 8 d {MAC}",
+    f"A {MAC} T 13 s 1000-1999 d 80 p udp",
+    f"A {MAC} T 2 t 0",
+    f"R L {MAC} 10.0.0.101 0 * 10.0.0.5,10.0.0.6",
+    f"R L {MAC} 10.0.0.101 1 10.9.0.0/16 10.0.0.7",
+    f"R L {MAC} 10.0.0.101 1 10.8.0.1 10.0.0.8",
+)
+
+
+@pytest.mark.parametrize("middlebox", [
+    Middlebox(1, 5, MAC, 1),
+    Middlebox(7, 3, MAC, 9, firewall_ip="2001:db8::1"),
+    Middlebox(1, 5, MAC, 2, balancer_ip="2001:db8::100",
+              redirects=(Redirect("2001:db8:9::/48", ("2001:db8::5",)), Redirect(None, ("2001:db8::6", "2001:db8::7")))),
+    build(*EVERYTHING).find(1, MAC),
+], ids=["bare", "firewall-v6", "balancer-v6", "everything"])
+def test_encode_decode_round_trip(middlebox):
+    body = encode_middlebox(middlebox)
+    assert decode_middlebox(middlebox.dpid, middlebox.mac, body) == middlebox
+
+
+def test_encoding_is_canonical_readable_json():
+    middlebox = build(*EVERYTHING).find(1, MAC)
+    data = json.loads(encode_middlebox(middlebox))
+    assert data["port"] == 5 and data["zone"] == 1
+    assert data["firewall_ip"] == "10.0.0.100" and data["balancer_ip"] == "10.0.0.101"
+    assert data["filters"] == sorted(data["filters"])
+    assert f"A {MAC} T 13 s 1000-1999 d 80 p 17" in data["filters"]
+    assert f"R L {MAC} 10.0.0.101 0 * 10.0.0.5,10.0.0.6" in data["redirects"]
+    assert f"R L {MAC} 10.0.0.101 1 10.9.0.0/16 10.0.0.7" in data["redirects"]
+    # The same middlebox reached by another order of commands encodes identically.
+    reordered = build(EVERYTHING[0], *reversed(EVERYTHING[1:])).find(1, MAC)
+    assert encode_middlebox(reordered) == encode_middlebox(middlebox)
+
+
+SEQUENCE_MACS = [MAC, MAC2, "52:34:56:00:12:44"]
+
+
+@st.composite
+def command_texts(draw):
+    mac = draw(st.sampled_from(SEQUENCE_MACS))
+    n = draw(st.integers(1, 4))
+    return draw(st.sampled_from([
+        f"R F {mac} 10.0.0.{n}",
+        f"R F {mac} 2001:db8::{n}",
+        f"R L {mac} 10.0.1.{n} 0 * 10.0.2.{n},10.0.3.{n}",
+        f"R L {mac} 10.0.1.{n} 1 10.{n}.0.0/16 10.0.4.{n}",
+        f"A {mac} I 4 s 10.{n}.0.0/16",
+        f"A {mac} T 9 d {n}-{n * 100} p sctp",
+        f"A {mac} M 3 t {n} p 0x88cc",
+        f"D {mac} I 4 s",
+        f"X {mac}",
+    ]))
+
+
+@FAST
+@given(st.lists(st.tuples(st.sampled_from([Binding(1, 5), Binding(2, 6)]), command_texts()), max_size=15))
+def test_any_reachable_state_survives_a_store_round_trip(steps):
+    store = Store(":memory:")
+    state = State(limits=LIMITS)
+    for binding, text in steps:
+        try:
+            after = apply(state, binding, parse_command(text)).state
+        except ApplyError:
+            continue
+        store.save(state, after, None, "OK", "")
+        state = after
+        for middlebox in state.middleboxes:
+            assert decode_middlebox(middlebox.dpid, middlebox.mac, encode_middlebox(middlebox)) == middlebox
+    assert store.load(LIMITS) == state
+
+
+# --- Store on disk ------------------------------------------------------------------------
+
+def test_empty_store_loads_the_empty_state_with_the_given_limits(tmp_path):
+    store = Store(tmp_path / "sub" / "dir" / "controller.sqlite")  # parents are created
+    assert store.load(LIMITS) == State(limits=LIMITS)
+    assert store.answer(("chan", 1, 1)) is None
+
+
+def test_restart_restores_the_same_state(tmp_path):
+    path = tmp_path / "controller.sqlite"
+    store = Store(path)
+    state = State(limits=LIMITS)
+    for binding, text in [(Binding(1, 5), t) for t in EVERYTHING] + [
+            (Binding(1, 6), f"R F {MAC2} 10.0.0.200"), (Binding(1, 6), f"A {MAC2} I 1 p 6"),
+            (Binding(2, 5), f"R L {MAC} 10.0.0.101 0 * 10.0.0.5")]:
+        after = apply(state, binding, parse_command(text)).state
+        store.save(state, after, None, "OK", "")
+        state = after
+    store.db.close()
+
+    restarted = Store(path).load(LIMITS)
+    assert restarted == state
+    assert len(restarted.middleboxes) == 3
+    # Limits are configuration, not state: the caller's limits are used.
+    assert Store(path).load(Limits(filters=1)).limits == Limits(filters=1)
+
+
+def test_cancel_is_persisted(tmp_path):
+    path = tmp_path / "controller.sqlite"
+    store = Store(path)
+    registered = build(f"R F {MAC} 10.0.0.1", f"R F {MAC2} 10.0.0.2")
+    store.save(State(limits=LIMITS), registered, None, "OK", "")
+    cancelled = build(f"X {MAC}", state=registered)
+    store.save(registered, cancelled, None, "OK", "")
+    assert Store(path).load(LIMITS) == cancelled
+    assert [mb.mac for mb in Store(path).load(LIMITS).middleboxes] == [MAC2]
+
+
+def _writes(store: Store, before: State, after: State, key=None, status="OK", text="") -> list[str]:
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    try:
+        store.save(before, after, key, status, text)
+    finally:
+        store.db.set_trace_callback(None)
+    return [s for s in statements if s.split()[0].upper() in {"INSERT", "DELETE", "UPDATE", "REPLACE"}]
+
+
+def test_save_writes_only_the_middleboxes_that_changed(tmp_path):
+    store = Store(tmp_path / "controller.sqlite")
+    before = build(f"R F {MAC} 10.0.0.1", f"R F {MAC2} 10.0.0.2")
+    store.save(State(limits=LIMITS), before, None, "OK", "")
+    after = build(f"A {MAC2} I 4 s 10.0.0.0/8", state=before)
+    writes = _writes(store, before, after)
+    assert writes and all(MAC2 in w for w in writes)
+    assert not any(MAC in w for w in writes)
+    assert Store(tmp_path / "controller.sqlite").load(LIMITS) == after
+
+
+def test_save_without_a_change_or_key_writes_nothing(tmp_path):
+    store = Store(tmp_path / "controller.sqlite")
+    state = build(f"R F {MAC} 10.0.0.1")
+    store.save(State(limits=LIMITS), state, None, "OK", "")
+    assert _writes(store, state, state) == []
+
+
+def test_save_of_an_answer_only_writes_the_answer(tmp_path):
+    store = Store(tmp_path / "controller.sqlite")
+    state = build(f"R F {MAC} 10.0.0.1")
+    store.save(State(limits=LIMITS), state, None, "OK", "")
+    writes = _writes(store, state, state, ("chan", 3, 9), "REJECTED", "no such filter")
+    assert len(writes) == 1 and "answers" in writes[0]
+    assert store.answer(("chan", 3, 9)) == ("REJECTED", "no such filter")
+
+
+def test_answers_by_idempotency_key_survive_a_restart(tmp_path):
+    path = tmp_path / "controller.sqlite"
+    store = Store(path)
+    state = build(f"R F {MAC} 10.0.0.1")
+    store.save(State(limits=LIMITS), state, ("vm1", 1, 1), "OK", f"registered {MAC} 10.0.0.1 for firewall offload")
+    store.save(state, state, ("vm1", 1, 2), "SYNTAX", "column 1: 'Q' is not a command")
+    store.save(state, state, ("vm2", 1, 1), "OK", "line one\nline two")
+    store.db.close()
+
+    again = Store(path)
+    assert again.answer(("vm1", 1, 1)) == ("OK", f"registered {MAC} 10.0.0.1 for firewall offload")
+    assert again.answer(("vm1", 1, 2)) == ("SYNTAX", "column 1: 'Q' is not a command")
+    assert again.answer(("vm2", 1, 1)) == ("OK", "line one\nline two")
+    # Every part of the key counts.
+    assert again.answer(("vm1", 2, 1)) is None
+    assert again.answer(("vm1", 1, 3)) is None
+    assert again.answer(("vm3", 1, 1)) is None
+    assert again.load(LIMITS) == state
