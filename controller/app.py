@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .compat import (CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, OSKenApp, arp, ether, ethernet,
                      hub, ofp_event, ofproto_v1_3, packet, set_ev_cls)
-from .flows import (COOKIE_TAG, COOKIE_TAG_MASK, RESOLVER_MAC, Flow, Group, Neighbour, SwitchConfig, compile_middlebox,
+from .flows import (BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, RESOLVER_MAC, Flow, Group, Neighbour, SwitchConfig, compile_middlebox,
                     compile_switch, cookie_of, owned_groups)
 from .model import State
 from .ofmessages import encode_action, encoded_actions, flow_mod, group_mod, instructions, normal_match
@@ -111,15 +111,26 @@ class MbvisorController(OSKenApp):
         if dpid in self.switches:
             self.sync_switch(dpid)
 
-    def flow_statistics(self, dpid: int, cookie: int) -> list[dict]:
-        """The switch's own view of a middlebox's flows, with counters."""
+    def _flow_stats(self, dpid: int, cookie: int, mask: int) -> list:
         switch = self.switches.get(dpid)
         if switch is None:
             return []
         datapath = switch.datapath
         parser, ofp = datapath.ofproto_parser, datapath.ofproto
-        stats = self._request(datapath, parser.OFPFlowStatsRequest(
-            datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY, cookie, 0xFFFFFFFFFFFFFFFF, parser.OFPMatch()))
+        return self._request(datapath, parser.OFPFlowStatsRequest(
+            datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY, cookie, mask, parser.OFPMatch()))
+
+    def handled_packets(self, dpid: int) -> dict[int, int]:
+        """Packets each middlebox's flows handled on ``dpid``, by cookie (one request)."""
+        totals: dict[int, int] = {}
+        for stat in self._flow_stats(dpid, COOKIE_TAG, COOKIE_TAG_MASK):
+            if stat.cookie != BASE_COOKIE:
+                totals[stat.cookie] = totals.get(stat.cookie, 0) + stat.packet_count
+        return totals
+
+    def flow_statistics(self, dpid: int, cookie: int) -> list[dict]:
+        """The switch's own view of a middlebox's flows, with counters."""
+        stats = self._flow_stats(dpid, cookie, 0xFFFFFFFFFFFFFFFF)
         return [{"table": s.table_id, "priority": s.priority, "match": dict(normal_match(s.match.items())),
                  "packets": s.packet_count, "bytes": s.byte_count, "cookie": f"{s.cookie:#018x}",
                  "actions": [str(i) for i in s.instructions]} for s in stats]

@@ -108,6 +108,11 @@ class RestApi:
                                    for dpid, s in sorted(self.core.switches.switches.items())]})
 
     def metrics(self, request):
+        for dpid in list(self.core.switches.switches):
+            handled = self.core.switches.handled_packets(dpid)
+            for middlebox in self.core.state.on(dpid):
+                self.core.metrics.handled.labels(f"{dpid:016x}", middlebox.mac).set(
+                    handled.get(cookie_of(middlebox.mac), 0))
         return Response(self.core.metrics.exposition(), content_type="text/plain", charset="utf-8")
 
     # --- writes --------------------------------------------------------------------------

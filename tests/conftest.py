@@ -36,3 +36,17 @@ def make_channel(region_path):
     yield make
     for region in opened:
         region.close()
+
+
+# --- namespace lab (topologies/netlab.py) -------------------------------------------------
+
+from mbvisor.topologies import netlab  # noqa: E402  (appended section)
+
+
+@pytest.fixture
+def lab():
+    """A :class:`netlab.Lab` (unique prefix) whose bridges, namespaces, veths and processes are
+    removed after the test, also when it fails.  Fails (never skips) without root/OVS/tools."""
+    netlab.require_host_tools()
+    with netlab.Lab() as the_lab:
+        yield the_lab
