@@ -16,8 +16,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from .compat import (CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, OSKenApp, arp, ether, ethernet,
-                     hub, ofp_event, ofproto_v1_3, packet, set_ev_cls)
+from .compat import (CONFIG_DISPATCHER, DEAD_DISPATCHER, FRAMEWORK, MAIN_DISPATCHER, OSKenApp, arp, ether,
+                     ethernet, hub, ofp_event, ofproto_v1_3, packet, set_ev_cls)
 from .flows import (BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, RESOLVER_MAC, Flow, Group, Neighbour, SwitchConfig, compile_middlebox,
                     compile_switch, cookie_of, owned_groups)
 from .model import State
@@ -78,6 +78,7 @@ class MbvisorController(OSKenApp):
         self.batches: dict[tuple[int, int], Batch] = {}
         self.replies: dict[tuple[int, int], tuple[list, object]] = {}
         self.lock = hub.BoundedSemaphore(1)
+        log.info("mbvisor controller running on %s", FRAMEWORK)
         self.core = Core(Settings.from_environment(), self)
         self.core.start_rest()
         hub.spawn(self._refresh_neighbours)

@@ -24,8 +24,9 @@ def free_port() -> int:
 class Controller:
     """``mbvisor controller`` in a subprocess on free ports, with a REST client."""
 
-    def __init__(self, state_dir: Path, token: str = "test-token"):
+    def __init__(self, state_dir: Path, token: str = "test-token", launcher: str = "mbvisor"):
         self.state_dir = state_dir
+        self.launcher = launcher
         self.token = token
         self.ofp_port = free_port()
         self.rest_port = free_port()
@@ -36,15 +37,23 @@ class Controller:
     def target(self) -> str:
         return f"tcp:127.0.0.1:{self.ofp_port}"
 
+    def _argv(self, token_file: Path) -> list[str]:
+        """The same app three ways: ``mbvisor controller``, ``osken-manager``, ``ryu-manager``."""
+        if self.launcher == "mbvisor":
+            return [sys.executable, "-m", "mbvisor.agents.cli", "controller", "--ofp-port", str(self.ofp_port),
+                    "--rest-port", str(self.rest_port), "--db", str(self.state_dir / "controller.sqlite"),
+                    "--token-file", str(token_file)]
+        manager = Path(sys.executable).parent / self.launcher
+        return [str(manager), "--ofp-tcp-listen-port", str(self.ofp_port), "mbvisor.controller.app"]
+
     def start(self) -> "Controller":
         token_file = self.state_dir / "token"
         token_file.write_text(self.token)
+        environment = {**os.environ, "MBVISOR_DB": str(self.state_dir / "controller.sqlite"),
+                       "MBVISOR_REST_PORT": str(self.rest_port), "MBVISOR_TOKEN": self.token}
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "mbvisor.agents.cli", "controller", "--ofp-port", str(self.ofp_port),
-                 "--rest-port", str(self.rest_port), "--db", str(self.state_dir / "controller.sqlite"),
-                 "--token-file", str(token_file)],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(self._argv(token_file), stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True, env=environment)
         wait_until(self._healthy, timeout=20, what=f"controller REST on port {self.rest_port} (log {self.log})")
         return self
 

@@ -174,6 +174,23 @@ def test_restart_restores_and_reconnect_changes_nothing_needlessly(net, controll
     expect_dropped(bridge, h["attacker"], mb, 7)
 
 
+@pytest.mark.parametrize("launcher, framework", [
+    ("mbvisor", "os_ken"), ("osken-manager", "os_ken"), ("ryu-manager", "ryu")])
+def test_the_same_app_under_every_launcher(lab, tmp_path, launcher, framework):
+    controller = Controller(tmp_path, launcher=launcher).start()
+    try:
+        bridge = lab.bridge(controller=controller.target, fail_mode="secure")
+        mb, attacker = lab.host("mb", ip="10.0.0.5/24", mac=MB_MAC), lab.host("attacker", ip="10.0.0.66/24")
+        controller.wait_switch(bridge.dpid)
+        lab.fill_arp()
+        controller.ok(bridge.dpid, mb.ofport, f"R F {MB_MAC} 10.0.0.5")
+        controller.ok(bridge.dpid, mb.ofport, f"A {MB_MAC} I 4 s 10.0.0.66")
+        expect_dropped(bridge, attacker, mb, 9)
+        assert f"mbvisor controller running on {framework}" in controller.log.read_text()
+    finally:
+        controller.stop()
+
+
 def test_idempotency_key_applies_once_and_replays_the_first_answer(net, controller):
     bridge, h = net
     mb = h["mb"]
