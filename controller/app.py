@@ -87,25 +87,46 @@ class MbvisorController(OSKenApp):
 
     def execute(self, request: CommandRequest) -> Answer:
         """Apply one command; answered once the switch confirmed its flows."""
-        with self.lock:
-            return self.core.execute(request)
+        return self.execute_all([request])[0]
 
-    def install_middlebox(self, dpid: int, before: State, after: State, mac: str) -> list[str]:
-        """Bring one middlebox's flows and groups on ``dpid`` from ``before`` to ``after``."""
-        switch = self.switches.get(dpid)
-        if switch is None:
-            return [f"switch {dpid:016x} is not connected"]
-        switch.synced.wait(timeout=CONFIRM_TIMEOUT)
-        middlebox = after.find(dpid, mac) or before.find(dpid, mac)
+    def execute_all(self, requests: list[CommandRequest]) -> list[Answer]:
+        """Apply commands in order, their flows confirmed together (see Core.execute_all)."""
+        with self.lock:
+            return self.core.execute_all(requests)
+
+    def install(self, before: State, after: State, touched: set[tuple[int, str]]) -> list[str]:
+        """Bring the flows and groups of the touched (dpid, MAC) middleboxes from ``before`` to
+        ``after``: per switch, all their changes and one barrier.  Returns the errors."""
+        errors = []
+        for dpid in sorted({dpid for dpid, _ in touched}):
+            switch = self.switches.get(dpid)
+            if switch is None:
+                errors.append(f"switch {dpid:016x} is not connected")
+                continue
+            switch.synced.wait(timeout=CONFIRM_TIMEOUT)
+            changes = Changes()
+            for mac in sorted(mac for d, mac in touched if d == dpid):
+                needed = self._middlebox_changes(switch, before, after, mac)
+                if isinstance(needed, str):
+                    errors.append(needed)
+                else:
+                    changes = changes + needed
+            if not errors:
+                errors += self._send(switch, changes)
+        return errors
+
+    def _middlebox_changes(self, switch: Switch, before: State, after: State, mac: str) -> Changes | str:
+        dpid = switch.datapath.id
         wanted = after.find(dpid, mac)
+        middlebox = wanted or before.find(dpid, mac)
         desired = (compile_middlebox(wanted, self.neighbours.get(dpid, {})) if wanted
                    else SwitchConfig(frozenset(), frozenset()))
         if desired.unresolved:
-            return [f"backend {', '.join(desired.unresolved)} did not answer ARP"]
+            return f"backend {', '.join(desired.unresolved)} did not answer ARP"
         cookie = cookie_of(mac)
         installed = [flow for flow in switch.flows.values() if flow.cookie == cookie]
         groups = set(owned_groups(middlebox)) if middlebox else set()
-        return self._send(switch, self._diff(switch, desired, installed, groups))
+        return self._diff(switch, desired, installed, groups)
 
     def resync(self, dpid: int) -> None:
         """After a failure half-way: make the switch match the desired state again."""
@@ -342,9 +363,8 @@ class MbvisorController(OSKenApp):
     def _reinstall_users_of(self, dpid: int, backend: str) -> None:
         with self.lock:
             state = self.core.state
-            for middlebox in state.on(dpid):
-                if any(backend in r.backends for r in middlebox.redirects):
-                    self.install_middlebox(dpid, state, state, middlebox.mac)
+            users = {(dpid, mb.mac) for mb in state.on(dpid) if any(backend in r.backends for r in mb.redirects)}
+            self.install(state, state, users)
 
     def _refresh_neighbours(self) -> None:
         """Backends may move (a VM migrates, a NIC is replaced): ask again now and then."""

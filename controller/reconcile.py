@@ -25,6 +25,9 @@ class Changes:
     delete_flows: tuple[Flow, ...] = ()
     delete_groups: tuple[int, ...] = ()
 
+    def __add__(self, other: "Changes") -> "Changes":
+        return Changes(*(mine + theirs for mine, theirs in zip(self.__dict__.values(), other.__dict__.values())))
+
     @property
     def empty(self) -> bool:
         return not any((self.add_groups, self.modify_groups, self.add_flows, self.modify_flows,

@@ -118,16 +118,16 @@ class RestApi:
     # --- writes --------------------------------------------------------------------------
 
     def command(self, request):
+        """One command object, or ``{"commands": [...]}``: applied in order, their flows
+        confirmed together (a guest's frame, or a bulk install)."""
         if not self._authorised(request):
             return _error(401, "unauthorised", "a valid bearer token is required for writes")
         body = request.json_body
-        command_request = CommandRequest(
-            dpid=int(str(body["dpid"]), 16) if isinstance(body["dpid"], str) else int(body["dpid"]),
-            port=int(body["port"]), command=body["command"], channel=body.get("channel"),
-            epoch=body.get("epoch"), seq=body.get("seq"))
-        answer = self.core.switches.execute(command_request)
-        return _json({"status": answer.status, "code": answer.code, "text": answer.text,
-                      "replayed": answer.replayed}, HTTP_STATUS.get(answer.status, 500))
+        if isinstance(body, dict) and "commands" in body:
+            answers = self.core.switches.execute_all([_command_request(item) for item in body["commands"]])
+            return _json({"answers": [_answer_body(a) for a in answers]})
+        answer = self.core.switches.execute(_command_request(body))
+        return _json(_answer_body(answer), HTTP_STATUS.get(answer.status, 500))
 
     def delete(self, request, dpid, mac):
         if not self._authorised(request):
@@ -137,6 +137,17 @@ class RestApi:
         if answer.code == "not-found":
             return _error(404, "not-found", answer.text)
         return _json({"status": answer.status, "text": answer.text}, HTTP_STATUS.get(answer.status, 500))
+
+
+def _command_request(body: dict) -> CommandRequest:
+    dpid = body["dpid"]
+    return CommandRequest(dpid=int(dpid, 16) if isinstance(dpid, str) else int(dpid), port=int(body["port"]),
+                          command=body["command"], channel=body.get("channel"), epoch=body.get("epoch"),
+                          seq=body.get("seq"))
+
+
+def _answer_body(answer) -> dict:
+    return {"status": answer.status, "code": answer.code, "text": answer.text, "replayed": answer.replayed}
 
 
 def start_server(core, settings) -> None:

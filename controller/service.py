@@ -86,7 +86,7 @@ class Answer:
 @dataclass
 class Core:
     settings: Settings
-    switches: object  # the app: install_middlebox(), resolve(), switches
+    switches: object  # the app: install(), resolve(), resync(), switches
     state: State = field(init=False)
     store: Store = field(init=False)
     metrics: Metrics = field(init=False)
@@ -102,51 +102,70 @@ class Core:
 
         start_server(self, self.settings)
 
-    def neighbours_for(self, dpid: int, state: State) -> dict[str, str]:
-        return self.switches.neighbours.get(dpid, {})
-
     def execute(self, request: CommandRequest) -> Answer:
-        answer = self._execute(request)
-        self.metrics.command(answer.status)
-        log.info("command %s on %s port %s key %s: %s %s", _short(request.command), f"{request.dpid:016x}",
-                 request.port, request.key, answer.status, answer.text.splitlines()[0] if answer.text else "")
-        return answer
+        return self.execute_all([request])[0]
 
-    def _execute(self, request: CommandRequest) -> Answer:
+    def execute_all(self, requests: list[CommandRequest]) -> list[Answer]:
+        """Apply commands in order and answer each.  The flows of everything they change
+        go to each switch together, confirmed by one barrier; if a switch refuses them,
+        every command that changed something is answered REJECTED and nothing changes."""
+        answers: list[Answer | None] = [None] * len(requests)
+        state, touched, applied = self.state, set(), []
+        for index, request in enumerate(requests):
+            answer, state, changed = self._apply(request, state)
+            answers[index] = answer
+            if changed:
+                touched.add((request.dpid, changed))
+                applied.append(index)
+        if applied:
+            failure = self._install(state, touched, requests, applied)
+            if failure is not None:
+                for index in applied:
+                    answers[index] = failure
+                state = self.state
+        self.store.save(self.state, state, [(r.key, a.status, a.text) for r, a in zip(requests, answers)
+                                            if r.key is not None and not a.replayed and a.status != "UNAVAILABLE"])
+        self.state = state
+        for request, answer in zip(requests, answers):
+            self.metrics.command(answer.status)
+            log.info("command %s on %016x port %s key %s: %s %s", _short(request.command), request.dpid,
+                     request.port, request.key, answer.status, answer.text.splitlines()[0] if answer.text else "")
+        return answers
+
+    def _apply(self, request: CommandRequest, state: State) -> tuple[Answer, State, str | None]:
+        """(answer, state after, MAC whose flows changed or None) for one command."""
         if request.key is not None and (previous := self.store.answer(request.key)) is not None:
-            return Answer(previous[0], previous[1], replayed=True)
+            return Answer(previous[0], previous[1], replayed=True), state, None
         try:
             command = request.parsed()
         except CommandError as error:
-            return self._remember(request, Answer("SYNTAX", str(error), "syntax"))
-        binding = Binding(request.dpid, request.port)
+            return Answer("SYNTAX", str(error), "syntax"), state, None
         try:
-            outcome = apply(self.state, binding, command)
+            outcome = apply(state, Binding(request.dpid, request.port), command)
         except ApplyError as error:
-            return self._remember(request, Answer("REJECTED", str(error), error.code))
-        if isinstance(command, Query) or outcome.state == self.state:
-            return self._remember(request, Answer("OK", outcome.text))
+            return Answer("REJECTED", str(error), error.code), state, None
+        if isinstance(command, Query) or outcome.state == state:
+            return Answer("OK", outcome.text), state, None
         if request.dpid not in self.switches.switches:
-            return Answer("UNAVAILABLE", f"switch {request.dpid:016x} is not connected; try again", "switch-down")
+            return Answer("UNAVAILABLE", f"switch {request.dpid:016x} is not connected; try again",
+                          "switch-down"), state, None
         if isinstance(command, RegisterLoadBalancer):
             self.switches.resolve(request.dpid, command.backends)
-        try:
-            errors = self.switches.install_middlebox(request.dpid, self.state, outcome.state, command.mac)
-        except Exception as error:  # a bug here must cost one command, not the controller
-            log.exception("installing %s failed", _short(request.command))
-            self.switches.resync(request.dpid)
-            return Answer("INTERNAL", f"internal error while installing flows: {error}", "internal")
-        if errors:
-            self.switches.install_middlebox(request.dpid, outcome.state, self.state, command.mac)
-            return self._remember(request, Answer("REJECTED", "switch refused: " + "; ".join(errors), "switch-error"))
-        self.store.save(self.state, outcome.state, request.key, "OK", outcome.text)
-        self.state = outcome.state
-        return Answer("OK", outcome.text)
+        return Answer("OK", outcome.text), outcome.state, command.mac
 
-    def _remember(self, request: CommandRequest, answer: Answer) -> Answer:
-        """Answers that changed nothing are stored too, so a duplicate gets the same answer."""
-        self.store.save(self.state, self.state, request.key, answer.status, answer.text)
-        return answer
+    def _install(self, state: State, touched: set, requests, applied) -> Answer | None:
+        """Install ``state``'s flows for the touched middleboxes; the failure answer, if any."""
+        try:
+            errors = self.switches.install(self.state, state, touched)
+        except Exception as error:  # a bug here must cost these commands, not the controller
+            log.exception("installing flows for %d command(s) failed", len(applied))
+            for dpid in {dpid for dpid, _ in touched}:
+                self.switches.resync(dpid)
+            return Answer("INTERNAL", f"internal error while installing flows: {error}", "internal")
+        if not errors:
+            return None
+        self.switches.install(state, self.state, touched)
+        return Answer("REJECTED", "switch refused: " + "; ".join(errors), "switch-error")
 
     def delete_middlebox(self, dpid: int, mac: str) -> Answer:
         """The operator's delete: like the guest's X, without a guest."""

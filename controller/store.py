@@ -51,18 +51,19 @@ class Store:
         rows = self.db.execute("SELECT dpid, mac, body FROM middleboxes ORDER BY dpid, mac").fetchall()
         return State(tuple(decode_middlebox(*row) for row in rows), limits)
 
-    def save(self, before: State, after: State, key: tuple[str, int, int] | None, status: str, text: str) -> None:
-        """Write the middleboxes that changed and the answer, in one transaction."""
+    def save(self, before: State, after: State, answers: list[tuple[tuple[str, int, int], str, str]]) -> None:
+        """Write the middleboxes that changed and the answers by key, in one transaction."""
         changed = set(before.middleboxes) ^ set(after.middleboxes)
+        if not changed and not answers:
+            return
         with self.db:
             self.db.execute("BEGIN")
             for middlebox in changed:
                 self.db.execute("DELETE FROM middleboxes WHERE dpid = ? AND mac = ?", middlebox.key)
-            for middlebox in set(after.middleboxes) - set(before.middleboxes):
-                self.db.execute("INSERT INTO middleboxes VALUES (?, ?, ?)",
-                                (*middlebox.key, encode_middlebox(middlebox)))
-            if key is not None:
-                self.db.execute("INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?)", (*key, status, text))
+            self.db.executemany("INSERT INTO middleboxes VALUES (?, ?, ?)",
+                                [(*mb.key, encode_middlebox(mb)) for mb in set(after.middleboxes) - set(before.middleboxes)])
+            self.db.executemany("INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?)",
+                                [(*key, status, text) for key, status, text in answers])
 
     def answer(self, key: tuple[str, int, int]) -> tuple[str, str] | None:
         return self.db.execute("SELECT status, text FROM answers WHERE channel = ? AND epoch = ? AND seq = ?",

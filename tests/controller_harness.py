@@ -100,6 +100,12 @@ class Controller:
             body.update(channel=key[0], epoch=key[1], seq=key[2])
         return self.request("POST", "/v1/commands", body, token=token)
 
+    def batch(self, dpid: int, port: int, texts: list[str]) -> list[dict]:
+        status, body = self.request("POST", "/v1/commands", {"commands": [
+            {"dpid": f"{dpid:016x}", "port": port, "command": text} for text in texts]})
+        assert status == 200, body
+        return body["answers"]
+
     def ok(self, dpid: int, port: int, text: str, key: tuple | None = None) -> dict:
         status, answer = self.command(dpid, port, text, key)
         assert status == 200 and answer["status"] == "OK", (text, status, answer)

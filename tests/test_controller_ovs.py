@@ -174,6 +174,37 @@ def test_restart_restores_and_reconnect_changes_nothing_needlessly(net, controll
     expect_dropped(bridge, h["attacker"], mb, 7)
 
 
+def test_batch_applies_in_order_and_answers_each(net, controller):
+    bridge, h = net
+    mb = h["mb"]
+    answers = controller.batch(bridge.dpid, mb.ofport, [
+        f"R F {MB_MAC} 10.0.0.5", f"A {MB_MAC} I 4 s 10.0.0.66", f"A {MB_MAC} q 4 s 10.0.0.1",
+        f"A {MB_MAC} T 9 d 5000 p udp", f"I {MB_MAC}"])
+    assert [a["status"] for a in answers] == ["OK", "OK", "SYNTAX", "OK", "OK"]
+    assert answers[4]["text"] == f"A {MB_MAC} I 4 s 10.0.0.66"
+    expect_dropped(bridge, h["attacker"], mb, 9)
+    expect_dropped(bridge, h["client"], mb, 5000)
+
+
+def test_each_middlebox_is_bound_to_its_own_bridge(lab, controller):
+    """Two hypervisors' bridges on one controller: the same MAC on both is two middleboxes."""
+    bridges = [lab.bridge(controller=controller.target, fail_mode="secure") for _ in range(2)]
+    hosts = [(lab.host(f"mb{i}", ip="10.0.0.5/24", mac=MB_MAC, bridge=b),
+              lab.host(f"at{i}", ip="10.0.0.66/24", bridge=b)) for i, b in enumerate(bridges)]
+    for bridge in bridges:
+        controller.wait_switch(bridge.dpid)
+    for mb, attacker in hosts:
+        mb.set_arp(attacker)
+        attacker.set_arp(mb)
+    (mb0, attacker0), (mb1, attacker1) = hosts
+    controller.ok(bridges[0].dpid, mb0.ofport, f"R F {MB_MAC} 10.0.0.5")
+    controller.ok(bridges[0].dpid, mb0.ofport, f"A {MB_MAC} I 4 s 10.0.0.66")
+    expect_dropped(bridges[0], attacker0, mb0, 9)
+    expect_arrivals(attacker1, mb1, 9)
+    assert len(controller.get("/v1/middleboxes")[1]["middleboxes"]) == 1
+    assert not [f for f in bridges[1].flows() if f.actions == "drop"]
+
+
 @pytest.mark.parametrize("launcher, framework", [
     ("mbvisor", "os_ken"), ("osken-manager", "os_ken"), ("ryu-manager", "ryu")])
 def test_the_same_app_under_every_launcher(lab, tmp_path, launcher, framework):

@@ -96,7 +96,7 @@ def test_any_reachable_state_survives_a_store_round_trip(steps):
             after = apply(state, binding, parse_command(text)).state
         except ApplyError:
             continue
-        store.save(state, after, None, "OK", "")
+        store.save(state, after, [])
         state = after
         for middlebox in state.middleboxes:
             assert decode_middlebox(middlebox.dpid, middlebox.mac, encode_middlebox(middlebox)) == middlebox
@@ -119,7 +119,7 @@ def test_restart_restores_the_same_state(tmp_path):
             (Binding(1, 6), f"R F {MAC2} 10.0.0.200"), (Binding(1, 6), f"A {MAC2} I 1 p 6"),
             (Binding(2, 5), f"R L {MAC} 10.0.0.101 0 * 10.0.0.5")]:
         after = apply(state, binding, parse_command(text)).state
-        store.save(state, after, None, "OK", "")
+        store.save(state, after, [])
         state = after
     store.db.close()
 
@@ -134,9 +134,9 @@ def test_cancel_is_persisted(tmp_path):
     path = tmp_path / "controller.sqlite"
     store = Store(path)
     registered = build(f"R F {MAC} 10.0.0.1", f"R F {MAC2} 10.0.0.2")
-    store.save(State(limits=LIMITS), registered, None, "OK", "")
+    store.save(State(limits=LIMITS), registered, [])
     cancelled = build(f"X {MAC}", state=registered)
-    store.save(registered, cancelled, None, "OK", "")
+    store.save(registered, cancelled, [])
     assert Store(path).load(LIMITS) == cancelled
     assert [mb.mac for mb in Store(path).load(LIMITS).middleboxes] == [MAC2]
 
@@ -145,7 +145,7 @@ def _writes(store: Store, before: State, after: State, key=None, status="OK", te
     statements: list[str] = []
     store.db.set_trace_callback(statements.append)
     try:
-        store.save(before, after, key, status, text)
+        store.save(before, after, [] if key is None else [(key, status, text)])
     finally:
         store.db.set_trace_callback(None)
     return [s for s in statements if s.split()[0].upper() in {"INSERT", "DELETE", "UPDATE", "REPLACE"}]
@@ -154,7 +154,7 @@ def _writes(store: Store, before: State, after: State, key=None, status="OK", te
 def test_save_writes_only_the_middleboxes_that_changed(tmp_path):
     store = Store(tmp_path / "controller.sqlite")
     before = build(f"R F {MAC} 10.0.0.1", f"R F {MAC2} 10.0.0.2")
-    store.save(State(limits=LIMITS), before, None, "OK", "")
+    store.save(State(limits=LIMITS), before, [])
     after = build(f"A {MAC2} I 4 s 10.0.0.0/8", state=before)
     writes = _writes(store, before, after)
     assert writes and all(MAC2 in w for w in writes)
@@ -165,14 +165,14 @@ def test_save_writes_only_the_middleboxes_that_changed(tmp_path):
 def test_save_without_a_change_or_key_writes_nothing(tmp_path):
     store = Store(tmp_path / "controller.sqlite")
     state = build(f"R F {MAC} 10.0.0.1")
-    store.save(State(limits=LIMITS), state, None, "OK", "")
+    store.save(State(limits=LIMITS), state, [])
     assert _writes(store, state, state) == []
 
 
 def test_save_of_an_answer_only_writes_the_answer(tmp_path):
     store = Store(tmp_path / "controller.sqlite")
     state = build(f"R F {MAC} 10.0.0.1")
-    store.save(State(limits=LIMITS), state, None, "OK", "")
+    store.save(State(limits=LIMITS), state, [])
     writes = _writes(store, state, state, ("chan", 3, 9), "REJECTED", "no such filter")
     assert len(writes) == 1 and "answers" in writes[0]
     assert store.answer(("chan", 3, 9)) == ("REJECTED", "no such filter")
@@ -182,9 +182,9 @@ def test_answers_by_idempotency_key_survive_a_restart(tmp_path):
     path = tmp_path / "controller.sqlite"
     store = Store(path)
     state = build(f"R F {MAC} 10.0.0.1")
-    store.save(State(limits=LIMITS), state, ("vm1", 1, 1), "OK", f"registered {MAC} 10.0.0.1 for firewall offload")
-    store.save(state, state, ("vm1", 1, 2), "SYNTAX", "column 1: 'Q' is not a command")
-    store.save(state, state, ("vm2", 1, 1), "OK", "line one\nline two")
+    store.save(State(limits=LIMITS), state, [(("vm1", 1, 1), "OK", f"registered {MAC} 10.0.0.1 for firewall offload")])
+    store.save(state, state, [(("vm1", 1, 2), "SYNTAX", "column 1: 'Q' is not a command")])
+    store.save(state, state, [(("vm2", 1, 1), "OK", "line one\nline two")])
     store.db.close()
 
     again = Store(path)
