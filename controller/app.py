@@ -42,14 +42,33 @@ class Batch:
 
 @dataclass
 class Switch:
-    """A connected switch and what we know it holds: flows by identity, with their actions
-    as wire bytes, and groups as the wire bytes of their buckets."""
+    """A connected switch and what we know it holds: flows by cookie and identity (so one
+    middlebox's flows are found without scanning the switch), their actions as wire
+    bytes, and groups as the wire bytes of their buckets."""
 
     datapath: object
     connected_at: float
     synced: object  # hub.Event: set once the first reconciliation is done
-    flows: dict = field(default_factory=dict)
+    flows: dict = field(default_factory=dict)  # cookie -> identity -> Flow
     groups: dict = field(default_factory=dict)
+
+    def all_flows(self) -> list[Flow]:
+        return [flow for by_identity in self.flows.values() for flow in by_identity.values()]
+
+    def flows_of(self, cookie: int) -> list[Flow]:
+        return list(self.flows.get(cookie, {}).values())
+
+    def flow_count(self) -> int:
+        return sum(len(by_identity) for by_identity in self.flows.values())
+
+    def holds(self, flow: Flow) -> None:
+        self.flows.setdefault(flow.cookie, {})[_identity(flow)] = flow
+
+    def lost(self, flow: Flow) -> None:
+        by_identity = self.flows.get(flow.cookie, {})
+        by_identity.pop(_identity(flow), None)
+        if not by_identity:
+            self.flows.pop(flow.cookie, None)
 
 
 def _identity(flow: Flow) -> tuple:
@@ -124,7 +143,7 @@ class MbvisorController(OSKenApp):
         if desired.unresolved:
             return f"backend {', '.join(desired.unresolved)} did not answer ARP"
         cookie = cookie_of(mac)
-        installed = [flow for flow in switch.flows.values() if flow.cookie == cookie]
+        installed = switch.flows_of(cookie)
         groups = set(owned_groups(middlebox)) if middlebox else set()
         return self._diff(switch, desired, installed, groups)
 
@@ -199,7 +218,7 @@ class MbvisorController(OSKenApp):
             backends = {b for r in middlebox.redirects for b in r.backends}
             self.resolve(dpid, backends)
         desired = compile_switch(state, dpid, self.neighbours.get(dpid, {}))
-        changes = self._diff(switch, desired, switch.flows.values(), set(switch.groups))
+        changes = self._diff(switch, desired, switch.all_flows(), set(switch.groups))
         errors = self._send(switch, changes)
         log.info("switch %016x reconciled: %s%s", dpid, changes.summary(), f"; errors: {errors}" if errors else "")
         return changes
@@ -213,7 +232,7 @@ class MbvisorController(OSKenApp):
         for stat in stats:
             flow = Flow(stat.table_id, stat.priority, normal_match(stat.match.items()),
                         (("wire", encoded_actions(datapath, stat.instructions)),), stat.cookie)
-            switch.flows[_identity(flow)] = flow
+            switch.holds(flow)
         descriptions = self._request(datapath, parser.OFPGroupDescStatsRequest(datapath, 0))
         switch.groups = {d.group_id: _wire_buckets([b.actions for b in d.buckets]) for d in descriptions}
 
@@ -263,7 +282,7 @@ class MbvisorController(OSKenApp):
             batch.errors.append(f"switch did not confirm within {CONFIRM_TIMEOUT:g} s")
         self.core.metrics.openflow_errors(len(batch.errors))
         self._record(switch, changes)
-        self.core.metrics.flows.labels(f"{datapath.id:016x}").set(len(switch.flows))
+        self.core.metrics.flows.labels(f"{datapath.id:016x}").set(switch.flow_count())
         return batch.errors
 
     def _record(self, switch: Switch, changes: Changes) -> None:
@@ -271,9 +290,9 @@ class MbvisorController(OSKenApp):
         datapath = switch.datapath
         for flow in changes.add_flows + changes.modify_flows:
             wire = encoded_actions(datapath, instructions(datapath, flow.actions))
-            switch.flows[_identity(flow)] = Flow(flow.table, flow.priority, flow.match, (("wire", wire),), flow.cookie)
+            switch.holds(Flow(flow.table, flow.priority, flow.match, (("wire", wire),), flow.cookie))
         for flow in changes.delete_flows:
-            switch.flows.pop(_identity(flow), None)
+            switch.lost(flow)
         for group in changes.add_groups + changes.modify_groups:
             switch.groups[group.group_id] = self._group_wire(datapath, group)
         for group_id in changes.delete_groups:

@@ -9,6 +9,7 @@ confirmed them.  A rejected command leaves the state exactly as it was.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Mapping
 
 from mbvisor.guest.commands import (AddFilter, Cancel, Command, DeleteFilter, DeleteFilters, Filter,
                                     Layer, Query, RegisterFirewall, RegisterLoadBalancer)
@@ -75,23 +76,37 @@ class Middlebox:
 
 @dataclass(frozen=True)
 class State:
-    """Every middlebox, keyed by (datapath id, MAC)."""
+    """Every middlebox, keyed by (datapath id, MAC).  Treated as immutable: ``put`` and
+    ``remove`` return a new state sharing every unchanged middlebox, so "did this one
+    change?" is an identity test (the store and the installer rely on it)."""
 
-    middleboxes: tuple[Middlebox, ...] = ()
+    by_key: Mapping[tuple[int, str], Middlebox] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
 
+    @classmethod
+    def of(cls, middleboxes, limits: Limits = Limits()) -> "State":
+        return cls({mb.key: mb for mb in middleboxes}, limits)
+
+    @property
+    def middleboxes(self) -> tuple[Middlebox, ...]:
+        return tuple(self.by_key[key] for key in sorted(self.by_key))
+
     def find(self, dpid: int, mac: str) -> Middlebox | None:
-        return next((mb for mb in self.middleboxes if mb.key == (dpid, mac)), None)
+        return self.by_key.get((dpid, mac))
 
     def on(self, dpid: int) -> list[Middlebox]:
-        return [mb for mb in self.middleboxes if mb.dpid == dpid]
+        return [mb for key, mb in sorted(self.by_key.items()) if key[0] == dpid]
 
     def put(self, middlebox: Middlebox) -> "State":
-        others = tuple(mb for mb in self.middleboxes if mb.key != middlebox.key)
-        return replace(self, middleboxes=tuple(sorted(others + (middlebox,), key=lambda mb: mb.key)))
+        return replace(self, by_key={**self.by_key, middlebox.key: middlebox})
 
     def remove(self, dpid: int, mac: str) -> "State":
-        return replace(self, middleboxes=tuple(mb for mb in self.middleboxes if mb.key != (dpid, mac)))
+        return replace(self, by_key={key: mb for key, mb in self.by_key.items() if key != (dpid, mac)})
+
+    def changed_keys(self, other: "State") -> set[tuple[int, str]]:
+        """Middleboxes that differ between the two states (added, removed or replaced)."""
+        keys = self.by_key.keys() | other.by_key.keys()
+        return {key for key in keys if self.by_key.get(key) is not other.by_key.get(key)}
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ class RestApi:
 
     def switches(self, request):
         return _json({"switches": [{"dpid": f"{dpid:016x}", "connected": True, "connected_at": s.connected_at,
-                                    "flows": len(s.flows), "groups": len(s.groups)}
+                                    "synced": s.synced.is_set(), "flows": s.flow_count(), "groups": len(s.groups)}
                                    for dpid, s in sorted(self.core.switches.switches.items())]})
 
     def metrics(self, request):

@@ -144,7 +144,7 @@ class Core:
             outcome = apply(state, Binding(request.dpid, request.port), command)
         except ApplyError as error:
             return Answer("REJECTED", str(error), error.code), state, None
-        if isinstance(command, Query) or outcome.state == state:
+        if isinstance(command, Query) or outcome.state is state:
             return Answer("OK", outcome.text), state, None
         if request.dpid not in self.switches.switches:
             return Answer("UNAVAILABLE", f"switch {request.dpid:016x} is not connected; try again",

@@ -49,19 +49,19 @@ class Store:
 
     def load(self, limits: Limits) -> State:
         rows = self.db.execute("SELECT dpid, mac, body FROM middleboxes ORDER BY dpid, mac").fetchall()
-        return State(tuple(decode_middlebox(*row) for row in rows), limits)
+        return State.of((decode_middlebox(*row) for row in rows), limits)
 
     def save(self, before: State, after: State, answers: list[tuple[tuple[str, int, int], str, str]]) -> None:
         """Write the middleboxes that changed and the answers by key, in one transaction."""
-        changed = set(before.middleboxes) ^ set(after.middleboxes)
+        changed = before.changed_keys(after)
         if not changed and not answers:
             return
         with self.db:
             self.db.execute("BEGIN")
-            for middlebox in changed:
-                self.db.execute("DELETE FROM middleboxes WHERE dpid = ? AND mac = ?", middlebox.key)
+            self.db.executemany("DELETE FROM middleboxes WHERE dpid = ? AND mac = ?", sorted(changed))
             self.db.executemany("INSERT INTO middleboxes VALUES (?, ?, ?)",
-                                [(*mb.key, encode_middlebox(mb)) for mb in set(after.middleboxes) - set(before.middleboxes)])
+                                [(*key, encode_middlebox(after.by_key[key])) for key in sorted(changed)
+                                 if key in after.by_key])
             self.db.executemany("INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?)",
                                 [(*key, status, text) for key, status, text in answers])
 

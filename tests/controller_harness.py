@@ -114,7 +114,7 @@ class Controller:
     def wait_switch(self, dpid: int, timeout: float = 20.0) -> None:
         def connected():
             switches = self.get("/v1/switches")[1]["switches"]
-            return any(s["dpid"] == f"{dpid:016x}" and s["flows"] >= 3 for s in switches)
+            return any(s["dpid"] == f"{dpid:016x}" and s["synced"] for s in switches)
 
         wait_until(connected, timeout=timeout, what=f"switch {dpid:016x} connected and reconciled")
 
