@@ -22,6 +22,7 @@ test-fast:
 
 bench: setup
 	$(PYTHON) bench/channel.py
+	$(PYTHON) bench/controller.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

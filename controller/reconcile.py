@@ -46,6 +46,12 @@ def _identity(flow: Flow) -> tuple:
     return (flow.table, flow.priority, flow.match)
 
 
+def _ordered(flows: Iterable[Flow]) -> tuple[Flow, ...]:
+    """A stable message order whatever the sets' iteration order (match values mix types,
+    so they are compared as text)."""
+    return tuple(sorted(flows, key=lambda f: (f.table, f.priority, repr(f.match))))
+
+
 def same_flow(desired: Flow, installed: Flow) -> bool:
     return (desired.actions, desired.cookie) == (installed.actions, installed.cookie)
 
@@ -61,10 +67,9 @@ def reconcile(desired: SwitchConfig, flows: Iterable[Flow], groups: Iterable[Gro
     compare a desired item with an installed one (the shell compares wire encodings)."""
     wanted = {_identity(f): f for f in desired.flows}
     present = {_identity(f): f for f in flows if ours(f)}
-    add = tuple(sorted((f for key, f in wanted.items() if key not in present), key=repr))
-    modify = tuple(sorted((f for key, f in wanted.items()
-                           if key in present and not same(f, present[key])), key=repr))
-    delete = tuple(sorted((f for key, f in present.items() if key not in wanted), key=repr))
+    add = _ordered(f for key, f in wanted.items() if key not in present)
+    modify = _ordered(f for key, f in wanted.items() if key in present and not same(f, present[key]))
+    delete = _ordered(f for key, f in present.items() if key not in wanted)
     wanted_groups = {g.group_id: g for g in desired.groups}
     present_groups = {g.group_id: g for g in groups}
     removable = set(present_groups) if managed_groups is None else managed_groups & set(present_groups)

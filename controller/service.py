@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,10 +127,16 @@ class Core:
         self.store.save(self.state, state, [(r.key, a.status, a.text) for r, a in zip(requests, answers)
                                             if r.key is not None and not a.replayed and a.status != "UNAVAILABLE"])
         self.state = state
+        # One line per command, except in bulk: a batch gets one summary line at INFO.
+        detail = log.info if len(requests) == 1 else log.debug
         for request, answer in zip(requests, answers):
             self.metrics.command(answer.status)
-            log.info("command %s on %016x port %s key %s: %s %s", _short(request.command), request.dpid,
-                     request.port, request.key, answer.status, answer.text.splitlines()[0] if answer.text else "")
+            detail("command %s on %016x port %s key %s: %s %s", _short(request.command), request.dpid,
+                   request.port, request.key, answer.status, answer.text.splitlines()[0] if answer.text else "")
+        if len(requests) > 1:
+            counts = Counter(answer.status for answer in answers)
+            log.info("batch of %d commands: %s", len(requests),
+                     ", ".join(f"{status} {count}" for status, count in sorted(counts.items())))
         return answers
 
     def _apply(self, request: CommandRequest, state: State) -> tuple[Answer, State, str | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller_harness import Controller
+from mbvisor.topologies.controller_run import Controller
 from mbvisor.topologies.netlab import wait_until
 
 pytestmark = pytest.mark.host

@@ -1,4 +1,5 @@
-"""Running the real controller (``mbvisor controller``) for integration tests."""
+"""Running the real controller (``mbvisor controller`` or a manager) as a process: for
+integration tests, benchmarks and the lab."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+class ControllerError(RuntimeError):
+    """The controller answered a command with something other than OK."""
 
 
 class Controller:
@@ -59,7 +64,7 @@ class Controller:
 
     def _healthy(self) -> bool:
         if self.process.poll() is not None:
-            raise RuntimeError(f"controller exited with {self.process.returncode}:\n{self.log.read_text()}")
+            raise ControllerError(f"controller exited with {self.process.returncode}:\n{self.log.read_text()}")
         try:
             return self.get("/v1/health")[0] == 200
         except OSError:
@@ -103,12 +108,14 @@ class Controller:
     def batch(self, dpid: int, port: int, texts: list[str]) -> list[dict]:
         status, body = self.request("POST", "/v1/commands", {"commands": [
             {"dpid": f"{dpid:016x}", "port": port, "command": text} for text in texts]})
-        assert status == 200, body
+        if status != 200:
+            raise ControllerError(f"batch of {len(texts)} commands: HTTP {status}: {body}")
         return body["answers"]
 
     def ok(self, dpid: int, port: int, text: str, key: tuple | None = None) -> dict:
         status, answer = self.command(dpid, port, text, key)
-        assert status == 200 and answer["status"] == "OK", (text, status, answer)
+        if status != 200 or answer["status"] != "OK":
+            raise ControllerError(f"{text!r}: HTTP {status}: {answer}")
         return answer
 
     def wait_switch(self, dpid: int, timeout: float = 20.0) -> None:

@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Benchmark of the controller against a real OVS bridge, beside the switch's own limits.
+
+* command latency: one command at a time through the REST endpoint until the switch
+  confirmed its flow (alternating add/delete of a filter), p50/p99 over N commands;
+  baselines in the same run: the same round trip for a query (controller only, no
+  switch work) and ``ovs-ofctl add-flow`` of one flow (an operator's way).
+* bulk install: 1k / 10k / 100k IP filters over 1,000 middleboxes through the batch
+  endpoint (each middlebox's filters together, as a guest would send them); baseline:
+  ``ovs-ofctl --bundle add-flows`` of exactly the flows the controller installed.
+* memory: the controller's and ovs-vswitchd's resident memory after each size.
+
+Prints a stable table (same rows every run) and writes the figures as JSON with --json.
+Needs root and a running Open vSwitch (``make setup``).  Everything it creates (a bridge
+with a unique name, a controller process, a state directory) is removed on exit or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mbvisor.topologies.controller_run import Controller
+from mbvisor.topologies.netlab import Lab, require_host_tools
+
+MIDDLEBOXES = 1000
+BATCH_MIDDLEBOXES = 10  # middleboxes per request in the bulk install
+TARGET_P99_MS = 10.0
+TARGET_BULK_RATIO = 3.0
+TARGET_MEMORY_MB = 300.0
+
+
+def progress(message: str) -> None:
+    print(f"[bench/controller] {message}", file=sys.stderr, flush=True)
+
+
+def mac(index: int) -> str:
+    return "52:34:{:02x}:{:02x}:{:02x}:{:02x}".format(*(index + 1).to_bytes(4, "big"))
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def vswitchd_pid() -> int:
+    return int(Path("/var/run/openvswitch/ovs-vswitchd.pid").read_text().strip())
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def timed(action) -> float:
+    started = time.perf_counter()
+    action()
+    return (time.perf_counter() - started) * 1000
+
+
+def measure_latency(controller: Controller, bridge, commands: int) -> dict:
+    dpid, port, owner = bridge.dpid, 1, mac(0)
+    controller.ok(dpid, port, f"R F {owner} 10.0.0.5")
+    texts = [f"{'A' if i % 2 == 0 else 'D'} {owner} I 4 s 10.99.{(i // 2) % 250}.{(i // 500) + 1}"
+             for i in range(commands)]
+    progress(f"latency: {commands} commands one at a time ...")
+    confirmed = [timed(lambda t=text: controller.ok(dpid, port, t)) for text in texts]
+    queries = [timed(lambda: controller.ok(dpid, port, f"I {owner}")) for _ in range(commands)]
+    samples = max(20, commands // 20)
+    progress(f"latency baseline: {samples} x ovs-ofctl add-flow ...")
+    ofctl = [timed(lambda i=i: bridge.add_flow(f"cookie=0x1,priority=5,ip,nw_src=10.98.{i // 250}.{i % 250},"
+                                               "actions=drop")) for i in range(samples)]
+    bridge.del_flows("cookie=0x1/-1")
+    controller.ok(dpid, port, f"X {owner}")
+    return {"command": confirmed, "query": queries, "ofctl": ofctl}
+
+
+def install(controller: Controller, bridge, filters: int) -> float:
+    """Register MIDDLEBOXES middleboxes (not timed), then time installing ``filters``."""
+    dpid = bridge.dpid
+    per_mb = filters // MIDDLEBOXES
+    for first in range(0, MIDDLEBOXES, 100):
+        answers = controller.batch(dpid, 1, [f"R F {mac(i)} 10.1.{i // 250}.{i % 250 + 1}"
+                                             for i in range(first, first + 100)])
+        if any(a["status"] != "OK" for a in answers):
+            raise RuntimeError(f"registration refused: {answers[:3]}")
+    started = time.perf_counter()
+    for first in range(0, MIDDLEBOXES, BATCH_MIDDLEBOXES):
+        texts = [f"A {mac(i)} I 4 s 10.{200 + f // 62500}.{(f // 250) % 250}.{f % 250 + 1}"
+                 for i in range(first, first + BATCH_MIDDLEBOXES) for f in range(per_mb)]
+        answers = controller.batch(dpid, 1, texts)
+        bad = [a for a in answers if a["status"] != "OK"]
+        if bad:
+            raise RuntimeError(f"{len(bad)} filters refused, e.g. {bad[0]}")
+    return time.perf_counter() - started
+
+
+def bundle_baseline(bridge, workdir: Path) -> tuple[float, int]:
+    """Time ``ovs-ofctl --bundle add-flows`` of the flows the controller installed."""
+    flows = [line for line in bridge.dump_flows(no_stats=True) if "actions=drop" in line]
+    path = workdir / "flows.txt"
+    path.write_text("\n".join(flows) + "\n")
+    bridge.del_flows()
+    started = time.perf_counter()
+    subprocess.run(["ovs-ofctl", "-O", "OpenFlow13", "--bundle", "add-flows", bridge.name, str(path)], check=True)
+    return time.perf_counter() - started, len(flows)
+
+
+def run(args) -> dict:
+    require_host_tools()
+    result = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "python": platform.python_version(), "cpus": os.cpu_count(), "sizes": {}}
+    with tempfile.TemporaryDirectory(prefix="mbvisor-bench-") as work, Lab() as lab:
+        workdir = Path(work)
+        (workdir / "latency").mkdir()
+        controller = Controller(workdir / "latency").start()
+        try:
+            bridge = lab.bridge(controller=controller.target, fail_mode="secure")
+            controller.wait_switch(bridge.dpid)
+            result["latency"] = measure_latency(controller, bridge, args.commands)
+        finally:
+            controller.stop()
+        for filters in args.sizes:
+            state = workdir / f"bulk-{filters}"
+            state.mkdir()
+            controller = Controller(state).start()
+            try:
+                bridge = lab.bridge(controller=controller.target, fail_mode="secure")
+                controller.wait_switch(bridge.dpid)
+                progress(f"bulk: {filters} filters over {MIDDLEBOXES} middleboxes ...")
+                seconds = install(controller, bridge, filters)
+                memory = {"controller_mb": rss_mb(controller.process.pid), "vswitchd_mb": rss_mb(vswitchd_pid())}
+                progress(f"bulk baseline: ovs-ofctl --bundle add-flows of the same {filters} flows ...")
+                baseline, flows = bundle_baseline(bridge, workdir)
+                result["sizes"][str(filters)] = {"seconds": seconds, "bundle_seconds": baseline, "flows": flows,
+                                                  **memory}
+                bridge.del_flows()  # the next size starts from an empty switch
+            finally:
+                controller.stop()
+    return result
+
+
+def report(result: dict) -> str:
+    latency = result["latency"]
+    command, query, ofctl = latency["command"], latency["query"], latency["ofctl"]
+    rows = []
+
+    def row(metric, value, baseline, target=None, passed=None):
+        ratio = value / baseline if baseline else float("nan")
+        verdict = "-" if passed is None else ("PASS" if passed else "MISS")
+        rows.append(f"{metric:44} {value:12.2f} {baseline:14.2f} {ratio:7.2f}  {target or '-':14} {verdict}")
+
+    row("command -> flow confirmed p50 (ms)", statistics.median(command), statistics.median(ofctl))
+    row("command -> flow confirmed p99 (ms)", percentile(command, 0.99), percentile(ofctl, 0.99),
+        f"<= {TARGET_P99_MS:g}", percentile(command, 0.99) <= TARGET_P99_MS)
+    row("query round trip p50 (ms)", statistics.median(query), statistics.median(ofctl))
+    for filters, size in result["sizes"].items():
+        ratio_ok = size["seconds"] <= TARGET_BULK_RATIO * size["bundle_seconds"]
+        row(f"install {int(filters):>6} filters / {MIDDLEBOXES} MBs (s)", size["seconds"], size["bundle_seconds"],
+            f"<= {TARGET_BULK_RATIO:g}x", ratio_ok)
+    for filters, size in result["sizes"].items():
+        row(f"controller memory at {int(filters):>6} filters (MB)", size["controller_mb"], size["vswitchd_mb"],
+            f"<= {TARGET_MEMORY_MB:g}" if filters == "100000" else None,
+            size["controller_mb"] <= TARGET_MEMORY_MB if filters == "100000" else None)
+    head = (f"mbvisor controller benchmark  {result['when']}  python {result['python']}  cpus {result['cpus']}\n"
+            f"{'metric':44} {'controller':>12} {'baseline':>14} {'ratio':>7}  {'target':14} result")
+    notes = ("notes: latency baseline = ovs-ofctl add-flow of one flow (process start included); "
+             "install baseline = ovs-ofctl --bundle add-flows of the same flows;\n"
+             "       memory baseline column = ovs-vswitchd resident memory at the same size.")
+    return "\n".join([head, *rows, notes])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--commands", type=int, default=1000, help="latency samples (default 1000)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000],
+                        help="filter counts for the bulk install (default 1000 10000 100000)")
+    parser.add_argument("--quick", action="store_true", help="200 commands, sizes 1000 10000")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    if args.quick:
+        args.commands, args.sizes = 200, [1000, 10000]
+    try:
+        result = run(args)
+    except KeyboardInterrupt:
+        progress("interrupted; everything created was removed")
+        return 130
+    print(report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
