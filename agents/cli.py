@@ -1,7 +1,8 @@
 """``mbvisor``: the host-side command.
 
-Sub-commands: ``controller`` (the OS-Ken app with its REST API), ``channel`` (create a
-region, show its state, serve it with the echo responder) and ``demo`` (the lab story).
+Sub-commands: ``controller`` (the OS-Ken app with its REST API), ``agent`` and
+``agent-status`` (the per-host agent), ``channel`` (create a region, show its state,
+serve it with the echo responder) and ``demo`` (the lab story).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from mbvisor.guest.reader import ChannelReader, serve
 from mbvisor.guest.region import DEFAULT_REGION_SIZE, open_file, open_shm
 
 from .echo import answer_frame
+
+DEFAULT_AGENT_STATUS = "/run/mbvisor/agent-status.json"
 
 
 def open_host_region(name: str, create_size: int | None = None):
@@ -78,6 +81,47 @@ def controller(args: argparse.Namespace) -> int:
     return 0
 
 
+def agent(args: argparse.Namespace) -> int:
+    """Serve every VM channel on this host until SIGTERM/SIGINT."""
+    from .agent import Agent, AgentSettings
+    from .controller_client import ControllerClient
+    from .discovery import load_static, read_ovsdb
+
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    status_file = Path(args.status_file)
+    status_file.parent.mkdir(parents=True, exist_ok=True)
+    settings = AgentSettings(rate=args.rate, burst=args.burst, discovery_interval=args.discovery_interval,
+                             status_file=status_file)
+    discover = (lambda: load_static(args.static)) if args.static else read_ovsdb
+    the_agent = Agent(discover, ControllerClient(args.controller, token), settings)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: the_agent.stop.set())
+    logging.getLogger("mbvisor").info("agent: controller %s, channels from %s", args.controller,
+                                      args.static or "Open vSwitch")
+    the_agent.run()
+    return 0
+
+
+def agent_status(args: argparse.Namespace) -> int:
+    try:
+        state = json.loads(Path(args.status_file).read_text())
+    except FileNotFoundError:
+        print(f"mbvisor: no agent status at {args.status_file} (is the agent running?)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(state, indent=1))
+        return 0
+    print(f"agent pid {state['pid']}, controller {state['controller']}, {len(state['channels'])} channel(s)")
+    print(f"{'channel':28} {'dpid':16} {'port':>4} {'macs':17} {'answered':>8} {'pending':>7} "
+          f"{'fwd':>6} {'refused':>7} {'limited':>7} {'corrupt':>7}  state")
+    for c in state["channels"]:
+        condition = c["problem"] or ("waiting for controller" if c["waiting_for_controller"] else "ok")
+        print(f"{c['channel'][:28]:28} {c['dpid']:16} {c['port']:>4} {','.join(c['macs'])[:17]:17} "
+              f"{c['answered']:>8} {c['pending']:>7} {c['forwarded']:>6} {c['refused']:>7} "
+              f"{c['rate_limited']:>7} {c['corrupt']:>7}  {condition}")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -112,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_argument("--db", default="/var/lib/mbvisor/controller.sqlite", help="desired-state database")
     control.add_argument("--token-file", help="file holding the bearer token required for writes")
     control.set_defaults(handler=controller)
+
+    agent_parser = sub.add_parser("agent", help="serve every VM channel on this host (forwards to the controller)")
+    agent_parser.add_argument("--controller", default="http://127.0.0.1:8181", help="controller REST URL")
+    agent_parser.add_argument("--token-file", help="file holding the controller's bearer token")
+    agent_parser.add_argument("--static", metavar="FILE", help="channels from a JSON file instead of Open vSwitch")
+    agent_parser.add_argument("--status-file", default=DEFAULT_AGENT_STATUS, help="where the agent writes its status")
+    agent_parser.add_argument("--rate", type=float, default=200.0, help="commands/s per channel (default 200)")
+    agent_parser.add_argument("--burst", type=float, default=400.0, help="burst per channel (default 400)")
+    agent_parser.add_argument("--discovery-interval", type=float, default=2.0, help="seconds between OVS scans")
+    agent_parser.set_defaults(handler=agent)
+    status_parser = sub.add_parser("agent-status", help="the running agent's channels, counters and state")
+    status_parser.add_argument("--status-file", default=DEFAULT_AGENT_STATUS)
+    status_parser.add_argument("--json", action="store_true")
+    status_parser.set_defaults(handler=agent_status)
 
     demo_parser = sub.add_parser("demo", help="the lab demo: mbctl -> channel -> host reader -> answer")
     demo_parser.add_argument("--output", default="results/demo.json", help="machine-readable result")

@@ -60,6 +60,7 @@ class ChannelReader:
     _geometry: ring.Geometry | None = None
     _epoch: int = 0
     _consume: int = 0
+    _unusable_at: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or self.region.path
@@ -107,11 +108,18 @@ class ChannelReader:
         return None
 
     def _idle(self) -> bool:
-        """The cheap check an idle poll needs: same epoch, nothing newly published.  Keeps
-        a reader of an idle region at a few microseconds per poll."""
+        """The cheap check an idle poll needs: nothing changed since the last look (same
+        epoch, nothing newly published; or the same unusable header).  Keeps a reader of
+        an idle region at a few microseconds per poll."""
         publish, = _PUBLISH.unpack_from(self.region.buf, ring.OFFSET_PUBLISH)
         epoch, = _EPOCH.unpack_from(self.region.buf, ring.OFFSET_GUEST_EPOCH)
-        return self._geometry is not None and epoch == self._epoch and publish == self._consume
+        if self._geometry is None:
+            return (epoch, publish) == self._unusable_at
+        return epoch == self._epoch and publish == self._consume
+
+    def has_work(self) -> bool:
+        """Whether ``poll()`` may find something: cheap enough to ask of many regions often."""
+        return not self._idle()
 
     def answer(self, seq: int, status: int, text: str) -> bool:
         """Write the answer to ``seq`` (the command ``poll()`` returned) and count it.
@@ -136,6 +144,7 @@ class ChannelReader:
         header = ring.read_header(self.region.buf)
         problem = None if header.blank else header.problem(self.region.size)
         if header.blank or problem:
+            self._unusable_at = (header.guest_epoch, header.publish)
             if problem and problem != self.problem:
                 log.warning("channel %s unusable: %s", self.name, problem)
             self.problem = problem or "region not initialised by the guest yet"
