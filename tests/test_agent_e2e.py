@@ -10,13 +10,13 @@ import random
 import signal
 import subprocess
 import sys
-import uuid
 
 import pytest
 
 from mbvisor.guest import ring
 from mbvisor.guest.region import open_file
 from mbvisor.guest.writer import ChannelWriter
+from mbvisor.topologies.agent_run import AgentProcess, annotate, make_region
 from mbvisor.topologies.controller_run import Controller
 from mbvisor.topologies.netlab import wait_until
 
@@ -24,53 +24,6 @@ pytestmark = pytest.mark.host
 
 MB_MAC = "52:34:56:00:12:22"
 OTHER_MAC = "52:34:56:00:12:33"
-
-
-class AgentProcess:
-    def __init__(self, controller: Controller, state_dir):
-        self.controller = controller
-        self.status_file = state_dir / "agent-status.json"
-        self.log = state_dir / "agent.log"
-        self.process = None
-
-    def start(self) -> "AgentProcess":
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "mbvisor.agents.cli", "agent", "--controller",
-                 f"http://127.0.0.1:{self.controller.rest_port}", "--token-file",
-                 str(self.controller.state_dir / "token"), "--status-file", str(self.status_file),
-                 "--discovery-interval", "0.3"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    def stop(self, sig=signal.SIGTERM) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        os.killpg(self.process.pid, sig)
-        return self.process.wait(timeout=15)
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def channels(self) -> list[dict]:
-        try:
-            return json.loads(self.status_file.read_text())["channels"]
-        except (FileNotFoundError, ValueError):
-            return []
-
-    def wait_serving(self, *names: str) -> None:
-        wait_until(lambda: set(names) <= {c["channel"] for c in self.channels()}, timeout=15,
-                   what=f"agent serving {names} (log {self.log})")
-
-
-def make_region() -> str:
-    path = f"/dev/shm/mbvisor-test-{uuid.uuid4().hex[:12]}"
-    open_file(path, create_size=1 << 20).close()
-    return path
-
-
-def annotate(host, region: str, vm_id: str) -> None:
-    host.bridge.vsctl("set", "Interface", host.port_name, f"external_ids:mbvisor-channel={region}",
-                      f"external_ids:attached-mac={host.mac}", f"external_ids:vm-id={vm_id}")
 
 
 def mbctl(region: str, *arguments: str, timeout: float = 10) -> tuple[int, dict]:

@@ -1,0 +1,785 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark of the host agent: guest region -> agent -> controller -> switch.
+
+Real parts only: the real ``mbvisor controller`` process on a netlab bridge (netdev
+datapath, unique name), the real ``mbvisor agent`` process discovering its channels from
+Open vSwitch, and guests' commands written into real regions in /dev/shm with
+``ChannelWriter``.  Each VM is an OVS internal port (unique name, created and removed
+here) annotated like QEMU's launch script does (``external_ids:mbvisor-channel``,
+``attached-mac``, ``vm-id``), with its own region and its own firewall middlebox.
+
+* latency: ``ChannelWriter.request()`` of a command that changes a flow (alternating add
+  and delete of an IP filter), one at a time, until its answer is in the region; baseline
+  in the same run: the same commands posted to the controller's REST API directly
+  (``Controller.ok``), interleaved in blocks so both see the same machine.
+* throughput: 1 channel, then 32 channels at once (one writer process per channel, each
+  pipelining, distinct filters added then deleted); baseline: the same commands posted
+  directly from as many client processes.
+* idle CPU: the agent with 64 idle channels (initialised regions, nothing sent) against
+  the same agent with no channel, over the same time; all its threads (schedstat of every
+  task), and separately with its reaped children (the ``ovs-vsctl`` runs of discovery).
+
+    python bench/agent.py            # about two minutes on 2 cores
+    python bench/agent.py --quick    # under a minute
+    python bench/agent.py --json out.json
+
+The table on stdout has the same rows every run; progress goes to stderr.  ``ratio`` is
+agent / baseline.  Needs root and a running Open vSwitch (``make setup``).  Everything it
+creates (bridge, ports, regions, processes, a state directory) is removed on exit,
+including on Ctrl-C.  Another mbvisor agent on the machine would serve this run's
+channels (and this run's agent would serve its): the benchmark waits until there is none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+try:
+    from mbvisor.agents.discovery import CHANNEL_KEY
+    from mbvisor.guest.channel_errors import ChannelError
+    from mbvisor.guest.region import DEFAULT_REGION_SIZE, open_file
+    from mbvisor.guest.writer import ChannelWriter
+    from mbvisor.topologies.controller_run import Controller, ControllerError
+    from mbvisor.topologies.netlab import Lab, NetlabError, require_host_tools, run as sh
+except ImportError as error:  # pragma: no cover - environment problem, not a benchmark result
+    sys.exit(f"bench/agent.py: cannot import mbvisor ({error}); install the project first (make setup)")
+
+CTX = multiprocessing.get_context("fork")
+
+VMS = 64                  # internal ports (VM interfaces) created; the idle row uses all of them
+PARALLEL_CHANNELS = 32
+WINDOW = 16               # commands each writer keeps outstanding (the ring has 64 slots)
+FILTER_BLOCK = 100        # distinct filters added before they are deleted again (limit: 1000)
+LATENCY_BLOCK = 50        # latency: commands per block, channel and direct blocks alternate
+AGENT_RATE = 1_000_000.0  # --rate / --burst: the token bucket never limits the measurement
+DISCOVERY_INTERVAL = 2.0  # the agent's default
+TARGET_P99_MS = 15.0
+TARGET_IDLE_CPU = 1.0
+
+PROFILES = {
+    "default": dict(latency_commands=1000, one_channel_commands=2000, per_channel_commands=100,
+                    idle_seconds=5.0),
+    "quick": dict(latency_commands=200, one_channel_commands=400, per_channel_commands=30,
+                  idle_seconds=3.0),
+}
+
+# id, label, value format, target (operator, value) or None
+ROWS = [
+    ("latency_p50", "command -> answer p50 (ms)", "{:.2f}", None),
+    ("latency_p99", "command -> answer p99 (ms)", "{:.2f}", ("<=", TARGET_P99_MS)),
+    ("latency_max", "command -> answer max (ms)", "{:.2f}", None),
+    ("throughput_1", "throughput 1 channel (cmd/s)", "{:.0f}", None),
+    ("throughput_32", f"throughput {PARALLEL_CHANNELS} channels (cmd/s)", "{:.0f}", None),
+    ("idle_cpu", f"idle CPU {VMS} channels (% of a core)", "{:.2f}", ("<=", TARGET_IDLE_CPU)),
+    ("idle_cpu_children", "  + ovs-vsctl children (% of a core)", "{:.2f}", None),
+]
+
+_T0 = time.perf_counter()
+
+
+class BenchError(RuntimeError):
+    """The benchmark itself failed (wrong answer, a process died): figures are meaningless."""
+
+
+def progress(message: str) -> None:
+    print(f"[bench/agent {time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+class Created:
+    """Everything this run made, removed by ``cleanup`` in reverse dependency order."""
+
+    def __init__(self):
+        self.children: list = []            # forked writer / client processes
+        self.agents: list[AgentProcess] = []
+        self.controller: Controller | None = None
+        self.lab: Lab | None = None
+        self.bridge = None
+        self.ports: list[str] = []           # internal ports on our bridge
+        self.regions: list[str] = []         # /dev/shm files
+        self.workdir: Path | None = None
+
+    def cleanup(self) -> list[str]:
+        problems = []
+
+        def attempt(what, action):
+            try:
+                action()
+            except Exception as error:  # keep removing whatever else is left
+                problems.append(f"{what}: {error}")
+
+        for process in list(self.children):
+            attempt(f"writer process {process.pid}", lambda: _stop_child(process, self))
+        for agent in list(self.agents):
+            attempt(f"agent {agent.pid}", agent.stop)
+        if self.controller is not None:
+            attempt("controller", self.controller.stop)
+        if self.bridge is not None and self.ports:
+            args = []
+            for port in self.ports:
+                args += ["--", "--if-exists", "del-port", self.bridge.name, port]
+            attempt("internal ports", lambda: sh(["ovs-vsctl", "--timeout=10", *args]))
+        if self.lab is not None:
+            attempt("lab", self.lab.close)
+        for path in self.regions:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                problems.append(f"{path}: {error}")
+        if self.workdir is not None:
+            attempt(str(self.workdir), lambda: shutil.rmtree(self.workdir, ignore_errors=False))
+        return problems
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _spawn(created: Created, target, *args):
+    """Fork a child with Ctrl-C/SIGTERM blocked until it has set its own handlers, and
+    registered before the parent can be interrupted, so cleanup always finds it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    process = CTX.Process(target=target, args=args, daemon=True)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        process.start()
+        created.children.append(process)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return process
+
+
+def _stop_child(process, created: Created, timeout: float = 5.0) -> None:
+    if process.is_alive():
+        process.terminate()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join(2.0)
+    if process in created.children:
+        created.children.remove(process)
+
+
+def _child_signals() -> None:
+    """In a child: Ctrl-C is the parent's business (it stops us); SIGTERM ends us."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _expect(conn, what: str, timeout: float = 60.0):
+    if not conn.poll(timeout):
+        raise BenchError(f"no message from the {what} within {timeout:g} s")
+    try:
+        message = conn.recv()
+    except EOFError:
+        raise BenchError(f"the {what} exited without reporting") from None
+    if isinstance(message, tuple) and message and message[0] == "error":
+        raise BenchError(f"the {what} failed: {message[1]}")
+    return message
+
+
+# --------------------------------------------------------------------------- the agent
+
+class AgentProcess:
+    """``mbvisor agent`` in its own session, discovering channels from Open vSwitch."""
+
+    def __init__(self, controller: Controller, workdir: Path, name: str):
+        self.status_file = workdir / f"{name}-status.json"
+        self.log = workdir / f"{name}.log"
+        argv = [sys.executable, "-m", "mbvisor.agents.cli", "agent",
+                "--controller", f"http://127.0.0.1:{controller.rest_port}",
+                "--token-file", str(controller.state_dir / "token"), "--status-file", str(self.status_file),
+                "--rate", f"{AGENT_RATE:g}", "--burst", f"{AGENT_RATE:g}",
+                "--discovery-interval", f"{DISCOVERY_INTERVAL:g}"]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        self.pid = self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+    def channels(self) -> list[dict] | None:
+        try:
+            return json.loads(self.status_file.read_text())["channels"]
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    def wait_serving(self, names: set[str], timeout: float = 30.0) -> None:
+        """Until the agent's status lists exactly ``names`` (the status is written after
+        each discovery, so it is current once the set matches)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(f"agent exited with {self.process.returncode}; log {self.log}:\n"
+                                 f"{self.log.read_text()[-2000:]}")
+            channels = self.channels()
+            if channels is not None and {c["channel"] for c in channels} == names:
+                return
+            time.sleep(0.05)
+        raise BenchError(f"agent not serving exactly {len(names)} channel(s) within {timeout:g} s (log {self.log})")
+
+
+# --------------------------------------------------------------------------- CPU accounting
+
+def _task_ns(pid: int) -> dict[int, int]:
+    """Run time (ns) of every thread of ``pid`` from /proc/PID/task/TID/schedstat."""
+    times = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                times[int(tid)] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # the thread ended meanwhile
+    return times
+
+
+def _stat_ticks(pid: int) -> tuple[int, int]:
+    """(utime+stime of all threads, cutime+cstime of reaped children) in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def measure_cpu(pid: int, seconds: float) -> dict:
+    """% of one core used by ``pid`` over ``seconds``: all its threads (schedstat, ns; a
+    thread that ended inside the window loses its share), its utime+stime (ticks, every
+    thread, the cross-check), and its reaped children (ticks)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    ns0, (own0, kids0), wall0 = _task_ns(pid), _stat_ticks(pid), time.perf_counter()
+    time.sleep(seconds)
+    ns1, (own1, kids1), wall1 = _task_ns(pid), _stat_ticks(pid), time.perf_counter()
+    wall = wall1 - wall0
+    threads_ns = sum(value - ns0.get(tid, 0) for tid, value in ns1.items())
+    return {"seconds": wall, "threads": len(ns1),
+            "cpu_percent": 100 * threads_ns / 1e9 / wall,
+            "stat_percent": 100 * (own1 - own0) / hz / wall,
+            "children_percent": 100 * (kids1 - kids0) / hz / wall}
+
+
+# --------------------------------------------------------------------------- OVS helpers
+
+def ovs_rows(table: str, columns: str) -> list[dict]:
+    done = sh(["ovs-vsctl", "--timeout=10", "--format=json", f"--columns={columns}", "list", table])
+    data = json.loads(done.stdout)
+    return [dict(zip(data["headings"], row)) for row in data["data"]]
+
+
+def _ovs_map(value) -> dict:
+    return dict(value[1]) if isinstance(value, list) and value and value[0] == "map" else {}
+
+
+def foreign_mbvisor(prefix: str, own_pids: set[int]) -> list[str]:
+    """Annotated interfaces and running agents that are not this run's: an agent serves
+    every annotated interface on the host, so either would mix two setups' channels."""
+    found = []
+    for row in ovs_rows("Interface", "name,external_ids"):
+        if CHANNEL_KEY in _ovs_map(row["external_ids"]) and not str(row["name"]).startswith(prefix):
+            found.append(f"interface {row['name']} has external_ids:{CHANNEL_KEY}")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in own_pids:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        for i, arg in enumerate(argv[:-1]):
+            if (arg == "mbvisor.agents.cli" or os.path.basename(arg) == "mbvisor") and argv[i + 1] == "agent":
+                found.append(f"mbvisor agent pid {entry}")
+                break
+    return found
+
+
+def wait_alone(created: Created, timeout: float = 300.0) -> None:
+    own = {agent.pid for agent in created.agents}
+    deadline, told = time.monotonic() + timeout, False
+    while found := foreign_mbvisor(created.lab.prefix, own):
+        if time.monotonic() >= deadline:
+            raise BenchError("another mbvisor setup stays on this machine: " + "; ".join(found))
+        if not told:
+            progress("waiting for another mbvisor setup to go (" + "; ".join(found) + ") ...")
+            told = True
+        time.sleep(1.0)
+
+
+class Vm:
+    """One VM: an internal port on our bridge, its region, MAC and firewall middlebox."""
+
+    def __init__(self, lab: Lab, index: int, region: str):
+        self.index = index
+        self.interface = f"{lab.prefix}a{index}"
+        self.region = region
+        self.mac = f"52:54:00:be:{index >> 8:02x}:{index & 0xFF:02x}"
+        self.vm_id = f"bench-{lab.prefix}-vm{index}"
+        self.firewall_ip = f"10.254.{index >> 8}.{(index & 0xFF) + 1}"
+        self.ofport = -1
+
+    @property
+    def channel(self) -> str:
+        return f"{self.vm_id}/{self.interface}"
+
+
+def annotate(vms: list[Vm]) -> None:
+    args = []
+    for vm in vms:
+        args += ["--", "set", "Interface", vm.interface, f"external_ids:{CHANNEL_KEY}={vm.region}",
+                 f"external_ids:attached-mac={vm.mac}", f"external_ids:vm-id={vm.vm_id}"]
+    sh(["ovs-vsctl", "--timeout=10", *args])
+
+
+def unannotate(vms: list[Vm]) -> None:
+    args = []
+    for vm in vms:
+        args += ["--", "remove", "Interface", vm.interface, "external_ids", CHANNEL_KEY, "attached-mac", "vm-id"]
+    sh(["ovs-vsctl", "--timeout=10", *args])
+
+
+def make_vms(created: Created, count: int) -> list[Vm]:
+    lab, bridge = created.lab, created.bridge
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    vms = []
+    for index in range(count):
+        path = f"/dev/shm/mbvisor-bench-agent-{tag}-{index}"
+        created.regions.append(path)
+        open_file(path, create_size=DEFAULT_REGION_SIZE).close()
+        vms.append(Vm(lab, index, path))
+    args = []
+    for vm in vms:
+        created.ports.append(vm.interface)
+        args += ["--", "add-port", bridge.name, vm.interface, "--", "set", "Interface", vm.interface,
+                 "type=internal", f"ofport_request={vm.index + 1}"]
+    sh(["ovs-vsctl", "--timeout=10", *args])
+    deadline = time.monotonic() + 20
+    while True:
+        ports = {row["name"]: row["ofport"] for row in ovs_rows("Interface", "name,ofport")}
+        if all(isinstance(ports.get(vm.interface), int) and ports[vm.interface] > 0 for vm in vms):
+            break
+        if time.monotonic() > deadline:
+            raise BenchError("internal ports got no OpenFlow port number")
+        time.sleep(0.1)
+    for vm in vms:
+        vm.ofport = ports[vm.interface]
+    return vms
+
+
+# --------------------------------------------------------------------------- commands
+
+def _address(n: int) -> str:
+    return f"10.{100 + n // 62500}.{(n // 250) % 250}.{n % 250 + 1}"
+
+
+def filter_sequence(mac: str, count: int) -> list[str]:
+    """``count`` commands that each change a flow: FILTER_BLOCK distinct IP filters added,
+    then deleted, again with new addresses; the middlebox ends as it started."""
+    texts, n = [], 0
+    while len(texts) < count:
+        size = max(1, min(FILTER_BLOCK, (count - len(texts)) // 2))
+        block = [f"I 4 s {_address(n + j)}" for j in range(size)]
+        n += size
+        texts += [f"A {mac} {f}" for f in block] + [f"D {mac} {f}" for f in block]
+    return texts[:count]
+
+
+def latency_sequence(mac: str, count: int) -> list[str]:
+    """Alternating add and delete of one IP filter (a new address every pair)."""
+    return [f"{'A' if i % 2 == 0 else 'D'} {mac} I 4 s 10.99.{(i // 2) % 250}.{(i // 500) + 1}"
+            for i in range(count)]
+
+
+def frame(text: str) -> bytes:
+    return f"@{text}@".encode()
+
+
+def channel_request(writer: ChannelWriter, text: str) -> None:
+    response = writer.request(frame(text), timeout=30)
+    if not response.ok:
+        raise BenchError(f"{text!r} through the agent: {response.status_name} {response.text!r}")
+
+
+# --------------------------------------------------------------------------- children
+
+def _writer_main(path: str, texts: list[str], window: int, go, conn) -> None:
+    """A guest pipelining ``texts`` into its region; reports (start, end, wrong answers)."""
+    _child_signals()
+    try:
+        region = open_file(path)  # its own descriptor, as a guest process has
+        writer = ChannelWriter(region)
+        conn.send("ready")
+        go.wait()
+        start, bad, first_bad = time.monotonic(), 0, None
+        tickets: collections.deque = collections.deque()
+
+        def collect():
+            nonlocal bad, first_bad
+            response = writer.wait(tickets.popleft(), timeout=60)
+            if not response.ok:
+                bad += 1
+                first_bad = first_bad or f"{response.status_name} {response.text!r}"
+        for text in texts:
+            if len(tickets) >= window:
+                collect()
+            tickets.append(writer.submit(frame(text), timeout=60))
+        while tickets:
+            collect()
+        conn.send((start, time.monotonic(), bad, first_bad))
+        region.close()
+    except Exception as error:
+        conn.send(("error", f"{type(error).__name__}: {error}"))
+
+
+def _client_main(controller: Controller, dpid: int, port: int, texts: list[str], go, conn) -> None:
+    """A direct REST client posting ``texts`` one at a time (the baseline)."""
+    _child_signals()
+    try:
+        conn.send("ready")
+        go.wait()
+        start, bad, first_bad = time.monotonic(), 0, None
+        for text in texts:
+            status, answer = controller.command(dpid, port, text)
+            if status != 200 or answer.get("status") != "OK":
+                bad += 1
+                first_bad = first_bad or f"HTTP {status} {answer}"
+        conn.send((start, time.monotonic(), bad, first_bad))
+    except Exception as error:
+        conn.send(("error", f"{type(error).__name__}: {error}"))
+
+
+def parallel(created: Created, target, per_child: list[tuple], what: str) -> float:
+    """One child per argument tuple, released together; seconds from the first start to
+    the last finish.  Any wrong answer fails the run."""
+    go = CTX.Event()
+    links, processes = [], []
+    for args in per_child:
+        parent, child = CTX.Pipe()
+        processes.append(_spawn(created, target, *args, go, child))
+        child.close()
+        links.append(parent)
+    try:
+        for link in links:
+            _expect(link, what)
+        go.set()
+        results = [_expect(link, what, timeout=600.0) for link in links]
+    finally:
+        for link in links:
+            link.close()
+        for process in processes:
+            process.join(5.0)
+            _stop_child(process, created)
+    bad = sum(r[2] for r in results)
+    if bad:
+        raise BenchError(f"{bad} commands not answered OK by the {what}s, e.g. "
+                         f"{next(r[3] for r in results if r[3])}")
+    return max(r[1] for r in results) - min(r[0] for r in results)
+
+
+# --------------------------------------------------------------------------- phases
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
+
+
+def measure_latency(controller: Controller, dpid: int, vm: Vm, count: int) -> dict:
+    writer = ChannelWriter(open_file(vm.region))
+    try:
+        channel_request(writer, f"R F {vm.mac} {vm.firewall_ip}")
+        warm = latency_sequence(vm.mac, 40)
+        for text in warm:
+            channel_request(writer, text)
+            controller.ok(dpid, vm.ofport, text)
+        texts = latency_sequence(vm.mac, count)
+        via_agent, direct = [], []
+        progress(f"latency: {count} commands one at a time through channel+agent, {count} directly "
+                 f"(blocks of {LATENCY_BLOCK}, alternating) ...")
+        for first in range(0, count, LATENCY_BLOCK):
+            block = texts[first:first + LATENCY_BLOCK]
+            for text in block:
+                t0 = time.perf_counter()
+                channel_request(writer, text)
+                via_agent.append((time.perf_counter() - t0) * 1000)
+            for text in block:
+                t0 = time.perf_counter()
+                controller.ok(dpid, vm.ofport, text)
+                direct.append((time.perf_counter() - t0) * 1000)
+    finally:
+        writer.region.close()
+    progress(f"  channel+agent p50 {percentile(via_agent, .5):.2f} p99 {percentile(via_agent, .99):.2f} "
+             f"max {max(via_agent):.2f} ms; direct p50 {percentile(direct, .5):.2f} "
+             f"p99 {percentile(direct, .99):.2f} max {max(direct):.2f} ms")
+    return {"agent": via_agent, "direct": direct}
+
+
+def register(vms: list[Vm]) -> None:
+    for vm in vms:
+        writer = ChannelWriter(open_file(vm.region))
+        try:
+            channel_request(writer, f"R F {vm.mac} {vm.firewall_ip}")
+        finally:
+            writer.region.close()
+
+
+def measure_throughput(created: Created, controller: Controller, dpid: int, vms: list[Vm],
+                       per_channel: int) -> tuple[float, float]:
+    plans = [(vm, filter_sequence(vm.mac, per_channel)) for vm in vms]
+    total = per_channel * len(vms)
+    progress(f"throughput, {len(vms)} channel(s) x {per_channel} commands, window {WINDOW}: through the agent ...")
+    seconds = parallel(created, _writer_main, [(vm.region, texts, WINDOW) for vm, texts in plans], "writer")
+    agent_rate = total / seconds
+    progress(f"  agent {agent_rate:.0f} cmd/s ({seconds:.2f} s); {len(vms)} direct client(s) ...")
+    seconds = parallel(created, _client_main, [(controller, dpid, vm.ofport, texts) for vm, texts in plans],
+                       "client")
+    direct_rate = total / seconds
+    progress(f"  direct {direct_rate:.0f} cmd/s ({seconds:.2f} s)")
+    return agent_rate, direct_rate
+
+
+def check_agent(agent: AgentProcess, vms: list[Vm], answered: dict[str, int]) -> None:
+    """Every command answered by this agent, none rate-limited or refused."""
+    channels = {c["channel"]: c for c in agent.channels() or []}
+    for vm in vms:
+        state = channels.get(vm.channel)
+        if state is None:
+            raise BenchError(f"agent no longer serves {vm.channel}")
+        if state["rate_limited"] or state["refused"] or state["answered"] != answered[vm.channel]:
+            raise BenchError(f"agent's counters for {vm.channel}: answered {state['answered']} "
+                             f"(expected {answered[vm.channel]}), rate-limited {state['rate_limited']}, "
+                             f"refused {state['refused']}")
+
+
+def run(profile: dict, created: Created) -> dict:
+    require_host_tools()
+    created.workdir = Path(tempfile.mkdtemp(prefix="mbvisor-bench-agent-"))
+    created.lab = Lab()
+    lab = created.lab
+    wait_alone(created)
+    controller = Controller(created.workdir)
+    created.controller = controller
+    controller.start()
+    created.bridge = bridge = lab.bridge(controller=controller.target, fail_mode="secure")
+    controller.wait_switch(bridge.dpid)
+    vms = make_vms(created, VMS)
+    progress(f"controller pid {controller.process.pid} on bridge {bridge.name}; {VMS} internal ports "
+             f"{vms[0].interface}..{vms[-1].interface}")
+    dpid, figures, baseline, notes = bridge.dpid, {}, {}, {}
+    warnings = []
+
+    def still_alone(phase: str) -> None:
+        found = foreign_mbvisor(lab.prefix, {a.pid for a in created.agents})
+        if found:
+            warnings.append(f"{phase}: another mbvisor setup appeared ({'; '.join(found)}); figures suspect")
+            progress("WARNING " + warnings[-1])
+
+    # one agent for latency and throughput
+    wait_alone(created)
+    agent = AgentProcess(controller, created.workdir, "agent")
+    created.agents.append(agent)
+    answered: dict[str, int] = collections.Counter()
+
+    # 1. latency: one channel
+    first = vms[0]
+    annotate([first])
+    agent.wait_serving({first.channel})
+    latency = measure_latency(controller, dpid, first, profile["latency_commands"])
+    answered[first.channel] += 1 + 40 + profile["latency_commands"]
+    for stat, fraction in (("p50", .5), ("p99", .99)):
+        figures[f"latency_{stat}"] = percentile(latency["agent"], fraction)
+        baseline[f"latency_{stat}"] = percentile(latency["direct"], fraction)
+    figures["latency_max"], baseline["latency_max"] = max(latency["agent"]), max(latency["direct"])
+    notes["latency_over_target"] = sum(1 for v in latency["agent"] if v > TARGET_P99_MS)
+    notes["latency_direct_over_target"] = sum(1 for v in latency["direct"] if v > TARGET_P99_MS)
+    still_alone("latency")
+
+    # 2a. throughput: one channel (the same VM, its middlebox already registered)
+    one = profile["one_channel_commands"]
+    figures["throughput_1"], baseline["throughput_1"] = measure_throughput(created, controller, dpid, [first], one)
+    answered[first.channel] += one
+    check_agent(agent, [first], answered)
+    still_alone("throughput 1 channel")
+
+    # 2b. throughput: 32 channels at once, each its own VM
+    group = vms[1:1 + PARALLEL_CHANNELS]
+    unannotate([first])
+    annotate(group)
+    agent.wait_serving({vm.channel for vm in group})
+    register(group)
+    per = profile["per_channel_commands"]
+    figures["throughput_32"], baseline["throughput_32"] = measure_throughput(created, controller, dpid, group, per)
+    for vm in group:
+        answered[vm.channel] += 1 + per
+    check_agent(agent, group, answered)
+    still_alone(f"throughput {PARALLEL_CHANNELS} channels")
+    leftover = [mb for mb in controller.get("/v1/middleboxes")[1]["middleboxes"] if mb["filters"]]
+    if leftover:
+        raise BenchError(f"{len(leftover)} middleboxes kept filters after the throughput runs")
+    agent.stop()
+    created.agents.remove(agent)
+    unannotate(group)
+
+    # 3. idle CPU: a fresh agent with no channel, then with 64 idle ones
+    seconds = profile["idle_seconds"]
+    wait_alone(created)
+    idle_agent = AgentProcess(controller, created.workdir, "idle-agent")
+    created.agents.append(idle_agent)
+    idle_agent.wait_serving(set())
+    time.sleep(1.0)
+    progress(f"idle CPU: agent pid {idle_agent.pid} with 0 channels, {seconds:g} s ...")
+    empty = measure_cpu(idle_agent.pid, seconds)
+    for vm in vms:
+        writer = ChannelWriter(open_file(vm.region))
+        writer.header()  # initialises a blank region, as a guest's first command would
+        writer.region.close()
+    annotate(vms)
+    idle_agent.wait_serving({vm.channel for vm in vms})
+    time.sleep(1.0)  # the poller's back-off reaches its ceiling within ~50 ms
+    progress(f"idle CPU: the same agent with {VMS} channels, {seconds:g} s ...")
+    busy = measure_cpu(idle_agent.pid, seconds)
+    still_alone("idle CPU")
+    figures["idle_cpu"], baseline["idle_cpu"] = busy["cpu_percent"], empty["cpu_percent"]
+    figures["idle_cpu_children"] = busy["cpu_percent"] + busy["children_percent"]
+    baseline["idle_cpu_children"] = empty["cpu_percent"] + empty["children_percent"]
+    progress(f"  {VMS} channels {busy['cpu_percent']:.2f} % (+{busy['children_percent']:.2f} % ovs-vsctl, "
+             f"{busy['threads']} threads); 0 channels {empty['cpu_percent']:.2f} % "
+             f"(+{empty['children_percent']:.2f} %)")
+    idle_agent.stop()
+    created.agents.remove(idle_agent)
+    unannotate(vms)
+
+    try:
+        load = f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        load = "n/a"
+    return {"agent": figures, "baseline": baseline, "load": load, "warnings": warnings,
+            "idle": {"channels": empty, f"{VMS}_channels": busy},
+            "latency_samples_over_target": notes,
+            "params": {**profile, "window": WINDOW, "filter_block": FILTER_BLOCK, "latency_block": LATENCY_BLOCK,
+                       "parallel_channels": PARALLEL_CHANNELS, "idle_channels": VMS, "agent_rate": AGENT_RATE,
+                       "agent_burst": AGENT_RATE, "discovery_interval": DISCOVERY_INTERVAL}}
+
+
+# --------------------------------------------------------------------------- report
+
+def _judge(value: float, target) -> str | None:
+    if target is None:
+        return None
+    op, limit = target
+    return "PASS" if (value >= limit if op == ">=" else value <= limit) else "MISS"
+
+
+def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
+    p = result["params"]
+    lines = [
+        f"mbvisor agent benchmark  {when}  python {platform.python_version()}  "
+        f"cpus {len(os.sched_getaffinity(0))}  mode {mode}  load {result['load']}",
+        f"{'metric':<40}{'agent':>10}{'baseline':>10}{'ratio':>8}  {'target':<10}result",
+    ]
+    rows = []
+    for key, label, fmt, target in ROWS:
+        value, base = result["agent"][key], result["baseline"][key]
+        ratio = value / base if base > 0 else None
+        verdict = _judge(value, target)
+        target_text = f"{target[0]} {target[1]:g}" if target else "-"
+        ratio_text = f"{ratio:.2f}" if ratio is not None else "n/a"
+        lines.append(f"{label:<40}{fmt.format(value):>10}{fmt.format(base):>10}{ratio_text:>8}  "
+                     f"{target_text:<10}{verdict or '-'}")
+        rows.append({"id": key, "metric": label, "agent": value, "baseline": base, "ratio": ratio,
+                     "target": {"op": target[0], "value": target[1]} if target else None, "result": verdict})
+    over = result["latency_samples_over_target"]
+    lines += [
+        f"notes: ratio = agent / baseline (above 1 is slower for latency and CPU, below 1 is slower for "
+        f"throughput).",
+        f"       latency: {p['latency_commands']} commands one at a time (A/D of one IP filter), ChannelWriter."
+        f"request() until the answer is in",
+        f"       the region; baseline: the same commands by Controller.ok (REST, no channel, no idempotency key),",
+        f"       blocks of {p['latency_block']} alternating; {over['latency_over_target']} agent samples and "
+        f"{over['latency_direct_over_target']} direct ones above {TARGET_P99_MS:g} ms.",
+        f"       throughput: 1 channel x {p['one_channel_commands']}, {p['parallel_channels']} channels x "
+        f"{p['per_channel_commands']} commands, one writer process per channel",
+        f"       pipelining {p['window']}, {p['filter_block']} distinct filters added then deleted; baseline: "
+        f"the same commands from as many REST clients.",
+        f"       agent: --rate {p['agent_rate']:g} --burst {p['agent_burst']:g} (rate limiting never caps "
+        f"the figures; 0 rate-limited checked),",
+        f"       --discovery-interval {p['discovery_interval']:g} (default), channels discovered from OVS "
+        f"internal ports; netdev datapath.",
+        f"       idle CPU: {p['idle_seconds']:g} s, all agent threads (/proc/PID/task/*/schedstat); "
+        f"baseline: the same agent with 0 channels;",
+        f"       the '+ ovs-vsctl' row adds the agent's reaped children (/proc/PID/stat cutime+cstime, "
+        f"10 ms ticks).",
+    ]
+    for warning in result["warnings"]:
+        lines.append(f"       WARNING {warning}")
+    document = {"benchmark": "mbvisor agent", "timestamp": when, "mode": mode,
+                "python": platform.python_version(), "cpus": len(os.sched_getaffinity(0)), "load": result["load"],
+                "ratio": "agent / baseline", "params": p, "idle": result["idle"],
+                "latency_samples_over_target": over, "warnings": result["warnings"], "rows": rows}
+    return "\n".join(lines), document
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="End-to-end benchmark of the mbvisor host agent "
+                                                 "(real controller, real agent, OVS bridge).")
+    parser.add_argument("--quick", action="store_true", help="fewer commands, 3 s idle CPU")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "default"
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, terminated)
+
+    created = Created()
+    try:
+        result = run(PROFILES[mode], created)
+    except KeyboardInterrupt:
+        print("bench/agent.py: interrupted; removing everything it created", file=sys.stderr)
+        return 130
+    except (BenchError, ChannelError, ControllerError, NetlabError) as error:
+        print(f"bench/agent.py: FAILED: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        problems = created.cleanup()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for problem in problems:
+            print(f"bench/agent.py: cleanup: {problem}", file=sys.stderr)
+    table, document = report(result, mode, when)
+    print(table, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(document, f, indent=2)
+            f.write("\n")
+        progress(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

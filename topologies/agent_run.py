@@ -1,0 +1,67 @@
+"""Running the real host agent (``mbvisor agent``) as a process, and giving it VMs to serve:
+for integration tests, benchmarks and the lab demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+from mbvisor.guest.region import open_file
+
+from .controller_run import Controller
+from .netlab import wait_until
+
+
+class AgentProcess:
+    """``mbvisor agent`` in its own process group, pointed at a :class:`Controller`."""
+
+    def __init__(self, controller: Controller, state_dir):
+        self.controller = controller
+        self.status_file = state_dir / "agent-status.json"
+        self.log = state_dir / "agent.log"
+        self.process = None
+
+    def start(self) -> "AgentProcess":
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mbvisor.agents.cli", "agent", "--controller",
+                 f"http://127.0.0.1:{self.controller.rest_port}", "--token-file",
+                 str(self.controller.state_dir / "token"), "--status-file", str(self.status_file),
+                 "--discovery-interval", "0.3"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def stop(self, sig=signal.SIGTERM) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        os.killpg(self.process.pid, sig)
+        return self.process.wait(timeout=15)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def channels(self) -> list[dict]:
+        try:
+            return json.loads(self.status_file.read_text())["channels"]
+        except (FileNotFoundError, ValueError):
+            return []
+
+    def wait_serving(self, *names: str) -> None:
+        wait_until(lambda: set(names) <= {c["channel"] for c in self.channels()}, timeout=15,
+                   what=f"agent serving {names} (log {self.log})")
+
+
+def make_region(prefix: str = "mbvisor-test") -> str:
+    """A fresh 1 MiB region in /dev/shm with a unique name (the caller removes it)."""
+    path = f"/dev/shm/{prefix}-{uuid.uuid4().hex[:12]}"
+    open_file(path, create_size=1 << 20).close()
+    return path
+
+
+def annotate(host, region: str, vm_id: str) -> None:
+    """What a QEMU launch script does: tell the agent which interface is the VM's."""
+    host.bridge.vsctl("set", "Interface", host.port_name, f"external_ids:mbvisor-channel={region}",
+                      f"external_ids:attached-mac={host.mac}", f"external_ids:vm-id={vm_id}")
