@@ -92,7 +92,8 @@ def agent(args: argparse.Namespace) -> int:
     status_file.parent.mkdir(parents=True, exist_ok=True)
     settings = AgentSettings(rate=args.rate, burst=args.burst, discovery_interval=args.discovery_interval,
                              status_file=status_file)
-    discover = (lambda: load_static(args.static)) if args.static else read_ovsdb
+    bridges = frozenset(args.bridge or ())
+    discover = (lambda: load_static(args.static)) if args.static else (lambda: read_ovsdb(bridges))
     the_agent = Agent(discover, ControllerClient(args.controller, token), settings)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: the_agent.stop.set())
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent_parser.add_argument("--controller", default="http://127.0.0.1:8181", help="controller REST URL")
     agent_parser.add_argument("--token-file", help="file holding the controller's bearer token")
     agent_parser.add_argument("--static", metavar="FILE", help="channels from a JSON file instead of Open vSwitch")
+    agent_parser.add_argument("--bridge", action="append", metavar="NAME",
+                              help="serve only VMs on this bridge (repeatable; default: every bridge)")
     agent_parser.add_argument("--status-file", default=DEFAULT_AGENT_STATUS, help="where the agent writes its status")
     agent_parser.add_argument("--rate", type=float, default=200.0, help="commands/s per channel (default 200)")
     agent_parser.add_argument("--burst", type=float, default=400.0, help="burst per channel (default 400)")

@@ -120,7 +120,7 @@ class Demo:
         self.workdir = workdir
         self.region = make_region("mbvisor-demo")
         self.controller = Controller(workdir)
-        self.agent = AgentProcess(self.controller, workdir)
+        self.agent = None
 
     def build(self) -> None:
         say("starting the controller (OpenFlow listener + REST API)")
@@ -140,7 +140,7 @@ class Demo:
         self.mb.wait_listening(SERVICE_PORT, process=self.middlebox)
         say(f"the middlebox's channel: {self.region} (what QEMU's ivshmem device would map); starting the agent")
         annotate(self.mb, self.region, "vm-mb")
-        self.agent.start()
+        self.agent = AgentProcess(self.controller, self.workdir, bridges=(self.bridge.name,)).start()
         self.agent.wait_serving(f"vm-mb/{self.mb.port_name}")
 
     def traffic(self, phase: str) -> dict:
@@ -208,7 +208,8 @@ class Demo:
         return view
 
     def close(self) -> None:
-        self.agent.stop()
+        if self.agent is not None:
+            self.agent.stop()
         self.controller.stop()
         if os.path.exists(self.region):
             os.unlink(self.region)

@@ -30,6 +30,7 @@ class VmChannel:
     port: int
     macs: tuple[str, ...]
     vm_id: str
+    bridge: str = ""
 
     @property
     def name(self) -> str:
@@ -59,31 +60,32 @@ def _rows(table: dict) -> list[dict]:
 
 def vm_channels(bridges: dict, ports: dict, interfaces: dict) -> list[VmChannel]:
     """VM channels from ``ovs-vsctl --format=json list Bridge/Port/Interface`` output."""
-    dpid_of_port = {}
+    bridge_of_port = {}
     for bridge in _rows(bridges):
         dpid = int(bridge["datapath_id"], 16) if isinstance(bridge["datapath_id"], str) else None
         for port in _ovs_set(bridge["ports"]):
-            dpid_of_port[_uuid(port)] = dpid
+            bridge_of_port[_uuid(port)] = (dpid, bridge["name"])
     bridge_of_interface = {}
     for port in _rows(ports):
         for interface in _ovs_set(port["interfaces"]):
-            bridge_of_interface[_uuid(interface)] = dpid_of_port.get(_uuid(port["_uuid"]))
+            bridge_of_interface[_uuid(interface)] = bridge_of_port.get(_uuid(port["_uuid"]), (None, ""))
     channels = []
     for interface in _rows(interfaces):
         ids = _ovs_map(interface["external_ids"])
         region = ids.get(CHANNEL_KEY)
-        dpid = bridge_of_interface.get(_uuid(interface["_uuid"]))
+        dpid, bridge_name = bridge_of_interface.get(_uuid(interface["_uuid"]), (None, ""))
         ofport = interface["ofport"] if isinstance(interface["ofport"], int) else -1
         if not region or dpid is None or ofport <= 0:
             continue
         mac = ids.get("attached-mac") or (interface["mac_in_use"] if isinstance(interface["mac_in_use"], str) else "")
         channels.append(VmChannel(interface["name"], region, dpid, ofport,
-                                  tuple(m.lower() for m in [mac] if m), ids.get("vm-id", interface["name"])))
+                                  tuple(m.lower() for m in [mac] if m), ids.get("vm-id", interface["name"]),
+                                  bridge_name))
     return sorted(channels, key=lambda c: c.interface)
 
 
-def read_ovsdb(timeout: float = 10.0) -> list[VmChannel]:
-    """Ask the local ovsdb for the annotated interfaces."""
+def read_ovsdb(bridges: frozenset[str] = frozenset(), timeout: float = 10.0) -> list[VmChannel]:
+    """Ask the local ovsdb for the annotated interfaces (only on ``bridges``, if given)."""
     def table(name: str, columns: str) -> dict:
         done = subprocess.run(["ovs-vsctl", f"--timeout={int(timeout)}", "--format=json", f"--columns={columns}",
                                "list", name], capture_output=True, text=True, timeout=timeout + 5)
@@ -91,8 +93,9 @@ def read_ovsdb(timeout: float = 10.0) -> list[VmChannel]:
             raise RuntimeError(f"ovs-vsctl list {name} failed: {done.stderr.strip()}")
         return json.loads(done.stdout)
 
-    return vm_channels(table("Bridge", "name,datapath_id,ports"), table("Port", "_uuid,interfaces"),
-                       table("Interface", "_uuid,name,ofport,external_ids,mac_in_use"))
+    found = vm_channels(table("Bridge", "name,datapath_id,ports"), table("Port", "_uuid,interfaces"),
+                        table("Interface", "_uuid,name,ofport,external_ids,mac_in_use"))
+    return [channel for channel in found if not bridges or channel.bridge in bridges]
 
 
 def load_static(path: str | Path) -> list[VmChannel]:

@@ -45,6 +45,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -65,7 +66,8 @@ VMS = 64                  # internal ports (VM interfaces) created; the idle row
 PARALLEL_CHANNELS = 32
 WINDOW = 16               # commands each writer keeps outstanding (the ring has 64 slots)
 FILTER_BLOCK = 100        # distinct filters added before they are deleted again (limit: 1000)
-LATENCY_BLOCK = 50        # latency: commands per block, channel and direct blocks alternate
+LATENCY_BLOCK = 50        # latency: commands per block (even), channel and direct blocks alternate
+WARMUP = 40               # latency: commands per path before measuring (even)
 AGENT_RATE = 1_000_000.0  # --rate / --burst: the token bucket never limits the measurement
 DISCOVERY_INTERVAL = 2.0  # the agent's default
 TARGET_P99_MS = 15.0
@@ -114,6 +116,7 @@ class Created:
         self.ports: list[str] = []           # internal ports on our bridge
         self.regions: list[str] = []         # /dev/shm files
         self.workdir: Path | None = None
+        self.watch: Watch | None = None
 
     def cleanup(self) -> list[str]:
         problems = []
@@ -124,6 +127,9 @@ class Created:
             except Exception as error:  # keep removing whatever else is left
                 problems.append(f"{what}: {error}")
 
+        if self.watch is not None:
+            self.watch.halt.set()
+            self.watch.join(5.0)
         for process in list(self.children):
             attempt(f"writer process {process.pid}", lambda: _stop_child(process, self))
         for agent in list(self.agents):
@@ -149,7 +155,7 @@ class Created:
         return problems
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
 
 
 def _spawn(created: Created, target, *args):
@@ -176,6 +182,10 @@ def _stop_child(process, created: Created, timeout: float = 5.0) -> None:
         process.join(2.0)
     if process in created.children:
         created.children.remove(process)
+
+
+def _unblock_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def _child_signals() -> None:
@@ -210,9 +220,9 @@ class AgentProcess:
                 "--token-file", str(controller.state_dir / "token"), "--status-file", str(self.status_file),
                 "--rate", f"{AGENT_RATE:g}", "--burst", f"{AGENT_RATE:g}",
                 "--discovery-interval", f"{DISCOVERY_INTERVAL:g}"]
-        with open(self.log, "ab") as log:
+        with open(self.log, "ab") as log:  # started with Ctrl-C blocked (start_agent): unblock in the child
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=_unblock_stop_signals)
         self.pid = self.process.pid
 
     def stop(self) -> None:
@@ -230,6 +240,19 @@ class AgentProcess:
         except (FileNotFoundError, ValueError, KeyError):
             return None
 
+    def wait_discovery(self, timeout: float = 10.0) -> None:
+        """Until the agent has just rewritten its status file (it does after each discovery)."""
+        def mtime():
+            try:
+                return self.status_file.stat().st_mtime_ns
+            except FileNotFoundError:
+                return None
+        before, deadline = mtime(), time.monotonic() + timeout
+        while mtime() == before:
+            if time.monotonic() >= deadline:
+                raise BenchError(f"agent wrote no status within {timeout:g} s (log {self.log})")
+            time.sleep(0.005)
+
     def wait_serving(self, names: set[str], timeout: float = 30.0) -> None:
         """Until the agent's status lists exactly ``names`` (the status is written after
         each discovery, so it is current once the set matches)."""
@@ -243,6 +266,17 @@ class AgentProcess:
                 return
             time.sleep(0.05)
         raise BenchError(f"agent not serving exactly {len(names)} channel(s) within {timeout:g} s (log {self.log})")
+
+
+def start_agent(created: Created, name: str) -> AgentProcess:
+    """Started and registered with Ctrl-C blocked, so cleanup always finds it."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        agent = AgentProcess(created.controller, created.workdir, name)
+        created.agents.append(agent)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return agent
 
 
 # --------------------------------------------------------------------------- CPU accounting
@@ -302,6 +336,12 @@ def foreign_mbvisor(prefix: str, own_pids: set[int]) -> list[str]:
     for row in ovs_rows("Interface", "name,external_ids"):
         if CHANNEL_KEY in _ovs_map(row["external_ids"]) and not str(row["name"]).startswith(prefix):
             found.append(f"interface {row['name']} has external_ids:{CHANNEL_KEY}")
+    return found + foreign_agents(own_pids)
+
+
+def foreign_agents(own_pids: set[int]) -> list[str]:
+    """``mbvisor agent`` processes other than ours (read from /proc/*/cmdline)."""
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in own_pids:
             continue
@@ -315,6 +355,45 @@ def foreign_mbvisor(prefix: str, own_pids: set[int]) -> list[str]:
                 found.append(f"mbvisor agent pid {entry}")
                 break
     return found
+
+
+class Interference(BenchError):
+    """Another mbvisor setup showed up: its agent and ours serve each other's channels."""
+
+
+class Watch(threading.Thread):
+    """Once a second during the run: another mbvisor agent running, an annotated interface
+    that is not ours, or our agent serving a channel that is not ours.  Any of them stops the
+    run at once (SIGUSR1 to the main thread): the figures would be wrong, and our agent
+    would be answering another setup's guests."""
+
+    def __init__(self, created: Created):
+        super().__init__(name="watch", daemon=True)
+        self.created = created
+        self.phase = "set-up"
+        self.problem: str | None = None
+        self.halt = threading.Event()
+        self.main = threading.main_thread().ident
+
+    def run(self) -> None:
+        while not self.halt.wait(1.0):
+            try:
+                found = self.check()
+            except Exception as error:  # ovsdb briefly busy: look again next time
+                progress(f"watch: {error}")
+                continue
+            if found and not self.halt.is_set():
+                self.problem = f"during {self.phase}: " + "; ".join(found)
+                signal.pthread_kill(self.main, signal.SIGUSR1)
+                return
+
+    def check(self) -> list[str]:
+        agents = list(self.created.agents)
+        found = foreign_mbvisor(self.created.lab.prefix, {agent.pid for agent in agents})
+        for agent in agents:
+            found += [f"our agent served {c['channel']}" for c in agent.channels() or []
+                      if not c["interface"].startswith(self.created.lab.prefix)]
+        return found
 
 
 def wait_alone(created: Created, timeout: float = 300.0) -> None:
@@ -398,6 +477,8 @@ def _address(n: int) -> str:
 def filter_sequence(mac: str, count: int) -> list[str]:
     """``count`` commands that each change a flow: FILTER_BLOCK distinct IP filters added,
     then deleted, again with new addresses; the middlebox ends as it started."""
+    if count % 2:
+        raise ValueError(f"an even number of commands is needed, not {count}")
     texts, n = [], 0
     while len(texts) < count:
         size = max(1, min(FILTER_BLOCK, (count - len(texts)) // 2))
@@ -511,9 +592,10 @@ def measure_latency(controller: Controller, dpid: int, vm: Vm, count: int) -> di
     writer = ChannelWriter(open_file(vm.region))
     try:
         channel_request(writer, f"R F {vm.mac} {vm.firewall_ip}")
-        warm = latency_sequence(vm.mac, 40)
+        warm = latency_sequence(vm.mac, WARMUP)  # even: each path leaves the filter as it found it
         for text in warm:
             channel_request(writer, text)
+        for text in warm:
             controller.ok(dpid, vm.ofport, text)
         texts = latency_sequence(vm.mac, count)
         via_agent, direct = [], []
@@ -562,16 +644,24 @@ def measure_throughput(created: Created, controller: Controller, dpid: int, vms:
 
 
 def check_agent(agent: AgentProcess, vms: list[Vm], answered: dict[str, int]) -> None:
-    """Every command answered by this agent, none rate-limited or refused."""
-    channels = {c["channel"]: c for c in agent.channels() or []}
-    for vm in vms:
-        state = channels.get(vm.channel)
-        if state is None:
-            raise BenchError(f"agent no longer serves {vm.channel}")
-        if state["rate_limited"] or state["refused"] or state["answered"] != answered[vm.channel]:
-            raise BenchError(f"agent's counters for {vm.channel}: answered {state['answered']} "
-                             f"(expected {answered[vm.channel]}), rate-limited {state['rate_limited']}, "
-                             f"refused {state['refused']}")
+    """Every command answered by this agent, none rate-limited or refused (the status file
+    is rewritten at each discovery, so it may take one interval to catch up)."""
+    deadline = time.monotonic() + 3 * DISCOVERY_INTERVAL
+    while True:
+        channels = {c["channel"]: c for c in agent.channels() or []}
+        wrong = []
+        for vm in vms:
+            state = channels.get(vm.channel)
+            if state is None:
+                wrong.append(f"{vm.channel} not served")
+            elif state["rate_limited"] or state["refused"] or state["answered"] != answered[vm.channel]:
+                wrong.append(f"{vm.channel}: answered {state['answered']} (expected {answered[vm.channel]}), "
+                             f"rate-limited {state['rate_limited']}, refused {state['refused']}")
+        if not wrong:
+            return
+        if time.monotonic() >= deadline:
+            raise BenchError("agent's counters: " + "; ".join(wrong[:3]))
+        time.sleep(0.1)
 
 
 def run(profile: dict, created: Created) -> dict:
@@ -589,53 +679,48 @@ def run(profile: dict, created: Created) -> dict:
     progress(f"controller pid {controller.process.pid} on bridge {bridge.name}; {VMS} internal ports "
              f"{vms[0].interface}..{vms[-1].interface}")
     dpid, figures, baseline, notes = bridge.dpid, {}, {}, {}
-    warnings = []
-
-    def still_alone(phase: str) -> None:
-        found = foreign_mbvisor(lab.prefix, {a.pid for a in created.agents})
-        if found:
-            warnings.append(f"{phase}: another mbvisor setup appeared ({'; '.join(found)}); figures suspect")
-            progress("WARNING " + warnings[-1])
 
     # one agent for latency and throughput
     wait_alone(created)
-    agent = AgentProcess(controller, created.workdir, "agent")
-    created.agents.append(agent)
+    watch = created.watch = Watch(created)
+    watch.start()
+    agent = start_agent(created, "agent")
     answered: dict[str, int] = collections.Counter()
 
     # 1. latency: one channel
     first = vms[0]
     annotate([first])
     agent.wait_serving({first.channel})
+    watch.phase = "latency"
     latency = measure_latency(controller, dpid, first, profile["latency_commands"])
-    answered[first.channel] += 1 + 40 + profile["latency_commands"]
+    answered[first.channel] += 1 + WARMUP + profile["latency_commands"]
     for stat, fraction in (("p50", .5), ("p99", .99)):
         figures[f"latency_{stat}"] = percentile(latency["agent"], fraction)
         baseline[f"latency_{stat}"] = percentile(latency["direct"], fraction)
     figures["latency_max"], baseline["latency_max"] = max(latency["agent"]), max(latency["direct"])
-    notes["latency_over_target"] = sum(1 for v in latency["agent"] if v > TARGET_P99_MS)
-    notes["latency_direct_over_target"] = sum(1 for v in latency["direct"] if v > TARGET_P99_MS)
-    still_alone("latency")
+    notes["agent"] = sum(1 for v in latency["agent"] if v > TARGET_P99_MS)
+    notes["direct"] = sum(1 for v in latency["direct"] if v > TARGET_P99_MS)
 
     # 2a. throughput: one channel (the same VM, its middlebox already registered)
+    watch.phase = "throughput 1 channel"
     one = profile["one_channel_commands"]
     figures["throughput_1"], baseline["throughput_1"] = measure_throughput(created, controller, dpid, [first], one)
     answered[first.channel] += one
     check_agent(agent, [first], answered)
-    still_alone("throughput 1 channel")
 
     # 2b. throughput: 32 channels at once, each its own VM
+    watch.phase = f"set-up of {PARALLEL_CHANNELS} channels"
     group = vms[1:1 + PARALLEL_CHANNELS]
     unannotate([first])
     annotate(group)
     agent.wait_serving({vm.channel for vm in group})
     register(group)
+    watch.phase = f"throughput {PARALLEL_CHANNELS} channels"
     per = profile["per_channel_commands"]
     figures["throughput_32"], baseline["throughput_32"] = measure_throughput(created, controller, dpid, group, per)
     for vm in group:
         answered[vm.channel] += 1 + per
     check_agent(agent, group, answered)
-    still_alone(f"throughput {PARALLEL_CHANNELS} channels")
     leftover = [mb for mb in controller.get("/v1/middleboxes")[1]["middleboxes"] if mb["filters"]]
     if leftover:
         raise BenchError(f"{len(leftover)} middleboxes kept filters after the throughput runs")
@@ -643,15 +728,18 @@ def run(profile: dict, created: Created) -> dict:
     created.agents.remove(agent)
     unannotate(group)
 
-    # 3. idle CPU: a fresh agent with no channel, then with 64 idle ones
+    # 3. idle CPU: a fresh agent with no channel, then with 64 idle ones; each window starts
+    #    right after a discovery, so both hold the same number of discoveries
+    watch.phase = "set-up of the idle agent"
     seconds = profile["idle_seconds"]
-    wait_alone(created)
-    idle_agent = AgentProcess(controller, created.workdir, "idle-agent")
-    created.agents.append(idle_agent)
+    idle_agent = start_agent(created, "idle-agent")
     idle_agent.wait_serving(set())
     time.sleep(1.0)
+    watch.phase = "idle CPU"
     progress(f"idle CPU: agent pid {idle_agent.pid} with 0 channels, {seconds:g} s ...")
+    idle_agent.wait_discovery()
     empty = measure_cpu(idle_agent.pid, seconds)
+    watch.phase = f"set-up of {VMS} idle channels"
     for vm in vms:
         writer = ChannelWriter(open_file(vm.region))
         writer.header()  # initialises a blank region, as a guest's first command would
@@ -659,9 +747,11 @@ def run(profile: dict, created: Created) -> dict:
     annotate(vms)
     idle_agent.wait_serving({vm.channel for vm in vms})
     time.sleep(1.0)  # the poller's back-off reaches its ceiling within ~50 ms
+    watch.phase = "idle CPU"
     progress(f"idle CPU: the same agent with {VMS} channels, {seconds:g} s ...")
+    idle_agent.wait_discovery()
     busy = measure_cpu(idle_agent.pid, seconds)
-    still_alone("idle CPU")
+    watch.phase = "tear-down"
     figures["idle_cpu"], baseline["idle_cpu"] = busy["cpu_percent"], empty["cpu_percent"]
     figures["idle_cpu_children"] = busy["cpu_percent"] + busy["children_percent"]
     baseline["idle_cpu_children"] = empty["cpu_percent"] + empty["children_percent"]
@@ -671,13 +761,15 @@ def run(profile: dict, created: Created) -> dict:
     idle_agent.stop()
     created.agents.remove(idle_agent)
     unannotate(vms)
+    if found := watch.check():
+        raise Interference("at the end: " + "; ".join(found))
 
     try:
         load = f"{os.getloadavg()[0]:.2f}"
     except OSError:
         load = "n/a"
-    return {"agent": figures, "baseline": baseline, "load": load, "warnings": warnings,
-            "idle": {"channels": empty, f"{VMS}_channels": busy},
+    return {"agent": figures, "baseline": baseline, "load": load,
+            "idle": {"0_channels": empty, f"{VMS}_channels": busy},
             "latency_samples_over_target": notes,
             "params": {**profile, "window": WINDOW, "filter_block": FILTER_BLOCK, "latency_block": LATENCY_BLOCK,
                        "parallel_channels": PARALLEL_CHANNELS, "idle_channels": VMS, "agent_rate": AGENT_RATE,
@@ -733,12 +825,10 @@ def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
         f"       the '+ ovs-vsctl' row adds the agent's reaped children (/proc/PID/stat cutime+cstime, "
         f"10 ms ticks).",
     ]
-    for warning in result["warnings"]:
-        lines.append(f"       WARNING {warning}")
     document = {"benchmark": "mbvisor agent", "timestamp": when, "mode": mode,
                 "python": platform.python_version(), "cpus": len(os.sched_getaffinity(0)), "load": result["load"],
                 "ratio": "agent / baseline", "params": p, "idle": result["idle"],
-                "latency_samples_over_target": over, "warnings": result["warnings"], "rows": rows}
+                "latency_samples_over_target": over, "rows": rows}
     return "\n".join(lines), document
 
 
@@ -754,8 +844,12 @@ def main(argv: list[str] | None = None) -> int:
     def terminated(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, terminated)
-
     created = Created()
+
+    def interfered(signum, frame):
+        raise Interference(f"another mbvisor setup appeared {created.watch.problem}")
+    signal.signal(signal.SIGUSR1, interfered)
+
     try:
         result = run(PROFILES[mode], created)
     except KeyboardInterrupt:
@@ -763,10 +857,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (BenchError, ChannelError, ControllerError, NetlabError) as error:
         print(f"bench/agent.py: FAILED: {type(error).__name__}: {error}", file=sys.stderr)
+        if isinstance(error, Interference):
+            print("bench/agent.py: an agent serves every annotated interface on the host, so two mbvisor "
+                  "setups (e.g. tests/test_agent_e2e.py) cannot run side by side; run on a quiet machine",
+                  file=sys.stderr)
+        for agent in created.agents:  # its log goes with the state directory: show its end
+            try:
+                tail = agent.log.read_text().splitlines()[-15:]
+            except OSError:
+                continue
+            print(f"bench/agent.py: last lines of {agent.log.name}:\n  " + "\n  ".join(tail), file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         problems = created.cleanup()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for problem in problems:

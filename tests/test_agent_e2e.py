@@ -47,7 +47,7 @@ def setup(lab, tmp_path):
     for name in ("mb", "mb2"):
         regions.append(make_region())
         annotate(hosts[name], regions[-1], f"vm-{name}")
-    agent = AgentProcess(controller, tmp_path).start()
+    agent = AgentProcess(controller, tmp_path, bridges=(bridge.name,)).start()
     agent.wait_serving(f"vm-mb/{hosts['mb'].port_name}", f"vm-mb2/{hosts['mb2'].port_name}")
     yield {"controller": controller, "bridge": bridge, "hosts": hosts, "agent": agent,
            "region": regions[0], "region2": regions[1]}
@@ -111,8 +111,9 @@ def _stream(region: str, texts: list[str], results) -> None:
         tickets.append(writer.submit(f"@{text}@".encode(), timeout=60))
         if len(tickets) >= window:
             ticket = tickets.pop(0)
-            answers.append((ticket.seq, writer.wait(ticket, timeout=60).status_name))
-    answers += [(t.seq, writer.wait(t, timeout=60).status_name) for t in tickets]
+            response = writer.wait(ticket, timeout=60)
+            answers.append((ticket.seq, response.status_name, response.text))
+    answers += [(t.seq, r.status_name, r.text) for t in tickets for r in [writer.wait(t, timeout=60)]]
     results.put(answers)
 
 
@@ -152,8 +153,8 @@ def test_killed_mid_stream_nothing_lost_nothing_twice(setup, victim):
     finally:
         if guest.is_alive():
             guest.kill()
-    assert [seq for seq, _ in answers] == list(range(len(texts)))  # one answer each, in order
-    assert {status for _, status in answers} == {"OK"}
+    assert [seq for seq, _, _ in answers] == list(range(len(texts)))  # one answer each, in order
+    assert [(seq, text) for seq, status, text in answers if status != "OK"] == []
     status, view = controller.get(f"/v1/middleboxes/{setup['bridge'].dpid:016x}/{MB_MAC}")
     assert set(view["filters"]) == expected
     drops_installed = [f for f in setup["bridge"].flows() if f.actions == "drop"]

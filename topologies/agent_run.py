@@ -19,8 +19,9 @@ from .netlab import wait_until
 class AgentProcess:
     """``mbvisor agent`` in its own process group, pointed at a :class:`Controller`."""
 
-    def __init__(self, controller: Controller, state_dir):
+    def __init__(self, controller: Controller, state_dir, bridges: tuple[str, ...] = ()):
         self.controller = controller
+        self.bridges = bridges
         self.status_file = state_dir / "agent-status.json"
         self.log = state_dir / "agent.log"
         self.process = None
@@ -31,7 +32,7 @@ class AgentProcess:
                 [sys.executable, "-m", "mbvisor.agents.cli", "agent", "--controller",
                  f"http://127.0.0.1:{self.controller.rest_port}", "--token-file",
                  str(self.controller.state_dir / "token"), "--status-file", str(self.status_file),
-                 "--discovery-interval", "0.3"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                 "--discovery-interval", "0.3", *[f"--bridge={name}" for name in self.bridges]], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def stop(self, sig=signal.SIGTERM) -> int | None:

@@ -1,0 +1,463 @@
+"""Pure unit tests of the host agent's functional parts: OVS discovery parsing, vetting of
+guest frames, combining controller answers and the per-channel token bucket.
+
+No OVS, network or processes: the ovsdb tables below are literal ``ovs-vsctl
+--format=json`` output captured once from Open vSwitch 3.1.0 (a throwaway netdev bridge
+``mbxut7549`` with an annotated internal port ``mbxut7549p`` and a plain one
+``mbxut7549q``), then varied in the same encoding.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mbvisor.agents.discovery import CHANNEL_KEY, VmChannel, load_static, vm_channels
+from mbvisor.agents.ratelimit import TokenBucket
+from mbvisor.agents.vetting import Verdict, combine, vet
+from mbvisor.guest.grammar import format_command, parse_command
+from mbvisor.guest.ring import Status
+
+# ---- discovery -------------------------------------------------------------------------
+
+# `ovs-vsctl --format=json --columns=name,datapath_id,ports list Bridge`
+REAL_BRIDGES = json.loads(
+    '{"data":[["mbxut7549","0000ae3abb160c49",["set",[["uuid","18bddd00-d71f-4507-830f-35efe35ab4d8"],'
+    '["uuid","34029db7-6217-41ba-97a1-b3054245cb86"],["uuid","a48d9b09-2592-4693-9a18-1f69ddf55e3e"]]]]],'
+    '"headings":["name","datapath_id","ports"]}'
+)
+# `ovs-vsctl --format=json --columns=_uuid,interfaces list Port` (one interface: a bare atom)
+REAL_PORTS = json.loads(
+    '{"data":[[["uuid","18bddd00-d71f-4507-830f-35efe35ab4d8"],["uuid","ffad8406-0d82-4c19-aaba-f0bd9f0e0a6c"]],'
+    '[["uuid","a48d9b09-2592-4693-9a18-1f69ddf55e3e"],["uuid","322ed9fc-e9cc-49dd-a9bf-89515781c0af"]],'
+    '[["uuid","34029db7-6217-41ba-97a1-b3054245cb86"],["uuid","aec3cc92-a231-4666-879f-35c496556427"]]],'
+    '"headings":["_uuid","interfaces"]}'
+)
+# `ovs-vsctl --format=json --columns=_uuid,name,ofport,external_ids,mac_in_use list Interface`
+REAL_INTERFACES = json.loads(
+    '{"data":[[["uuid","322ed9fc-e9cc-49dd-a9bf-89515781c0af"],"mbxut7549",65534,["map",[]],"ae:3a:bb:16:0c:49"],'
+    '[["uuid","aec3cc92-a231-4666-879f-35c496556427"],"mbxut7549p",2,["map",[["attached-mac","52:54:00:AB:CD:EF"],'
+    '["mbvisor-channel","/dev/shm/x"],["vm-id","vm-7"]]],"8a:f6:38:20:5d:cb"],'
+    '[["uuid","ffad8406-0d82-4c19-aaba-f0bd9f0e0a6c"],"mbxut7549q",1,["map",[]],"ae:91:61:04:24:8d"]],'
+    '"headings":["_uuid","name","ofport","external_ids","mac_in_use"]}'
+)
+REAL_DPID = 0x0000AE3ABB160C49
+ANNOTATED = "mbxut7549p"
+EXPECTED_REAL = VmChannel(ANNOTATED, "/dev/shm/x", REAL_DPID, 2, ("52:54:00:ab:cd:ef",), "vm-7", "mbxut7549")
+
+
+def tables():
+    """Fresh deep copies of the captured tables, so a test may edit them."""
+    return copy.deepcopy(REAL_BRIDGES), copy.deepcopy(REAL_PORTS), copy.deepcopy(REAL_INTERFACES)
+
+
+def set_column(table: dict, name: str, column: str, value) -> None:
+    """Change one cell of the row whose ``name`` column is ``name``."""
+    headings = table["headings"]
+    rows = [row for row in table["data"] if row[headings.index("name")] == name]
+    assert len(rows) == 1, name
+    rows[0][headings.index(column)] = value
+
+
+def external_ids(**ids: str) -> list:
+    return ["map", [[key.replace("_", "-"), value] for key, value in sorted(ids.items())]]
+
+
+def annotate(interfaces: dict, name: str, **ids: str) -> None:
+    set_column(interfaces, name, "external_ids", external_ids(**ids))
+
+
+def test_real_sample_yields_the_annotated_interface_with_its_identity():
+    assert vm_channels(*tables()) == [EXPECTED_REAL]
+
+
+def test_real_sample_channel_name_is_vm_id_slash_interface():
+    [channel] = vm_channels(*tables())
+    assert channel.name == "vm-7/mbxut7549p"
+    assert VmChannel("tap0", "/dev/shm/r", 1, 3, (), "web-1").name == "web-1/tap0"
+
+
+def test_unannotated_interfaces_are_ignored():
+    bridges, ports, interfaces = tables()
+    annotate(interfaces, ANNOTATED, attached_mac="52:54:00:ab:cd:ef", vm_id="vm-7")  # no channel key
+    assert vm_channels(bridges, ports, interfaces) == []
+
+
+def test_empty_channel_annotation_is_ignored():
+    bridges, ports, interfaces = tables()
+    annotate(interfaces, ANNOTATED, **{"mbvisor_channel": ""}, vm_id="vm-7")
+    assert vm_channels(bridges, ports, interfaces) == []
+
+
+def test_annotating_a_plain_port_makes_it_a_channel_too():
+    bridges, ports, interfaces = tables()
+    annotate(interfaces, "mbxut7549q", mbvisor_channel="/dev/shm/y", attached_mac="02:00:00:00:00:0A", vm_id="vm-8")
+    found = vm_channels(bridges, ports, interfaces)
+    assert found == [EXPECTED_REAL, VmChannel("mbxut7549q", "/dev/shm/y", REAL_DPID, 1, ("02:00:00:00:00:0a",), "vm-8",
+                                              "mbxut7549")]
+
+
+@pytest.mark.parametrize("ofport", [-1, 0, ["set", []]], ids=["failed", "zero", "unset"])
+def test_interface_without_an_openflow_port_is_ignored(ofport):
+    bridges, ports, interfaces = tables()
+    set_column(interfaces, ANNOTATED, "ofport", ofport)
+    assert vm_channels(bridges, ports, interfaces) == []
+
+
+def test_attached_mac_is_preferred_over_mac_in_use_and_lower_cased():
+    [channel] = vm_channels(*tables())
+    assert channel.macs == ("52:54:00:ab:cd:ef",)  # not the tap's own 8a:f6:38:20:5d:cb
+
+
+def test_mac_in_use_is_the_fallback_and_lower_cased():
+    bridges, ports, interfaces = tables()
+    annotate(interfaces, ANNOTATED, mbvisor_channel="/dev/shm/x", vm_id="vm-7")
+    set_column(interfaces, ANNOTATED, "mac_in_use", "8A:F6:38:20:5D:CB")
+    [channel] = vm_channels(bridges, ports, interfaces)
+    assert channel.macs == ("8a:f6:38:20:5d:cb",)
+
+
+def test_no_mac_at_all_gives_an_empty_mac_tuple():
+    bridges, ports, interfaces = tables()
+    annotate(interfaces, ANNOTATED, mbvisor_channel="/dev/shm/x", vm_id="vm-7")
+    set_column(interfaces, ANNOTATED, "mac_in_use", ["set", []])
+    [channel] = vm_channels(bridges, ports, interfaces)
+    assert channel.macs == ()
+    assert channel.port == 2 and channel.dpid == REAL_DPID
+
+
+def test_vm_id_defaults_to_the_interface_name():
+    bridges, ports, interfaces = tables()
+    annotate(interfaces, ANNOTATED, mbvisor_channel="/dev/shm/x", attached_mac="52:54:00:ab:cd:ef")
+    [channel] = vm_channels(bridges, ports, interfaces)
+    assert channel.vm_id == ANNOTATED
+    assert channel.name == f"{ANNOTATED}/{ANNOTATED}"
+
+
+def test_bridge_without_a_datapath_id_yet_is_ignored():
+    bridges, ports, interfaces = tables()
+    bridges["data"][0][bridges["headings"].index("datapath_id")] = ["set", []]
+    assert vm_channels(bridges, ports, interfaces) == []
+
+
+def test_interface_in_no_bridge_is_ignored():
+    bridges, ports, interfaces = tables()
+    bridges["data"] = []
+    assert vm_channels(bridges, ports, interfaces) == []
+    bridges, ports, interfaces = tables()
+    ports["data"] = [row for row in ports["data"] if row[1] != ["uuid", "aec3cc92-a231-4666-879f-35c496556427"]]
+    assert vm_channels(bridges, ports, interfaces) == []
+
+
+def test_several_bridges_each_give_their_own_dpid_and_results_are_sorted_by_interface():
+    bridges, ports, interfaces = tables()
+    # A second bridge with a single port (ovsdb writes a one-element set as a bare atom),
+    # and a third whose only port holds two interfaces (a bond: a real set).
+    bridges["data"] += [
+        ["br-b", "00000000000000ff", ["uuid", "00000000-0000-0000-0000-00000000b001"]],
+        ["br-c", "0000020000000001", ["set", [["uuid", "00000000-0000-0000-0000-00000000c001"]]]],
+    ]
+    ports["data"] += [
+        [["uuid", "00000000-0000-0000-0000-00000000b001"], ["uuid", "00000000-0000-0000-0000-0000000b1f01"]],
+        [["uuid", "00000000-0000-0000-0000-00000000c001"],
+         ["set", [["uuid", "00000000-0000-0000-0000-0000000c1f01"], ["uuid", "00000000-0000-0000-0000-0000000c1f02"]]]],
+    ]
+    interfaces["data"] += [
+        [["uuid", "00000000-0000-0000-0000-0000000b1f01"], "aa-vnet0", 7,
+         external_ids(mbvisor_channel="/dev/shm/b", vm_id="vm-b"), "FE:54:00:00:00:0B"],
+        [["uuid", "00000000-0000-0000-0000-0000000c1f01"], "zz-vnet1", 12,
+         external_ids(mbvisor_channel="/dev/shm/c1", attached_mac="52:54:00:00:0C:01"), ["set", []]],
+        [["uuid", "00000000-0000-0000-0000-0000000c1f02"], "zz-vnet2", ["set", []],
+         external_ids(mbvisor_channel="/dev/shm/c2", attached_mac="52:54:00:00:0c:02"), ["set", []]],
+    ]
+    found = vm_channels(bridges, ports, interfaces)
+    assert found == [
+        VmChannel("aa-vnet0", "/dev/shm/b", 0xFF, 7, ("fe:54:00:00:00:0b",), "vm-b", "br-b"),
+        EXPECTED_REAL,
+        VmChannel("zz-vnet1", "/dev/shm/c1", 0x0000020000000001, 12, ("52:54:00:00:0c:01",), "zz-vnet1", "br-c"),
+    ]
+    assert [channel.name for channel in found] == ["vm-b/aa-vnet0", "vm-7/mbxut7549p", "zz-vnet1/zz-vnet1"]
+
+
+def test_empty_tables_give_no_channels():
+    empty = {"data": [], "headings": []}
+    assert vm_channels(empty, empty, empty) == []
+
+
+def test_channel_key_is_the_documented_one():
+    assert CHANNEL_KEY == "mbvisor-channel"
+
+
+def test_load_static_parses_hex_or_int_dpids_and_lower_cases_macs(tmp_path):
+    path = tmp_path / "channels.json"
+    path.write_text(json.dumps([
+        {"interface": "vnet9", "region": "/dev/shm/nine", "dpid": "0000ae3abb160c49", "port": 4,
+         "macs": ["52:54:00:AB:CD:EF", "02:00:00:00:00:01"], "vm_id": "vm-9"},
+        {"interface": "vnet1", "region": "/tmp/one", "dpid": 255, "port": "3", "macs": ["FE:54:00:00:00:01"]},
+        {"interface": "vnet5", "region": "/tmp/five", "dpid": "ff", "port": 1, "macs": []},
+    ]))
+    assert load_static(path) == [
+        VmChannel("vnet1", "/tmp/one", 255, 3, ("fe:54:00:00:00:01",), "vnet1"),
+        VmChannel("vnet5", "/tmp/five", 255, 1, (), "vnet5"),
+        VmChannel("vnet9", "/dev/shm/nine", REAL_DPID, 4, ("52:54:00:ab:cd:ef", "02:00:00:00:00:01"), "vm-9"),
+    ]
+    assert load_static(str(path))[0].name == "vnet1/vnet1"  # a str path works too
+
+
+def test_load_static_empty_file_list(tmp_path):
+    path = tmp_path / "none.json"
+    path.write_text("[]")
+    assert load_static(path) == []
+
+
+# ---- vetting ---------------------------------------------------------------------------
+
+OWN = "52:54:00:ab:cd:ef"
+OTHER = "52:54:00:00:00:01"
+MACS = (OWN,)
+
+
+def test_single_valid_command_is_forwarded_in_canonical_form():
+    verdict = vet(b"R F 52-54-00-AB-CD-EF 10.0.0.1", MACS)
+    assert verdict == Verdict(forward=(f"R F {OWN} 10.0.0.1",), status=Status.OK, text="")
+
+
+def test_canonical_form_normalises_blanks_values_and_field_order():
+    verdict = vet(f"A  {OWN}\tI 15 p tcp t ef d 10.1.0.0/255.255.0.0 s 10.0.0.1/32".encode(), MACS)
+    assert verdict.forward == (f"A {OWN} I 15 s 10.0.0.1 d 10.1.0.0/16 t 46 p 6",)
+    assert verdict.status is Status.OK
+
+
+def test_several_commands_in_a_frame_are_all_forwarded_in_order():
+    payload = f"@R F {OWN} 10.0.0.1@  @A {OWN} T 3 t 4 p tcp@@X {OWN}@".encode()
+    verdict = vet(payload, MACS)
+    assert verdict.forward == (f"R F {OWN} 10.0.0.1", f"A {OWN} T 3 t 4 p 6", f"X {OWN}")
+    assert verdict.status is Status.OK and verdict.text == ""
+
+
+def test_any_of_the_vms_macs_is_accepted():
+    verdict = vet(f"@I {OWN}@@M {OTHER}@".encode(), (OWN, OTHER))
+    assert verdict.forward == (f"I {OWN}", f"M {OTHER}")
+
+
+def test_one_foreign_mac_refuses_the_whole_frame_and_reports_every_command():
+    payload = f"@R F {OWN} 10.0.0.1@@X {OTHER}@@I {OWN}@".encode()
+    verdict = vet(payload, MACS)
+    assert verdict.forward == ()
+    assert verdict.status is Status.REFUSED
+    assert verdict.text.splitlines() == [
+        f"ok R F {OWN} 10.0.0.1",
+        f"refused X {OTHER}: {OTHER} is not this VM's MAC ({OWN})",
+        f"ok I {OWN}",
+        "nothing was applied",
+    ]
+
+
+def test_refusal_without_any_known_mac_says_so():
+    verdict = vet(f"X {OTHER}".encode(), ())
+    assert verdict.status is Status.REFUSED and verdict.forward == ()
+    assert verdict.text == f"refused X {OTHER}: {OTHER} is not this VM's MAC (none known)\nnothing was applied"
+
+
+def test_syntax_error_gives_the_column_message():
+    verdict = vet(f"A {OWN} I 4 s".encode(), MACS)
+    assert verdict == Verdict(status=Status.SYNTAX, text=(
+        "error column 26: missing value for field s; every field of a filter needs a value\nnothing was applied"))
+
+
+def test_syntax_error_columns_count_in_the_whole_frame():
+    payload = f"@X {OWN}@@A {OWN} I 4 s@".encode()
+    verdict = vet(payload, MACS)
+    assert verdict.forward == () and verdict.status is Status.SYNTAX
+    assert verdict.text.splitlines() == [
+        f"ok X {OWN}",
+        "error column 48: missing value for field s; every field of a filter needs a value",
+        "nothing was applied",
+    ]
+
+
+@pytest.mark.parametrize("payload, status", [
+    (f"@Z@@X {OTHER}@", Status.SYNTAX),   # the first bad command decides the status
+    (f"@X {OTHER}@@Z@", Status.REFUSED),
+])
+def test_first_bad_command_decides_the_status(payload, status):
+    verdict = vet(payload.encode(), MACS)
+    assert verdict.status is status and verdict.forward == ()
+    lines = verdict.text.splitlines()
+    assert len(lines) == 3 and lines[-1] == "nothing was applied"
+    assert any(line.startswith("error column") for line in lines) and any(line.startswith("refused") for line in lines)
+
+
+def test_unknown_command_and_empty_payload_are_syntax_errors():
+    assert vet(b"Z", MACS).text == "error column 1: 'Z' is not a command; expected R, A, D, X, I, M or T\nnothing was applied"
+    empty = vet(b"", MACS)
+    assert empty.status is Status.SYNTAX and empty.forward == ()
+    assert empty.text.startswith("error column 1: missing command")
+
+
+@pytest.mark.parametrize("payload, message", [
+    (f"@X {OWN}", "error column 1: frame is not terminated; expected a closing @"),
+    (f"X {OWN}@X {OWN}@", "error column 1: text outside a frame; expected @command@"),
+    (f"@X {OWN}@ junk", "error column 23: text outside a frame; expected @command@"),
+    ("@ @", "error column 1: empty frame; expected a command between the @ marks"),
+])
+def test_framing_errors_are_syntax_and_forward_nothing(payload, message):
+    assert vet(payload.encode(), MACS) == Verdict(status=Status.SYNTAX, text=message)
+
+
+def test_encoding_and_length_errors_are_syntax():
+    assert vet(b"X \xff", MACS) == Verdict(
+        status=Status.SYNTAX, text="error column 3: byte 0xff is not valid UTF-8; commands are printable ASCII text")
+    assert vet(b"X\n", MACS).status is Status.SYNTAX
+    too_long = vet(b"@X " + OWN.encode() + b"@" * 4096, MACS)
+    assert too_long.status is Status.SYNTAX and too_long.forward == ()
+    assert "at most 4096 bytes" in too_long.text
+
+
+def check_verdict(verdict: Verdict, macs: tuple[str, ...]) -> None:
+    """What the agent relies on: either canonical commands of the VM's own MACs, OK and
+    no text; or nothing forwarded with SYNTAX/REFUSED and a reason."""
+    assert isinstance(verdict, Verdict)
+    if verdict.forward:
+        assert verdict.status is Status.OK and verdict.text == ""
+        for text in verdict.forward:
+            command = parse_command(text)
+            assert format_command(command) == text
+            assert command.mac in macs
+    else:
+        assert verdict.status in (Status.SYNTAX, Status.REFUSED)
+        assert verdict.text.startswith(("error ", "refused ", "ok "))
+
+
+MAC_SETS = st.sampled_from([(OWN,), (), (OWN, OTHER)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), MAC_SETS)
+def test_arbitrary_bytes_never_raise(payload, macs):
+    check_verdict(vet(payload, macs), macs)
+
+
+PIECES = st.sampled_from([
+    f"R F {OWN} 10.0.0.1", "R F 52-54-00-AB-CD-EF ::1", f"X {OTHER}", "X 52:54:00:AB:CD:EF",
+    f"A {OWN} I 4 s 10.0.0.0/8", f"D {OWN} M 4 s", f"I {OWN}", f"T {OTHER}", f"A {OWN} T 3 t 4 p tcp",
+    f"R L {OWN} 10.0.0.1 1 10.1.0.0/16 10.0.0.5,10.0.0.6", "@", "@", " ", "\t", "Z", OWN, "s", "\n", "\xff",
+]).map(lambda text: text.encode("latin-1"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(PIECES, st.binary(max_size=3)), max_size=10).map(b"".join), MAC_SETS)
+def test_command_soup_never_raises_and_never_forwards_foreign_or_bad_commands(payload, macs):
+    check_verdict(vet(payload, macs), macs)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([f"R F {OWN} 10.0.0.1", f"X {OWN}", f"I {OWN}", f"X {OTHER}",
+                                 f"A {OWN} M 1 p ipv6"]), min_size=1, max_size=6))
+def test_frame_is_forwarded_exactly_when_every_command_is_the_vms(commands):
+    verdict = vet("".join(f"@{text}@" for text in commands).encode(), MACS)
+    if any(OTHER in text for text in commands):
+        assert verdict.forward == () and verdict.status is Status.REFUSED
+        assert len(verdict.text.splitlines()) == len(commands) + 1
+    else:
+        assert verdict.forward == tuple(format_command(parse_command(text)) for text in commands)
+
+
+# ---- combine ---------------------------------------------------------------------------
+
+
+def test_combine_all_ok_joins_texts():
+    status, text = combine([{"status": "OK", "text": "added"}, {"status": "OK", "text": "line 1\nline 2"}])
+    assert status is Status.OK and text == "added\nline 1\nline 2"
+
+
+@pytest.mark.parametrize("statuses, expected", [
+    (["OK", "REJECTED", "SYNTAX"], Status.REJECTED),
+    (["SYNTAX", "REJECTED"], Status.SYNTAX),
+    (["OK", "OK", "REFUSED"], Status.REFUSED),
+    (["BOGUS", "REJECTED"], Status.INTERNAL),
+    (["OK", "ok"], Status.INTERNAL),
+    (["OK", "CONFLICT", "SYNTAX"], Status.INTERNAL),
+])
+def test_combine_takes_the_first_non_ok_status(statuses, expected):
+    answers = [{"status": name, "text": f"answer {i}", "code": 0} for i, name in enumerate(statuses)]
+    status, text = combine(answers)
+    assert status is expected
+    assert Status(status).name == expected.name  # what the agent records
+    assert text == "\n".join(f"answer {i}" for i in range(len(statuses)))
+
+
+def test_combine_of_nothing_is_ok_and_empty():
+    assert combine([]) == (Status.OK, "")
+
+
+# ---- token bucket ----------------------------------------------------------------------
+
+
+def takes(bucket: TokenBucket, now: float, count: int) -> list[bool]:
+    return [bucket.take(now) for _ in range(count)]
+
+
+def test_burst_is_allowed_at_once_then_refused():
+    bucket = TokenBucket(rate=4.0, burst=3.0)
+    assert takes(bucket, 100.0, 5) == [True, True, True, False, False]
+
+
+def test_refill_is_rate_per_second():
+    bucket = TokenBucket(rate=4.0, burst=3.0)
+    takes(bucket, 100.0, 3)
+    assert takes(bucket, 100.125, 1) == [False]        # half a token
+    assert takes(bucket, 100.25, 2) == [True, False]   # one token after 1/4 s
+    assert takes(bucket, 100.75, 3) == [True, True, False]  # two more after 1/2 s
+
+
+def test_refill_is_capped_at_burst():
+    bucket = TokenBucket(rate=4.0, burst=3.0)
+    takes(bucket, 0.0, 3)
+    assert takes(bucket, 1000.0, 5) == [True, True, True, False, False]
+
+
+def test_first_reading_of_any_clock_starts_full():
+    for start in (0.0, 1e-9, 12345.5, 1e9):
+        bucket = TokenBucket(rate=1.0, burst=2.0)
+        assert takes(bucket, start, 3) == [True, True, False]
+        assert takes(bucket, start + 1.0, 2) == [True, False]
+
+
+def test_fractional_rate():
+    bucket = TokenBucket(rate=0.5, burst=1.0)
+    assert bucket.take(10.0) is True
+    assert bucket.take(11.0) is False
+    assert bucket.take(12.0) is True
+    assert bucket.take(12.0) is False
+
+
+def test_refused_takes_spend_nothing():
+    bucket = TokenBucket(rate=2.0, burst=1.0)
+    assert bucket.take(0.0)
+    assert takes(bucket, 0.25, 10) == [False] * 10  # half a token, asked ten times
+    assert bucket.take(0.5)
+
+
+def test_sustained_flood_gets_burst_plus_rate_times_duration():
+    bucket = TokenBucket(rate=8.0, burst=2.0)
+    tick = 1 / 64  # exact in binary, so the expected count is exact
+    granted = sum(bucket.take(k * tick) for k in range(10 * 64 + 1))
+    assert granted == 2 + 8 * 10
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0.5, 50), st.integers(1, 20),
+       st.lists(st.integers(0, 64), min_size=1, max_size=80))
+def test_never_more_than_burst_plus_rate_times_elapsed(rate, burst, gaps):
+    bucket = TokenBucket(rate=rate, burst=float(burst))
+    now, start, granted = 1000.0, 1000.0, 0
+    for gap in gaps:
+        now += gap / 64
+        granted += bucket.take(now)
+        assert granted <= burst + rate * (now - start) + 1e-9
+    assert granted >= min(burst, len(gaps))  # the first `burst` takes at most are never refused
