@@ -40,6 +40,7 @@ import math
 import multiprocessing
 import os
 import platform
+import selectors
 import shutil
 import signal
 import subprocess
@@ -340,15 +341,20 @@ def foreign_mbvisor(prefix: str, own_pids: set[int]) -> list[str]:
 
 
 def foreign_agents(own_pids: set[int]) -> list[str]:
-    """``mbvisor agent`` processes other than ours (read from /proc/*/cmdline)."""
-    found = []
+    """``mbvisor agent`` processes other than ours (read from /proc/*/cmdline); ours are
+    our children, also while one is being started and not yet in ``own_pids``."""
+    found, me = [], os.getpid()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in own_pids:
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 argv = f.read().decode(errors="replace").split("\0")
-        except OSError:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == me:
             continue
         for i, arg in enumerate(argv[:-1]):
             if (arg == "mbvisor.agents.cli" or os.path.basename(arg) == "mbvisor") and argv[i + 1] == "agent":
@@ -362,10 +368,11 @@ class Interference(BenchError):
 
 
 class Watch(threading.Thread):
-    """Once a second during the run: another mbvisor agent running, an annotated interface
-    that is not ours, or our agent serving a channel that is not ours.  Any of them stops the
-    run at once (SIGUSR1 to the main thread): the figures would be wrong, and our agent
-    would be answering another setup's guests."""
+    """During the run: another mbvisor agent running, an annotated interface that is not
+    ours, or our agent serving a channel that is not ours.  Any of them stops the run at
+    once (SIGUSR1 to the main thread): the figures would be wrong, and our agent would be
+    answering another setup's guests.  Interface changes arrive from ``ovsdb-client
+    monitor`` as they happen; processes are looked at once a second."""
 
     def __init__(self, created: Created):
         super().__init__(name="watch", daemon=True)
@@ -376,23 +383,52 @@ class Watch(threading.Thread):
         self.main = threading.main_thread().ident
 
     def run(self) -> None:
-        while not self.halt.wait(1.0):
-            try:
-                found = self.check()
-            except Exception as error:  # ovsdb briefly busy: look again next time
-                progress(f"watch: {error}")
-                continue
-            if found and not self.halt.is_set():
-                self.problem = f"during {self.phase}: " + "; ".join(found)
-                signal.pthread_kill(self.main, signal.SIGUSR1)
-                return
+        try:
+            monitor = subprocess.Popen(["ovsdb-client", "monitor", "Open_vSwitch", "Interface", "name,external_ids",
+                                        "--format=json"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                       stderr=subprocess.DEVNULL)
+        except OSError:
+            monitor = None
+        selector = selectors.DefaultSelector()
+        if monitor is not None:
+            selector.register(monitor.stdout, selectors.EVENT_READ)
+        try:
+            last_ovs = 0.0
+            while not self.halt.is_set():
+                changed = False
+                for key, _ in selector.select(timeout=1.0):
+                    changed = True
+                    if not os.read(key.fd, 65536):  # the monitor ended: look at OVS every second
+                        selector.unregister(key.fileobj)
+                look_at_ovs = changed or (not selector.get_map() and time.monotonic() - last_ovs >= 1.0)
+                try:
+                    found = self.check(ovs=look_at_ovs)
+                except Exception as error:  # ovsdb briefly busy: look again next time
+                    progress(f"watch: {error}")
+                    continue
+                last_ovs = time.monotonic() if look_at_ovs else last_ovs
+                if found and not self.halt.is_set():
+                    self.problem = f"during {self.phase}: " + "; ".join(found)
+                    signal.pthread_kill(self.main, signal.SIGUSR1)
+                    return
+        finally:
+            if monitor is not None:
+                monitor.terminate()
+                try:
+                    monitor.wait(5)
+                except subprocess.TimeoutExpired:
+                    monitor.kill()
+                    monitor.wait()
+                monitor.stdout.close()
 
-    def check(self) -> list[str]:
+    def check(self, ovs: bool = True) -> list[str]:
         agents = list(self.created.agents)
-        found = foreign_mbvisor(self.created.lab.prefix, {agent.pid for agent in agents})
+        own = {agent.pid for agent in agents}
+        prefix = self.created.lab.prefix
+        found = foreign_mbvisor(prefix, own) if ovs else foreign_agents(own)
         for agent in agents:
             found += [f"our agent served {c['channel']}" for c in agent.channels() or []
-                      if not c["interface"].startswith(self.created.lab.prefix)]
+                      if not c["interface"].startswith(prefix)]
         return found
 
 
@@ -810,8 +846,8 @@ def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
         f"       latency: {p['latency_commands']} commands one at a time (A/D of one IP filter), ChannelWriter."
         f"request() until the answer is in",
         f"       the region; baseline: the same commands by Controller.ok (REST, no channel, no idempotency key),",
-        f"       blocks of {p['latency_block']} alternating; {over['latency_over_target']} agent samples and "
-        f"{over['latency_direct_over_target']} direct ones above {TARGET_P99_MS:g} ms.",
+        f"       blocks of {p['latency_block']} alternating; {over['agent']} agent samples and "
+        f"{over['direct']} direct ones above {TARGET_P99_MS:g} ms.",
         f"       throughput: 1 channel x {p['one_channel_commands']}, {p['parallel_channels']} channels x "
         f"{p['per_channel_commands']} commands, one writer process per channel",
         f"       pipelining {p['window']}, {p['filter_block']} distinct filters added then deleted; baseline: "
