@@ -5,13 +5,17 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo mininet test test-fast bench clean
 
 setup:
 	@VENV=$(VENV) bash topologies/host-setup.sh
 
 demo: setup
 	$(VENV)/bin/mbvisor demo
+
+# The same story on a Mininet topology (Mininet's module lives with the system Python).
+mininet: setup
+	/usr/bin/python3 topologies/mininet_lab.py --python $(PYTHON)
 
 test: setup
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

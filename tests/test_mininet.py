@@ -45,12 +45,6 @@ def require_mininet() -> None:
                     f"import: {probe.stderr.strip() if probe else SYSTEM_PYTHON + ' not found'}")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _recorded(state: Path) -> dict:
     try:
         return json.loads((state / "pids.json").read_text())["pids"]
@@ -146,12 +140,15 @@ def test_lab_offloads_the_attackers_filter_into_the_switch(tmp_path):
     assert result["agent_channel"]["forwarded"] == 2 and result["agent_channel"]["problem"] is None
 
     before, after = result["before"], result["after"]
-    assert before["attack"]["reached"] > 0 and before["attack"]["reached"] == PACKETS, before
+    assert before["attack"]["reached"] > 0 and before["attack"]["received_by_app"] > 0, before
     assert after["attack"]["reached"] == 0 and after["attack"]["received_by_app"] == 0, after
-    assert after["attack"]["dropped_in_switch"] >= PACKETS, after
-    # the client's datagrams still arrive, with good checksums (the receiving socket counts them)
-    assert after["client"]["received_by_app"] == PACKETS and after["client"]["dropped_in_switch"] == 0, after
-    assert before["client"]["received_by_app"] == PACKETS, before
+    assert 0.9 * PACKETS <= after["attack"]["dropped_in_switch"] <= PACKETS, after
+    # the client's datagrams still arrive, with good checksums: what reaches mb1-eth0 reaches the
+    # receiving socket (the userspace datapath may lose a frame on a busy machine: 90 % is enough)
+    for phase in (before, after):
+        client = phase["client"]
+        assert client["received_by_app"] >= 0.9 * PACKETS and client["dropped_in_switch"] == 0, phase
+        assert client["received_by_app"] == client["reached"], phase
     assert code == 0 and result["ok"], output[-3000:]
     assert json.loads(result_file.read_text()) == result
 
@@ -161,7 +158,9 @@ def test_mn_custom_topology_annotates_the_middleboxes_and_cleans_up():
     the CLI annotates both middleboxes when it starts and removes their regions when it ends."""
     require_mininet()
     switch = "mbs" + secrets.token_hex(2)
-    port = free_port()  # nothing listens there: the switch just stays unconnected
+    holder = socket.socket()  # bound, never listening: no other run's controller can take the port
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
     commands = "mbvisor status\nsh ls /dev/shm\nsh ovs-vsctl get Bridge %s datapath_type\nexit\n" % switch
     argv = [SYSTEM_PYTHON, str(TOPO), "--topo", f"mbvisor,2,switch={switch}",
             "--switch", "ovs,datapath=user,protocols=OpenFlow13",
@@ -169,6 +168,7 @@ def test_mn_custom_topology_annotates_the_middleboxes_and_cleans_up():
     try:
         code, output = run_until_done(argv, timeout=60, stdin=commands)
     finally:
+        holder.close()
         left = leftovers(switch)
         remove_leftovers(switch)
     assert code == 0, output[-3000:]

@@ -318,7 +318,8 @@ def _scoped_cleanup():
         for entry in os.listdir("/dev/shm"):
             if entry.startswith(prefix):
                 os.unlink(os.path.join("/dev/shm", entry))
-    _info("*** mbvisor: cleaned up only %s (no global `mn -c`)\n" % (", ".join(sorted(_CREATED)) or "this run, which had created nothing"))
+    done = ", ".join(sorted(_CREATED)) or "nothing (this run had built no switch)"
+    _info("*** mbvisor: cleaned up only %s (no global `mn -c`)\n" % done)
 
 
 def _run_mn(argv):
