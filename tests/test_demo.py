@@ -27,7 +27,7 @@ def test_demo_offloads_the_attack_and_the_redirect(tmp_path):
     result = json.loads(output.read_text())
     before, after = result["before"], result["after"]
     assert result["ok"] and all(result["checks"].values())
-    assert before["attack_reached_middlebox"] >= 0.95 * before["attack_sent"] > 0
+    assert before["attack_reached_middlebox"] >= 0.8 * before["attack_sent"] > 0
     assert after["attack_reached_middlebox"] == 0
     assert after["client_ok"] == after["client_requests"] and after["client_peer"] == "10.0.0.5"
     assert after["client_packets_reaching_middlebox"] == 0 < before["client_packets_reaching_middlebox"]

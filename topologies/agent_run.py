@@ -13,7 +13,7 @@ import uuid
 from mbvisor.guest.region import open_file
 
 from .controller_run import Controller
-from .netlab import wait_until
+from .netlab import die_with_parent, wait_until
 
 
 class AgentProcess:
@@ -32,7 +32,8 @@ class AgentProcess:
                 [sys.executable, "-m", "mbvisor.agents.cli", "agent", "--controller",
                  f"http://127.0.0.1:{self.controller.rest_port}", "--token-file",
                  str(self.controller.state_dir / "token"), "--status-file", str(self.status_file),
-                 "--discovery-interval", "0.3", *[f"--bridge={name}" for name in self.bridges]], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                 "--discovery-interval", "0.3", *[f"--bridge={name}" for name in self.bridges]],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         return self
 
     def stop(self, sig=signal.SIGTERM) -> int | None:

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from mbvisor.topologies.netlab import wait_until
+from .netlab import die_with_parent, wait_until
 
 
 def free_port() -> int:
@@ -58,7 +58,7 @@ class Controller:
                        "MBVISOR_REST_PORT": str(self.rest_port), "MBVISOR_TOKEN": self.token}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(self._argv(token_file), stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True, env=environment)
+                                            start_new_session=True, env=environment, preexec_fn=die_with_parent)
         wait_until(self._healthy, timeout=20, what=f"controller REST on port {self.rest_port} (log {self.log})")
         return self
 

@@ -122,6 +122,14 @@ def run(argv: Sequence[str], *, check: bool = True, timeout: float | None = COMM
     return done
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for lab processes: the kernel sends SIGTERM when the process that
+    started them dies, so a test runner killed from outside leaves no controller or agent."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def wait_until(predicate: Callable[[], T], timeout: float = 5.0, what: str = "condition",
                interval: float = 0.02) -> T:
     """Poll ``predicate`` until it returns something truthy and return that value.
