@@ -42,7 +42,7 @@ class AgentSettings:
     rate: float = 200.0          # commands per second per channel, sustained
     burst: float = 400.0
     discovery_interval: float = 2.0
-    idle_ceiling: float = 20e-3  # longest pause of the poller when every channel is idle
+    idle_ceiling: float = 10e-3  # longest pause of the poller when every channel is idle
     status_file: Path | None = None
 
 
@@ -89,23 +89,30 @@ class Agent:
     # --- life cycle ---------------------------------------------------------------------
 
     def run(self) -> None:
-        """Until ``stop`` is set: discover channels, poll them, wake their workers."""
+        """Until ``stop`` is set: poll every channel, wake the workers of those with work.
+        Discovery runs in its own thread, so scanning OVS never delays a command."""
+        self.refresh()
+        discovery = threading.Thread(target=self._discover, name="discovery", daemon=True)
+        discovery.start()
         backoff = Backoff(ceiling=self.settings.idle_ceiling)
-        next_discovery = 0.0
         while not self.stop.is_set():
-            now = time.monotonic()
-            if now >= next_discovery:
-                self.refresh()
-                next_discovery = now + self.settings.discovery_interval
             busy = False
             for channel in list(self.channels.values()):
-                if not channel.working and channel.reader.has_work():
-                    channel.wake.set()
-                    busy = True
+                try:
+                    if not channel.working and channel.reader.has_work():
+                        channel.wake.set()
+                        busy = True
+                except ValueError:
+                    continue  # closed by discovery meanwhile
             if busy:
                 backoff.reset()
-            backoff.wait(next_discovery)
+            backoff.wait()
+        discovery.join(timeout=10)
         self.shutdown()
+
+    def _discover(self) -> None:
+        while not self.stop.wait(self.settings.discovery_interval):
+            self.refresh()
 
     def shutdown(self) -> None:
         for name in list(self.channels):
@@ -167,7 +174,7 @@ class Agent:
 
     def _work(self, channel: Channel) -> None:
         while not channel.stop.is_set():
-            channel.wake.wait(timeout=1.0)
+            channel.wake.wait()  # set by the poller, or by _close to stop
             channel.wake.clear()
             channel.working = True
             try:

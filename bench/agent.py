@@ -19,15 +19,16 @@ here) annotated like QEMU's launch script does (``external_ids:mbvisor-channel``
   the same agent with no channel, over the same time; all its threads (schedstat of every
   task), and separately with its reaped children (the ``ovs-vsctl`` runs of discovery).
 
-    python bench/agent.py            # about two minutes on 2 cores
-    python bench/agent.py --quick    # under a minute
+    python bench/agent.py            # about a minute on 2 cores
+    python bench/agent.py --quick    # about 25 s
     python bench/agent.py --json out.json
 
 The table on stdout has the same rows every run; progress goes to stderr.  ``ratio`` is
 agent / baseline.  Needs root and a running Open vSwitch (``make setup``).  Everything it
 creates (bridge, ports, regions, processes, a state directory) is removed on exit,
 including on Ctrl-C.  Another mbvisor agent on the machine would serve this run's
-channels (and this run's agent would serve its): the benchmark waits until there is none.
+channels (and this run's agent would serve its): the benchmark waits until there is none,
+and stops, removing what it made, if one appears while it runs.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import time
 import uuid
 from pathlib import Path
 
+from benchlib import BenchError, expect, judge
 try:
     from mbvisor.agents.discovery import CHANNEL_KEY
     from mbvisor.guest.channel_errors import ChannelError
@@ -94,9 +96,6 @@ ROWS = [
 
 _T0 = time.perf_counter()
 
-
-class BenchError(RuntimeError):
-    """The benchmark itself failed (wrong answer, a process died): figures are meaningless."""
 
 
 def progress(message: str) -> None:
@@ -196,17 +195,6 @@ def _child_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
-def _expect(conn, what: str, timeout: float = 60.0):
-    if not conn.poll(timeout):
-        raise BenchError(f"no message from the {what} within {timeout:g} s")
-    try:
-        message = conn.recv()
-    except EOFError:
-        raise BenchError(f"the {what} exited without reporting") from None
-    if isinstance(message, tuple) and message and message[0] == "error":
-        raise BenchError(f"the {what} failed: {message[1]}")
-    return message
-
 
 # --------------------------------------------------------------------------- the agent
 
@@ -260,8 +248,7 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise BenchError(f"agent exited with {self.process.returncode}; log {self.log}:\n"
-                                 f"{self.log.read_text()[-2000:]}")
+                raise BenchError(f"agent exited with {self.process.returncode} (log {self.log})")
             channels = self.channels()
             if channels is not None and {c["channel"] for c in channels} == names:
                 return
@@ -600,9 +587,9 @@ def parallel(created: Created, target, per_child: list[tuple], what: str) -> flo
         links.append(parent)
     try:
         for link in links:
-            _expect(link, what)
+            expect(link, what, 60.0)
         go.set()
-        results = [_expect(link, what, timeout=600.0) for link in links]
+        results = [expect(link, what, timeout=600.0) for link in links]
     finally:
         for link in links:
             link.close()
@@ -633,7 +620,7 @@ def _mtime_ns(path: Path) -> int:
 
 def measure_latency(controller: Controller, agent: AgentProcess, dpid: int, vm: Vm, count: int) -> dict:
     """Latency samples (ms) of both paths, and which agent samples overlapped a discovery:
-    the agent rewrites its status file when a discovery ends, in the poller's thread."""
+    the agent rewrites its status file when a discovery ends."""
     writer = ChannelWriter(open_file(vm.region))
     try:
         channel_request(writer, f"R F {vm.mac} {vm.firewall_ip}")
@@ -827,12 +814,6 @@ def run(profile: dict, created: Created) -> dict:
 
 # --------------------------------------------------------------------------- report
 
-def _judge(value: float, target) -> str | None:
-    if target is None:
-        return None
-    op, limit = target
-    return "PASS" if (value >= limit if op == ">=" else value <= limit) else "MISS"
-
 
 def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
     p = result["params"]
@@ -845,7 +826,7 @@ def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
     for key, label, fmt, target in ROWS:
         value, base = result["agent"][key], result["baseline"][key]
         ratio = value / base if base > 0 else None
-        verdict = _judge(value, target)
+        verdict = judge(value, target)
         target_text = f"{target[0]} {target[1]:g}" if target else "-"
         ratio_text = f"{ratio:.2f}" if ratio is not None else "n/a"
         lines.append(f"{label:<40}{fmt.format(value):>10}{fmt.format(base):>10}{ratio_text:>8}  "
@@ -861,7 +842,7 @@ def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
         f"       the region; baseline: the same commands by Controller.ok (REST, no channel, no idempotency key),",
         f"       blocks of {p['latency_block']} alternating.  Above {TARGET_P99_MS:g} ms: {over['agent']} agent "
         f"samples, {over['agent_during_discovery']} of them overlapping a discovery",
-        f"       (which runs in the poller's thread; {over['discoveries']} agent samples overlapped one), "
+        f"       (discovery runs in its own thread; {over['discoveries']} agent samples overlapped one), "
         f"{over['direct']} direct samples.",
         f"       throughput: 1 channel x {p['one_channel_commands']}, {p['parallel_channels']} channels x "
         f"{p['per_channel_commands']} commands, one writer process per channel",

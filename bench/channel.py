@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 
+from benchlib import BenchError, expect, judge
 try:
     from mbvisor.guest import ring
     from mbvisor.guest.channel_errors import ChannelError
@@ -80,9 +81,6 @@ _children: list = []   # processes started by this run, stopped in cleanup()
 _fds: set[int] = set()  # pipe descriptors opened by this run
 _paths: list[str] = []  # /dev/shm files created by this run
 
-
-class BenchError(RuntimeError):
-    """The benchmark itself failed (wrong answer, a child died): figures are meaningless."""
 
 
 def progress(message: str) -> None:
@@ -130,14 +128,6 @@ def _child_signals(graceful: threading.Event | None = None) -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: graceful.set())
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
-
-def _expect(conn, what: str, timeout: float = 30.0):
-    if not conn.poll(timeout):
-        raise BenchError(f"no message from the {what} within {timeout:g} s")
-    try:
-        return conn.recv()
-    except EOFError:
-        raise BenchError(f"the {what} exited without reporting") from None
 
 
 def _pipe() -> tuple[int, int]:
@@ -387,7 +377,7 @@ class PipeServer:
         parent, child = CTX.Pipe()
         self.process = _spawn(_pipe_server_main, server_pairs, child)
         child.close()
-        _expect(parent, "pipe server")
+        expect(parent, "pipe server", 30.0)
         parent.close()
         _close_fds(*(fd for pair in server_pairs for fd in pair))
 
@@ -422,9 +412,9 @@ def _parallel(target, per_writer_args: list[tuple], what: str) -> tuple[float, i
         links.append(parent)
     try:
         for link in links:
-            _expect(link, what)
+            expect(link, what, 30.0)
         go.set()
-        results = [_expect(link, what, timeout=300.0) for link in links]
+        results = [expect(link, what, timeout=300.0) for link in links]
     finally:
         for link in links:
             link.close()
@@ -463,7 +453,7 @@ def _run(profile: dict, path: str, region) -> dict:
     parent, child = CTX.Pipe()
     reader_process = _spawn(_reader_main, path, child)
     child.close()
-    reader_pid = _expect(parent, "ring reader")
+    reader_pid = expect(parent, "ring reader", 30.0)
     progress(f"ring {geometry.slot_count}x{geometry.command_slot_size}/{geometry.response_slot_size} "
              f"in {path}; reader pid {reader_pid}")
 
@@ -538,7 +528,7 @@ def _run(profile: dict, path: str, region) -> dict:
     link, child = CTX.Pipe()
     idle_process = _spawn(_idle_select_main, idle_r, child)
     child.close()
-    _expect(link, "idle baseline")
+    expect(link, "idle baseline", 30.0)
     link.close()
     time.sleep(0.5)  # the reader's back-off reaches its ceiling within ~15 ms
     pids = (reader_pid, idle_process.pid)
@@ -555,7 +545,7 @@ def _run(profile: dict, path: str, region) -> dict:
 
     # the reader must have answered every command exactly once, none corrupt
     os.kill(reader_pid, signal.SIGTERM)
-    stats = _expect(parent, "ring reader", timeout=10.0)
+    stats = expect(parent, "ring reader", timeout=10.0)
     parent.close()
     _stop(reader_process)
     if stats["commands"] != ring_sent or stats["corrupt"]:
@@ -573,13 +563,6 @@ def _run(profile: dict, path: str, region) -> dict:
 
 # --------------------------------------------------------------------------- report
 
-def _judge(value: float, target) -> str | None:
-    if target is None:
-        return None
-    op, limit = target
-    ok = value >= limit if op == ">=" else value <= limit
-    return "PASS" if ok else "MISS"
-
 
 def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
     g = result["geometry"]
@@ -594,7 +577,7 @@ def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
     for key, label, unit, fmt, target in ROWS:
         ring_v, base_v = result["ring"][key], result["baseline"][key]
         ratio = ring_v / base_v if base_v > 0 else None
-        verdict = _judge(ring_v, target)
+        verdict = judge(ring_v, target)
         target_text = f"{target[0]} {target[1]:g}" if target else "-"
         ratio_text = f"{ratio:.2f}" if ratio is not None else "n/a"
         lines.append(f"{label:<32}{fmt.format(ring_v):>12}{fmt.format(base_v):>16}{ratio_text:>8}  "

@@ -1,0 +1,31 @@
+"""What every benchmark script here shares: its failure type, target verdicts, and
+waiting for a child process's report.  (Scripts run as ``python bench/NAME.py``, so this
+directory is on their import path.)"""
+
+from __future__ import annotations
+
+
+class BenchError(RuntimeError):
+    """The benchmark itself failed (wrong answer, a process died): figures are meaningless."""
+
+
+def judge(value: float, target) -> str | None:
+    """PASS/MISS against ``(">=" | "<=", limit)``, or None for a row without a target."""
+    if target is None:
+        return None
+    op, limit = target
+    return "PASS" if (value >= limit if op == ">=" else value <= limit) else "MISS"
+
+
+def expect(conn, what: str, timeout: float):
+    """The next message a child sends on ``conn``; BenchError if it is silent, exits, or
+    reports ``("error", text)``."""
+    if not conn.poll(timeout):
+        raise BenchError(f"no message from the {what} within {timeout:g} s")
+    try:
+        message = conn.recv()
+    except EOFError:
+        raise BenchError(f"the {what} exited without reporting") from None
+    if isinstance(message, tuple) and message and message[0] == "error":
+        raise BenchError(f"the {what} failed: {message[1]}")
+    return message
