@@ -38,6 +38,11 @@ class VmChannel:
         return f"{self.vm_id}/{self.interface}"
 
 
+def _mac(text: str) -> str:
+    """The grammar's canonical MAC form (lower case, colons), which vetting compares with."""
+    return text.strip().lower().replace("-", ":")
+
+
 def _ovs_map(value) -> dict:
     """ovsdb's JSON encoding of a map column: ["map", [[k, v], ...]]."""
     return dict(value[1]) if isinstance(value, list) and value and value[0] == "map" else {}
@@ -79,7 +84,7 @@ def vm_channels(bridges: dict, ports: dict, interfaces: dict) -> list[VmChannel]
             continue
         mac = ids.get("attached-mac") or (interface["mac_in_use"] if isinstance(interface["mac_in_use"], str) else "")
         channels.append(VmChannel(interface["name"], region, dpid, ofport,
-                                  tuple(m.lower() for m in [mac] if m), ids.get("vm-id", interface["name"]),
+                                  tuple(_mac(m) for m in [mac] if m), ids.get("vm-id", interface["name"]),
                                   bridge_name))
     return sorted(channels, key=lambda c: c.interface)
 
@@ -102,5 +107,5 @@ def load_static(path: str | Path) -> list[VmChannel]:
     """Channels from a JSON file: ``[{"interface", "region", "dpid", "port", "macs", "vm_id"}]``."""
     entries = json.loads(Path(path).read_text())
     return sorted((VmChannel(e["interface"], e["region"], int(str(e["dpid"]), 16) if isinstance(e["dpid"], str)
-                             else int(e["dpid"]), int(e["port"]), tuple(m.lower() for m in e["macs"]),
+                             else int(e["dpid"]), int(e["port"]), tuple(_mac(m) for m in e["macs"]),
                              e.get("vm_id", e["interface"])) for e in entries), key=lambda c: c.interface)

@@ -461,3 +461,12 @@ def test_never_more_than_burst_plus_rate_times_elapsed(rate, burst, gaps):
         granted += bucket.take(now)
         assert granted <= burst + rate * (now - start) + 1e-9
     assert granted >= min(burst, len(gaps))  # the first `burst` takes at most are never refused
+
+
+def test_static_macs_are_compared_in_canonical_form(tmp_path):
+    path = tmp_path / "channels.json"
+    path.write_text('[{"interface": "tap1", "region": "/dev/shm/r", "dpid": 1, "port": 2, '
+                    '"macs": ["52-54-00-AB-CD-EF"]}]')
+    (channel,) = load_static(path)
+    assert channel.macs == ("52:54:00:ab:cd:ef",)
+    assert vet(b"@X 52:54:00:ab:cd:ef@", channel.macs).forward == ("X 52:54:00:ab:cd:ef",)
