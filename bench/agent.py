@@ -33,9 +33,7 @@ and stops, removing what it made, if one appears while it runs.
 
 from __future__ import annotations
 
-import argparse
 import collections
-import datetime
 import json
 import math
 import multiprocessing
@@ -52,7 +50,7 @@ import time
 import uuid
 from pathlib import Path
 
-from benchlib import BenchError, expect, judge
+from benchlib import BenchError, expect, judge, start
 try:
     from mbvisor.agents.discovery import CHANNEL_KEY
     from mbvisor.guest.channel_errors import ChannelError
@@ -865,17 +863,9 @@ def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="End-to-end benchmark of the mbvisor host agent "
-                                                 "(real controller, real agent, OVS bridge).")
-    parser.add_argument("--quick", action="store_true", help="fewer commands, 3 s idle CPU")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
-    args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "default"
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-    def terminated(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, terminated)
+    args, mode, when = start("End-to-end benchmark of the mbvisor host agent "
+                       "(real controller, real agent, OVS bridge).",
+                       "fewer commands, 3 s idle CPU", argv)
     created = Created()
 
     def interfered(signum, frame):

@@ -29,3 +29,24 @@ def expect(conn, what: str, timeout: float):
     if isinstance(message, tuple) and message and message[0] == "error":
         raise BenchError(f"the {what} failed: {message[1]}")
     return message
+
+
+def start(description: str, quick_help: str, argv: list[str] | None = None):
+    """The common start of a benchmark's main(): ``--quick`` and ``--json PATH`` parsed,
+    SIGTERM turned into KeyboardInterrupt (so cleanup runs), and the UTC timestamp.
+    Returns (args, mode, when)."""
+    import argparse
+    import datetime
+    import signal
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
+    args = parser.parse_args(argv)
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return args, "quick" if args.quick else "default", when

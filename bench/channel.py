@@ -20,9 +20,7 @@ including on Ctrl-C.
 
 from __future__ import annotations
 
-import argparse
 import collections
-import datetime
 import json
 import math
 import multiprocessing
@@ -37,7 +35,7 @@ import threading
 import time
 import uuid
 
-from benchlib import BenchError, expect, judge
+from benchlib import BenchError, expect, judge, start
 try:
     from mbvisor.guest import ring
     from mbvisor.guest.channel_errors import ChannelError
@@ -608,17 +606,9 @@ def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark the mbvisor shared-memory channel "
-                                                 "against an os.pipe() baseline measured in the same run.")
-    parser.add_argument("--quick", action="store_true", help="smaller run, about 10 s")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
-    args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "default"
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-    def terminated(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, terminated)
+    args, mode, when = start("Benchmark the mbvisor shared-memory channel "
+                       "against an os.pipe() baseline measured in the same run.",
+                       "smaller run, about 10 s", argv)
 
     try:
         result = run(PROFILES[mode])

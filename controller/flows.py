@@ -33,7 +33,7 @@ from itertools import product
 
 from mbvisor.guest.commands import Filter, Layer
 
-from .model import Middlebox, Redirect, State
+from .model import Middlebox, State
 
 COOKIE_TAG = 0x4D42 << 48
 COOKIE_TAG_MASK = 0xFFFF << 48

@@ -75,7 +75,7 @@ def test_mbctl_success_means_the_flow_is_in_the_switch(setup):
 
 
 def test_another_tenants_mac_is_refused_and_its_traffic_untouched(setup):
-    bridge, h, region = setup["bridge"], setup["hosts"], setup["region"]
+    h, region = setup["hosts"], setup["region"]
     code, answer = mbctl(region, "-w", f"@R F {OTHER_MAC} 10.0.0.6@@A {OTHER_MAC} I 4 s 10.0.0.66@")
     assert code == 1 and answer["status"] == "REFUSED"
     assert "is not this VM's MAC" in answer["text"] and "nothing was applied" in answer["text"]
@@ -118,7 +118,7 @@ def _stream(region: str, texts: list[str], results) -> None:
 
 
 def _commands(count: int) -> tuple[list[str], set[str]]:
-    texts, kept = [f"R F {MB_MAC} 10.0.0.5"], set()
+    texts, kept, previous = [f"R F {MB_MAC} 10.0.0.5"], set(), None
     for i in range(count - 1):
         address = f"10.{50 + i // 250}.{i % 250}.1"
         if i % 4 == 3:
@@ -162,7 +162,6 @@ def test_killed_mid_stream_nothing_lost_nothing_twice(setup, victim):
 
 
 def test_flood_and_garbage_slow_only_their_own_channel(setup, lab):
-    h, bridge = setup["hosts"], setup["bridge"]
     good = lab.host("good", ip="10.0.0.7/24", mac="52:34:56:00:12:44")
     good_region = make_region()
     try:

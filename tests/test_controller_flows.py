@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from mbvisor.controller import flows as F
 from mbvisor.controller.flows import (BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, ETH_IPV4, ETH_IPV6, FILTER,
                                       OFFLOAD_TABLE, REDIRECT, REDIRECT_FROM_SOURCE, REDIRECT_REPLY,
-                                      REDIRECT_TABLE, VLAN_PRESENT, Flow, Group, Neighbour, SwitchConfig, _port_masks,
+                                      REDIRECT_TABLE, VLAN_PRESENT, Flow, Neighbour, SwitchConfig, _port_masks,
                                       base_config, compile_filters, compile_middlebox, compile_redirects,
                                       compile_switch, cookie_of, ct_state, filter_matches, group_id, owned_groups)
 from mbvisor.controller.model import Binding, Middlebox, State, apply
