@@ -27,6 +27,7 @@ test-fast:
 bench: setup
 	$(PYTHON) bench/channel.py
 	$(PYTHON) bench/controller.py
+	$(PYTHON) bench/agent.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
