@@ -50,7 +50,7 @@ import time
 import uuid
 from pathlib import Path
 
-from benchlib import BenchError, expect, judge, start
+from benchlib import BenchError, judge, release_together, start
 try:
     from mbvisor.agents.discovery import CHANNEL_KEY
     from mbvisor.guest.channel_errors import ChannelError
@@ -576,24 +576,9 @@ def _client_main(controller: Controller, dpid: int, port: int, texts: list[str],
 def parallel(created: Created, target, per_child: list[tuple], what: str) -> float:
     """One child per argument tuple, released together; seconds from the first start to
     the last finish.  Any wrong answer fails the run."""
-    go = CTX.Event()
-    links, processes = [], []
-    for args in per_child:
-        parent, child = CTX.Pipe()
-        processes.append(_spawn(created, target, *args, go, child))
-        child.close()
-        links.append(parent)
-    try:
-        for link in links:
-            expect(link, what, 60.0)
-        go.set()
-        results = [expect(link, what, timeout=600.0) for link in links]
-    finally:
-        for link in links:
-            link.close()
-        for process in processes:
-            process.join(5.0)
-            _stop_child(process, created)
+    results = release_together(CTX, lambda *args: _spawn(created, *args),
+                               lambda process: _stop_child(process, created), target, per_child, what,
+                               ready_timeout=60.0, finish_timeout=600.0)
     bad = sum(r[2] for r in results)
     if bad:
         raise BenchError(f"{bad} commands not answered OK by the {what}s, e.g. "

@@ -50,3 +50,28 @@ def start(description: str, quick_help: str, argv: list[str] | None = None):
     signal.signal(signal.SIGTERM, terminated)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return args, "quick" if args.quick else "default", when
+
+
+def release_together(ctx, spawn, stop, target, per_child: list[tuple], what: str,
+                     ready_timeout: float, finish_timeout: float) -> list:
+    """One child per argument tuple (``spawn(target, *args, go, pipe_end)``), each reporting
+    when ready and then its result; all are released at once so they really compete.
+    Returns the results in order; every child is joined and ``stop``ped, even on failure."""
+    go = ctx.Event()
+    links, processes = [], []
+    for args in per_child:
+        parent, child = ctx.Pipe()
+        processes.append(spawn(target, *args, go, child))
+        child.close()
+        links.append(parent)
+    try:
+        for link in links:
+            expect(link, what, ready_timeout)
+        go.set()
+        return [expect(link, what, timeout=finish_timeout) for link in links]
+    finally:
+        for link in links:
+            link.close()
+        for process in processes:
+            process.join(5.0)
+            stop(process)

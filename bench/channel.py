@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 
-from benchlib import BenchError, expect, judge, start
+from benchlib import BenchError, expect, judge, release_together, start
 try:
     from mbvisor.guest import ring
     from mbvisor.guest.channel_errors import ChannelError
@@ -401,24 +401,8 @@ def _idle_select_main(rfd: int, conn) -> None:
 def _parallel(target, per_writer_args: list[tuple], what: str) -> tuple[float, int]:
     """Run one child per argument tuple, released together; returns (seconds from the
     first start to the last finish, wrong answers)."""
-    go = CTX.Event()
-    links, processes = [], []
-    for args in per_writer_args:
-        parent, child = CTX.Pipe()
-        processes.append(_spawn(target, *args, go, child))
-        child.close()
-        links.append(parent)
-    try:
-        for link in links:
-            expect(link, what, 30.0)
-        go.set()
-        results = [expect(link, what, timeout=300.0) for link in links]
-    finally:
-        for link in links:
-            link.close()
-        for process in processes:
-            process.join(5.0)
-            _stop(process)
+    results = release_together(CTX, _spawn, _stop, target, per_writer_args, what,
+                               ready_timeout=30.0, finish_timeout=300.0)
     start = min(r[0] for r in results)
     end = max(r[1] for r in results)
     return end - start, sum(r[2] for r in results)
