@@ -50,7 +50,7 @@ import time
 import uuid
 from pathlib import Path
 
-from benchlib import BenchError, judge, release_together, start
+from benchlib import BenchError, judge, publish, release_together, start
 try:
     from mbvisor.agents.discovery import CHANNEL_KEY
     from mbvisor.guest.channel_errors import ChannelError
@@ -883,13 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for problem in problems:
             print(f"bench/agent.py: cleanup: {problem}", file=sys.stderr)
-    table, document = report(result, mode, when)
-    print(table, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(document, f, indent=2)
-            f.write("\n")
-        progress(f"figures written to {args.json}")
+    publish(*report(result, mode, when), args.json, progress)
     return 0
 
 

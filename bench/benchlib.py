@@ -75,3 +75,15 @@ def release_together(ctx, spawn, stop, target, per_child: list[tuple], what: str
         for process in processes:
             process.join(5.0)
             stop(process)
+
+
+def publish(table: str, document: dict, json_path: str | None, progress) -> None:
+    """The stable table on stdout and, with --json, the same figures in a file."""
+    import json
+
+    print(table, flush=True)
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump(document, out, indent=2)
+            out.write("\n")
+        progress(f"figures written to {json_path}")

@@ -21,7 +21,6 @@ including on Ctrl-C.
 from __future__ import annotations
 
 import collections
-import json
 import math
 import multiprocessing
 import os
@@ -35,7 +34,7 @@ import threading
 import time
 import uuid
 
-from benchlib import BenchError, expect, judge, release_together, start
+from benchlib import BenchError, expect, judge, publish, release_together, start
 try:
     from mbvisor.guest import ring
     from mbvisor.guest.channel_errors import ChannelError
@@ -608,13 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cleanup()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    table, document = report(result, mode, when)
-    print(table, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(document, f, indent=2)
-            f.write("\n")
-        progress(f"figures written to {args.json}")
+    publish(*report(result, mode, when), args.json, progress)
     return 0
 
 
