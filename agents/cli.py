@@ -129,6 +129,18 @@ def demo(args: argparse.Namespace) -> int:
     return run_demo(args.output)
 
 
+BENCHMARKS = ("wakeups", "latency", "throughput", "control", "scale", "all", "report",
+              "channel", "controller", "agent")
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Run ``mbvisor.bench.<name>.main`` with the remaining arguments (its own --help)."""
+    import importlib
+
+    module = importlib.import_module(f"mbvisor.bench.{'suite' if args.name == 'all' else args.name}")
+    return module.main(args.arguments)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mbvisor", description="mbvisor host tools")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -177,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = sub.add_parser("demo", help="the lab demo: mbctl -> channel -> host reader -> answer")
     demo_parser.add_argument("--output", default="results/demo.json", help="machine-readable result")
     demo_parser.set_defaults(handler=demo)
+
+    bench_parser = sub.add_parser(
+        "bench", help="benchmarks: " + ", ".join(BENCHMARKS) + " (docs/benchmarks.md)",
+        description="Run one benchmark; arguments after NAME go to it (try: mbvisor bench NAME --help).")
+    bench_parser.add_argument("name", choices=BENCHMARKS, metavar="NAME", help=" | ".join(BENCHMARKS))
+    bench_parser.add_argument("arguments", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    bench_parser.set_defaults(handler=bench)
     return parser
 
 

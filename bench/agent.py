@@ -50,7 +50,7 @@ import time
 import uuid
 from pathlib import Path
 
-from benchlib import BenchError, judge, publish, release_together, start
+from mbvisor.bench.benchlib import BenchError, judge, publish, release_together, start
 try:
     from mbvisor.agents.discovery import CHANNEL_KEY
     from mbvisor.guest.channel_errors import ChannelError

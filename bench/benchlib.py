@@ -4,6 +4,10 @@ directory is on their import path.)"""
 
 from __future__ import annotations
 
+import math
+import statistics
+from dataclasses import dataclass
+
 
 class BenchError(RuntimeError):
     """The benchmark itself failed (wrong answer, a process died): figures are meaningless."""
@@ -87,3 +91,137 @@ def publish(table: str, document: dict, json_path: str | None, progress) -> None
             json.dump(document, out, indent=2)
             out.write("\n")
         progress(f"figures written to {json_path}")
+
+
+# --- The suite's common form: rounds, rows compared with a baseline, one table, one JSON ---
+
+SCHEMA = "mbvisor-bench/1"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A figure over repeated rounds: the median, with the lowest and highest round."""
+    median: float
+    low: float
+    high: float
+    values: tuple[float, ...]
+
+    @classmethod
+    def of(cls, values) -> "Spread":
+        values = tuple(float(v) for v in values)
+        if not values:
+            raise BenchError("a figure with no measured round")
+        return cls(statistics.median(values), min(values), max(values), values)
+
+    def text(self) -> str:
+        return f"{_number(self.median)} [{_number(self.low)}-{_number(self.high)}]"
+
+    def as_json(self) -> dict:
+        return {"median": self.median, "min": self.low, "max": self.high, "values": list(self.values)}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a benchmark's table: a subject's figure over the rounds, the baseline
+    measured in the same rounds, their ratio (computed round by round, so a slow moment of
+    the machine hits both sides), and the project's target with its verdict."""
+    metric: str
+    unit: str
+    subject: str
+    value: Spread
+    baseline_name: str | None = None
+    baseline: Spread | None = None
+    ratio: Spread | None = None
+    target: tuple[str, float] | None = None
+    target_on: str = "ratio"
+    verdict: str | None = None
+
+    def as_json(self) -> dict:
+        return {"metric": self.metric, "unit": self.unit, "subject": self.subject, "value": self.value.as_json(),
+                "baseline_name": self.baseline_name,
+                "baseline": self.baseline.as_json() if self.baseline else None,
+                "ratio": self.ratio.as_json() if self.ratio else None,
+                "target": list(self.target) if self.target else None, "target_on": self.target_on,
+                "verdict": self.verdict}
+
+
+def compare(metric: str, unit: str, subject: str, values, baseline_name: str | None = None,
+            baseline_values=None, target: tuple[str, float] | None = None, target_on: str | None = None) -> Row:
+    """A Row from per-round values.  With a baseline the ratio is subject/baseline per round
+    and the target (if any) applies to the ratio's median, unless ``target_on="value"``."""
+    value = Spread.of(values)
+    baseline = ratio = None
+    if baseline_values is not None:
+        baseline = Spread.of(baseline_values)
+        if len(baseline.values) != len(value.values):
+            raise BenchError(f"{metric}: {len(value.values)} rounds of {subject} but "
+                             f"{len(baseline.values)} of {baseline_name}")
+        ratio = Spread.of(v / b if b else math.inf if v else 1.0 for v, b in zip(value.values, baseline.values))
+    target_on = target_on or ("ratio" if ratio else "value")
+    judged = ratio if target_on == "ratio" else value
+    verdict = judge(judged.median, target) if judged is not None else None
+    return Row(metric, unit, subject, value, baseline_name, baseline, ratio, target, target_on, verdict)
+
+
+def _number(value: float) -> str:
+    """Three significant figures, no exponent for the sizes these tables show."""
+    if math.isinf(value) or math.isnan(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def _target_text(row: Row) -> str:
+    if not row.target:
+        return "-"
+    op, limit = row.target
+    return f"{op} {_number(limit)}{'x' if row.target_on == 'ratio' else ''}"
+
+
+def render_table(title: str, rows: list[Row]) -> str:
+    """The stable text table: same columns every run, one row per Row."""
+    header = (f"{'metric':34} {'unit':8} {'subject':20} {'median [min-max]':24} "
+              f"{'baseline':20} {'median [min-max]':24} {'ratio [min-max]':20} {'target':9} result")
+    lines = [title, header]
+    for row in rows:
+        lines.append(f"{row.metric:34} {row.unit:8} {row.subject:20} {row.value.text():24} "
+                     f"{row.baseline_name or '-':20} {row.baseline.text() if row.baseline else '-':24} "
+                     f"{row.ratio.text() if row.ratio else '-':20} {_target_text(row):9} {row.verdict or '-'}")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    """What the figures depend on: Python, CPUs, load average at the start."""
+    import os
+    import platform
+    return {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "kernel": platform.release()}
+
+
+def document(benchmark: str, mode: str, when: str, rounds: int, rows: list[Row], **extra) -> dict:
+    """The JSON form of a benchmark run (``SCHEMA``); ``extra`` holds raw per-round detail."""
+    return {"schema": SCHEMA, "benchmark": benchmark, "mode": mode, "when": when, "rounds": rounds,
+            "machine": machine(), "rows": [row.as_json() for row in rows], **extra}
+
+
+def title(benchmark: str, mode: str, when: str, rounds: int) -> str:
+    info = machine()
+    return (f"mbvisor bench {benchmark}  {when}  {mode}  rounds {rounds}  python {info['python']}  "
+            f"cpus {info['cpus']}  load {' '.join(map(str, info['loadavg']))}")
+
+
+def finish(benchmark: str, mode: str, when: str, rounds: int, rows: list[Row], json_path: str | None,
+           progress, **extra) -> int:
+    """Print the table, write the JSON (when asked), return the exit status (0: figures
+    measured, whatever the verdicts: a MISS is a result, not a failure)."""
+    publish(render_table(title(benchmark, mode, when, rounds), rows),
+            document(benchmark, mode, when, rounds, rows, **extra), json_path, progress)
+    return 0

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 
-from benchlib import BenchError, expect, judge, publish, release_together, start
+from mbvisor.bench.benchlib import BenchError, expect, judge, publish, release_together, start
 try:
     from mbvisor.guest import ring
     from mbvisor.guest.channel_errors import ChannelError

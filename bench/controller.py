@@ -181,14 +181,14 @@ def report(result: dict) -> str:
     return "\n".join([head, *rows, notes])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commands", type=int, default=1000, help="latency samples (default 1000)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000],
                         help="filter counts for the bulk install (default 1000 10000 100000)")
     parser.add_argument("--quick", action="store_true", help="200 commands, sizes 1000 10000")
     parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.commands, args.sizes = 200, [1000, 10000]
     try:

@@ -11,7 +11,8 @@ INSTALL_ONLY=0
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 DEBIAN_PACKAGES=(openvswitch-switch iproute2 iputils-ping ethtool procps python3 python3-venv
-                 qemu-system-x86 linux-image-cloud-amd64 busybox-static mininet)
+                 qemu-system-x86 linux-image-cloud-amd64 busybox-static mininet
+                 iperf3 iptables netsniff-ng)
 OVS_CTL=/usr/share/openvswitch/scripts/ovs-ctl
 
 say() { printf '[setup] %s\n' "$*"; }

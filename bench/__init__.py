@@ -1,0 +1,1 @@
+"""mbvisor's benchmarks: ``mbvisor bench <name>`` or ``python bench/<name>.py``."""
