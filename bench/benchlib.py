@@ -176,7 +176,7 @@ def _number(value: float) -> str:
         return f"{value:.1f}"
     if magnitude >= 1:
         return f"{value:.2f}"
-    return f"{value:.3g}"
+    return f"{value:#.3g}"
 
 
 def _target_text(row: Row) -> str:
