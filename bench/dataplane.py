@@ -1,0 +1,259 @@
+"""The data-path benchmarks' hypervisor: one OVS bridge (userspace datapath) run by the real
+controller, the real agent serving the middlebox's channel, and four hosts in namespaces:
+
+* ``client`` (10.0.0.1) talks to the middlebox's service address 10.0.0.5;
+* ``mb`` (10.0.0.5): the middlebox, doing its work in its own kernel like a Linux
+  middlebox VM would: a firewall of 51 iptables rules in ``raw PREROUTING`` (50 that do not
+  match plus one dropping the attacker) and a load balancer that DNATs everything for its
+  address to the backend (with SNAT, so replies come back through it);
+* ``backend`` (10.0.0.11) runs the servers (iperf3, a request/response echo server);
+* ``attacker`` (10.0.0.66) floods the middlebox's address with UDP (mausezahn).
+
+The three paths compared:
+
+* ``through-mb``: no offload; client -> 10.0.0.5 -> middlebox kernel -> backend;
+* ``offloaded``: the middlebox wrote ``filter add --src <attacker>`` and ``redirect --to
+  <backend>`` through its channel (``mbctl`` in its namespace); the switch drops the attack
+  and rewrites the client's connections to the backend (conntrack NAT), the middlebox sees
+  nothing;
+* ``direct``: the client addresses the backend itself, with the same offloads in place (so
+  the only difference from ``offloaded`` is the redirect's NAT).
+
+Used by ``wakeups``, ``latency``, ``throughput`` and ``scale``.  Everything created
+(namespaces, bridge, processes, region) is removed on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mbvisor.bench.benchlib import BenchError
+from mbvisor.topologies.agent_run import AgentProcess, annotate, make_region
+from mbvisor.topologies.controller_run import Controller
+from mbvisor.topologies.netlab import Lab, require_host_tools
+from mbvisor.topologies.traffic import Flood, flood
+
+MB_MAC = "52:34:56:00:12:22"
+MB_IP, CLIENT_IP, ATTACKER_IP, BACKEND_IP = "10.0.0.5", "10.0.0.1", "10.0.0.66", "10.0.0.11"
+PATHS = ("through-mb", "offloaded", "direct")
+IPERF_PORT, ECHO_PORT = 5201, 7000
+NON_MATCHING_RULES = 50      # the middlebox firewall's other rules (plus one for the attacker)
+
+# A request/response server (TCP_RR style): answers every byte with one byte.
+ECHO_SERVER = r"""
+import socket, sys, threading
+server = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=16)
+def serve(conn):
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with conn:
+        while data := conn.recv(64):
+            conn.sendall(data[-1:])
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+# The request/response client: one connection, one byte each way, ``count`` transactions
+# after ``warmup``; prints the latencies' percentiles in microseconds.
+ECHO_CLIENT = r"""
+import json, socket, sys, time
+host, port, count, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.create_connection((host, port), timeout=5)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+samples = []
+clock = time.perf_counter_ns
+for i in range(warmup + count):
+    started = clock()
+    s.sendall(b"x")
+    if s.recv(1) != b"x":
+        raise SystemExit("short answer")
+    if i >= warmup:
+        samples.append((clock() - started) / 1000)
+samples.sort()
+pick = lambda f: samples[min(len(samples) - 1, int(round(f * (len(samples) - 1))))]
+print(json.dumps({"count": len(samples), "p50_us": pick(0.5), "p99_us": pick(0.99),
+                  "mean_us": sum(samples) / len(samples)}))
+"""
+
+
+def settle(read, quiet: float = 0.5, timeout: float = 30.0):
+    """Poll ``read()`` until its value has not changed for ``quiet`` seconds (the userspace
+    datapath drains its queues after a sender stops), with a deadline; the last value."""
+    last, since, deadline = read(), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return last
+    raise BenchError(f"counters still moving after {timeout:g} s: {last}")
+
+
+class Dataplane:
+    """The lab described in the module docstring, as a context manager."""
+
+    def __init__(self, progress=print):
+        self.progress = progress
+        self.offloaded = False
+        self._work = tempfile.TemporaryDirectory(prefix="mbvisor-bench-")
+        self.workdir = Path(self._work.name)
+        self.lab = Lab()
+        self.controller = Controller(self.workdir)
+        self.agent: AgentProcess | None = None
+        self.region: str | None = None
+
+    # -- life cycle
+    def __enter__(self) -> "Dataplane":
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        require_host_tools()
+        self.progress("building the lab: bridge, controller, agent, client, middlebox, backend, attacker")
+        self.controller.start()
+        self.bridge = self.lab.bridge(controller=self.controller.target, fail_mode="secure")
+        self.client = self.lab.host("client", ip=f"{CLIENT_IP}/24")
+        self.mb = self.lab.host("mb", ip=f"{MB_IP}/24", mac=MB_MAC)
+        self.backend = self.lab.host("backend", ip=f"{BACKEND_IP}/24")
+        self.attacker = self.lab.host("attacker", ip=f"{ATTACKER_IP}/24")
+        self.controller.wait_switch(self.bridge.dpid)
+        self.lab.fill_arp()
+        self._middlebox_kernel()
+        self.iperf_server = self.backend.popen(["iperf3", "--server", "--port", str(IPERF_PORT)])
+        self.echo_server = self.backend.popen([sys.executable, "-I", "-c", ECHO_SERVER, str(ECHO_PORT)])
+        self.backend.wait_listening(IPERF_PORT, process=self.iperf_server)
+        self.backend.wait_listening(ECHO_PORT, process=self.echo_server)
+        self.region = make_region("mbvisor-bench")
+        annotate(self.mb, self.region, "vm-mb")
+        self.agent = AgentProcess(self.controller, self.workdir, bridges=(self.bridge.name,)).start()
+        self.agent.wait_serving(f"vm-mb/{self.mb.port_name}")
+
+    def _middlebox_kernel(self) -> None:
+        """The middlebox doing the work itself: forwarding, firewall rules, DNAT + SNAT."""
+        rules = [f"-A PREROUTING -s 192.0.2.{n} -j DROP" for n in range(1, NON_MATCHING_RULES + 1)]
+        rules.append(f"-A PREROUTING -s {ATTACKER_IP} -j DROP")
+        ruleset = "\n".join([
+            "*raw", *rules, "COMMIT",
+            "*nat",
+            f"-A PREROUTING -d {MB_IP} -p tcp -j DNAT --to-destination {BACKEND_IP}",
+            f"-A PREROUTING -d {MB_IP} -p udp -j DNAT --to-destination {BACKEND_IP}",
+            f"-A POSTROUTING -d {BACKEND_IP} -j SNAT --to-source {MB_IP}",
+            "COMMIT", ""])
+        self.mb.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        self.mb.run(["iptables-restore"], input=ruleset)
+
+    def close(self) -> None:
+        try:
+            if self.agent is not None:
+                self.agent.stop()
+            self.controller.stop()
+        finally:
+            self.lab.close()
+            if self.region and os.path.exists(self.region):
+                os.unlink(self.region)
+            self._work.cleanup()
+
+    # -- the middlebox's commands (real mbctl, real channel, agent, controller)
+    def mbctl(self, *arguments: str) -> dict:
+        done = self.mb.run([sys.executable, "-m", "mbvisor.guest.mbctl", "--shm", self.region, "--json",
+                            "--timeout", "20", *arguments], check=False)
+        lines = done.stdout.strip().splitlines()
+        answer = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"output": done.stdout}
+        if done.returncode != 0:
+            raise BenchError(f"mbctl {' '.join(arguments)} failed ({done.returncode}): {answer} {done.stderr}")
+        return answer
+
+    def offload(self) -> None:
+        """Filter the attacker and redirect the service to the backend, in the switch."""
+        if self.offloaded:
+            return
+        self.mbctl("register", "firewall", "--mac", MB_MAC, "--ip", MB_IP)
+        self.mbctl("filter", "add", "--mac", MB_MAC, "--layer", "ip", "--src", ATTACKER_IP)
+        self.mbctl("redirect", "--mac", MB_MAC, "--ip", MB_IP, "--to", BACKEND_IP)
+        self.offloaded = True
+
+    def withdraw(self) -> None:
+        """Cancel the registration: every offload goes, the middlebox does the work again."""
+        if not self.offloaded:
+            return
+        self.mbctl("cancel", "--mac", MB_MAC)
+        self.offloaded = False
+        leftover = [line for line in self.bridge.dump_flows() if MB_MAC in line]
+        if leftover:
+            raise BenchError(f"flows of the middlebox left after cancel: {leftover[:2]}")
+
+    def use(self, path: str) -> str:
+        """Put the lab in ``path``'s state; the address the client should talk to."""
+        if path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; one of {PATHS}")
+        if path == "through-mb":
+            self.withdraw()
+        else:
+            self.offload()
+        return BACKEND_IP if path == "direct" else MB_IP
+
+    # -- counters
+    def dropped_in_switch(self) -> int:
+        return sum(flow.n_packets for flow in self.bridge.flows() if flow.actions == "drop")
+
+    def mb_rx(self) -> int:
+        return self.mb.rx_packets()
+
+    # -- measurements
+    def attack(self, packets: int) -> dict:
+        """Flood the middlebox with ``packets`` UDP frames as fast as mausezahn goes; what left
+        the attacker, what reached the middlebox's interface, what the switch dropped."""
+        rx, dropped = self.mb_rx(), self.dropped_in_switch()
+        sent = flood(self.attacker, MB_IP, MB_MAC, packets)
+        rx_after, dropped_after = settle(lambda: (self.mb_rx(), self.dropped_in_switch()))
+        return {"sent": sent, "reached_mb": rx_after - rx, "dropped_in_switch": dropped_after - dropped}
+
+    def request_response(self, target: str, count: int, warmup: int = 200) -> dict:
+        done = self.client.python(ECHO_CLIENT, target, ECHO_PORT, count, warmup, timeout=120)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def iperf(self, target: str, seconds: float, udp: bool = False) -> dict:
+        """One iperf3 run from the client; TCP: received Gb/s; UDP (64-byte frames, unlimited
+        rate): packets/s the backend received."""
+        argv = ["iperf3", "--client", target, "--port", str(IPERF_PORT), "--time", f"{seconds:g}", "--json"]
+        if udp:
+            argv += ["--udp", "--bitrate", "0", "--length", "18"]
+        done = self.client.run(argv, check=False, timeout=seconds + 30)
+        try:
+            report = json.loads(done.stdout)
+        except ValueError:
+            raise BenchError(f"iperf3 to {target} gave no report: {done.stderr.strip() or done.stdout[-300:]}")
+        if "error" in report:
+            raise BenchError(f"iperf3 to {target}: {report['error']}")
+        end = report["end"]
+        if udp:
+            total = end["sum"]
+            return {"pps": (total["packets"] - total["lost_packets"]) / total["seconds"],
+                    "sent_pps": total["packets"] / total["seconds"], "lost_percent": total["lost_percent"]}
+        return {"gbps": end["sum_received"]["bits_per_second"] / 1e9,
+                "retransmits": end["sum_sent"].get("retransmits", 0)}
+
+    def under_flood(self) -> Flood:
+        """A background flood of the middlebox for the length of a ``with`` block."""
+        return Flood(self.attacker, MB_IP, MB_MAC)
+
+
+def schedule(rounds: int):
+    """(round, path) pairs: every path once per round, in alternating order, so that a
+    machine slowly warming up or cooling down does not favour one path."""
+    for number in range(rounds):
+        for path in (PATHS if number % 2 == 0 else tuple(reversed(PATHS))):
+            yield number, path

@@ -1,0 +1,77 @@
+"""latency: TCP request/response (one byte each way, TCP_RR style) p50/p99 for the
+middlebox's redirected service: through the middlebox (its kernel DNATs to the backend) vs
+the offloaded redirect (the switch rewrites the connection) vs direct to the backend.
+
+Each round measures every path once (alternating order); the table shows medians over the
+rounds with min-max, and ratios computed round by round.  See bench/dataplane.py for the
+lab and docs/benchmarks.md for the figures."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from mbvisor.bench.benchlib import compare, finish, start
+from mbvisor.bench.dataplane import PATHS, Dataplane, schedule
+
+TRANSACTIONS = {"default": 5000, "quick": 1000}
+TARGET_VS_MB = ("<=", 0.7)       # offloaded p50 / through-middlebox p50
+TARGET_VS_DIRECT = ("<=", 1.1)   # offloaded p50 / direct p50
+
+
+def progress(message: str) -> None:
+    print(f"[bench/latency] {message}", file=sys.stderr, flush=True)
+
+
+def measure(dataplane: Dataplane, rounds: int, transactions: int) -> dict[str, list[dict]]:
+    """Per path, one result per round: the client's p50/p99/mean in microseconds and the
+    packets that reached the middlebox's interface meanwhile."""
+    results: dict[str, list[dict]] = {path: [] for path in PATHS}
+    for number, path in schedule(rounds):
+        target = dataplane.use(path)
+        rx = dataplane.mb_rx()
+        result = dataplane.request_response(target, transactions)
+        result["mb_rx"] = dataplane.mb_rx() - rx
+        results[path].append(result)
+        progress(f"round {number + 1}/{rounds} {path:10}: p50 {result['p50_us']:.0f} us, "
+                 f"p99 {result['p99_us']:.0f} us, {result['mb_rx']} packets through the middlebox")
+    return results
+
+
+def rows(results: dict[str, list[dict]]) -> list:
+    def series(path, key):
+        return [result[key] for result in results[path]]
+
+    offloaded = "offloaded"
+    return [
+        compare("request/response p50", "us", offloaded, series(offloaded, "p50_us"),
+                "through-mb", series("through-mb", "p50_us"), TARGET_VS_MB),
+        compare("request/response p50", "us", offloaded, series(offloaded, "p50_us"),
+                "direct", series("direct", "p50_us"), TARGET_VS_DIRECT),
+        compare("request/response p99", "us", offloaded, series(offloaded, "p99_us"),
+                "through-mb", series("through-mb", "p99_us")),
+        compare("request/response p99", "us", offloaded, series(offloaded, "p99_us"),
+                "direct", series("direct", "p99_us")),
+        compare("packets through the middlebox", "packets", offloaded, series(offloaded, "mb_rx"),
+                "through-mb", series("through-mb", "mb_rx"), ("<=", 0), target_on="value"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, mode, when = start(__doc__.splitlines()[0], "1000 transactions per path and round, 2 rounds",
+                             argv, rounds=(5, 2))
+    transactions = TRANSACTIONS[mode]
+    started = time.monotonic()
+    try:
+        with Dataplane(progress) as dataplane:
+            results = measure(dataplane, args.rounds, transactions)
+    except KeyboardInterrupt:
+        progress("interrupted; everything created was removed")
+        return 130
+    progress(f"done in {time.monotonic() - started:.0f} s")
+    return finish("latency", mode, when, args.rounds, rows(results), args.json, progress,
+                  transactions=transactions, results=results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

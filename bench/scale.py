@@ -1,0 +1,91 @@
+"""scale: does the data path stay fast with many offloads?  Client TCP throughput and
+64-byte UDP rate over the offloaded redirect with no other offloads vs with 100,000 IP
+filters of 1,000 other middleboxes installed through the controller (the switch's megaflow
+cache should make the number of rules irrelevant to packets of established flows).
+
+Each round measures with none, installs the filters (timed), measures again and removes
+them (every other middlebox cancels), so each ratio compares neighbouring measurements.
+See bench/dataplane.py for the lab and docs/benchmarks.md for the figures."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from mbvisor.bench.benchlib import BenchError, compare, finish, start
+from mbvisor.bench.controller import MIDDLEBOXES, install, mac, rss_mb, vswitchd_pid
+from mbvisor.bench.dataplane import Dataplane
+
+FILTERS = {"default": 100_000, "quick": 10_000}
+SECONDS = {"default": 4.0, "quick": 2.0}
+TARGET = (">=", 0.95)
+
+
+def progress(message: str) -> None:
+    print(f"[bench/scale] {message}", file=sys.stderr, flush=True)
+
+
+def remove_others(dataplane: Dataplane) -> None:
+    """Every other middlebox cancels its registration; their flows must all be gone."""
+    controller, dpid = dataplane.controller, dataplane.bridge.dpid
+    for first in range(0, MIDDLEBOXES, 100):
+        answers = controller.batch(dpid, 1, [f"X {mac(i)}" for i in range(first, first + 100)])
+        if any(answer["status"] != "OK" for answer in answers):
+            raise BenchError(f"cancel refused: {[a for a in answers if a['status'] != 'OK'][:2]}")
+
+
+def drop_flows(dataplane: Dataplane) -> int:
+    return sum(1 for line in dataplane.bridge.dump_flows(no_stats=True) if "actions=drop" in line)
+
+
+def throughput(dataplane: Dataplane, seconds: float) -> dict:
+    target = dataplane.use("offloaded")
+    return {"gbps": dataplane.iperf(target, seconds)["gbps"],
+            "kpps": dataplane.iperf(target, seconds, udp=True)["pps"] / 1000}
+
+
+def measure(dataplane: Dataplane, rounds: int, filters: int, seconds: float) -> dict[str, list[dict]]:
+    results: dict[str, list[dict]] = {"none": [], "many": []}
+    for number in range(rounds):
+        empty = throughput(dataplane, seconds)
+        empty["drop_flows"] = drop_flows(dataplane)
+        progress(f"round {number + 1}/{rounds} installing {filters} filters of {MIDDLEBOXES} other middleboxes ...")
+        installed = install(dataplane.controller, dataplane.bridge, filters)
+        full = throughput(dataplane, seconds)
+        full.update(drop_flows=drop_flows(dataplane), install_s=installed,
+                    vswitchd_mb=rss_mb(vswitchd_pid()), controller_mb=rss_mb(dataplane.controller.process.pid))
+        if full["drop_flows"] < filters:
+            raise BenchError(f"only {full['drop_flows']} drop flows in the switch after installing {filters}")
+        remove_others(dataplane)
+        results["none"].append(empty)
+        results["many"].append(full)
+        progress(f"round {number + 1}/{rounds}: TCP {empty['gbps']:.2f} -> {full['gbps']:.2f} Gb/s, UDP "
+                 f"{empty['kpps']:.1f} -> {full['kpps']:.1f} kpps ({full['drop_flows']} drop flows, "
+                 f"installed in {installed:.1f} s)")
+    return results
+
+
+def rows(results: dict[str, list[dict]], filters: int) -> list:
+    many, none = f"{filters // 1000}k filters", "0 filters"
+    return [compare(metric, unit, many, [r[key] for r in results["many"]], none,
+                    [r[key] for r in results["none"]], TARGET)
+            for metric, unit, key in (("client TCP throughput", "Gb/s", "gbps"), ("64-byte UDP rate", "kpps", "kpps"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, mode, when = start(__doc__.splitlines()[0], "10,000 filters, 2 s runs, 1 round", argv, rounds=(3, 1))
+    filters, seconds = FILTERS[mode], SECONDS[mode]
+    started = time.monotonic()
+    try:
+        with Dataplane(progress) as dataplane:
+            results = measure(dataplane, args.rounds, filters, seconds)
+    except KeyboardInterrupt:
+        progress("interrupted; everything created was removed")
+        return 130
+    progress(f"done in {time.monotonic() - started:.0f} s")
+    return finish("scale", mode, when, args.rounds, rows(results, filters), args.json, progress,
+                  filters=filters, middleboxes=MIDDLEBOXES, seconds_per_run=seconds, results=results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""wakeups: how much of an attack still reaches the middlebox.  An attacker floods the
+middlebox's address with UDP; counted are the packets that reach the middlebox's interface
+per million sent, when the middlebox filters them itself (iptables in its namespace, the
+in-guest way) vs when its filter is offloaded to the switch.  Then the same with a real
+QEMU guest: virtio-net input interrupts in the guest per 100,000 attack packets, before
+and after the guest's ``mbctl filter add`` (bench/qemu_interrupts.py).
+
+Each round measures both ways once; the table shows medians over the rounds with min-max.
+See bench/dataplane.py for the namespace lab and docs/benchmarks.md for the figures."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from mbvisor.bench import qemu_interrupts
+from mbvisor.bench.benchlib import compare, finish, start
+from mbvisor.bench.dataplane import Dataplane
+
+PACKETS = {"default": 1_000_000, "quick": 200_000}        # namespace flood, per way and round
+QEMU_PACKETS = {"default": 100_000, "quick": 20_000}      # QEMU guest, per phase and round
+PER_MILLION, PER_100K = 1_000_000, 100_000
+
+
+def progress(message: str) -> None:
+    print(f"[bench/wakeups] {message}", file=sys.stderr, flush=True)
+
+
+def measure_namespaces(dataplane: Dataplane, rounds: int, packets: int) -> dict[str, list[dict]]:
+    """Per way ("in-guest filtering", "offloaded"), one attack() result per round."""
+    results: dict[str, list[dict]] = {"in-guest filtering": [], "offloaded": []}
+    for number in range(rounds):
+        ways = ("in-guest filtering", "offloaded") if number % 2 == 0 else ("offloaded", "in-guest filtering")
+        for way in ways:
+            dataplane.use("through-mb" if way == "in-guest filtering" else "offloaded")
+            result = dataplane.attack(packets)
+            results[way].append(result)
+            progress(f"round {number + 1}/{rounds} {way:18}: sent {result['sent']}, reached the middlebox "
+                     f"{result['reached_mb']}, dropped in the switch {result['dropped_in_switch']}")
+    return results
+
+
+def per(count: int, sent: int, unit: int) -> float:
+    return count * unit / sent if sent else float("nan")
+
+
+def rows(namespaces: dict[str, list[dict]], qemu: list[dict]) -> list:
+    def scaled(results, key, sent_key, unit):
+        return [per(r[key], r[sent_key], unit) for r in results]
+
+    offloaded, software = namespaces["offloaded"], namespaces["in-guest filtering"]
+    return [
+        compare("attack packets at the MB per 1M", "packets", "offloaded",
+                scaled(offloaded, "reached_mb", "sent", PER_MILLION), "in-guest filtering",
+                scaled(software, "reached_mb", "sent", PER_MILLION), ("<=", 0), target_on="value"),
+        compare("dropped in the switch per 1M", "packets", "offloaded",
+                scaled(offloaded, "dropped_in_switch", "sent", PER_MILLION), "in-guest filtering",
+                scaled(software, "dropped_in_switch", "sent", PER_MILLION)),
+        compare("QEMU virtio irqs per 100k", "irqs", "offloaded",
+                scaled(qemu, "interrupts_after", "sent_after", PER_100K), "in-guest filtering",
+                scaled(qemu, "interrupts_before", "sent_before", PER_100K), ("<=", 0), target_on="value"),
+        compare("QEMU guest rx per 100k", "packets", "offloaded",
+                scaled(qemu, "guest_rx_after", "sent_after", PER_100K), "in-guest filtering",
+                scaled(qemu, "guest_rx_before", "sent_before", PER_100K), ("<=", 0), target_on="value"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, mode, when = start(__doc__.splitlines()[0], "200,000 packets per way (QEMU: 20,000), fewer rounds",
+                             argv, rounds=(3, 1))
+    started = time.monotonic()
+    try:
+        with Dataplane(progress) as dataplane:
+            namespaces = measure_namespaces(dataplane, args.rounds, PACKETS[mode])
+        progress("the QEMU middlebox (a TCG guest: boots in about 15 s)")
+        qemu = qemu_interrupts.measure(args.rounds, packets=QEMU_PACKETS[mode], progress=progress)
+    except KeyboardInterrupt:
+        progress("interrupted; everything created was removed")
+        return 130
+    progress(f"done in {time.monotonic() - started:.0f} s")
+    return finish("wakeups", mode, when, args.rounds, rows(namespaces, qemu), args.json, progress,
+                  packets=PACKETS[mode], qemu_packets=QEMU_PACKETS[mode], namespaces=namespaces, qemu=qemu)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
