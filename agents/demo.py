@@ -30,7 +30,7 @@ from pathlib import Path
 
 from mbvisor.topologies.agent_run import AgentProcess, annotate, make_region
 from mbvisor.topologies.controller_run import Controller
-from mbvisor.topologies.netlab import Lab, require_host_tools
+from mbvisor.topologies.netlab import Lab, require_host_tools, settle
 
 MB_MAC = "52:34:56:00:12:22"
 MB_IP, CLIENT_IP, ATTACKER_IP, BACKEND_IP = "10.0.0.5", "10.0.0.1", "10.0.0.66", "10.0.0.11"
@@ -99,20 +99,6 @@ def say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
-def settle(read, quiet: float = 0.5, timeout: float = 20.0):
-    """Wait until the counters ``read()`` returns stop moving (the userspace datapath works
-    through its queues after the sender is done); the last reading."""
-    last, since, deadline = read(), time.monotonic(), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = read()
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            break
-    return last
-
-
 class Demo:
     def __init__(self, lab: Lab, workdir: Path):
         self.lab = lab
@@ -149,7 +135,7 @@ class Demo:
         # Paced (a few thousand packets/s): an unpaced burst overflows the userspace
         # datapath's receive queue and would count the switch's own losses as "stopped".
         sent = self.attacker.send_udp(self.mb, 9, count=ATTACK_PACKETS, interval=ATTACK_INTERVAL)
-        settle(lambda: (self.mb.rx_packets(), self._dropped_in_switch()))
+        settle(lambda: (self.mb.rx_packets(), self._dropped_in_switch()), timeout=20.0)
         attack_reached = self.mb.rx_packets() - reached
         before_client = self.mb.rx_packets()
         client = json.loads(self.client.python(CLIENT_PROGRAM, MB_IP, SERVICE_PORT, CLIENT_REQUESTS,

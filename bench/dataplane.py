@@ -32,10 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from mbvisor.bench.benchlib import BenchError
+from mbvisor.bench.benchlib import BenchError, finish
 from mbvisor.topologies.agent_run import AgentProcess, annotate, make_region
 from mbvisor.topologies.controller_run import Controller
-from mbvisor.topologies.netlab import Lab, require_host_tools
+from mbvisor.topologies.netlab import Lab, require_host_tools, settle
 from mbvisor.topologies.traffic import Flood, flood
 
 MB_MAC = "52:34:56:00:12:22"
@@ -79,20 +79,6 @@ pick = lambda f: samples[min(len(samples) - 1, int(round(f * (len(samples) - 1))
 print(json.dumps({"count": len(samples), "p50_us": pick(0.5), "p99_us": pick(0.99),
                   "mean_us": sum(samples) / len(samples)}))
 """
-
-
-def settle(read, quiet: float = 0.5, timeout: float = 30.0):
-    """Poll ``read()`` until its value has not changed for ``quiet`` seconds (the userspace
-    datapath drains its queues after a sender stops), with a deadline; the last value."""
-    last, since, deadline = read(), time.monotonic(), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = read()
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return last
-    raise BenchError(f"counters still moving after {timeout:g} s: {last}")
 
 
 class Dataplane:
@@ -257,3 +243,18 @@ def schedule(rounds: int):
     for number in range(rounds):
         for path in (PATHS if number % 2 == 0 else tuple(reversed(PATHS))):
             yield number, path
+
+
+def run_in_lab(benchmark: str, args, mode: str, when: str, progress, measure, make_rows, **extra) -> int:
+    """The body of a data-path benchmark's main(): build the lab, ``measure(dataplane)``,
+    tear the lab down (also on Ctrl-C), print and write ``make_rows(results)``."""
+    started = time.monotonic()
+    try:
+        with Dataplane(progress) as dataplane:
+            results = measure(dataplane)
+    except KeyboardInterrupt:
+        progress("interrupted; everything created was removed")
+        return 130
+    progress(f"done in {time.monotonic() - started:.0f} s")
+    return finish(benchmark, mode, when, args.rounds, make_rows(results), args.json, progress,
+                  results=results, **extra)

@@ -9,10 +9,9 @@ lab and docs/benchmarks.md for the figures."""
 from __future__ import annotations
 
 import sys
-import time
 
-from mbvisor.bench.benchlib import compare, finish, start
-from mbvisor.bench.dataplane import PATHS, Dataplane, schedule
+from mbvisor.bench.benchlib import compare, start
+from mbvisor.bench.dataplane import PATHS, Dataplane, run_in_lab, schedule
 
 TRANSACTIONS = {"default": 5000, "quick": 1000}
 TARGET_VS_MB = ("<=", 0.7)       # offloaded p50 / through-middlebox p50
@@ -61,16 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     args, mode, when = start(__doc__.splitlines()[0], "1000 transactions per path and round, 2 rounds",
                              argv, rounds=(5, 2))
     transactions = TRANSACTIONS[mode]
-    started = time.monotonic()
-    try:
-        with Dataplane(progress) as dataplane:
-            results = measure(dataplane, args.rounds, transactions)
-    except KeyboardInterrupt:
-        progress("interrupted; everything created was removed")
-        return 130
-    progress(f"done in {time.monotonic() - started:.0f} s")
-    return finish("latency", mode, when, args.rounds, rows(results), args.json, progress,
-                  transactions=transactions, results=results)
+    return run_in_lab("latency", args, mode, when, progress,
+                      lambda dataplane: measure(dataplane, args.rounds, transactions), rows,
+                      transactions=transactions)
 
 
 if __name__ == "__main__":

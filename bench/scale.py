@@ -10,11 +10,10 @@ See bench/dataplane.py for the lab and docs/benchmarks.md for the figures."""
 from __future__ import annotations
 
 import sys
-import time
 
-from mbvisor.bench.benchlib import BenchError, compare, finish, start
+from mbvisor.bench.benchlib import BenchError, compare, start
 from mbvisor.bench.controller import MIDDLEBOXES, install, mac, rss_mb, vswitchd_pid
-from mbvisor.bench.dataplane import Dataplane
+from mbvisor.bench.dataplane import Dataplane, run_in_lab
 
 FILTERS = {"default": 100_000, "quick": 10_000}
 SECONDS = {"default": 4.0, "quick": 2.0}
@@ -75,16 +74,10 @@ def rows(results: dict[str, list[dict]], filters: int) -> list:
 def main(argv: list[str] | None = None) -> int:
     args, mode, when = start(__doc__.splitlines()[0], "10,000 filters, 2 s runs, 1 round", argv, rounds=(3, 1))
     filters, seconds = FILTERS[mode], SECONDS[mode]
-    started = time.monotonic()
-    try:
-        with Dataplane(progress) as dataplane:
-            results = measure(dataplane, args.rounds, filters, seconds)
-    except KeyboardInterrupt:
-        progress("interrupted; everything created was removed")
-        return 130
-    progress(f"done in {time.monotonic() - started:.0f} s")
-    return finish("scale", mode, when, args.rounds, rows(results, filters), args.json, progress,
-                  filters=filters, middleboxes=MIDDLEBOXES, seconds_per_run=seconds, results=results)
+    return run_in_lab("scale", args, mode, when, progress,
+                      lambda dataplane: measure(dataplane, args.rounds, filters, seconds),
+                      lambda results: rows(results, filters), filters=filters, middleboxes=MIDDLEBOXES,
+                      seconds_per_run=seconds)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 
-from mbvisor.bench.benchlib import compare, finish, start
-from mbvisor.bench.dataplane import PATHS, Dataplane, schedule
+from mbvisor.bench.benchlib import compare, start
+from mbvisor.bench.dataplane import PATHS, Dataplane, run_in_lab, schedule
 
 SECONDS = {"default": 4.0, "quick": 2.0}     # per iperf3 run
 TARGETS = {("through-mb", False): (">=", 1.25), ("through-mb", True): (">=", 1.5),
@@ -67,16 +66,8 @@ def rows(results: dict[str, list[dict]]) -> list:
 def main(argv: list[str] | None = None) -> int:
     args, mode, when = start(__doc__.splitlines()[0], "2 s per iperf3 run, 1 round", argv, rounds=(3, 1))
     seconds = SECONDS[mode]
-    started = time.monotonic()
-    try:
-        with Dataplane(progress) as dataplane:
-            results = measure(dataplane, args.rounds, seconds)
-    except KeyboardInterrupt:
-        progress("interrupted; everything created was removed")
-        return 130
-    progress(f"done in {time.monotonic() - started:.0f} s")
-    return finish("throughput", mode, when, args.rounds, rows(results), args.json, progress,
-                  seconds_per_run=seconds, results=results)
+    return run_in_lab("throughput", args, mode, when, progress,
+                      lambda dataplane: measure(dataplane, args.rounds, seconds), rows, seconds_per_run=seconds)
 
 
 if __name__ == "__main__":

@@ -53,9 +53,9 @@ def rows(namespaces: dict[str, list[dict]], qemu: list[dict]) -> list:
         compare("attack packets at the MB per 1M", "packets", "offloaded",
                 scaled(offloaded, "reached_mb", "sent", PER_MILLION), "in-guest filtering",
                 scaled(software, "reached_mb", "sent", PER_MILLION), ("<=", 0), target_on="value"),
+        # (the switch drops nothing without the offload: no baseline, the ratio would be infinite)
         compare("dropped in the switch per 1M", "packets", "offloaded",
-                scaled(offloaded, "dropped_in_switch", "sent", PER_MILLION), "in-guest filtering",
-                scaled(software, "dropped_in_switch", "sent", PER_MILLION)),
+                scaled(offloaded, "dropped_in_switch", "sent", PER_MILLION)),
         compare("QEMU virtio irqs per 100k", "irqs", "offloaded",
                 scaled(qemu, "interrupts_after", "sent_after", PER_100K), "in-guest filtering",
                 scaled(qemu, "interrupts_before", "sent_before", PER_100K), ("<=", 0), target_on="value"),

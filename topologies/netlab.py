@@ -152,6 +152,21 @@ def wait_until(predicate: Callable[[], T], timeout: float = 5.0, what: str = "co
         pause = min(pause * 2, interval)
 
 
+def settle(read: Callable[[], T], quiet: float = 0.5, timeout: float = 30.0, what: str = "counters") -> T:
+    """Poll ``read()`` until its value has not changed for ``quiet`` seconds and return it:
+    the userspace datapath works through its queues for a while after a sender stops.
+    Raises :class:`WaitTimeout` if it still changes after ``timeout`` seconds."""
+    last, since, deadline = read(), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return last
+    raise WaitTimeout(f"{what} still changing after {timeout:g}s (last value: {last!r})")
+
+
 def datapath_id_for(prefix: str, index: int) -> int:
     """The datapath id a lab with ``prefix`` gives its ``index``-th bridge (0-based)."""
     digits = prefix[len(PREFIX_STEM):]
