@@ -35,9 +35,10 @@ def expect(conn, what: str, timeout: float):
     return message
 
 
-def start(description: str, quick_help: str, argv: list[str] | None = None):
-    """The common start of a benchmark's main(): ``--quick`` and ``--json PATH`` parsed,
-    SIGTERM turned into KeyboardInterrupt (so cleanup runs), and the UTC timestamp.
+def start(description: str, quick_help: str, argv: list[str] | None = None, rounds: tuple[int, int] | None = None):
+    """The common start of a benchmark's main(): ``--quick`` and ``--json PATH`` parsed
+    (and ``--rounds N`` when ``rounds`` gives its (default, quick) values), SIGTERM turned
+    into KeyboardInterrupt (so cleanup runs), and the UTC timestamp.
     Returns (args, mode, when)."""
     import argparse
     import datetime
@@ -46,7 +47,15 @@ def start(description: str, quick_help: str, argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
+    if rounds:
+        parser.add_argument("--rounds", type=int, metavar="N",
+                            help=f"repetitions (default {rounds[0]}, with --quick {rounds[1]})")
     args = parser.parse_args(argv)
+    if rounds:
+        if args.rounds is None:
+            args.rounds = rounds[1] if args.quick else rounds[0]
+        if args.rounds < 1:
+            parser.error("--rounds must be at least 1")
 
     def terminated(signum, frame):
         raise KeyboardInterrupt
@@ -189,12 +198,12 @@ def _target_text(row: Row) -> str:
 def render_table(title: str, rows: list[Row]) -> str:
     """The stable text table: same columns every run, one row per Row."""
     header = (f"{'metric':34} {'unit':8} {'subject':20} {'median [min-max]':24} "
-              f"{'baseline':20} {'median [min-max]':24} {'ratio [min-max]':20} {'target':9} result")
+              f"{'baseline':20} {'median [min-max]':24} {'ratio [min-max]':20} {'target':11} result")
     lines = [title, header]
     for row in rows:
         lines.append(f"{row.metric:34} {row.unit:8} {row.subject:20} {row.value.text():24} "
                      f"{row.baseline_name or '-':20} {row.baseline.text() if row.baseline else '-':24} "
-                     f"{row.ratio.text() if row.ratio else '-':20} {_target_text(row):9} {row.verdict or '-'}")
+                     f"{row.ratio.text() if row.ratio else '-':20} {_target_text(row):11} {row.verdict or '-'}")
     return "\n".join(lines)
 
 
