@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo mininet test test-fast bench clean
+.PHONY: setup demo mininet test test-fast bench bench-quick bench-components clean
 
 setup:
 	@VENV=$(VENV) bash topologies/host-setup.sh
@@ -24,7 +24,15 @@ test: setup
 test-fast:
 	$(PYTHON) -m pytest -m "not host" $(PYTEST_ARGS)
 
+# The suite (docs/benchmarks.md is written from its results; under 20 minutes on 2 cores).
 bench: setup
+	$(VENV)/bin/mbvisor bench all
+
+bench-quick: setup
+	$(VENV)/bin/mbvisor bench all --quick --results results/bench-quick --output results/bench-quick/benchmarks.md --plot results/bench-quick/benchmarks.png
+
+# The per-component benchmarks (channel ring, controller, agent).
+bench-components: setup
 	$(PYTHON) bench/channel.py
 	$(PYTHON) bench/controller.py
 	$(PYTHON) bench/agent.py

@@ -73,3 +73,19 @@ def test_latency_benchmark_writes_its_table_and_json(tmp_path, capsys):
     assert rows[("packets through the middlebox", "through-mb")]["value"]["median"] == 0
     table = capsys.readouterr().out
     assert table.startswith("mbvisor bench latency") and "request/response p99" in table
+
+
+def test_suite_runs_a_benchmark_and_writes_the_page(tmp_path):
+    """`mbvisor bench all --only latency --quick`: the benchmark in its own process, its JSON,
+    the suite's durations, and the page (with the benchmarks not run listed as such)."""
+    from mbvisor.bench import suite
+
+    results, page, plot = tmp_path / "results", tmp_path / "benchmarks.md", tmp_path / "benchmarks.png"
+    assert suite.main(["--quick", "--only", "latency", "--results", str(results), "--output", str(page),
+                       "--plot", str(plot)]) == 0
+    summary = json.loads((results / "suite.json").read_text())
+    assert summary["benchmarks"]["latency"]["status"] == "ok" and summary["seconds_total"] > 0
+    assert json.loads((results / "latency.json").read_text())["benchmark"] == "latency"
+    text = page.read_text()
+    assert "request/response p50" in text and "throughput" in text.split("Not run", 1)[1]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
