@@ -93,11 +93,18 @@ ROWS = [
 ]
 
 _T0 = time.perf_counter()
-
+_LABEL = "bench/agent"  # whose progress this is: bench/control runs these phases too
 
 
 def progress(message: str) -> None:
-    print(f"[bench/agent {time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+    print(f"[{_LABEL} {time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def label_progress(label: str) -> None:
+    """Progress lines (this module's phases included) from now on as ``[label ...s]``,
+    the seconds counted from now."""
+    global _LABEL, _T0
+    _LABEL, _T0 = label, time.perf_counter()
 
 
 # --------------------------------------------------------------------------- bookkeeping
@@ -847,25 +854,24 @@ def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
     return "\n".join(lines), document
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, mode, when = start("End-to-end benchmark of the mbvisor host agent "
-                       "(real controller, real agent, OVS bridge).",
-                       "fewer commands, 3 s idle CPU", argv)
-    created = Created()
-
+def guarded(script: str, created: Created, body, failures: tuple = ()) -> tuple[int | None, object]:
+    """``body()`` with everything ``created`` holds removed afterwards, whatever happens
+    (Ctrl-C, SIGTERM, a failure, another mbvisor setup appearing: SIGUSR1 from ``Watch``).
+    Returns (None, its result), or (exit status, None) after saying what went wrong;
+    ``failures`` are exception types reported as a failed run besides the usual ones."""
     def interfered(signum, frame):
         raise Interference(f"another mbvisor setup appeared {created.watch.problem}")
     signal.signal(signal.SIGUSR1, interfered)
 
     try:
-        result = run(PROFILES[mode], created)
+        return None, body()
     except KeyboardInterrupt:
-        print("bench/agent.py: interrupted; removing everything it created", file=sys.stderr)
-        return 130
-    except (BenchError, ChannelError, ControllerError, NetlabError) as error:
-        print(f"bench/agent.py: FAILED: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"{script}: interrupted; removing everything it created", file=sys.stderr)
+        return 130, None
+    except (BenchError, ChannelError, ControllerError, NetlabError, *failures) as error:
+        print(f"{script}: FAILED: {type(error).__name__}: {error}", file=sys.stderr)
         if isinstance(error, Interference):
-            print("bench/agent.py: an agent serves every annotated interface on the host, so two mbvisor "
+            print(f"{script}: an agent serves every annotated interface on the host, so two mbvisor "
                   "setups (e.g. tests/test_agent_e2e.py) cannot run side by side; run on a quiet machine",
                   file=sys.stderr)
         for agent in created.agents:  # its log goes with the state directory: show its end
@@ -873,8 +879,8 @@ def main(argv: list[str] | None = None) -> int:
                 tail = agent.log.read_text().splitlines()[-15:]
             except OSError:
                 continue
-            print(f"bench/agent.py: last lines of {agent.log.name}:\n  " + "\n  ".join(tail), file=sys.stderr)
-        return 1
+            print(f"{script}: last lines of {agent.log.name}:\n  " + "\n  ".join(tail), file=sys.stderr)
+        return 1, None
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -882,7 +888,17 @@ def main(argv: list[str] | None = None) -> int:
         problems = created.cleanup()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for problem in problems:
-            print(f"bench/agent.py: cleanup: {problem}", file=sys.stderr)
+            print(f"{script}: cleanup: {problem}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, mode, when = start("End-to-end benchmark of the mbvisor host agent "
+                       "(real controller, real agent, OVS bridge).",
+                       "fewer commands, 3 s idle CPU", argv)
+    created = Created()
+    status, result = guarded("bench/agent.py", created, lambda: run(PROFILES[mode], created))
+    if status is not None:
+        return status
     publish(*report(result, mode, when), args.json, progress)
     return 0
 

@@ -132,23 +132,32 @@ def run(args) -> dict:
         finally:
             controller.stop()
         for filters in args.sizes:
-            state = workdir / f"bulk-{filters}"
-            state.mkdir()
-            controller = Controller(state).start()
-            try:
-                bridge = lab.bridge(controller=controller.target, fail_mode="secure")
-                controller.wait_switch(bridge.dpid)
-                progress(f"bulk: {filters} filters over {MIDDLEBOXES} middleboxes ...")
-                seconds = install(controller, bridge, filters)
-                memory = {"controller_mb": rss_mb(controller.process.pid), "vswitchd_mb": rss_mb(vswitchd_pid())}
-                progress(f"bulk baseline: ovs-ofctl --bundle add-flows of the same {filters} flows ...")
-                baseline, flows = bundle_baseline(bridge, workdir)
-                result["sizes"][str(filters)] = {"seconds": seconds, "bundle_seconds": baseline, "flows": flows,
-                                                  **memory}
-                bridge.del_flows()  # the next size starts from an empty switch
-            finally:
-                controller.stop()
+            result["sizes"][str(filters)] = bulk_size(lab, workdir / f"bulk-{filters}", filters)
     return result
+
+
+def bulk_size(lab: Lab, state: Path, filters: int, say=progress) -> dict:
+    """One size of the bulk install, on a fresh bridge of ``lab`` with a fresh controller
+    (its state in the new directory ``state``, stopped on the way out whatever happens):
+    the install's and the bundle's seconds, and the resident memory (MB) of the controller
+    after the install and of ovs-vswitchd before (empty bridge) and after it."""
+    state.mkdir()
+    controller = Controller(state)
+    try:
+        controller.start()
+        bridge = lab.bridge(controller=controller.target, fail_mode="secure")
+        controller.wait_switch(bridge.dpid)
+        vswitchd_before = rss_mb(vswitchd_pid())
+        say(f"bulk: {filters} filters over {MIDDLEBOXES} middleboxes ...")
+        seconds = install(controller, bridge, filters)
+        memory = {"controller_mb": rss_mb(controller.process.pid), "vswitchd_mb": rss_mb(vswitchd_pid())}
+        say(f"bulk baseline: ovs-ofctl --bundle add-flows of the same {filters} flows ...")
+        baseline, flows = bundle_baseline(bridge, state)
+        bridge.del_flows()  # the next size starts from an empty switch
+    finally:
+        controller.stop()
+    return {"seconds": seconds, "bundle_seconds": baseline, "flows": flows, **memory,
+            "vswitchd_before_mb": vswitchd_before}
 
 
 def report(result: dict) -> str:

@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""The control benchmark: a guest's command until its flow is confirmed, and bulk installs.
+
+Real parts only, over several rounds (``--rounds``, default 3), each figure beside a
+baseline measured in the same round:
+
+* command -> flow confirmed p50/p99: a guest's command (alternating add and delete of an
+  IP filter, so every command changes a flow) written into its region with
+  ``ChannelWriter.request()``, read by the real ``mbvisor agent``, forwarded to the real
+  ``mbvisor controller``, which answers once the switch confirmed the flow; baseline: the
+  same commands posted to the controller's REST API directly.  The phases of
+  ``bench/agent.py``, set up once (33 VMs as OVS internal ports, one agent serving all of
+  them) and measured every round.
+* commands/s sustained: 32 channels at once, one writer process per channel pipelining;
+  baseline: the same commands posted directly from 32 REST clients.
+* bulk install of 1k / 10k / 100k IP filters over 1,000 middleboxes through the batch
+  endpoint, each size on a fresh bridge with a fresh controller every round; baseline:
+  ``ovs-ofctl --bundle add-flows`` of exactly the flows the controller installed
+  (``bench/controller.py``'s install).  Then the controller's resident memory, and
+  ovs-vswitchd's beside its own on the same empty bridge before the install (resident
+  memory does not shrink when flows are deleted, so once a larger table has been in the
+  switch, smaller sizes show no growth: the first round's largest size shows it).
+
+    python bench/control.py            # about 2.5 minutes on 2 cores (mbvisor bench control)
+    python bench/control.py --quick    # sizes 1k and 10k, fewer commands, 2 rounds: about 25 s
+    python bench/control.py --rounds 5 --json out.json
+
+Targets: p99 <= 15 ms end to end; 100k filters within 3x of the bundle; the controller
+<= 300 MB at 100k filters.  Needs root and a running Open vSwitch (``make setup``).
+Everything it creates (bridges, ports, regions, processes, a state directory) is removed
+on exit, including on Ctrl-C.  Like bench/agent.py, it waits until no other mbvisor agent
+or annotated interface is on the machine (an agent serves every annotated interface).
+"""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mbvisor.bench import agent as agent_bench
+from mbvisor.bench.agent import (PARALLEL_CHANNELS, TARGET_P99_MS, WARMUP, WINDOW, Created, Interference, Watch,
+                                 annotate, check_agent, guarded, make_vms, measure_latency, measure_throughput,
+                                 percentile, register, start_agent, unannotate, wait_alone)
+from mbvisor.bench.benchlib import BenchError, Row, compare, finish, start
+from mbvisor.bench.controller import MIDDLEBOXES, TARGET_BULK_RATIO, TARGET_MEMORY_MB, bulk_size
+from mbvisor.topologies.controller_run import Controller
+from mbvisor.topologies.netlab import Lab, require_host_tools
+
+SCRIPT = "bench/control"
+TARGETED_SIZE = 100_000  # the bulk-install and memory targets are for this size
+
+PROFILES = {
+    "default": dict(rounds=3, latency_commands=1000, per_channel_commands=100, sizes=(1_000, 10_000, 100_000)),
+    "quick": dict(rounds=2, latency_commands=200, per_channel_commands=30, sizes=(1_000, 10_000)),
+}
+
+progress = agent_bench.progress  # labelled [bench/control ...] by main()
+
+
+# --------------------------------------------------------------------------- measuring
+
+def agent_rounds(created: Created, profile: dict, rounds: int) -> list[dict]:
+    """Set up the controller, 1 + PARALLEL_CHANNELS VMs and one agent serving them all;
+    measure latency (on the first VM) and throughput (on the others) every round; stop
+    the agent and the controller.  One dict of figures per round."""
+    lab = created.lab
+    wait_alone(created)
+    controller = created.controller = Controller(created.workdir)
+    controller.start()
+    created.bridge = bridge = lab.bridge(controller=controller.target, fail_mode="secure")
+    controller.wait_switch(bridge.dpid)
+    vms = make_vms(created, 1 + PARALLEL_CHANNELS)
+    single, group = vms[0], vms[1:]
+    wait_alone(created)
+    watch = created.watch = Watch(created)
+    watch.start()
+    agent = start_agent(created, "agent")
+    annotate(vms)
+    agent.wait_serving({vm.channel for vm in vms})
+    register(group)
+    answered = collections.Counter({vm.channel: 1 for vm in group})
+    progress(f"controller pid {controller.process.pid}, agent pid {agent.pid} serving {len(vms)} channels "
+             f"({vms[0].interface}..{vms[-1].interface}) on bridge {bridge.name}")
+    results = []
+    for number in range(1, rounds + 1):
+        watch.phase = f"round {number}: latency"
+        progress(f"agent round {number}/{rounds}")
+        latency = measure_latency(controller, agent, bridge.dpid, single, profile["latency_commands"])
+        answered[single.channel] += 1 + WARMUP + profile["latency_commands"]
+        watch.phase = f"round {number}: throughput"
+        per = profile["per_channel_commands"]
+        channels, direct = measure_throughput(created, controller, bridge.dpid, group, per)
+        for vm in group:
+            answered[vm.channel] += per
+        check_agent(agent, vms, answered)
+        slow = [during for value, during in zip(latency["agent"], latency["overlapped_discovery"])
+                if value > TARGET_P99_MS]
+        results.append({"p50": percentile(latency["agent"], .5), "p99": percentile(latency["agent"], .99),
+                        "max": max(latency["agent"]),
+                        "direct_p50": percentile(latency["direct"], .5),
+                        "direct_p99": percentile(latency["direct"], .99), "direct_max": max(latency["direct"]),
+                        "over_target": len(slow), "over_target_during_discovery": sum(slow),
+                        "direct_over_target": sum(1 for value in latency["direct"] if value > TARGET_P99_MS),
+                        "channels_per_s": channels, "direct_per_s": direct})
+    leftover = [mb for mb in controller.get("/v1/middleboxes")[1]["middleboxes"] if mb["filters"]]
+    if leftover:
+        raise BenchError(f"{len(leftover)} middleboxes kept filters after the throughput runs")
+    watch.phase = "tear-down"
+    if found := watch.check():
+        raise Interference("at the end: " + "; ".join(found))
+    watch.halt.set()  # no agent of ours from here on: nothing to watch
+    watch.join(5.0)
+    agent.stop()
+    created.agents.remove(agent)
+    unannotate(vms)
+    controller.stop()
+    return results
+
+
+def install_rounds(created: Created, profile: dict, rounds: int) -> list[dict]:
+    """Every size on a fresh bridge with a fresh controller, every round."""
+    results = []
+    for number in range(1, rounds + 1):
+        sizes = {}
+        for filters in profile["sizes"]:
+            progress(f"install round {number}/{rounds}, {filters} filters")
+            size = sizes[filters] = bulk_size(created.lab, created.workdir / f"bulk-{number}-{filters}", filters,
+                                              say=progress)
+            progress(f"  controller {size['seconds']:.2f} s, bundle {size['bundle_seconds']:.2f} s "
+                     f"({size['flows']} flows); controller {size['controller_mb']:.0f} MB, ovs-vswitchd "
+                     f"{size['vswitchd_before_mb']:.0f} -> {size['vswitchd_mb']:.0f} MB")
+        results.append(sizes)
+    return results
+
+
+def run(profile: dict, rounds: int, created: Created) -> dict:
+    require_host_tools()
+    created.workdir = Path(tempfile.mkdtemp(prefix="mbvisor-bench-control-"))
+    created.lab = Lab()
+    started = time.perf_counter()
+    agent = agent_rounds(created, profile, rounds)
+    agent_seconds = time.perf_counter() - started
+    install = install_rounds(created, profile, rounds)
+    return {"agent": agent, "install": install, "agent_seconds": agent_seconds,
+            "install_seconds": time.perf_counter() - started - agent_seconds}
+
+
+# --------------------------------------------------------------------------- the table
+
+def size_label(filters: int) -> str:
+    return f"{filters // 1000}k" if filters % 1000 == 0 and filters >= 1000 else str(filters)
+
+
+def rows(agent: list[dict], install: list[dict], sizes) -> list[Row]:
+    """The table's rows from the per-round figures (``run``'s ``agent`` and ``install``)."""
+    def each(key):
+        return [figures[key] for figures in agent]
+
+    def at(filters, key):
+        return [figures[filters][key] for figures in install]
+
+    table = [
+        compare("command -> flow confirmed p50", "ms", "guest channel", each("p50"), "REST direct",
+                each("direct_p50")),
+        compare("command -> flow confirmed p99", "ms", "guest channel", each("p99"), "REST direct",
+                each("direct_p99"), target=("<=", TARGET_P99_MS), target_on="value"),
+        compare("commands/s sustained", "cmd/s", f"{PARALLEL_CHANNELS} guest channels", each("channels_per_s"),
+                f"{PARALLEL_CHANNELS} REST clients", each("direct_per_s")),
+    ]
+    table += [compare(f"install {size_label(n)} filters", "s", "controller", at(n, "seconds"), "ovs-ofctl --bundle",
+                      at(n, "bundle_seconds"), target=("<=", TARGET_BULK_RATIO) if n == TARGETED_SIZE else None)
+              for n in sizes]
+    table += [compare(f"controller memory at {size_label(n)}", "MB", "controller", at(n, "controller_mb"),
+                      target=("<=", TARGET_MEMORY_MB) if n == TARGETED_SIZE else None)
+              for n in sizes]
+    table += [compare(f"ovs-vswitchd memory at {size_label(n)}", "MB", "ovs-vswitchd", at(n, "vswitchd_mb"),
+                      "before install", at(n, "vswitchd_before_mb"))
+              for n in sizes]
+    return table
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    args, mode, when = start(__doc__.splitlines()[0], "sizes 1k and 10k only, fewer commands, 2 rounds", argv,
+                             rounds=(PROFILES["default"]["rounds"], PROFILES["quick"]["rounds"]))
+    profile, rounds = PROFILES[mode], args.rounds
+    agent_bench.label_progress(SCRIPT)
+    progress(f"{mode} run, {rounds} rounds: latency {profile['latency_commands']} commands, "
+             f"{PARALLEL_CHANNELS} channels x {profile['per_channel_commands']} commands, "
+             f"install {'/'.join(size_label(n) for n in profile['sizes'])} filters over {MIDDLEBOXES} middleboxes")
+    started = time.perf_counter()
+    created = Created()
+    status, result = guarded(f"{SCRIPT}.py", created, lambda: run(profile, rounds, created),
+                             failures=(RuntimeError, OSError, subprocess.SubprocessError))
+    if status is not None:
+        return status
+    seconds = time.perf_counter() - started
+    progress(f"done in {seconds:.0f} s (agent part {result['agent_seconds']:.0f} s, "
+             f"install part {result['install_seconds']:.0f} s); everything it created is removed")
+    return finish("control", mode, when, rounds, rows(result["agent"], result["install"], profile["sizes"]),
+                  args.json, progress, seconds=round(seconds, 1),
+                  params={**profile, "rounds": rounds, "middleboxes": MIDDLEBOXES,
+                          "parallel_channels": PARALLEL_CHANNELS, "window": WINDOW, "warmup": WARMUP,
+                          "agent_rate": agent_bench.AGENT_RATE,
+                          "discovery_interval": agent_bench.DISCOVERY_INTERVAL},
+                  per_round={"agent": result["agent"],
+                             "install": [{str(n): figures for n, figures in sizes.items()}
+                                         for sizes in result["install"]]})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
