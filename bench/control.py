@@ -49,6 +49,7 @@ from mbvisor.bench.benchlib import BenchError, Row, compare, finish, start
 from mbvisor.bench.controller import MIDDLEBOXES, TARGET_BULK_RATIO, TARGET_MEMORY_MB, bulk_size
 from mbvisor.topologies.controller_run import Controller
 from mbvisor.topologies.netlab import Lab, require_host_tools
+from mbvisor.topologies.private_switch import PrivateSwitch
 
 SCRIPT = "bench/control"
 TARGETED_SIZE = 100_000  # the bulk-install and memory targets are for this size
@@ -122,14 +123,16 @@ def agent_rounds(created: Created, profile: dict, rounds: int) -> list[dict]:
 
 
 def install_rounds(created: Created, profile: dict, rounds: int) -> list[dict]:
-    """Every size on a fresh bridge with a fresh controller, every round."""
+    """Every size on a fresh bridge of a fresh private ovs-vswitchd with a fresh controller,
+    every round: the switch's memory before and after the install is then its cost alone."""
     results = []
     for number in range(1, rounds + 1):
         sizes = {}
         for filters in profile["sizes"]:
             progress(f"install round {number}/{rounds}, {filters} filters")
-            size = sizes[filters] = bulk_size(created.lab, created.workdir / f"bulk-{number}-{filters}", filters,
-                                              say=progress)
+            with PrivateSwitch(), Lab() as lab:
+                size = sizes[filters] = bulk_size(lab, created.workdir / f"bulk-{number}-{filters}", filters,
+                                                  say=progress)
             progress(f"  controller {size['seconds']:.2f} s, bundle {size['bundle_seconds']:.2f} s "
                      f"({size['flows']} flows); controller {size['controller_mb']:.0f} MB, ovs-vswitchd "
                      f"{size['vswitchd_before_mb']:.0f} -> {size['vswitchd_mb']:.0f} MB")

@@ -55,7 +55,9 @@ def rss_mb(pid: int) -> float:
 
 
 def vswitchd_pid() -> int:
-    return int(Path("/var/run/openvswitch/ovs-vswitchd.pid").read_text().strip())
+    """The ovs-vswitchd that ovs-vsctl talks to (a PrivateSwitch's while one is open)."""
+    rundir = os.environ.get("OVS_RUNDIR", "/var/run/openvswitch")
+    return int(Path(rundir, "ovs-vswitchd.pid").read_text().strip())
 
 
 def percentile(values: list[float], fraction: float) -> float:

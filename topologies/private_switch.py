@@ -1,0 +1,98 @@
+"""A private Open vSwitch: an ovsdb-server and an ovs-vswitchd of our own, started fresh, for
+measurements the machine's shared switch cannot give.  The one that needs it: how much
+memory ovs-vswitchd takes for N flows.  A long-running vswitchd never returns freed memory
+to the system (the allocator keeps it), so once anyone has had 100k flows in the shared
+switch, its resident size says nothing more; a fresh one does.
+
+Its datapaths are OVS's "dummy" ones (``--enable-dummy=override``, as in OVS's own test
+suite): no kernel devices, no tap named ``ovs-netdev`` clashing with the shared switch's,
+and OpenFlow tables, bundles and the classifier exactly as in the real thing.  It forwards
+no real packets, so it serves control-plane measurements only.
+
+While the context is open, ``OVS_RUNDIR``/``OVS_DBDIR`` point at its directory, so every
+``ovs-vsctl``/``ovs-ofctl``/``ovs-appctl`` this process runs (netlab included) talks to it
+(and its pid file is ``$OVS_RUNDIR/ovs-vswitchd.pid``, as for the system's);
+they are restored at exit, when both daemons are stopped and the directory removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .netlab import die_with_parent, run, wait_until
+
+SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
+_VARIABLES = ("OVS_RUNDIR", "OVS_DBDIR", "OVS_LOGDIR")
+
+
+class PrivateSwitch:
+    """``with PrivateSwitch() as switch:`` ... ``switch.vswitchd_pid`` ..."""
+
+    def __init__(self):
+        self.directory: Path | None = None
+        self._processes: list[subprocess.Popen] = []
+        self._saved: dict[str, str | None] = {}
+
+    @property
+    def vswitchd_pid(self) -> int:
+        return self._processes[-1].pid
+
+    def __enter__(self) -> "PrivateSwitch":
+        self.directory = Path(tempfile.mkdtemp(prefix="mbvisor-ovs-"))
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
+        d = self.directory
+        run(["ovsdb-tool", "create", d / "conf.db", SCHEMA])
+        self._spawn(["ovsdb-server", d / "conf.db", f"--remote=punix:{d / 'db.sock'}",
+                     f"--unixctl={d / 'ovsdb-server.ctl'}", f"--log-file={d / 'ovsdb-server.log'}"],
+                    d / "db.sock")
+        for name in _VARIABLES:
+            self._saved[name] = os.environ.get(name)
+            os.environ[name] = str(d)
+        run(["ovs-vsctl", "--no-wait", "init"])
+        self._spawn(["ovs-vswitchd", f"unix:{d / 'db.sock'}", "--enable-dummy=override", "--disable-system",
+                     f"--pidfile={d / 'ovs-vswitchd.pid'}",
+                     f"--unixctl={d / 'ovs-vswitchd.ctl'}", f"--log-file={d / 'ovs-vswitchd.log'}"],
+                    d / "ovs-vswitchd.ctl")
+        run(["ovs-vsctl", "--timeout=10", "show"])
+
+    def _spawn(self, argv: list, ready: Path) -> None:
+        """A daemon in the foreground (it dies with us), ready once its socket exists."""
+        log = open(self.directory / f"{Path(str(argv[0])).name}.out", "wb")
+        with log:
+            process = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+        self._processes.append(process)
+        wait_until(lambda: ready.exists() or process.poll() is not None, timeout=10, what=f"{argv[0]} to start")
+        if process.poll() is not None:
+            raise RuntimeError(f"{argv[0]} exited with {process.returncode}: "
+                               f"{(self.directory / f'{Path(str(argv[0])).name}.out').read_text()[-500:]}")
+
+    def __exit__(self, *exc) -> None:
+        for process in reversed(self._processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(5)
+        self._processes.clear()
+        for name, value in self._saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._saved.clear()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
