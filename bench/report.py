@@ -326,8 +326,12 @@ def render_plot(results: dict[str, dict], path) -> None:
                         ecolor="black", elinewidth=1, capsize=3)
             if row.target and row.target_on == "ratio":
                 ax.plot([row.target[1]] * 2, [y - 0.4, y + 0.4], color="black", linewidth=2.5)
-            ax.annotate(f" {_number(row.ratio.median)}x" + (f" {row.verdict}" if row.target_on == "ratio" and row.verdict else ""),
-                        (max(high, median), y), va="center", fontsize=8)
+            if row.target_on == "ratio":
+                note = f" {_number(row.ratio.median)}x" + (f" {row.verdict}" if row.verdict else "")
+            else:   # the target is on the figure itself: show it beside the baseline's
+                note = (f" {_number(row.ratio.median)}x ({_number(row.value.median)} vs "
+                        f"{_number(row.baseline.median)} {row.unit}" + (f", {row.verdict}" if row.verdict else "") + ")")
+            ax.annotate(note, (max(high, median), y), va="center", fontsize=8)
         ax.axvline(1.0, color="#444444", linestyle="--", linewidth=1)
         ax.set_yticks(ys, [_label(row) for row in rows], fontsize=9)
         ax.set_ylim(-0.7, len(rows) - 0.3)
