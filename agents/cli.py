@@ -138,6 +138,7 @@ def bench(args: argparse.Namespace) -> int:
     import importlib
 
     module = importlib.import_module(f"mbvisor.bench.{'suite' if args.name == 'all' else args.name}")
+    sys.argv[0] = f"mbvisor bench {args.name}"     # the benchmark's own usage line names itself
     return module.main(args.arguments)
 
 

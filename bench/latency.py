@@ -57,7 +57,7 @@ def rows(results: dict[str, list[dict]]) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, mode, when = start(__doc__.splitlines()[0], "1000 transactions per path and round, 2 rounds",
+    args, mode, when = start(__doc__.split("\n\n")[0], "1000 transactions per path and round, 2 rounds",
                              argv, rounds=(5, 2))
     transactions = TRANSACTIONS[mode]
     return run_in_lab("latency", args, mode, when, progress,

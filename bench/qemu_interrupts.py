@@ -129,7 +129,7 @@ def rows(results: list[dict]) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, mode, when = start(__doc__.splitlines()[0], "1 round of 20,000 packets per phase", argv, rounds=(2, 1))
+    args, mode, when = start(__doc__.split("\n\n")[0], "1 round of 20,000 packets per phase", argv, rounds=(2, 1))
     packets = PACKETS[mode]
     started = time.monotonic()
     try:

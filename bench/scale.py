@@ -78,7 +78,7 @@ def rows(results: dict[str, list[dict]], filters: int) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, mode, when = start(__doc__.splitlines()[0], "10,000 filters, 2 s runs, 1 round", argv, rounds=(3, 1))
+    args, mode, when = start(__doc__.split("\n\n")[0], "10,000 filters, 2 s runs, 1 round", argv, rounds=(3, 1))
     filters, seconds, samples = FILTERS[mode], SECONDS[mode], SAMPLES[mode]
     return run_in_lab("scale", args, mode, when, progress,
                       lambda dataplane: measure(dataplane, args.rounds, filters, seconds, samples),

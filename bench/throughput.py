@@ -64,7 +64,7 @@ def rows(results: dict[str, list[dict]]) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, mode, when = start(__doc__.splitlines()[0], "2 s per iperf3 run, 1 round", argv, rounds=(3, 1))
+    args, mode, when = start(__doc__.split("\n\n")[0], "2 s per iperf3 run, 1 round", argv, rounds=(3, 1))
     seconds = SECONDS[mode]
     return run_in_lab("throughput", args, mode, when, progress,
                       lambda dataplane: measure(dataplane, args.rounds, seconds), rows, seconds_per_run=seconds)

@@ -60,7 +60,7 @@ def rows(namespaces: dict[str, list[dict]], qemu: list[dict]) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, mode, when = start(__doc__.splitlines()[0], "200,000 packets per way (QEMU: 20,000), fewer rounds",
+    args, mode, when = start(__doc__.split("\n\n")[0], "200,000 packets per way (QEMU: 20,000), fewer rounds",
                              argv, rounds=(3, 1))
     started = time.monotonic()
     try:
