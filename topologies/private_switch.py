@@ -60,11 +60,24 @@ class PrivateSwitch:
             self._saved[name] = os.environ.get(name)
             os.environ[name] = str(d)
         run(["ovs-vsctl", "--no-wait", "init"])
+        self._start_vswitchd()
+        run(["ovs-vsctl", "--timeout=10", "show"])
+
+    def _start_vswitchd(self) -> None:
+        d = self.directory
         self._spawn(["ovs-vswitchd", f"unix:{d / 'db.sock'}", "--enable-dummy=override", "--disable-system",
                      f"--pidfile={d / 'ovs-vswitchd.pid'}",
                      f"--unixctl={d / 'ovs-vswitchd.ctl'}", f"--log-file={d / 'ovs-vswitchd.log'}"],
                     d / "ovs-vswitchd.ctl")
-        run(["ovs-vsctl", "--timeout=10", "show"])
+
+    def crash_and_restart_vswitchd(self) -> None:
+        """SIGKILL ovs-vswitchd and start a new one on the same database: what a crash and
+        its supervisor do.  Its bridges come back from the database, its flows do not."""
+        vswitchd = self._processes.pop()
+        vswitchd.kill()
+        vswitchd.wait(10)
+        (self.directory / "ovs-vswitchd.ctl").unlink(missing_ok=True)
+        self._start_vswitchd()
 
     def _spawn(self, argv: list, ready: Path) -> None:
         """A daemon in the foreground (it dies with us), ready once its socket exists."""
