@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -35,7 +36,7 @@ from pathlib import Path
 from mbvisor.bench.benchlib import BenchError, finish
 from mbvisor.topologies.agent_run import AgentProcess, annotate, make_region
 from mbvisor.topologies.controller_run import Controller
-from mbvisor.topologies.netlab import Lab, require_host_tools, settle
+from mbvisor.topologies.netlab import HostToolsMissing, Lab, NetlabError, require_host_tools, settle
 from mbvisor.topologies.traffic import Flood, flood
 
 MB_MAC = "52:34:56:00:12:22"
@@ -43,6 +44,7 @@ MB_IP, CLIENT_IP, ATTACKER_IP, BACKEND_IP = "10.0.0.5", "10.0.0.1", "10.0.0.66",
 PATHS = ("through-mb", "offloaded", "direct")
 IPERF_PORT, ECHO_PORT = 5201, 7000
 NON_MATCHING_RULES = 50      # the middlebox firewall's other rules (plus one for the attacker)
+BENCH_TOOLS = {"iperf3": "iperf3", "mausezahn": "netsniff-ng", "iptables-restore": "iptables"}
 
 # A request/response server (TCP_RR style): answers every byte with one byte.
 ECHO_SERVER = r"""
@@ -108,6 +110,10 @@ class Dataplane:
 
     def _build(self) -> None:
         require_host_tools()
+        missing = [f"{tool} (Debian package {package})" for tool, package in BENCH_TOOLS.items()
+                   if shutil.which(tool) is None]
+        if missing:
+            raise HostToolsMissing("the benchmarks need: " + ", ".join(missing) + " (make setup installs them)")
         self.progress("building the lab: bridge, controller, agent, client, middlebox, backend, attacker")
         self.controller.start()
         self.bridge = self.lab.bridge(controller=self.controller.target, fail_mode="secure")
@@ -255,6 +261,9 @@ def run_in_lab(benchmark: str, args, mode: str, when: str, progress, measure, ma
     except KeyboardInterrupt:
         progress("interrupted; everything created was removed")
         return 130
+    except (BenchError, NetlabError) as error:
+        progress(f"failed, everything created was removed: {error}")
+        return 1
     progress(f"done in {time.monotonic() - started:.0f} s")
     return finish(benchmark, mode, when, args.rounds, make_rows(results), args.json, progress,
                   results=results, **extra)

@@ -14,8 +14,10 @@ import sys
 import time
 
 from mbvisor.bench import qemu_interrupts
-from mbvisor.bench.benchlib import compare, finish, start
+from mbvisor.bench.benchlib import BenchError, compare, finish, start
 from mbvisor.bench.dataplane import Dataplane
+from mbvisor.topologies.netlab import NetlabError
+from mbvisor.topologies.qemu.vm import VMError
 
 PACKETS = {"default": 1_000_000, "quick": 200_000}        # namespace flood, per way and round
 PER_MILLION = 1_000_000
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         progress("interrupted; everything created was removed")
         return 130
+    except (BenchError, NetlabError, VMError) as error:
+        progress(f"failed, everything created was removed: {error}")
+        return 1
     progress(f"done in {time.monotonic() - started:.0f} s")
     return finish("wakeups", mode, when, args.rounds, rows(namespaces, qemu), args.json, progress,
                   packets=PACKETS[mode], qemu_packets=qemu_interrupts.PACKETS[mode], namespaces=namespaces, qemu=qemu)

@@ -89,3 +89,14 @@ def test_suite_runs_a_benchmark_and_writes_the_page(tmp_path):
     text = page.read_text()
     assert "request/response p50" in text and "throughput" in text.split("Not run", 1)[1]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_missing_benchmark_tool_is_named_and_nothing_is_left(monkeypatch):
+    from mbvisor.bench import dataplane as dataplane_module
+
+    monkeypatch.setitem(dataplane_module.BENCH_TOOLS, "no-such-tool-xyz", "some-package")
+    lab = Dataplane(progress=lambda message: None)
+    with pytest.raises(netlab.HostToolsMissing, match=r"no-such-tool-xyz \(Debian package some-package\)"):
+        lab.__enter__()
+    assert not lab.workdir.exists()
+    assert all(not names for names in lab.lab.leftovers().values())
