@@ -65,6 +65,20 @@ def start(description: str, quick_help: str, argv: list[str] | None = None, roun
     return args, "quick" if args.quick else "default", when
 
 
+def measured(progress, body, failures: tuple = ()) -> tuple[int | None, object]:
+    """Run ``body()`` (which removes what it creates on the way out) and return
+    (None, its result), or (exit status, None) after saying what happened: 130 on Ctrl-C
+    or SIGTERM, 1 on BenchError or one of ``failures``."""
+    try:
+        return None, body()
+    except KeyboardInterrupt:
+        progress("interrupted; everything created was removed")
+        return 130, None
+    except (BenchError, *failures) as error:
+        progress(f"failed, everything created was removed: {error}")
+        return 1, None
+
+
 def release_together(ctx, spawn, stop, target, per_child: list[tuple], what: str,
                      ready_timeout: float, finish_timeout: float) -> list:
     """One child per argument tuple (``spawn(target, *args, go, pipe_end)``), each reporting

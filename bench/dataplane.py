@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mbvisor.bench.benchlib import BenchError, finish
+from mbvisor.bench.benchlib import BenchError, finish, measured
 from mbvisor.topologies.agent_run import AgentProcess, annotate, make_region
 from mbvisor.topologies.controller_run import Controller
 from mbvisor.topologies.netlab import HostToolsMissing, Lab, NetlabError, require_host_tools, settle
@@ -255,15 +255,14 @@ def run_in_lab(benchmark: str, args, mode: str, when: str, progress, measure, ma
     """The body of a data-path benchmark's main(): build the lab, ``measure(dataplane)``,
     tear the lab down (also on Ctrl-C), print and write ``make_rows(results)``."""
     started = time.monotonic()
-    try:
+
+    def body():
         with Dataplane(progress) as dataplane:
-            results = measure(dataplane)
-    except KeyboardInterrupt:
-        progress("interrupted; everything created was removed")
-        return 130
-    except (BenchError, NetlabError) as error:
-        progress(f"failed, everything created was removed: {error}")
-        return 1
+            return measure(dataplane)
+
+    status, results = measured(progress, body, failures=(NetlabError,))
+    if status is not None:
+        return status
     progress(f"done in {time.monotonic() - started:.0f} s")
     return finish(benchmark, mode, when, args.rounds, make_rows(results), args.json, progress,
                   results=results, **extra)

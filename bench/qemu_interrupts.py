@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from mbvisor.bench.benchlib import BenchError, compare, finish, start
+from mbvisor.bench.benchlib import BenchError, compare, finish, measured, start
 from mbvisor.topologies.netlab import Lab, NetlabError, require_host_tools, wait_until
 from mbvisor.topologies.qemu.scenario import GUEST_IP, GUEST_MAC, Counters, Scenario, attacked_middlebox
 from mbvisor.topologies.qemu.vm import VMError
@@ -132,14 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     args, mode, when = start(__doc__.split("\n\n")[0], "1 round of 20,000 packets per phase", argv, rounds=(2, 1))
     packets = PACKETS[mode]
     started = time.monotonic()
-    try:
-        results = measure(args.rounds, packets=packets, progress=progress)
-    except KeyboardInterrupt:
-        progress("interrupted; everything created was removed")
-        return 130
-    except (BenchError, NetlabError, VMError) as error:
-        progress(f"failed: {error}")
-        return 1
+    status, results = measured(progress, lambda: measure(args.rounds, packets=packets, progress=progress),
+                               failures=(NetlabError, VMError))
+    if status is not None:
+        return status
     rates = [r[f"sent_{p}"] / r[f"seconds_{p}"] for r in results for p in ("before", "after")]
     return finish("qemu_interrupts", mode, when, args.rounds, rows(results), args.json, progress,
                   packets=packets, delay_us=DELAY_US, achieved_packets_per_s=[round(r) for r in rates],

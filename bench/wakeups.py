@@ -14,7 +14,7 @@ import sys
 import time
 
 from mbvisor.bench import qemu_interrupts
-from mbvisor.bench.benchlib import BenchError, compare, finish, start
+from mbvisor.bench.benchlib import compare, finish, measured, start
 from mbvisor.bench.dataplane import Dataplane
 from mbvisor.topologies.netlab import NetlabError
 from mbvisor.topologies.qemu.vm import VMError
@@ -65,17 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     args, mode, when = start(__doc__.split("\n\n")[0], "200,000 packets per way (QEMU: 20,000), fewer rounds",
                              argv, rounds=(3, 1))
     started = time.monotonic()
-    try:
+
+    def body():
         with Dataplane(progress) as dataplane:
             namespaces = measure_namespaces(dataplane, args.rounds, PACKETS[mode])
         progress("the QEMU middlebox (a TCG guest, ready in about 5 s with its image cached)")
-        qemu = qemu_interrupts.measure(args.rounds, packets=qemu_interrupts.PACKETS[mode], progress=progress)
-    except KeyboardInterrupt:
-        progress("interrupted; everything created was removed")
-        return 130
-    except (BenchError, NetlabError, VMError) as error:
-        progress(f"failed, everything created was removed: {error}")
-        return 1
+        return namespaces, qemu_interrupts.measure(args.rounds, packets=qemu_interrupts.PACKETS[mode],
+                                                   progress=progress)
+
+    status, results = measured(progress, body, failures=(NetlabError, VMError))
+    if status is not None:
+        return status
+    namespaces, qemu = results
     progress(f"done in {time.monotonic() - started:.0f} s")
     return finish("wakeups", mode, when, args.rounds, rows(namespaces, qemu), args.json, progress,
                   packets=PACKETS[mode], qemu_packets=qemu_interrupts.PACKETS[mode], namespaces=namespaces, qemu=qemu)
