@@ -39,7 +39,7 @@ def run_one(name: str, results: Path, quick: bool) -> dict:
     seconds = round(time.monotonic() - started, 1)
     status = "ok" if code == 0 else f"failed (exit {code})"
     progress(f"{name}: {status} in {seconds:.0f} s")
-    return {"seconds": seconds, "status": status}
+    return {"seconds": seconds, "status": status, "exit": code}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for name in args.only or BENCHMARKS:
         runs[name] = run_one(name, results, args.quick)
-        if runs[name]["status"] == "failed (exit 130)":
+        if runs[name]["exit"] == 130:
             progress("interrupted; the remaining benchmarks are not run")
             break
     total = round(time.monotonic() - clock, 1)
