@@ -140,6 +140,16 @@ def compile_switch(state: State, dpid: int, neighbours: dict[str, Neighbour]) ->
                         tuple(sorted({b for p in parts for b in p.unresolved})))
 
 
+HANDLED_PRIORITIES = frozenset({FILTER, REDIRECT, REDIRECT_FROM_SOURCE})
+
+
+def counts_as_handled(table: int, priority: int) -> bool:
+    """A packet the middlebox would otherwise have received is decided once, by one
+    table-0 flow (a filter's drop or a redirect's entry); later tables and replies from
+    backends are not work taken from the middlebox, so they do not count."""
+    return table == OFFLOAD_TABLE and priority in HANDLED_PRIORITIES
+
+
 def owned_groups(middlebox: Middlebox) -> range:
     """Group ids that belong to a middlebox (its zone's block)."""
     return range(group_id(middlebox, 0), group_id(middlebox, 255) + 1)

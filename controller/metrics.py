@@ -17,7 +17,7 @@ class Metrics:
         self.flows = Gauge("mbvisor_flows_installed", "Flows mbvisor holds on the switch", ["dpid"],
                            registry=self.registry)
         self.handled = Gauge("mbvisor_packets_handled_in_switch",
-                             "Packets dropped or redirected by offload flows (guest wake-ups avoided)",
+                             "Packets the middlebox would otherwise have received, dropped or redirected in the switch (each counted once)",
                              ["dpid", "mac"], registry=self.registry)
 
     def command(self, status: str) -> None:
@@ -25,6 +25,22 @@ class Metrics:
 
     def switch_connected(self, dpid: int, connected: bool) -> None:
         self.switches.labels(f"{dpid:016x}").set(1 if connected else 0)
+
+    def switch_gone(self, dpid: int) -> None:
+        """A disconnected switch's flow count is unknown, not its last value."""
+        try:
+            self.flows.remove(f"{dpid:016x}")
+        except KeyError:
+            pass
+
+    def flows_installed(self, dpid: int, count: int) -> None:
+        self.flows.labels(f"{dpid:016x}").set(count)
+
+    def set_handled(self, rows: dict[tuple[int, str], int]) -> None:
+        """Exactly one series per existing middlebox: a deleted one's series goes with it."""
+        self.handled.clear()
+        for (dpid, mac), packets in sorted(rows.items()):
+            self.handled.labels(f"{dpid:016x}", mac).set(packets)
 
     def openflow_errors(self, count: int) -> None:
         if count:

@@ -103,6 +103,17 @@ class State:
     def remove(self, dpid: int, mac: str) -> "State":
         return replace(self, by_key={key: mb for key, mb in self.by_key.items() if key != (dpid, mac)})
 
+    def merged(self, other: "State", keys) -> "State":
+        """This state with the middleboxes at ``keys`` taken from ``other`` (or removed where
+        ``other`` has none): how one switch's committed change joins the others' work."""
+        by_key = dict(self.by_key)
+        for key in keys:
+            if key in other.by_key:
+                by_key[key] = other.by_key[key]
+            else:
+                by_key.pop(key, None)
+        return replace(self, by_key=by_key)
+
     def changed_keys(self, other: "State") -> set[tuple[int, str]]:
         """Middleboxes that differ between the two states (added, removed or replaced)."""
         keys = self.by_key.keys() | other.by_key.keys()

@@ -1,9 +1,17 @@
-"""The controller's command path: idempotency, apply, install, persist, answer.
+"""The controller's service: desired state, commands, switches' reconcilers, reads.
 
-Kept apart from the OS-Ken event handlers (``app``) so the order of the steps is readable
-in one place: a duplicate is answered from the store; a command is applied to a copy of the
-state; the switch must confirm the flows before the new state is saved and the command is
-answered; if the switch refuses, the old flows are put back and the state stays as it was.
+The order of a command's steps, in one place: the REST edge has validated the request
+whole (``requests``); ``submit`` hands each switch's share of it to that switch's
+reconciler as one job and waits; the reconciler asks ``plan`` what the commands do (a
+replayed idempotency key answers from the store, a key reused for another command is
+refused, the grammar parses, the pure ``apply`` decides), installs the flows of what
+changed as one atomic bundle, and calls ``commit``, which makes the new state current,
+persists it with the answers, and answers.  A refused or unconfirmed install changes
+nothing: the answers say so and the state stays as it was.
+
+Nothing here holds a lock: under eventlet, code between two yields runs alone, each switch
+has one writer (its reconciler), and a switch's commit only replaces that switch's
+middleboxes (``State.merged``).
 """
 
 from __future__ import annotations
@@ -11,18 +19,28 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from mbvisor.guest.commands import Command, Query, RegisterLoadBalancer, command_from_dict
+from mbvisor.guest.commands import Query, RegisterLoadBalancer, command_from_dict
 from mbvisor.guest.errors import CommandError
 from mbvisor.guest.grammar import parse_command
 
+from .compat import arp, ether, ethernet, hub, packet
+from .flows import COOKIE_TAG, COOKIE_TAG_MASK, RESOLVER_MAC, Neighbour, cookie_of, counts_as_handled
 from .metrics import Metrics
 from .model import ApplyError, Binding, Limits, State, apply
-from .store import Store
+from .ofmessages import normal_match
+from .reconciler import Job, SwitchReconciler
+from .requests import Answer, CommandRequest, SwitchUnavailable, clip, read_token_file
+from .store import Store, command_text
+from .switchlink import SwitchUnreachable
 
 log = logging.getLogger("mbvisor.controller")
+YIELD_EVERY = 200        # commands planned between two yields to the event loop
+ARP_TIMEOUT = 2.0        # seconds a command waits for its new backends to answer ARP
+ARP_REFRESH = 30.0       # seconds between re-probes of known backends (they may move)
+JOB_DEADLINE = 3600.0    # a job always ends (every switch wait is bounded); this is a backstop
 
 
 @dataclass(frozen=True)
@@ -32,65 +50,67 @@ class Settings:
     rest_port: int = 8181
     token: str | None = None
     limits: Limits = Limits()
+    audit_interval: float = 10.0  # seconds between checks that the switches still hold our flows
 
     @classmethod
     def from_environment(cls, environ=os.environ) -> "Settings":
-        """Managers give apps no arguments of their own; ``mbvisor controller`` sets these."""
+        """Managers give apps no arguments of their own; ``mbvisor controller`` sets these.
+        A token that is set but empty is an error: it must not silently open every write."""
         state_dir = Path(environ.get("MBVISOR_STATE_DIR", "/var/lib/mbvisor"))
+        token = environ.get("MBVISOR_TOKEN")
+        if token is not None and not token.strip():
+            raise ValueError("MBVISOR_TOKEN is set but empty; give a secret or unset it")
+        if environ.get("MBVISOR_TOKEN_FILE"):
+            token = read_token_file(environ["MBVISOR_TOKEN_FILE"])
         return cls(
             database=Path(environ.get("MBVISOR_DB", state_dir / "controller.sqlite")),
             rest_host=environ.get("MBVISOR_REST_HOST", "127.0.0.1"),
             rest_port=int(environ.get("MBVISOR_REST_PORT", "8181")),
-            token=environ.get("MBVISOR_TOKEN") or None,
+            token=token.strip() if token else None,
             limits=Limits(filters=int(environ.get("MBVISOR_MAX_FILTERS", "1000")),
                           redirects=int(environ.get("MBVISOR_MAX_REDIRECTS", "64"))),
+            audit_interval=float(environ.get("MBVISOR_AUDIT_INTERVAL", "10")),
         )
 
 
 @dataclass(frozen=True)
-class CommandRequest:
-    """What the host agent posts: the command, where its guest lives, its idempotency key."""
+class Plan:
+    """What a job's commands do, before the switch has its say.  ``pending`` are the
+    indices whose answer holds only if the switch confirms the flows of ``touched``."""
 
-    dpid: int
-    port: int
-    command: dict | str
-    channel: str | None = None
-    epoch: int | None = None
-    seq: int | None = None
+    requests: list
+    answers: tuple[Answer, ...]
+    before: State
+    after: State
+    touched: frozenset[str] = frozenset()
+    pending: tuple[int, ...] = ()
+    backends: frozenset[str] = frozenset()
+    keep: tuple[int, ...] = ()  # answers to store for replay
 
-    @property
-    def key(self) -> tuple[str, int, int] | None:
-        if self.channel is None or self.epoch is None or self.seq is None:
-            return None
-        return (self.channel, self.epoch, self.seq)
+    def failed(self, failure: tuple[str, str]) -> "Plan":
+        """The switch refused or did not confirm: every changing command fails, nothing changes."""
+        status, text = failure
+        code = "switch-down" if status == "UNAVAILABLE" else "switch-error"
+        answers = list(self.answers)
+        for index in self.pending:
+            answers[index] = Answer(status, text, code)
+        keep = tuple(i for i in self.keep if answers[i].status != "UNAVAILABLE")
+        return replace(self, answers=tuple(answers), after=self.before, touched=frozenset(), pending=(), keep=keep)
 
-    def parsed(self) -> Command:
-        if isinstance(self.command, str):
-            return parse_command(self.command)
-        return command_from_dict(self.command)
 
-
-@dataclass(frozen=True)
-class Answer:
-    """``status`` is a channel status name (OK, SYNTAX, REJECTED, UNAVAILABLE, ...)."""
-
-    status: str
-    text: str
-    code: str = "ok"
-    replayed: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "OK"
+def parse(command: dict | str):
+    return parse_command(command) if isinstance(command, str) else command_from_dict(command)
 
 
 @dataclass
-class Core:
+class Controller:
     settings: Settings
-    switches: object  # the app: install(), resolve(), resync(), switches
     state: State = field(init=False)
     store: Store = field(init=False)
     metrics: Metrics = field(init=False)
+    reconcilers: dict[int, SwitchReconciler] = field(default_factory=dict)
+    neighbours: dict[int, dict[str, Neighbour]] = field(default_factory=dict)
+    arp_timeout: float = ARP_TIMEOUT
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.database)
@@ -98,89 +118,271 @@ class Core:
         self.metrics = Metrics()
         log.info("loaded %d middlebox(es) from %s", len(self.state.middleboxes), self.settings.database)
 
-    def start_rest(self) -> None:
-        from .rest import start_server
+    def start(self) -> None:
+        """The periodic work: audits of every switch, re-probes of backends."""
+        if self.settings.audit_interval > 0:
+            hub.spawn(self._every, self.settings.audit_interval, self._audit_all)
+        hub.spawn(self._every, ARP_REFRESH, self._probe_all)
 
-        start_server(self, self.settings)
+    @staticmethod
+    def _every(interval: float, work) -> None:
+        while True:
+            hub.sleep(interval)
+            try:
+                work()
+            except Exception:
+                log.exception("periodic %s failed", work.__name__)
 
-    def execute(self, request: CommandRequest) -> Answer:
-        return self.execute_all([request])[0]
+    def _audit_all(self) -> None:
+        for reconciler in list(self.reconcilers.values()):
+            if reconciler.connected and reconciler.synced and not reconciler.jobs:
+                reconciler.submit(Job("audit"))
 
-    def execute_all(self, requests: list[CommandRequest]) -> list[Answer]:
-        """Apply commands in order and answer each.  The flows of everything they change
-        go to each switch together, confirmed by one barrier; if a switch refuses them,
-        every command that changed something is answered REJECTED and nothing changes."""
-        answers: list[Answer | None] = [None] * len(requests)
-        state, touched, applied = self.state, set(), []
+    def _probe_all(self) -> None:
+        for reconciler in list(self.reconcilers.values()):
+            reconciler.probe_backends()
+
+    def reconciler(self, dpid: int) -> SwitchReconciler:
+        if dpid not in self.reconcilers:
+            self.reconcilers[dpid] = SwitchReconciler(dpid, self)
+        return self.reconcilers[dpid]
+
+    # --- commands -----------------------------------------------------------------------
+
+    def submit(self, requests: list[CommandRequest]) -> list[Answer]:
+        """Answers in request order.  Each switch's commands go to its reconciler as one
+        job (one bundle); different switches work in parallel and never wait on each other."""
+        by_switch: dict[int, list[int]] = {}
         for index, request in enumerate(requests):
-            answer, state, changed = self._apply(request, state)
-            answers[index] = answer
-            if changed:
-                touched.add((request.dpid, changed))
-                applied.append(index)
-        if applied:
-            failure = self._install(state, touched, requests, applied)
-            if failure is not None:
-                for index in applied:
-                    answers[index] = failure
-                state = self.state
-        self.store.save(self.state, state, [(r.key, a.status, a.text) for r, a in zip(requests, answers)
-                                            if r.key is not None and not a.replayed and a.status != "UNAVAILABLE"])
-        self.state = state
-        # One line per command, except in bulk: a batch gets one summary line at INFO.
-        detail = log.info if len(requests) == 1 else log.debug
-        for request, answer in zip(requests, answers):
-            self.metrics.command(answer.status)
-            detail("command %s on %016x port %s key %s: %s %s", _short(request.command), request.dpid,
-                   request.port, request.key, answer.status, answer.text.splitlines()[0] if answer.text else "")
-        if len(requests) > 1:
-            counts = Counter(answer.status for answer in answers)
-            log.info("batch of %d commands: %s", len(requests),
-                     ", ".join(f"{status} {count}" for status, count in sorted(counts.items())))
+            by_switch.setdefault(request.dpid, []).append(index)
+        jobs = {dpid: self.reconciler(dpid).submit(Job("commands", [requests[i] for i in indices]))
+                for dpid, indices in by_switch.items()}
+        answers: list[Answer | None] = [None] * len(requests)
+        for dpid, job in jobs.items():
+            if not job.done.wait(timeout=JOB_DEADLINE) or job.answers is None:
+                job.answers = [Answer("UNAVAILABLE", f"switch {dpid:016x} did not finish in time; try again",
+                                      "switch-down")] * len(job.requests)
+            for index, answer in zip(by_switch[dpid], job.answers):
+                answers[index] = answer
         return answers
 
-    def _apply(self, request: CommandRequest, state: State) -> tuple[Answer, State, str | None]:
-        """(answer, state after, MAC whose flows changed or None) for one command."""
-        if request.key is not None and (previous := self.store.answer(request.key)) is not None:
-            return Answer(previous[0], previous[1], replayed=True), state, None
+    def execute(self, request: CommandRequest) -> Answer:
+        return self.submit([request])[0]
+
+    def plan(self, dpid: int, requests: list[CommandRequest]) -> Plan:
+        """Decide every command of a job in order against the current state (pure but for
+        the store's look-ups of earlier answers)."""
+        before = state = self.state
+        answers, touched, pending, backends, keep = [], set(), [], set(), []
+        seen: dict[tuple, tuple[str, Answer]] = {}
+        for index, request in enumerate(requests):
+            if index % YIELD_EVERY == YIELD_EVERY - 1:
+                hub.sleep(0)  # a 100,000-command request must not stall the switches or REST
+            answer, state, changed, backend, store_it = self._plan_one(request, state, seen)
+            answers.append(answer)
+            if changed:
+                touched.add(changed)
+                pending.append(index)
+                backends |= backend
+            if store_it:
+                keep.append(index)
+        return Plan(requests, tuple(answers), before, state, frozenset(touched), tuple(pending),
+                    frozenset(backends), tuple(keep))
+
+    def _plan_one(self, request: CommandRequest, state: State, seen: dict):
+        """(answer, state after, MAC whose flows change or None, new backends, store it?)."""
+        key = request.key
+        if key is not None:
+            text = command_text(request.command)
+            earlier = seen.get(key) or self.store.answer(key)
+            if earlier is not None:
+                if earlier[0] is not None and earlier[0] != text:
+                    return (Answer("REJECTED", f"idempotency key {key[0]}/{key[1]}/{key[2]} was already used for "
+                                               "another command; nothing was applied", "key-reused"),
+                            state, None, set(), False)
+                previous = earlier[1]
+                return Answer(previous.status, previous.text, previous.code, replayed=True), state, None, set(), False
         try:
-            command = request.parsed()
+            command = parse(request.command)
         except CommandError as error:
-            return Answer("SYNTAX", str(error), "syntax"), state, None
+            answer = Answer("SYNTAX", str(error), "syntax")
+            return answer, state, None, set(), self._remember(seen, request, answer)
         try:
             outcome = apply(state, Binding(request.dpid, request.port), command)
         except ApplyError as error:
-            return Answer("REJECTED", str(error), error.code), state, None
-        if isinstance(command, Query) or outcome.state is state:
-            return Answer("OK", outcome.text), state, None
-        if request.dpid not in self.switches.switches:
-            return Answer("UNAVAILABLE", f"switch {request.dpid:016x} is not connected; try again",
-                          "switch-down"), state, None
-        if isinstance(command, RegisterLoadBalancer):
-            self.switches.resolve(request.dpid, command.backends)
-        return Answer("OK", outcome.text), outcome.state, command.mac
+            answer = Answer("REJECTED", str(error), error.code)
+            return answer, state, None, set(), self._remember(seen, request, answer)
+        answer = Answer("OK", outcome.text)
+        if isinstance(command, Query):
+            return answer, state, None, set(), False  # reads are cheap to repeat: not stored
+        remembered = self._remember(seen, request, answer)
+        if outcome.state is state:
+            return answer, state, None, set(), remembered
+        backends = set(command.backends) if isinstance(command, RegisterLoadBalancer) else set()
+        return answer, outcome.state, command.mac, backends, remembered
 
-    def _install(self, state: State, touched: set, requests, applied) -> Answer | None:
-        """Install ``state``'s flows for the touched middleboxes; the failure answer, if any."""
-        try:
-            errors = self.switches.install(self.state, state, touched)
-        except Exception as error:  # a bug here must cost these commands, not the controller
-            log.exception("installing flows for %d command(s) failed", len(applied))
-            for dpid in {dpid for dpid, _ in touched}:
-                self.switches.resync(dpid)
-            return Answer("INTERNAL", f"internal error while installing flows: {error}", "internal")
-        if not errors:
-            return None
-        self.switches.install(state, self.state, touched)
-        return Answer("REJECTED", "switch refused: " + "; ".join(errors), "switch-error")
+    @staticmethod
+    def _remember(seen: dict, request: CommandRequest, answer: Answer) -> bool:
+        if request.key is None:
+            return False
+        seen[request.key] = (command_text(request.command), answer)
+        return True
+
+    def commit(self, dpid: int, plan: Plan) -> list[Answer]:
+        """Make a planned (and installed) change current and durable; the answers."""
+        changed = plan.before.changed_keys(plan.after)
+        stored = [(plan.requests[i].key, plan.answers[i], command_text(plan.requests[i].command))
+                  for i in plan.keep]
+        self.store.save(plan.before, plan.after, stored)
+        if changed:
+            self.state = self.state.merged(plan.after, changed)
+            reconciler = self.reconciler(dpid)
+            reconciler.generation += 1
+            reconciler.applied = reconciler.generation
+        self._log(dpid, plan)
+        return list(plan.answers)
+
+    def _log(self, dpid: int, plan: Plan) -> None:
+        """One line per command, except in bulk: a batch gets one summary line at INFO."""
+        detail = log.info if len(plan.requests) == 1 else log.debug
+        for request, answer in zip(plan.requests, plan.answers):
+            self.metrics.command(answer.status)
+            detail("command %s on %016x port %s key %s: %s %s", clip(command_text(request.command), 120), dpid,
+                   request.port, request.key, answer.status, clip(answer.text.splitlines()[0] if answer.text else ""))
+        if len(plan.requests) > 1:
+            counts = Counter(answer.status for answer in plan.answers)
+            log.info("batch of %d commands on %016x: %s", len(plan.requests), dpid,
+                     ", ".join(f"{status} {count}" for status, count in sorted(counts.items())))
+
+    def internal_error(self, requests: list[CommandRequest], error: Exception) -> list[Answer]:
+        answer = Answer("INTERNAL", f"internal error in the controller ({type(error).__name__}); nothing was "
+                                    "applied; see the controller log", "internal")
+        for _ in requests:
+            self.metrics.command(answer.status)
+        return [answer] * len(requests)
 
     def delete_middlebox(self, dpid: int, mac: str) -> Answer:
-        """The operator's delete: like the guest's X, without a guest."""
+        """The operator's (or the agent's) delete: like the guest's X, without a guest."""
         middlebox = self.state.find(dpid, mac)
         if middlebox is None:
             return Answer("REJECTED", f"no middlebox {mac} on {dpid:016x}", "not-found")
         return self.execute(CommandRequest(dpid, middlebox.port, f"X {mac}"))
 
+    def retire(self, dpid: int, ports) -> None:
+        """Middleboxes whose port is gone lose their offloads, durably: a reused port must
+        never inherit them, even when the port went while the controller was away."""
+        gone = [mb for mb in self.state.on(dpid) if mb.port in ports]
+        if not gone:
+            return
+        after = self.state
+        for middlebox in gone:
+            after = after.remove(dpid, middlebox.mac)
+        self.store.save(self.state, after, [])
+        self.state = after
+        reconciler = self.reconciler(dpid)
+        reconciler.generation += 1
+        for middlebox in gone:
+            log.info("switch %016x: port %d is gone; offloads of %s removed", dpid, middlebox.port, middlebox.mac)
 
-def _short(command: dict | str) -> str:
-    return command if isinstance(command, str) else str(command.get("op"))
+    # --- switches (called by the app shell) ---------------------------------------------
+
+    def switch_connected(self, datapath) -> None:
+        self.metrics.switch_connected(datapath.id, True)
+        log.info("switch %016x connected", datapath.id)
+        self.reconciler(datapath.id).connected_to(datapath)
+
+    def switch_disconnected(self, datapath) -> None:
+        reconciler = self.reconcilers.get(datapath.id)
+        if reconciler is not None and reconciler.disconnected(datapath):
+            self.metrics.switch_connected(datapath.id, False)
+            self.metrics.switch_gone(datapath.id)
+            log.info("switch %016x disconnected", datapath.id)
+
+    def receive(self, message) -> None:
+        reconciler = self.reconcilers.get(message.datapath.id)
+        if reconciler is not None:
+            reconciler.receive(message)
+
+    def port_deleted(self, dpid: int, port: int) -> None:
+        if any(mb.port == port for mb in self.state.on(dpid)):
+            self.reconciler(dpid).submit(Job("retire", ports=frozenset({port})))
+
+    def neighbours_of(self, dpid: int) -> dict[str, Neighbour]:
+        return self.neighbours.setdefault(dpid, {})
+
+    def arp_reply(self, dpid: int, address: str, mac: str, port: int) -> None:
+        known = self.neighbours_of(dpid)
+        previous, known[address] = known.get(address), Neighbour(mac, port)
+        if previous is not None and previous != known[address]:
+            log.info("switch %016x: backend %s moved from %s to %s", dpid, address, previous, known[address])
+            users = frozenset(mb.mac for mb in self.state.on(dpid)
+                              if any(address in r.backends for r in mb.redirects))
+            if users:
+                self.reconciler(dpid).submit(Job("refresh", macs=users))
+
+    @staticmethod
+    def arp_probe(datapath, address: str):
+        """An ARP probe (sender 0.0.0.0, RFC 5227): answered, but cached by nobody."""
+        frame = packet.Packet()
+        frame.add_protocol(ethernet.ethernet(dst="ff:ff:ff:ff:ff:ff", src=RESOLVER_MAC, ethertype=ether.ETH_TYPE_ARP))
+        frame.add_protocol(arp.arp(opcode=arp.ARP_REQUEST, src_mac=RESOLVER_MAC, src_ip="0.0.0.0",
+                                   dst_mac="00:00:00:00:00:00", dst_ip=address))
+        frame.serialize()
+        parser, ofp = datapath.ofproto_parser, datapath.ofproto
+        return parser.OFPPacketOut(datapath, ofp.OFP_NO_BUFFER, ofp.OFPP_CONTROLLER,
+                                   [parser.OFPActionOutput(ofp.OFPP_FLOOD)], frame.data)
+
+    # --- reads (REST) ---------------------------------------------------------------------
+
+    def switch_views(self) -> list[dict]:
+        return [r.view() for _, r in sorted(self.reconcilers.items())]
+
+    def _flow_stats(self, dpid: int, cookie: int, mask: int) -> list:
+        reconciler = self.reconcilers.get(dpid)
+        if reconciler is None or not reconciler.connected:
+            raise SwitchUnavailable(f"switch {dpid:016x} is not connected")
+        link = reconciler.link
+        datapath = link.datapath
+        parser, ofp = datapath.ofproto_parser, datapath.ofproto
+        try:
+            return link.request(parser.OFPFlowStatsRequest(datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                                                           cookie, mask, parser.OFPMatch()))
+        except SwitchUnreachable as error:
+            raise SwitchUnavailable(str(error)) from None
+
+    def flow_statistics(self, dpid: int, cookie: int) -> list[dict]:
+        """The switch's own view of a middlebox's flows, with counters."""
+        return [{"table": s.table_id, "priority": s.priority, "match": _match_body(s.match),
+                 "packets": s.packet_count, "bytes": s.byte_count, "cookie": f"{s.cookie:#018x}",
+                 "actions": [str(i) for i in s.instructions]}
+                for s in self._flow_stats(dpid, cookie, 0xFFFFFFFFFFFFFFFF)]
+
+    def handled_packets(self, dpid: int, mac: str) -> dict:
+        """Packets (and bytes) the middlebox would otherwise have received: each counted
+        once, where table 0 decided it (see flows.counts_as_handled)."""
+        stats = self._flow_stats(dpid, cookie_of(mac), 0xFFFFFFFFFFFFFFFF)
+        decided = [s for s in stats if counts_as_handled(s.table_id, s.priority)]
+        return {"packets": sum(s.packet_count for s in decided), "bytes": sum(s.byte_count for s in decided)}
+
+    def refresh_metrics(self) -> None:
+        """Per-middlebox series for the middleboxes that exist, one request per switch."""
+        rows = {}
+        for dpid, reconciler in list(self.reconcilers.items()):
+            if not reconciler.connected:
+                continue
+            try:
+                stats = self._flow_stats(dpid, COOKIE_TAG, COOKIE_TAG_MASK)
+            except SwitchUnavailable:
+                continue
+            handled: Counter = Counter()
+            for s in stats:
+                if counts_as_handled(s.table_id, s.priority):
+                    handled[s.cookie] += s.packet_count
+            for middlebox in self.state.on(dpid):
+                rows[(dpid, middlebox.mac)] = handled.get(cookie_of(middlebox.mac), 0)
+        self.metrics.set_handled(rows)
+
+
+def _match_body(match) -> dict:
+    return {name: value if isinstance(value, (int, str)) else list(value)
+            for name, value in normal_match(match.items())}

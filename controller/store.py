@@ -1,16 +1,27 @@
 """Desired state on disk (SQLite), so a restarted controller restores every offload, and
-the first answer to each idempotency key, so a command forwarded twice applies once."""
+the first answer to each idempotency key, so a command forwarded twice applies once.
+
+Answers are kept for replay only as long as a retry can come: per channel, the newest
+``KEEP_PER_CHANNEL`` and none older than ``KEEP_SECONDS``, so a guest cannot grow the
+database without bound.  Each answer remembers its command, so a key reused for another
+command is recognised (and refused) instead of answered with the first command's result."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 from mbvisor.guest.commands import AddFilter, RegisterLoadBalancer
 from mbvisor.guest.grammar import format_command, parse_command
 
 from .model import Limits, Middlebox, Redirect, State
+from .requests import Answer
+
+KEEP_PER_CHANNEL = 4096
+KEEP_SECONDS = 24 * 3600.0
+PRUNE_EVERY = 256  # answers stored for a channel between two prunings of it
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS middleboxes (
@@ -19,6 +30,13 @@ CREATE TABLE IF NOT EXISTS answers (
     channel TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
     status TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (channel, epoch, seq));
 """
+# Columns added since the first release; an older database gains them on open.
+ANSWER_COLUMNS = {"code": "TEXT NOT NULL DEFAULT 'ok'", "command": "TEXT", "stored": "REAL NOT NULL DEFAULT 0"}
+
+
+def command_text(command: dict | str) -> str:
+    """A command as the store compares it: the text as sent, or canonical JSON."""
+    return command if isinstance(command, str) else json.dumps(command, sort_keys=True, separators=(",", ":"))
 
 
 def encode_middlebox(middlebox: Middlebox) -> str:
@@ -46,25 +64,59 @@ class Store:
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(answers)")}
+        for column, declaration in ANSWER_COLUMNS.items():
+            if column not in present:
+                self.db.execute(f"ALTER TABLE answers ADD COLUMN {column} {declaration}")
+        self.stored_since_prune: dict[str, int] = {}
 
     def load(self, limits: Limits) -> State:
         rows = self.db.execute("SELECT dpid, mac, body FROM middleboxes ORDER BY dpid, mac").fetchall()
         return State.of((decode_middlebox(*row) for row in rows), limits)
 
-    def save(self, before: State, after: State, answers: list[tuple[tuple[str, int, int], str, str]]) -> None:
-        """Write the middleboxes that changed and the answers by key, in one transaction."""
+    def save(self, before: State, after: State, answers: list[tuple[tuple[str, int, int], Answer, str]]) -> None:
+        """Write the middleboxes that changed and the (key, answer, command text) rows, in
+        one transaction; prune channels that stored many answers since their last pruning."""
         changed = before.changed_keys(after)
         if not changed and not answers:
             return
+        now = time.time()
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany("DELETE FROM middleboxes WHERE dpid = ? AND mac = ?", sorted(changed))
             self.db.executemany("INSERT INTO middleboxes VALUES (?, ?, ?)",
                                 [(*key, encode_middlebox(after.by_key[key])) for key in sorted(changed)
                                  if key in after.by_key])
-            self.db.executemany("INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?)",
-                                [(*key, status, text) for key, status, text in answers])
+            self.db.executemany(
+                "INSERT OR IGNORE INTO answers (channel, epoch, seq, status, text, code, command, stored) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*key, answer.status, answer.text, answer.code, command, now) for key, answer, command in answers])
+            for channel in {key[0] for key, _, _ in answers}:
+                self._count_and_prune(channel, sum(1 for key, _, _ in answers if key[0] == channel), now)
 
-    def answer(self, key: tuple[str, int, int]) -> tuple[str, str] | None:
-        return self.db.execute("SELECT status, text FROM answers WHERE channel = ? AND epoch = ? AND seq = ?",
-                               key).fetchone()
+    def _count_and_prune(self, channel: str, stored: int, now: float) -> None:
+        count = self.stored_since_prune.get(channel, 0) + stored
+        if count < PRUNE_EVERY:
+            self.stored_since_prune[channel] = count
+            return
+        self.stored_since_prune[channel] = 0
+        self.prune(channel, now)
+
+    def prune(self, channel: str, now: float) -> None:
+        """Keep the channel's newest KEEP_PER_CHANNEL answers younger than KEEP_SECONDS."""
+        self.db.execute("DELETE FROM answers WHERE channel = ? AND stored < ?", (channel, now - KEEP_SECONDS))
+        self.db.execute("DELETE FROM answers WHERE channel = ? AND rowid NOT IN "
+                        "(SELECT rowid FROM answers WHERE channel = ? ORDER BY rowid DESC LIMIT ?)",
+                        (channel, channel, KEEP_PER_CHANNEL))
+
+    def answer(self, key: tuple[str, int, int]) -> tuple[str | None, Answer] | None:
+        """(command text, answer) stored for ``key``; the text is None for rows written
+        before commands were stored (they replay without the reuse check)."""
+        row = self.db.execute("SELECT command, status, text, code FROM answers WHERE channel = ? AND epoch = ? "
+                              "AND seq = ?", key).fetchone()
+        return None if row is None else (row[0], Answer(row[1], row[2], row[3]))
+
+    def answer_count(self, channel: str | None = None) -> int:
+        if channel is None:
+            return self.db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM answers WHERE channel = ?", (channel,)).fetchone()[0]

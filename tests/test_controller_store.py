@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mbvisor.controller.model import ApplyError, Binding, Limits, Middlebox, Redirect, State, apply
+from mbvisor.controller import store as store_module
+from mbvisor.controller.requests import Answer
 from mbvisor.controller.store import Store, decode_middlebox, encode_middlebox
 from mbvisor.guest.grammar import parse_command
 
@@ -145,7 +148,7 @@ def _writes(store: Store, before: State, after: State, key=None, status="OK", te
     statements: list[str] = []
     store.db.set_trace_callback(statements.append)
     try:
-        store.save(before, after, [] if key is None else [(key, status, text)])
+        store.save(before, after, [] if key is None else [(key, Answer(status, text), "X")])
     finally:
         store.db.set_trace_callback(None)
     return [s for s in statements if s.split()[0].upper() in {"INSERT", "DELETE", "UPDATE", "REPLACE"}]
@@ -175,24 +178,64 @@ def test_save_of_an_answer_only_writes_the_answer(tmp_path):
     store.save(State(limits=LIMITS), state, [])
     writes = _writes(store, state, state, ("chan", 3, 9), "REJECTED", "no such filter")
     assert len(writes) == 1 and "answers" in writes[0]
-    assert store.answer(("chan", 3, 9)) == ("REJECTED", "no such filter")
+    assert store.answer(("chan", 3, 9)) == ("X", Answer("REJECTED", "no such filter"))
 
 
 def test_answers_by_idempotency_key_survive_a_restart(tmp_path):
     path = tmp_path / "controller.sqlite"
     store = Store(path)
     state = build(f"R F {MAC} 10.0.0.1")
-    store.save(State(limits=LIMITS), state, [(("vm1", 1, 1), "OK", f"registered {MAC} 10.0.0.1 for firewall offload")])
-    store.save(state, state, [(("vm1", 1, 2), "SYNTAX", "column 1: 'Q' is not a command")])
-    store.save(state, state, [(("vm2", 1, 1), "OK", "line one\nline two")])
+    registered = Answer("OK", f"registered {MAC} 10.0.0.1 for firewall offload")
+    store.save(State(limits=LIMITS), state, [(("vm1", 1, 1), registered, f"R F {MAC} 10.0.0.1")])
+    store.save(state, state, [(("vm1", 1, 2), Answer("SYNTAX", "column 1: 'Q' is not a command", "syntax"), "Q")])
+    store.save(state, state, [(("vm2", 1, 1), Answer("OK", "line one\nline two"), "I x")])
     store.db.close()
 
     again = Store(path)
-    assert again.answer(("vm1", 1, 1)) == ("OK", f"registered {MAC} 10.0.0.1 for firewall offload")
-    assert again.answer(("vm1", 1, 2)) == ("SYNTAX", "column 1: 'Q' is not a command")
-    assert again.answer(("vm2", 1, 1)) == ("OK", "line one\nline two")
+    assert again.answer(("vm1", 1, 1)) == (f"R F {MAC} 10.0.0.1", registered)
+    assert again.answer(("vm1", 1, 2)) == ("Q", Answer("SYNTAX", "column 1: 'Q' is not a command", "syntax"))
+    assert again.answer(("vm2", 1, 1)) == ("I x", Answer("OK", "line one\nline two"))
     # Every part of the key counts.
     assert again.answer(("vm1", 2, 1)) is None
     assert again.answer(("vm1", 1, 3)) is None
     assert again.answer(("vm3", 1, 1)) is None
     assert again.load(LIMITS) == state
+
+
+def test_answers_kept_per_channel_are_bounded(tmp_path, monkeypatch):
+    """A guest cannot grow the database without bound: each channel keeps its newest
+    answers only, and another channel's are untouched."""
+    monkeypatch.setattr(store_module, "KEEP_PER_CHANNEL", 50)
+    monkeypatch.setattr(store_module, "PRUNE_EVERY", 10)
+    store = Store(tmp_path / "controller.sqlite")
+    state = State(limits=LIMITS)
+    store.save(state, state, [(("quiet", 1, 1), Answer("OK", "kept"), "R F x")])
+    for seq in range(1000):
+        store.save(state, state, [(("noisy", 1, seq), Answer("OK", "x" * 100), f"I {seq}")])
+    assert store.answer_count("noisy") <= 50 + 10
+    assert store.answer(("noisy", 1, 999)) is not None  # the newest stay
+    assert store.answer(("noisy", 1, 0)) is None
+    assert store.answer(("quiet", 1, 1)) == ("R F x", Answer("OK", "kept"))
+
+
+def test_answers_older_than_the_retention_go(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "PRUNE_EVERY", 1)
+    store = Store(tmp_path / "controller.sqlite")
+    state = State(limits=LIMITS)
+    clock = iter([1000.0, 1000.0 + store_module.KEEP_SECONDS + 1])
+    monkeypatch.setattr(store_module.time, "time", lambda: next(clock))
+    store.save(state, state, [(("vm", 1, 1), Answer("OK", "old"), "X a")])
+    store.save(state, state, [(("vm", 1, 2), Answer("OK", "new"), "X b")])
+    assert store.answer(("vm", 1, 1)) is None
+    assert store.answer(("vm", 1, 2)) is not None
+
+
+def test_a_database_of_the_first_release_gains_the_new_columns(tmp_path):
+    """Answers stored before commands were remembered replay without the reuse check."""
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(store_module.SCHEMA)
+    old.execute("INSERT INTO answers VALUES ('vm', 1, 2, 'OK', 'done')")
+    old.commit()
+    old.close()
+    assert Store(path).answer(("vm", 1, 2)) == (None, Answer("OK", "done"))

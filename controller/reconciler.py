@@ -1,0 +1,367 @@
+"""One reconciler per switch: the only writer of that switch's flows and groups.
+
+Work reaches a switch as jobs in one queue: the full reconciliation when it (re)connects
+(always first, never behind commands), the guests' commands, ports that went away, a
+backend that moved, and the periodic audit.  The reconciler runs them one at a time in its
+own green thread; each job's flow changes go to the switch as one atomic bundle followed by
+a barrier (``SwitchLink.commit``), so a refused job leaves the switch exactly as it was and
+nothing needs rolling back by hand.  Switches never wait on each other: each has its own
+queue and thread, and no lock is held while a switch thinks.
+
+The decisions (which commands apply, what the desired flows are, what differs) are the
+pure core's (``model``, ``flows``, ``reconcile``) and the service's ``plan``; this module
+only moves their results to the switch and records what it then holds.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .compat import hub
+from .flows import (COOKIE_TAG, COOKIE_TAG_MASK, Flow, Group, SwitchConfig, compile_middlebox, compile_switch,
+                    cookie_of, owned_groups)
+from .ofmessages import encode_action, encoded_actions, flow_mod, group_mod, instructions, normal_match
+from .reconcile import Changes, reconcile
+from .switchlink import SwitchLink, SwitchUnreachable
+
+log = logging.getLogger("mbvisor.controller")
+RESYNC_FLOOR, RESYNC_CEILING = 0.5, 30.0  # back-off between failed reconciliations (s)
+YIELD_EVERY = 64  # middleboxes compiled between two yields to the event loop
+
+
+def _identity(flow: Flow) -> tuple:
+    return (flow.table, flow.priority, flow.match)
+
+
+def _wire_buckets(buckets) -> bytes:
+    """Groups carry no cookie and come back as objects: compare their encoded buckets."""
+    out = bytearray()
+    for bucket in buckets:
+        for action in bucket:
+            buf = bytearray()
+            action.serialize(buf, 0)
+            out += buf
+        out += b"|"
+    return bytes(out)
+
+
+@dataclass
+class Installed:
+    """What the switch holds as far as we know: flows by cookie and identity (one
+    middlebox's flows are found without scanning the switch), actions as wire bytes,
+    groups as the wire bytes of their buckets.  Re-read at every reconnection and audit."""
+
+    flows: dict = field(default_factory=dict)  # cookie -> identity -> Flow
+    groups: dict = field(default_factory=dict)
+
+    def all_flows(self) -> list[Flow]:
+        return [flow for by_identity in self.flows.values() for flow in by_identity.values()]
+
+    def flows_of(self, cookie: int) -> list[Flow]:
+        return list(self.flows.get(cookie, {}).values())
+
+    def flow_count(self) -> int:
+        return sum(len(by_identity) for by_identity in self.flows.values())
+
+    def holds(self, flow: Flow) -> None:
+        self.flows.setdefault(flow.cookie, {})[_identity(flow)] = flow
+
+    def lost(self, flow: Flow) -> None:
+        by_identity = self.flows.get(flow.cookie, {})
+        by_identity.pop(_identity(flow), None)
+        if not by_identity:
+            self.flows.pop(flow.cookie, None)
+
+
+@dataclass
+class Job:
+    """``kind``: sync (full reconciliation), audit, commands, retire (ports gone),
+    refresh (re-install the flows of some middleboxes, e.g. a backend moved)."""
+
+    kind: str
+    requests: list = field(default_factory=list)
+    ports: frozenset = frozenset()
+    macs: frozenset = frozenset()
+    done: object = field(default_factory=hub.Event)
+    answers: list | None = None
+
+
+class SwitchReconciler:
+    def __init__(self, dpid: int, service):
+        self.dpid = dpid
+        self.service = service  # state, plan/commit of commands and retirements, neighbours
+        self.link: SwitchLink | None = None
+        self.installed = Installed()
+        self.synced = False
+        self.connected_at: float | None = None
+        self.generation = 0  # desired-state changes that concern this switch
+        self.applied = 0     # ... of which the switch confirmed the flows
+        self.last_error: str | None = None
+        self.jobs: collections.deque[Job] = collections.deque()
+        self.wake = hub.Event()
+        self.resync_pause = RESYNC_FLOOR
+        self.thread = hub.spawn(self._run)
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.link is not None and not self.link.closed
+
+    def connected_to(self, datapath) -> None:
+        """A (re)connection: its full reconciliation goes before anything queued."""
+        if self.link is not None:
+            self.link.close("switch reconnected")
+        self.link = SwitchLink(datapath)
+        self.connected_at = time.time()
+        self.synced = False
+        self.resync_pause = RESYNC_FLOOR
+        self._push(Job("sync"), first=True)
+
+    def disconnected(self, datapath) -> bool:
+        """The connection ended (only if it is the current one); waiters learn it now."""
+        if self.link is None or self.link.datapath is not datapath:
+            return False
+        self.link.close(f"switch {self.dpid:016x} disconnected")
+        self.link = None
+        self.synced = False
+        return True
+
+    def submit(self, job: Job) -> Job:
+        self._push(job)
+        return job
+
+    def _push(self, job: Job, first: bool = False) -> None:
+        if first:
+            self.jobs.appendleft(job)
+        else:
+            self.jobs.append(job)
+        self.wake.set()
+
+    def receive(self, message) -> None:
+        if self.link is not None and message.datapath is self.link.datapath:
+            self.link.receive(message)
+
+    def _run(self) -> None:
+        while True:
+            while not self.jobs:
+                self.wake.wait()
+                self.wake.clear()
+            job = self.jobs.popleft()
+            try:
+                getattr(self, f"_{job.kind}")(job)
+            except Exception as error:  # a bug costs this job, never the switch's reconciler
+                log.exception("switch %016x: %s job failed", self.dpid, job.kind)
+                if job.kind == "commands" and job.answers is None:
+                    job.answers = self.service.internal_error(job.requests, error)
+            finally:
+                job.done.set()
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    def _sync(self, job: Job, audit: bool = False) -> None:
+        """Read what the switch holds and send only the difference to the desired state."""
+        if not self.connected:
+            return
+        try:
+            ports = self._read_switch()
+            gone = {mb.port for mb in self.service.state.on(self.dpid)} - ports
+            if gone:
+                self.service.retire(self.dpid, gone)  # durable: they left while we were away
+            self._resolve_backends(self.service.state.on(self.dpid))
+            state = self.service.state
+            desired = compile_switch(state, self.dpid, self.service.neighbours_of(self.dpid))
+            changes = self._diff(desired, self.installed.all_flows(), set(self.installed.groups))
+            errors = self._send(changes)
+        except SwitchUnreachable as error:
+            self._sync_failed(str(error))
+            return
+        if errors:
+            self._sync_failed("; ".join(errors))
+            return
+        self.synced = True
+        self.applied = self.generation
+        self.last_error = None
+        self.resync_pause = RESYNC_FLOOR
+        if audit and not changes.empty:
+            log.warning("switch %016x: flows changed by someone else; repaired: %s", self.dpid, changes.summary())
+        elif not audit:
+            log.info("switch %016x reconciled: %s", self.dpid, changes.summary())
+
+    def _audit(self, job: Job) -> None:
+        if self.connected and self.synced:
+            self._sync(job, audit=True)
+
+    def _sync_failed(self, reason: str) -> None:
+        """Not synced until a later attempt succeeds; commands meanwhile answer UNAVAILABLE."""
+        self.synced = False
+        self.last_error = reason
+        log.warning("switch %016x: reconciliation failed (%s); again in %.1f s", self.dpid, reason,
+                    self.resync_pause)
+        link = self.link
+        hub.spawn_after(self.resync_pause, self._retry_sync, link)
+        self.resync_pause = min(self.resync_pause * 2, RESYNC_CEILING)
+
+    def _retry_sync(self, link) -> None:
+        if self.link is link and link is not None and not link.closed and not self.synced:
+            self._push(Job("sync"), first=True)
+
+    def _commands(self, job: Job) -> None:
+        plan = self.service.plan(self.dpid, job.requests)
+        if plan.touched:
+            failure = self._install(plan.before, plan.after, plan.touched, plan.backends)
+            if failure is not None:
+                plan = plan.failed(failure)
+        job.answers = self.service.commit(self.dpid, plan)
+
+    def _retire(self, job: Job) -> None:
+        before = self.service.state
+        self.service.retire(self.dpid, job.ports)
+        macs = {mb.mac for mb in before.on(self.dpid) if mb.port in job.ports}
+        if macs and self._install(before, self.service.state, macs, set()) is not None:
+            self.synced = False  # the next reconciliation removes them
+            self._retry_sync(self.link)
+
+    def _refresh(self, job: Job) -> None:
+        state = self.service.state
+        self._install(state, state, set(job.macs), set())
+
+    def _install(self, before, after, macs, backends) -> tuple[str, str] | None:
+        """Flows of the ``macs`` middleboxes from ``before`` to ``after`` as one bundle.
+        None when the switch confirmed; else (status, text) of the failure."""
+        if not self.connected:
+            return ("UNAVAILABLE", f"switch {self.dpid:016x} is not connected; try again")
+        if not self.synced:
+            return ("UNAVAILABLE", f"switch {self.dpid:016x} is being reconciled; try again")
+        try:
+            self._resolve(backends)
+            changes = Changes()
+            for index, mac in enumerate(sorted(macs)):
+                needed = self._middlebox_changes(before, after, mac)
+                if isinstance(needed, str):
+                    return ("REJECTED", needed)
+                changes = changes + needed
+                if index % YIELD_EVERY == YIELD_EVERY - 1:
+                    hub.sleep(0)
+            errors = self._send(changes)
+        except SwitchUnreachable as error:
+            self.synced = False  # what the switch holds is unknown now: read it again
+            self._retry_sync(self.link)
+            return ("UNAVAILABLE", f"{error}; nothing was applied, try again")
+        if errors:
+            return ("REJECTED", "switch refused: " + "; ".join(errors))
+        return None
+
+    def _middlebox_changes(self, before, after, mac: str) -> Changes | str:
+        wanted = after.find(self.dpid, mac)
+        middlebox = wanted or before.find(self.dpid, mac)
+        desired = (compile_middlebox(wanted, self.service.neighbours_of(self.dpid)) if wanted
+                   else SwitchConfig(frozenset(), frozenset()))
+        if desired.unresolved:
+            return f"backend {', '.join(desired.unresolved)} did not answer ARP"
+        groups = set(owned_groups(middlebox)) if middlebox else set()
+        return self._diff(desired, self.installed.flows_of(cookie_of(mac)), groups)
+
+    # --- talking to the switch ----------------------------------------------------------
+
+    def _read_switch(self) -> set[int]:
+        """Record the switch's flows and groups; the numbers of its ports."""
+        datapath = self.link.datapath
+        parser, ofp = datapath.ofproto_parser, datapath.ofproto
+        stats = self.link.request(parser.OFPFlowStatsRequest(
+            datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY, COOKIE_TAG, COOKIE_TAG_MASK, parser.OFPMatch()))
+        installed = Installed()
+        for stat in stats:
+            installed.holds(Flow(stat.table_id, stat.priority, normal_match(stat.match.items()),
+                                 (("wire", encoded_actions(datapath, stat.instructions)),), stat.cookie))
+        descriptions = self.link.request(parser.OFPGroupDescStatsRequest(datapath, 0))
+        installed.groups = {d.group_id: _wire_buckets([b.actions for b in d.buckets]) for d in descriptions}
+        ports = self.link.request(parser.OFPPortDescStatsRequest(datapath, 0))
+        self.installed = installed
+        return {port.port_no for port in ports if port.port_no <= ofp.OFPP_MAX}
+
+    def _diff(self, desired: SwitchConfig, installed, managed_groups: set[int]) -> Changes:
+        datapath = self.link.datapath
+
+        def same_flow(want: Flow, have: Flow) -> bool:
+            wire = encoded_actions(datapath, instructions(datapath, want.actions))
+            return want.cookie == have.cookie and wire == have.actions[0][1]
+
+        def same_group(want: Group, have: Group) -> bool:
+            return self._group_wire(want) == self.installed.groups.get(have.group_id)
+
+        present_groups = [Group(i, ()) for i in self.installed.groups if i in managed_groups]
+        return reconcile(desired, installed, present_groups, managed_groups, same_flow, same_group)
+
+    def _group_wire(self, group: Group) -> bytes:
+        datapath = self.link.datapath
+        return _wire_buckets([[encode_action(datapath, a) for a in bucket] for bucket in group.buckets])
+
+    def _send(self, changes: Changes) -> list[str]:
+        """The changes as one bundle in a safe order (groups before the flows that use
+        them, flows before the groups they used); the switch's errors."""
+        if changes.empty:
+            return []
+        datapath = self.link.datapath
+        messages = ([(group_mod, g, "add") for g in changes.add_groups]
+                    + [(group_mod, g, "modify") for g in changes.modify_groups]
+                    + [(flow_mod, f, "add") for f in changes.add_flows]
+                    + [(flow_mod, f, "modify") for f in changes.modify_flows]
+                    + [(flow_mod, f, "delete") for f in changes.delete_flows]
+                    + [(group_mod, i, "delete") for i in changes.delete_groups])
+        encoded = (encode(datapath, item, command) for encode, item, command in messages)
+        errors = self.link.commit(encoded, len(messages))
+        self.service.metrics.openflow_errors(len(errors))
+        if not errors:
+            self._record(changes)
+        self.service.metrics.flows_installed(self.dpid, self.installed.flow_count())
+        return errors
+
+    def _record(self, changes: Changes) -> None:
+        datapath = self.link.datapath
+        for flow in changes.add_flows + changes.modify_flows:
+            wire = encoded_actions(datapath, instructions(datapath, flow.actions))
+            self.installed.holds(Flow(flow.table, flow.priority, flow.match, (("wire", wire),), flow.cookie))
+        for flow in changes.delete_flows:
+            self.installed.lost(flow)
+        for group in changes.add_groups + changes.modify_groups:
+            self.installed.groups[group.group_id] = self._group_wire(group)
+        for group_id in changes.delete_groups:
+            self.installed.groups.pop(group_id, None)
+
+    # --- backend addresses --------------------------------------------------------------
+
+    def _resolve_backends(self, middleboxes) -> None:
+        self._resolve({b for mb in middleboxes for r in mb.redirects for b in r.backends})
+
+    def _resolve(self, addresses) -> None:
+        """Learn the MACs of ``addresses`` by ARP from this switch (bounded wait)."""
+        known = self.service.neighbours_of(self.dpid)
+        missing = {a for a in addresses if a not in known and ":" not in a}
+        deadline = time.monotonic() + self.service.arp_timeout
+        while missing and time.monotonic() < deadline and self.connected:
+            for address in sorted(missing):
+                self.link.send_unconfirmed(self.service.arp_probe(self.link.datapath, address))
+            for _ in range(20):
+                hub.sleep(0.025)
+                missing = {a for a in missing if a not in known}
+                if not missing:
+                    return
+
+    def probe_backends(self) -> None:
+        """Backends may move (a VM migrates, a NIC is replaced): ask again now and then."""
+        if not self.connected:
+            return
+        for address in sorted({b for mb in self.service.state.on(self.dpid) for r in mb.redirects
+                               for b in r.backends}):
+            self.link.send_unconfirmed(self.service.arp_probe(self.link.datapath, address))
+
+    def view(self) -> dict:
+        return {"dpid": self.dpid, "connected": self.connected, "connected_at": self.connected_at,
+                "synced": self.synced, "generation": self.generation, "applied_generation": self.applied,
+                "flows": self.installed.flow_count() if self.connected else None,
+                "groups": len(self.installed.groups) if self.connected else None,
+                "last_error": self.last_error}

@@ -1,0 +1,153 @@
+"""OpenFlow conversations with one connected switch: multipart requests, atomic bundles,
+barriers, and the errors that belong to each.
+
+It knows nothing of middleboxes or flows: the reconciler hands it messages, it answers
+with what the switch said.  Every wait has a deadline that grows with the work asked of
+the switch, so a hung switch costs a bounded time, and a disconnect wakes every waiter at
+once.  Replies are routed by xid; nothing here holds a lock, so other switches and the
+REST API run while one switch thinks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from .compat import hub
+
+log = logging.getLogger("mbvisor.controller")
+
+BASE_TIMEOUT = 5.0          # seconds for any answer from the switch ...
+PER_MESSAGE_TIMEOUT = 2e-4  # ... plus this per message it must apply (100k flows: +20 s)
+YIELD_EVERY = 256           # messages encoded between two yields to the event loop
+
+
+class SwitchUnreachable(Exception):
+    """The switch disconnected or did not answer in time: nothing is known to be applied."""
+
+
+@dataclass
+class Waiter:
+    """One conversation: the xids it owns, the replies' bodies and the switch's errors."""
+
+    done: object  # hub.Event
+    body: list = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    lost: str | None = None
+    barrier: int | None = None  # a bundle's conversation ends with this barrier's reply
+
+
+def describe_error(message) -> str:
+    """An OpenFlow error as text an operator can look up (type/code as in ofp-errors)."""
+    return f"OpenFlow error type {message.type} code {message.code}"
+
+
+class SwitchLink:
+    def __init__(self, datapath):
+        self.datapath = datapath
+        self.waiters: dict[int, Waiter] = {}
+        self.bundle_ids = itertools.count(1)
+        self.closed: str | None = None
+
+    @property
+    def dpid(self) -> int:
+        return self.datapath.id
+
+    # --- sending ------------------------------------------------------------------------
+
+    def _send(self, message, waiter: Waiter | None = None) -> None:
+        if self.closed:
+            raise SwitchUnreachable(self.closed)
+        self.datapath.set_xid(message)
+        if waiter is not None:
+            self.waiters[message.xid] = waiter
+        if self.datapath.send_msg(message) is False:
+            raise SwitchUnreachable(f"switch {self.dpid:016x} is disconnecting")
+
+    def send_unconfirmed(self, message) -> None:
+        """A message nobody waits for (a packet-out); lost quietly if the switch is gone."""
+        try:
+            self._send(message)
+        except SwitchUnreachable:
+            pass
+
+    def _wait(self, waiter: Waiter, timeout: float, what: str) -> None:
+        try:
+            if not waiter.done.wait(timeout=timeout):
+                raise SwitchUnreachable(f"switch {self.dpid:016x} did not answer {what} within {timeout:.1f} s")
+            if waiter.lost:
+                raise SwitchUnreachable(waiter.lost)
+        finally:
+            for xid in [xid for xid, owner in self.waiters.items() if owner is waiter]:
+                del self.waiters[xid]
+
+    def request(self, message) -> list:
+        """A multipart request; the bodies of all its replies joined."""
+        waiter = Waiter(hub.Event())
+        self._send(message, waiter)
+        self._wait(waiter, BASE_TIMEOUT, type(message).__name__)
+        if waiter.errors:
+            raise SwitchUnreachable(f"switch {self.dpid:016x} refused {type(message).__name__}: "
+                                    + "; ".join(waiter.errors))
+        return waiter.body
+
+    def commit(self, messages: Iterable, count: int) -> list[str]:
+        """Send ``messages`` (``count`` of them) as one atomic, ordered bundle, then a barrier.
+        Returns the switch's errors: empty means every message is in effect, otherwise the
+        switch refused the bundle and holds exactly what it held before."""
+        datapath = self.datapath
+        parser, ofp = datapath.ofproto_parser, datapath.ofproto
+        flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED
+        bundle = next(self.bundle_ids) & 0xFFFFFFFF
+        waiter = Waiter(hub.Event())
+        self._send(parser.ONFBundleCtrlMsg(datapath, bundle, ofp.ONF_BCT_OPEN_REQUEST, flags, []), waiter)
+        for index, message in enumerate(messages):
+            datapath.set_xid(message)
+            added = parser.ONFBundleAddMsg(datapath, bundle, flags, message, [])
+            added.xid = message.xid  # OVS reports a failing inner message by its own xid
+            self.waiters[message.xid] = waiter
+            if datapath.send_msg(added) is False:
+                raise SwitchUnreachable(f"switch {self.dpid:016x} is disconnecting")
+            if index % YIELD_EVERY == YIELD_EVERY - 1:
+                hub.sleep(0)  # let echo replies, other switches and REST run
+        self._send(parser.ONFBundleCtrlMsg(datapath, bundle, ofp.ONF_BCT_COMMIT_REQUEST, flags, []), waiter)
+        barrier = parser.OFPBarrierRequest(datapath)
+        self._send(barrier, waiter)
+        waiter.barrier = barrier.xid
+        self._wait(waiter, BASE_TIMEOUT + count * PER_MESSAGE_TIMEOUT, f"a bundle of {count} message(s)")
+        return waiter.errors
+
+    # --- receiving ----------------------------------------------------------------------
+
+    def receive(self, message) -> None:
+        """Route a reply (multipart, barrier, error, bundle control) to its waiter."""
+        waiter = self.waiters.get(message.xid)
+        ofp = self.datapath.ofproto
+        name = type(message).__name__
+        if name == "OFPErrorMsg":
+            if waiter is None:
+                log.warning("switch %016x: %s for xid %d (nobody waiting)", self.dpid, describe_error(message),
+                            message.xid)
+            else:
+                waiter.errors.append(describe_error(message))
+            return
+        if waiter is None:
+            return
+        if name == "OFPBarrierReply":
+            if waiter.barrier == message.xid:
+                waiter.done.set()
+            return
+        if name.endswith("StatsReply"):
+            body = message.body
+            waiter.body.extend(body if isinstance(body, list) else [body])
+            if not message.flags & ofp.OFPMPF_REPLY_MORE:
+                waiter.done.set()
+
+    def close(self, reason: str) -> None:
+        """The connection is gone: every waiter learns it now, not at its deadline."""
+        self.closed = reason
+        for waiter in set(self.waiters.values()):
+            waiter.lost = reason
+            waiter.done.set()
