@@ -167,10 +167,7 @@ class SwitchReconciler:
         if not self.connected:
             return
         try:
-            ports = self._read_switch()
-            gone = {mb.port for mb in self.service.state.on(self.dpid)} - ports
-            if gone:
-                self.service.retire(self.dpid, gone)  # durable: they left while we were away
+            self._read_switch()
             self._resolve_backends(self.service.state.on(self.dpid))
             state = self.service.state
             desired = compile_switch(state, self.dpid, self.service.neighbours_of(self.dpid))
@@ -267,8 +264,10 @@ class SwitchReconciler:
 
     # --- talking to the switch ----------------------------------------------------------
 
-    def _read_switch(self) -> set[int]:
-        """Record the switch's flows and groups; the numbers of its ports."""
+    def _read_switch(self) -> None:
+        """Record the switch's flows and groups.  (Its ports are not compared with the
+        middleboxes' here: a restarting ovs-vswitchd may connect before it has re-added
+        them.  Departures come as port-status messages and as the agent's deletes.)"""
         datapath = self.link.datapath
         parser, ofp = datapath.ofproto_parser, datapath.ofproto
         stats = self.link.request(parser.OFPFlowStatsRequest(
@@ -279,9 +278,7 @@ class SwitchReconciler:
                                  (("wire", encoded_actions(datapath, stat.instructions)),), stat.cookie))
         descriptions = self.link.request(parser.OFPGroupDescStatsRequest(datapath, 0))
         installed.groups = {d.group_id: _wire_buckets([b.actions for b in d.buckets]) for d in descriptions}
-        ports = self.link.request(parser.OFPPortDescStatsRequest(datapath, 0))
         self.installed = installed
-        return {port.port_no for port in ports if port.port_no <= ofp.OFPP_MAX}
 
     def _diff(self, desired: SwitchConfig, installed, managed_groups: set[int]) -> Changes:
         datapath = self.link.datapath
