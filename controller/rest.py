@@ -1,26 +1,63 @@
 """Versioned JSON API (``/v1``) and Prometheus metrics, served inside the controller.
 
-Reads are open; writes (commands from agents, the operator's delete) need the bearer
-token when one is configured.  Errors are JSON ``{"error": {"code", "message"}}`` with a
-stable code.  Documented in docs/rest.md.
+The edge of the command path: it authenticates writes, validates each request whole
+(``requests``), hands valid requests to the service and maps the service's answers to
+HTTP.  It imports nothing of the service or the app; the app gives it an object with the
+service's methods (``submit``, ``delete_middlebox``, ``switch_views``, ``flow_statistics``,
+``handled_packets``, ``refresh_metrics``, ``state``, ``metrics``).  Errors are JSON
+``{"error": {"code", "message"}}`` with a stable code.  Documented in docs/rest.md.
 """
 
 from __future__ import annotations
 
+import errno
+import hmac
 import json
 import logging
+import socket
+import traceback
 
+import eventlet.wsgi
+from eventlet import greenio
 from routes import Mapper
 from webob import Request, Response
-from webob.exc import HTTPException
 
 from .compat import hub
 from .flows import cookie_of
-from .service import CommandRequest
+from .requests import BadRequest, SwitchUnavailable, clip, dpid_from, is_batch, mac_from, requests_from_body
 from .store import encode_middlebox
 
 log = logging.getLogger("mbvisor.rest")
-HTTP_STATUS = {"OK": 200, "SYNTAX": 400, "REJECTED": 409, "REFUSED": 403, "UNAVAILABLE": 503}
+
+# Path template -> method -> handler.  The one table the router, the 405 answers' Allow
+# header and the OpenAPI test (tests/test_openapi.py) all read.
+ROUTES = {
+    "/v1/health": {"GET": "health"},
+    "/v1/switches": {"GET": "switches"},
+    "/v1/middleboxes": {"GET": "middleboxes"},
+    "/v1/middleboxes/{dpid}/{mac}": {"GET": "middlebox", "DELETE": "delete"},
+    "/v1/middleboxes/{dpid}/{mac}/flows": {"GET": "flows"},
+    "/v1/commands": {"POST": "command"},
+    "/metrics": {"GET": "metrics"},
+}
+WRITES = {"command", "delete"}
+HTTP_STATUS = {"OK": 200, "SYNTAX": 400, "REJECTED": 409, "REFUSED": 403, "UNAVAILABLE": 503, "INTERNAL": 500}
+MAX_BODY = 64 << 20  # a 200,000-command batch is about 25 MiB
+BACKLOG = 1024  # 50 (eventlet's default) reset connections under 200 concurrent writers
+MAX_CONNECTIONS = 256
+IDLE_TIMEOUT = 30.0
+
+
+class PortInUse(RuntimeError):
+    """Another process listens on the REST port: starting anyway would split requests."""
+
+
+class _NotFound(LookupError):
+    pass
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def _json(body, status: int = 200) -> Response:
@@ -32,126 +69,207 @@ def _error(status: int, code: str, message: str) -> Response:
     return _json({"error": {"code": code, "message": message}}, status)
 
 
-class RestApi:
-    def __init__(self, core, settings):
-        self.core = core
-        self.token = settings.token
-        self.routes = Mapper()
-        self.routes.connect("/v1/health", action="health", conditions={"method": ["GET"]})
-        self.routes.connect("/v1/middleboxes", action="middleboxes", conditions={"method": ["GET"]})
-        self.routes.connect("/v1/middleboxes/{dpid}/{mac}", action="middlebox", conditions={"method": ["GET"]})
-        self.routes.connect("/v1/middleboxes/{dpid}/{mac}", action="delete", conditions={"method": ["DELETE"]})
-        self.routes.connect("/v1/middleboxes/{dpid}/{mac}/flows", action="flows", conditions={"method": ["GET"]})
-        self.routes.connect("/v1/switches", action="switches", conditions={"method": ["GET"]})
-        self.routes.connect("/v1/commands", action="command", conditions={"method": ["POST"]})
-        self.routes.connect("/metrics", action="metrics", conditions={"method": ["GET"]})
-
-    def __call__(self, environ, start_response):
-        request = Request(environ)
-        match = self.routes.match(environ=environ)
-        if match is None:
-            response = _error(404, "not-found", f"no such endpoint: {request.method} {request.path}")
-        else:
-            try:
-                response = getattr(self, match.pop("action"))(request, **match)
-            except HTTPException as error:
-                response = _error(error.code, "http", error.detail or error.title)
-            except (ValueError, KeyError) as error:
-                response = _error(400, "bad-request", str(error))
-            except Exception:  # an API bug must not kill the controller
-                log.exception("REST %s %s failed", request.method, request.path)
-                response = _error(500, "internal", "internal error; see the controller log")
-        return response(environ, start_response)
-
-    def _authorised(self, request: Request) -> bool:
-        return self.token is None or request.headers.get("Authorization") == f"Bearer {self.token}"
-
-    # --- reads ---------------------------------------------------------------------------
-
-    def health(self, request):
-        return _json({"status": "ok", "switches": len(self.core.switches.switches),
-                      "middleboxes": len(self.core.state.middleboxes)})
-
-    def _describe(self, middlebox) -> dict:
-        body = json.loads(encode_middlebox(middlebox))
-        return {"dpid": f"{middlebox.dpid:016x}", "mac": middlebox.mac, **body,
-                "cookie": f"{cookie_of(middlebox.mac):#018x}"}
-
-    def middleboxes(self, request):
-        return _json({"middleboxes": [self._describe(mb) for mb in self.core.state.middleboxes]})
-
-    def _find(self, dpid: str, mac: str):
-        middlebox = self.core.state.find(int(dpid, 16), mac.lower())
-        if middlebox is None:
-            raise LookupError(f"no middlebox {mac} on switch {dpid}")
-        return middlebox
-
-    def middlebox(self, request, dpid, mac):
-        try:
-            middlebox = self._find(dpid, mac)
-        except LookupError as error:
-            return _error(404, "not-found", str(error))
-        flows = self.core.switches.flow_statistics(middlebox.dpid, cookie_of(middlebox.mac))
-        handled = {"packets": sum(f["packets"] for f in flows), "bytes": sum(f["bytes"] for f in flows)}
-        return _json({**self._describe(middlebox), "handled_in_switch": handled})
-
-    def flows(self, request, dpid, mac):
-        try:
-            middlebox = self._find(dpid, mac)
-        except LookupError as error:
-            return _error(404, "not-found", str(error))
-        return _json({"flows": self.core.switches.flow_statistics(middlebox.dpid, cookie_of(middlebox.mac))})
-
-    def switches(self, request):
-        return _json({"switches": [{"dpid": f"{dpid:016x}", "connected": True, "connected_at": s.connected_at,
-                                    "synced": s.synced.is_set(), "flows": s.flow_count(), "groups": len(s.groups)}
-                                   for dpid, s in sorted(self.core.switches.switches.items())]})
-
-    def metrics(self, request):
-        for dpid in list(self.core.switches.switches):
-            handled = self.core.switches.handled_packets(dpid)
-            for middlebox in self.core.state.on(dpid):
-                self.core.metrics.handled.labels(f"{dpid:016x}", middlebox.mac).set(
-                    handled.get(cookie_of(middlebox.mac), 0))
-        return Response(self.core.metrics.exposition(), content_type="text/plain", charset="utf-8")
-
-    # --- writes --------------------------------------------------------------------------
-
-    def command(self, request):
-        """One command object, or ``{"commands": [...]}``: applied in order, their flows
-        confirmed together (a guest's frame, or a bulk install)."""
-        if not self._authorised(request):
-            return _error(401, "unauthorised", "a valid bearer token is required for writes")
-        body = request.json_body
-        if isinstance(body, dict) and "commands" in body:
-            answers = self.core.switches.execute_all([_command_request(item) for item in body["commands"]])
-            return _json({"answers": [_answer_body(a) for a in answers]})
-        answer = self.core.switches.execute(_command_request(body))
-        return _json(_answer_body(answer), HTTP_STATUS.get(answer.status, 500))
-
-    def delete(self, request, dpid, mac):
-        if not self._authorised(request):
-            return _error(401, "unauthorised", "a valid bearer token is required for writes")
-        with self.core.switches.lock:
-            answer = self.core.delete_middlebox(int(dpid, 16), mac.lower())
-        if answer.code == "not-found":
-            return _error(404, "not-found", answer.text)
-        return _json({"status": answer.status, "text": answer.text}, HTTP_STATUS.get(answer.status, 500))
-
-
-def _command_request(body: dict) -> CommandRequest:
-    dpid = body["dpid"]
-    return CommandRequest(dpid=int(dpid, 16) if isinstance(dpid, str) else int(dpid), port=int(body["port"]),
-                          command=body["command"], channel=body.get("channel"), epoch=body.get("epoch"),
-                          seq=body.get("seq"))
+def http_status(answer) -> int:
+    """The HTTP status of a single command's answer: its channel status, except that a
+    reused idempotency key is a conflict whatever the service calls it."""
+    if answer.code == "key-reused":
+        return 409
+    return HTTP_STATUS.get(answer.status, 500)
 
 
 def _answer_body(answer) -> dict:
     return {"status": answer.status, "code": answer.code, "text": answer.text, "replayed": answer.replayed}
 
 
-def start_server(core, settings) -> None:
-    api = RestApi(core, settings)
-    server = hub.WSGIServer((settings.rest_host, settings.rest_port), api)
+def _describe(middlebox) -> dict:
+    body = json.loads(encode_middlebox(middlebox))
+    return {"dpid": f"{middlebox.dpid:016x}", "mac": middlebox.mac, **body,
+            "cookie": f"{cookie_of(middlebox.mac):#018x}"}
+
+
+def _json_body(request: Request):
+    """The request's JSON, read at most ``MAX_BODY`` bytes: a client cannot make us buffer
+    more than that, whatever Content-Length it claims or however long it streams."""
+    if (request.content_length or 0) > MAX_BODY:
+        raise _TooLarge()
+    if request.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        request.is_body_readable = True  # eventlet reads chunks but does not tell webob it may
+    data = request.body_file.read(MAX_BODY + 1)
+    if len(data) > MAX_BODY:
+        raise _TooLarge()
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as error:
+        raise BadRequest("body", f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+    except (ValueError, RecursionError):  # not UTF-8, an integer of thousands of digits, deep nesting
+        raise BadRequest("body", "not valid JSON (UTF-8, numbers and nesting within limits)") from None
+
+
+def _checked_token(token: str | None) -> str | None:
+    """None leaves writes open (no token file); an empty token would open them silently."""
+    if token is not None and not token.strip():
+        raise ValueError("the REST token is empty: give a non-empty token or none at all")
+    return token
+
+
+def _mapper() -> Mapper:
+    routes = Mapper()
+    for template in ROUTES:
+        routes.connect(template, template=template)
+    return routes
+
+
+class RestApi:
+    def __init__(self, service, settings):
+        self.service = service
+        self.token = _checked_token(settings.token)
+        self.routes = _mapper()
+
+    def __call__(self, environ, start_response):
+        return self._respond(Request(environ))(environ, start_response)
+
+    def _respond(self, request: Request) -> Response:
+        """Route, authenticate, run the handler; every failure becomes a JSON error."""
+        match = self.routes.match(environ=request.environ)
+        if match is None:
+            return _error(404, "not-found", f"no such endpoint: {clip(request.path_info)}")
+        methods = ROUTES[match.pop("template")]
+        action = methods.get(request.method)
+        if action is None:
+            response = _error(405, "method-not-allowed",
+                              f"{clip(request.method, 20)} is not allowed here; allowed: {', '.join(sorted(methods))}")
+            response.allow = sorted(methods)
+            return response
+        if action in WRITES and not self._authorised(request):
+            response = _error(401, "unauthorised", "a valid bearer token is required for writes")
+            response.www_authenticate = "Bearer"
+            return response
+        try:
+            return getattr(self, action)(request, **match)
+        except BadRequest as error:
+            log.info("REST %s %s refused: %s", request.method, clip(request.path_info), clip(str(error)))
+            return _error(400, "bad-request", str(error))
+        except _NotFound as error:
+            return _error(404, "not-found", str(error))
+        except SwitchUnavailable as error:
+            return _error(503, "switch-unavailable", str(error))
+        except _TooLarge:
+            response = _error(413, "too-large", f"the body is larger than {MAX_BODY} bytes")
+            response.headers["Connection"] = "close"
+            return response
+        except Exception as error:  # an API bug must not kill the controller
+            _log_failure(request, error)
+            return _error(500, "internal", "internal error; see the controller log")
+
+    def _authorised(self, request: Request) -> bool:
+        if self.token is None:
+            return True
+        scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), self.token.encode())
+
+    def _find(self, dpid: str, mac: str):
+        dpid, mac = dpid_from(dpid), mac_from(mac)
+        middlebox = self.service.state.find(dpid, mac)
+        if middlebox is None:
+            raise _NotFound(f"no middlebox {mac} on switch {dpid:016x}")
+        return middlebox
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def health(self, request):
+        connected = sum(1 for view in self.service.switch_views() if view["connected"])
+        return _json({"status": "ok", "switches": connected, "middleboxes": len(self.service.state.middleboxes)})
+
+    def switches(self, request):
+        views = sorted(self.service.switch_views(), key=lambda view: view["dpid"])
+        return _json({"switches": [{**view, "dpid": f"{view['dpid']:016x}"} for view in views]})
+
+    def middleboxes(self, request):
+        return _json({"middleboxes": [_describe(mb) for mb in self.service.state.middleboxes]})
+
+    def middlebox(self, request, dpid, mac):
+        middlebox = self._find(dpid, mac)
+        handled = self.service.handled_packets(middlebox.dpid, middlebox.mac)
+        return _json({**_describe(middlebox), "handled_in_switch": handled})
+
+    def flows(self, request, dpid, mac):
+        middlebox = self._find(dpid, mac)
+        return _json({"flows": self.service.flow_statistics(middlebox.dpid, cookie_of(middlebox.mac))})
+
+    def metrics(self, request):
+        self.service.refresh_metrics()
+        return Response(self.service.metrics.exposition(), content_type="text/plain", charset="utf-8")
+
+    # --- writes --------------------------------------------------------------------------
+
+    def command(self, request):
+        """One command object, answered with its own HTTP status; or ``{"commands": [...]}``,
+        answered 200 with an answer per command once the whole request was valid."""
+        body = _json_body(request)
+        requests = requests_from_body(body)
+        answers = self.service.submit(requests)
+        if is_batch(body):
+            return _json({"answers": [_answer_body(answer) for answer in answers]})
+        return _json(_answer_body(answers[0]), http_status(answers[0]))
+
+    def delete(self, request, dpid, mac):
+        answer = self.service.delete_middlebox(dpid_from(dpid), mac_from(mac))
+        if answer.code == "not-found":
+            raise _NotFound(answer.text)
+        return _json(_answer_body(answer), http_status(answer))
+
+
+def _log_failure(request: Request, error: Exception) -> None:
+    """The traceback of an API bug, with the exception's text clipped: it may quote a
+    client's megabyte."""
+    frames = "".join(traceback.format_tb(error.__traceback__))
+    log.error("REST %s %s failed:\n%s%s: %s", clip(request.method, 20), clip(request.path_info), frames,
+              type(error).__name__, clip(str(error)))
+
+
+class _ServerLog:
+    """eventlet's server log (access lines, connection events) at DEBUG and clipped; the
+    API logs its own refusals and failures."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    def info(self, message, *args, **kwargs) -> None:
+        self._logger.debug("%s", clip(str(message).rstrip()))
+
+    debug = error = info
+
+
+def listen(host: str, port: int, backlog: int = BACKLOG):
+    """The listening socket, bound without SO_REUSEPORT.  With it (eventlet's and os-ken's
+    default) a second controller binds the same port silently and the kernel splits the
+    requests between two processes with different databases."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart while old connections linger
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise PortInUse(f"REST port {host}:{port} is already in use (another mbvisor controller?)") from None
+        raise
+    sock.listen(backlog)
+    return greenio.GreenSocket(sock)
+
+
+def serve(sock, api: RestApi, settings) -> None:
+    """Answer on ``sock`` until killed: at most ``rest_max_connections`` at once (more wait
+    in the backlog), each closed after ``rest_idle_timeout`` seconds without traffic, so
+    idle connections cannot hold every slot (or every file descriptor) for long."""
+    eventlet.wsgi.server(sock, api, log=_ServerLog(log), debug=False,
+                         max_size=getattr(settings, "rest_max_connections", MAX_CONNECTIONS),
+                         socket_timeout=getattr(settings, "rest_idle_timeout", IDLE_TIMEOUT))
+
+
+def start_server(service, settings):
+    """Bind the REST port (``PortInUse`` if taken) and serve it in a green thread."""
+    api = RestApi(service, settings)
+    sock = listen(settings.rest_host, settings.rest_port)
     log.info("REST API on http://%s:%d/v1", settings.rest_host, settings.rest_port)
-    hub.spawn(server.serve_forever)
+    return hub.spawn(serve, sock, api, settings)
