@@ -56,9 +56,10 @@ class FakeService:
 
     def delete_middlebox(self, dpid: int, mac: str) -> Answer:
         self.calls.append(("delete", dpid, mac))
-        if self.state.find(dpid, mac) is None:
+        middlebox = self.state.find(dpid, mac)
+        if middlebox is None:
             return Answer("REJECTED", f"no middlebox {mac} on {dpid:016x}", "not-found")
-        return Answer("OK", f"removed {mac}")
+        return self.answer(CommandRequest(dpid, middlebox.port, f"X {mac}"))
 
     def switch_views(self) -> list[dict]:
         return [{"dpid": dpid, "connected": dpid in self.connected, "connected_at": 1.0 if dpid in self.connected
