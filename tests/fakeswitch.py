@@ -31,6 +31,11 @@ Modelled as in Open vSwitch 3.1 (``ofproto/ofproto.c``):
   OF1.4 code, so MSG_FAILED is 2313).  Replies carry flags 0, as OVS's.
 * Errors carry the offending message's first 64 bytes, as OVS's do.
 
+``tests/test_fakeswitch.py::test_the_fake_answers_and_holds_what_a_real_ovs_vswitchd_does``
+(a host test) sends the same bytes to a private ovs-vswitchd and to the fake and compares
+errors (xid, type, code), flow stats and group descriptions: they agree, bundle failures
+included.
+
 Not modelled: timeouts, flow-removed and flow-monitor messages, meters, OF versions other
 than 1.3, roles, port mods, table features, ``OFPFF_CHECK_OVERLAP``, write-actions in
 traces, packets other than ARP replies from :meth:`FakeSwitch.add_host` hosts, NORMAL's
@@ -180,7 +185,7 @@ def _message(msg_type: int, xid: int, body: bytes) -> bytes:
                        ofp.OFP_HEADER_SIZE + len(body), xid) + body
 
 
-def _serialized(thing) -> bytes:
+def serialized(thing) -> bytes:
     """Bytes of an os-ken match, instruction or bucket (they serialise into a buffer)."""
     buf = bytearray()
     length = thing.serialize(buf, 0)
@@ -827,7 +832,7 @@ class FakeSwitch:
 
     @staticmethod
     def _flow_stats_entry(entry: Entry, now: float) -> bytes:
-        tail = _serialized(entry.ofp_match()) + b"".join(_serialized(i) for i in entry.instructions)
+        tail = serialized(entry.ofp_match()) + b"".join(serialized(i) for i in entry.instructions)
         age = now - entry.created
         head = struct.pack(ofp.OFP_FLOW_STATS_0_PACK_STR, ofp.OFP_FLOW_STATS_SIZE - ofp.OFP_MATCH_SIZE + len(tail),
                            entry.table, int(age), int(age % 1 * 1e9), entry.priority, 0, 0, entry.flags,
@@ -837,7 +842,7 @@ class FakeSwitch:
     def _group_desc(self, datapath: FakeDatapath, request) -> None:
         entries = []
         for group in sorted(self.tables.groups.values(), key=lambda g: g.group_id):
-            buckets = b"".join(_serialized(b) for b in group.buckets)
+            buckets = b"".join(serialized(b) for b in group.buckets)
             entries.append(struct.pack(ofp.OFP_GROUP_DESC_STATS_PACK_STR, ofp.OFP_GROUP_DESC_STATS_SIZE + len(buckets),
                                        group.type, group.group_id) + buckets)
         for data in _multipart_replies(ofp.OFPMP_GROUP_DESC, request.xid, entries, self.reply_limit):
@@ -879,7 +884,7 @@ class FakeSwitch:
         reason = ofp.OFPR_NO_MATCH if priority == 0 else ofp.OFPR_ACTION
         head = struct.pack(ofp.OFP_PACKET_IN_PACK_STR, ofp.OFP_NO_BUFFER, len(data), reason, table, cookie)
         self._answer(datapath, _message(ofp.OFPT_PACKET_IN, 0,
-                                        head + _serialized(parser.OFPMatch(in_port=in_port)) + bytes(2) + data))
+                                        head + serialized(parser.OFPMatch(in_port=in_port)) + bytes(2) + data))
 
     # --- bundles ------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from fakeswitch import (OFPBFC_BAD_ID, OFPBFC_MSG_FAILED, OFPBFC_TIMEOUT, ONF, FakeSwitch, canonical, decode,
-                        wait_until)
+                        serialized, wait_until)
 from mbvisor.controller.flows import BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, Flow, Neighbour, compile_switch, cookie_of
 from mbvisor.controller.model import Binding, State, apply
 from mbvisor.controller.ofmessages import encoded_actions, flow_mod, group_mod, instructions, normal_match
@@ -446,3 +446,139 @@ def test_an_arp_host_answers_probes_through_the_controller_flow(switch, sink):
     answer = packet.Packet(packet_in.data).get_protocol(arp.arp)
     assert (answer.src_ip, answer.src_mac, packet_in.match["in_port"]) == ("10.0.0.5", "02:00:00:00:00:05", 15)
     assert (packet_in.reason, packet_in.cookie) == (ofp.OFPR_ACTION, BASE_COOKIE)
+
+
+# --- the fake against a real ovs-vswitchd -----------------------------------------------------
+
+class OVSConnection:
+    """A raw OpenFlow 1.3 connection to a bridge's management socket: the same bytes the
+    fake gets go to the real switch, and its answers are parsed by os-ken the same way."""
+
+    def __init__(self, path: str):
+        import socket
+        from types import SimpleNamespace
+
+        self.datapath = SimpleNamespace(ofproto=ofp, ofproto_parser=parser, id=1, xid=0)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.sock.sendall(bytes(self._serialised(parser.OFPHello(self.datapath))))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _serialised(self, message) -> bytearray:
+        self.datapath.xid += 1
+        message.set_xid(self.datapath.xid)
+        message.serialize()
+        return message.buf
+
+    def exchange(self, messages) -> tuple[list[int], list]:
+        """Send, then a barrier; the xids sent and every answer up to the barrier's reply."""
+        xids = []
+        for message in messages:
+            self.sock.sendall(bytes(self._serialised(message)))
+            xids.append(message.xid)
+        self.sock.sendall(bytes(self._serialised(parser.OFPBarrierRequest(self.datapath))))
+        answers = []
+        while not answers or not isinstance(answers[-1], parser.OFPBarrierReply):
+            answer = self._read()
+            if not isinstance(answer, (parser.OFPHello, parser.OFPEchoRequest)):
+                answers.append(answer)
+        return xids, answers[:-1]
+
+    def _read(self):
+        from os_ken.ofproto import ofproto_parser
+
+        head = self._exactly(ofp.OFP_HEADER_SIZE)
+        version, msg_type, length, xid = ofproto_parser.header(head)
+        data = head + self._exactly(length - ofp.OFP_HEADER_SIZE)
+        return ofproto_parser.msg(self.datapath, version, msg_type, length, xid, data)
+
+    def _exactly(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            assert chunk, "ovs-vswitchd closed the connection"
+            data += chunk
+        return data
+
+
+def fake_exchange(switch, sink, messages) -> tuple[list[int], list]:
+    before = len(sink)
+    xids = send(switch, *messages)
+    barrier(switch, sink)
+    return xids, sink[before:-1]
+
+
+def in_bundle(datapath, bundle_id: int, messages) -> list:
+    """Open, the messages (each takes its add message's xid when serialised), commit."""
+    ctrl = lambda kind: parser.ONFBundleCtrlMsg(datapath, bundle_id, kind, ofp.ONF_BF_ATOMIC, [])  # noqa: E731
+    adds = [parser.ONFBundleAddMsg(datapath, bundle_id, ofp.ONF_BF_ATOMIC, m, []) for m in messages]
+    return [ctrl(ofp.ONF_BCT_OPEN_REQUEST), *adds, ctrl(ofp.ONF_BCT_COMMIT_REQUEST)]
+
+
+def scenario(datapath) -> list[list]:
+    """Steps that exercise what the fake models, each answered and then read back."""
+    config = compile_switch(state_of(*COMMANDS), 1, NEIGHBOURS)
+    group = min(config.groups)
+    loose_delete = parser.OFPFlowMod(datapath, table_id=ofp.OFPTT_ALL, command=ofp.OFPFC_DELETE,
+                                     out_port=3, out_group=ofp.OFPG_ANY, match=parser.OFPMatch(eth_type=0x0800))
+    return [
+        in_bundle(datapath, 1, [group_mod(datapath, g, "add") for g in sorted(config.groups)]
+                  + [flow_mod(datapath, f, "add") for f in sorted(config.flows, key=repr)]),
+        in_bundle(datapath, 2, [flow_mod(datapath, drop_flow("10.0.0.2"), "add"),
+                                flow_mod(datapath, Flow(0, 10, (("eth_type", 0x0800),), (("group", 99),), 1), "add")]),
+        [flow_mod(datapath, Flow(0, 10, (("eth_type", 0x0800),), (("group", 98),), 1), "add"),
+         group_mod(datapath, group, "add"),
+         group_mod(datapath, type(group)(group.group_id + 1, group.buckets), "modify"),
+         flow_mod(datapath, Flow(0, 10, (("ipv4_src", "10.0.0.1"),), (), 1), "add"),
+         flow_mod(datapath, Flow(0, 5, (("eth_type", 0x0800), ("ipv4_src", "10.0.0.3")), (("output", 3),), 2), "add"),
+         flow_mod(datapath, Flow(0, 5, (("eth_type", 0x0800), ("ipv4_src", "10.0.0.4")), (("output", 4),), 2), "add")],
+        [loose_delete, group_mod(datapath, group.group_id, "delete")],
+    ]
+
+
+def summary(answers) -> list:
+    """Answers as comparable tuples: errors by xid, type and code; replies by class and xid."""
+    def one(answer):
+        if isinstance(answer, parser.OFPErrorMsg):
+            code = answer.exp_type if answer.type == ofp.OFPET_EXPERIMENTER else answer.code
+            return ("error", answer.xid, answer.type, code)
+        return (type(answer).__name__, answer.xid, getattr(answer, "type", None))
+    return [one(a) for a in answers]
+
+
+def described(groups) -> list:
+    """Group descriptions with their buckets as wire bytes (weights, watches and actions)."""
+    return [(g.group_id, g.type, [serialized(b) for b in g.buckets]) for g in groups]
+
+
+@pytest.mark.host
+def test_the_fake_answers_and_holds_what_a_real_ovs_vswitchd_does():
+    """The same messages to a private ovs-vswitchd (its management socket) and to the fake:
+    the same errors in the same order, the same flows and groups read back, and
+    ``ovs-ofctl dump-flows`` lists as many flows as the fake holds."""
+    from mbvisor.topologies import netlab
+    from mbvisor.topologies.private_switch import PrivateSwitch
+
+    netlab.require_host_tools()
+    sink = Sink()
+    with PrivateSwitch() as private, netlab.Lab() as lab, FakeSwitch(1, sink=sink) as fake:
+        bridge = lab.bridge()
+        ovs = OVSConnection(str(private.directory / f"{bridge.name}.mgmt"))
+        try:
+            for ovs_step, fake_step in zip(scenario(ovs.datapath), scenario(fake.datapath)):
+                ovs.datapath.xid = fake.datapath.xid   # the same xids, so the answers compare
+                _, ovs_answers = ovs.exchange(ovs_step)
+                _, fake_answers = fake_exchange(fake, sink, fake_step)
+                assert summary(fake_answers) == summary(ovs_answers)
+                read = [parser.OFPFlowStatsRequest(ovs.datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY, 0, 0,
+                                                   parser.OFPMatch()), parser.OFPGroupDescStatsRequest(ovs.datapath, 0)]
+                _, (ovs_flows, ovs_groups) = ovs.exchange(read)
+                assert reported(fake.datapath, flow_stats(fake, sink)) == reported(ovs.datapath, ovs_flows.body)
+                fake_groups = request(fake, sink, parser.OFPGroupDescStatsRequest(fake.datapath, 0))
+                assert described(fake_groups) == described(ovs_groups.body)
+            assert len(bridge.dump_flows(no_stats=True)) == fake.flow_count() > 0
+        finally:
+            ovs.close()
