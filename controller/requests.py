@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from mbvisor.guest.errors import InvalidValueError
 from mbvisor.guest.fields import MAC_ADDRESS
@@ -23,9 +24,10 @@ MAX_EPOCH = 2**32 - 1
 MAX_SEQ = 2**63 - 1  # SQLite's INTEGER is signed 64-bit
 MAX_BATCH = 200_000
 KEY_FIELDS = ("channel", "epoch", "seq")
-COMMAND_FIELDS = ("dpid", "port", "command", *KEY_FIELDS)
+COMMAND_FIELDS = frozenset(("dpid", "port", "command", *KEY_FIELDS))
 BATCH_FIELD = "commands"
 CLIP_CHARS = 200
+PAUSE_EVERY = 10_000  # commands checked between two pauses: about 50 ms
 
 _HEX_DPID = re.compile(r"(?:0[xX])?[0-9a-fA-F]{1,16}")
 
@@ -89,59 +91,54 @@ def is_batch(body) -> bool:
     return isinstance(body, dict) and BATCH_FIELD in body
 
 
-def requests_from_body(body) -> list[CommandRequest]:
+def requests_from_body(body, pause: Callable[[], None] = lambda: None) -> list[CommandRequest]:
     """Every command of a request body (one command object or the batch form), all
-    validated before any is returned, so nothing of a bad batch is applied."""
+    validated before any is returned, so nothing of a bad batch is applied.  ``pause`` is
+    called every ``PAUSE_EVERY`` commands: the REST server yields there, so a 200,000-command
+    batch (about a second of checks) does not stop every other request meanwhile."""
     if not isinstance(body, dict):
         raise BadRequest("body", "must be a JSON object: one command or {\"commands\": [...]}")
     if not is_batch(body):
         return [request_from_json(body)]
-    _refuse_unknown(body, (BATCH_FIELD,), "")
+    _refuse_unknown(body, frozenset((BATCH_FIELD,)))
     commands = body[BATCH_FIELD]
     if not isinstance(commands, list) or len(commands) > MAX_BATCH:
         raise BadRequest(BATCH_FIELD, f"must be a list of at most {MAX_BATCH} command objects")
-    return [request_from_json(item, f"{BATCH_FIELD}[{index}]") for index, item in enumerate(commands)]
+    requests = []
+    for index, item in enumerate(commands):
+        if index % PAUSE_EVERY == PAUSE_EVERY - 1:
+            pause()
+        requests.append(request_from_json(item, f"{BATCH_FIELD}[{index}]"))
+    return requests
 
 
 def request_from_json(body, where: str = "") -> CommandRequest:
     """One command object as a request; ``where`` prefixes the field names in errors."""
     if not isinstance(body, dict):
         raise BadRequest(where or "body", "must be a JSON object with dpid, port and command")
-    _refuse_unknown(body, COMMAND_FIELDS, where)
-    for field in ("dpid", "port", "command"):
-        if body.get(field) is None:
-            raise BadRequest(_field(where, field), "required")
-    channel, epoch, seq = (body.get(field) for field in KEY_FIELDS)
-    given = [field for field in KEY_FIELDS if body.get(field) is not None]
-    if given and len(given) < len(KEY_FIELDS):
-        missing = next(field for field in KEY_FIELDS if field not in given)
-        raise BadRequest(_field(where, missing),
-                         f"required with {' and '.join(given)}: the idempotency key is channel, epoch and seq")
-    return CommandRequest(
-        dpid=dpid_from(body["dpid"], _field(where, "dpid")),
-        port=_integer(body["port"], _field(where, "port"), 1, MAX_PORT),
-        command=_command(body["command"], _field(where, "command")),
-        channel=None if channel is None else _channel(channel, _field(where, "channel")),
-        epoch=None if epoch is None else _integer(epoch, _field(where, "epoch"), 0, MAX_EPOCH),
-        seq=None if seq is None else _integer(seq, _field(where, "seq"), 0, MAX_SEQ),
-    )
+    try:
+        return _request(body)
+    except BadRequest as error:
+        if not where:
+            raise
+        raise BadRequest(f"{where}.{error.field}", error.message) from None
 
 
-def dpid_from(value, field: str = "dpid") -> int:
+def dpid_from(value) -> int:
     """A datapath id: an integer, or hex text as the API prints it (``00000000000000a1``)."""
     if isinstance(value, str) and _HEX_DPID.fullmatch(value):
         return int(value, 16)
     if type(value) is int and 0 <= value <= MAX_DPID:
         return value
-    raise BadRequest(field, f"must be an integer 0..{MAX_DPID} or 1-16 hex digits (optionally 0x)")
+    raise BadRequest("dpid", f"must be an integer 0..{MAX_DPID} or 1-16 hex digits (optionally 0x)")
 
 
-def mac_from(value: str, field: str = "mac") -> str:
+def mac_from(value: str) -> str:
     """A MAC address in its canonical lower-case form, as the grammar reads it."""
     try:
         return MAC_ADDRESS.parse(value)
     except InvalidValueError:
-        raise BadRequest(field, "must be a MAC address, six hex pairs like 52:34:56:00:12:22") from None
+        raise BadRequest("mac", "must be a MAC address, six hex pairs like 52:34:56:00:12:22") from None
 
 
 def read_token_file(path: str | Path) -> str:
@@ -153,15 +150,33 @@ def read_token_file(path: str | Path) -> str:
     return token
 
 
-def _refuse_unknown(body: dict, known: tuple[str, ...], where: str) -> None:
+def _request(body: dict) -> CommandRequest:
+    """The checks of one command object; field names are built only for an error, since a
+    batch has up to 200,000 of these."""
+    _refuse_unknown(body, COMMAND_FIELDS)
+    for field in ("dpid", "port", "command"):
+        if body.get(field) is None:
+            raise BadRequest(field, "required")
+    channel, epoch, seq = key = (body.get("channel"), body.get("epoch"), body.get("seq"))
+    if None in key and key != (None, None, None):
+        given = [field for field, value in zip(KEY_FIELDS, key) if value is not None]
+        missing = next(field for field, value in zip(KEY_FIELDS, key) if value is None)
+        raise BadRequest(missing, f"required with {' and '.join(given)}: the idempotency key is channel, epoch and seq")
+    return CommandRequest(
+        dpid=dpid_from(body["dpid"]),
+        port=_integer(body["port"], "port", 1, MAX_PORT),
+        command=_command(body["command"]),
+        channel=None if channel is None else _channel(channel),
+        epoch=None if epoch is None else _integer(epoch, "epoch", 0, MAX_EPOCH),
+        seq=None if seq is None else _integer(seq, "seq", 0, MAX_SEQ),
+    )
+
+
+def _refuse_unknown(body: dict, known: frozenset[str]) -> None:
     """A misspelt field (``sequence`` for ``seq``) must not be ignored silently."""
-    for field in body:
-        if field not in known:
-            raise BadRequest(_field(where, clip(str(field), 40)), f"unknown field; expected {', '.join(known)}")
-
-
-def _field(where: str, field: str) -> str:
-    return f"{where}.{field}" if where else field
+    if body.keys() - known:
+        field = next(field for field in body if field not in known)
+        raise BadRequest(clip(str(field), 40), f"unknown field; expected {', '.join(sorted(known))}")
 
 
 def _integer(value, field: str, low: int, high: int) -> int:
@@ -171,17 +186,17 @@ def _integer(value, field: str, low: int, high: int) -> int:
     return value
 
 
-def _command(value, field: str) -> dict | str:
+def _command(value) -> dict | str:
     if isinstance(value, dict):
         return value
     if isinstance(value, str) and len(value) <= MAX_COMMAND_CHARS:
         return value
     got = f" (got {len(value)})" if isinstance(value, str) else ""
-    raise BadRequest(field, f"must be command text of at most {MAX_COMMAND_CHARS} characters{got}, "
-                            "or a command object")
+    raise BadRequest("command", f"must be command text of at most {MAX_COMMAND_CHARS} characters{got}, "
+                                "or a command object")
 
 
-def _channel(value, field: str) -> str:
+def _channel(value) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_CHANNEL_CHARS:
-        raise BadRequest(field, f"must be a string of 1..{MAX_CHANNEL_CHARS} characters")
+        raise BadRequest("channel", f"must be a string of 1..{MAX_CHANNEL_CHARS} characters")
     return value

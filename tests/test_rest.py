@@ -22,6 +22,7 @@ import eventlet.hubs
 import pytest
 from webob import Request
 
+from mbvisor.controller import requests as requests_module
 from mbvisor.controller import rest
 from mbvisor.controller.flows import cookie_of
 from mbvisor.controller.metrics import Metrics
@@ -154,6 +155,14 @@ def test_a_malformed_body_is_400_naming_the_field_and_nothing_is_applied(api, se
 def test_a_batch_too_long_is_refused_whole():
     with pytest.raises(BadRequest, match=r"^commands: must be a list of at most 200000"):
         requests_from_body({"commands": [COMMAND] * (MAX_BATCH + 1)})
+
+
+def test_a_long_batch_is_checked_in_slices_that_let_other_requests_run(api, service, monkeypatch):
+    yielded = []
+    monkeypatch.setattr(requests_module, "PAUSE_EVERY", 3)
+    monkeypatch.setattr(rest.hub, "sleep", yielded.append)
+    assert call(api, "POST", "/v1/commands", {"commands": [COMMAND] * 10}, AUTH).status_int == 200
+    assert yielded == [0, 0, 0] and len(service.submitted[0]) == 10
 
 
 def test_valid_requests_reach_the_service_as_typed_requests(api, service):
@@ -450,3 +459,12 @@ def test_idle_connections_are_bounded_and_timed_out_so_the_api_stays_up(service)
         finally:
             for client in idle:
                 client.close()
+
+
+def test_an_oversized_body_is_answered_413_before_the_client_sends_it(service):
+    with running(service) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"POST /v1/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                       + f"\r\nContent-Length: {1 << 30}\r\n\r\n{{".encode())
+        head = client.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 413") and "Connection: close" in head
+    assert service.submitted == []
