@@ -39,7 +39,8 @@ included.
 Not modelled: timeouts, flow-removed and flow-monitor messages, meters, OF versions other
 than 1.3, roles, port mods, table features, ``OFPFF_CHECK_OVERLAP``, write-actions in
 traces, packets other than ARP replies from :meth:`FakeSwitch.add_host` hosts, NORMAL's
-MAC learning.  ``trace`` is a model of the pipeline for assertions, not a datapath.
+MAC learning; a packet-out inside a bundle acts when the commit reaches it, even if the
+commit then fails.  ``trace`` is a model of the pipeline for assertions, not a datapath.
 """
 
 from __future__ import annotations
@@ -332,6 +333,11 @@ class GroupEntry:
     group_id: int
     type: int
     buckets: tuple
+
+
+def _dump_order(entry: Entry) -> tuple:
+    """Tables in order, higher priorities first (as ovs-ofctl dump-flows lists them)."""
+    return (entry.table, -entry.priority, entry.match)
 
 
 def _outputs_to(actions, port: int) -> bool:
@@ -712,8 +718,7 @@ class FakeSwitch:
     # --- inspection ---------------------------------------------------------------------
 
     def flows(self, table: int | None = None) -> list[Entry]:
-        return sorted((e for e in self.tables.flows.values() if table is None or e.table == table),
-                      key=lambda e: (e.table, -e.priority, e.match))
+        return sorted((e for e in self.tables.flows.values() if table is None or e.table == table), key=_dump_order)
 
     def flow_count(self) -> int:
         return len(self.tables.flows)
@@ -826,7 +831,7 @@ class FakeSwitch:
         chosen = self.tables.select(request.table_id, canonical(request.match), request.cookie,
                                     request.cookie_mask, None, request.out_port, request.out_group)
         now = time.monotonic()
-        entries = [self._flow_stats_entry(e, now) for e in sorted(chosen, key=lambda e: (e.table, -e.priority, e.match))]
+        entries = [self._flow_stats_entry(e, now) for e in sorted(chosen, key=_dump_order)]
         for data in _multipart_replies(ofp.OFPMP_FLOW, request.xid, entries, self.reply_limit):
             self._answer(datapath, data)
 

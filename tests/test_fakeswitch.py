@@ -9,7 +9,8 @@ import pytest
 
 from fakeswitch import (OFPBFC_BAD_ID, OFPBFC_MSG_FAILED, OFPBFC_TIMEOUT, ONF, FakeSwitch, canonical, decode,
                         serialized, wait_until)
-from mbvisor.controller.flows import BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, Flow, Neighbour, compile_switch, cookie_of
+from mbvisor.controller.flows import (BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, Flow, Neighbour, compile_switch,
+                                      cookie_of)
 from mbvisor.controller.model import Binding, State, apply
 from mbvisor.controller.ofmessages import encoded_actions, flow_mod, group_mod, instructions, normal_match
 from mbvisor.guest.grammar import parse_command
@@ -17,7 +18,7 @@ from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 MAC = "52:34:56:00:12:22"
-CLIENT_PORT, MIDDLEBOX_PORT = 1, 2
+CLIENT_PORT = 1
 NEIGHBOURS = {f"10.0.0.{i}": Neighbour(f"02:00:00:00:00:{i:02x}", 10 + i) for i in range(1, 10)}
 COMMANDS = (
     f"R F {MAC} 10.0.0.100",
@@ -225,8 +226,9 @@ def test_delete_by_out_port_and_loose_match(switch, sink):
     send(switch, *[flow_mod(dp, f, "add") for f in (to_three, to_four, other)])
     send(switch, parser.OFPFlowMod(dp, table_id=0, command=ofp.OFPFC_DELETE, out_port=3, out_group=ofp.OFPG_ANY,
                                    match=parser.OFPMatch(eth_type=0x0800)))
-    barrier(switch, sink)
+    switch.settle()
     assert {dict(e.ofp_match().items()).get("ipv4_src") for e in switch.flows()} == {"10.0.0.2", None}
+    assert [type(m) for m in switch.received] == [parser.OFPFlowMod] * 4
 
 
 def test_groups_exist_before_flows_use_them(switch, sink):
@@ -337,8 +339,8 @@ def test_barrier_reply_comes_after_everything_sent_before_it(switch, sink):
     dp = switch.datapath
     switch.hold()
     flows = [drop_flow(f"10.0.1.{i}") for i in range(50)]
-    xids = send(switch, *[flow_mod(dp, f, "add") for f in flows], flow_mod(dp, Flow(0, 1, (), (("group", 5),), 1), "add"),
-                parser.OFPBarrierRequest(dp))
+    missing_group = flow_mod(dp, Flow(0, 1, (), (("group", 5),), 1), "add")
+    xids = send(switch, *[flow_mod(dp, f, "add") for f in flows], missing_group, parser.OFPBarrierRequest(dp))
     with pytest.raises(TimeoutError):
         wait_until(lambda: sink, 0.05)   # held: nothing is processed or answered
     seen_at_reply = []
@@ -354,6 +356,18 @@ def test_echo_is_answered(switch, sink):
     wait_until(lambda: sink.replies(xid))
     assert isinstance(sink[0], parser.OFPEchoReply) and sink[0].data == b"ping"
     assert sink[0].datapath is switch.datapath
+
+
+def test_a_failing_sink_stops_no_later_delivery(switch, sink):
+    def fragile(message):
+        if not switch.sink_errors:
+            raise RuntimeError("handler bug")
+        sink(message)
+
+    switch.sink = fragile
+    first, second = send(switch, parser.OFPEchoRequest(switch.datapath), parser.OFPEchoRequest(switch.datapath))
+    wait_until(lambda: sink.replies(second))
+    assert [m.xid for m in sink] == [second] and str(switch.sink_errors[0]) == "handler bug" and first
 
 
 def test_disconnect_stops_everything_and_reconnect_keeps_the_flows(switch, sink):
