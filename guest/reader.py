@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from . import ring
 from .backoff import Backoff
-from .region import Region
+from .region import Region, RegionFile, RegionIO, RegionShrunk, read_counters
 
 log = logging.getLogger(__name__)
-_PUBLISH = struct.Struct("<Q")
-_EPOCH = struct.Struct("<I")
+_UNSEEN = object()  # no header looked at yet: the first poll always looks
 
 
 @dataclass(frozen=True)
@@ -49,21 +48,52 @@ class ReaderStats:
 
 
 @dataclass
+class FaultLog:
+    """Logs the first fault of a kind, then at most one line per ``interval`` seconds with
+    the number left out: a guest writing garbage in a loop must not be able to fill the
+    host's disk or slow it with log lines.  The kinds are a fixed set, so is the memory."""
+
+    logger: logging.Logger
+    interval: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    _seen: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def __call__(self, kind: str, level: int, message: str, *args) -> None:
+        now = self.clock()
+        logged_at, left_out = self._seen.get(kind, (None, 0))
+        if logged_at is not None and now - logged_at < self.interval:
+            self._seen[kind] = (logged_at, left_out + 1)
+            return
+        if left_out:
+            message += f" ({left_out} more like this in the last {now - logged_at:.0f} s)"
+        self.logger.log(level, message, *args)
+        self._seen[kind] = (now, 0)
+
+
+@dataclass
 class ChannelReader:
     """Consumes one region.  ``poll()`` returns the next command (the same one until it is
-    answered), ``answer()`` writes its response and moves the consume counter on."""
+    answered), ``answer()`` writes its response and moves the consume counter on.
 
-    region: Region
+    One thread owns a reader (polls, answers, reads its state); others look only at what
+    the owner copies out, or at ``read_counters`` of the region's descriptor.  The region is
+    read and written with pread/pwrite (``RegionIO``), never through a mapping, so a
+    truncated file is a problem of this channel, not a SIGBUS for the process."""
+
+    region: Region | RegionFile
     name: str = ""
     stats: ReaderStats = field(default_factory=ReaderStats)
     problem: str | None = None
+    faults: FaultLog = field(default_factory=lambda: FaultLog(log))
+    _io: RegionIO = field(init=False, repr=False)
     _geometry: ring.Geometry | None = None
     _epoch: int = 0
     _consume: int = 0
-    _unusable_at: tuple[int, int] | None = None
+    _unusable_at: object = _UNSEEN
 
     def __post_init__(self) -> None:
         self.name = self.name or self.region.path
+        self._io = RegionIO(self.region.fd, self.region.size)
 
     @property
     def epoch(self) -> int:
@@ -73,49 +103,73 @@ class ChannelReader:
     def consume(self) -> int:
         return self._consume
 
-    def pending(self) -> int:
-        """Commands published but not answered (0 while the region is unusable)."""
-        header = self._attach()
-        if header is None:
-            return 0
-        return max(0, min(header.publish - self._consume, header.geometry.slot_count))
+    def idle_at(self) -> object:
+        """The region counters (guest epoch, publish) at which ``poll()`` has nothing to do:
+        a poller comparing ``read_counters`` with this needs nothing else of the reader."""
+        return self._unusable_at if self._geometry is None else (self._epoch, self._consume)
 
-    def poll(self) -> Incoming | None:
-        """The next valid command, answering damaged slots on the way (at most one ring's
-        worth per call, so a guest publishing garbage cannot hold the caller)."""
+    def pending(self) -> int:
+        """Commands published but not answered, as of now (0 while the region is unusable
+        or after a re-initialisation not polled yet).  Reads only: changes nothing."""
+        counters = read_counters(self.region.fd)
+        if self._geometry is None or counters is None or counters[0] != self._epoch:
+            return 0
+        return max(0, min(counters[1] - self._consume, self._geometry.slot_count))
+
+    def superseded(self) -> bool:
+        """Whether the guest re-initialised the region since the last poll (a new epoch):
+        a command taken before belongs to an epoch that no longer exists."""
+        counters = read_counters(self.region.fd)
+        return counters is None or counters[0] != self._epoch
+
+    def poll(self, max_damaged: int = ring.MAX_SLOT_COUNT) -> Incoming | None:
+        """The next valid command, answering damaged slots on the way (at most
+        ``max_damaged`` per call, so a guest publishing garbage cannot hold the caller)."""
         if self._idle():
             return None
-        for _ in range(ring.MAX_SLOT_COUNT):
+        try:
+            return self._take(max_damaged)
+        except RegionShrunk as error:
+            self._unusable(str(error), read_counters(self.region.fd))
+            return None
+
+    def _take(self, max_damaged: int) -> Incoming | None:
+        for _ in range(max_damaged):
             header = self._attach()
             if header is None or header.publish == self._consume:
                 return None
-            buf, geometry = self.region.buf, header.geometry
-            if ring.decode_response(buf, geometry, self._consume, self._epoch) is not None:
+            geometry = header.geometry
+            if self._answered_before(geometry):
                 # Answered before a restart, counter not yet moved: count it, do not replay it.
                 self.stats.resumed_answers += 1
                 self._advance()
                 continue
-            slot = ring.decode_command(buf, geometry, self._consume, self._epoch)
+            slot = self._command(geometry)
             if isinstance(slot, str):
                 # Publish comes after the slot is written, so a guest that follows the
                 # protocol never shows a torn slot here; look once more, then answer it.
-                slot = ring.decode_command(buf, geometry, self._consume, self._epoch)
+                slot = self._command(geometry)
             if not isinstance(slot, str):
                 return Incoming(self.name, self._epoch, slot.seq, slot.payload)
             self.stats.corrupt += 1
-            log.warning("channel %s: command %d rejected: %s", self.name, self._consume, slot)
+            self.faults("corrupt", logging.WARNING, "channel %s: command %d rejected: %s", self.name,
+                        self._consume, slot)
             self.answer(self._consume, ring.Status.CORRUPT, f"command slot rejected: {slot}")
         return None
 
+    def _answered_before(self, geometry: ring.Geometry) -> bool:
+        self._io.load(geometry.response_offset(self._consume), geometry.response_slot_size)
+        return ring.decode_response(self._io.buf, geometry, self._consume, self._epoch) is not None
+
+    def _command(self, geometry: ring.Geometry) -> ring.CommandSlot | str:
+        self._io.load(geometry.command_offset(self._consume), geometry.command_slot_size)
+        return ring.decode_command(self._io.buf, geometry, self._consume, self._epoch)
+
     def _idle(self) -> bool:
         """The cheap check an idle poll needs: nothing changed since the last look (same
-        epoch, nothing newly published; or the same unusable header).  Keeps a reader of
-        an idle region at a few microseconds per poll."""
-        publish, = _PUBLISH.unpack_from(self.region.buf, ring.OFFSET_PUBLISH)
-        epoch, = _EPOCH.unpack_from(self.region.buf, ring.OFFSET_GUEST_EPOCH)
-        if self._geometry is None:
-            return (epoch, publish) == self._unusable_at
-        return epoch == self._epoch and publish == self._consume
+        epoch, nothing newly published; or the same unusable header).  One small pread:
+        keeps a reader of an idle region at about a microsecond per poll."""
+        return read_counters(self.region.fd) == self.idle_at()
 
     def has_work(self) -> bool:
         """Whether ``poll()`` may find something: cheap enough to ask of many regions often."""
@@ -123,33 +177,37 @@ class ChannelReader:
 
     def answer(self, seq: int, status: int, text: str) -> bool:
         """Write the answer to ``seq`` (the command ``poll()`` returned) and count it.
-        Returns False, writing nothing, if the guest re-initialised the region meanwhile:
-        the command belonged to an epoch that no longer exists."""
+        Returns False, writing nothing, if the guest re-initialised the region meanwhile
+        (the command belonged to an epoch that no longer exists) or truncated it."""
         if seq != self._consume or self._geometry is None:
             raise ValueError(f"answer for {seq} out of order; the next command is {self._consume}")
-        if ring.read_header(self.region.buf).guest_epoch != self._epoch:
-            log.info("channel %s: answer to %d dropped, the guest re-initialised the region", self.name, seq)
+        if self.superseded():
+            self.faults("dropped", logging.INFO, "channel %s: answer to %d dropped, the guest "
+                        "re-initialised the region", self.name, seq)
             return False
-        ring.encode_response(self.region.buf, self._geometry, seq, self._epoch, int(status), text)
+        geometry = self._geometry
+        ring.encode_response(self._io.buf, geometry, seq, self._epoch, int(status), text)
+        self._io.store(geometry.response_offset(seq), geometry.response_slot_size)
         self.stats.commands += 1
         self._advance()
         return True
 
     def _advance(self) -> None:
         self._consume += 1
-        ring.write_u64(self.region.buf, ring.OFFSET_CONSUME, self._consume)
+        self._write_u64(ring.OFFSET_CONSUME, self._consume)
+
+    def _write_u64(self, offset: int, value: int) -> None:
+        ring.write_u64(self._io.buf, offset, value)
+        self._io.store(offset, 8)
 
     def _attach(self) -> ring.Header | None:
         """Validate the header; adopt a new epoch (or the region's first one) when it changes."""
-        header = ring.read_header(self.region.buf)
+        self._io.load(0, ring.HEADER_SIZE)
+        header = ring.read_header(self._io.buf)
         problem = None if header.blank else header.problem(self.region.size)
         if header.blank or problem:
-            self._unusable_at = (header.guest_epoch, header.publish)
-            if problem and problem != self.problem:
-                log.warning("channel %s unusable: %s", self.name, problem)
-            self.problem = problem or "region not initialised by the guest yet"
-            self.stats.bad_header_polls += 1
-            self._geometry = None
+            self._unusable(problem or "region not initialised by the guest yet",
+                           (header.guest_epoch, header.publish), logging.WARNING if problem else logging.INFO)
             return None
         self.problem = None
         if header.guest_epoch != self._epoch or header.geometry != self._geometry:
@@ -163,18 +221,29 @@ class ChannelReader:
             return dataclasses.replace(header, publish=self._consume + 1)
         return header
 
+    def _unusable(self, problem: str, counters: tuple[int, int] | None, level: int = logging.WARNING) -> None:
+        """Stop using the region until its counters change; say why once per reason."""
+        if problem != self.problem:
+            self.faults("unusable", level, "channel %s unusable: %s", self.name, problem)
+        self.problem = problem
+        self._unusable_at = counters
+        self.stats.bad_header_polls += 1
+        self._geometry = None
+
     def _adopt(self, header: ring.Header) -> None:
         self.stats.epochs += 1
         self._geometry = header.geometry
         self._epoch = header.guest_epoch
         if header.host_epoch == header.guest_epoch:
             self._consume = header.consume
-            log.info("channel %s: resuming epoch %#x at command %d", self.name, self._epoch, self._consume)
+            self.faults("epoch", logging.INFO, "channel %s: resuming epoch %#x at command %d", self.name,
+                        self._epoch, self._consume)
         else:
             self._consume = 0
-            ring.write_u64(self.region.buf, ring.OFFSET_CONSUME, 0)
-            ring.write_u32(self.region.buf, ring.OFFSET_HOST_EPOCH, self._epoch)
-            log.info("channel %s: new guest epoch %#x", self.name, self._epoch)
+            self._write_u64(ring.OFFSET_CONSUME, 0)
+            ring.write_u32(self._io.buf, ring.OFFSET_HOST_EPOCH, self._epoch)
+            self._io.store(ring.OFFSET_HOST_EPOCH, 4)
+            self.faults("epoch", logging.INFO, "channel %s: new guest epoch %#x", self.name, self._epoch)
 
 
 Handler = Callable[[Incoming], tuple[int, str]]

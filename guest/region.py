@@ -9,25 +9,41 @@ Three ways to reach the same bytes:
   (``mem-path=/dev/shm/NAME`` is the object ``/NAME``), opened with ``posix_ipc``;
 * anywhere, a plain file (``/dev/shm/NAME`` in lab runs without a VM).
 
+The host never touches a guest's region through a mapping: anything with write access
+to the file (the QEMU process) can truncate it, and touching a mapping past the new end
+kills the whole process with SIGBUS, i.e. every VM's channel at once.  ``RegionIO`` reads
+and writes with ``pread``/``pwrite`` instead, where a truncated file is a short read (an
+error for that channel alone); ``open_channel_file`` opens a host-side region without
+mapping it and without following symlinks.
+
 Only the standard library is needed here, except ``open_shm`` which imports
 ``posix_ipc`` when called (it is a host-side dependency, absent in minimal guests).
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ring
-from .channel_errors import ChannelError, DeviceNotFound, RegionTooSmall
+from .channel_errors import BadRegion, ChannelError, DeviceNotFound, RegionTooSmall
 
 IVSHMEM_VENDOR = 0x1AF4
 IVSHMEM_DEVICE = 0x1110
 PCI_DEVICES = Path("/sys/bus/pci/devices")
 DEFAULT_REGION_SIZE = 1 << 20
 MIN_REGION_SIZE = ring.Geometry(ring.MIN_SLOT_COUNT).region_size
+NAME_MAX = 255
+_COUNTERS = struct.Struct("<IQ")  # guest epoch, publish: adjacent in the header
+
+
+class RegionShrunk(BadRegion):
+    """The region's file is shorter than when it was opened: truncated under the reader."""
 
 
 @dataclass
@@ -58,11 +74,115 @@ class Region:
         self.close()
 
 
+@dataclass
+class RegionFile:
+    """A region the host reaches only through its descriptor (see ``RegionIO``): what the
+    agent serves, so nothing in the agent can fault on a truncated file."""
+
+    path: str
+    fd: int
+    size: int
+
+    def identity(self) -> tuple[int, int]:
+        """(device, inode) of the open file: a file replaced under the same path differs."""
+        info = os.fstat(self.fd)
+        return info.st_dev, info.st_ino
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class RegionIO:
+    """SIGBUS-proof access to a region for the host: ``load`` copies a range of the file
+    into ``buf`` (a private image of the region that the ``ring`` functions decode), and
+    ``store`` writes a range of ``buf`` back.  A short read means the file was truncated
+    and raises ``RegionShrunk``; a mapping would have killed the process instead.  Reads
+    and writes go through the page cache that the guest's mapping shares, so both sides see
+    each other's bytes as with a shared mapping."""
+
+    fd: int
+    size: int
+    buf: bytearray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.buf = bytearray(self.size)
+
+    def load(self, offset: int, length: int) -> None:
+        got = os.preadv(self.fd, [memoryview(self.buf)[offset:offset + length]], offset)
+        if got < length:
+            raise RegionShrunk(f"region file shrank below {offset + length} bytes "
+                               f"(it had {self.size} when opened): truncated under the host")
+
+    def store(self, offset: int, length: int) -> None:
+        os.pwrite(self.fd, memoryview(self.buf)[offset:offset + length], offset)
+
+
+def read_counters(fd: int) -> tuple[int, int] | None:
+    """(guest epoch, publish) read straight from the file, or None if it is too short to
+    hold them: what a poller needs, without any state to share with the region's reader."""
+    data = os.pread(fd, _COUNTERS.size, ring.OFFSET_GUEST_EPOCH)
+    return _COUNTERS.unpack(data) if len(data) == _COUNTERS.size else None
+
+
+def open_channel_file(directory: str, name: str) -> RegionFile:
+    """Open ``directory/name`` read-write for the host, unmapped: ``name`` must be one path
+    component naming a regular file; a symlink (even a loop), a directory, a FIFO or a
+    device is refused, since a path written into OVS by anyone must not make the host
+    write into some other file.  The directory itself is the operator's choice."""
+    path = os.path.join(directory, name)
+    if not name or name in (".", "..") or "/" in name or "\0" in name or len(name.encode()) > NAME_MAX:
+        raise BadRegion(f"{path!r}: not a file name of 1..{NAME_MAX} bytes in {directory}")
+    try:
+        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        raise ChannelError(f"channel directory {directory}: {error.strerror}") from None
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY,
+                     dir_fd=directory_fd)
+    except FileNotFoundError:
+        raise DeviceNotFound(f"channel region {path} does not exist") from None
+    except OSError as error:
+        raise BadRegion(f"{path}: {_open_refusal(error)}") from None
+    finally:
+        os.close(directory_fd)
+    return _checked_file(fd, path)
+
+
+def _open_refusal(error: OSError) -> str:
+    """Why the kernel would not open a channel path, in the operator's words."""
+    reasons = {errno.ELOOP: "is a symlink (symlinks are never followed)",
+               errno.EISDIR: "is a directory, not a region file",
+               errno.EACCES: "no permission to open it read-write (run as root?)",
+               errno.ENAMETOOLONG: "name too long"}
+    return reasons.get(error.errno, error.strerror or str(error))
+
+
+def _checked_file(fd: int, path: str) -> RegionFile:
+    """Keep ``fd`` only if it is a regular file big enough for a ring."""
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = BadRegion(f"{path} is not a regular file")
+    elif info.st_size < MIN_REGION_SIZE:
+        problem = _too_small(path, info.st_size)
+    if problem:
+        os.close(fd)
+        raise problem
+    return RegionFile(path, fd, info.st_size)
+
+
+def _too_small(path: str, size: int) -> RegionTooSmall:
+    return RegionTooSmall(f"{path} has {size} bytes; a channel region needs at least "
+                          f"{MIN_REGION_SIZE} (QEMU: size=1M)")
+
+
 def _map(fd: int, size: int, path: str) -> Region:
     if size < MIN_REGION_SIZE:
         os.close(fd)
-        raise RegionTooSmall(f"{path} has {size} bytes; a channel region needs at least "
-                             f"{MIN_REGION_SIZE} (QEMU: size=1M)")
+        raise _too_small(path, size)
     return Region(path, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE), fd)
 
 
