@@ -1,18 +1,29 @@
 """The host agent: serves every middlebox VM's channel on this hypervisor.
 
-One poller thread looks at every channel's two counters (microseconds each) with an
+One poller thread looks at every channel's two counters (a small pread each) with an
 adaptive back-off and wakes the channel's worker when a command is published.  Each
 channel has its own worker, so a channel waiting on the controller, flooding or sending
 garbage never holds another one up.  A worker takes its channel's commands in order, one
 frame at a time: vets it (grammar, the VM's own MAC, rate limit), forwards it with its
-idempotency key, and writes the answer only when the controller confirmed or refused it.
-While the controller is unreachable the command stays pending (the guest sees no answer
-yet) and is retried; a restarted agent resumes from the consume counter in the region,
-and the idempotency key makes a command forwarded twice take effect once.
+idempotency key, and writes the answer when the controller confirmed or refused it.
+
+Failure contract (docs/agent.md): a transient failure (controller unreachable, 503, switch
+not connected) is retried for ``forward_deadline`` seconds, then the guest is answered
+UNAVAILABLE (not applied as far as the agent knows; the idempotency key makes sending it
+again safe); a permanent one (400, 401, 409, 500) is answered at once.  A forward is
+abandoned when the guest re-initialises its region meanwhile.
+
+Ownership: the worker is the only thread that touches its channel's ``ChannelReader``;
+it publishes a snapshot (``Channel.snapshot``, ``Channel.idle_at``) after each step, which
+the status writer and the poller read.  Regions are opened only as regular files in the
+allowed directories, never through a symlink, and read with pread/pwrite, so a truncated
+or hostile region is a problem of its channel alone.  Nothing a guest writes ends a
+channel's service: it is answered, counted, and logged at a bounded rate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,17 +35,21 @@ from typing import Callable
 
 from mbvisor.guest import ring
 from mbvisor.guest.backoff import Backoff
-from mbvisor.guest.channel_errors import ChannelError
-from mbvisor.guest.reader import ChannelReader, Incoming
-from mbvisor.guest.region import open_file, open_shm
+from mbvisor.guest.channel_errors import BadRegion, ChannelError
+from mbvisor.guest.reader import ChannelReader, FaultLog, Incoming
+from mbvisor.guest.region import RegionFile, open_channel_file, read_counters
 
-from .controller_client import ControllerClient, ControllerUnavailable
+from .controller_client import ControllerClient, ControllerFailed, ControllerUnavailable
 from .discovery import VmChannel
 from .ratelimit import TokenBucket
 from .vetting import combine, vet
 
 log = logging.getLogger("mbvisor.agent")
-FRAME_KEY_SPACE = 1024  # idempotency seq of a frame's k-th command: seq * 1024 + k
+FRAME_KEY_SPACE = 1024  # the k-th command of a frame: key seq = (seq mod KEY_SEQ_SPACE) * 1024 + k
+KEY_SEQ_SPACE = 1 << 43  # so every key seq is below 2^53: exact as a JSON number anywhere
+DAMAGED_PER_POLL = 16    # damaged slots answered CORRUPT per poll, then DAMAGED_PAUSE
+DAMAGED_PAUSE = 0.05     # so a guest publishing garbage costs at most ~320 answers/s
+FAULT_PAUSE = 0.1        # after an unexpected error in a worker, before it looks again
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,9 @@ class AgentSettings:
     discovery_interval: float = 2.0
     idle_ceiling: float = 10e-3  # longest pause of the poller when every channel is idle
     status_file: Path | None = None
+    forward_deadline: float = 30.0   # how long a transient controller failure is retried
+    channel_dirs: tuple[str, ...] = ("/dev/shm",)  # where channel regions may be
+    removal_ceiling: float = 60.0    # longest pause between retries of a departed VM's removal
 
 
 @dataclass
@@ -53,6 +71,10 @@ class ChannelStats:
     refused: int = 0
     rate_limited: int = 0
     retries: int = 0
+    unavailable: int = 0   # answered UNAVAILABLE after forward_deadline
+    failed: int = 0        # permanent controller failures, answered at once
+    abandoned: int = 0     # forwards dropped because the guest re-initialised
+    faults: int = 0        # unexpected errors in the worker (each logged at a bounded rate)
     last_seq: int | None = None
     last_status: str | None = None
 
@@ -60,21 +82,41 @@ class ChannelStats:
 @dataclass
 class Channel:
     vm: VmChannel
-    reader: ChannelReader
     bucket: TokenBucket
+    reader: ChannelReader | None = None  # None: not opened, ``problem`` says why
+    problem: str | None = None
+    identity: tuple[int, int] | None = None  # (device, inode) of the open region file
+    fd: int = -1
     wake: threading.Event = field(default_factory=threading.Event)
     stop: threading.Event = field(default_factory=threading.Event)
     stats: ChannelStats = field(default_factory=ChannelStats)
+    faults: FaultLog = field(default_factory=lambda: FaultLog(log))
     waiting_for_controller: bool = False
     working: bool = False  # the worker drains the ring by itself; the poller need not wake it
     thread: threading.Thread | None = None
+    snapshot: dict = field(default_factory=dict)  # the worker's last published state
+    idle_at: object = None                        # region counters at which nothing is to do
 
 
-def open_channel_region(path: str):
-    """QEMU's region: a /dev/shm name goes through POSIX shm, anything else is a file."""
-    if path.startswith("/dev/shm/") and path.count("/") == 3:
-        return open_shm(path)
-    return open_file(path)
+@dataclass
+class Removal:
+    """A departed VM's offloads still to be removed: retried until the controller answers."""
+
+    vm: VmChannel
+    mac: str
+    backoff: Backoff
+    attempts: int = 0
+    due: float = 0.0
+
+
+def open_channel_region(path: str, directories: tuple[str, ...]) -> RegionFile:
+    """A channel's region, if ``path`` names a regular file directly in one of
+    ``directories`` (no symlink, no '..', no other place the host could be made to write)."""
+    directory, name = os.path.split(path)
+    if directory.rstrip("/") not in {d.rstrip("/") or "/" for d in directories}:
+        raise BadRegion(f"{path[:300]!r} is not in a channel directory ({', '.join(directories)}; "
+                        "see --channel-dir)")
+    return open_channel_file(directory, name)
 
 
 class Agent:
@@ -84,6 +126,8 @@ class Agent:
         self.client = client
         self.settings = settings
         self.channels: dict[str, Channel] = {}
+        self.removals: dict[tuple[int, str], Removal] = {}
+        self.faults = FaultLog(log)
         self.stop = threading.Event()
 
     # --- life cycle ---------------------------------------------------------------------
@@ -91,28 +135,45 @@ class Agent:
     def run(self) -> None:
         """Until ``stop`` is set: poll every channel, wake the workers of those with work.
         Discovery runs in its own thread, so scanning OVS never delays a command."""
-        self.refresh()
+        self.round()
         discovery = threading.Thread(target=self._discover, name="discovery", daemon=True)
         discovery.start()
         backoff = Backoff(ceiling=self.settings.idle_ceiling)
         while not self.stop.is_set():
-            busy = False
-            for channel in list(self.channels.values()):
-                try:
-                    if not channel.working and channel.reader.has_work():
-                        channel.wake.set()
-                        busy = True
-                except ValueError:
-                    continue  # closed by discovery meanwhile
-            if busy:
+            if self.poll_once():
                 backoff.reset()
             backoff.wait()
         discovery.join(timeout=10)
         self.shutdown()
 
+    def poll_once(self) -> bool:
+        """Wake every idle worker whose region's counters moved; whether any was woken.
+        Reads only the region files' counters and the workers' snapshots."""
+        busy = False
+        for channel in list(self.channels.values()):
+            if channel.working or channel.reader is None or channel.stop.is_set():
+                continue
+            try:
+                moved = read_counters(channel.fd) != channel.idle_at
+            except OSError:
+                continue  # closed by its worker meanwhile
+            if moved:
+                channel.wake.set()
+                busy = True
+        return busy
+
     def _discover(self) -> None:
         while not self.stop.wait(self.settings.discovery_interval):
-            self.refresh()
+            self.round()
+
+    def round(self) -> None:
+        """One discovery round.  Whatever fails in it is logged and the next round runs:
+        discovery dying would leave VMs unserved and departed VMs' offloads in place."""
+        for step in (self.refresh, self.retry_removals, self.write_status):
+            try:
+                step()
+            except Exception as error:
+                self.faults(step.__name__, logging.ERROR, "discovery round: %s failed: %r", step.__name__, error)
 
     def shutdown(self) -> None:
         for name in list(self.channels):
@@ -120,138 +181,252 @@ class Agent:
         log.info("agent stopped")
 
     def refresh(self) -> None:
-        """Follow VMs as they come and go."""
-        try:
-            found = {vm.name: vm for vm in self.discover()}
-        except Exception as error:  # ovsdb briefly unreachable: keep serving what we have
-            log.warning("discovery failed: %s", error)
-            return
+        """Follow VMs as they come and go; reopen regions replaced under their path, and try
+        again those that could not be opened."""
+        found = {vm.name: vm for vm in self.discover()}
+        problems = {}
         for name, channel in list(self.channels.items()):
-            if name not in found or found[name] != channel.vm:
+            vm = found.get(name)
+            if vm != channel.vm:
                 self._close(name)
-                self._forget(channel.vm, found.get(name))
+                self._forget(channel.vm, vm)
+            elif self._stale(channel):
+                self._close(name)
+                problems[name] = channel.problem
         for name, vm in found.items():
             if name not in self.channels:
-                self._open(vm)
-        self.write_status()
+                self.channels[name] = self._open(vm, problems.get(name))
 
-    def _open(self, vm: VmChannel) -> None:
+    @staticmethod
+    def _stale(channel: Channel) -> bool:
+        """Not opened yet, or its path now names another file (a VM restarted with a fresh
+        region).  A path gone for good keeps the open file: the VM may still map it."""
+        if channel.reader is None:
+            return True
         try:
-            region = open_channel_region(vm.region)
+            info = os.stat(channel.vm.region, follow_symlinks=False)
+        except OSError:
+            return False
+        if (info.st_dev, info.st_ino) == channel.identity:
+            return False
+        log.info("channel %s: %s was replaced; reopening it", channel.vm.name, channel.vm.region)
+        return True
+
+    def _open(self, vm: VmChannel, previous_problem: str | None = None) -> Channel:
+        """A channel for ``vm``: served by a new worker, or with the reason it cannot be
+        (logged once, not every round it stays so)."""
+        channel = Channel(vm, TokenBucket(self.settings.rate, self.settings.burst))
+        try:
+            region = open_channel_region(vm.region, self.settings.channel_dirs)
         except ChannelError as error:
-            log.warning("channel %s (%s): %s", vm.name, vm.region, error)
-            return
-        channel = Channel(vm, ChannelReader(region, vm.name), TokenBucket(self.settings.rate, self.settings.burst))
+            channel.problem = str(error)
+            channel.snapshot = {"problem": channel.problem}
+            if channel.problem != previous_problem:
+                log.warning("channel %s: not served: %s", vm.name, error)
+            return channel
+        channel.reader = ChannelReader(region, vm.name)
+        channel.identity, channel.fd, channel.idle_at = region.identity(), region.fd, channel.reader.idle_at()
         channel.thread = threading.Thread(target=self._work, args=(channel,), name=f"channel {vm.name}", daemon=True)
-        self.channels[vm.name] = channel
         channel.thread.start()
         log.info("channel %s: serving %s for %s on %016x port %d", vm.name, vm.region, ",".join(vm.macs),
                  vm.dpid, vm.port)
+        return channel
 
     def _close(self, name: str) -> None:
+        """Stop the channel's worker; the worker closes its region itself when it ends, so
+        no descriptor is closed (and reused) under a request still in flight."""
         channel = self.channels.pop(name)
         channel.stop.set()
         channel.wake.set()
-        channel.thread.join(timeout=5)
-        channel.reader.region.close()
-        log.info("channel %s: closed", name)
+        if channel.thread is not None:
+            channel.thread.join(timeout=5)
+            log.info("channel %s: closed", name)
+
+    # --- departed VMs -------------------------------------------------------------------
 
     def _forget(self, gone: VmChannel, replacement: VmChannel | None) -> None:
         """A VM left its port (or changed identity): its offloads go, so a reused port or
-        MAC never inherits its drop rules."""
+        MAC never inherits its drop rules.  Kept as pending until the controller confirms."""
         keep = set(replacement.macs) if replacement and replacement.port == gone.port else set()
         for mac in gone.macs:
-            if mac in keep:
-                continue
-            try:
-                removed = self.client.delete_middlebox(gone.dpid, mac)
-                log.info("VM %s gone from %016x port %d: offloads of %s %s", gone.vm_id, gone.dpid, gone.port,
-                         mac, "removed" if removed else "(none)")
-            except (ControllerUnavailable, PermissionError) as error:
-                log.warning("VM %s gone, but its offloads of %s could not be removed: %s", gone.vm_id, mac, error)
+            if mac not in keep:
+                self.removals[(gone.dpid, mac)] = Removal(
+                    gone, mac, Backoff(floor=self.settings.discovery_interval,
+                                       ceiling=self.settings.removal_ceiling, spins=0))
 
-    # --- one channel --------------------------------------------------------------------
+    def retry_removals(self) -> None:
+        """Ask the controller for every pending removal that is due; 200 or 404 ends it.
+        One that fails waits longer each time (up to ``removal_ceiling``).  A VM back on
+        the same port with the same MAC cancels it: it is the same VM, as in ``_forget``."""
+        live = {(c.vm.dpid, mac, c.vm.port) for c in self.channels.values() for mac in c.vm.macs}
+        now = time.monotonic()
+        for key, removal in list(self.removals.items()):
+            vm = removal.vm
+            if (vm.dpid, removal.mac, vm.port) in live:
+                del self.removals[key]
+                log.info("VM %s is back on %016x port %d: its offloads of %s stay", vm.vm_id, vm.dpid, vm.port,
+                         removal.mac)
+            elif removal.due <= now:
+                self._remove(key, removal, now)
+
+    def _remove(self, key: tuple[int, str], removal: Removal, now: float) -> None:
+        vm = removal.vm
+        removal.attempts += 1
+        try:
+            removed = self.client.delete_middlebox(vm.dpid, removal.mac)
+        except (ControllerUnavailable, ControllerFailed) as error:
+            if removal.attempts == 1:
+                log.warning("VM %s gone, but its offloads of %s could not be removed yet: %s; retrying",
+                            vm.vm_id, removal.mac, error)
+            removal.due = now + removal.backoff.next_pause()
+            return
+        del self.removals[key]
+        log.info("VM %s gone from %016x port %d: offloads of %s %s%s", vm.vm_id, vm.dpid, vm.port, removal.mac,
+                 "removed" if removed else "(none)",
+                 f" after {removal.attempts} attempts" if removal.attempts > 1 else "")
+
+    # --- one channel: everything below runs in the channel's worker thread ---------------
 
     def _work(self, channel: Channel) -> None:
-        while not channel.stop.is_set():
-            channel.wake.wait()  # set by the poller, or by _close to stop
-            channel.wake.clear()
-            channel.working = True
-            try:
-                if self._drain(channel) is None:
-                    return  # stopping while the controller is away: the command stays pending
-            finally:
-                channel.working = False
+        """The worker: the only thread that touches ``channel.reader``."""
+        try:
+            while not channel.stop.is_set():
+                channel.wake.wait()  # set by the poller, or by _close to stop
+                channel.wake.clear()
+                channel.working = True
+                try:
+                    if not self._drain(channel):
+                        return  # stopping while a command waits: it stays pending in the ring
+                except Exception as error:  # a hostile region or a bug: this channel goes on
+                    self._fault(channel, "worker", error)
+                    channel.stop.wait(FAULT_PAUSE)
+                finally:
+                    self._publish(channel)
+                    channel.working = False
+        finally:
+            channel.reader.region.close()
 
-    def _drain(self, channel: Channel) -> bool | None:
-        """Answer every pending command in order; None if stopped before an answer."""
-        while not channel.stop.is_set() and (incoming := channel.reader.poll()) is not None:
-            try:
-                answer = self._handle(channel, incoming)
-            except Exception as error:  # a bug costs this command, not the channel
-                log.exception("channel %s: command %d failed", channel.vm.name, incoming.seq)
-                answer = (ring.Status.INTERNAL, f"internal error in the agent: {error}")
-            if answer is None:
-                return None
-            status, text = answer
-            channel.reader.answer(incoming.seq, status, text)
-            channel.stats.last_seq, channel.stats.last_status = incoming.seq, ring.Status(status).name
+    def _drain(self, channel: Channel) -> bool:
+        """Answer the pending commands in order; False if stopped before an answer."""
+        reader, stats = channel.reader, channel.stats
+        while not channel.stop.is_set():
+            corrupt = reader.stats.corrupt
+            incoming = reader.poll(DAMAGED_PER_POLL)
+            if reader.stats.corrupt != corrupt:
+                channel.stop.wait(DAMAGED_PAUSE)  # bounds the work a garbage-writing guest causes
+            if incoming is None:
+                return True
+            answer = self._answer_for(channel, incoming)
+            if answer is None or channel.stop.is_set():
+                return False
+            if reader.answer(incoming.seq, *answer):
+                stats.last_seq, stats.last_status = incoming.seq, ring.Status(answer[0]).name
+            self._publish(channel)
         return True
 
+    def _answer_for(self, channel: Channel, incoming: Incoming) -> tuple[int, str] | None:
+        try:
+            return self._handle(channel, incoming)
+        except Exception as error:  # a bug costs this command, not the channel
+            self._fault(channel, "handler", error)
+            return ring.Status.INTERNAL, f"internal error in the agent: {error!r}; not applied"
+
+    def _fault(self, channel: Channel, kind: str, error: Exception) -> None:
+        channel.stats.faults += 1
+        channel.faults(kind, logging.ERROR, "channel %s: %s error: %r", channel.vm.name, kind, error)
+
     def _handle(self, channel: Channel, incoming: Incoming) -> tuple[int, str] | None:
-        if not channel.bucket.take(time.monotonic()):
-            channel.stats.rate_limited += 1
-            return ring.Status.RATE_LIMITED, (f"more than {self.settings.rate:g} commands/s from this VM; "
-                                              "this one was not applied, slow down")
         verdict = vet(incoming.payload, channel.vm.macs)
+        count = len(verdict.forward) or 1
+        if not channel.bucket.take(time.monotonic(), count):
+            channel.stats.rate_limited += count
+            return ring.Status.RATE_LIMITED, self._rate_text(count)
         if not verdict.forward:
             channel.stats.answered_locally += 1
             if verdict.status == ring.Status.REFUSED:
                 channel.stats.refused += 1
-                log.warning("channel %s: refused command %d: %s", channel.vm.name, incoming.seq,
-                            verdict.text.splitlines()[0])
+                channel.faults("refused", logging.WARNING, "channel %s: refused command %d: %s", channel.vm.name,
+                               incoming.seq, verdict.text.splitlines()[0])
             return verdict.status, verdict.text
         vm = channel.vm
+        key = (incoming.seq % KEY_SEQ_SPACE) * FRAME_KEY_SPACE
         requests = [{"dpid": f"{vm.dpid:016x}", "port": vm.port, "command": text, "channel": vm.name,
-                     "epoch": incoming.epoch, "seq": incoming.seq * FRAME_KEY_SPACE + k}
-                    for k, text in enumerate(verdict.forward)]
-        answers = self._forward(channel, requests)
-        if answers is None:
-            return None
-        channel.stats.forwarded += len(requests)
-        return combine(answers)
+                     "epoch": incoming.epoch, "seq": key + k} for k, text in enumerate(verdict.forward)]
+        return self._forward(channel, requests)
 
-    def _forward(self, channel: Channel, requests: list[dict]) -> list[dict] | None:
-        """The controller's answers; waits (retrying) while it is unreachable."""
+    def _rate_text(self, count: int) -> str:
+        if count > self.settings.burst:
+            return (f"a frame of {count} commands is more than this VM's burst of {self.settings.burst:g}; "
+                    "split it into smaller frames; nothing was applied")
+        return (f"more than {self.settings.rate:g} commands/s from this VM; this frame of {count} command(s) "
+                "was not applied, slow down")
+
+    def _forward(self, channel: Channel, requests: list[dict]) -> tuple[int, str] | None:
+        """The controller's answer.  Transient failures are retried until
+        ``forward_deadline``, then answered UNAVAILABLE; None if stopped meanwhile.  A guest
+        re-initialising meanwhile abandons the forward (the answer is then dropped)."""
+        deadline = time.monotonic() + self.settings.forward_deadline
         backoff = Backoff(floor=0.05, ceiling=2.0, spins=0)
         while not channel.stop.is_set():
+            if channel.reader.superseded():
+                channel.stats.abandoned += 1
+                return ring.Status.UNAVAILABLE, "abandoned: the guest re-initialised the region"
             try:
                 answers = self.client.execute(requests)
-                if channel.waiting_for_controller:
-                    log.info("channel %s: controller back", channel.vm.name)
-                channel.waiting_for_controller = False
-                return answers
             except ControllerUnavailable as error:
-                if not channel.waiting_for_controller:
-                    log.warning("channel %s: %s; commands wait", channel.vm.name, error)
-                channel.waiting_for_controller = True
-                channel.stats.retries += 1
-                channel.stop.wait(backoff.next_pause())
+                problem = str(error)
+            except ControllerFailed as error:
+                self._controller_back(channel)
+                channel.stats.failed += 1
+                channel.faults("failed", logging.WARNING, "channel %s: %s", channel.vm.name, error)
+                return error.status, f"{error}; not applied"
+            else:
+                self._controller_back(channel)
+                channel.stats.forwarded += len(requests)
+                return combine(answers)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                channel.stats.unavailable += 1
+                return ring.Status.UNAVAILABLE, (
+                    f"controller or switch unavailable for {self.settings.forward_deadline:g} s ({problem}); "
+                    "the command was NOT applied as far as the agent knows; sending it again is safe")
+            if not channel.waiting_for_controller:
+                log.warning("channel %s: %s; commands wait", channel.vm.name, problem)
+            channel.waiting_for_controller = True
+            channel.stats.retries += 1
+            channel.stop.wait(min(backoff.next_pause(), remaining))
         return None
+
+    @staticmethod
+    def _controller_back(channel: Channel) -> None:
+        if channel.waiting_for_controller:
+            log.info("channel %s: controller back", channel.vm.name)
+        channel.waiting_for_controller = False
+
+    def _publish(self, channel: Channel) -> None:
+        """Copy what other threads may know of the channel out of its reader."""
+        reader = channel.reader
+        channel.idle_at = reader.idle_at()
+        channel.snapshot = {
+            "epoch": f"{reader.epoch:#010x}", "answered": reader.consume, "pending": reader.pending(),
+            "problem": reader.problem, "waiting_for_controller": channel.waiting_for_controller,
+            "corrupt": reader.stats.corrupt, **dataclasses.asdict(channel.stats)}
 
     # --- status -------------------------------------------------------------------------
 
     def status(self) -> dict:
+        """Built from the workers' snapshots only; never touches a reader."""
         channels = []
-        for channel in self.channels.values():
-            vm, reader = channel.vm, channel.reader
+        for channel in list(self.channels.values()):
+            vm = channel.vm
             channels.append({
                 "channel": vm.name, "vm_id": vm.vm_id, "interface": vm.interface, "region": vm.region,
-                "dpid": f"{vm.dpid:016x}", "port": vm.port, "macs": list(vm.macs),
-                "epoch": f"{reader.epoch:#010x}", "answered": reader.consume, "pending": reader.pending(),
-                "problem": reader.problem, "waiting_for_controller": channel.waiting_for_controller,
-                "corrupt": reader.stats.corrupt, **channel.stats.__dict__})
-        return {"pid": os.getpid(), "time": time.time(), "controller": self.client.url, "channels": channels}
+                "dpid": f"{vm.dpid:016x}", "port": vm.port, "macs": list(vm.macs), **EMPTY_SNAPSHOT,
+                **channel.snapshot})
+        removals = [{"vm_id": r.vm.vm_id, "dpid": f"{r.vm.dpid:016x}", "mac": r.mac, "attempts": r.attempts}
+                    for r in list(self.removals.values())]
+        return {"pid": os.getpid(), "time": time.time(), "controller": self.client.url, "channels": channels,
+                "pending_removals": removals}
 
     def write_status(self) -> None:
         path = self.settings.status_file
@@ -260,3 +435,8 @@ class Agent:
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(self.status(), indent=1) + "\n")
         temporary.replace(path)
+
+
+# What a channel's status says before its worker published anything (or when it has none).
+EMPTY_SNAPSHOT = {"epoch": None, "answered": 0, "pending": 0, "problem": None, "waiting_for_controller": False,
+                  "corrupt": 0, **dataclasses.asdict(ChannelStats())}

@@ -73,8 +73,11 @@ def controller(args: argparse.Namespace) -> int:
     os.environ["MBVISOR_REST_HOST"] = args.rest_host
     os.environ["MBVISOR_REST_PORT"] = str(args.rest_port)
     if args.token_file:
-        os.environ["MBVISOR_TOKEN"] = Path(args.token_file).read_text().strip()
+        os.environ["MBVISOR_TOKEN_FILE"] = str(args.token_file)  # read (and refused if empty) by the app
     from os_ken.cmd import manager
+
+    for handler in logging.root.handlers[:]:  # the manager installs its own: one line per record
+        logging.root.removeHandler(handler)
 
     manager.main(["--ofp-listen-host", args.ofp_host, "--ofp-tcp-listen-port", str(args.ofp_port),
                   "mbvisor.controller.app"])
@@ -91,7 +94,8 @@ def agent(args: argparse.Namespace) -> int:
     status_file = Path(args.status_file)
     status_file.parent.mkdir(parents=True, exist_ok=True)
     settings = AgentSettings(rate=args.rate, burst=args.burst, discovery_interval=args.discovery_interval,
-                             status_file=status_file)
+                             status_file=status_file, forward_deadline=args.forward_deadline,
+                             channel_dirs=tuple(args.channel_dir or AgentSettings.channel_dirs))
     bridges = frozenset(args.bridge or ())
     discover = (lambda: load_static(args.static)) if args.static else (lambda: read_ovsdb(bridges))
     the_agent = Agent(discover, ControllerClient(args.controller, token), settings)
@@ -181,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent_parser.add_argument("--rate", type=float, default=200.0, help="commands/s per channel (default 200)")
     agent_parser.add_argument("--burst", type=float, default=400.0, help="burst per channel (default 400)")
     agent_parser.add_argument("--discovery-interval", type=float, default=2.0, help="seconds between OVS scans")
+    agent_parser.add_argument("--forward-deadline", type=float, default=30.0, metavar="S",
+                              help="how long a command is retried while the controller or switch is unavailable, "
+                                   "before the guest is answered UNAVAILABLE (default 30)")
+    agent_parser.add_argument("--channel-dir", action="append", metavar="DIR",
+                              help="directory where channel regions may be (repeatable; default /dev/shm)")
     agent_parser.set_defaults(handler=agent)
     status_parser = sub.add_parser("agent-status", help="the running agent's channels, counters and state")
     status_parser.add_argument("--status-file", default=DEFAULT_AGENT_STATUS)

@@ -1,15 +1,71 @@
-"""The agent's side of the controller's REST API (docs/rest.md)."""
+"""The agent's side of the controller's REST API (docs/rest.md).
+
+Every failure is one of two kinds, because the agent must decide whether waiting can help:
+
+* ``ControllerUnavailable`` (transient): no connection, reset, time-out, HTTP 502/503/504
+  (starting, overloaded, or a proxy saying so), or an answer with status UNAVAILABLE (the
+  switch is not connected).  The same request, with the same idempotency keys, may
+  succeed later.
+* ``ControllerFailed`` (permanent for this request): HTTP 400 (malformed), 401 (token),
+  409 (idempotency key reused for another command), 500 (internal), or a reply the agent
+  cannot read.  Sending the same request again cannot help, so it is answered at once.
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+from mbvisor.guest.ring import Status
+
+TRANSIENT_HTTP = frozenset({502, 503, 504})
+
 
 class ControllerUnavailable(Exception):
-    """Not reachable, restarting, or the switch is not connected: try again later."""
+    """Not reachable, starting, overloaded, or the switch is not connected: try again later."""
+
+
+class ControllerFailed(Exception):
+    """The controller answered and will not apply this request; ``status`` is what the
+    guest is told (INTERNAL, or REJECTED for a reused idempotency key)."""
+
+    def __init__(self, message: str, status: Status = Status.INTERNAL):
+        super().__init__(message)
+        self.status = status
+
+
+def _error_text(status: int, body: dict) -> str:
+    """``{"error": {"code", "message"}}`` in one line, whatever part of it is there."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return f"HTTP {status} {error.get('code', '')}: {error.get('message', '')}".strip()
+    return f"HTTP {status}"
+
+
+def refusal(status: int, body: dict) -> ControllerFailed:
+    """The permanent failure an HTTP status other than 200 stands for."""
+    if status == 401:
+        return ControllerFailed("the controller refused the agent's token (check --token-file)")
+    if status == 409:
+        return ControllerFailed(f"controller refused the idempotency key: {_error_text(status, body)}",
+                                Status.REJECTED)
+    return ControllerFailed(f"controller answered {_error_text(status, body)}")
+
+
+def checked_answers(body: dict, count: int) -> list[dict]:
+    """The ``answers`` of a 200 reply, one ``{"status", "text", ...}`` per command sent."""
+    answers = body.get("answers") if isinstance(body, dict) else None
+    if (not isinstance(answers, list) or len(answers) != count
+            or not all(isinstance(a, dict) and isinstance(a.get("status"), str) and isinstance(a.get("text"), str)
+                       for a in answers)):
+        raise ControllerFailed(f"controller's reply is not {count} answer(s) the agent understands")
+    unavailable = [a["text"] for a in answers if a["status"] == "UNAVAILABLE"]
+    if unavailable:
+        raise ControllerUnavailable(unavailable[0])
+    return answers
 
 
 @dataclass(frozen=True)
@@ -19,6 +75,8 @@ class ControllerClient:
     timeout: float = 30.0
 
     def _call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        """(HTTP status, JSON body) of any answer; raises ControllerUnavailable when there
+        is none worth reading (no connection, time-out, 502/503/504)."""
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -26,36 +84,32 @@ class ControllerClient:
         request = urllib.request.Request(self.url.rstrip("/") + path, data, headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.status, json.loads(response.read() or b"{}")
+                return response.status, self._json(response.status, response.read())
         except urllib.error.HTTPError as error:
-            payload = error.read()
-            if error.code >= 500:
+            if error.code in TRANSIENT_HTTP:
                 raise ControllerUnavailable(f"controller answered HTTP {error.code}") from None
-            try:
-                return error.code, json.loads(payload or b"{}")
-            except ValueError:
-                raise ControllerUnavailable(f"controller answered HTTP {error.code} without JSON") from None
-        except (urllib.error.URLError, OSError, ValueError) as error:
+            return error.code, self._json(error.code, error.read())
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             raise ControllerUnavailable(f"controller at {self.url} unreachable: {error}") from None
 
+    @staticmethod
+    def _json(status: int, payload: bytes) -> dict:
+        try:
+            return json.loads(payload or b"{}")
+        except ValueError:
+            raise ControllerFailed(f"controller answered HTTP {status} without JSON") from None
+
     def execute(self, commands: list[dict]) -> list[dict]:
-        """Post commands (dicts with dpid, port, command, channel, epoch, seq); their answers.
-        Raises ControllerUnavailable if any answer says the switch is not connected."""
+        """Post commands (dicts with dpid, port, command, channel, epoch, seq); one answer
+        each.  Raises ControllerUnavailable or ControllerFailed (see the module)."""
         status, body = self._call("POST", "/v1/commands", {"commands": commands})
-        if status == 401:
-            raise PermissionError("the controller refused the agent's token")
-        if status != 200 or "answers" not in body:
-            raise ControllerUnavailable(f"controller answered HTTP {status}: {body}")
-        if any(answer["status"] == "UNAVAILABLE" for answer in body["answers"]):
-            raise ControllerUnavailable(next(a["text"] for a in body["answers"] if a["status"] == "UNAVAILABLE"))
-        return body["answers"]
+        if status != 200:
+            raise refusal(status, body)
+        return checked_answers(body, len(commands))
 
     def delete_middlebox(self, dpid: int, mac: str) -> bool:
-        """Remove a middlebox's offloads; False if the controller had none."""
+        """Remove a middlebox's offloads; False if the controller had none (404)."""
         status, body = self._call("DELETE", f"/v1/middleboxes/{dpid:016x}/{mac}")
-        if status == 401:
-            raise PermissionError("the controller refused the agent's token")
+        if status not in (200, 404):
+            raise refusal(status, body)
         return status == 200
-
-    def middleboxes(self) -> list[dict]:
-        return self._call("GET", "/v1/middleboxes")[1].get("middleboxes", [])

@@ -1,5 +1,6 @@
 """A token bucket per channel: a guest that floods is answered RATE_LIMITED and slows
-only itself."""
+only itself.  A token is one command, not one frame: a frame of 100 commands costs 100,
+so packing commands into frames does not multiply the rate."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ class TokenBucket:
     _tokens: float = field(default=-1.0)
     _last: float = field(default=0.0)
 
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one (``now``: a monotonic clock reading)."""
+    def take(self, now: float, count: int = 1) -> bool:
+        """Spend ``count`` tokens if there are that many, else none (``now``: a monotonic
+        clock reading).  More than ``burst`` at once is never granted."""
         if self._tokens < 0:
             self._tokens, self._last = self.burst, now
         self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
         self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        if self._tokens >= count:
+            self._tokens -= count
             return True
         return False

@@ -1,0 +1,615 @@
+"""The host agent's shell (agents/agent.py) with real regions in /dev/shm and real guest
+writers, and an injected fake controller (a plain class with ControllerClient's methods):
+the failure contract, departed VMs, one owner per reader, hostile regions, paths, rate
+limits counting commands, bounded work and logging.  No OVS, no controller process."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from mbvisor.agents.agent import (DAMAGED_PER_POLL, FRAME_KEY_SPACE, KEY_SEQ_SPACE, Agent, AgentSettings,
+                                  open_channel_region)
+from mbvisor.agents.controller_client import ControllerClient, ControllerFailed, ControllerUnavailable
+from mbvisor.agents.discovery import VmChannel
+from mbvisor.guest import ring
+from mbvisor.guest.channel_errors import BadRegion, ChannelError, ChannelReset
+from mbvisor.guest.region import open_file
+from mbvisor.guest.writer import ChannelWriter
+
+MAC = "52:34:56:00:12:22"
+DPID = 0xA1
+
+
+def ok_answers(requests: list[dict]) -> list[dict]:
+    return [{"status": "OK", "code": "", "text": f"ok {r['command']}", "replayed": False} for r in requests]
+
+
+class FakeController:
+    """ControllerClient's methods, with what happens scripted by the test: ``on_execute``
+    and ``on_delete`` return the answer or raise, as the real client does."""
+
+    url = "fake://controller"
+
+    def __init__(self, on_execute=ok_answers, on_delete=lambda dpid, mac: True):
+        self.on_execute, self.on_delete = on_execute, on_delete
+        self.requests: list[list[dict]] = []
+        self.deletes: list[tuple[int, str]] = []
+
+    def execute(self, requests: list[dict]) -> list[dict]:
+        self.requests.append(requests)
+        return self.on_execute(requests)
+
+    def delete_middlebox(self, dpid: int, mac: str) -> bool:
+        self.deletes.append((dpid, mac))
+        return self.on_delete(dpid, mac)
+
+
+def failing(times: int, error: Exception, then=ok_answers):
+    """A behaviour that raises ``error`` the first ``times`` calls, then does ``then``."""
+    calls = []
+
+    def behave(*args):
+        calls.append(args)
+        if len(calls) <= times:
+            raise error
+        return then(*args)
+    return behave
+
+
+@pytest.fixture
+def shm():
+    """Unique /dev/shm paths (regions, or anything else a test puts there), removed after."""
+    made, regions = [], []
+
+    def path() -> str:
+        made.append(f"/dev/shm/mbvisor-test-{uuid.uuid4().hex[:12]}")
+        return made[-1]
+
+    def region(size: int = 1 << 20) -> str:
+        regions.append(open_file(path(), create_size=size))
+        return regions[-1].path
+
+    path.region, path.regions = region, regions
+    yield path
+    for region_ in regions:
+        region_.close()
+    for name in made:
+        if os.path.isdir(name) and not os.path.islink(name):
+            os.rmdir(name)
+        elif os.path.lexists(name):
+            os.unlink(name)
+
+
+def guest(path: str) -> ChannelWriter:
+    """A guest's writer on the region, initialised (a fresh epoch)."""
+    writer = ChannelWriter(open_file(path))
+    writer.initialise(ring.Geometry(8))
+    return writer
+
+
+def vm(path: str, name: str = "vm0", port: int = 5, mac: str = MAC) -> VmChannel:
+    return VmChannel(f"tap-{name}", path, DPID, port, (mac,), name)
+
+
+@contextlib.contextmanager
+def serving(vms: list[VmChannel], client: FakeController, **settings):
+    """The agent's real run loop in a thread, over ``vms`` (the test may change the list)."""
+    agent = Agent(lambda: list(vms), client, AgentSettings(discovery_interval=0.05, **settings))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        yield agent
+    finally:
+        agent.stop.set()
+        thread.join(timeout=15)
+        assert not thread.is_alive()
+
+
+def status_of(agent: Agent, name: str = "vm0") -> dict:
+    return {c["vm_id"]: c for c in agent.status()["channels"]}[name]
+
+
+def wait_for(condition, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    return result
+
+
+def request(writer: ChannelWriter, text: str = f"X {MAC}", timeout: float = 5.0) -> ring.Response:
+    return writer.request(f"@{text}@".encode(), timeout=timeout)
+
+
+# ---- 1. failure contract -----------------------------------------------------------------
+
+
+def test_permanent_controller_failure_is_answered_internal_at_once(shm):
+    path = shm.region()
+    writer = guest(path)
+    client = FakeController(on_execute=failing(1, ControllerFailed("controller answered HTTP 500 internal: boom")))
+    with serving([vm(path)], client, forward_deadline=30) as agent:
+        started = time.monotonic()
+        response = request(writer)
+        assert response.status_name == "INTERNAL" and "HTTP 500" in response.text and "not applied" in response.text
+        assert time.monotonic() - started < 2  # not the 30 s deadline: a 500 is not retried
+        assert len(client.requests) == 1
+        assert request(writer).ok  # the channel goes on
+        wait_for(lambda: status_of(agent)["failed"] == 1, what="the failure counted")
+
+
+def test_transient_failure_is_retried_then_answered_unavailable_at_the_deadline(shm):
+    path = shm.region()
+    writer = guest(path)
+    client = FakeController(on_execute=failing(10**6, ControllerUnavailable("controller answered HTTP 503")))
+    with serving([vm(path)], client, forward_deadline=0.6) as agent:
+        started = time.monotonic()
+        response = request(writer, timeout=10)
+        elapsed = time.monotonic() - started
+        assert response.status_name == "UNAVAILABLE"
+        assert "NOT applied" in response.text and "HTTP 503" in response.text
+        assert 0.6 <= elapsed < 3 and len(client.requests) >= 3
+        assert all(r == client.requests[0] for r in client.requests)  # the same keys each time
+        wait_for(lambda: status_of(agent)["unavailable"] == 1, what="the UNAVAILABLE answer counted")
+
+
+def test_transient_failure_that_clears_in_time_is_answered_ok(shm):
+    path = shm.region()
+    writer = guest(path)
+    client = FakeController(on_execute=failing(3, ControllerUnavailable("connection refused")))
+    with serving([vm(path)], client, forward_deadline=20) as agent:
+        response = request(writer)
+        assert response.ok and response.text == f"ok X {MAC}"
+        assert len(client.requests) == 4
+        wait_for(lambda: status_of(agent)["retries"] == 3 and not status_of(agent)["waiting_for_controller"])
+
+
+def test_a_reinitialised_guest_abandons_the_forward(shm):
+    path = shm.region()
+    writer, other = guest(path), ChannelWriter(open_file(path))
+    old_epoch = writer.header().guest_epoch
+    reinitialised = threading.Event()
+
+    def unavailable_until_reinitialised(requests):
+        if requests[0]["epoch"] == old_epoch:
+            if not reinitialised.is_set():
+                other.initialise(ring.Geometry(8))  # the guest reboots while the agent waits
+                reinitialised.set()
+            raise ControllerUnavailable("switch not connected")
+        return ok_answers(requests)
+
+    client = FakeController(on_execute=unavailable_until_reinitialised)
+    with serving([vm(path)], client, forward_deadline=30) as agent:
+        ticket = writer.submit(f"@X {MAC}@".encode())
+        with pytest.raises(ChannelReset):
+            writer.wait(ticket, timeout=5)
+        header = writer.header()
+        assert header.guest_epoch != old_epoch
+        assert ring.decode_response(writer.region.buf, header.geometry, 0, old_epoch) is None
+        assert request(writer).ok  # the new epoch's first command, seq 0 again
+        assert sum(r[0]["epoch"] == old_epoch for r in client.requests) == 1  # not retried after the reboot
+        wait_for(lambda: status_of(agent)["abandoned"] == 1, what="the abandoned forward counted")
+
+
+@pytest.mark.parametrize("counter", [2**62 + 5, 2**64 - 2])
+def test_huge_guest_counters_give_bounded_keys_and_never_wedge(shm, counter):
+    path = shm.region()
+    writer = guest(path)
+    header = writer.header()
+    for offset in (ring.OFFSET_PUBLISH, ring.OFFSET_CONSUME):
+        ring.write_u64(writer.region.buf, offset, counter)
+    ring.write_u32(writer.region.buf, ring.OFFSET_HOST_EPOCH, header.guest_epoch)  # "the host was here"
+
+    def like_the_controller(requests):
+        if any(not 0 <= r["seq"] < 2**53 for r in requests):
+            raise ControllerFailed("controller answered HTTP 400 bad-seq: seq out of range")
+        return ok_answers(requests)
+
+    client = FakeController(on_execute=like_the_controller)
+    with serving([vm(path)], client):
+        response = request(writer, f"X {MAC}@@I {MAC}")
+        assert response.ok, response.text
+    assert [r["seq"] for r in client.requests[0]] == [(counter % KEY_SEQ_SPACE) * FRAME_KEY_SPACE + k for k in (0, 1)]
+
+
+def test_keys_stay_below_2_to_the_53_for_every_sequence_number():
+    for seq in (0, 1, KEY_SEQ_SPACE - 1, KEY_SEQ_SPACE, 2**62, 2**64 - 1):
+        assert 0 <= (seq % KEY_SEQ_SPACE) * FRAME_KEY_SPACE + FRAME_KEY_SPACE - 1 < 2**53
+
+
+# ---- 2. departed VMs -----------------------------------------------------------------------
+
+
+def test_departed_vms_offloads_are_removed_once_the_controller_answers(shm, caplog):
+    path = shm.region()
+    vms = [vm(path)]
+    client = FakeController(on_delete=failing(3, ControllerUnavailable("connection refused"),
+                                              then=lambda dpid, mac: True))
+    agent = Agent(lambda: list(vms), client, AgentSettings(discovery_interval=0.01, removal_ceiling=0.02))
+    caplog.set_level(logging.INFO, "mbvisor")
+    try:
+        agent.round()
+        vms.clear()  # the VM leaves while the controller is down
+        agent.round()
+        assert agent.status()["pending_removals"] == [
+            {"vm_id": "vm0", "dpid": f"{DPID:016x}", "mac": MAC, "attempts": 1}]
+        wait_for(lambda: agent.round() or not agent.removals, what="the removal to succeed")
+    finally:
+        agent.shutdown()
+    assert client.deletes == [(DPID, MAC)] * 4
+    assert any("removed after 4 attempts" in r.getMessage() for r in caplog.records)
+
+
+def test_a_removal_ends_on_404_and_is_cancelled_when_the_vm_comes_back(shm):
+    path = shm.region()
+    vms = [vm(path)]
+    client = FakeController(on_delete=failing(1, ControllerUnavailable("down"), then=lambda dpid, mac: False))
+    agent = Agent(lambda: list(vms), client, AgentSettings(discovery_interval=0.01, removal_ceiling=0.02))
+    try:
+        agent.round()
+        vms.clear()
+        agent.round()
+        wait_for(lambda: agent.round() or not agent.removals, what="a 404 to end the removal")
+        assert len(client.deletes) == 2
+        vms.append(vm(path))
+        agent.round()
+        client.on_delete = failing(10**6, ControllerUnavailable("down"))
+        vms.clear()
+        agent.round()
+        vms.append(vm(path))  # back on the same port with the same MAC: the same VM
+        agent.round()
+        assert agent.removals == {}
+    finally:
+        agent.shutdown()
+
+
+# ---- 3. one owner per reader ---------------------------------------------------------------
+
+
+def test_hostile_reinitialisations_while_status_is_read_never_break_the_channel(shm, caplog):
+    path = shm.region()
+    writer, saboteur = guest(path), ChannelWriter(open_file(path))
+    chaos, hostile = random.Random(10), threading.Event()
+    hostile.set()
+
+    def reinitialise_between_taking_and_answering(requests):
+        if hostile.is_set() and chaos.random() < 0.5:
+            saboteur.initialise(ring.Geometry(chaos.choice([4, 8, 16])))
+        time.sleep(chaos.random() * 2e-3)
+        return ok_answers(requests)
+
+    client = FakeController(on_execute=reinitialise_between_taking_and_answering)
+    stop, statuses = threading.Event(), []
+
+    def read_status(agent):
+        while not stop.is_set():
+            statuses.append(agent.status())
+
+    with serving([vm(path)], client) as agent:
+        reader_thread = threading.Thread(target=read_status, args=(agent,))
+        reader_thread.start()
+        try:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                with contextlib.suppress(ChannelError):  # reset under it, or not answered in time
+                    request(writer, timeout=1)
+        finally:
+            stop.set()
+            hostile.clear()
+            reader_thread.join()
+        assert request(ChannelWriter(open_file(path)), timeout=5).ok  # still served
+        assert status_of(agent)["faults"] == 0
+    assert len(statuses) > 100 and len(client.requests) > 50
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+class Untouchable:
+    """Stands in for a reader that only its worker may touch."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"reader.{name} used outside the channel's worker")
+
+
+def test_the_status_and_the_poller_never_call_into_a_reader(shm):
+    path = shm.region()
+    guest(path)
+    with serving([vm(path)], FakeController()) as agent:
+        channel = wait_for(lambda: agent.channels.get("vm0/tap-vm0"))
+        wait_for(lambda: channel.snapshot, what="a first snapshot")
+        reader, channel.reader = channel.reader, Untouchable()  # the guest is idle: the worker sleeps
+        try:
+            agent.status()
+            agent.write_status()
+            assert agent.poll_once() is False
+        finally:
+            channel.reader = reader
+
+
+# ---- 4. hostile regions --------------------------------------------------------------------
+
+
+def test_a_truncated_region_is_a_problem_of_its_channel_only(shm):
+    bad, good = shm.region(), shm.region()
+    bad_writer, good_writer = guest(bad), guest(good)
+    with serving([vm(bad, "bad", port=5), vm(good, "good", port=6, mac="52:34:56:00:12:33")],
+                 FakeController()) as agent:
+        assert request(bad_writer).ok
+        os.truncate(bad, 0)  # what anything with write access to the file can do
+        wait_for(lambda: "shrank" in (status_of(agent, "bad")["problem"] or ""), what="the truncation noticed")
+        assert request(good_writer, "I 52:34:56:00:12:33").ok
+        os.truncate(bad, 1 << 20)
+        fresh = ChannelWriter(open_file(bad))
+        fresh.initialise(ring.Geometry(8))
+        assert request(fresh).ok  # the same file, usable again, is served again
+        assert status_of(agent, "bad")["faults"] == 0
+
+
+def test_an_exception_in_the_agent_costs_one_command_not_the_channel(shm):
+    path = shm.region()
+    writer = guest(path)
+    client = FakeController(on_execute=failing(1, RuntimeError("a bug")))
+    with serving([vm(path)], client) as agent:
+        response = request(writer)
+        assert response.status_name == "INTERNAL" and "a bug" in response.text
+        assert request(writer).ok
+        assert status_of(agent)["faults"] == 1
+
+
+# ---- 5. paths ------------------------------------------------------------------------------
+
+
+def bad_paths(shm, tmp_path) -> dict[str, tuple[str, str]]:
+    """name -> (region path, what the status must say)."""
+    target = shm.region()
+    link, loop, directory, fifo = shm(), shm(), shm(), shm()
+    os.symlink(target, link)
+    os.symlink(loop, loop)
+    os.mkdir(directory)
+    os.mkfifo(fifo)
+    outside = tmp_path / "region"
+    outside.write_bytes(bytes(1 << 20))
+    small = shm()
+    with open(small, "wb") as file:
+        file.write(bytes(4096))
+    return {"link": (link, "symlink"), "loop": (loop, "symlink"), "dir": (directory, "directory"),
+            "fifo": (fifo, "not a regular file"), "long": ("/dev/shm/" + "x" * 300, "not a file name"),
+            "outside": (str(outside), "not in a channel directory"), "dotdot": ("/dev/shm/../tmp/x", "not in"),
+            "relative": ("region", "not in"), "missing": (shm(), "does not exist"),
+            "small": (small, "needs at least")}
+
+
+def test_bad_paths_affect_their_channel_alone_and_are_reported(shm, tmp_path):
+    good = shm.region()
+    writer = guest(good)
+    bad = bad_paths(shm, tmp_path)
+    vms = [vm(good)] + [vm(path, name, port=10 + i) for i, (name, (path, _)) in enumerate(bad.items())]
+    with serving(vms, FakeController()) as agent:  # run() starts with a round: must not raise
+        assert request(writer).ok
+        for name, (_, reason) in bad.items():
+            assert reason in (status_of(agent, name)["problem"] or ""), name
+        assert sorted(agent.channels[v.name].reader is not None for v in vms) == [False] * len(bad) + [True]
+
+
+def test_a_symlinked_region_is_never_written(shm):
+    target = shm.region()
+    link = shm()
+    os.symlink(target, link)
+    guest(target)
+    before = open(target, "rb").read(ring.HEADER_SIZE)
+    with pytest.raises(BadRegion, match="symlink"):
+        open_channel_region(link, ("/dev/shm",))
+    with pytest.raises(ChannelError, match="not in a channel directory"):
+        open_channel_region(target, ("/run/mbvisor",))
+    assert open(target, "rb").read(ring.HEADER_SIZE) == before
+
+
+def test_discovery_survives_any_exception_and_goes_on(shm, caplog):
+    path = shm.region()
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise TypeError("ovsdb said something odd")
+        return [vm(path)]
+
+    agent = Agent(flaky, FakeController(), AgentSettings())
+    try:
+        agent.round()
+        assert "refresh failed" in caplog.text and agent.channels == {}
+        agent.round()
+        assert list(agent.channels) == ["vm0/tap-vm0"]
+    finally:
+        agent.shutdown()
+
+
+def test_a_region_replaced_under_its_path_is_reopened(shm):
+    path = shm.region()
+    writer = guest(path)
+    with serving([vm(path)], FakeController()) as agent:
+        assert request(writer).ok
+        replacement = shm.region()
+        fresh = guest(replacement)
+        os.rename(replacement, path)  # the VM restarted with a new region file
+        assert request(fresh, timeout=5).ok
+        assert agent.channels["vm0/tap-vm0"].identity == (os.stat(path).st_dev, os.stat(path).st_ino)
+
+
+# ---- 6. the rate limit counts commands -----------------------------------------------------
+
+
+def test_rate_limit_counts_commands_not_frames(shm):
+    path = shm.region()
+    writer = guest(path)
+    client = FakeController()
+    with serving([vm(path)], client, rate=0.001, burst=5) as agent:
+        big = request(writer, "@".join([f"I {MAC}@"] * 99 + [f"I {MAC}"]))
+        assert big.status_name == "RATE_LIMITED" and "frame of 100 commands is more than this VM's burst of 5" \
+            in big.text
+        assert request(writer, f"X {MAC}@@I {MAC}@@I {MAC}").ok  # 3 of 5 tokens
+        limited = request(writer, f"X {MAC}@@I {MAC}@@I {MAC}")  # 3 more: only 2 left
+        assert limited.status_name == "RATE_LIMITED" and "frame of 3 command(s)" in limited.text
+        assert sum(len(r) for r in client.requests) == 3
+        wait_for(lambda: status_of(agent)["rate_limited"] == 103)
+
+
+# ---- 7. bounded work and logging -----------------------------------------------------------
+
+
+def test_phantom_slots_cost_bounded_work_and_log_lines(shm, caplog):
+    hostile, good = shm.region(), shm.region()
+    hostile_writer, good_writer = guest(hostile), guest(good)
+    ring.write_u64(hostile_writer.region.buf, ring.OFFSET_PUBLISH, 2**31)  # publish = consume + 2^31
+    caplog.set_level(logging.INFO)
+    with serving([vm(hostile, "hostile"), vm(good, "good", port=6, mac="52:34:56:00:12:33")],
+                 FakeController()) as agent:
+        started = time.monotonic()
+        time.sleep(0.5)
+        for _ in range(5):
+            assert request(good_writer, "I 52:34:56:00:12:33", timeout=2).ok
+        corrupt = wait_for(lambda: status_of(agent, "hostile")["corrupt"])
+        elapsed = time.monotonic() - started
+    assert corrupt <= DAMAGED_PER_POLL * (elapsed / 0.05 + 2)
+    rejected = [r for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(rejected) == 1  # the first; the rest are counted (status) and summed up every 10 s
+    assert len(caplog.records) < 20
+
+
+# ---- the real client's side of the contract, against a real HTTP server --------------------
+
+
+class StubController:
+    """A real HTTP server answering every request with the (status, body) given: what the
+    controller of docs/rest.md answers, or fails with."""
+
+    def __init__(self):
+        self.reply: tuple[int, object] = (200, None)  # None: every command OK
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                commands = json.loads(self.rfile.read(length))["commands"]
+                status, body = stub.reply
+                self._send(status, {"answers": ok_answers(commands)} if body is None else body)
+
+            def do_DELETE(self):
+                self._send(*stub.reply)
+
+            def _send(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub():
+    server = StubController()
+    yield server
+    server.close()
+
+
+COMMAND = [{"dpid": "00000000000000a1", "port": 5, "command": f"X {MAC}", "channel": "vm0/tap0", "epoch": 1,
+            "seq": 0}]
+
+
+def error(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+@pytest.mark.parametrize("status, body, raised, guest_status, words", [
+    (400, error("bad-seq", "seq must be below 2^63"), ControllerFailed, "INTERNAL", "bad-seq"),
+    (401, error("unauthorized", "bad token"), ControllerFailed, "INTERNAL", "token"),
+    (409, error("key-reused", "the key names another command"), ControllerFailed, "REJECTED", "key-reused"),
+    (500, error("internal", "boom"), ControllerFailed, "INTERNAL", "HTTP 500"),
+    (200, {"answers": []}, ControllerFailed, "INTERNAL", "understands"),
+    (503, error("starting", "not ready"), ControllerUnavailable, None, "503"),
+    (200, {"answers": [{"status": "UNAVAILABLE", "code": "", "text": "switch not connected", "replayed": False}]},
+     ControllerUnavailable, None, "switch not connected"),
+])
+def test_client_tells_permanent_from_transient_failures(stub, status, body, raised, guest_status, words):
+    stub.reply = (status, body)
+    with pytest.raises(raised, match=words) as caught:
+        ControllerClient(stub.url, "token", timeout=5).execute(COMMAND)
+    if guest_status:
+        assert caught.value.status.name == guest_status
+
+
+def test_client_no_connection_is_transient_and_removal_treats_404_as_done(stub):
+    stub.reply = (404, error("not-found", "no such middlebox"))
+    assert ControllerClient(stub.url).delete_middlebox(DPID, MAC) is False
+    stub.reply = (200, {})
+    assert ControllerClient(stub.url).delete_middlebox(DPID, MAC) is True
+    stub.close()
+    with pytest.raises(ControllerUnavailable, match="unreachable"):
+        ControllerClient(stub.url, timeout=2).execute(COMMAND)
+
+
+def test_a_500_from_the_real_client_is_answered_at_once_not_retried_forever(shm, stub):
+    path = shm.region()
+    writer = guest(path)
+    stub.reply = (500, error("internal", "integer overflow"))
+    agent = Agent(lambda: [vm(path)], ControllerClient(stub.url, timeout=5), AgentSettings(forward_deadline=30))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        response = request(writer, timeout=5)
+        assert response.status_name == "INTERNAL" and "integer overflow" in response.text
+    finally:
+        agent.stop.set()
+        thread.join(timeout=15)
+
+
+def test_truncating_one_region_under_a_real_agent_process_leaves_the_others_served(shm, stub, tmp_path):
+    bad, good = shm.region(), shm.region()
+    bad_writer, good_writer = guest(bad), guest(good)
+    static = tmp_path / "channels.json"
+    static.write_text(json.dumps([
+        {"interface": "tap-bad", "region": bad, "dpid": DPID, "port": 5, "macs": [MAC], "vm_id": "bad"},
+        {"interface": "tap-good", "region": good, "dpid": DPID, "port": 6, "macs": [MAC], "vm_id": "good"}]))
+    status_file = tmp_path / "status.json"
+    with open(tmp_path / "agent.log", "wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "mbvisor.agents.cli", "agent", "--static", str(static),
+                                    "--controller", stub.url, "--status-file", str(status_file),
+                                    "--discovery-interval", "0.2"], stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        assert request(bad_writer, timeout=10).ok and request(good_writer).ok
+        os.truncate(bad, 0)  # what the VM's QEMU process (or anything with write access) can do
+        time.sleep(0.3)
+        for _ in range(5):
+            assert request(good_writer).ok
+        assert process.poll() is None, (tmp_path / "agent.log").read_text()
+
+        def bad_problem():
+            channels = {c["vm_id"]: c for c in json.loads(status_file.read_text())["channels"]}
+            return channels["bad"]["problem"] or ""
+        assert "shrank" in wait_for(bad_problem, what="the truncated region reported")
+    finally:
+        process.terminate()
+        assert process.wait(timeout=15) == 0
