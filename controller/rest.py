@@ -108,10 +108,13 @@ def _json_body(request: Request):
 
 
 def _checked_token(token: str | None) -> str | None:
-    """None leaves writes open (no token file); an empty token would open them silently."""
-    if token is not None and not token.strip():
+    """None leaves writes open (no token file); an empty token would open them silently.
+    Surrounding white space is never part of it: HTTP strips it from header values."""
+    if token is None:
+        return None
+    if not token.strip():
         raise ValueError("the REST token is empty: give a non-empty token or none at all")
-    return token
+    return token.strip()
 
 
 def _mapper() -> Mapper:

@@ -273,6 +273,11 @@ def test_reads_are_open_and_no_token_leaves_writes_open(service):
     assert call(rest.RestApi(service, settings(token=None)), "POST", "/v1/commands", COMMAND).status_int == 200
 
 
+def test_white_space_around_the_token_is_not_part_of_it(service):
+    api = rest.RestApi(service, settings(token=f" {TOKEN}\n"))
+    assert call(api, "POST", "/v1/commands", COMMAND, AUTH).status_int == 200
+
+
 @pytest.mark.parametrize("token", ["", "   ", "\n"])
 def test_an_empty_token_is_refused_at_start(service, token):
     with pytest.raises(ValueError, match="token is empty"):
@@ -407,13 +412,17 @@ def get(port: int, path: str, timeout: float = 10.0, method="GET", body=None, he
         connection.close()
 
 
-def test_the_real_server_answers_reads_and_writes(service):
-    with running(service) as port:
+def test_the_real_server_answers_reads_and_writes_and_logs_short_access_lines(service, caplog):
+    with caplog.at_level(logging.DEBUG, logger="mbvisor.rest"), running(service) as port:
         assert get(port, "/v1/health")[2]["status"] == "ok"
         status, _, answer = get(port, "/v1/commands", method="POST", body=json.dumps(COMMAND), headers=AUTH)
         assert (status, answer["status"]) == (200, "OK")
         status, headers, _ = get(port, "/v1/commands", method="POST", body=b"[]")
         assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+        assert get(port, "/v1/" + "y" * 6000)[0] == 404
+    access = [record.getMessage() for record in caplog.records if '] "' in record.getMessage()]
+    assert len(access) == 4 and all(len(line) < 300 for line in access)
+    assert "(6" in access[-1] and "characters)" in access[-1]  # the long request line, clipped
 
 
 def test_a_taken_rest_port_is_refused_naming_it(service):
