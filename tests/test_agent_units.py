@@ -470,3 +470,34 @@ def test_static_macs_are_compared_in_canonical_form(tmp_path):
     (channel,) = load_static(path)
     assert channel.macs == ("52:54:00:ab:cd:ef",)
     assert vet(b"@X 52:54:00:ab:cd:ef@", channel.macs).forward == ("X 52:54:00:ab:cd:ef",)
+
+
+def test_a_take_of_several_commands_spends_that_many_or_nothing():
+    bucket = TokenBucket(rate=1.0, burst=5.0)
+    assert bucket.take(0.0, 3) is True
+    assert bucket.take(0.0, 3) is False  # 2 left: nothing spent
+    assert bucket.take(0.0, 2) is True
+    assert bucket.take(1000.0, 6) is False  # more than the burst is never granted
+    assert bucket.take(1000.0, 5) is True
+
+
+# ---- bounded fault logging -------------------------------------------------------------
+
+
+def test_fault_log_logs_the_first_then_one_summary_per_interval(caplog):
+    import logging
+
+    from mbvisor.guest.reader import FaultLog
+
+    now = [0.0]
+    faults = FaultLog(logging.getLogger("mbvisor.test"), interval=10.0, clock=lambda: now[0])
+    for step in range(1000):  # 1000 faults over 25 s
+        now[0] = step * 0.025
+        faults("corrupt", logging.WARNING, "slot %d rejected", step)
+        faults("unusable", logging.WARNING, "bad header")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["slot 0 rejected", "bad header",
+                        "slot 400 rejected (399 more like this in the last 10 s)",
+                        "bad header (399 more like this in the last 10 s)",
+                        "slot 800 rejected (399 more like this in the last 10 s)",
+                        "bad header (399 more like this in the last 10 s)"]
