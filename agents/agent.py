@@ -79,6 +79,11 @@ class ChannelStats:
     last_status: str | None = None
 
 
+# What a channel's status says before its worker published anything (or when it has none).
+EMPTY_SNAPSHOT = {"epoch": None, "answered": 0, "pending": 0, "problem": None, "waiting_for_controller": False,
+                  "corrupt": 0, **dataclasses.asdict(ChannelStats())}
+
+
 @dataclass
 class Channel:
     vm: VmChannel
@@ -435,8 +440,3 @@ class Agent:
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(self.status(), indent=1) + "\n")
         temporary.replace(path)
-
-
-# What a channel's status says before its worker published anything (or when it has none).
-EMPTY_SNAPSHOT = {"epoch": None, "answered": 0, "pending": 0, "problem": None, "waiting_for_controller": False,
-                  "corrupt": 0, **dataclasses.asdict(ChannelStats())}

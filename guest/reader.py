@@ -171,10 +171,6 @@ class ChannelReader:
         keeps a reader of an idle region at about a microsecond per poll."""
         return read_counters(self.region.fd) == self.idle_at()
 
-    def has_work(self) -> bool:
-        """Whether ``poll()`` may find something: cheap enough to ask of many regions often."""
-        return not self._idle()
-
     def answer(self, seq: int, status: int, text: str) -> bool:
         """Write the answer to ``seq`` (the command ``poll()`` returned) and count it.
         Returns False, writing nothing, if the guest re-initialised the region meanwhile

@@ -613,3 +613,23 @@ def test_truncating_one_region_under_a_real_agent_process_leaves_the_others_serv
     finally:
         process.terminate()
         assert process.wait(timeout=15) == 0
+
+
+def test_agent_status_shows_unserved_channels_and_pending_removals(shm, tmp_path, capsys):
+    from mbvisor.agents.cli import main
+
+    path = shm.region()
+    vms = [vm(path), vm(shm(), "missing", port=7)]
+    status_file = tmp_path / "status.json"
+    client = FakeController(on_delete=failing(10**6, ControllerUnavailable("down")))
+    agent = Agent(lambda: list(vms), client, AgentSettings(status_file=status_file))
+    try:
+        agent.round()
+        vms.pop(0)
+        agent.round()
+    finally:
+        agent.shutdown()
+    assert main(["agent-status", "--status-file", str(status_file)]) == 0
+    out = capsys.readouterr().out
+    assert "does not exist" in out
+    assert f"offloads of departed VM vm0 ({MAC} on {DPID:016x}) not removed yet; 1 attempt(s) so far" in out
