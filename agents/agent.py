@@ -118,10 +118,15 @@ def open_channel_region(path: str, directories: tuple[str, ...]) -> RegionFile:
     """A channel's region, if ``path`` names a regular file directly in one of
     ``directories`` (no symlink, no '..', no other place the host could be made to write)."""
     directory, name = os.path.split(path)
-    if directory.rstrip("/") not in {d.rstrip("/") or "/" for d in directories}:
+    if _as_written(directory) not in {_as_written(d) for d in directories}:
         raise BadRegion(f"{path[:300]!r} is not in a channel directory ({', '.join(directories)}; "
                         "see --channel-dir)")
     return open_channel_file(directory, name)
+
+
+def _as_written(directory: str) -> str:
+    """A directory as given, without trailing slashes: compared as text, never resolved."""
+    return directory.rstrip("/") or ("/" if directory else "")
 
 
 class Agent:
