@@ -12,9 +12,8 @@ import errno
 import logging
 import socket
 
-from .compat import (CONF, CONFIG_DISPATCHER, DEAD_DISPATCHER, FRAMEWORK, MAIN_DISPATCHER, OSKenApp, arp,
-                     ofp_event, ofproto_v1_3, packet, set_ev_cls)
-from .flows import RESOLVER_MAC
+from .compat import (CONF, CONFIG_DISPATCHER, DEAD_DISPATCHER, FRAMEWORK, MAIN_DISPATCHER, OSKenApp, ofp_event,
+                     ofproto_v1_3, set_ev_cls)
 from .rest import start_server
 from .service import Controller, Settings
 
@@ -72,8 +71,4 @@ class MbvisorController(OSKenApp):
 
     @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
     def _packet_in(self, ev):
-        reply = packet.Packet(ev.msg.data).get_protocol(arp.arp)
-        if reply is None or reply.opcode != arp.ARP_REPLY or reply.dst_mac != RESOLVER_MAC:
-            return
-        self.service.arp_reply(ev.msg.datapath.id, reply.src_ip, reply.src_mac, ev.msg.match["in_port"])
-
+        self.service.packet_in(ev.msg)

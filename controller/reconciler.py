@@ -97,12 +97,14 @@ class SwitchReconciler:
         self.installed = Installed()
         self.synced = False
         self.connected_at: float | None = None
+        self.connected_clock = 0.0
         self.generation = 0  # desired-state changes that concern this switch
         self.applied = 0     # ... of which the switch confirmed the flows
         self.last_error: str | None = None
         self.jobs: collections.deque[Job] = collections.deque()
         self.wake = hub.Event()
         self.resync_pause = RESYNC_FLOOR
+        self.stopped = False
         self.thread = hub.spawn(self._run)
 
     # --- life cycle ---------------------------------------------------------------------
@@ -117,6 +119,7 @@ class SwitchReconciler:
             self.link.close("switch reconnected")
         self.link = SwitchLink(datapath)
         self.connected_at = time.time()
+        self.connected_clock = time.monotonic()
         self.synced = False
         self.resync_pause = RESYNC_FLOOR
         self._push(Job("sync"), first=True)
@@ -129,6 +132,12 @@ class SwitchReconciler:
         self.link = None
         self.synced = False
         return True
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.link is not None:
+            self.link.close("controller stopping")
+        hub.kill(self.thread)
 
     def submit(self, job: Job) -> Job:
         self._push(job)
@@ -186,7 +195,8 @@ class SwitchReconciler:
         if audit and not changes.empty:
             log.warning("switch %016x: flows changed by someone else; repaired: %s", self.dpid, changes.summary())
         elif not audit:
-            log.info("switch %016x reconciled: %s", self.dpid, changes.summary())
+            log.info("switch %016x reconciled %.3f s after connecting: %s", self.dpid,
+                     time.monotonic() - self.connected_clock, changes.summary())
 
     def _audit(self, job: Job) -> None:
         if self.connected and self.synced:
@@ -203,7 +213,7 @@ class SwitchReconciler:
         self.resync_pause = min(self.resync_pause * 2, RESYNC_CEILING)
 
     def _retry_sync(self, link) -> None:
-        if self.link is link and link is not None and not link.closed and not self.synced:
+        if self.link is link and link is not None and not link.closed and not self.synced and not self.stopped:
             self._push(Job("sync"), first=True)
 
     def _commands(self, job: Job) -> None:

@@ -111,6 +111,7 @@ class Controller:
     reconcilers: dict[int, SwitchReconciler] = field(default_factory=dict)
     neighbours: dict[int, dict[str, Neighbour]] = field(default_factory=dict)
     arp_timeout: float = ARP_TIMEOUT
+    threads: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.database)
@@ -121,8 +122,16 @@ class Controller:
     def start(self) -> None:
         """The periodic work: audits of every switch, re-probes of backends."""
         if self.settings.audit_interval > 0:
-            hub.spawn(self._every, self.settings.audit_interval, self._audit_all)
-        hub.spawn(self._every, ARP_REFRESH, self._probe_all)
+            self.threads.append(hub.spawn(self._every, self.settings.audit_interval, self._audit_all))
+        self.threads.append(hub.spawn(self._every, ARP_REFRESH, self._probe_all))
+
+    def close(self) -> None:
+        """Stop every green thread of ours (tests run many controllers in one hub)."""
+        for thread in self.threads:
+            hub.kill(thread)
+        for reconciler in self.reconcilers.values():
+            reconciler.stop()
+        self.store.db.close()
 
     @staticmethod
     def _every(interval: float, work) -> None:
@@ -306,6 +315,13 @@ class Controller:
     def port_deleted(self, dpid: int, port: int) -> None:
         if any(mb.port == port for mb in self.state.on(dpid)):
             self.reconciler(dpid).submit(Job("retire", ports=frozenset({port})))
+
+    def packet_in(self, message) -> None:
+        """Only ARP replies to the resolver's MAC come to the controller (flows.base_config)."""
+        reply = packet.Packet(message.data).get_protocol(arp.arp)
+        if reply is None or reply.opcode != arp.ARP_REPLY or reply.dst_mac != RESOLVER_MAC:
+            return
+        self.arp_reply(message.datapath.id, reply.src_ip, reply.src_mac, message.match["in_port"])
 
     def neighbours_of(self, dpid: int) -> dict[str, Neighbour]:
         return self.neighbours.setdefault(dpid, {})

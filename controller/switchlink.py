@@ -28,7 +28,7 @@ class SwitchUnreachable(Exception):
     """The switch disconnected or did not answer in time: nothing is known to be applied."""
 
 
-@dataclass
+@dataclass(eq=False)  # waiters are told apart by identity (a disconnect wakes each once)
 class Waiter:
     """One conversation: the xids it owns, the replies' bodies and the switch's errors."""
 

@@ -29,12 +29,15 @@ class ControllerError(RuntimeError):
 class Controller:
     """``mbvisor controller`` in a subprocess on free ports, with a REST client."""
 
-    def __init__(self, state_dir: Path, token: str = "test-token", launcher: str = "mbvisor"):
+    def __init__(self, state_dir: Path, token: str = "test-token", launcher: str = "mbvisor",
+                 environment: dict[str, str] | None = None, ofp_port: int | None = None,
+                 rest_port: int | None = None):
         self.state_dir = state_dir
+        self.extra_environment = environment or {}
         self.launcher = launcher
         self.token = token
-        self.ofp_port = free_port()
-        self.rest_port = free_port()
+        self.ofp_port = ofp_port or free_port()
+        self.rest_port = rest_port or free_port()
         self.process: subprocess.Popen | None = None
         self.log = state_dir / "controller.log"
 
@@ -55,7 +58,8 @@ class Controller:
         token_file = self.state_dir / "token"
         token_file.write_text(self.token)
         environment = {**os.environ, "MBVISOR_DB": str(self.state_dir / "controller.sqlite"),
-                       "MBVISOR_REST_PORT": str(self.rest_port), "MBVISOR_TOKEN": self.token}
+                       "MBVISOR_REST_PORT": str(self.rest_port), "MBVISOR_TOKEN": self.token,
+                       **self.extra_environment}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(self._argv(token_file), stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True, env=environment, preexec_fn=die_with_parent)
@@ -80,14 +84,15 @@ class Controller:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
 
-    def request(self, method: str, path: str, body: dict | None = None, token: str | None = "default"):
+    def request(self, method: str, path: str, body: dict | None = None, token: str | None = "default",
+                timeout: float = 30.0):
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {self.token if token == 'default' else token}"
         request = urllib.request.Request(f"http://127.0.0.1:{self.rest_port}{path}", data, headers, method=method)
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"null")
@@ -126,5 +131,5 @@ class Controller:
         wait_until(connected, timeout=timeout, what=f"switch {dpid:016x} connected and reconciled")
 
     def reconciliations(self) -> list[str]:
-        return [line for line in self.log.read_text().splitlines() if "reconciled:" in line]
+        return [line for line in self.log.read_text().splitlines() if " reconciled " in line]
 

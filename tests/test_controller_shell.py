@@ -1,0 +1,342 @@
+"""Unit tests of the controller shell (service + one reconciler per switch + switch link) on
+the fake switch (tests/fakeswitch.py), which applies the real encoded OpenFlow messages.
+
+Each test is one of the failures seen on real switches (issue 10), reproduced fast and
+without OVS: reconnects, hung and refusing switches, another application wiping the
+tables, ports that go, very large requests, reused idempotency keys, lying counters."""
+
+from __future__ import annotations
+
+import pytest
+
+from fakeswitch import FakeSwitch, wait_until
+from mbvisor.controller import reconciler as reconciler_module
+from mbvisor.controller import switchlink
+from mbvisor.controller.compat import hub
+from mbvisor.controller.flows import FILTER, cookie_of
+from mbvisor.controller.model import Limits
+from mbvisor.controller.reconciler import Job
+from mbvisor.controller.requests import CommandRequest, SwitchUnavailable
+from mbvisor.controller.service import Controller, Settings
+from mbvisor.controller.store import Store
+
+DPID, OTHER = 0xA1, 0xB2
+MAC, MAC2 = "52:34:56:00:12:22", "52:34:56:00:12:33"
+MB_PORT, CLIENT_PORT, BACKEND_PORT = 2, 1, 3
+
+
+class Host:
+    """A service wired to fake switches the way the OS-Ken app wires it to real ones."""
+
+    def __init__(self, tmp_path, **settings):
+        self.database = tmp_path / "controller.sqlite"
+        self.service = Controller(Settings(database=self.database, audit_interval=0, **settings))
+        self.service.arp_timeout = 0.5
+        self.switches: dict[int, FakeSwitch] = {}
+
+    def deliver(self, message) -> None:
+        name = type(message).__name__
+        if name == "OFPSwitchFeatures":
+            self.service.switch_connected(message.datapath)
+        elif name == "OFPPacketIn":
+            self.service.packet_in(message)
+        elif name == "OFPPortStatus":
+            if message.reason == message.datapath.ofproto.OFPPR_DELETE:
+                self.service.port_deleted(message.datapath.id, message.desc.port_no)
+        else:
+            self.service.receive(message)
+
+    def switch(self, dpid: int = DPID) -> FakeSwitch:
+        fake = FakeSwitch(dpid, sink=self.deliver)
+        self.switches[dpid] = fake
+        self.service.switch_connected(fake.datapath)
+        wait_until(lambda: self.service.reconcilers[dpid].synced, what="first reconciliation")
+        return fake
+
+    def run(self, *texts: str, dpid: int = DPID, port: int = MB_PORT, key: tuple | None = None):
+        requests = [CommandRequest(dpid, port, text, *(key or (None, None, None))) for text in texts]
+        return self.service.submit(requests)
+
+    def ok(self, *texts: str, **where) -> None:
+        answers = self.run(*texts, **where)
+        assert all(a.status == "OK" for a in answers), answers
+
+    def close(self) -> None:
+        self.service.close()
+        for fake in self.switches.values():
+            fake.close()
+
+
+@pytest.fixture
+def host(tmp_path):
+    made = Host(tmp_path)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def fast_timeouts(monkeypatch):
+    """A hung switch costs a test 0.2 s, not the production 5 s."""
+    monkeypatch.setattr(switchlink, "BASE_TIMEOUT", 0.2)
+    monkeypatch.setattr(reconciler_module, "RESYNC_FLOOR", 0.05)
+
+
+def filter_flows(fake: FakeSwitch) -> list:
+    return [f for f in fake.flows(0) if f.priority == FILTER]
+
+
+def sent(fake: FakeSwitch, kind: str) -> list:
+    return [m for m in fake.received if type(m).__name__ == kind]
+
+
+# --- the command path ------------------------------------------------------------------
+
+def test_a_command_is_answered_once_its_flows_are_on_the_switch(host):
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")
+    assert len(filter_flows(fake)) == 1
+    assert fake.trace(CLIENT_PORT, eth_dst=MAC, eth_type=0x0800, ipv4_src="10.66.1.1").verdict == "drop"
+    assert fake.trace(CLIENT_PORT, eth_dst=MAC, eth_type=0x0800, ipv4_src="10.67.1.1").verdict == "normal"
+    assert sent(fake, "ONFBundleCtrlMsg"), "changes go as a bundle"
+    view = host.service.switch_views()[0]
+    assert view["connected"] and view["synced"] and view["generation"] == view["applied_generation"] == 1
+
+
+def test_a_refused_bundle_changes_nothing_anywhere(host):
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    before = sorted(f.identity for f in fake.flows())
+    fake.refuse(lambda m: type(m).__name__ == "OFPFlowMod" and "10.66.0.0" in str(m.match))
+    answers = host.run(f"A {MAC} I 4 s 10.0.0.0/8", f"A {MAC} I 4 s 10.66.0.0/16")
+    assert [a.status for a in answers] == ["REJECTED", "REJECTED"]
+    assert all(a.code == "switch-error" for a in answers)
+    assert sorted(f.identity for f in fake.flows()) == before  # atomic: the first filter is not there
+    assert host.service.state.find(DPID, MAC).filters == frozenset()
+    assert Store(host.database).load(Limits()).find(DPID, MAC).filters == frozenset()
+    host.ok(f"A {MAC} I 4 s 10.0.0.0/8")  # the reconciler goes on
+
+
+def test_commands_for_a_switch_that_is_not_connected_are_unavailable_and_change_nothing(host):
+    answers = host.run(f"R F {MAC} 10.0.0.5", dpid=OTHER)
+    assert answers[0].status == "UNAVAILABLE" and answers[0].code == "switch-down"
+    assert host.service.state.middleboxes == ()
+    assert host.run(f"I {MAC}", dpid=OTHER)[0].status == "REJECTED"  # reads need no switch
+
+
+def test_a_bug_while_installing_costs_the_job_not_the_reconciler(host, monkeypatch):
+    host.switch()
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(reconciler_module, "compile_middlebox", broken)
+    answers = host.run(f"R F {MAC} 10.0.0.5")
+    assert answers[0].status == "INTERNAL" and "boom" not in answers[0].text
+    monkeypatch.undo()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    assert calls
+
+
+# --- idempotency ------------------------------------------------------------------------
+
+def test_a_retried_command_replays_and_a_reused_key_is_refused(host):
+    fake = host.switch()
+    first = host.run(f"R F {MAC} 10.0.0.5", key=("vm/eth0", 1, 7))[0]
+    again = host.run(f"R F {MAC} 10.0.0.5", key=("vm/eth0", 1, 7))[0]
+    assert first.status == again.status == "OK" and again.replayed and not first.replayed
+    reused = host.run(f"X {MAC}", key=("vm/eth0", 1, 7))[0]
+    assert reused.status == "REJECTED" and reused.code == "key-reused"
+    assert host.service.state.find(DPID, MAC) is not None and fake.flows(0)
+    largest = host.run(f"A {MAC} I 4 s 10.1.0.0/16", key=("vm/eth0", 2**32 - 1, 2**63 - 1))[0]
+    assert largest.status == "OK"
+
+
+def test_queries_are_not_stored(host):
+    host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    for seq in range(50):
+        host.run(f"I {MAC}", key=("vm/eth0", 1, seq))
+    assert Store(host.database).answer_count() == 0
+
+
+# --- reconnects, hung switches, audits ----------------------------------------------------
+
+def test_reconnect_reconciles_first_and_loses_no_flow(host):
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5", *[f"A {MAC} I 4 s 10.{n}.0.0/16" for n in range(20)])
+    flows = sorted(f.identity for f in fake.flows())
+    fake.received.clear()
+    host.service.switch_disconnected(fake.datapath)
+    datapath = fake.reconnect()
+    # A command queued behind the reconnection: the reconciliation must not wait for it.
+    answers = []
+    hub.spawn(lambda: answers.extend(host.run(f"A {MAC} I 4 s 10.99.0.0/16")))
+    wait_until(lambda: answers, what="the queued command's answer")
+    reconciler = host.service.reconcilers[DPID]
+    assert reconciler.link.datapath is datapath and reconciler.synced
+    assert answers[0].status == "OK"
+    deletes = [m for m in sent(fake, "OFPFlowMod") if m.command in (3, 4)]
+    assert deletes == []
+    assert set(flows) <= {f.identity for f in fake.flows()}
+    kinds = [type(m).__name__ for m in fake.received]
+    assert kinds.index("OFPFlowStatsRequest") < kinds.index("ONFBundleAddMsg")
+
+
+def test_a_switch_that_stops_answering_is_not_marked_synced(host, fast_timeouts):
+    """A failed reconciliation keeps the switch unsynced: commands answer UNAVAILABLE (and
+    change nothing) until a later reconciliation succeeds."""
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    fake.hold()
+    host.service.switch_connected(fake.datapath)  # a reconnection whose reading hangs
+    wait_until(lambda: host.service.reconcilers[DPID].last_error is not None, what="the failed reconciliation")
+    reconciler = host.service.reconcilers[DPID]
+    assert not reconciler.synced and "did not answer" in reconciler.last_error
+    answer = host.run(f"X {MAC}")[0]
+    assert answer.status == "UNAVAILABLE" and host.service.state.find(DPID, MAC) is not None
+    fake.release()
+    wait_until(lambda: reconciler.synced, timeout=5, what="the retried reconciliation")
+    host.ok(f"X {MAC}")
+    assert filter_flows(fake) == [] and host.service.state.find(DPID, MAC) is None
+
+
+def test_a_hung_switch_never_delays_another(host, fast_timeouts):
+    slow, quick = host.switch(DPID), host.switch(OTHER)
+    host.ok(f"R F {MAC} 10.0.0.5", dpid=DPID)
+    host.ok(f"R F {MAC2} 10.0.0.6", dpid=OTHER)
+    slow.hold()
+    stuck = []
+    hub.spawn(lambda: stuck.extend(host.run(f"A {MAC} I 4 s 10.66.0.0/16", dpid=DPID)))
+    host.ok(f"A {MAC2} I 4 s 10.66.0.0/16", dpid=OTHER)
+    assert not stuck  # the other switch's command finished while this one still waits
+    assert filter_flows(quick)
+    wait_until(lambda: stuck, timeout=5, what="the hung switch's answer")
+    assert stuck[0].status == "UNAVAILABLE" and host.service.state.find(DPID, MAC).filters == frozenset()
+
+
+def test_a_disconnect_wakes_a_waiting_command_at_once(host):
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    fake.hold()
+    answers = []
+    hub.spawn(lambda: answers.extend(host.run(f"A {MAC} I 4 s 10.66.0.0/16")))
+    reconciler = host.service.reconcilers[DPID]
+    wait_until(lambda: reconciler.link.waiters, what="the command waiting for the switch")
+    fake.disconnect()
+    host.service.switch_disconnected(fake.datapath)
+    wait_until(lambda: answers, timeout=1, what="the answer after the disconnect")
+    assert answers[0].status == "UNAVAILABLE" and "disconnected" in answers[0].text
+
+
+def test_the_audit_repairs_flows_another_application_removed(host):
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")
+    expected = sorted(f.identity for f in fake.flows())
+    fake.clear_flows()
+    host.service.reconcilers[DPID].submit(Job("audit")).done.wait(timeout=5)
+    assert sorted(f.identity for f in fake.flows()) == expected
+
+
+# --- ports that go --------------------------------------------------------------------------
+
+def test_a_deleted_port_retires_its_middleboxes_durably(host):
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")
+    host.ok(f"R F {MAC2} 10.0.0.6", f"A {MAC2} I 4 s 10.66.0.0/16", port=4)
+    fake.remove_port(MB_PORT)
+    wait_until(lambda: host.service.state.find(DPID, MAC) is None, what="the retirement")
+    wait_until(lambda: not [f for f in fake.flows() if f.cookie == cookie_of(MAC)], what="its flows removed")
+    assert [f for f in fake.flows() if f.cookie == cookie_of(MAC2)]  # the other port's stay
+    assert Store(host.database).load(Limits()).find(DPID, MAC) is None
+
+
+def test_a_port_that_goes_while_the_switch_is_away_is_retired_when_it_returns(host):
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")
+    host.service.switch_disconnected(fake.datapath)
+    host.service.port_deleted(DPID, MB_PORT)  # e.g. seen through OVSDB by the agent
+    wait_until(lambda: host.service.state.find(DPID, MAC) is None, what="the durable retirement")
+    fake.reconnect()
+    wait_until(lambda: host.service.reconcilers[DPID].synced, what="the reconciliation")
+    assert not [f for f in fake.flows() if f.cookie == cookie_of(MAC)]
+
+
+# --- large work -----------------------------------------------------------------------------
+
+def test_a_large_request_yields_to_others_while_it_is_worked_on(host):
+    """Parsing, deciding and encoding 20,000 commands must let other green threads (echo
+    replies, other switches, REST clients) run meanwhile."""
+    fake = host.switch()
+    texts, ports = [], []
+    for m in range(20):
+        mac = f"52:34:56:01:00:{m:02x}"
+        texts += [f"R F {mac} 10.9.0.{m}"] + [f"A {mac} I 4 s 10.{n // 256}.{n % 256}.0/24" for n in range(999)]
+        ports += [10 + m] * 1000
+    ticks = []
+    done = []
+
+    def other_work():
+        while not done:
+            ticks.append(1)
+            hub.sleep(0)
+
+    hub.spawn(other_work)
+    answers = host.service.submit([CommandRequest(DPID, port, t) for port, t in zip(ports, texts)])
+    done.append(True)
+    assert {a.status for a in answers} == {"OK"}
+    assert len(filter_flows(fake)) == 20 * 999
+    assert len(ticks) > 100
+
+
+# --- counters and views ---------------------------------------------------------------------
+
+def test_handled_packets_count_each_packet_once_at_the_table_0_decision(host):
+    fake = host.switch()
+    fake.add_host("10.0.0.11", "02:00:00:00:00:11", BACKEND_PORT)
+    host.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16", f"R L {MAC} 10.0.0.5 0 * 10.0.0.11")
+    for _ in range(3):
+        fake.trace(CLIENT_PORT, count=True, eth_dst=MAC, eth_type=0x0800, ipv4_src="10.66.1.1", ipv4_dst="10.0.0.5")
+    for _ in range(2):  # redirected: passes tables 0, 1 and 2, counted once
+        fake.trace(CLIENT_PORT, count=True, ct_state=0x21, eth_dst=MAC, eth_type=0x0800, ipv4_src="10.0.0.1",
+                   ipv4_dst="10.0.0.5")
+    fake.trace(BACKEND_PORT, count=True, ct_state=0x2A, eth_type=0x0800, ipv4_src="10.0.0.11",
+               ipv4_dst="10.0.0.1")  # a reply: not work taken from the middlebox
+    assert host.service.handled_packets(DPID, MAC)["packets"] == 5
+    host.service.refresh_metrics()
+    assert f'mbvisor_packets_handled_in_switch{{dpid="{DPID:016x}",mac="{MAC}"}} 5.0' in \
+        host.service.metrics.exposition().decode()
+
+
+def test_series_and_views_follow_middleboxes_and_switches(host):
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    host.service.refresh_metrics()
+    assert MAC in host.service.metrics.exposition().decode()
+    host.ok(f"X {MAC}")
+    host.service.refresh_metrics()
+    exposition = host.service.metrics.exposition().decode()
+    assert MAC not in exposition and "mbvisor_flows_installed{" in exposition
+    host.service.switch_disconnected(fake.datapath)
+    view = host.service.switch_views()[0]
+    assert view["connected"] is False and view["flows"] is None
+    assert "mbvisor_flows_installed{" not in host.service.metrics.exposition().decode()
+    with pytest.raises(SwitchUnavailable):
+        host.service.flow_statistics(DPID, cookie_of(MAC))
+    with pytest.raises(SwitchUnavailable):
+        host.service.handled_packets(DPID, MAC)
+
+
+def test_a_moved_backend_is_followed(host):
+    fake = host.switch()
+    fake.add_host("10.0.0.11", "02:00:00:00:00:11", BACKEND_PORT)
+    host.ok(f"R F {MAC} 10.0.0.5", f"R L {MAC} 10.0.0.5 0 * 10.0.0.11")
+    host.service.arp_reply(DPID, "10.0.0.11", "02:00:00:00:00:11", 4)
+    wait_until(lambda: any(("output", 4) == a for f in fake.flows(1) for a in [("output", p) for p in
+                                                                                _outputs(f)]),
+               what="the redirect towards the new port")
+
+
+def _outputs(entry) -> list[int]:
+    return [a.port for a in entry.actions() if type(a).__name__ == "OFPActionOutput"]
