@@ -51,6 +51,8 @@ class Settings:
     token: str | None = None
     limits: Limits = Limits()
     audit_interval: float = 10.0  # seconds between checks that the switches still hold our flows
+    rest_max_connections: int = 256
+    rest_idle_timeout: float = 30.0
 
     @classmethod
     def from_environment(cls, environ=os.environ) -> "Settings":
@@ -70,6 +72,8 @@ class Settings:
             limits=Limits(filters=int(environ.get("MBVISOR_MAX_FILTERS", "1000")),
                           redirects=int(environ.get("MBVISOR_MAX_REDIRECTS", "64"))),
             audit_interval=float(environ.get("MBVISOR_AUDIT_INTERVAL", "10")),
+            rest_max_connections=int(environ.get("MBVISOR_REST_MAX_CONNECTIONS", "256")),
+            rest_idle_timeout=float(environ.get("MBVISOR_REST_IDLE_TIMEOUT", "30")),
         )
 
 

@@ -40,7 +40,11 @@ class Waiter:
 
 
 def describe_error(message) -> str:
-    """An OpenFlow error as text an operator can look up (type/code as in ofp-errors)."""
+    """An OpenFlow error as text an operator can look up (type/code as in ofp-errors).
+    OVS reports bundle errors to OpenFlow 1.3 as ONF experimenter errors, whose code is
+    their exp_type (2313: a message of the bundle failed)."""
+    if message.type == message.datapath.ofproto.OFPET_EXPERIMENTER:
+        return f"OpenFlow bundle error (experimenter {message.experimenter:#x} type {message.exp_type})"
     return f"OpenFlow error type {message.type} code {message.code}"
 
 

@@ -116,6 +116,15 @@ def test_a_refused_bundle_changes_nothing_anywhere(host):
     host.ok(f"A {MAC} I 4 s 10.0.0.0/8")  # the reconciler goes on
 
 
+def test_a_failed_commit_names_the_bundle_error(host):
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    fake.fail_next_commit()
+    answer = host.run(f"A {MAC} I 4 s 10.0.0.0/8")[0]
+    assert answer.status == "REJECTED" and "bundle error" in answer.text and "None" not in answer.text
+    assert filter_flows(fake) == []
+
+
 def test_commands_for_a_switch_that_is_not_connected_are_unavailable_and_change_nothing(host):
     answers = host.run(f"R F {MAC} 10.0.0.5", dpid=OTHER)
     assert answers[0].status == "UNAVAILABLE" and answers[0].code == "switch-down"
