@@ -47,7 +47,7 @@ class MbvisorController(OSKenApp):
         refuse_taken_port(CONF.ofp_listen_host or "", CONF.ofp_tcp_listen_port, "OpenFlow")
         settings = Settings.from_environment()
         self.service = Controller(settings)
-        start_server(self.service, settings)
+        self.rest_server = start_server(self.service, settings)
         self.service.start()
         log.info("mbvisor controller running on %s", FRAMEWORK)
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+# eventlet.wsgi is imported before any test module imports http.server: importing it
+# afterwards (eventlet.patcher.inject of its green copy) leaves the standard http.server
+# bound to eventlet's green socketserver, and the agent tests' thread-based HTTP stubs then
+# hang in eventlet's hub.  Seen with eventlet 0.33.2 (the order of collection decided it).
+import eventlet.wsgi  # noqa: F401
+
 import os
 import uuid
 

@@ -1,0 +1,73 @@
+"""The OS-Ken app shell: it refuses a taken OpenFlow port and only hands events to the
+service (wired here to the fake switch, so the app's handlers are what moves the data)."""
+
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from fakeswitch import FakeSwitch, wait_until
+from mbvisor.controller import app as app_module
+from mbvisor.controller.compat import CONF, hub
+from mbvisor.controller.requests import CommandRequest
+from mbvisor.topologies.controller_run import free_port
+
+MAC = "52:34:56:00:12:22"
+
+
+def test_a_taken_openflow_port_stops_the_start_with_its_number():
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as os-ken listens
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"OpenFlow port 127.0.0.1:{port} is already in use"):
+            app_module.refuse_taken_port("127.0.0.1", port, "OpenFlow")
+    app_module.refuse_taken_port("127.0.0.1", port, "OpenFlow")  # free again: no error
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    monkeypatch.setenv("MBVISOR_DB", str(tmp_path / "controller.sqlite"))
+    monkeypatch.setenv("MBVISOR_REST_PORT", str(free_port()))
+    monkeypatch.setenv("MBVISOR_AUDIT_INTERVAL", "0")
+    monkeypatch.delenv("MBVISOR_TOKEN", raising=False)
+    monkeypatch.setattr(CONF, "ofp_tcp_listen_port", free_port(), raising=False)
+    made = app_module.MbvisorController()
+    yield made
+    hub.kill(made.rest_server)
+    made.service.close()
+
+
+def route(app, message) -> None:
+    """What os-ken's dispatcher does with a message: the handler registered for its event."""
+    name = type(message).__name__
+    event = SimpleNamespace(msg=message)
+    if name == "OFPSwitchFeatures":
+        app._switch_features(event)
+    elif name == "OFPPortStatus":
+        app._port_status(event)
+    elif name == "OFPPacketIn":
+        app._packet_in(event)
+    else:
+        app._reply(event)
+
+
+def test_the_handlers_move_switch_events_to_the_service(app):
+    service = app.service
+    with FakeSwitch(0xA1, sink=lambda message: route(app, message)) as fake:
+        fake.add_host("10.0.0.11", "02:00:00:00:00:11", 3)
+        fake.reconnect()  # the features reply reaches _switch_features
+        wait_until(lambda: 0xA1 in service.reconcilers and service.reconcilers[0xA1].synced,
+                   what="the first reconciliation through the app")
+        answers = service.submit([CommandRequest(0xA1, 2, text) for text in (
+            f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16", f"R L {MAC} 10.0.0.5 0 * 10.0.0.11")])
+        assert [a.status for a in answers] == ["OK"] * 3  # the ARP reply came through _packet_in
+        fake.remove_port(2)  # _port_status retires the middlebox
+        wait_until(lambda: service.state.find(0xA1, MAC) is None, what="the retirement")
+        datapath = fake.datapath
+        fake.disconnect()
+        app._switch_gone(SimpleNamespace(datapath=datapath))
+        assert service.switch_views()[0]["connected"] is False
