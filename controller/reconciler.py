@@ -21,15 +21,30 @@ import time
 from dataclasses import dataclass, field
 
 from .compat import hub
-from .flows import (COOKIE_TAG, COOKIE_TAG_MASK, Flow, Group, SwitchConfig, compile_middlebox, compile_switch,
-                    cookie_of, owned_groups)
+from .flows import (COOKIE_TAG, COOKIE_TAG_MASK, Flow, Group, SwitchConfig, base_config, compile_middlebox,
+                    compile_switch, cookie_of, owned_groups)
 from .ofmessages import encode_action, encoded_actions, flow_mod, group_mod, instructions, normal_match
 from .reconcile import Changes, reconcile
 from .switchlink import SwitchLink, SwitchUnreachable
 
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a job's flows are not on the switch: its answer and whether a retry replays it
+    (a refusal is permanent; an UNAVAILABLE must be tried again)."""
+
+    status: str
+    text: str
+    code: str
+
+    @property
+    def stored(self) -> bool:
+        return self.status != "UNAVAILABLE"
+
 log = logging.getLogger("mbvisor.controller")
 RESYNC_FLOOR, RESYNC_CEILING = 0.5, 30.0  # back-off between failed reconciliations (s)
 YIELD_EVERY = 64  # middleboxes compiled between two yields to the event loop
+YIELD_FLOWS = 1024  # flows read or recorded between two yields
 
 
 def _identity(flow: Flow) -> tuple:
@@ -101,6 +116,7 @@ class SwitchReconciler:
         self.generation = 0  # desired-state changes that concern this switch
         self.applied = 0     # ... of which the switch confirmed the flows
         self.last_error: str | None = None
+        self.wire_cache: dict[tuple, bytes] = {}
         self.jobs: collections.deque[Job] = collections.deque()
         self.wake = hub.Event()
         self.resync_pause = RESYNC_FLOOR
@@ -118,6 +134,7 @@ class SwitchReconciler:
         if self.link is not None:
             self.link.close("switch reconnected")
         self.link = SwitchLink(datapath)
+        self.wire_cache: dict[tuple, bytes] = {}
         self.connected_at = time.time()
         self.connected_clock = time.monotonic()
         self.synced = False
@@ -175,6 +192,7 @@ class SwitchReconciler:
         """Read what the switch holds and send only the difference to the desired state."""
         if not self.connected:
             return
+        refused: list[str] = []
         try:
             self._read_switch()
             self._resolve_backends(self.service.state.on(self.dpid))
@@ -182,6 +200,10 @@ class SwitchReconciler:
             desired = compile_switch(state, self.dpid, self.service.neighbours_of(self.dpid))
             changes = self._diff(desired, self.installed.all_flows(), set(self.installed.groups))
             errors = self._send(changes)
+            if errors:
+                log.warning("switch %016x: the reconciliation was refused (%s); again middlebox by middlebox",
+                            self.dpid, "; ".join(errors))
+                errors, refused = self._sync_in_parts(state)
         except SwitchUnreachable as error:
             self._sync_failed(str(error))
             return
@@ -190,13 +212,33 @@ class SwitchReconciler:
             return
         self.synced = True
         self.applied = self.generation
-        self.last_error = None
+        self.last_error = f"the switch refused the flows of {', '.join(refused)}" if refused else None
         self.resync_pause = RESYNC_FLOOR
         if audit and not changes.empty:
             log.warning("switch %016x: flows changed by someone else; repaired: %s", self.dpid, changes.summary())
         elif not audit:
             log.info("switch %016x reconciled %.3f s after connecting: %s", self.dpid,
                      time.monotonic() - self.connected_clock, changes.summary())
+
+    def _sync_in_parts(self, state) -> tuple[list[str], list[str]]:
+        """One middlebox the switch refuses must not keep every other tenant (and the base
+        flows a fail-mode=secure bridge needs to forward anything) off the switch: the base
+        flows first, then one bundle per middlebox.  (errors of the base, refused MACs)."""
+        middleboxes = state.on(self.dpid)
+        known = {cookie_of(mb.mac) for mb in middleboxes}
+        others = [f for f in self.installed.all_flows() if f.cookie not in known]
+        errors = self._send(self._diff(base_config(), others, set()))
+        if errors:
+            return errors, []
+        refused = []
+        for middlebox in middleboxes:
+            needed = self._middlebox_changes(state, state, middlebox.mac)
+            if isinstance(needed, Failure) or self._send(needed):
+                refused.append(middlebox.mac)
+        if refused:
+            log.warning("switch %016x: the flows of %s were refused; every other middlebox is in place",
+                        self.dpid, ", ".join(refused))
+        return [], refused
 
     def _audit(self, job: Job) -> None:
         if self.connected and self.synced:
@@ -218,17 +260,25 @@ class SwitchReconciler:
 
     def _commands(self, job: Job) -> None:
         plan = self.service.plan(self.dpid, job.requests)
-        if plan.touched:
-            failure = self._install(plan.before, plan.after, plan.touched, plan.backends)
-            if failure is not None:
-                plan = plan.failed(failure)
-        job.answers = self.service.commit(self.dpid, plan)
+        try:
+            if plan.touched:
+                failure = self._install(plan.before, plan.after, plan.touched, plan.backends)
+                if failure is not None:
+                    plan = plan.failed(failure)
+            job.answers = self.service.commit(self.dpid, plan)
+        finally:
+            self.service.release(plan)
 
     def _retire(self, job: Job) -> None:
+        """Checked when it runs, after any job that was in flight when the port went."""
         before = self.service.state
         self.service.retire(self.dpid, job.ports)
         macs = {mb.mac for mb in before.on(self.dpid) if mb.port in job.ports}
-        if macs and self._install(before, self.service.state, macs, set()) is not None:
+        if not macs:
+            return
+        if self._install(before, self.service.state, macs, set()) is None:
+            self.applied = self.generation
+        else:
             self.synced = False  # the next reconciliation removes them
             self._retry_sync(self.link)
 
@@ -236,20 +286,20 @@ class SwitchReconciler:
         state = self.service.state
         self._install(state, state, set(job.macs), set())
 
-    def _install(self, before, after, macs, backends) -> tuple[str, str] | None:
+    def _install(self, before, after, macs, backends) -> Failure | None:
         """Flows of the ``macs`` middleboxes from ``before`` to ``after`` as one bundle.
-        None when the switch confirmed; else (status, text) of the failure."""
+        None when the switch confirmed; else why not."""
         if not self.connected:
-            return ("UNAVAILABLE", f"switch {self.dpid:016x} is not connected; try again")
+            return Failure("UNAVAILABLE", f"switch {self.dpid:016x} is not connected; try again", "switch-down")
         if not self.synced:
-            return ("UNAVAILABLE", f"switch {self.dpid:016x} is being reconciled; try again")
+            return Failure("UNAVAILABLE", f"switch {self.dpid:016x} is being reconciled; try again", "switch-down")
         try:
             self._resolve(backends)
             changes = Changes()
             for index, mac in enumerate(sorted(macs)):
                 needed = self._middlebox_changes(before, after, mac)
-                if isinstance(needed, str):
-                    return ("REJECTED", needed)
+                if isinstance(needed, Failure):
+                    return needed
                 changes = changes + needed
                 if index % YIELD_EVERY == YIELD_EVERY - 1:
                     hub.sleep(0)
@@ -257,18 +307,19 @@ class SwitchReconciler:
         except SwitchUnreachable as error:
             self.synced = False  # what the switch holds is unknown now: read it again
             self._retry_sync(self.link)
-            return ("UNAVAILABLE", f"{error}; nothing was applied, try again")
+            return Failure("UNAVAILABLE", f"{error}; nothing was applied, try again", "switch-down")
         if errors:
-            return ("REJECTED", "switch refused: " + "; ".join(errors))
+            return Failure("REJECTED", "switch refused: " + "; ".join(errors), "switch-error")
         return None
 
-    def _middlebox_changes(self, before, after, mac: str) -> Changes | str:
+    def _middlebox_changes(self, before, after, mac: str) -> Changes | Failure:
         wanted = after.find(self.dpid, mac)
         middlebox = wanted or before.find(self.dpid, mac)
         desired = (compile_middlebox(wanted, self.service.neighbours_of(self.dpid)) if wanted
                    else SwitchConfig(frozenset(), frozenset()))
         if desired.unresolved:
-            return f"backend {', '.join(desired.unresolved)} did not answer ARP"
+            return Failure("UNAVAILABLE", f"backend {', '.join(desired.unresolved)} did not answer ARP; nothing was "
+                                          "applied, try again", "backend-unresolved")
         groups = set(owned_groups(middlebox)) if middlebox else set()
         return self._diff(desired, self.installed.flows_of(cookie_of(mac)), groups)
 
@@ -281,11 +332,14 @@ class SwitchReconciler:
         datapath = self.link.datapath
         parser, ofp = datapath.ofproto_parser, datapath.ofproto
         stats = self.link.request(parser.OFPFlowStatsRequest(
-            datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY, COOKIE_TAG, COOKIE_TAG_MASK, parser.OFPMatch()))
+            datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY, COOKIE_TAG, COOKIE_TAG_MASK, parser.OFPMatch()),
+            expected=self.installed.flow_count())
         installed = Installed()
-        for stat in stats:
+        for index, stat in enumerate(stats):
             installed.holds(Flow(stat.table_id, stat.priority, normal_match(stat.match.items()),
                                  (("wire", encoded_actions(datapath, stat.instructions)),), stat.cookie))
+            if index % YIELD_FLOWS == YIELD_FLOWS - 1:
+                hub.sleep(0)
         descriptions = self.link.request(parser.OFPGroupDescStatsRequest(datapath, 0))
         installed.groups = {d.group_id: _wire_buckets([b.actions for b in d.buckets]) for d in descriptions}
         self.installed = installed
@@ -294,14 +348,22 @@ class SwitchReconciler:
         datapath = self.link.datapath
 
         def same_flow(want: Flow, have: Flow) -> bool:
-            wire = encoded_actions(datapath, instructions(datapath, want.actions))
-            return want.cookie == have.cookie and wire == have.actions[0][1]
+            return want.cookie == have.cookie and self._wire(want.actions) == have.actions[0][1]
 
         def same_group(want: Group, have: Group) -> bool:
             return self._group_wire(want) == self.installed.groups.get(have.group_id)
 
         present_groups = [Group(i, ()) for i in self.installed.groups if i in managed_groups]
         return reconcile(desired, installed, present_groups, managed_groups, same_flow, same_group)
+
+    def _wire(self, actions: tuple) -> bytes:
+        """Actions as the switch reports them (its wire bytes).  Few distinct action lists
+        exist (every filter drops), so they are encoded once per connection."""
+        wire = self.wire_cache.get(actions)
+        if wire is None:
+            datapath = self.link.datapath
+            wire = self.wire_cache[actions] = encoded_actions(datapath, instructions(datapath, actions))
+        return wire
 
     def _group_wire(self, group: Group) -> bytes:
         datapath = self.link.datapath
@@ -328,10 +390,11 @@ class SwitchReconciler:
         return errors
 
     def _record(self, changes: Changes) -> None:
-        datapath = self.link.datapath
-        for flow in changes.add_flows + changes.modify_flows:
-            wire = encoded_actions(datapath, instructions(datapath, flow.actions))
-            self.installed.holds(Flow(flow.table, flow.priority, flow.match, (("wire", wire),), flow.cookie))
+        for index, flow in enumerate(changes.add_flows + changes.modify_flows):
+            self.installed.holds(Flow(flow.table, flow.priority, flow.match, (("wire", self._wire(flow.actions)),),
+                                      flow.cookie))
+            if index % YIELD_FLOWS == YIELD_FLOWS - 1:
+                hub.sleep(0)  # 100k flows recorded must not starve the switch's echo replies
         for flow in changes.delete_flows:
             self.installed.lost(flow)
         for group in changes.add_groups + changes.modify_groups:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from .flows import COOKIE_TAG, COOKIE_TAG_MASK, RESOLVER_MAC, Neighbour, cookie_
 from .metrics import Metrics
 from .model import ApplyError, Binding, Limits, State, apply
 from .ofmessages import normal_match
-from .reconciler import Job, SwitchReconciler
+from .reconciler import Failure, Job, SwitchReconciler
 from .requests import Answer, CommandRequest, SwitchUnavailable, clip, read_token_file
 from .store import Store, command_text
 from .switchlink import SwitchUnreachable
@@ -41,6 +42,7 @@ YIELD_EVERY = 200        # commands planned between two yields to the event loop
 ARP_TIMEOUT = 2.0        # seconds a command waits for its new backends to answer ARP
 ARP_REFRESH = 30.0       # seconds between re-probes of known backends (they may move)
 JOB_DEADLINE = 3600.0    # a job always ends (every switch wait is bounded); this is a backstop
+PRUNE_INTERVAL = 600.0   # seconds between removals of replay answers older than the store keeps
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,9 @@ class Settings:
 @dataclass(frozen=True)
 class Plan:
     """What a job's commands do, before the switch has its say.  ``pending`` are the
-    indices whose answer holds only if the switch confirms the flows of ``touched``."""
+    indices whose answer holds only if the switch confirms the flows of ``touched``;
+    ``independent`` the answers that hold whatever the switch says (grammar errors, replays
+    of earlier jobs' answers); ``claimed`` the idempotency keys this job holds in flight."""
 
     requests: list
     answers: tuple[Answer, ...]
@@ -90,16 +94,35 @@ class Plan:
     pending: tuple[int, ...] = ()
     backends: frozenset[str] = frozenset()
     keep: tuple[int, ...] = ()  # answers to store for replay
+    independent: frozenset[int] = frozenset()
+    claimed: tuple = ()
 
-    def failed(self, failure: tuple[str, str]) -> "Plan":
-        """The switch refused or did not confirm: every changing command fails, nothing changes."""
-        status, text = failure
-        code = "switch-down" if status == "UNAVAILABLE" else "switch-error"
-        answers = list(self.answers)
-        for index in self.pending:
-            answers[index] = Answer(status, text, code)
-        keep = tuple(i for i in self.keep if answers[i].status != "UNAVAILABLE")
-        return replace(self, answers=tuple(answers), after=self.before, touched=frozenset(), pending=(), keep=keep)
+    def failed(self, failure: Failure) -> "Plan":
+        """The switch refused or did not confirm: nothing of the job changes.  Every answer
+        from the first changing command on was decided against state that now never
+        existed ("already present" after a failed add), so each is the failure too, unless
+        it holds anyway.  A refusal is stored for replay; an UNAVAILABLE is not (a retry
+        must be tried again)."""
+        first = self.pending[0]
+        answer = Answer(failure.status, failure.text, failure.code)
+        answers = tuple(a if i < first or i in self.independent else answer for i, a in enumerate(self.answers))
+        keep = tuple(i for i in self.keep if answers[i] is self.answers[i] or failure.stored)
+        return replace(self, answers=answers, after=self.before, touched=frozenset(), pending=(), keep=keep)
+
+
+@dataclass(frozen=True)
+class Decided:
+    """One command planned: its answer, the state after it, the MAC whose flows change
+    (None if none), its new backends; ``fresh``: decided now (not a replay or a refusal of
+    its key), ``store``: kept for replay, ``independent``: holds whatever the switch says."""
+
+    answer: Answer
+    state: State
+    changed: str | None = None
+    backends: frozenset = frozenset()
+    fresh: bool = False
+    store: bool = False
+    independent: bool = False
 
 
 def parse(command: dict | str):
@@ -116,11 +139,13 @@ class Controller:
     neighbours: dict[int, dict[str, Neighbour]] = field(default_factory=dict)
     arp_timeout: float = ARP_TIMEOUT
     threads: list = field(default_factory=list)
+    in_flight: set = field(default_factory=set)  # idempotency keys of jobs not yet committed
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.database)
         self.state = self.store.load(self.settings.limits)
         self.metrics = Metrics()
+        self.store.prune_old(time.time())
         log.info("loaded %d middlebox(es) from %s", len(self.state.middleboxes), self.settings.database)
 
     def start(self) -> None:
@@ -128,6 +153,10 @@ class Controller:
         if self.settings.audit_interval > 0:
             self.threads.append(hub.spawn(self._every, self.settings.audit_interval, self._audit_all))
         self.threads.append(hub.spawn(self._every, ARP_REFRESH, self._probe_all))
+        self.threads.append(hub.spawn(self._every, PRUNE_INTERVAL, self._prune_answers))
+
+    def _prune_answers(self) -> None:
+        self.store.prune_old(time.time())
 
     def close(self) -> None:
         """Stop every green thread of ours (tests run many controllers in one hub)."""
@@ -164,82 +193,108 @@ class Controller:
 
     def submit(self, requests: list[CommandRequest]) -> list[Answer]:
         """Answers in request order.  Each switch's commands go to its reconciler as one
-        job (one bundle); different switches work in parallel and never wait on each other."""
+        job (one bundle); different switches work in parallel and never wait on each other.
+        A switch that never connected gets no reconciler (any dpid can be named)."""
         by_switch: dict[int, list[int]] = {}
         for index, request in enumerate(requests):
             by_switch.setdefault(request.dpid, []).append(index)
-        jobs = {dpid: self.reconciler(dpid).submit(Job("commands", [requests[i] for i in indices]))
-                for dpid, indices in by_switch.items()}
+        jobs = {dpid: self.reconcilers[dpid].submit(Job("commands", [requests[i] for i in indices]))
+                for dpid, indices in by_switch.items() if dpid in self.reconcilers}
         answers: list[Answer | None] = [None] * len(requests)
-        for dpid, job in jobs.items():
-            if not job.done.wait(timeout=JOB_DEADLINE) or job.answers is None:
-                job.answers = [Answer("UNAVAILABLE", f"switch {dpid:016x} did not finish in time; try again",
-                                      "switch-down")] * len(job.requests)
-            for index, answer in zip(by_switch[dpid], job.answers):
+        for dpid, indices in by_switch.items():
+            job = jobs.get(dpid)
+            if job is None:
+                found = self.unreachable(dpid, [requests[i] for i in indices])
+            elif job.done.wait(timeout=JOB_DEADLINE) and job.answers is not None:
+                found = job.answers
+            else:
+                found = [Answer("UNAVAILABLE", f"switch {dpid:016x} did not finish in time; try again",
+                                "switch-down")] * len(indices)
+            for index, answer in zip(indices, found):
                 answers[index] = answer
         return answers
+
+    def unreachable(self, dpid: int, requests: list[CommandRequest]) -> list[Answer]:
+        """Commands for a switch that never connected: reads are answered, changes are
+        UNAVAILABLE and change nothing."""
+        plan = self.plan(dpid, requests)
+        try:
+            if plan.pending:
+                plan = plan.failed(Failure("UNAVAILABLE", f"switch {dpid:016x} is not connected; try again",
+                                           "switch-down"))
+            return self.commit(dpid, plan)
+        finally:
+            self.release(plan)
 
     def execute(self, request: CommandRequest) -> Answer:
         return self.submit([request])[0]
 
     def plan(self, dpid: int, requests: list[CommandRequest]) -> Plan:
         """Decide every command of a job in order against the current state (pure but for
-        the store's look-ups of earlier answers)."""
+        the store's look-ups of earlier answers and the claims on keys in flight)."""
         before = state = self.state
-        answers, touched, pending, backends, keep = [], set(), [], set(), []
-        seen: dict[tuple, tuple[str, Answer]] = {}
+        answers, touched, pending, backends, keep, independent, claimed = [], set(), [], set(), [], set(), []
+        seen: dict[tuple, tuple[str, Answer, int]] = {}
         for index, request in enumerate(requests):
             if index % YIELD_EVERY == YIELD_EVERY - 1:
                 hub.sleep(0)  # a 100,000-command request must not stall the switches or REST
-            answer, state, changed, backend, store_it = self._plan_one(request, state, seen)
-            answers.append(answer)
-            if changed:
-                touched.add(changed)
+            decided = self._plan_one(request, state, seen, pending[0] if pending else None)
+            answers.append(decided.answer)
+            state = decided.state
+            if decided.changed:
+                touched.add(decided.changed)
                 pending.append(index)
-                backends |= backend
-            if store_it:
-                keep.append(index)
+                backends |= decided.backends
+            if decided.independent:
+                independent.add(index)
+            if request.key is not None and decided.fresh:
+                seen[request.key] = (command_text(request.command), decided.answer, index)
+                self.in_flight.add(request.key)
+                claimed.append(request.key)
+                if decided.store:
+                    keep.append(index)
         return Plan(requests, tuple(answers), before, state, frozenset(touched), tuple(pending),
-                    frozenset(backends), tuple(keep))
+                    frozenset(backends), tuple(keep), frozenset(independent), tuple(claimed))
 
-    def _plan_one(self, request: CommandRequest, state: State, seen: dict):
-        """(answer, state after, MAC whose flows change or None, new backends, store it?)."""
+    def _plan_one(self, request: CommandRequest, state: State, seen: dict, first_pending: int | None) -> "Decided":
         key = request.key
         if key is not None:
             text = command_text(request.command)
-            earlier = seen.get(key) or self.store.answer(key)
+            local = seen.get(key)
+            earlier = (local[0], local[1]) if local else self.store.answer(key)
             if earlier is not None:
                 if earlier[0] is not None and earlier[0] != text:
-                    return (Answer("REJECTED", f"idempotency key {key[0]}/{key[1]}/{key[2]} was already used for "
-                                               "another command; nothing was applied", "key-reused"),
-                            state, None, set(), False)
+                    return Decided(Answer("REJECTED", f"idempotency key {key[0]}/{key[1]}/{key[2]} was already used "
+                                                      "for another command; nothing was applied", "key-reused"),
+                                   state, independent=True)
                 previous = earlier[1]
-                return Answer(previous.status, previous.text, previous.code, replayed=True), state, None, set(), False
+                # A replay of this job's own earlier command holds only if that one does.
+                holds = local is None or first_pending is None or local[2] < first_pending
+                return Decided(Answer(previous.status, previous.text, previous.code, replayed=True), state,
+                               independent=holds)
+            if key in self.in_flight:
+                return Decided(Answer("UNAVAILABLE", f"a command with idempotency key {key[0]}/{key[1]}/{key[2]} is "
+                                                     "being applied; try again for its answer", "key-in-flight"),
+                               state, independent=True)
         try:
             command = parse(request.command)
         except CommandError as error:
-            answer = Answer("SYNTAX", str(error), "syntax")
-            return answer, state, None, set(), self._remember(seen, request, answer)
+            return Decided(Answer("SYNTAX", str(error), "syntax"), state, fresh=True, store=True, independent=True)
         try:
             outcome = apply(state, Binding(request.dpid, request.port), command)
         except ApplyError as error:
-            answer = Answer("REJECTED", str(error), error.code)
-            return answer, state, None, set(), self._remember(seen, request, answer)
+            return Decided(Answer("REJECTED", str(error), error.code), state, fresh=True, store=True)
         answer = Answer("OK", outcome.text)
         if isinstance(command, Query):
-            return answer, state, None, set(), False  # reads are cheap to repeat: not stored
-        remembered = self._remember(seen, request, answer)
+            return Decided(answer, state, fresh=True)  # reads are cheap to repeat: not stored
         if outcome.state is state:
-            return answer, state, None, set(), remembered
-        backends = set(command.backends) if isinstance(command, RegisterLoadBalancer) else set()
-        return answer, outcome.state, command.mac, backends, remembered
+            return Decided(answer, state, fresh=True, store=True)
+        backends = frozenset(command.backends) if isinstance(command, RegisterLoadBalancer) else frozenset()
+        return Decided(answer, outcome.state, command.mac, backends, fresh=True, store=True)
 
-    @staticmethod
-    def _remember(seen: dict, request: CommandRequest, answer: Answer) -> bool:
-        if request.key is None:
-            return False
-        seen[request.key] = (command_text(request.command), answer)
-        return True
+    def release(self, plan: Plan) -> None:
+        """The job's keys are answered (or abandoned): others may use them again."""
+        self.in_flight.difference_update(plan.claimed)
 
     def commit(self, dpid: int, plan: Plan) -> list[Answer]:
         """Make a planned (and installed) change current and durable; the answers."""
@@ -317,8 +372,10 @@ class Controller:
             reconciler.receive(message)
 
     def port_deleted(self, dpid: int, port: int) -> None:
-        if any(mb.port == port for mb in self.state.on(dpid)):
-            self.reconciler(dpid).submit(Job("retire", ports=frozenset({port})))
+        """Queued whatever the state says now: a registration for that port may be in
+        flight, and the retirement runs after it."""
+        if dpid in self.reconcilers:
+            self.reconcilers[dpid].submit(Job("retire", ports=frozenset({port})))
 
     def packet_in(self, message) -> None:
         """Only ARP replies to the resolver's MAC come to the controller (flows.base_config)."""

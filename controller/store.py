@@ -68,6 +68,8 @@ class Store:
         for column, declaration in ANSWER_COLUMNS.items():
             if column not in present:
                 self.db.execute(f"ALTER TABLE answers ADD COLUMN {column} {declaration}")
+        if "stored" not in present:  # older rows start their retention now, not in 1970
+            self.db.execute("UPDATE answers SET stored = ?", (time.time(),))
         self.stored_since_prune: dict[str, int] = {}
 
     def load(self, limits: Limits) -> State:
@@ -101,6 +103,11 @@ class Store:
             return
         self.stored_since_prune[channel] = 0
         self.prune(channel, now)
+
+    def prune_old(self, now: float) -> None:
+        """Every channel's answers older than KEEP_SECONDS, also of channels gone quiet."""
+        with self.db:
+            self.db.execute("DELETE FROM answers WHERE stored < ?", (now - KEEP_SECONDS,))
 
     def prune(self, channel: str, now: float) -> None:
         """Keep the channel's newest KEEP_PER_CHANNEL answers younger than KEEP_SECONDS."""

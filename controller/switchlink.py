@@ -15,9 +15,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from mbvisor.guest.reader import FaultLog
+
 from .compat import hub
 
 log = logging.getLogger("mbvisor.controller")
+unattended = FaultLog(log)  # errors nobody waits for: a misbehaving switch must not flood the log
 
 BASE_TIMEOUT = 5.0          # seconds for any answer from the switch ...
 PER_MESSAGE_TIMEOUT = 2e-4  # ... plus this per message it must apply (100k flows: +20 s)
@@ -87,11 +90,12 @@ class SwitchLink:
             for xid in [xid for xid, owner in self.waiters.items() if owner is waiter]:
                 del self.waiters[xid]
 
-    def request(self, message) -> list:
-        """A multipart request; the bodies of all its replies joined."""
+    def request(self, message, expected: int = 0) -> list:
+        """A multipart request; the bodies of all its replies joined.  ``expected``: about
+        how many entries will come (a switch with 100k flows needs longer to list them)."""
         waiter = Waiter(hub.Event())
         self._send(message, waiter)
-        self._wait(waiter, BASE_TIMEOUT, type(message).__name__)
+        self._wait(waiter, BASE_TIMEOUT + expected * PER_MESSAGE_TIMEOUT, type(message).__name__)
         if waiter.errors:
             raise SwitchUnreachable(f"switch {self.dpid:016x} refused {type(message).__name__}: "
                                     + "; ".join(waiter.errors))
@@ -132,10 +136,12 @@ class SwitchLink:
         name = type(message).__name__
         if name == "OFPErrorMsg":
             if waiter is None:
-                log.warning("switch %016x: %s for xid %d (nobody waiting)", self.dpid, describe_error(message),
-                            message.xid)
-            else:
-                waiter.errors.append(describe_error(message))
+                unattended(f"{self.dpid:x}", logging.WARNING, "switch %016x: %s for xid %d (nobody waiting)",
+                           self.dpid, describe_error(message), message.xid)
+                return
+            waiter.errors.append(describe_error(message))
+            if waiter.barrier is None:
+                waiter.done.set()  # a refused request is answered by its error alone
             return
         if waiter is None:
             return

@@ -7,6 +7,8 @@ tables, ports that go, very large requests, reused idempotency keys, lying count
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from fakeswitch import FakeSwitch, wait_until
@@ -16,7 +18,9 @@ from mbvisor.controller.compat import hub
 from mbvisor.controller.flows import FILTER, cookie_of
 from mbvisor.controller.model import Limits
 from mbvisor.controller.reconciler import Job
-from mbvisor.controller.requests import CommandRequest, SwitchUnavailable
+from mbvisor.controller import store as store_module
+from mbvisor.controller.model import State
+from mbvisor.controller.requests import Answer, CommandRequest, SwitchUnavailable
 from mbvisor.controller.service import Controller, Settings
 from mbvisor.controller.store import Store
 
@@ -349,3 +353,156 @@ def test_a_moved_backend_is_followed(host):
 
 def _outputs(entry) -> list[int]:
     return [a.port for a in entry.actions() if type(a).__name__ == "OFPActionOutput"]
+
+
+# --- found by an adversarial review: each a promise of docs/architecture.md ------------------
+
+def keyed(seq: int, text: str, dpid: int = DPID) -> CommandRequest:
+    return CommandRequest(dpid, MB_PORT, text, "vm/eth0", 1, seq)
+
+
+# 1. Idempotency inside one batch across a failed install ------------------------------
+
+def test_a_duplicate_key_in_a_failed_batch_is_not_answered_ok(host):
+    """Failure contract: applied and OK, or not applied and said why.  The second copy of
+    a key mirrors the first copy's final answer, not its planned one."""
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    fake.fail_next_commit()
+    command = f"A {MAC} I 4 s 10.66.0.0/16"
+    answers = host.service.submit([keyed(1, command), keyed(1, command)])
+    assert filter_flows(fake) == [] and host.service.state.find(DPID, MAC).filters == frozenset()
+    assert answers[0].status == "REJECTED"
+    assert answers[1].status != "OK", f"nothing was applied, yet the duplicate says {answers[1]}"
+
+
+def test_an_answer_that_depends_on_a_failed_change_is_not_ok_and_not_stored(host):
+    """'filter already present' decided against the batch's own failed add is not an OK,
+    and it is not stored for replay."""
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    fake.fail_next_commit()
+    command = f"A {MAC} I 4 s 10.66.0.0/16"
+    answers = host.service.submit([keyed(1, command), keyed(2, command)])
+    assert filter_flows(fake) == []
+    stored = Store(host.database).answer(("vm/eth0", 1, 2))
+    retried = host.service.submit([keyed(2, command)])[0]
+    assert (answers[1].status, stored and stored[1].status, retried.status, len(filter_flows(fake))) != \
+        ("OK", "OK", "OK", 0), f"answered {answers[1]}, stored {stored}, retry {retried}; no filter on the switch"
+
+
+# 2. Idempotency across switches ----------------------------------------------------------
+
+def test_a_key_is_applied_once_even_when_two_switches_see_it(host):
+    """'a duplicate is answered with the first answer and applied once': a key in flight
+    on one switch is not applied on another meanwhile (the store is written only after
+    the switch confirmed)."""
+    slow = host.switch(DPID)
+    host.switch(OTHER)
+    host.ok(f"R F {MAC} 10.0.0.5", dpid=DPID)
+    host.ok(f"R F {MAC} 10.0.0.7", dpid=OTHER)
+    slow.hold()  # a switch that takes its time to confirm (a big bundle, a busy vswitchd)
+    answers = []
+    hub.spawn(lambda: answers.extend(host.service.submit([keyed(9, f"A {MAC} I 4 s 10.66.0.0/16", DPID)])))
+    wait_until(lambda: host.service.reconcilers[DPID].link.waiters, what="the first switch's install")
+    answers.extend(host.service.submit([keyed(9, f"A {MAC} I 4 s 10.77.0.0/16", OTHER)]))
+    slow.release()
+    wait_until(lambda: len(answers) == 2, what="both answers")
+    applied = [a for a in answers if a.status == "OK" and not a.replayed]
+    assert len(applied) <= 1, f"one key, two different commands, both applied: {answers}"
+
+
+# 3. An OpenFlow error for a message outside a bundle --------------------------------------
+
+def test_an_error_reply_to_a_stats_request_is_reported_at_once(host, fast_timeouts):
+    """A refused request is answered by its error alone: the caller hears 'refused' at
+    once, not 'did not answer' after the deadline."""
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    fake.refuse(lambda m: type(m).__name__ == "OFPFlowStatsRequest")
+    started = time.monotonic()
+    with pytest.raises(SwitchUnavailable) as raised:
+        host.service.flow_statistics(DPID, cookie_of(MAC))
+    elapsed = time.monotonic() - started
+    assert elapsed < 0.5 and "refused" in str(raised.value), f"{elapsed:.2f} s: {raised.value}"
+
+
+# 4. One refused flow of one tenant takes the whole switch, with no way out ----------------
+
+def test_one_refused_middlebox_keeps_no_other_traffic_off_a_reconnected_switch(host, fast_timeouts):
+    """If the switch refuses one flow of one middlebox after a restart (table full, a flow
+    a newer OVS rejects ...), the reconciliation goes on in parts: the base flows (without
+    which a fail-mode=secure bridge drops everything) and every other middlebox are
+    installed, and the operator can still remove the offending middlebox."""
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")
+    fake.clear_flows()  # ovs-vswitchd restarted: bridges back, flows gone
+    fake.refuse(lambda m: type(m).__name__ == "OFPFlowMod" and "10.66.0.0" in str(m.match), times=None)
+    host.service.switch_disconnected(fake.datapath)
+    fake.reconnect()
+    reconciler = host.service.reconcilers[DPID]
+    wait_until(lambda: reconciler.last_error is not None, what="the refused reconciliation")
+    unrelated = fake.trace(CLIENT_PORT, eth_dst="52:34:56:00:99:99", eth_type=0x0800, ipv4_src="10.1.1.1")
+    removal = host.service.delete_middlebox(DPID, MAC)
+    assert unrelated.verdict == "normal" and removal.status == "OK", \
+        f"unrelated traffic: {unrelated.verdict}; operator DELETE: {removal.status} {removal.text}"
+
+
+# 5. Generation bookkeeping ------------------------------------------------------------------
+
+def test_a_retired_port_confirmed_by_the_switch_is_an_applied_generation(host):
+    """rest.md: applied_generation is the last generation the switch confirmed, also after
+    a port's retirement."""
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")
+    fake.remove_port(MB_PORT)
+    wait_until(lambda: not [f for f in fake.flows() if f.cookie == cookie_of(MAC)], what="flows removed")
+    fake.settle()
+    view = host.service.switch_views()[0]
+    assert view["generation"] == view["applied_generation"], view
+
+
+# 6. Bounded resources: reconcilers for switches that never existed -------------------------
+
+def test_commands_for_unknown_switches_do_not_grow_reconcilers_without_bound(host):
+    """Any dpid can be named in a request: only switches that connected get a reconciler
+    (a green thread kept for good)."""
+    host.service.submit([CommandRequest(0x1000 + n, MB_PORT, f"R F {MAC} 10.0.0.5") for n in range(300)])
+    assert len(host.service.reconcilers) < 300, f"{len(host.service.reconcilers)} reconcilers (and threads)"
+
+
+# 7. Bounded answers: 'none older than a day' -------------------------------------------------
+
+def test_a_quiet_channels_answers_do_not_outlive_a_day(tmp_path, monkeypatch):
+    """architecture.md: 'none older than a day', also for a channel that went quiet (its
+    own pruning never comes): the controller removes every old answer at start and every
+    PRUNE_INTERVAL."""
+    store = Store(tmp_path / "controller.sqlite")
+    monkeypatch.setattr(store_module.time, "time", lambda: 1_000_000.0)  # stored long ago
+    store.save(State(), State(), [(("gone-vm", 1, n), Answer("OK", "x"), f"R F {MAC} 10.0.0.5") for n in range(100)])
+    monkeypatch.undo()
+    assert store.answer_count("gone-vm") == 100
+    service = Controller(Settings(database=tmp_path / "controller.sqlite", audit_interval=0))
+    try:
+        assert service.store.answer_count("gone-vm") == 0
+        service.store.save(State(), State(), [(("vm", 1, 1), Answer("OK", "x"), "X")])
+        service._prune_answers()  # the periodic run keeps what is young
+        assert service.store.answer_count("vm") == 1
+    finally:
+        service.close()
+
+
+def test_a_port_deleted_while_its_registration_is_in_flight_is_still_retired(host):
+    """A registration being installed when its port goes is retired after it: a VM that
+    later gets that port never inherits its offloads."""
+    fake = host.switch()
+    fake.hold()
+    answers = []
+    hub.spawn(lambda: answers.extend(host.run(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")))
+    wait_until(lambda: host.service.reconcilers[DPID].link.waiters, what="the registration's install")
+    fake.release()
+    fake.remove_port(MB_PORT)  # the port-status is delivered before the bundle is confirmed
+    wait_until(lambda: answers, what="the registration's answer")
+    fake.settle()
+    host.service.reconcilers[DPID].submit(Job("refresh")).done.wait(timeout=5)  # after the queued retirement
+    assert host.service.state.find(DPID, MAC) is None, f"{answers[0].status}: middlebox kept on deleted port {MB_PORT}"
