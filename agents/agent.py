@@ -112,6 +112,7 @@ class Removal:
     backoff: Backoff
     attempts: int = 0
     due: float = 0.0
+    worker: threading.Thread | None = None  # the departed channel's worker, until it ended
 
 
 def open_channel_region(path: str, directories: tuple[str, ...]) -> RegionFile:
@@ -185,9 +186,14 @@ class Agent:
             except Exception as error:
                 self.faults(step.__name__, logging.ERROR, "discovery round: %s failed: %r", step.__name__, error)
 
-    def shutdown(self) -> None:
-        for name in list(self.channels):
-            self._close(name)
+    def shutdown(self, grace: float = 5.0) -> None:
+        """Stop every worker and give them ``grace`` seconds in all to end (a command they
+        have not answered stays pending in its region for the next agent)."""
+        closed = [self._close(name) for name in list(self.channels)]
+        deadline = time.monotonic() + grace
+        for channel in closed:
+            if channel.thread is not None:
+                channel.thread.join(timeout=max(0.0, deadline - time.monotonic()))
         log.info("agent stopped")
 
     def refresh(self) -> None:
@@ -198,8 +204,7 @@ class Agent:
         for name, channel in list(self.channels.items()):
             vm = found.get(name)
             if vm != channel.vm:
-                self._close(name)
-                self._forget(channel.vm, vm)
+                self._forget(self._close(name), vm)
             elif self._stale(channel):
                 self._close(name)
                 problems[name] = channel.problem
@@ -228,11 +233,11 @@ class Agent:
         channel = Channel(vm, TokenBucket(self.settings.rate, self.settings.burst))
         try:
             region = open_channel_region(vm.region, self.settings.channel_dirs)
-        except ChannelError as error:
-            channel.problem = str(error)
+        except Exception as error:  # any path or file a VM's record names costs that VM alone
+            channel.problem = str(error) if isinstance(error, ChannelError) else f"cannot open: {error!r}"[:300]
             channel.snapshot = {"problem": channel.problem}
             if channel.problem != previous_problem:
-                log.warning("channel %s: not served: %s", vm.name, error)
+                log.warning("channel %s: not served: %s", vm.name, channel.problem)
             return channel
         channel.reader = ChannelReader(region, vm.name)
         channel.identity, channel.fd, channel.idle_at = region.identity(), region.fd, channel.reader.idle_at()
@@ -242,27 +247,32 @@ class Agent:
                  vm.dpid, vm.port)
         return channel
 
-    def _close(self, name: str) -> None:
-        """Stop the channel's worker; the worker closes its region itself when it ends, so
-        no descriptor is closed (and reused) under a request still in flight."""
+    def _close(self, name: str) -> Channel:
+        """Tell the channel's worker to stop, without waiting for it: a worker in the middle
+        of a forward (up to a request time-out) must not hold discovery up.  The worker
+        closes its region itself when it ends, so no descriptor is closed (and reused) under
+        a request still in flight."""
         channel = self.channels.pop(name)
         channel.stop.set()
         channel.wake.set()
-        if channel.thread is not None:
-            channel.thread.join(timeout=5)
-            log.info("channel %s: closed", name)
+        log.info("channel %s: closing", name)
+        return channel
 
     # --- departed VMs -------------------------------------------------------------------
 
-    def _forget(self, gone: VmChannel, replacement: VmChannel | None) -> None:
+    def _forget(self, closed: Channel, replacement: VmChannel | None) -> None:
         """A VM left its port (or changed identity): its offloads go, so a reused port or
-        MAC never inherits its drop rules.  Kept as pending until the controller confirms."""
-        keep = set(replacement.macs) if replacement and replacement.port == gone.port else set()
+        MAC never inherits its drop rules.  Kept as pending until the controller confirms,
+        and sent only once the channel's worker has ended (a command it still forwards
+        must not land after the removal)."""
+        gone = closed.vm
+        same_place = replacement is not None and (replacement.dpid, replacement.port) == (gone.dpid, gone.port)
+        keep = set(replacement.macs) if same_place else set()
         for mac in gone.macs:
             if mac not in keep:
                 self.removals[(gone.dpid, mac)] = Removal(
                     gone, mac, Backoff(floor=self.settings.discovery_interval,
-                                       ceiling=self.settings.removal_ceiling, spins=0))
+                                       ceiling=self.settings.removal_ceiling, spins=0), worker=closed.thread)
 
     def retry_removals(self) -> None:
         """Ask the controller for every pending removal that is due; 200 or 404 ends it.
@@ -276,7 +286,7 @@ class Agent:
                 del self.removals[key]
                 log.info("VM %s is back on %016x port %d: its offloads of %s stay", vm.vm_id, vm.dpid, vm.port,
                          removal.mac)
-            elif removal.due <= now:
+            elif removal.due <= now and not (removal.worker is not None and removal.worker.is_alive()):
                 self._remove(key, removal, now)
 
     def _remove(self, key: tuple[int, str], removal: Removal, now: float) -> None:

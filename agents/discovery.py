@@ -12,12 +12,14 @@ A static file in the same shape (``load_static``) replaces OVS where it is not w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 CHANNEL_KEY = "mbvisor-channel"
+MAX_CHANNEL_NAME = 200  # the controller accepts 256 (controller/requests.py)
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,14 @@ class VmChannel:
 
     @property
     def name(self) -> str:
-        """The channel's name in idempotency keys: stable across agent restarts."""
-        return f"{self.vm_id}/{self.interface}"
+        """The channel's name in idempotency keys: stable across agent restarts, and short
+        enough for the controller's bound on channel names whatever the operator wrote into
+        ``vm-id`` (a long one is cut and made unique again with a digest of the whole)."""
+        name = f"{self.vm_id}/{self.interface}"
+        if len(name) <= MAX_CHANNEL_NAME:
+            return name
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        return f"{name[:MAX_CHANNEL_NAME - 17]}~{digest}"
 
 
 def _mac(text: str) -> str:

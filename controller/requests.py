@@ -8,6 +8,7 @@ Pure: no I/O except ``read_token_file``, and nothing from the REST or service la
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,8 +188,13 @@ def _integer(value, field: str, low: int, high: int) -> int:
 
 
 def _command(value) -> dict | str:
+    """Text or an object, bounded alike: an object's JSON counts as its text."""
     if isinstance(value, dict):
-        return value
+        size = len(json.dumps(value, separators=(",", ":")))
+        if size <= MAX_COMMAND_CHARS:
+            return value
+        raise BadRequest("command", f"a command object must be at most {MAX_COMMAND_CHARS} characters of JSON "
+                                    f"(got {size})")
     if isinstance(value, str) and len(value) <= MAX_COMMAND_CHARS:
         return value
     got = f" (got {len(value)})" if isinstance(value, str) else ""

@@ -22,6 +22,8 @@ from eventlet import greenio
 from routes import Mapper
 from webob import Request, Response
 
+from mbvisor.guest.reader import FaultLog
+
 from .compat import hub
 from .flows import cookie_of
 from .requests import BadRequest, SwitchUnavailable, clip, dpid_from, is_batch, mac_from, requests_from_body
@@ -129,6 +131,7 @@ class RestApi:
         self.service = service
         self.token = _checked_token(settings.token)
         self.routes = _mapper()
+        self.refusals = FaultLog(log)  # anyone may send bad requests: logged at a bounded rate
 
     def __call__(self, environ, start_response):
         return self._respond(Request(environ))(environ, start_response)
@@ -152,7 +155,8 @@ class RestApi:
         try:
             return getattr(self, action)(request, **match)
         except BadRequest as error:
-            log.info("REST %s %s refused: %s", request.method, clip(request.path_info), clip(str(error)))
+            self.refusals("refused", logging.INFO, "REST %s %s refused: %s", clip(request.method, 20),
+                     clip(request.path_info), clip(str(error)))
             return _error(400, "bad-request", str(error))
         except _NotFound as error:
             return _error(404, "not-found", str(error))
@@ -163,7 +167,7 @@ class RestApi:
             response.headers["Connection"] = "close"
             return response
         except Exception as error:  # an API bug must not kill the controller
-            _log_failure(request, error)
+            _log_failure(self.refusals, request, error)
             return _error(500, "internal", "internal error; see the controller log")
 
     def _authorised(self, request: Request) -> bool:
@@ -224,12 +228,12 @@ class RestApi:
         return _json(_answer_body(answer), http_status(answer))
 
 
-def _log_failure(request: Request, error: Exception) -> None:
+def _log_failure(refusals: FaultLog, request: Request, error: Exception) -> None:
     """The traceback of an API bug, with the exception's text clipped: it may quote a
     client's megabyte."""
     frames = "".join(traceback.format_tb(error.__traceback__))
-    log.error("REST %s %s failed:\n%s%s: %s", clip(request.method, 20), clip(request.path_info), frames,
-              type(error).__name__, clip(str(error)))
+    refusals("failed", logging.ERROR, "REST %s %s failed:\n%s%s: %s", clip(request.method, 20),
+             clip(request.path_info), frames, type(error).__name__, clip(str(error)))
 
 
 class _ServerLog:
@@ -263,13 +267,45 @@ def listen(host: str, port: int, backlog: int = BACKLOG):
     return greenio.GreenSocket(sock)
 
 
+class _HeadersInTime(eventlet.wsgi.HttpProtocol):
+    """A request line and its headers must arrive within ``header_timeout`` seconds in all,
+    not merely one byte per socket time-out: a client dripping a header byte now and then
+    would otherwise hold a connection slot for ever (slowloris), and a few hundred such
+    clients every slot.  Bodies are read by the API and bounded by the socket time-out."""
+
+    header_timeout = IDLE_TIMEOUT
+    _deadline = None
+
+    def _read_request_line(self):
+        self._deadline = eventlet.Timeout(self.header_timeout)
+        return super()._read_request_line()
+
+    def get_environ(self):
+        self._deadline.cancel()  # the headers are in: the request itself may take long
+        return super().get_environ()
+
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except eventlet.Timeout as timeout:
+            if timeout is not self._deadline:
+                raise
+            self.close_connection = 1
+        finally:
+            if self._deadline is not None:
+                self._deadline.cancel()
+
+
 def serve(sock, api: RestApi, settings) -> None:
     """Answer on ``sock`` until killed: at most ``rest_max_connections`` at once (more wait
-    in the backlog), each closed after ``rest_idle_timeout`` seconds without traffic, so
-    idle connections cannot hold every slot (or every file descriptor) for long."""
-    eventlet.wsgi.server(sock, api, log=_ServerLog(log), debug=False,
+    in the backlog), each closed after ``rest_idle_timeout`` seconds without traffic or
+    without a complete request line and headers, so idle or dripping connections cannot
+    hold every slot (or every file descriptor) for long."""
+    timeout = getattr(settings, "rest_idle_timeout", IDLE_TIMEOUT)
+    protocol = type("HeadersInTime", (_HeadersInTime,), {"header_timeout": timeout})
+    eventlet.wsgi.server(sock, api, log=_ServerLog(log), debug=False, protocol=protocol,
                          max_size=getattr(settings, "rest_max_connections", MAX_CONNECTIONS),
-                         socket_timeout=getattr(settings, "rest_idle_timeout", IDLE_TIMEOUT))
+                         socket_timeout=timeout)
 
 
 def start_server(service, settings):

@@ -90,6 +90,7 @@ class ChannelReader:
     _epoch: int = 0
     _consume: int = 0
     _unusable_at: object = _UNSEEN
+    _behind_at: object = None  # raw counters while publish is behind consume (nothing to do)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.region.path
@@ -106,7 +107,9 @@ class ChannelReader:
     def idle_at(self) -> object:
         """The region counters (guest epoch, publish) at which ``poll()`` has nothing to do:
         a poller comparing ``read_counters`` with this needs nothing else of the reader."""
-        return self._unusable_at if self._geometry is None else (self._epoch, self._consume)
+        if self._geometry is None:
+            return self._unusable_at
+        return self._behind_at or (self._epoch, self._consume)
 
     def pending(self) -> int:
         """Commands published but not answered, as of now (0 while the region is unusable
@@ -209,8 +212,11 @@ class ChannelReader:
         if header.guest_epoch != self._epoch or header.geometry != self._geometry:
             self._adopt(header)
         if header.publish < self._consume:
-            # Only a re-initialisation (new epoch) may move publish back: nothing to do.
+            # Only a re-initialisation (new epoch) may move publish back: nothing to do, and
+            # the poller must see these raw counters as idle (or it wakes us in a loop).
+            self._behind_at = (header.guest_epoch, header.publish)
             return dataclasses.replace(header, publish=self._consume)
+        self._behind_at = None
         if header.publish - self._consume > header.geometry.slot_count:
             # A counter the protocol cannot produce: take the slots one by one; their
             # sequence numbers and CRCs decide what is real.

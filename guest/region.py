@@ -108,7 +108,9 @@ class RegionIO:
     buf: bytearray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.buf = bytearray(self.size)
+        # The image needs no more than the largest ring: a huge (or sparse) region file must
+        # not make the host allocate its size.
+        self.buf = bytearray(min(self.size, ring.LARGEST_RING))
 
     def load(self, offset: int, length: int) -> None:
         got = os.preadv(self.fd, [memoryview(self.buf)[offset:offset + length]], offset)
@@ -127,13 +129,21 @@ def read_counters(fd: int) -> tuple[int, int] | None:
     return _COUNTERS.unpack(data) if len(data) == _COUNTERS.size else None
 
 
+def _encoded_length(name: str) -> int:
+    """Bytes of ``name`` on disk; a name no file system could hold counts as too long."""
+    try:
+        return len(os.fsencode(name))
+    except UnicodeEncodeError:
+        return NAME_MAX + 1
+
+
 def open_channel_file(directory: str, name: str) -> RegionFile:
     """Open ``directory/name`` read-write for the host, unmapped: ``name`` must be one path
     component naming a regular file; a symlink (even a loop), a directory, a FIFO or a
     device is refused, since a path written into OVS by anyone must not make the host
     write into some other file.  The directory itself is the operator's choice."""
     path = os.path.join(directory, name)
-    if not name or name in (".", "..") or "/" in name or "\0" in name or len(name.encode()) > NAME_MAX:
+    if not name or name in (".", "..") or "/" in name or "\0" in name or _encoded_length(name) > NAME_MAX:
         raise BadRegion(f"{path!r}: not a file name of 1..{NAME_MAX} bytes in {directory}")
     try:
         directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -28,6 +28,7 @@ DEFAULT_RESPONSE_SLOT_SIZE = 4096
 MIN_SLOT_COUNT = 4
 MAX_SLOT_COUNT = 1024
 MAX_SLOT_SIZE = 65536
+LARGEST_RING = HEADER_SIZE + MAX_SLOT_COUNT * 2 * MAX_SLOT_SIZE  # header + the most slots of the largest size
 
 # Header: magic, version, header_size, slot_count, command_slot_size,
 # response_slot_size, guest_epoch, publish, consume, host_epoch.

@@ -232,6 +232,14 @@ def test_keys_stay_below_2_to_the_53_for_every_sequence_number():
 # ---- 2. departed VMs -----------------------------------------------------------------------
 
 
+def removal_after_worker(agent: Agent) -> None:
+    """The departed VMs' workers end (a removal waits for its worker), then one try."""
+    for removal in agent.removals.values():
+        if removal.worker is not None:
+            removal.worker.join(timeout=5)
+    agent.retry_removals()
+
+
 def test_departed_vms_offloads_are_removed_once_the_controller_answers(shm, caplog):
     path = shm.region()
     vms = [vm(path)]
@@ -243,6 +251,7 @@ def test_departed_vms_offloads_are_removed_once_the_controller_answers(shm, capl
         agent.round()
         vms.clear()  # the VM leaves while the controller is down
         agent.round()
+        removal_after_worker(agent)
         assert agent.status()["pending_removals"] == [
             {"vm_id": "vm0", "dpid": f"{DPID:016x}", "mac": MAC, "attempts": 1}]
         wait_for(lambda: agent.round() or not agent.removals, what="the removal to succeed")
@@ -628,6 +637,8 @@ def test_agent_status_shows_unserved_channels_and_pending_removals(shm, tmp_path
         agent.round()
         vms.pop(0)
         agent.round()
+        removal_after_worker(agent)
+        agent.write_status()
     finally:
         agent.shutdown()
     assert main(["agent-status", "--status-file", str(status_file)]) == 0
