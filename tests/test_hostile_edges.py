@@ -74,7 +74,7 @@ def test_one_bad_region_does_not_keep_other_vms_unserved(shm, kind):
     with serving(vms, FakeController()) as agent:
         response = request(good_writer, "I 52:34:56:00:12:33", timeout=3)
         assert response.ok
-        assert status_of(agent, "bad")["problem"]
+        wait_for(lambda: status_of(agent, "bad")["problem"], what="the bad channel's problem in the status")
 
 
 # ---- agent: publish behind consume makes the poller and the worker spin -------------------
