@@ -4,7 +4,7 @@ Pure and deterministic: the same state always yields the same set, so the reconc
 can compare it with what the switch reports and send only the difference.  Flows are
 plain data (``Flow``/``Group``); ``ofmessages`` turns them into OpenFlow 1.3 messages.
 
-Pipeline (DESIGN.md section 6):
+Pipeline (docs/controller.md, "Pipeline"):
 
 * table 0, the offload table: firewall filters drop (priority ``FILTER``); traffic for a
   load-balancing middlebox's address, and replies from its backends, go through
