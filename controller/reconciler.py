@@ -330,23 +330,18 @@ class SwitchReconciler:
         middleboxes' here: a restarting ovs-vswitchd may connect before it has re-added
         them.  Departures come as port-status messages and as the agent's deletes.)"""
         datapath = self.link.datapath
-        parser, ofp = datapath.ofproto_parser, datapath.ofproto
-        stats = self.link.request(parser.OFPFlowStatsRequest(
-            datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY, COOKIE_TAG, COOKIE_TAG_MASK, parser.OFPMatch()),
-            expected=self.installed.flow_count())
+        stats = self.link.flow_stats(COOKIE_TAG, COOKIE_TAG_MASK, expected=self.installed.flow_count())
         installed = Installed()
         for index, stat in enumerate(stats):
             installed.holds(Flow(stat.table_id, stat.priority, normal_match(stat.match.items()),
                                  (("wire", encoded_actions(datapath, stat.instructions)),), stat.cookie))
             if index % YIELD_FLOWS == YIELD_FLOWS - 1:
                 hub.sleep(0)
-        descriptions = self.link.request(parser.OFPGroupDescStatsRequest(datapath, 0))
+        descriptions = self.link.request(datapath.ofproto_parser.OFPGroupDescStatsRequest(datapath, 0))
         installed.groups = {d.group_id: _wire_buckets([b.actions for b in d.buckets]) for d in descriptions}
         self.installed = installed
 
     def _diff(self, desired: SwitchConfig, installed, managed_groups: set[int]) -> Changes:
-        datapath = self.link.datapath
-
         def same_flow(want: Flow, have: Flow) -> bool:
             return want.cookie == have.cookie and self._wire(want.actions) == have.actions[0][1]
 

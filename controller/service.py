@@ -419,11 +419,8 @@ class Controller:
         if reconciler is None or not reconciler.connected:
             raise SwitchUnavailable(f"switch {dpid:016x} is not connected")
         link = reconciler.link
-        datapath = link.datapath
-        parser, ofp = datapath.ofproto_parser, datapath.ofproto
         try:
-            return link.request(parser.OFPFlowStatsRequest(datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
-                                                           cookie, mask, parser.OFPMatch()))
+            return link.flow_stats(cookie, mask)
         except SwitchUnreachable as error:
             raise SwitchUnavailable(str(error)) from None
 

@@ -101,6 +101,13 @@ class SwitchLink:
                                     + "; ".join(waiter.errors))
         return waiter.body
 
+    def flow_stats(self, cookie: int, mask: int, expected: int = 0) -> list:
+        """Every table's flows whose cookie matches ``cookie`` under ``mask``, with counters."""
+        datapath = self.datapath
+        parser, ofp = datapath.ofproto_parser, datapath.ofproto
+        return self.request(parser.OFPFlowStatsRequest(datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                                                       cookie, mask, parser.OFPMatch()), expected)
+
     def commit(self, messages: Iterable, count: int) -> list[str]:
         """Send ``messages`` (``count`` of them) as one atomic, ordered bundle, then a barrier.
         Returns the switch's errors: empty means every message is in effect, otherwise the
