@@ -20,7 +20,6 @@ from mbvisor.guest.reader import FaultLog
 from .compat import hub
 
 log = logging.getLogger("mbvisor.controller")
-unattended = FaultLog(log)  # errors nobody waits for: a misbehaving switch must not flood the log
 
 BASE_TIMEOUT = 5.0          # seconds for any answer from the switch ...
 PER_MESSAGE_TIMEOUT = 2e-4  # ... plus this per message it must apply (100k flows: +20 s)
@@ -57,6 +56,7 @@ class SwitchLink:
         self.waiters: dict[int, Waiter] = {}
         self.bundle_ids = itertools.count(1)
         self.closed: str | None = None
+        self.unattended = FaultLog(log)  # errors nobody waits for: a misbehaving switch must not flood the log
 
     @property
     def dpid(self) -> int:
@@ -143,7 +143,7 @@ class SwitchLink:
         name = type(message).__name__
         if name == "OFPErrorMsg":
             if waiter is None:
-                unattended(f"{self.dpid:x}", logging.WARNING, "switch %016x: %s for xid %d (nobody waiting)",
+                self.unattended("error", logging.WARNING, "switch %016x: %s for xid %d (nobody waiting)",
                            self.dpid, describe_error(message), message.xid)
                 return
             waiter.errors.append(describe_error(message))

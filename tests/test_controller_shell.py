@@ -7,6 +7,7 @@ tables, ports that go, very large requests, reused idempotency keys, lying count
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -512,3 +513,16 @@ def test_a_port_deleted_while_its_registration_is_in_flight_is_still_retired(hos
     fake.settle()
     after_retirement(host)
     assert host.service.state.find(DPID, MAC) is None, f"{answers[0].status}: middlebox kept on deleted port {MB_PORT}"
+
+
+def test_errors_nobody_waits_for_are_logged_at_a_bounded_rate(host, caplog):
+    """A switch answering errors to unconfirmed messages (ARP probes) must not flood the log."""
+    fake = host.switch()
+    fake.refuse(lambda m: type(m).__name__ == "OFPPacketOut", times=None)
+    link = host.service.reconcilers[DPID].link
+    with caplog.at_level(logging.WARNING, logger="mbvisor.controller"):
+        for _ in range(50):
+            link.send_unconfirmed(host.service.arp_probe(link.datapath, "10.0.0.9"))
+        fake.settle()
+    lines = [r for r in caplog.records if "nobody waiting" in r.getMessage()]
+    assert len(lines) == 1
