@@ -1,0 +1,60 @@
+"""The pipeline's fixed numbers: tables, priorities, cookies, registers.
+
+One place for them, because three compilers share them (``ingress`` for port security,
+``filters`` for firewall filters, ``flows`` for redirects and the switch as a whole) and
+every flow one writes must fit between the others' (docs/controller.md, "Pipeline").
+"""
+
+from __future__ import annotations
+
+# --- tables ------------------------------------------------------------------------------
+INGRESS_TABLE = 0    # port security: a VM port sends only its own MAC and addresses
+OFFLOAD_TABLE = 1    # firewall filters and redirect entries; the rest continues to NORMAL
+REDIRECT_TABLE = 2   # after conntrack: a new connection picks a backend, others follow theirs
+BACKEND_TABLE = 3    # commit a new connection with destination NAT to its backend
+FRAGMENT_TABLE = 4   # IP fragments for a filtered middlebox, after conntrack reassembled them
+
+# --- priorities in the ingress table -----------------------------------------------------
+PORT_TAGGED = 5200       # VLAN-tagged frames from a VM port: an access port sends none
+PORT_CHECKED = 5150      # a finer drop above the allowances (e.g. neighbour adverts of others' addresses)
+PORT_ALLOWED = 5100      # the port's own MAC with its own addresses
+PORT_SPOOFED = 5050      # the port's own MAC with addresses that are not its own
+PORT_OTHER = 5000        # the port's own MAC, neither IP nor ARP (LLDP, ...)
+PORT_WRONG_MAC = 4950    # anything else from an annotated port
+CLAIMED = 4900           # an annotated VM's MAC or address sent from any other port
+
+# --- priorities in the offload table -----------------------------------------------------
+ARP_CAPTURE = 4000
+FILTER = 3000
+FILTER_CONJUNCTION = 2990  # conjunctive filters, apart from plain ones (OVS leaves mixed ties undefined)
+REDIRECT_FROM_SOURCE = 2100
+REDIRECT = 2000
+REDIRECT_REPLY = 1900  # below every entry flow: a backend talking to another MB's address enters that MB
+STRAY = 1000           # a redirect's packets that match no decision: dropped, never NORMAL
+MISS = 0
+
+# --- cookies -----------------------------------------------------------------------------
+COOKIE_TAG = 0x4D42 << 48
+COOKIE_TAG_MASK = 0xFFFF << 48
+BASE_COOKIE = COOKIE_TAG  # flows every switch gets; MAC 0 is no middlebox's (model refuses it)
+PORT_COOKIE = COOKIE_TAG | (0x01 << 40)  # | port number: a multicast "MAC", so never a middlebox's
+
+
+def cookie_of(mac: str) -> int:
+    """A middlebox's flows carry its MAC (model.apply refuses multicast and zero MACs)."""
+    return COOKIE_TAG | int(mac.replace(":", ""), 16)
+
+
+def port_cookie(port: int) -> int:
+    """The port-security flows of one annotated port."""
+    return PORT_COOKIE | port
+
+
+def is_port_cookie(cookie: int) -> bool:
+    return cookie & ~0xFFFFFFFF == PORT_COOKIE
+
+# --- registers -----------------------------------------------------------------------------
+# reg1 marks a packet that entered a redirect through its middlebox's address, so the
+# redirect table can tell it from the backends' own traffic (registers survive conntrack's
+# recirculation).  reg0 carries a select-group bucket's choice (flows._bucket_mark).
+ENTERED = 1

@@ -1,0 +1,166 @@
+"""Who may say what: the operator's annotations of VM ports, and the checks they allow.
+
+The operator (whoever starts a VM and plugs its port) annotates the port's OVS interface:
+``attached-mac``, ``vm-id``, ``mbvisor-tenant`` and ``mbvisor-ips`` (the VM's own
+addresses, like a cloud port's fixed IPs).  The host agent reads them and publishes one
+switch's annotated ports to the controller as its *inventory*.  From then on:
+
+* a middlebox may register only its own port's MAC and addresses;
+* a backend must be an address of a VM of the same tenant on the same switch, and is
+  located by its port's annotations (MAC and port), never by whoever answers ARP;
+* port security (``ingress``) lets each annotated port send only its own MAC and
+  addresses, and no other port send them.
+
+Duplicated identities are the operator's mistake and are never resolved by arrival order:
+every port sharing a MAC, an address or a port number with another is refused, loudly.
+
+``TrustMode.LAB`` is the explicit opt-in for unannotated labs: commands from ports without
+annotations are accepted as before (any address, backends located by ARP), with none of
+these guarantees.  Annotated ports are checked in both modes.  Everything here is pure.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+MAX_ADDRESSES = 64  # per port
+
+
+class TrustMode(enum.Enum):
+    ANNOTATIONS = "annotations"
+    LAB = "lab"
+
+
+@dataclass(frozen=True)
+class PortIdentity:
+    """One annotated VM port, as the operator configured it."""
+
+    port: int
+    mac: str
+    tenant: str
+    vm_id: str = ""
+    ips: tuple[str, ...] = ()
+    interface: str = ""
+
+    def owns(self, address: str) -> bool:
+        return canonical(address) in self.ips
+
+
+@dataclass(frozen=True)
+class Refused:
+    port: int
+    interface: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """One switch's annotated ports (duplicates already refused), indexed for look-ups."""
+
+    ports: Mapping[int, PortIdentity] = field(default_factory=dict)
+    refused: tuple[Refused, ...] = ()
+    by_address: Mapping[str, PortIdentity] = field(default_factory=dict)
+
+    def at(self, port: int) -> PortIdentity | None:
+        return self.ports.get(port)
+
+    def owner(self, address: str) -> PortIdentity | None:
+        return self.by_address.get(canonical(address))
+
+    @property
+    def identities(self) -> tuple[PortIdentity, ...]:
+        return tuple(self.ports[port] for port in sorted(self.ports))
+
+
+def canonical(address: str) -> str:
+    return str(ipaddress.ip_address(address))
+
+
+def build_inventory(entries: Iterable[PortIdentity]) -> Inventory:
+    """The accepted ports: every port that shares its number, its MAC or one of its
+    addresses with another is refused, all of them, with the reason."""
+    entries = list(entries)
+    claims: dict[tuple[str, str], list[PortIdentity]] = {}
+    for entry in entries:
+        claims.setdefault(("port", str(entry.port)), []).append(entry)
+        claims.setdefault(("MAC", entry.mac), []).append(entry)
+        for address in entry.ips:
+            claims.setdefault(("address", address), []).append(entry)
+    reasons: dict[int, list[str]] = {}
+    for (kind, value), holders in claims.items():
+        if len(holders) > 1:
+            names = ", ".join(sorted(f"{h.interface or '?'} (port {h.port})" for h in holders))
+            for holder in holders:
+                reasons.setdefault(id(holder), []).append(f"{kind} {value} is claimed by {names}")
+    accepted = {e.port: e for e in entries if id(e) not in reasons}
+    refused = tuple(sorted((Refused(e.port, e.interface, "; ".join(sorted(reasons[id(e)])))
+                            for e in entries if id(e) in reasons), key=lambda r: (r.port, r.interface)))
+    return Inventory(accepted, refused, {address: e for e in accepted.values() for address in e.ips})
+
+
+def unusable_address(text: str) -> str | None:
+    """Why an address can be no middlebox's and no backend's, or None.  Refused at once,
+    never probed: the switch would flood probes for an address nobody may answer for."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return f"{text} is not an IP address"
+    if address.is_unspecified:
+        return f"{text} is the unspecified address"
+    if address.is_loopback:
+        return f"{text} is a loopback address"
+    if address.is_multicast:
+        return f"{text} is a multicast address"
+    if address.version == 4 and (address == ipaddress.IPv4Address("255.255.255.255") or address.is_reserved):
+        return f"{text} is a broadcast or reserved address"
+    if address.version == 6 and address.is_link_local:
+        return f"{text} is a link-local address; give the VM's global address"
+    return None
+
+
+Problem = tuple[str, str]  # (code, message) as model.ApplyError carries them
+
+
+def check_registration(mode: TrustMode, inventory: Inventory, port: int, mac: str,
+                       address: str | None) -> Problem | None:
+    """May the guest on ``port`` speak for ``mac`` (and register ``address``)?"""
+    if address is not None and (reason := unusable_address(address)):
+        return ("bad-address", f"{reason}; a middlebox registers one of its own unicast addresses")
+    identity = inventory.at(port)
+    if identity is None:
+        if mode is TrustMode.LAB:
+            return None
+        return ("unannotated-port", f"port {port} has no mbvisor annotations (attached-mac, mbvisor-tenant, "
+                                    "mbvisor-ips); the operator must annotate it before it can offload")
+    if identity.mac != mac:
+        return ("foreign-mac", f"{mac} is not the MAC of port {port} ({identity.mac})")
+    if address is not None and not identity.owns(address):
+        owned = ", ".join(identity.ips) or "none"
+        return ("foreign-address", f"{address} is not an address of port {port} (its addresses: {owned})")
+    return None
+
+
+def check_backends(mode: TrustMode, inventory: Inventory, port: int, backends: Iterable[str]) -> Problem | None:
+    """Each backend must be usable and, for an annotated middlebox (always, outside a
+    lab), an address of another VM of its own tenant on this switch."""
+    identity = inventory.at(port)
+    for backend in backends:
+        if reason := unusable_address(backend):
+            return ("bad-backend", f"{reason}; a backend is a VM's unicast address")
+        if identity is None:
+            if mode is TrustMode.LAB:
+                continue
+            return ("unannotated-port", f"port {port} has no mbvisor annotations")
+        owner = inventory.owner(backend)
+        if owner is None:
+            return ("unknown-backend", f"backend {backend} is no annotated VM's address on this switch")
+        if owner.tenant != identity.tenant:
+            return ("foreign-backend", f"backend {backend} belongs to another tenant")
+        if owner.port == identity.port:
+            return ("bad-backend", f"backend {backend} is the middlebox's own address")
+    return None
