@@ -7,6 +7,32 @@ every flow one writes must fit between the others' (docs/controller.md, "Pipelin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+Match = tuple[tuple[str, object], ...]
+Action = tuple
+
+
+@dataclass(frozen=True)
+class Flow:
+    table: int
+    priority: int
+    match: Match
+    actions: tuple[Action, ...]
+    cookie: int
+
+
+@dataclass(frozen=True, order=True)
+class Group:
+    group_id: int
+    buckets: tuple[tuple[Action, ...], ...]
+
+
+def match(**fields) -> Match:
+    """A match as sorted (field, value) pairs, None values left out: equal matches compare
+    equal however they were built."""
+    return tuple(sorted((name, value) for name, value in fields.items() if value is not None))
+
 # --- tables ------------------------------------------------------------------------------
 INGRESS_TABLE = 0    # port security: a VM port sends only its own MAC and addresses
 OFFLOAD_TABLE = 1    # firewall filters and redirect entries; the rest continues to NORMAL
