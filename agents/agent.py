@@ -40,7 +40,8 @@ from mbvisor.guest.reader import ChannelReader, FaultLog, Incoming
 from mbvisor.guest.region import RegionFile, open_channel_file, read_counters
 
 from .controller_client import ControllerClient, ControllerFailed, ControllerUnavailable
-from .discovery import VmChannel
+from .discovery import Refusal, Scan, VmChannel
+from .inventory import Publication, Publisher
 from .ratelimit import TokenBucket
 from .vetting import combine, vet
 
@@ -62,6 +63,8 @@ class AgentSettings:
     forward_deadline: float = 30.0   # how long a transient controller failure is retried
     channel_dirs: tuple[str, ...] = ("/dev/shm",)  # where channel regions may be
     removal_ceiling: float = 60.0    # longest pause between retries of a departed VM's removal
+                                     # (and of a bridge's inventory)
+    inventory_refresh: float = 60.0  # an accepted inventory is published again this often
 
 
 @dataclass
@@ -131,13 +134,17 @@ def _as_written(directory: str) -> str:
 
 
 class Agent:
-    def __init__(self, discover: Callable[[], list[VmChannel]], client: ControllerClient,
+    def __init__(self, discover: Callable[[], Scan | list[VmChannel]], client: ControllerClient,
                  settings: AgentSettings = AgentSettings()):
+        """``discover`` gives a :class:`Scan`, or only the channels (then no inventory is
+        published: nothing says which ports are whose)."""
         self.discover = discover
         self.client = client
         self.settings = settings
         self.channels: dict[str, Channel] = {}
         self.removals: dict[tuple[int, str], Removal] = {}
+        self.publishers: dict[int, Publisher] = {}
+        self.refused: tuple[Refusal, ...] = ()
         self.faults = FaultLog(log)
         self.stop = threading.Event()
 
@@ -190,16 +197,23 @@ class Agent:
         """Stop every worker and give them ``grace`` seconds in all to end (a command they
         have not answered stays pending in its region for the next agent)."""
         closed = [self._close(name) for name in list(self.channels)]
+        for publisher in self.publishers.values():
+            publisher.close()
         deadline = time.monotonic() + grace
-        for channel in closed:
-            if channel.thread is not None:
-                channel.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        for thread in [c.thread for c in closed] + [p.thread for p in self.publishers.values()]:
+            if thread is not None:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
         log.info("agent stopped")
 
     def refresh(self) -> None:
         """Follow VMs as they come and go; reopen regions replaced under their path, and try
-        again those that could not be opened."""
-        found = {vm.name: vm for vm in self.discover()}
+        again those that could not be opened; hand each bridge's inventory to its publisher."""
+        scan = self.discover()
+        scan = scan if isinstance(scan, Scan) else Scan(list(scan))
+        self._note_refusals(scan.refused)
+        if scan.inventories is not None:
+            self._offer_inventories(scan)
+        found = {vm.name: vm for vm in scan.channels}
         problems = {}
         for name, channel in list(self.channels.items()):
             vm = found.get(name)
@@ -257,6 +271,35 @@ class Agent:
         channel.wake.set()
         log.info("channel %s: closing", name)
         return channel
+
+    def _note_refusals(self, refused: tuple[Refusal, ...]) -> None:
+        """Log each interface refused, once (not every round it stays so), and when it is
+        served again."""
+        for refusal in sorted(set(refused) - set(self.refused), key=lambda r: (r.bridge, r.interface)):
+            log.error("interface %s on %s not trusted: %s", refusal.interface, refusal.bridge, refusal.reason)
+        for name in sorted({r.interface for r in self.refused} - {r.interface for r in refused}):
+            log.info("interface %s: its annotation is no longer refused", name)
+        self.refused = refused
+
+    # --- inventories ----------------------------------------------------------------------
+
+    def _offer_inventories(self, scan: Scan) -> None:
+        """Every served bridge's inventory to its publisher (started when the bridge is
+        first seen); a bridge no longer served gets an empty one, then its publisher ends."""
+        for dpid in [d for d, p in self.publishers.items() if p.finished]:
+            del self.publishers[dpid]
+        for dpid, entries in scan.inventories.items():
+            if dpid not in self.publishers:
+                publication = Publication(dpid, scan.bridges.get(dpid, ""), refresh=self.settings.inventory_refresh,
+                                          backoff=Backoff(floor=self.settings.discovery_interval,
+                                                          ceiling=self.settings.removal_ceiling, spins=0))
+                self.publishers[dpid] = Publisher(publication, self.client)
+            self.publishers[dpid].offer(entries)
+            if self.publishers[dpid].thread is None:
+                self.publishers[dpid].start()  # after the first offer: never publishes an empty guess
+        for dpid, publisher in self.publishers.items():
+            if dpid not in scan.inventories:
+                publisher.retire()
 
     # --- departed VMs -------------------------------------------------------------------
 
@@ -446,7 +489,10 @@ class Agent:
         removals = [{"vm_id": r.vm.vm_id, "dpid": f"{r.vm.dpid:016x}", "mac": r.mac, "attempts": r.attempts}
                     for r in list(self.removals.values())]
         return {"pid": os.getpid(), "time": time.time(), "controller": self.client.url, "channels": channels,
-                "pending_removals": removals}
+                "pending_removals": removals,
+                "inventories": [publisher.status() for _, publisher in sorted(list(self.publishers.items()))],
+                "refused_interfaces": [{"bridge": r.bridge, "interface": r.interface, "reason": r.reason}
+                                       for r in self.refused]}
 
     def write_status(self) -> None:
         path = self.settings.status_file

@@ -95,7 +95,8 @@ def agent(args: argparse.Namespace) -> int:
     status_file.parent.mkdir(parents=True, exist_ok=True)
     settings = AgentSettings(rate=args.rate, burst=args.burst, discovery_interval=args.discovery_interval,
                              status_file=status_file, forward_deadline=args.forward_deadline,
-                             channel_dirs=tuple(args.channel_dir or AgentSettings.channel_dirs))
+                             channel_dirs=tuple(args.channel_dir or AgentSettings.channel_dirs),
+                             inventory_refresh=args.inventory_refresh)
     bridges = frozenset(args.bridge or ())
     discover = (lambda: load_static(args.static)) if args.static else (lambda: read_ovsdb(bridges))
     the_agent = Agent(discover, ControllerClient(args.controller, token), settings)
@@ -127,6 +128,15 @@ def agent_status(args: argparse.Namespace) -> int:
     for removal in state.get("pending_removals", []):
         print(f"offloads of departed VM {removal['vm_id']} ({removal['mac']} on {removal['dpid']}) not removed yet; "
               f"{removal['attempts']} attempt(s) so far")
+    for refused in state.get("refused_interfaces", []):
+        print(f"interface {refused['interface']} on {refused['bridge']} not trusted: {refused['reason']}")
+    for inventory in state.get("inventories", []):
+        print(f"inventory of {inventory['bridge']} ({inventory['dpid']}): {inventory['ports']} port(s), "
+              f"{inventory['state']}" + (f" ({inventory['attempts']} failed attempt(s): {inventory['error']})"
+                                         if inventory["attempts"] else ""))
+        for refused in inventory["refused"]:
+            print(f"  the controller refuses port {refused.get('port')} ({refused.get('interface')}): "
+                  f"{refused.get('reason')}")
     return 0
 
 
@@ -191,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent_parser.add_argument("--forward-deadline", type=float, default=30.0, metavar="S",
                               help="how long a command is retried while the controller or switch is unavailable, "
                                    "before the guest is answered UNAVAILABLE (default 30)")
+    agent_parser.add_argument("--inventory-refresh", type=float, default=60.0, metavar="S",
+                              help="an inventory the controller accepted is published again every S seconds "
+                                   "(default 60), so a controller restarted from an older database learns it")
     agent_parser.add_argument("--channel-dir", action="append", metavar="DIR",
                               help="directory where channel regions may be (repeatable; default /dev/shm)")
     agent_parser.set_defaults(handler=agent)

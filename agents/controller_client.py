@@ -38,10 +38,13 @@ class ControllerFailed(Exception):
 
 
 def _error_text(status: int, body: dict) -> str:
-    """``{"error": {"code", "message"}}`` in one line, whatever part of it is there."""
+    """``{"error": {"code", "message"}}`` (or ``{"error": "text"}``) in one line, whatever
+    part of it is there."""
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         return f"HTTP {status} {error.get('code', '')}: {error.get('message', '')}".strip()
+    if isinstance(error, str):
+        return f"HTTP {status}: {error[:300]}"
     return f"HTTP {status}"
 
 
@@ -106,6 +109,18 @@ class ControllerClient:
         if status != 200:
             raise refusal(status, body)
         return checked_answers(body, len(commands))
+
+    def put_ports(self, dpid: int, ports: list[dict]) -> dict:
+        """Replace the switch's inventory of annotated ports (``PUT /v1/switches/{dpid}/ports``);
+        the controller's answer, ``{"dpid", "ports": [accepted], "refused": [{"port",
+        "interface", "reason"}]}``.  Raises ControllerUnavailable or ControllerFailed."""
+        status, body = self._call("PUT", f"/v1/switches/{dpid:016x}/ports", {"ports": ports})
+        if status != 200:
+            raise refusal(status, body)
+        if not (isinstance(body, dict) and isinstance(body.get("ports"), list) and isinstance(body.get("refused"), list)
+                and all(isinstance(r, dict) for r in body["refused"])):
+            raise ControllerFailed("controller's reply to the port inventory is not the {ports, refused} it should be")
+        return body
 
     def delete_middlebox(self, dpid: int, mac: str) -> bool:
         """Remove a middlebox's offloads; False if the controller had none (404)."""

@@ -6,19 +6,35 @@ OpenStack do, ``external_ids:attached-mac`` (the guest's MAC) and ``external_ids
 The same records give the VM's OpenFlow port and its bridge's datapath id, so identity
 comes from the hypervisor's own configuration, never from the guest.
 
-``vm_channels`` is pure (ovsdb JSON in, records out); ``read_ovsdb`` is the shell part.
+The operator also says who owns each port (``mbvisor-tenant``) and which addresses are
+the VM's own (``mbvisor-ips``): an interface with ``attached-mac`` and ``mbvisor-tenant``
+is *annotated*, and each bridge's annotated ports are its inventory, which the agent
+publishes to the controller (the controller's trust model, controller/trust.py, decides
+from it).  An identity shared by two interfaces is the operator's mistake: neither gets a
+channel (who arrived first must not decide who is the VM), and the refusal says why.
+
+``scan_ovsdb`` is pure (ovsdb JSON in, records out); ``read_ovsdb`` is the shell part.
 A static file in the same shape (``load_static``) replaces OVS where it is not wanted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from mbvisor.controller.trust import MAX_ADDRESSES, TENANT
+
 CHANNEL_KEY = "mbvisor-channel"
+MAC_KEY = "attached-mac"
+VM_ID_KEY = "vm-id"
+TENANT_KEY = "mbvisor-tenant"
+IPS_KEY = "mbvisor-ips"
+MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 MAX_CHANNEL_NAME = 200  # the controller accepts 256 (controller/requests.py)
 
 
@@ -46,6 +62,46 @@ class VmChannel:
         return f"{name[:MAX_CHANNEL_NAME - 17]}~{digest}"
 
 
+@dataclass(frozen=True)
+class PortEntry:
+    """One annotated port of a bridge, as the agent publishes it (the controller's inventory
+    entry, ``PUT /v1/switches/{dpid}/ports``)."""
+
+    port: int
+    interface: str
+    mac: str
+    vm_id: str
+    tenant: str
+    ips: tuple[str, ...]
+
+    def as_json(self) -> dict:
+        return {"port": self.port, "interface": self.interface, "mac": self.mac, "vm_id": self.vm_id,
+                "tenant": self.tenant, "ips": list(self.ips)}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An interface the agent will not vouch for, and why (logged, and in the status)."""
+
+    bridge: str
+    interface: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What one look at OVS found: the channels to serve, each served bridge's inventory
+    (datapath id -> entries by port; every bridge with a datapath id, even with no
+    annotated port, so that one whose ports all left is told so), the bridges' names, and
+    the interfaces refused.  ``inventories`` is None where no inventory is known (a static
+    channel file): nothing is published then."""
+
+    channels: list[VmChannel]
+    inventories: dict[int, tuple[PortEntry, ...]] | None = None
+    bridges: dict[int, str] = field(default_factory=dict)
+    refused: tuple[Refusal, ...] = ()
+
+
 def _mac(text: str) -> str:
     """The grammar's canonical MAC form (lower case, colons), which vetting compares with."""
     return text.strip().lower().replace("-", ":")
@@ -71,33 +127,135 @@ def _rows(table: dict) -> list[dict]:
     return [dict(zip(table["headings"], row)) for row in table["data"]]
 
 
-def vm_channels(bridges: dict, ports: dict, interfaces: dict) -> list[VmChannel]:
-    """VM channels from ``ovs-vsctl --format=json list Bridge/Port/Interface`` output."""
-    bridge_of_port = {}
+def parse_ips(text: str) -> tuple[str, ...]:
+    """``mbvisor-ips``: addresses separated by commas and/or blanks, in canonical form and
+    without repeats; ValueError naming the first that is not an address."""
+    found = []
+    for word in re.split(r"[\s,]+", text.strip()):
+        if not word:
+            continue
+        try:
+            address = str(ipaddress.ip_address(word))
+        except ValueError:
+            raise ValueError(f"{word!r} is not an IP address") from None
+        if address not in found:
+            found.append(address)
+    if len(found) > MAX_ADDRESSES:
+        raise ValueError(f"{len(found)} addresses; at most {MAX_ADDRESSES} per port")
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class _Interface:
+    """One interface with an OpenFlow port on a bridge with a datapath id."""
+
+    name: str
+    dpid: int
+    bridge: str
+    port: int
+    ids: dict
+    mac_in_use: str
+
+    @property
+    def mac(self) -> str:
+        """The MAC the agent vouches for: ``attached-mac``, else (for a channel) the
+        interface's own ``mac_in_use``; "" when there is none."""
+        return _mac(self.ids.get(MAC_KEY) or (self.mac_in_use if self.ids.get(CHANNEL_KEY) else ""))
+
+
+def _interfaces(bridges: dict, ports: dict, interfaces: dict) -> tuple[list[_Interface], dict[int, str]]:
+    """Every interface with an OpenFlow port on a bridge with a datapath id, and the names
+    of those bridges by datapath id."""
+    bridge_of_port, names = {}, {}
     for bridge in _rows(bridges):
         dpid = int(bridge["datapath_id"], 16) if isinstance(bridge["datapath_id"], str) else None
+        if dpid is not None:
+            names[dpid] = bridge["name"]
         for port in _ovs_set(bridge["ports"]):
             bridge_of_port[_uuid(port)] = (dpid, bridge["name"])
     bridge_of_interface = {}
     for port in _rows(ports):
         for interface in _ovs_set(port["interfaces"]):
             bridge_of_interface[_uuid(interface)] = bridge_of_port.get(_uuid(port["_uuid"]), (None, ""))
-    channels = []
+    found = []
     for interface in _rows(interfaces):
-        ids = _ovs_map(interface["external_ids"])
-        region = ids.get(CHANNEL_KEY)
         dpid, bridge_name = bridge_of_interface.get(_uuid(interface["_uuid"]), (None, ""))
         ofport = interface["ofport"] if isinstance(interface["ofport"], int) else -1
-        if not region or dpid is None or ofport <= 0:
+        if dpid is None or ofport <= 0:
             continue
-        mac = ids.get("attached-mac") or (interface["mac_in_use"] if isinstance(interface["mac_in_use"], str) else "")
-        channels.append(VmChannel(interface["name"], region, dpid, ofport,
-                                  tuple(_mac(m) for m in [mac] if m), ids.get("vm-id", interface["name"]),
-                                  bridge_name))
-    return sorted(channels, key=lambda c: c.interface)
+        mac_in_use = interface["mac_in_use"] if isinstance(interface["mac_in_use"], str) else ""
+        found.append(_Interface(interface["name"], dpid, bridge_name, ofport, _ovs_map(interface["external_ids"]),
+                                mac_in_use))
+    return sorted(found, key=lambda i: i.name), names
 
 
-def read_ovsdb(bridges: frozenset[str] = frozenset(), timeout: float = 10.0) -> list[VmChannel]:
+def _shared_macs(found: list[_Interface]) -> dict[str, str]:
+    """Interface name -> why its MAC is not its own: the same MAC claimed (annotated, or a
+    channel's) by another interface of the same bridge.  All of them are refused."""
+    claims: dict[tuple[int, str], list[_Interface]] = {}
+    for interface in found:
+        if interface.mac and (MAC_KEY in interface.ids or interface.ids.get(CHANNEL_KEY)):
+            claims.setdefault((interface.dpid, interface.mac), []).append(interface)
+    shared = {}
+    for (_, mac), holders in claims.items():
+        if len(holders) == 1:
+            continue
+        for holder in holders:
+            others = ", ".join(f"{o.name} (port {o.port})" for o in holders if o is not holder)
+            shared[holder.name] = (f"attached-mac {mac} of {holder.name} (port {holder.port}) is also claimed by "
+                                   f"{others}; neither is served until the operator fixes the annotation")
+    return shared
+
+
+def _entry(interface: _Interface) -> PortEntry:
+    """The inventory entry of an annotated interface; ValueError saying what is wrong."""
+    ids = interface.ids
+    if not MAC.fullmatch(interface.mac):
+        raise ValueError(f"attached-mac {ids.get(MAC_KEY)!r} is not a MAC address")
+    if not TENANT.fullmatch(ids[TENANT_KEY]):
+        raise ValueError(f"{TENANT_KEY} {ids[TENANT_KEY]!r} is not a tenant name (letters, digits, '._:-', "
+                         "at most 64)")
+    try:
+        ips = parse_ips(ids.get(IPS_KEY, ""))
+    except ValueError as error:
+        raise ValueError(f"{IPS_KEY} {ids.get(IPS_KEY, '')!r}: {error}") from None
+    return PortEntry(interface.port, interface.name, interface.mac, ids.get(VM_ID_KEY, interface.name),
+                     ids[TENANT_KEY], ips)
+
+
+def scan_ovsdb(bridges: dict, ports: dict, interfaces: dict) -> Scan:
+    """Channels, inventories and refusals from ``ovs-vsctl --format=json list
+    Bridge/Port/Interface`` output.  An interface whose MAC another one of its bridge
+    claims, or whose annotation cannot be read, gets no channel; the inventory keeps every
+    annotated port whose annotation can be read (the controller refuses duplicates itself,
+    so one authority answers for them), and leaves out, with a refusal, those that cannot."""
+    found, names = _interfaces(bridges, ports, interfaces)
+    shared = _shared_macs(found)
+    channels, refused = [], []
+    inventories: dict[int, list[PortEntry]] = {dpid: [] for dpid in names}
+    for interface in found:
+        problems = [shared[interface.name]] if interface.name in shared else []
+        if MAC_KEY in interface.ids and TENANT_KEY in interface.ids:
+            try:
+                inventories[interface.dpid].append(_entry(interface))
+            except ValueError as error:
+                problems.append(f"annotation of {interface.name} (port {interface.port}) refused: {error}")
+        if problems:
+            refused.append(Refusal(interface.bridge, interface.name, "; ".join(problems)))
+        elif interface.ids.get(CHANNEL_KEY):
+            channels.append(VmChannel(interface.name, interface.ids[CHANNEL_KEY], interface.dpid, interface.port,
+                                      tuple(m for m in [interface.mac] if m),
+                                      interface.ids.get(VM_ID_KEY, interface.name), interface.bridge))
+    return Scan(channels, {dpid: tuple(sorted(entries, key=lambda e: (e.port, e.interface)))
+                           for dpid, entries in inventories.items()}, names, tuple(refused))
+
+
+def vm_channels(bridges: dict, ports: dict, interfaces: dict) -> list[VmChannel]:
+    """The channels alone of :func:`scan_ovsdb`."""
+    return scan_ovsdb(bridges, ports, interfaces).channels
+
+
+def read_ovsdb(bridges: frozenset[str] = frozenset(), timeout: float = 10.0) -> Scan:
     """Ask the local ovsdb for the annotated interfaces (only on ``bridges``, if given)."""
     def table(name: str, columns: str) -> dict:
         done = subprocess.run(["ovs-vsctl", f"--timeout={int(timeout)}", "--format=json", f"--columns={columns}",
@@ -106,9 +264,17 @@ def read_ovsdb(bridges: frozenset[str] = frozenset(), timeout: float = 10.0) -> 
             raise RuntimeError(f"ovs-vsctl list {name} failed: {done.stderr.strip()}")
         return json.loads(done.stdout)
 
-    found = vm_channels(table("Bridge", "name,datapath_id,ports"), table("Port", "_uuid,interfaces"),
-                        table("Interface", "_uuid,name,ofport,external_ids,mac_in_use"))
-    return [channel for channel in found if not bridges or channel.bridge in bridges]
+    found = scan_ovsdb(table("Bridge", "name,datapath_id,ports"), table("Port", "_uuid,interfaces"),
+                       table("Interface", "_uuid,name,ofport,external_ids,mac_in_use"))
+    return found if not bridges else served(found, bridges)
+
+
+def served(found: Scan, bridges: frozenset[str]) -> Scan:
+    """Only what is on ``bridges`` (the agent's ``--bridge``)."""
+    return Scan([c for c in found.channels if c.bridge in bridges],
+                {dpid: entries for dpid, entries in found.inventories.items() if found.bridges[dpid] in bridges},
+                {dpid: name for dpid, name in found.bridges.items() if name in bridges},
+                tuple(r for r in found.refused if r.bridge in bridges))
 
 
 def load_static(path: str | Path) -> list[VmChannel]:
