@@ -35,6 +35,7 @@ from mbvisor.topologies.netlab import Lab, require_host_tools, settle
 MB_MAC = "52:34:56:00:12:22"
 MB_IP, CLIENT_IP, ATTACKER_IP, BACKEND_IP = "10.0.0.5", "10.0.0.1", "10.0.0.66", "10.0.0.11"
 SERVICE_PORT = 8080
+TENANT = "blue"  # the middlebox's, and so its backend's: a backend must be of the same tenant
 ATTACK_PACKETS = 5_000
 ATTACK_INTERVAL = 2e-4
 CLIENT_REQUESTS = 200
@@ -123,8 +124,13 @@ class Demo:
         self.middlebox = self.mb.popen([sys.executable, "-c", MIDDLEBOX_PROGRAM, MB_IP, BACKEND_IP,
                                         str(SERVICE_PORT)])
         self.mb.wait_listening(SERVICE_PORT, process=self.middlebox)
-        say(f"the middlebox's channel: {self.region} (what QEMU's ivshmem device would map); starting the agent")
-        annotate(self.mb, self.region, "vm-mb")
+        say(f"the operator's annotations: middlebox and backend of tenant {TENANT}, client and attacker each "
+            "their own; the middlebox's channel: "
+            f"{self.region} (what QEMU's ivshmem device would map); starting the agent")
+        annotate(self.mb, self.region, "vm-mb", tenant=TENANT)
+        self.backend.annotate(TENANT, vm_id="vm-backend")
+        self.client.annotate("clients", vm_id="vm-client")
+        self.attacker.annotate("attacker", vm_id="vm-attacker")
         self.agent = AgentProcess(self.controller, self.workdir, bridges=(self.bridge.name,)).start()
         self.agent.wait_serving(f"vm-mb/{self.mb.port_name}")
 

@@ -177,6 +177,7 @@ def test_mn_custom_topology_annotates_the_middleboxes_and_cleans_up():
         host = f"mb{index}"
         region = f"/dev/shm/mbvisor-mn-{switch}-{host}"
         assert re.search(rf'^(?:mininet> )?{host} {switch}-eth{3 + index} \{{attached-mac="{mac}", '
-                         rf'mbvisor-channel="{region}", vm-id={switch}-{host}\}}', output, re.M), output[-3000:]
+                         rf'mbvisor-channel="{region}", mbvisor-ips="10.0.0.{4 + index}", mbvisor-tenant=mbvisor, '
+                         rf'vm-id={switch}-{host}\}}', output, re.M), output[-3000:]
         assert f"mbvisor-mn-{switch}-{host}\n" in output  # the region existed while the CLI ran
     assert "netdev" in output

@@ -19,9 +19,11 @@ from .netlab import die_with_parent, wait_until
 class AgentProcess:
     """``mbvisor agent`` in its own process group, pointed at a :class:`Controller`."""
 
-    def __init__(self, controller: Controller, state_dir, bridges: tuple[str, ...] = ()):
+    def __init__(self, controller: Controller, state_dir, bridges: tuple[str, ...] = (),
+                 inventory_refresh: float | None = None):
         self.controller = controller
         self.bridges = bridges
+        self.inventory_refresh = inventory_refresh
         self.status_file = state_dir / "agent-status.json"
         self.log = state_dir / "agent.log"
         self.process = None
@@ -32,7 +34,8 @@ class AgentProcess:
                 [sys.executable, "-m", "mbvisor.agents.cli", "agent", "--controller",
                  f"http://127.0.0.1:{self.controller.rest_port}", "--token-file",
                  str(self.controller.state_dir / "token"), "--status-file", str(self.status_file),
-                 "--discovery-interval", "0.3", *[f"--bridge={name}" for name in self.bridges]],
+                 "--discovery-interval", "0.3", *[f"--bridge={name}" for name in self.bridges],
+                 *([f"--inventory-refresh={self.inventory_refresh}"] if self.inventory_refresh else [])],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         return self
 
@@ -45,11 +48,19 @@ class AgentProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def channels(self) -> list[dict]:
+    def status(self) -> dict:
+        """The agent's status file ({} until it wrote one)."""
         try:
-            return json.loads(self.status_file.read_text())["channels"]
+            return json.loads(self.status_file.read_text())
         except (FileNotFoundError, ValueError):
-            return []
+            return {}
+
+    def channels(self) -> list[dict]:
+        return self.status().get("channels", [])
+
+    def inventories(self) -> dict[str, dict]:
+        """The last publication of each bridge's inventory, by bridge name."""
+        return {i["bridge"]: i for i in self.status().get("inventories", [])}
 
     def wait_serving(self, *names: str) -> None:
         wait_until(lambda: set(names) <= {c["channel"] for c in self.channels()}, timeout=15,
@@ -63,7 +74,8 @@ def make_region(prefix: str = "mbvisor-test") -> str:
     return path
 
 
-def annotate(host, region: str, vm_id: str) -> None:
-    """What a QEMU launch script does: tell the agent which interface is the VM's."""
-    host.bridge.vsctl("set", "Interface", host.port_name, f"external_ids:mbvisor-channel={region}",
-                      f"external_ids:attached-mac={host.mac}", f"external_ids:vm-id={vm_id}")
+def annotate(host, region: str, vm_id: str, tenant: str | None = None, ips=None) -> None:
+    """What a QEMU launch script does: tell the agent which interface is the VM's, whose it
+    is (``tenant``, by default its own: a VM alone in its tenant) and its addresses (by
+    default the host's)."""
+    host.annotate(tenant or vm_id, ips, vm_id=vm_id, channel=region)

@@ -37,7 +37,10 @@ After ``net.start()``, :func:`post_start` re-applies the offload settings (check
 command) and :func:`annotate_middleboxes` creates one channel region per middlebox
 (``/dev/shm/mbvisor-mn-<switch>-<host>``) and sets ``external_ids:mbvisor-channel``,
 ``attached-mac`` and ``vm-id`` on the switch-side interface, as a QEMU launch script
-would.  In the ``mn`` CLI this happens by itself when the CLI starts (and is undone when
+would, and on every host's interface the operator's trust annotations:
+``mbvisor-tenant`` (middleboxes and the backend are tenant ``mbvisor``, so the backend
+can be a redirect's; client and attacker are each their own) and ``mbvisor-ips`` (the
+host's address).  In the ``mn`` CLI this happens by itself when the CLI starts (and is undone when
 it ends); the ``mbvisor`` CLI command does it by hand: ``mbvisor annotate [DIR]``,
 ``mbvisor status``, ``mbvisor clear``.
 
@@ -65,6 +68,8 @@ MBVISOR_IPS = {"client": "10.0.0.1", "attacker": "10.0.0.66", "backend": "10.0.0
 MBVISOR_MACS = {"client": "52:34:56:00:00:01", "attacker": "52:34:56:00:00:66",
                 "backend": "52:34:56:00:00:11"}
 MBVISOR_MAX_MIDDLEBOXES = 50
+MBVISOR_TENANTS = {"client": "client", "attacker": "attacker", "backend": "mbvisor", "middlebox": "mbvisor"}
+ANNOTATION_KEYS = ("mbvisor-channel", "attached-mac", "vm-id", "mbvisor-tenant", "mbvisor-ips")
 
 # Switches built by this process (the scoped clean-up of the `python3 mininet_topo.py` way
 # of running mn).  Kept on the mininet package because `mn --custom` executes this file as
@@ -187,9 +192,23 @@ def _vsctl(*args):
     return out
 
 
+def _identity(host, switch):
+    """The operator's annotations of a host's switch-side interface (``vm-id``: unique per
+    switch, as the channel names need)."""
+    intf = host.defaultIntf()
+    return ["external_ids:attached-mac=%s" % intf.MAC(), "external_ids:vm-id=%s-%s" % (switch, host.name),
+            "external_ids:mbvisor-tenant=%s" % MBVISOR_TENANTS[host.params.get("mbvisor")],
+            'external_ids:mbvisor-ips="%s"' % host.IP()]
+
+
 def annotate_middleboxes(net, region_dir="/dev/shm"):
     """What a QEMU launch script does for each middlebox: a fresh 1 MiB channel region and
-    the switch-side interface's ``external_ids``.  Returns one record per middlebox."""
+    the switch-side interface's ``external_ids``; the other hosts get their trust
+    annotations (no channel).  Returns one record per middlebox."""
+    for host in net.hosts:
+        peer = _peer(host.defaultIntf())
+        if host.params.get("mbvisor") in ("client", "attacker", "backend") and peer is not None:
+            _vsctl("set", "Interface", peer.name, *_identity(host, peer.node.name))
     records = []
     for host in _middleboxes(net):
         intf = host.defaultIntf()
@@ -203,8 +222,7 @@ def annotate_middleboxes(net, region_dir="/dev/shm"):
         finally:
             os.close(fd)
         vm_id = "%s-%s" % (switch, host.name)
-        _vsctl("set", "Interface", peer.name, "external_ids:mbvisor-channel=%s" % region,
-               "external_ids:attached-mac=%s" % intf.MAC(), "external_ids:vm-id=%s" % vm_id)
+        _vsctl("set", "Interface", peer.name, "external_ids:mbvisor-channel=%s" % region, *_identity(host, switch))
         ofport = _vsctl("get", "Interface", peer.name, "ofport")
         records.append({"host": host.name, "ip": host.IP(), "mac": intf.MAC(), "host_interface": intf.name,
                         "interface": peer.name, "switch": switch, "ofport": int(ofport) if ofport.isdigit() else ofport,
@@ -215,10 +233,11 @@ def annotate_middleboxes(net, region_dir="/dev/shm"):
 
 def clear_annotations(net):
     """Undo :func:`annotate_middleboxes`: external_ids removed, regions deleted."""
-    for host in _middleboxes(net):
+    for host in net.hosts:
         peer = _peer(host.defaultIntf())
-        _run(["ovs-vsctl", "--timeout=10", "--if-exists", "remove", "Interface", peer.name, "external_ids",
-              "mbvisor-channel", "attached-mac", "vm-id"])
+        if host.params.get("mbvisor") and peer is not None:
+            _run(["ovs-vsctl", "--timeout=10", "--if-exists", "remove", "Interface", peer.name, "external_ids",
+                  *ANNOTATION_KEYS])
     for region in getattr(net, "mbvisor_regions", []):
         if os.path.exists(region):
             os.unlink(region)

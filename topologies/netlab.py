@@ -813,6 +813,19 @@ class Host:
     def del_arp(self, ip: str) -> None:
         self.run(["ip", "neigh", "del", ip, "dev", "eth0"], check=False)
 
+    def annotate(self, tenant: str, ips: "str | Iterable[str] | None" = None, vm_id: str | None = None,
+                 channel: str | None = None) -> None:
+        """What the operator does for a VM's port: its OVS interface says whose it is
+        (``mbvisor-tenant``), its MAC (``attached-mac``: this host's) and its own addresses
+        (``mbvisor-ips``: this host's address unless given; a string is written as it
+        is, so a test can give a bad one), and optionally its ``vm-id`` and channel region
+        (``mbvisor-channel``)."""
+        ips = self.ip if ips is None else ips if isinstance(ips, str) else ",".join(ips)
+        ids = {"attached-mac": self.mac, "mbvisor-tenant": tenant, "mbvisor-ips": ips, "vm-id": vm_id,
+               "mbvisor-channel": channel}
+        self.bridge.vsctl("set", "Interface", self.port_name,
+                          *[f"external_ids:{key}={_ovs_quote(value)}" for key, value in ids.items() if value is not None])
+
     # -- counters
     def counter(self, name: str, interface: str = "eth0") -> int:
         """``/sys/class/net/<interface>/statistics/<name>`` read inside the namespace."""

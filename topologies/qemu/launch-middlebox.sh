@@ -18,6 +18,8 @@
 #      discovers VMs by:
 #         external_ids:mbvisor-channel=/dev/shm/NAME  external_ids:attached-mac=MAC
 #         external_ids:vm-id=NAME
+#      and the operator's trust annotations (docs/agent.md):
+#         external_ids:mbvisor-tenant=$MB_TENANT  external_ids:mbvisor-ips=$MB_IPS
 #   3. runs QEMU (TCG unless MB_ACCEL says otherwise) with
 #         -object memory-backend-file,id=mb,share=on,mem-path=/dev/shm/NAME,size=1M
 #         -device ivshmem-plain,memdev=mb                       (PCI 1af4:1110, BAR2 = region)
@@ -39,7 +41,9 @@
 #                 (mbvisor.topologies.qemu.vm.GuestConsole is a client)
 #   qemu.log      QEMU's own stdout and stderr;  qemu.pid  its pid
 #
-# Environment: MB_TAP (tap name; default "mbt" + the last 12 characters of NAME),
+# Environment: MB_TENANT (the VM's tenant; default NAME: a VM alone in its tenant),
+#   MB_IPS (the VM's own addresses, comma separated; default the address of mbv.ip= in
+#   EXTRA_APPEND, else none), MB_TAP (tap name; default "mbt" + the last 12 characters of NAME),
 #   MB_STATE_DIR, MB_MEM (MiB, default 256), MB_REGION_SIZE (default 1M), MB_ACCEL (tcg;
 #   kvm where it works), MB_QEMU (qemu-system-x86_64), MB_KEEP_REGION.
 # Needs root, qemu-system-x86 and openvswitch-switch; see docs/qemu.md.
@@ -51,6 +55,13 @@ BRIDGE=$1 NAME=$2 MAC=$3 KERNEL=$4 INITRAMFS=$5 EXTRA_APPEND=${6:-}
 [[ $NAME =~ ^[A-Za-z0-9_-]+$ ]] || { echo "launch-middlebox: bad VM name '$NAME'" >&2; exit 2; }
 [[ $MAC =~ ^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$ ]] || { echo "launch-middlebox: bad MAC '$MAC'" >&2; exit 2; }
 MAC=${MAC,,}
+TENANT=${MB_TENANT:-$NAME}
+if [ -z "${MB_IPS+set}" ] && [[ " $EXTRA_APPEND " =~ [[:space:]]mbv\.ip=([^/[:space:]]+) ]]; then
+  MB_IPS=${BASH_REMATCH[1]}
+fi
+IPS=${MB_IPS:-}
+[[ $TENANT =~ ^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$ ]] || { echo "launch-middlebox: bad tenant '$TENANT'" >&2; exit 2; }
+[[ $IPS =~ ^[0-9A-Fa-f.:,\ ]*$ ]] || { echo "launch-middlebox: bad MB_IPS '$IPS'" >&2; exit 2; }
 TAP=${MB_TAP:-mbt${NAME: -12}}
 STATE=${MB_STATE_DIR:-/run/mbvisor/vm/$NAME}
 REGION=/dev/shm/$NAME
@@ -104,7 +115,8 @@ ethtool -K "$TAP" tx off >/dev/null 2>&1 || true
 ip link set "$TAP" up
 added_port=1
 ovs-vsctl --timeout=10 add-port "$BRIDGE" "$TAP" -- set Interface "$TAP" \
-  "external_ids:mbvisor-channel=$REGION" "external_ids:attached-mac=$MAC" "external_ids:vm-id=$NAME"
+  "external_ids:mbvisor-channel=$REGION" "external_ids:attached-mac=$MAC" "external_ids:vm-id=$NAME" \
+  "external_ids:mbvisor-tenant=$TENANT" "external_ids:mbvisor-ips=\"$IPS\""
 
 # 3. the VM
 "$QEMU" -name "$NAME" -machine pc,accel="${MB_ACCEL:-tcg}" -smp 1 -m "${MB_MEM:-256}" \

@@ -143,6 +143,7 @@ def attacked_middlebox(lab: Lab, state_dir: Path) -> Iterator[Scenario]:
     try:
         bridge = lab.bridge(controller=controller.target, fail_mode="secure")
         attacker = lab.host("attacker", ip=f"{ATTACKER_IP}/24")
+        attacker.annotate("attacker", vm_id="vm-attacker")  # a VM of another tenant (the guest's is its name)
         controller.wait_switch(bridge.dpid)
         agent = AgentProcess(controller, state_dir, bridges=(bridge.name,)).start()
         name = f"{lab.prefix}-mb"                 # vm-id, and the region /dev/shm/<name>

@@ -119,8 +119,11 @@ class MiddleboxVM:
     """One VM started by ``launch-middlebox.sh`` in its own process group."""
 
     def __init__(self, bridge: str, name: str, mac: str, image: dict, state_dir: Path, append: str = "",
-                 tap: str | None = None):
+                 tap: str | None = None, tenant: str | None = None):
+        """``tenant``: the VM's (the launch script's default: its name); its addresses are
+        those of ``mbv.ip=`` in ``append``."""
         self.bridge, self.name, self.mac, self.image, self.append = bridge, name, mac, image, append
+        self.tenant = tenant
         self.state_dir = Path(state_dir)
         self.tap = tap or ("mbt" + name[-12:])
         self.region = f"/dev/shm/{name}"
@@ -131,7 +134,8 @@ class MiddleboxVM:
 
     def start(self) -> "MiddleboxVM":
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        environment = {**os.environ, "MB_STATE_DIR": str(self.state_dir), "MB_TAP": self.tap}
+        environment = {**os.environ, "MB_STATE_DIR": str(self.state_dir), "MB_TAP": self.tap,
+                       **({"MB_TENANT": self.tenant} if self.tenant else {})}
         with open(self.launch_log, "ab") as log:
             self.process = subprocess.Popen(
                 [str(LAUNCH), self.bridge, self.name, self.mac, self.image["kernel"], self.image["initramfs"],
