@@ -2,53 +2,49 @@
 
 Pure and deterministic: the same state always yields the same set, so the reconciler
 can compare it with what the switch reports and send only the difference.  Flows are
-plain data (``Flow``/``Group``); ``ofmessages`` turns them into OpenFlow 1.3 messages.
+plain data (``pipeline.Flow``/``Group``); ``ofmessages`` turns them into OpenFlow messages.
 
-Pipeline (docs/controller.md, "Pipeline"):
+Pipeline (docs/controller.md, "Pipeline"; numbers in ``pipeline``):
 
-* table 0, the offload table: firewall filters drop (priority ``FILTER``); traffic for a
-  load-balancing middlebox's address, and replies from its backends, go through
-  conntrack into table 1; everything else continues to ``NORMAL``.
-* table 1, the redirect table: a new connection goes to a select group that picks a
-  backend by hash (one bucket per backend); established packets go to their backend's
-  MAC and port; replies (conntrack already restored the middlebox's IP as their source)
-  go straight to the client's port, remembered in the connection's ``ct_mark``.
-* table 2, the backend table: the chosen backend's flow commits the connection with
+* table 0, ingress: port security for annotated VM ports (``ingress``).
+* table 1, the offload table: firewall filters drop; traffic for a load-balancing
+  middlebox's address (marked ``ENTERED``), and replies from its backends' ports, go
+  through conntrack into table 2; everything else continues to ``NORMAL``.
+* table 2, the redirect table: a new connection goes to a select group that picks a
+  backend by hash (one bucket per live backend); every later packet of a redirected
+  connection (``+new`` one-way UDP and retransmitted SYNs included) goes to its backend's
+  MAC and port; replies (conntrack already restored the middlebox's address as their
+  source) go straight to the client's port, remembered in the connection's ``ct_mark``.
+  What entered through the middlebox's address and matches none of these is dropped.
+* table 3, the backend table: the chosen backend's flow commits the connection with
   destination NAT (and the client's port) and sends it to the backend's MAC and port.
 
-Redirected packets never pass ``NORMAL``: its MAC learning would not know the backend
-(its ARP replies go to the controller) or the client (its packets are redirected), and
-would flood them to every port, the middlebox's included.
+Redirected packets never pass ``NORMAL``: its MAC learning would not know the backend or
+the client, and would flood them to every port, the middlebox's and other tenants'.
 
-Every flow of a middlebox matches ``eth_dst`` = its MAC or a backend it owns as source,
-so no command can touch another tenant's traffic; its cookie carries its MAC.
+Only middleboxes the surroundings vouch for get flows (``Surroundings.vouches``), and only
+backends their owner's annotations locate: a change of annotations takes effect at the
+next compilation whatever commands were accepted before.  Every flow of a middlebox
+matches its own MAC as destination, its own backends' ports, or its own conntrack zone.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
+from typing import Mapping
 
 from mbvisor.guest.commands import Filter, Layer
 
+from .ingress import compile_ingress
 from .model import Middlebox, State
-
-COOKIE_TAG = 0x4D42 << 48
-COOKIE_TAG_MASK = 0xFFFF << 48
-BASE_COOKIE = COOKIE_TAG  # flows every switch gets; MAC 0 is no middlebox's (model refuses it)
-
-OFFLOAD_TABLE = 0
-REDIRECT_TABLE = 1
-BACKEND_TABLE = 2
-
-ARP_CAPTURE = 4000
-FILTER = 3000
-REDIRECT_FROM_SOURCE = 2100
-REDIRECT = 2000
-REDIRECT_REPLY = 1900  # below every entry flow: a backend talking to another MB's address enters that MB
-MISS = 0
+from .pipeline import (ARP_CAPTURE, BACKEND_TABLE, BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, ENTERED, FILTER,
+                       MISS, OFFLOAD_TABLE, REDIRECT, REDIRECT_FROM_SOURCE, REDIRECT_REPLY, REDIRECT_TABLE, STRAY,
+                       Action, Flow, Group, Match, cookie_of, match)
+from .trust import Inventory, TrustMode
 
 ETH_IPV4 = 0x0800
 ETH_IPV6 = 0x86DD
@@ -56,42 +52,70 @@ TRANSPORT_FIELDS = {6: ("tcp_src", "tcp_dst"), 17: ("udp_src", "udp_dst"), 132: 
 VLAN_PRESENT = 0x1000
 ETH_ARP = 0x0806
 ARP_REPLY = 2
-# The controller's own (locally administered) MAC for resolving backends: replies to it
-# come to the controller and to nobody else.
+CONTROLLER_METER = 1  # packets to the controller pass one meter per switch: no VM can flood it
+# The controller's own (locally administered) MAC for resolving and checking backends:
+# replies to it come to the controller and to nobody else.
 RESOLVER_MAC = "02:4d:42:00:00:01"
 
-Match = tuple[tuple[str, object], ...]
-Action = tuple
-
-
-@dataclass(frozen=True)
-class Flow:
-    table: int
-    priority: int
-    match: Match
-    actions: tuple[Action, ...]
-    cookie: int
-
-
-@dataclass(frozen=True, order=True)
-class Group:
-    group_id: int
-    buckets: tuple[tuple[Action, ...], ...]
+_match = match
 
 
 @dataclass(frozen=True)
 class Neighbour:
-    """Where a backend is: its MAC and its switch port, as its ARP reply showed."""
+    """Where a backend is: its MAC and its switch port."""
 
     mac: str
     port: int
 
 
 @dataclass(frozen=True)
+class Surroundings:
+    """What the controller knows of one switch's hosts besides the desired state: the
+    annotated ports (``inventory``), in a lab the backends' ARP answers (``neighbours``),
+    and the backends that stopped answering health checks (``down``)."""
+
+    mode: TrustMode = TrustMode.LAB
+    inventory: Inventory = field(default_factory=Inventory)
+    neighbours: Mapping[str, Neighbour] = field(default_factory=dict)
+    down: frozenset[str] = frozenset()
+    metered: bool = True  # the switch has the controller's meter (SwitchReconciler sets it up)
+
+    def vouches(self, middlebox: Middlebox) -> bool:
+        """The annotations of the middlebox's port still say it is this VM with these
+        addresses (an unannotated port only in a lab)."""
+        identity = self.inventory.at(middlebox.port)
+        if identity is None:
+            return self.mode is TrustMode.LAB
+        return identity.mac == middlebox.mac and all(
+            identity.owns(ip) for ip in (middlebox.firewall_ip, middlebox.balancer_ip) if ip is not None)
+
+    def addresses(self, middlebox: Middlebox) -> frozenset[str]:
+        """The middlebox's own addresses: its port's annotations, else what it registered."""
+        identity = self.inventory.at(middlebox.port)
+        if identity is not None:
+            return frozenset(identity.ips)
+        return frozenset(ip for ip in (middlebox.firewall_ip, middlebox.balancer_ip) if ip is not None)
+
+    def locate(self, middlebox: Middlebox, backend: str) -> Neighbour | None:
+        """Where ``backend`` is, if the middlebox may use it: an annotated VM of the same
+        tenant (its port and MAC), or in a lab, for an unannotated middlebox, whoever
+        answered ARP for it."""
+        owner = self.inventory.owner(backend)
+        identity = self.inventory.at(middlebox.port)
+        if owner is not None:
+            if identity is not None and (owner.tenant != identity.tenant or owner.port == identity.port):
+                return None
+            return Neighbour(owner.mac, owner.port)
+        if identity is None and self.mode is TrustMode.LAB:
+            return self.neighbours.get(backend)
+        return None
+
+
+@dataclass(frozen=True)
 class SwitchConfig:
     flows: frozenset[Flow]
     groups: frozenset[Group]
-    unresolved: tuple[str, ...] = ()  # backends whose MAC is not known yet
+    unresolved: tuple[str, ...] = ()  # backends whose MAC is not known yet (labs: ARP)
 
 
 CT_FLAGS = {"new": 0x01, "est": 0x02, "rel": 0x04, "rpl": 0x08, "inv": 0x10, "trk": 0x20}
@@ -106,38 +130,45 @@ def ct_state(spec: str) -> tuple[int, int]:
     return (value, mask)
 
 
-def cookie_of(mac: str) -> int:
-    return COOKIE_TAG | int(mac.replace(":", ""), 16)
-
-
-def _match(**fields) -> Match:
-    return tuple(sorted((name, value) for name, value in fields.items() if value is not None))
-
-
-def base_config() -> SwitchConfig:
-    """What every switch holds without any middlebox: table misses continue to NORMAL, and
-    ARP replies to the controller's resolver go to the controller."""
+def base_config(surroundings: Surroundings = Surroundings()) -> SwitchConfig:
+    """What every switch holds without any middlebox: port security of the annotated
+    ports, table misses that continue to NORMAL, what entered a redirect and matched no
+    decision dropped, and ARP replies to the controller's resolver to the controller
+    (through its meter)."""
     return SwitchConfig(frozenset({
+        *compile_ingress(surroundings.inventory),
         Flow(OFFLOAD_TABLE, MISS, (), (("normal",),), BASE_COOKIE),
         Flow(REDIRECT_TABLE, MISS, (), (("normal",),), BASE_COOKIE),
+        Flow(REDIRECT_TABLE, STRAY, _match(reg1=ENTERED), (), BASE_COOKIE),
         Flow(OFFLOAD_TABLE, ARP_CAPTURE, _match(eth_type=ETH_ARP, eth_dst=RESOLVER_MAC, arp_op=ARP_REPLY),
-             (("controller",),), BASE_COOKIE),
+             (("meter", CONTROLLER_METER), ("controller",)) if surroundings.metered else (("controller",),),
+             BASE_COOKIE),
     }), frozenset())
 
 
-def compile_middlebox(middlebox: Middlebox, neighbours: dict[str, Neighbour]) -> SwitchConfig:
-    """The flows (all with the middlebox's cookie) and groups one middlebox needs."""
-    redirect_flows, groups, missing = compile_redirects(middlebox, neighbours)
+def compile_middlebox(middlebox: Middlebox, surroundings: Surroundings) -> SwitchConfig:
+    """The flows (all with the middlebox's cookie) and groups one middlebox needs: none
+    for a middlebox its port's annotations no longer vouch for."""
+    if not surroundings.vouches(middlebox):
+        return SwitchConfig(frozenset(), frozenset())
+    redirect_flows, groups, missing = compile_redirects(middlebox, surroundings)
     return SwitchConfig(frozenset(compile_filters(middlebox) | redirect_flows), frozenset(groups),
                         tuple(sorted(missing)))
 
 
-def compile_switch(state: State, dpid: int, neighbours: dict[str, Neighbour]) -> SwitchConfig:
-    """Everything switch ``dpid`` should hold; ``neighbours`` locates backends by IP."""
-    parts = [base_config()] + [compile_middlebox(mb, neighbours) for mb in state.on(dpid)]
+def compile_switch(state: State, dpid: int, surroundings: Surroundings) -> SwitchConfig:
+    """Everything switch ``dpid`` should hold."""
+    parts = [base_config(surroundings)] + [compile_middlebox(mb, surroundings) for mb in state.on(dpid)]
     return SwitchConfig(frozenset().union(*(p.flows for p in parts)),
                         frozenset().union(*(p.groups for p in parts)),
                         tuple(sorted({b for p in parts for b in p.unresolved})))
+
+
+@functools.lru_cache(maxsize=65536)
+def filter_cost(filter: Filter, addresses: frozenset[str]) -> int:
+    """Switch entries one filter costs on its own (an upper bound within a middlebox,
+    whose filters may share conjunctive clauses): what the per-middlebox limit counts."""
+    return len(compile_filters(Middlebox(0, 0, "02:00:00:00:00:00", 1, filters=frozenset({filter}))))
 
 
 HANDLED_PRIORITIES = frozenset({FILTER, REDIRECT, REDIRECT_FROM_SOURCE})
@@ -145,8 +176,8 @@ HANDLED_PRIORITIES = frozenset({FILTER, REDIRECT, REDIRECT_FROM_SOURCE})
 
 def counts_as_handled(table: int, priority: int) -> bool:
     """A packet the middlebox would otherwise have received is decided once, by one
-    table-0 flow (a filter's drop or a redirect's entry); later tables and replies from
-    backends are not work taken from the middlebox, so they do not count."""
+    offload-table flow (a filter's drop or a redirect's entry); later tables and replies
+    from backends are not work taken from the middlebox, so they do not count."""
     return table == OFFLOAD_TABLE and priority in HANDLED_PRIORITIES
 
 
@@ -231,47 +262,65 @@ def group_id(middlebox: Middlebox, index: int) -> int:
     return (middlebox.zone << 8) | index
 
 
-def compile_redirects(middlebox: Middlebox, neighbours: dict[str, Neighbour]) -> tuple[set[Flow], set[Group], set[str]]:
+def compile_redirects(middlebox: Middlebox, surroundings: Surroundings) -> tuple[set[Flow], set[Group], set[str]]:
+    """A redirect's flows use only the backends the surroundings locate and that answer
+    health checks; a redirect with none of them left gets no flows at all, so its traffic
+    goes to the middlebox itself (the offload steps aside).  In a lab, a backend nobody
+    has answered ARP for yet makes the whole middlebox unresolved."""
     if middlebox.balancer_ip is None or not middlebox.redirects:
         return set(), set(), set()
     backends = sorted({b for r in middlebox.redirects for b in r.backends})
-    missing = {b for b in backends if b not in neighbours}
-    if missing:
-        return set(), set(), missing
+    located = {b: surroundings.locate(middlebox, b) for b in backends}
+    if surroundings.inventory.at(middlebox.port) is None:
+        missing = {b for b, where in located.items() if where is None}
+        if missing:
+            return set(), set(), missing
+    live = {b: where for b, where in located.items() if where is not None and b not in surroundings.down}
     cookie, zone, address = cookie_of(middlebox.mac), middlebox.zone, middlebox.balancer_ip
-    ip = _ip_prefix(address)
-    to_conntrack = (("ct_nat", zone, REDIRECT_TABLE),)
+    ip, eth_type = _ip_prefix(address), _eth_type(address)
+    enter = (("set_field", "reg1", ENTERED), ("ct_nat", zone, REDIRECT_TABLE))
     flows: set[Flow] = set()
     groups: set[Group] = set()
+    used: set[str] = set()
     for index, redirect in enumerate(middlebox.redirects):
+        pool = [b for b in redirect.backends if b in live]
+        if not pool:
+            continue
+        used.update(pool)
         priority = REDIRECT_FROM_SOURCE if redirect.source else REDIRECT
         source = {f"{ip}_src": _address_match(redirect.source)}
         flows.add(Flow(OFFLOAD_TABLE, priority,
-                       _match(eth_type=_eth_type(address), eth_dst=middlebox.mac, **{f"{ip}_dst": address}, **source),
-                       to_conntrack, cookie))
+                       _match(eth_type=eth_type, eth_dst=middlebox.mac, **{f"{ip}_dst": address}, **source),
+                       enter, cookie))
         group = Group(group_id(middlebox, index), tuple(
             (("set_field", "reg0", _bucket_mark(middlebox, index, i)), ("resubmit", BACKEND_TABLE))
-            for i in range(len(redirect.backends))))
+            for i in range(len(pool))))
         groups.add(group)
         flows.add(Flow(REDIRECT_TABLE, priority,
-                       _match(eth_type=_eth_type(address), ct_state=ct_state("+new+trk"), ct_zone=zone,
+                       _match(eth_type=eth_type, ct_state=ct_state("+new+trk"), ct_zone=zone, reg1=ENTERED,
                               **{f"{ip}_dst": address}, **source),
                        (("group", group.group_id),), cookie))
-        for i, backend in enumerate(redirect.backends):
+        for i, backend in enumerate(pool):
             flows.add(Flow(BACKEND_TABLE, REDIRECT,
-                           _match(eth_type=_eth_type(backend), reg0=_bucket_mark(middlebox, index, i)),
-                           (("ct_commit_nat", zone, backend), *_to(neighbours[backend])), cookie))
-    for backend in backends:
-        # Everything the backend sends is looked up in the zone; what is not a reply of a
-        # redirected connection (new or invalid there) falls to NORMAL in table 1 unchanged.
+                           _match(eth_type=eth_type, reg0=_bucket_mark(middlebox, index, i)),
+                           (("ct_commit_nat", zone, backend), *_to(live[backend])), cookie))
+    for backend in sorted(used):
+        where = live[backend]
+        # Only the backend's own port and MAC enter the zone as the backend (port security
+        # keeps its address its own); what is not a reply of a redirected connection
+        # continues to NORMAL in the redirect table unchanged.
         flows.add(Flow(OFFLOAD_TABLE, REDIRECT_REPLY,
-                       _match(eth_type=_eth_type(backend), **{f"{ip}_src": backend}), to_conntrack, cookie))
+                       _match(in_port=where.port, eth_src=where.mac, eth_type=eth_type, **{f"{ip}_src": backend}),
+                       (("ct_nat", zone, REDIRECT_TABLE),), cookie))
+        # Every later packet towards the backend, in any state but invalid: established,
+        # and +new after NAT (one-way UDP, a SYN retransmitted to a slow backend).
         flows.add(Flow(REDIRECT_TABLE, REDIRECT,
-                       _match(eth_type=_eth_type(backend), ct_state=ct_state("+est+trk-rpl"), ct_zone=zone,
+                       _match(eth_type=eth_type, ct_state=ct_state("+trk-rpl-inv"), ct_zone=zone, reg1=ENTERED,
                               **{f"{ip}_dst": backend}),
-                       _to(neighbours[backend]), cookie))
-    flows.add(Flow(REDIRECT_TABLE, REDIRECT, _match(ct_state=ct_state("+trk+rpl"), ct_zone=zone),
-                   (("output_ct_mark",),), cookie))
+                       _to(where), cookie))
+    if used:
+        flows.add(Flow(REDIRECT_TABLE, REDIRECT, _match(ct_state=ct_state("+trk+rpl"), ct_zone=zone, reg1=0),
+                       (("output_ct_mark",),), cookie))
     return flows, groups, set()
 
 

@@ -20,6 +20,25 @@ class Metrics:
                              "Packets the middlebox would otherwise have received, dropped or redirected in the switch (each counted once)",
                              ["dpid", "mac"], registry=self.registry)
 
+        self.backends = Gauge("mbvisor_backend_up", "1 while a backend in use answers health checks",
+                              ["dpid", "backend"], registry=self.registry)
+        self.inventory = Gauge("mbvisor_annotated_ports", "Annotated VM ports the controller enforces, "
+                               "and those refused for a duplicated identity", ["dpid", "state"], registry=self.registry)
+
+    def backend_up(self, dpid: int, backend: str, up: bool) -> None:
+        self.backends.labels(f"{dpid:016x}", backend).set(1 if up else 0)
+
+    def forget_backends(self, dpid: int, in_use: set[str]) -> None:
+        """Only backends still in use keep a series."""
+        name = f"{dpid:016x}"
+        for labels in list(self.backends._metrics):
+            if labels[0] == name and labels[1] not in in_use:
+                self.backends.remove(*labels)
+
+    def annotated_ports(self, dpid: int, accepted: int, refused: int) -> None:
+        self.inventory.labels(f"{dpid:016x}", "accepted").set(accepted)
+        self.inventory.labels(f"{dpid:016x}", "refused").set(refused)
+
     def command(self, status: str) -> None:
         self.commands.labels(status).inc()
 

@@ -15,6 +15,8 @@ from mbvisor.guest.commands import (AddFilter, Cancel, Command, DeleteFilter, De
                                     Layer, Query, RegisterFirewall, RegisterLoadBalancer)
 from mbvisor.guest.grammar import format_command
 
+from .trust import Inventory, TrustMode, check_backends, check_registration
+
 
 class ApplyError(Exception):
     """A command that is valid grammar but cannot be applied; ``code`` is stable for APIs."""
@@ -25,6 +27,7 @@ class ApplyError(Exception):
 
 
 MAX_REDIRECTS = 256  # group ids hold a redirect's index in 8 bits (flows.group_id)
+MAX_ZONE = 0x7FFF    # the top bit of a conntrack zone marks a middlebox's fragment zone
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,11 @@ class Limits:
 
     filters: int = 1000
     redirects: int = 64
+    flows: int = 10000  # switch entries one middlebox's filters may cost (a port range costs several)
 
     def __post_init__(self) -> None:
+        if self.flows <= 0:
+            raise ValueError(f"flows per middlebox must be positive, not {self.flows}")
         if not 0 < self.redirects <= MAX_REDIRECTS:
             raise ValueError(f"redirects per middlebox must be 1..{MAX_REDIRECTS}, not {self.redirects}")
         if self.filters <= 0:
@@ -43,10 +49,13 @@ class Limits:
 
 @dataclass(frozen=True)
 class Binding:
-    """Where the guest that sent a command lives, as the host agent vouches for it."""
+    """Where the guest that sent a command lives, as the host agent vouches for it, and
+    what the operator's annotations of that switch's ports allow (``trust``)."""
 
     dpid: int
     port: int
+    mode: TrustMode = TrustMode.LAB
+    inventory: Inventory = field(default_factory=Inventory)
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,7 @@ def apply(state: State, binding: Binding, command: Command) -> Outcome:
     """The state after ``command`` from the guest at ``binding``, with the answer text."""
     if int(command.mac.split(":")[0], 16) & 1 or command.mac == "00:00:00:00:00:00":
         raise ApplyError("bad-mac", f"{command.mac} is not a unicast MAC address; a middlebox has its own")
+    _check_trust(binding, command)
     current = state.find(binding.dpid, command.mac)
     if current is not None and current.port != binding.port:
         raise ApplyError("port-conflict", f"{command.mac} is registered on port {current.port} of this "
@@ -138,10 +148,44 @@ def apply(state: State, binding: Binding, command: Command) -> Outcome:
     return handler(state, binding, current, command)
 
 
+def _check_trust(binding: Binding, command: Command) -> None:
+    """Registrations and filter changes speak for a MAC and its addresses: only the port
+    annotated with them may (``trust``).  A cancel or a query touches only what the
+    middlebox on this port already has, so it needs no annotation."""
+    if isinstance(command, (Cancel, Query)):
+        return
+    address = command.ip if isinstance(command, (RegisterFirewall, RegisterLoadBalancer)) else None
+    problem = check_registration(binding.mode, binding.inventory, binding.port, command.mac, address)
+    if problem is None and isinstance(command, RegisterLoadBalancer):
+        problem = check_backends(binding.mode, binding.inventory, binding.port, command.backends)
+    if problem is not None:
+        raise ApplyError(*problem)
+
+
 def _new_middlebox(state: State, binding: Binding, mac: str) -> Middlebox:
-    used = {mb.zone for mb in state.on(binding.dpid)}
-    zone = next(zone for zone in range(1, 65536) if zone not in used)
+    """Conntrack zones are unique among all switches: every userspace bridge of a host
+    shares one conntrack table, so a zone per switch would mix their connections."""
+    used = {mb.zone for mb in state.by_key.values()}
+    zone = next((zone for zone in range(1, MAX_ZONE + 1) if zone not in used), None)
+    if zone is None:
+        raise ApplyError("limit", f"every one of the {MAX_ZONE} conntrack zones is in use")
     return Middlebox(binding.dpid, binding.port, mac, zone)
+
+
+def unique_zones(state: State) -> State:
+    """A state whose zones may repeat across switches (saved before zones were unique)
+    with the repeats renumbered; the same state when there are none."""
+    seen: set[int] = set()
+    clashing = []
+    for key in sorted(state.by_key):
+        middlebox = state.by_key[key]
+        if middlebox.zone in seen or not 0 < middlebox.zone <= MAX_ZONE:
+            clashing.append(middlebox)
+        seen.add(middlebox.zone)
+    free = (zone for zone in range(1, MAX_ZONE + 1) if zone not in seen)
+    for middlebox in clashing:
+        state = state.put(replace(middlebox, zone=next(free)))
+    return state
 
 
 def _register_firewall(state, binding, current, command: RegisterFirewall) -> Outcome:

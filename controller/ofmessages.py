@@ -12,7 +12,7 @@ import ipaddress
 
 from .compat import nicira_ext
 
-from .flows import Action, Flow, Group
+from .pipeline import Action, Flow, Group
 
 NX_NAT_F_DESTINATION = 1 << 1
 NX_CT_RECIRC_NONE = 0xFF
@@ -63,11 +63,14 @@ def encode_action(datapath, action: Action):
 
 
 def instructions(datapath, actions: tuple[Action, ...]) -> list:
-    """No actions means drop: an empty instruction list."""
-    if not actions:
-        return []
+    """No actions means drop: an empty instruction list.  ``("meter", id)`` and
+    ``("goto", table)`` are instructions of their own (OpenFlow 1.3 orders them: meter,
+    apply-actions, goto); the rest are applied actions."""
     parser, ofp = datapath.ofproto_parser, datapath.ofproto
-    return [parser.OFPInstructionActions(ofp.OFPIT_APPLY_ACTIONS, [encode_action(datapath, a) for a in actions])]
+    meters = [parser.OFPInstructionMeter(a[1], ofp.OFPIT_METER) for a in actions if a[0] == "meter"]
+    applied = [encode_action(datapath, a) for a in actions if a[0] not in ("meter", "goto")]
+    gotos = [parser.OFPInstructionGotoTable(a[1]) for a in actions if a[0] == "goto"]
+    return [*meters, *([parser.OFPInstructionActions(ofp.OFPIT_APPLY_ACTIONS, applied)] if applied else []), *gotos]
 
 
 def flow_mod(datapath, flow: Flow, command: str):

@@ -21,11 +21,12 @@ import time
 from dataclasses import dataclass, field
 
 from .compat import hub
-from .flows import (COOKIE_TAG, COOKIE_TAG_MASK, Flow, Group, SwitchConfig, base_config, compile_middlebox,
-                    compile_switch, cookie_of, owned_groups)
+from .flows import CONTROLLER_METER, SwitchConfig, base_config, compile_middlebox, compile_switch, owned_groups
 from .ofmessages import encode_action, encoded_actions, flow_mod, group_mod, instructions, normal_match
+from .pipeline import COOKIE_TAG, COOKIE_TAG_MASK, Flow, Group, cookie_of
 from .reconcile import Changes, reconcile
 from .switchlink import SwitchLink, SwitchUnreachable
+from .trust import TrustMode
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,9 @@ class Installed:
 @dataclass
 class Job:
     """``kind``: sync (full reconciliation), audit, commands, retire (ports gone),
-    refresh (re-install the flows of some middleboxes, e.g. a backend moved)."""
+    refresh (re-install the flows of some middleboxes, e.g. a backend went down),
+    converge (the annotated ports changed: everything compiled again, sent as a difference
+    from what the switch is known to hold, without reading it)."""
 
     kind: str
     requests: list = field(default_factory=list)
@@ -107,7 +110,8 @@ class Job:
 class SwitchReconciler:
     def __init__(self, dpid: int, service):
         self.dpid = dpid
-        self.service = service  # state, plan/commit of commands and retirements, neighbours
+        self.service = service  # state, plan/commit of commands and retirements, surroundings
+        self.metered = False  # the switch has the controller's meter
         self.link: SwitchLink | None = None
         self.installed = Installed()
         self.synced = False
@@ -194,10 +198,12 @@ class SwitchReconciler:
             return
         refused: list[str] = []
         try:
+            if not audit:
+                self._set_up_meter()
             self._read_switch()
             self._resolve_backends(self.service.state.on(self.dpid))
             state = self.service.state
-            desired = compile_switch(state, self.dpid, self.service.neighbours_of(self.dpid))
+            desired = compile_switch(state, self.dpid, self._surroundings())
             changes = self._diff(desired, self.installed.all_flows(), set(self.installed.groups))
             errors = self._send(changes)
             if errors:
@@ -227,7 +233,7 @@ class SwitchReconciler:
         middleboxes = state.on(self.dpid)
         known = {cookie_of(mb.mac) for mb in middleboxes}
         others = [f for f in self.installed.all_flows() if f.cookie not in known]
-        errors = self._send(self._diff(base_config(), others, set()))
+        errors = self._send(self._diff(base_config(self._surroundings()), others, set()))
         if errors:
             return errors, []
         refused = []
@@ -239,6 +245,40 @@ class SwitchReconciler:
             log.warning("switch %016x: the flows of %s were refused; every other middlebox is in place",
                         self.dpid, ", ".join(refused))
         return [], refused
+
+    def _converge(self, job: Job) -> None:
+        if not (self.connected and self.synced):
+            return  # the reconciliation still to come compiles the new annotations
+        try:
+            errors = self._send(self._diff(compile_switch(self.service.state, self.dpid, self._surroundings()),
+                                           self.installed.all_flows(), set(self.installed.groups)))
+        except SwitchUnreachable as error:
+            errors = [str(error)]
+        if errors:
+            self.synced = False  # read the switch again and retry with back-off
+            self._sync_failed("; ".join(errors))
+
+    def _surroundings(self):
+        return self.service.surroundings(self.dpid, self.metered)
+
+    def _set_up_meter(self) -> None:
+        """One meter for everything the switch sends the controller, so no VM can flood
+        it: added, or changed if the switch kept it from an earlier connection.  A switch
+        without meters gets flows without them (and a warning)."""
+        datapath = self.link.datapath
+        parser, ofp = datapath.ofproto_parser, datapath.ofproto
+        rate = max(1, self.service.settings.controller_pps)
+        bands = [parser.OFPMeterBandDrop(rate=rate, burst_size=rate)]
+        errors = []
+        for command in (ofp.OFPMC_ADD, ofp.OFPMC_MODIFY):
+            errors = self.link.confirm(parser.OFPMeterMod(datapath, command, ofp.OFPMF_PKTPS | ofp.OFPMF_BURST,
+                                                          CONTROLLER_METER, bands))
+            if not errors:
+                break
+        if errors and self.metered is not False:
+            log.warning("switch %016x has no meters (%s); packets to the controller are not rate-limited", self.dpid,
+                        "; ".join(errors))
+        self.metered = not errors
 
     def _audit(self, job: Job) -> None:
         if self.connected and self.synced:
@@ -315,7 +355,7 @@ class SwitchReconciler:
     def _middlebox_changes(self, before, after, mac: str) -> Changes | Failure:
         wanted = after.find(self.dpid, mac)
         middlebox = wanted or before.find(self.dpid, mac)
-        desired = (compile_middlebox(wanted, self.service.neighbours_of(self.dpid)) if wanted
+        desired = (compile_middlebox(wanted, self._surroundings()) if wanted
                    else SwitchConfig(frozenset(), frozenset()))
         if desired.unresolved:
             return Failure("UNAVAILABLE", f"backend {', '.join(desired.unresolved)} did not answer ARP; nothing was "
@@ -403,9 +443,12 @@ class SwitchReconciler:
         self._resolve({b for mb in middleboxes for r in mb.redirects for b in r.backends})
 
     def _resolve(self, addresses) -> None:
-        """Learn the MACs of ``addresses`` by ARP from this switch (bounded wait)."""
-        known = self.service.neighbours_of(self.dpid)
-        missing = {a for a in addresses if a not in known and ":" not in a}
+        """In a lab, learn the MACs of unannotated ``addresses`` by ARP from this switch
+        (bounded wait).  Annotated backends are located by their annotations."""
+        if self.service.settings.trust is not TrustMode.LAB:
+            return
+        known, inventory = self.service.neighbours_of(self.dpid), self.service.inventory_of(self.dpid)
+        missing = {a for a in addresses if a not in known and ":" not in a and inventory.owner(a) is None}
         deadline = time.monotonic() + self.service.arp_timeout
         while missing and time.monotonic() < deadline and self.connected:
             for address in sorted(missing):
@@ -417,11 +460,13 @@ class SwitchReconciler:
                     return
 
     def probe_backends(self) -> None:
-        """Backends may move (a VM migrates, a NIC is replaced): ask again now and then."""
-        if not self.connected:
+        """A lab's backends located by ARP may move (a VM migrates, a NIC is replaced):
+        ask again now and then."""
+        if not self.connected or self.service.settings.trust is not TrustMode.LAB:
             return
+        inventory = self.service.inventory_of(self.dpid)
         for address in sorted({b for mb in self.service.state.on(self.dpid) for r in mb.redirects
-                               for b in r.backends}):
+                               for b in r.backends if inventory.owner(b) is None and ":" not in b}):
             self.link.send_unconfirmed(self.service.arp_probe(self.link.datapath, address))
 
     def view(self) -> dict:

@@ -17,6 +17,8 @@ from typing import Callable
 from mbvisor.guest.errors import InvalidValueError
 from mbvisor.guest.fields import MAC_ADDRESS
 
+from .trust import MAX_ADDRESSES, TENANT, PortIdentity, canonical
+
 MAX_DPID = 2**64 - 1
 MAX_PORT = 0xFFFFFF00  # OFPP_MAX: numbers above it are OpenFlow's reserved ports
 MAX_COMMAND_CHARS = 4096
@@ -206,3 +208,65 @@ def _channel(value) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_CHANNEL_CHARS:
         raise BadRequest("channel", f"must be a string of 1..{MAX_CHANNEL_CHARS} characters")
     return value
+
+
+PORT_FIELDS = frozenset(("port", "interface", "mac", "vm_id", "tenant", "ips"))
+MAX_PORTS = 4096  # annotated ports per switch in one inventory
+
+
+def inventory_from_body(body) -> list[PortIdentity]:
+    """A switch's annotated ports as the agent publishes them, validated whole: one bad
+    entry refuses the request (the inventory replaces the switch's, so half of one would
+    drop ports' protection)."""
+    if not isinstance(body, dict):
+        raise BadRequest("body", 'must be a JSON object {"ports": [...]}')
+    _refuse_unknown(body, frozenset(("ports",)))
+    ports = body.get("ports")
+    if not isinstance(ports, list) or len(ports) > MAX_PORTS:
+        raise BadRequest("ports", f"must be a list of at most {MAX_PORTS} port objects")
+    entries = []
+    for index, item in enumerate(ports):
+        try:
+            entries.append(_port_identity(item))
+        except BadRequest as error:
+            raise BadRequest(f"ports[{index}].{error.field}", error.message) from None
+    return entries
+
+
+def port_identity_body(identity: PortIdentity) -> dict:
+    return {"port": identity.port, "interface": identity.interface, "mac": identity.mac, "vm_id": identity.vm_id,
+            "tenant": identity.tenant, "ips": list(identity.ips)}
+
+
+def _port_identity(item) -> PortIdentity:
+    if not isinstance(item, dict):
+        raise BadRequest("body", "must be an object with port, mac, tenant and ips")
+    _refuse_unknown(item, PORT_FIELDS)
+    for field in ("port", "mac", "tenant"):
+        if item.get(field) is None:
+            raise BadRequest(field, "required")
+    tenant = item["tenant"]
+    if not isinstance(tenant, str) or not TENANT.fullmatch(tenant):
+        raise BadRequest("tenant", "must be 1..64 letters, digits, '.', '_', ':' or '-', starting with a letter "
+                                   "or digit")
+    ips = item.get("ips", [])
+    if not isinstance(ips, list) or len(ips) > MAX_ADDRESSES:
+        raise BadRequest("ips", f"must be a list of at most {MAX_ADDRESSES} IP addresses")
+    addresses = []
+    for address in ips:
+        try:
+            addresses.append(canonical(address))
+        except (ValueError, TypeError):
+            raise BadRequest("ips", f"{clip(str(address), 60)} is not an IP address") from None
+    text = {}
+    for field in ("interface", "vm_id"):
+        value = item.get(field, "")
+        if not isinstance(value, str) or len(value) > MAX_CHANNEL_CHARS:
+            raise BadRequest(field, f"must be a string of at most {MAX_CHANNEL_CHARS} characters")
+        text[field] = value
+    mac = mac_from(item["mac"]) if isinstance(item["mac"], str) else mac_from("")
+    if int(mac.split(":")[0], 16) & 1 or mac == "00:00:00:00:00:00":
+        raise BadRequest("mac", "must be a unicast MAC address")
+    return PortIdentity(_integer(item["port"], "port", 1, MAX_PORT), mac, tenant, text["vm_id"],
+                        tuple(dict.fromkeys(addresses)), text["interface"])
+

@@ -26,7 +26,8 @@ from mbvisor.guest.reader import FaultLog
 
 from .compat import hub
 from .flows import cookie_of
-from .requests import BadRequest, SwitchUnavailable, clip, dpid_from, is_batch, mac_from, requests_from_body
+from .requests import (BadRequest, SwitchUnavailable, clip, dpid_from, inventory_from_body, is_batch, mac_from,
+                       port_identity_body, requests_from_body)
 from .store import encode_middlebox
 
 log = logging.getLogger("mbvisor.rest")
@@ -36,13 +37,14 @@ log = logging.getLogger("mbvisor.rest")
 ROUTES = {
     "/v1/health": {"GET": "health"},
     "/v1/switches": {"GET": "switches"},
+    "/v1/switches/{dpid}/ports": {"GET": "ports", "PUT": "set_ports"},
     "/v1/middleboxes": {"GET": "middleboxes"},
     "/v1/middleboxes/{dpid}/{mac}": {"GET": "middlebox", "DELETE": "delete"},
     "/v1/middleboxes/{dpid}/{mac}/flows": {"GET": "flows"},
     "/v1/commands": {"POST": "command"},
     "/metrics": {"GET": "metrics"},
 }
-WRITES = {"command", "delete"}
+WRITES = {"command", "delete", "set_ports"}
 HTTP_STATUS = {"OK": 200, "SYNTAX": 400, "REJECTED": 409, "REFUSED": 403, "UNAVAILABLE": 503, "INTERNAL": 500}
 MAX_BODY = 64 << 20  # a 200,000-command batch is about 25 MiB
 BACKLOG = 1024  # 50 (eventlet's default) reset connections under 200 concurrent writers
@@ -193,6 +195,10 @@ class RestApi:
         views = sorted(self.service.switch_views(), key=lambda view: view["dpid"])
         return _json({"switches": [{**view, "dpid": f"{view['dpid']:016x}"} for view in views]})
 
+    def ports(self, request, dpid):
+        dpid = dpid_from(dpid)
+        return _json(_inventory_body(dpid, self.service.inventory_of(dpid)))
+
     def middleboxes(self, request):
         return _json({"middleboxes": [_describe(mb) for mb in self.service.state.middleboxes]})
 
@@ -221,11 +227,23 @@ class RestApi:
             return _json({"answers": [_answer_body(answer) for answer in answers]})
         return _json(_answer_body(answers[0]), http_status(answers[0]))
 
+    def set_ports(self, request, dpid):
+        """The host agent's inventory of a switch's annotated ports; it replaces the
+        switch's and is kept even while the switch is away."""
+        dpid = dpid_from(dpid)
+        inventory = self.service.set_inventory(dpid, inventory_from_body(_json_body(request)))
+        return _json(_inventory_body(dpid, inventory))
+
     def delete(self, request, dpid, mac):
         answer = self.service.delete_middlebox(dpid_from(dpid), mac_from(mac))
         if answer.code == "not-found":
             raise _NotFound(answer.text)
         return _json(_answer_body(answer), http_status(answer))
+
+
+def _inventory_body(dpid: int, inventory) -> dict:
+    return {"dpid": f"{dpid:016x}", "ports": [port_identity_body(i) for i in inventory.identities],
+            "refused": [{"port": r.port, "interface": r.interface, "reason": r.reason} for r in inventory.refused]}
 
 
 def _log_failure(refusals: FaultLog, request: Request, error: Exception) -> None:

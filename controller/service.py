@@ -23,14 +23,17 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from mbvisor.guest.commands import Query, RegisterLoadBalancer, command_from_dict
+from mbvisor.guest.commands import AddFilter, Query, RegisterLoadBalancer, command_from_dict
 from mbvisor.guest.errors import CommandError
 from mbvisor.guest.grammar import parse_command
 
 from .compat import arp, ether, ethernet, hub, packet
-from .flows import COOKIE_TAG, COOKIE_TAG_MASK, RESOLVER_MAC, Neighbour, cookie_of, counts_as_handled
+from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, filter_cost
+from .health import BackendHealth
 from .metrics import Metrics
-from .model import ApplyError, Binding, Limits, State, apply
+from .model import ApplyError, Binding, Limits, Middlebox, State, apply, unique_zones
+from .pipeline import COOKIE_TAG, COOKIE_TAG_MASK, cookie_of
+from .trust import Inventory, PortIdentity, TrustMode, build_inventory
 from .ofmessages import normal_match
 from .reconciler import Failure, Job, SwitchReconciler
 from .requests import Answer, CommandRequest, SwitchUnavailable, clip, read_token_file
@@ -40,7 +43,7 @@ from .switchlink import SwitchUnreachable
 log = logging.getLogger("mbvisor.controller")
 YIELD_EVERY = 200        # commands planned between two yields to the event loop
 ARP_TIMEOUT = 2.0        # seconds a command waits for its new backends to answer ARP
-ARP_REFRESH = 30.0       # seconds between re-probes of known backends (they may move)
+ARP_REFRESH = 30.0       # seconds between re-probes of backends located by ARP in a lab (they may move)
 JOB_DEADLINE = 3600.0    # a job always ends (every switch wait is bounded); this is a backstop
 PRUNE_INTERVAL = 600.0   # seconds between removals of replay answers older than the store keeps
 
@@ -55,6 +58,10 @@ class Settings:
     audit_interval: float = 10.0  # seconds between checks that the switches still hold our flows
     rest_max_connections: int = 256
     rest_idle_timeout: float = 30.0
+    trust: TrustMode = TrustMode.ANNOTATIONS
+    backend_check_interval: float = 1.0  # seconds between health checks of each backend in use
+    backend_down_after: float = 3.0      # seconds without an answer before a backend is down
+    controller_pps: int = 200            # packets per second each switch may send the controller
 
     @classmethod
     def from_environment(cls, environ=os.environ) -> "Settings":
@@ -66,16 +73,24 @@ class Settings:
             raise ValueError("MBVISOR_TOKEN is set but empty; give a secret or unset it")
         if environ.get("MBVISOR_TOKEN_FILE"):
             token = read_token_file(environ["MBVISOR_TOKEN_FILE"])
+        trust = environ.get("MBVISOR_TRUST", TrustMode.ANNOTATIONS.value)
+        if trust not in {mode.value for mode in TrustMode}:
+            raise ValueError(f"MBVISOR_TRUST must be 'annotations' or 'lab', not {trust!r}")
         return cls(
             database=Path(environ.get("MBVISOR_DB", state_dir / "controller.sqlite")),
             rest_host=environ.get("MBVISOR_REST_HOST", "127.0.0.1"),
             rest_port=int(environ.get("MBVISOR_REST_PORT", "8181")),
             token=token.strip() if token else None,
             limits=Limits(filters=int(environ.get("MBVISOR_MAX_FILTERS", "1000")),
-                          redirects=int(environ.get("MBVISOR_MAX_REDIRECTS", "64"))),
+                          redirects=int(environ.get("MBVISOR_MAX_REDIRECTS", "64")),
+                          flows=int(environ.get("MBVISOR_MAX_FLOWS", "10000"))),
             audit_interval=float(environ.get("MBVISOR_AUDIT_INTERVAL", "10")),
             rest_max_connections=int(environ.get("MBVISOR_REST_MAX_CONNECTIONS", "256")),
             rest_idle_timeout=float(environ.get("MBVISOR_REST_IDLE_TIMEOUT", "30")),
+            trust=TrustMode(trust),
+            backend_check_interval=float(environ.get("MBVISOR_BACKEND_CHECK_INTERVAL", "1")),
+            backend_down_after=float(environ.get("MBVISOR_BACKEND_DOWN_AFTER", "3")),
+            controller_pps=int(environ.get("MBVISOR_CONTROLLER_PPS", "200")),
         )
 
 
@@ -136,22 +151,35 @@ class Controller:
     store: Store = field(init=False)
     metrics: Metrics = field(init=False)
     reconcilers: dict[int, SwitchReconciler] = field(default_factory=dict)
-    neighbours: dict[int, dict[str, Neighbour]] = field(default_factory=dict)
+    neighbours: dict[int, dict[str, Neighbour]] = field(default_factory=dict)  # labs: learnt by ARP
+    inventories: dict[int, Inventory] = field(default_factory=dict)  # the operator's annotated ports
+    health: dict[int, BackendHealth] = field(default_factory=dict)
     arp_timeout: float = ARP_TIMEOUT
     threads: list = field(default_factory=list)
     in_flight: set = field(default_factory=set)  # idempotency keys of jobs not yet committed
+    flow_costs: dict = field(default_factory=dict)  # middlebox -> switch entries its filters cost
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.database)
-        self.state = self.store.load(self.settings.limits)
+        loaded = self.store.load(self.settings.limits)
+        self.state = unique_zones(loaded)
+        if self.state is not loaded:
+            log.warning("conntrack zones repeated across switches; renumbered (they are unique per host now)")
+            self.store.save(loaded, self.state, [])
+        self.inventories = {dpid: build_inventory(entries) for dpid, entries in self.store.load_inventories().items()}
         self.metrics = Metrics()
         self.store.prune_old(time.time())
-        log.info("loaded %d middlebox(es) from %s", len(self.state.middleboxes), self.settings.database)
+        log.info("loaded %d middlebox(es) and the annotated ports of %d switch(es) from %s (trust: %s)",
+                 len(self.state.middleboxes), len(self.inventories), self.settings.database,
+                 self.settings.trust.value)
 
     def start(self) -> None:
-        """The periodic work: audits of every switch, re-probes of backends."""
+        """The periodic work: audits of every switch, health checks of backends, re-probes
+        of backends a lab located by ARP."""
         if self.settings.audit_interval > 0:
             self.threads.append(hub.spawn(self._every, self.settings.audit_interval, self._audit_all))
+        if self.settings.backend_check_interval > 0:
+            self.threads.append(hub.spawn(self._every, self.settings.backend_check_interval, self._check_backends))
         self.threads.append(hub.spawn(self._every, ARP_REFRESH, self._probe_all))
         self.threads.append(hub.spawn(self._every, PRUNE_INTERVAL, self._prune_answers))
 
@@ -281,7 +309,10 @@ class Controller:
         except CommandError as error:
             return Decided(Answer("SYNTAX", str(error), "syntax"), state, fresh=True, store=True, independent=True)
         try:
-            outcome = apply(state, Binding(request.dpid, request.port), command)
+            outcome = apply(state, Binding(request.dpid, request.port, self.settings.trust,
+                                           self.inventory_of(request.dpid)), command)
+            if isinstance(command, AddFilter) and outcome.state is not state:
+                self._check_flow_budget(request.dpid, state, outcome.state, command)
         except ApplyError as error:
             return Decided(Answer("REJECTED", str(error), error.code), state, fresh=True, store=True)
         answer = Answer("OK", outcome.text)
@@ -291,6 +322,22 @@ class Controller:
             return Decided(answer, state, fresh=True, store=True)
         backends = frozenset(command.backends) if isinstance(command, RegisterLoadBalancer) else frozenset()
         return Decided(answer, outcome.state, command.mac, backends, fresh=True, store=True)
+
+    def _check_flow_budget(self, dpid: int, before: State, after: State, command: AddFilter) -> None:
+        """Limits count switch entries, not filters: one port-range filter can cost many.
+        The cost is kept per middlebox value, so a bulk of filters adds, not recounts."""
+        old, new = before.find(dpid, command.mac), after.find(dpid, command.mac)
+        addresses = self.surroundings(dpid).addresses(new)
+        spent = self.flow_costs.get(old)
+        if spent is None:
+            spent = sum(filter_cost(f, addresses) for f in old.filters)
+        total = spent + filter_cost(command.filter, addresses)
+        if total > after.limits.flows:
+            raise ApplyError("limit", f"{command.mac}'s filters would need {total} switch entries, the limit is "
+                                      f"{after.limits.flows}; use wider prefixes or fewer port ranges")
+        if len(self.flow_costs) >= 4096:
+            self.flow_costs.clear()
+        self.flow_costs[new] = total
 
     def release(self, plan: Plan) -> None:
         """The job's keys are answered (or abandoned): others may use them again."""
@@ -377,8 +424,41 @@ class Controller:
         if dpid in self.reconcilers:
             self.reconcilers[dpid].submit(Job("retire", ports=frozenset({port})))
 
+    # --- the operator's annotations (published by the host agent) -----------------------
+
+    def inventory_of(self, dpid: int) -> Inventory:
+        return self.inventories.get(dpid, Inventory())
+
+    def set_inventory(self, dpid: int, entries: list[PortIdentity]) -> Inventory:
+        """Replace a switch's annotated ports (the agent publishes them whole).  Stored
+        first, so a restarted controller enforces them before the agent speaks again;
+        the switch converges to them in its own queue (port security, which middleboxes
+        and backends the annotations still vouch for)."""
+        inventory = build_inventory(entries)
+        previous = self.inventories.get(dpid)
+        if previous is not None and previous.identities == inventory.identities and previous.refused == inventory.refused:
+            return previous
+        self.store.save_inventory(dpid, entries)
+        self.inventories[dpid] = inventory
+        for refused in inventory.refused:
+            log.warning("switch %016x: annotations of %s (port %d) refused: %s", dpid, refused.interface or "?",
+                        refused.port, refused.reason)
+        log.info("switch %016x: %d annotated port(s), %d refused", dpid, len(inventory.ports), len(inventory.refused))
+        self.metrics.annotated_ports(dpid, len(inventory.ports), len(inventory.refused))
+        if dpid in self.reconcilers:
+            self.reconcilers[dpid].submit(Job("converge"))
+        return inventory
+
+    def surroundings(self, dpid: int, metered: bool = True) -> Surroundings:
+        health = self.health.get(dpid)
+        return Surroundings(self.settings.trust, self.inventory_of(dpid), self.neighbours_of(dpid),
+                            health.down(time.monotonic()) if health else frozenset(), metered)
+
+    # --- backends: health checks, and in a lab their location by ARP ---------------------
+
     def packet_in(self, message) -> None:
-        """Only ARP replies to the resolver's MAC come to the controller (flows.base_config)."""
+        """Only ARP replies to the resolver's MAC come to the controller (flows.base_config),
+        through the switch's meter."""
         reply = packet.Packet(message.data).get_protocol(arp.arp)
         if reply is None or reply.opcode != arp.ARP_REPLY or reply.dst_mac != RESOLVER_MAC:
             return
@@ -388,26 +468,90 @@ class Controller:
         return self.neighbours.setdefault(dpid, {})
 
     def arp_reply(self, dpid: int, address: str, mac: str, port: int) -> None:
+        """An annotated address is answered for only by its own port and MAC (port
+        security drops the rest before it gets here); it only proves the backend alive.
+        Other addresses locate a lab's backends, which is why labs are not isolated."""
+        owner = self.inventory_of(dpid).owner(address)
+        if owner is not None:
+            if (owner.port, owner.mac) == (port, mac):
+                self._backend_answered(dpid, address)
+            return
+        if self.settings.trust is not TrustMode.LAB:
+            return
+        self._backend_answered(dpid, address)
         known = self.neighbours_of(dpid)
         previous, known[address] = known.get(address), Neighbour(mac, port)
         if previous is not None and previous != known[address]:
             log.info("switch %016x: backend %s moved from %s to %s", dpid, address, previous, known[address])
-            users = frozenset(mb.mac for mb in self.state.on(dpid)
-                              if any(address in r.backends for r in mb.redirects))
-            if users:
-                self.reconciler(dpid).submit(Job("refresh", macs=users))
+            self._refresh_users(dpid, {address})
+
+    def _refresh_users(self, dpid: int, addresses) -> None:
+        users = frozenset(mb.mac for mb in self.state.on(dpid)
+                          if any(set(r.backends) & set(addresses) for r in mb.redirects))
+        if users and dpid in self.reconcilers:
+            self.reconcilers[dpid].submit(Job("refresh", macs=users))
+
+    def _backend_answered(self, dpid: int, address: str) -> None:
+        health = self.health.get(dpid)
+        if health is None:
+            return
+        was_down = address in health.down(time.monotonic())
+        health.answered(address, time.monotonic())
+        if was_down:
+            log.info("switch %016x: backend %s answers again; back in its redirects", dpid, address)
+            self.metrics.backend_up(dpid, address, True)
+            self._refresh_users(dpid, {address})
+
+    def _check_backends(self) -> None:
+        """Ask every backend in use; those silent for too long leave their redirects."""
+        now = time.monotonic()
+        for dpid, reconciler in list(self.reconcilers.items()):
+            if not (reconciler.connected and reconciler.synced):
+                continue
+            surroundings = self.surroundings(dpid)
+            located = {}
+            for middlebox in self.state.on(dpid):
+                for backend in {b for r in middlebox.redirects for b in r.backends}:
+                    where = surroundings.locate(middlebox, backend)
+                    if where is not None and ":" not in backend:
+                        located[backend] = where
+            health = self.health.setdefault(dpid, BackendHealth(self.settings.backend_down_after))
+            before = health.down(now)
+            health.checking(located, now)
+            for backend, where in sorted(located.items()):
+                reconciler.link.send_unconfirmed(self.arp_check(reconciler.link.datapath, backend, where))
+            after = health.down(now)
+            for backend in sorted(after - before):
+                log.warning("switch %016x: backend %s did not answer for %.1f s; out of its redirects", dpid,
+                            backend, self.settings.backend_down_after)
+                self.metrics.backend_up(dpid, backend, False)
+            for backend in sorted(set(located) - after):
+                self.metrics.backend_up(dpid, backend, True)
+            self.metrics.forget_backends(dpid, set(located))
+            if after != before:
+                self._refresh_users(dpid, after ^ before)
 
     @staticmethod
-    def arp_probe(datapath, address: str):
+    def _arp_request(datapath, address: str, destination: str, out_port: int):
         """An ARP probe (sender 0.0.0.0, RFC 5227): answered, but cached by nobody."""
         frame = packet.Packet()
-        frame.add_protocol(ethernet.ethernet(dst="ff:ff:ff:ff:ff:ff", src=RESOLVER_MAC, ethertype=ether.ETH_TYPE_ARP))
+        frame.add_protocol(ethernet.ethernet(dst=destination, src=RESOLVER_MAC, ethertype=ether.ETH_TYPE_ARP))
         frame.add_protocol(arp.arp(opcode=arp.ARP_REQUEST, src_mac=RESOLVER_MAC, src_ip="0.0.0.0",
                                    dst_mac="00:00:00:00:00:00", dst_ip=address))
         frame.serialize()
         parser, ofp = datapath.ofproto_parser, datapath.ofproto
         return parser.OFPPacketOut(datapath, ofp.OFP_NO_BUFFER, ofp.OFPP_CONTROLLER,
-                                   [parser.OFPActionOutput(ofp.OFPP_FLOOD)], frame.data)
+                                   [parser.OFPActionOutput(out_port)], frame.data)
+
+    @classmethod
+    def arp_probe(cls, datapath, address: str):
+        """A lab's search for an unannotated backend: flooded to every port."""
+        return cls._arp_request(datapath, address, "ff:ff:ff:ff:ff:ff", datapath.ofproto.OFPP_FLOOD)
+
+    @classmethod
+    def arp_check(cls, datapath, address: str, where: Neighbour):
+        """A health check: straight to the backend's port and MAC, seen by nobody else."""
+        return cls._arp_request(datapath, address, where.mac, where.port)
 
     # --- reads (REST) ---------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from mbvisor.guest.commands import AddFilter, RegisterLoadBalancer
 from mbvisor.guest.grammar import format_command, parse_command
 
 from .model import Limits, Middlebox, Redirect, State
+from .trust import PortIdentity
 from .requests import Answer
 
 KEEP_PER_CHANNEL = 4096
@@ -26,6 +27,7 @@ PRUNE_EVERY = 256  # answers stored for a channel between two prunings of it
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS middleboxes (
     dpid INTEGER NOT NULL, mac TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (dpid, mac));
+CREATE TABLE IF NOT EXISTS ports (dpid INTEGER PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS answers (
     channel TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
     status TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (channel, epoch, seq));
@@ -75,6 +77,18 @@ class Store:
     def load(self, limits: Limits) -> State:
         rows = self.db.execute("SELECT dpid, mac, body FROM middleboxes ORDER BY dpid, mac").fetchall()
         return State.of((decode_middlebox(*row) for row in rows), limits)
+
+    def save_inventory(self, dpid: int, entries: list[PortIdentity]) -> None:
+        """A switch's annotated ports as published (refusals are recomputed on load)."""
+        body = json.dumps([{"port": e.port, "mac": e.mac, "tenant": e.tenant, "vm_id": e.vm_id, "ips": list(e.ips),
+                            "interface": e.interface} for e in entries])
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO ports VALUES (?, ?)", (dpid, body))
+
+    def load_inventories(self) -> dict[int, list[PortIdentity]]:
+        return {dpid: [PortIdentity(e["port"], e["mac"], e["tenant"], e["vm_id"], tuple(e["ips"]), e["interface"])
+                       for e in json.loads(body)]
+                for dpid, body in self.db.execute("SELECT dpid, body FROM ports ORDER BY dpid")}
 
     def save(self, before: State, after: State, answers: list[tuple[tuple[str, int, int], Answer, str]]) -> None:
         """Write the middleboxes that changed and the (key, answer, command text) rows, in

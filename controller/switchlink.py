@@ -108,6 +108,17 @@ class SwitchLink:
         return self.request(parser.OFPFlowStatsRequest(datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
                                                        cookie, mask, parser.OFPMatch()), expected)
 
+    def confirm(self, message) -> list[str]:
+        """One message outside a bundle (a meter mod: bundles take flows and groups),
+        then a barrier; the switch's errors, empty when it is in effect."""
+        waiter = Waiter(hub.Event(), barrier=-1)  # an error must not end the wait: the barrier does
+        self._send(message, waiter)
+        barrier = self.datapath.ofproto_parser.OFPBarrierRequest(self.datapath)
+        self._send(barrier, waiter)
+        waiter.barrier = barrier.xid
+        self._wait(waiter, BASE_TIMEOUT, type(message).__name__)
+        return waiter.errors
+
     def commit(self, messages: Iterable, count: int) -> list[str]:
         """Send ``messages`` (``count`` of them) as one atomic, ordered bundle, then a barrier.
         Returns the switch's errors: empty means every message is in effect, otherwise the

@@ -36,7 +36,8 @@ Modelled as in Open vSwitch 3.1 (``ofproto/ofproto.c``):
 errors (xid, type, code), flow stats and group descriptions: they agree, bundle failures
 included.
 
-Not modelled: timeouts, flow-removed and flow-monitor messages, meters, OF versions other
+Meters are kept (add/modify/delete, and a flow naming an unknown meter is refused, as OVS
+does) but do not limit rates.  Not modelled: timeouts, flow-removed and flow-monitor messages, OF versions other
 than 1.3, roles, port mods, table features, ``OFPFF_CHECK_OVERLAP``, write-actions in
 traces, packets other than ARP replies from :meth:`FakeSwitch.add_host` hosts, NORMAL's
 MAC learning; a packet-out inside a bundle acts when the commit reaches it, even if the
@@ -157,7 +158,23 @@ def _parse_bundle_add(datapath, version, msg_type, msg_len, xid, buf):
                    version, msg_type, msg_len, xid, buf)
 
 
+@dataclass
+class MeterMod:
+    """os-ken only encodes meter mods; the switch needs the command and the meter id."""
+
+    command: int
+    meter_id: int
+    xid: int
+    buf: bytes
+
+
+def _parse_meter_mod(datapath, version, msg_type, msg_len, xid, buf):
+    command, _flags, meter_id = struct.unpack_from("!HHI", buf, ofp.OFP_HEADER_SIZE)
+    return MeterMod(command, meter_id, xid, bytes(buf))
+
+
 _LOCAL_PARSERS = {
+    ofp.OFPT_METER_MOD: _parse_meter_mod,
     ofp.OFPT_BARRIER_REQUEST: _parse_barrier,
     ofp.OFPT_GROUP_MOD: _parse_group_mod,
     ofp.OFPT_MULTIPART_REQUEST: _parse_multipart_request,
@@ -348,15 +365,33 @@ def _uses_group(actions, group_id: int) -> bool:
     return any(isinstance(a, parser.OFPActionGroup) and a.group_id == group_id for a in actions)
 
 
+def _meters(instructions) -> set[int]:
+    return {i.meter_id for i in instructions if isinstance(i, parser.OFPInstructionMeter)}
+
+
 @dataclass
 class Tables:
     """Flows by identity and groups by id; copied whole for an atomic bundle commit."""
 
     flows: dict = field(default_factory=dict)
     groups: dict = field(default_factory=dict)
+    meters: set = field(default_factory=set)
 
     def copy(self) -> "Tables":
-        return Tables(dict(self.flows), dict(self.groups))
+        return Tables(dict(self.flows), dict(self.groups), set(self.meters))
+
+    def meter_mod(self, mod: MeterMod) -> None:
+        known = mod.meter_id in self.meters
+        if mod.command == ofp.OFPMC_ADD and known:
+            raise OpenFlowError(ofp.OFPET_METER_MOD_FAILED, ofp.OFPMMFC_METER_EXISTS)
+        if mod.command in (ofp.OFPMC_MODIFY, ofp.OFPMC_DELETE) and not known:
+            raise OpenFlowError(ofp.OFPET_METER_MOD_FAILED, ofp.OFPMMFC_UNKNOWN_METER)
+        if mod.command == ofp.OFPMC_DELETE:
+            self.meters.discard(mod.meter_id)
+            for identity in [i for i, e in self.flows.items() if mod.meter_id in _meters(e.instructions)]:
+                del self.flows[identity]  # OpenFlow: a deleted meter takes its flows along
+        else:
+            self.meters.add(mod.meter_id)
 
     def select(self, table: int, match: Match, cookie: int, cookie_mask: int, priority: int | None = None,
                out_port: int = ofp.OFPP_ANY, out_group: int = ofp.OFPG_ANY) -> list[Entry]:
@@ -388,6 +423,8 @@ class Tables:
             targets = self.select(mod.table_id, match, mod.cookie, mod.cookie_mask, priority)
             if targets:
                 self.check_groups([a for i in mod.instructions for a in getattr(i, "actions", [])])
+                if not _meters(mod.instructions) <= self.meters:
+                    raise OpenFlowError(ofp.OFPET_METER_MOD_FAILED, ofp.OFPMMFC_UNKNOWN_METER)
             reset = mod.flags & ofp.OFPFF_RESET_COUNTS
             for entry in targets:
                 self.flows[entry.identity] = replace(
@@ -404,6 +441,8 @@ class Tables:
         if mod.table_id >= TABLES:
             raise OpenFlowError(ofp.OFPET_FLOW_MOD_FAILED, ofp.OFPFMFC_BAD_TABLE_ID)
         self.check_groups([a for i in mod.instructions for a in getattr(i, "actions", [])])
+        if not _meters(mod.instructions) <= self.meters:
+            raise OpenFlowError(ofp.OFPET_METER_MOD_FAILED, ofp.OFPMMFC_UNKNOWN_METER)
         old = self.flows.get((mod.table_id, mod.priority, match))
         keep = old is not None and not mod.flags & ofp.OFPFF_RESET_COUNTS
         entry = Entry(mod.table_id, mod.priority, match, mod.cookie, tuple(mod.instructions), mod.flags,
@@ -507,6 +546,8 @@ class _Tracer:
                 self.actions(instruction.actions, depth)
             elif isinstance(instruction, parser.OFPInstructionGotoTable):
                 self.pipeline(instruction.table_id, depth + 1)
+            elif isinstance(instruction, parser.OFPInstructionMeter):
+                pass  # meters are kept, not rate-limiting: every traced packet passes
             elif isinstance(instruction, parser.OFPInstructionWriteMetadata):
                 old = self.value("metadata")
                 self.fields["metadata"] = (old & ~instruction.metadata_mask) | (
@@ -802,6 +843,8 @@ class FakeSwitch:
             self.tables.flow_mod(msg)
         elif isinstance(msg, parser.OFPGroupMod):
             self.tables.group_mod(msg)
+        elif isinstance(msg, MeterMod):
+            self.tables.meter_mod(msg)
         elif isinstance(msg, parser.OFPBarrierRequest):
             self._answer(datapath, _message(ofp.OFPT_BARRIER_REPLY, msg.xid, b""))
         elif isinstance(msg, parser.OFPEchoRequest):

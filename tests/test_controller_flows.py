@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from mbvisor.controller import flows as F
 from mbvisor.controller.flows import (BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, ETH_IPV4, ETH_IPV6, FILTER,
                                       OFFLOAD_TABLE, REDIRECT, REDIRECT_FROM_SOURCE, REDIRECT_REPLY,
-                                      REDIRECT_TABLE, VLAN_PRESENT, Flow, Neighbour, SwitchConfig, _port_masks,
+                                      REDIRECT_TABLE, VLAN_PRESENT, Flow, Neighbour, SwitchConfig, Surroundings, _port_masks,
                                       base_config, compile_filters, compile_middlebox, compile_redirects,
                                       compile_switch, cookie_of, ct_state, filter_matches, group_id, owned_groups)
+from mbvisor.controller.pipeline import ENTERED, INGRESS_TABLE, STRAY, port_cookie
 from mbvisor.controller.model import Binding, Middlebox, State, apply
 from mbvisor.guest.grammar import parse_command
 
@@ -29,6 +30,7 @@ HERE = Binding(1, 5)
 # Backend IP -> where the controller's ARP resolution found it (MAC and switch port).
 NEIGHBOURS = {f"10.0.0.{i}": Neighbour(f"02:00:00:00:00:{i:02x}", 10 + i) for i in range(1, 40)}
 NEIGHBOURS |= {f"2001:db8::{i:x}": Neighbour(f"02:00:00:00:01:{i:02x}", 60 + i) for i in range(1, 40)}
+LAB = Surroundings(neighbours=NEIGHBOURS)  # an unannotated lab: backends located by ARP
 
 
 def build(*texts: str, state: State | None = None, binding: Binding = HERE) -> State:
@@ -101,14 +103,21 @@ def test_cookies_of_different_macs_differ(a, b):
 def test_base_config():
     config = base_config()
     assert config.groups == frozenset()
-    assert all(flow.cookie == BASE_COOKIE for flow in config.flows)
+    assert all(flow.cookie in (BASE_COOKIE, port_cookie(0)) for flow in config.flows)
     misses = {(f.table, f.priority, f.match, f.actions) for f in config.flows if f.match == ()}
-    assert misses == {(OFFLOAD_TABLE, 0, (), (("normal",),)), (REDIRECT_TABLE, 0, (), (("normal",),))}
-    (arp,) = [f for f in config.flows if f.match != ()]
-    assert arp.table == OFFLOAD_TABLE and arp.actions == (("controller",),)
+    assert misses == {(INGRESS_TABLE, 0, (), (("goto", OFFLOAD_TABLE),)), (OFFLOAD_TABLE, 0, (), (("normal",),)),
+                      (REDIRECT_TABLE, 0, (), (("normal",),))}
+    (arp,) = [f for f in config.flows if field(f, "arp_op") is not None]
+    assert arp.table == OFFLOAD_TABLE and arp.actions == (("meter", F.CONTROLLER_METER), ("controller",))
     assert dict(arp.match) == {"eth_type": 0x0806, "eth_dst": F.RESOLVER_MAC, "arp_op": 2}
     assert arp.priority > FILTER
+    # What entered a redirect and matched no decision is dropped, never flooded by NORMAL.
+    (stray,) = [f for f in config.flows if field(f, "reg1") is not None]
+    assert (stray.table, stray.priority, stray.actions) == (REDIRECT_TABLE, STRAY, ())
     assert base_config() == config
+    unmetered = base_config(Surroundings(metered=False))
+    (arp,) = [f for f in unmetered.flows if field(f, "arp_op") is not None]
+    assert arp.actions == (("controller",),)
 
 
 # --- port ranges --------------------------------------------------------------------------
@@ -270,14 +279,14 @@ def new_connection_flows(flows: set[Flow]) -> dict[int, Flow]:
 def test_redirect_flows_and_select_group_for_a_type_0_pool():
     pool = ("10.0.0.5", "10.0.0.6", "10.0.0.7")
     mb = middlebox(f"R L {MAC} 10.0.0.100 0 * {','.join(pool)}")
-    flows, groups, missing = compile_redirects(mb, NEIGHBOURS)
+    flows, groups, missing = compile_redirects(mb, LAB)
     assert missing == set()
     assert all(f.cookie == cookie_of(MAC) for f in flows)
     # Traffic for the balancer address goes through the middlebox's conntrack zone.
     (entry,) = entries(flows, mb).values()
     assert entry.priority == REDIRECT
     assert dict(entry.match) == {"eth_type": V4, "eth_dst": MAC, "ipv4_dst": "10.0.0.100"}
-    assert entry.actions == (("ct_nat", mb.zone, REDIRECT_TABLE),)
+    assert entry.actions == (("set_field", "reg1", ENTERED), ("ct_nat", mb.zone, REDIRECT_TABLE))
     # A new connection goes to a select group with one bucket per backend, in pool order.
     (group,) = groups
     assert group.group_id == group_id(mb, 0)
@@ -286,23 +295,27 @@ def test_redirect_flows_and_select_group_for_a_type_0_pool():
     assert dict(new.match)["ct_zone"] == mb.zone and dict(new.match)["ipv4_dst"] == "10.0.0.100"
     assert new.actions == (("group", group.group_id),)
     assert [bucket_backend(b, flows) for b in group.buckets] == list(pool)
-    # Established packets towards a backend get that backend's MAC.
+    # Every later packet towards a backend (established, or still +new after NAT) gets
+    # that backend's MAC and port.
     for backend in pool:
-        (est,) = [f for f in flows if field(f, "ct_state") == ct_state("+est+trk-rpl")
+        (est,) = [f for f in flows if field(f, "ct_state") == ct_state("+trk-rpl-inv")
                   and field(f, "ipv4_dst") == backend]
-        assert field(est, "ct_zone") == mb.zone
+        assert field(est, "ct_zone") == mb.zone and field(est, "reg1") == ENTERED
         assert ("set_field", "eth_dst", NEIGHBOURS[backend].mac) in est.actions
     # Replies from each backend go back through the zone, below every entry flow; nothing
     # in the zone is dropped (a backend's other traffic is new or invalid there).
     replies = {f for f in flows if f.table == OFFLOAD_TABLE and field(f, "eth_dst") is None}
     assert {field(f, "ipv4_src") for f in replies} == set(pool)
+    for reply in replies:  # only from the backend's own port and MAC
+        where = NEIGHBOURS[field(reply, "ipv4_src")]
+        assert (field(reply, "in_port"), field(reply, "eth_src")) == (where.port, where.mac)
     assert {f.priority for f in replies} == {REDIRECT_REPLY}
     assert not [f for f in flows if f.actions == ()]
 
 
 def test_type_1_redirect_matches_its_source_at_a_higher_priority():
     mb = middlebox(f"R L {MAC} 10.0.0.100 0 * 10.0.0.5", f"R L {MAC} 10.0.0.100 1 10.9.0.0/16 10.0.0.6")
-    flows, groups, _ = compile_redirects(mb, NEIGHBOURS)
+    flows, groups, _ = compile_redirects(mb, LAB)
     entry = entries(flows, mb)
     assert set(entry) == {REDIRECT, REDIRECT_FROM_SOURCE}
     assert field(entry[REDIRECT_FROM_SOURCE], "ipv4_src") == ("10.9.0.0", "255.255.0.0")
@@ -322,7 +335,7 @@ def test_type_1_redirect_matches_its_source_at_a_higher_priority():
 
 def test_ipv6_redirect_uses_ipv6_fields():
     mb = middlebox(f"R L {MAC} 2001:db8::100 1 2001:db8:9::/48 2001:db8::5,2001:db8::6")
-    flows, groups, missing = compile_redirects(mb, NEIGHBOURS)
+    flows, groups, missing = compile_redirects(mb, LAB)
     assert not missing and len(groups) == 1
     for flow in flows:
         names = {name for name, _ in flow.match}
@@ -337,18 +350,18 @@ def test_ipv6_redirect_uses_ipv6_fields():
 def test_unresolved_backend_gives_no_redirect_flows_and_is_reported():
     mb = middlebox(*FULL)
     neighbours = {k: v for k, v in NEIGHBOURS.items() if k != "10.0.0.6"}
-    flows, groups, missing = compile_redirects(mb, neighbours)
+    flows, groups, missing = compile_redirects(mb, Surroundings(neighbours=neighbours))
     assert (flows, groups, missing) == (set(), set(), {"10.0.0.6"})
-    config = compile_middlebox(mb, neighbours)
+    config = compile_middlebox(mb, Surroundings(neighbours=neighbours))
     assert config.unresolved == ("10.0.0.6",)
     assert config.groups == frozenset()
     assert config.flows == frozenset(compile_filters(mb))  # filters still go in
-    nothing = compile_middlebox(mb, {})
+    nothing = compile_middlebox(mb, Surroundings())
     assert nothing.unresolved == ("10.0.0.5", "10.0.0.6", "10.0.0.7")
 
 
 def test_no_redirects_without_a_balancer_registration():
-    assert compile_redirects(middlebox(f"R F {MAC} 10.0.0.1", f"A {MAC} I 1 p 6"), NEIGHBOURS) == (set(), set(), set())
+    assert compile_redirects(middlebox(f"R F {MAC} 10.0.0.1", f"A {MAC} I 1 p 6"), LAB) == (set(), set(), set())
 
 
 # --- whole middleboxes and switches -------------------------------------------------------
@@ -382,7 +395,7 @@ def assert_owned(mb: Middlebox, config: SwitchConfig) -> None:
 
 def test_every_flow_of_a_middlebox_is_its_own():
     mb = middlebox(*FULL)
-    config = compile_middlebox(mb, NEIGHBOURS)
+    config = compile_middlebox(mb, LAB)
     assert config.unresolved == ()
     assert_owned(mb, config)
     assert len(config.groups) == 2
@@ -407,7 +420,7 @@ TWO = FULL + (
 
 def test_two_middleboxes_never_share_cookies_flows_or_groups():
     state = build(*TWO)
-    first, second = (compile_middlebox(state.find(1, m), NEIGHBOURS) for m in (MAC, MAC2))
+    first, second = (compile_middlebox(state.find(1, m), LAB) for m in (MAC, MAC2))
     assert_owned(state.find(1, MAC), first)
     assert_owned(state.find(1, MAC2), second)
     assert {f.cookie for f in first.flows}.isdisjoint({f.cookie for f in second.flows})
@@ -420,34 +433,34 @@ def test_two_middleboxes_never_share_cookies_flows_or_groups():
 def test_compile_switch_is_base_config_plus_the_middleboxes_of_that_switch():
     state = build(*TWO)
     state = build(f"R F {MAC} 10.0.0.50", f"A {MAC} I 1 p 17", state=state, binding=Binding(2, 5))
-    config = compile_switch(state, 1, NEIGHBOURS)
-    parts = [compile_middlebox(mb, NEIGHBOURS) for mb in state.on(1)]
+    config = compile_switch(state, 1, LAB)
+    parts = [compile_middlebox(mb, LAB) for mb in state.on(1)]
     assert base_config().flows <= config.flows
     assert config.flows == base_config().flows.union(*(p.flows for p in parts))
     assert config.groups == frozenset().union(*(p.groups for p in parts))
     assert config.unresolved == ()
     # Switch 2 only has its own middlebox.
-    other = compile_switch(state, 2, NEIGHBOURS)
-    assert other.flows == base_config().flows | compile_middlebox(state.find(2, MAC), NEIGHBOURS).flows
-    assert compile_switch(state, 3, NEIGHBOURS) == base_config()
+    other = compile_switch(state, 2, LAB)
+    assert other.flows == base_config().flows | compile_middlebox(state.find(2, MAC), LAB).flows
+    assert compile_switch(state, 3, LAB) == base_config()
 
 
 def test_compile_switch_lists_unresolved_backends_of_all_middleboxes_sorted_once():
     state = build(*TWO)
-    config = compile_switch(state, 1, {"10.0.0.5": "02:00:00:00:00:05"})
+    config = compile_switch(state, 1, Surroundings(neighbours={"10.0.0.5": NEIGHBOURS["10.0.0.5"]}))
     assert config.unresolved == ("10.0.0.6", "10.0.0.7", "10.0.0.8")
     assert config.groups == frozenset()
 
 
 def test_compile_is_deterministic():
     state = build(*TWO)
-    assert compile_switch(state, 1, NEIGHBOURS) == compile_switch(state, 1, dict(NEIGHBOURS))
+    assert compile_switch(state, 1, LAB) == compile_switch(state, 1, Surroundings(neighbours=dict(NEIGHBOURS)))
     # The same desired state reached by another order of commands compiles to the same flows.
     # (Registrations keep their order: zones are handed out in registration order.)
     second = TWO[len(FULL):]
     reordered = build(FULL[0], *reversed(FULL[1:]), second[0], *reversed(second[1:]))
     assert reordered == state
-    assert compile_switch(reordered, 1, NEIGHBOURS) == compile_switch(state, 1, NEIGHBOURS)
+    assert compile_switch(reordered, 1, LAB) == compile_switch(state, 1, LAB)
 
 
 FILTER_TEXTS = [
@@ -468,10 +481,10 @@ def test_compile_is_deterministic_and_owned_for_any_offloads(filters, redirects,
             [f"R L {MAC} 10.0.0.100 {t}" for t in redirects]
     shuffled = texts[:1] + rnd.sample(texts[1:], len(texts) - 1)
     a, b = build(*texts), build(*shuffled)
-    config = compile_switch(a, 1, NEIGHBOURS)
-    assert config == compile_switch(b, 1, NEIGHBOURS)
+    config = compile_switch(a, 1, LAB)
+    assert config == compile_switch(b, 1, LAB)
     mb = a.find(1, MAC)
-    own = compile_middlebox(mb, NEIGHBOURS)
+    own = compile_middlebox(mb, LAB)
     assert_owned(mb, own)
     assert config.flows == base_config().flows | own.flows
     # One group per redirect entry, one bucket per backend, ids in the middlebox's block.

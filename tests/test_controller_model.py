@@ -358,16 +358,29 @@ def test_redirect_limit():
 
 # --- zones --------------------------------------------------------------------------------
 
-def test_zones_are_unique_per_switch_and_reused_after_cancel():
+def test_zones_are_unique_on_every_switch_and_reused_after_cancel():
+    """Every userspace bridge of a host shares one conntrack table (issue: zone 1 held NAT
+    entries of another bridge's middlebox), so zones never repeat across switches."""
     state = run_all(f"R F {MAC} 10.0.0.1", f"R F {MAC2} 10.0.0.2", f"R F {MAC3} 10.0.0.3")
     assert [state.find(1, m).zone for m in (MAC, MAC2, MAC3)] == [1, 2, 3]
     state = run(state, f"R F {MAC} 10.0.0.1", ELSEWHERE).state
-    assert state.find(2, MAC).zone == 1  # zones are per switch
+    assert state.find(2, MAC).zone == 4
     state = run(state, f"X {MAC2}").state
     state = run(state, "R F 52:34:56:00:12:55 10.0.0.5").state
     assert state.find(1, "52:34:56:00:12:55").zone == 2
-    zones = [mb.zone for mb in state.on(1)]
+    zones = [mb.zone for mb in state.middleboxes]
     assert len(zones) == len(set(zones))
+
+
+def test_zones_saved_per_switch_are_renumbered_once_and_unique_states_are_kept():
+    from mbvisor.controller.model import Middlebox, unique_zones
+    clashing = State.of([Middlebox(1, 1, MAC, 1), Middlebox(2, 1, MAC, 1), Middlebox(2, 2, MAC2, 2),
+                         Middlebox(3, 1, MAC3, 0)])
+    fixed = unique_zones(clashing)
+    zones = [mb.zone for mb in fixed.middleboxes]
+    assert len(set(zones)) == 4 and all(0 < z <= 0x7FFF for z in zones)
+    assert fixed.find(1, MAC).zone == 1 and fixed.find(2, MAC2).zone == 2  # the first holder keeps its zone
+    assert unique_zones(fixed) is fixed
 
 
 def test_registering_more_services_keeps_the_zone():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mbvisor.controller.flows import (COOKIE_TAG, Flow, Group, Neighbour, SwitchConfig, base_config, compile_switch,
+from mbvisor.controller.flows import (COOKIE_TAG, Flow, Group, Neighbour, Surroundings, SwitchConfig, base_config, compile_switch,
                                       cookie_of)
 from mbvisor.controller.model import Binding, State, apply
 from mbvisor.controller.reconcile import Changes, ours, reconcile, same_flow
@@ -215,7 +215,7 @@ def test_a_compiled_switch_reconciles_to_nothing_against_itself():
                  f"R L {MAC} 10.0.0.100 0 * 10.0.0.5,10.0.0.6"]:
         state = apply(state, Binding(1, 5), parse_command(text)).state
     neighbours = {"10.0.0.5": Neighbour("02:00:00:00:00:05", 7), "10.0.0.6": Neighbour("02:00:00:00:00:06", 8)}
-    desired = compile_switch(state, 1, neighbours)
+    desired = compile_switch(state, 1, Surroundings(neighbours=neighbours))
     assert reconcile(desired, desired.flows, desired.groups).empty
     # From an empty switch everything is added; cancelling afterwards deletes all but the base.
     fresh = reconcile(desired, [], [])

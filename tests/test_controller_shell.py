@@ -17,6 +17,8 @@ from mbvisor.controller import reconciler as reconciler_module
 from mbvisor.controller import switchlink
 from mbvisor.controller.compat import hub
 from mbvisor.controller.flows import FILTER, cookie_of
+from mbvisor.controller.pipeline import OFFLOAD_TABLE, REDIRECT_TABLE
+from mbvisor.controller.trust import TrustMode
 from mbvisor.controller.model import Limits
 from mbvisor.controller.reconciler import Job
 from mbvisor.controller import store as store_module
@@ -35,6 +37,9 @@ class Host:
 
     def __init__(self, tmp_path, **settings):
         self.database = tmp_path / "controller.sqlite"
+        # A lab's trust mode: these tests are about the shell's decisions; the trust
+        # model's are in test_trust.py (settings may say otherwise).
+        settings = {"trust": TrustMode.LAB, "backend_check_interval": 0, **settings}
         self.service = Controller(Settings(database=self.database, audit_interval=0, **settings))
         self.service.arp_timeout = 0.5
         self.switches: dict[int, FakeSwitch] = {}
@@ -87,7 +92,7 @@ def fast_timeouts(monkeypatch):
 
 
 def filter_flows(fake: FakeSwitch) -> list:
-    return [f for f in fake.flows(0) if f.priority == FILTER]
+    return [f for f in fake.flows(OFFLOAD_TABLE) if f.priority == FILTER]
 
 
 def sent(fake: FakeSwitch, kind: str) -> list:
@@ -162,7 +167,7 @@ def test_a_retried_command_replays_and_a_reused_key_is_refused(host):
     assert first.status == again.status == "OK" and again.replayed and not first.replayed
     reused = host.run(f"X {MAC}", key=("vm/eth0", 1, 7))[0]
     assert reused.status == "REJECTED" and reused.code == "key-reused"
-    assert host.service.state.find(DPID, MAC) is not None and fake.flows(0)
+    assert host.service.state.find(DPID, MAC) is not None and fake.flows(OFFLOAD_TABLE)
     largest = host.run(f"A {MAC} I 4 s 10.1.0.0/16", key=("vm/eth0", 2**32 - 1, 2**63 - 1))[0]
     assert largest.status == "OK"
 
@@ -348,7 +353,7 @@ def test_a_moved_backend_is_followed(host):
     fake.add_host("10.0.0.11", "02:00:00:00:00:11", BACKEND_PORT)
     host.ok(f"R F {MAC} 10.0.0.5", f"R L {MAC} 10.0.0.5 0 * 10.0.0.11")
     host.service.arp_reply(DPID, "10.0.0.11", "02:00:00:00:00:11", 4)
-    wait_until(lambda: any(("output", 4) == a for f in fake.flows(1) for a in [("output", p) for p in
+    wait_until(lambda: any(("output", 4) == a for f in fake.flows(REDIRECT_TABLE) for a in [("output", p) for p in
                                                                                 _outputs(f)]),
                what="the redirect towards the new port")
 

@@ -9,9 +9,10 @@ import pytest
 
 from fakeswitch import (OFPBFC_BAD_ID, OFPBFC_MSG_FAILED, OFPBFC_TIMEOUT, ONF, FakeSwitch, canonical, decode,
                         serialized, wait_until)
-from mbvisor.controller.flows import (BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, Flow, Neighbour, compile_switch,
+from mbvisor.controller.flows import (BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, Flow, Neighbour, Surroundings, base_config, compile_switch,
                                       cookie_of)
 from mbvisor.controller.model import Binding, State, apply
+from mbvisor.controller.pipeline import port_cookie
 from mbvisor.controller.ofmessages import encoded_actions, flow_mod, group_mod, instructions, normal_match
 from mbvisor.guest.grammar import parse_command
 from os_ken.ofproto import ofproto_v1_3 as ofp
@@ -19,7 +20,8 @@ from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 MAC = "52:34:56:00:12:22"
 CLIENT_PORT = 1
-NEIGHBOURS = {f"10.0.0.{i}": Neighbour(f"02:00:00:00:00:{i:02x}", 10 + i) for i in range(1, 10)}
+NEIGHBOURS = Surroundings(neighbours={f"10.0.0.{i}": Neighbour(f"02:00:00:00:00:{i:02x}", 10 + i) for i in range(1, 10)},
+                          metered=False)  # these tests install flows without the controller's meter set-up
 COMMANDS = (
     f"R F {MAC} 10.0.0.100",
     f"A {MAC} I 4 s 10.66.0.0/16",
@@ -149,7 +151,7 @@ def test_compiled_flows_and_groups_read_back_as_sent(switch, sink):
     assert sorted(g.group_id for g in groups) == sorted(g.group_id for g in config.groups)
     assert all(g.type == ofp.OFPGT_SELECT and len(g.buckets) == 2 for g in groups)
     mine = flow_stats(switch, sink, cookie_of(MAC), 0xFFFFFFFFFFFFFFFF)
-    assert {s.cookie for s in mine} == {cookie_of(MAC)} and len(mine) == len(config.flows) - 3
+    assert {s.cookie for s in mine} == {cookie_of(MAC)} and len(mine) == len(config.flows) - len(base_config(NEIGHBOURS).flows)
     assert not sink.errors()
 
 
@@ -203,8 +205,8 @@ def test_delete_by_cookie_in_every_table_leaves_other_cookies(switch, sink):
     send(switch, parser.OFPFlowMod(dp, cookie=cookie_of(MAC), cookie_mask=0xFFFFFFFFFFFFFFFF, table_id=ofp.OFPTT_ALL,
                                    command=ofp.OFPFC_DELETE, out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY,
                                    match=parser.OFPMatch()))
-    assert {s.cookie for s in flow_stats(switch, sink)} == {BASE_COOKIE}
-    assert switch.flow_count() == 3
+    assert {s.cookie for s in flow_stats(switch, sink)} == {BASE_COOKIE, port_cookie(0)}
+    assert switch.flow_count() == len(base_config(NEIGHBOURS).flows)
 
 
 def test_strict_delete_and_modify_touch_one_flow(switch, sink):
@@ -412,12 +414,12 @@ def test_trace_drops_filtered_traffic_and_passes_the_rest(switch, sink):
     barrier(switch, sink)
     attack = switch.trace(CLIENT_PORT, count=True, eth_dst=MAC, eth_type=0x0800, ipv4_src="10.66.3.4",
                           ipv4_dst="10.0.0.100")
-    assert attack.verdict == "drop" and attack.path == [(0, 3000, cookie_of(MAC))]
+    assert attack.verdict == "drop" and attack.path == [(0, 0, port_cookie(0)), (1, 3000, cookie_of(MAC))]
     telnet = switch.trace(CLIENT_PORT, eth_dst=MAC, eth_type=0x0800, ipv4_src="10.1.1.1", ip_proto=6,
                           tcp_src=1500, tcp_dst=80)
     assert telnet.verdict == "drop"
     other = switch.trace(CLIENT_PORT, eth_dst="02:00:00:00:00:99", eth_type=0x0800, ipv4_src="10.66.3.4")
-    assert other.verdict == "normal" and other.path == [(0, 0, BASE_COOKIE)]
+    assert other.verdict == "normal" and other.path == [(0, 0, port_cookie(0)), (1, 0, BASE_COOKIE)]
     counted = [s for s in flow_stats(switch, sink, cookie_of(MAC), 0xFFFFFFFFFFFFFFFF) if s.packet_count]
     assert [(s.priority, s.packet_count, s.byte_count) for s in counted] == [(3000, 1, 64)]
 
@@ -428,10 +430,12 @@ def test_trace_follows_a_redirect_through_conntrack_and_the_group(switch, sink):
     fields = dict(eth_dst=MAC, eth_type=0x0800, ipv4_src="10.1.1.1", ipv4_dst="10.0.0.100", ip_proto=6, tcp_dst=8080)
     for bucket, backend in enumerate(("10.0.0.5", "10.0.0.6")):
         new = switch.trace(CLIENT_PORT, bucket=bucket, **fields)
-        assert (new.verdict, new.ports) == ("output", [NEIGHBOURS[backend].port])
-        assert new.fields["ipv4_dst"] == backend and new.fields["eth_dst"] == NEIGHBOURS[backend].mac
-        assert new.fields["ct_mark"] == CLIENT_PORT and [t for t, _, _ in new.path] == [0, 1, 2]
-    reply = switch.trace(NEIGHBOURS["10.0.0.5"].port, ct_state=0x2A, ct_mark=CLIENT_PORT, eth_type=0x0800,
+        where = NEIGHBOURS.neighbours[backend]
+        assert (new.verdict, new.ports) == ("output", [where.port])
+        assert new.fields["ipv4_dst"] == backend and new.fields["eth_dst"] == where.mac
+        assert new.fields["ct_mark"] == CLIENT_PORT and [t for t, _, _ in new.path] == [0, 1, 2, 3]
+    backend = NEIGHBOURS.neighbours["10.0.0.5"]
+    reply = switch.trace(backend.port, ct_state=0x2A, ct_mark=CLIENT_PORT, eth_type=0x0800, eth_src=backend.mac,
                          ipv4_src="10.0.0.5", ipv4_dst="10.1.1.1")
     assert (reply.verdict, reply.ports) == ("output", [CLIENT_PORT])
 
@@ -439,7 +443,6 @@ def test_trace_follows_a_redirect_through_conntrack_and_the_group(switch, sink):
 def test_an_arp_host_answers_probes_through_the_controller_flow(switch, sink):
     """The controller's backend resolver: a probe by packet-out, the reply by packet-in,
     but only while the ARP capture flow is there."""
-    from mbvisor.controller.flows import base_config
     from os_ken.lib.packet import arp, ethernet, packet
 
     dp = switch.datapath
@@ -454,7 +457,7 @@ def test_an_arp_host_answers_probes_through_the_controller_flow(switch, sink):
     send(switch, probe())
     barrier(switch, sink)
     assert not [m for m in sink if isinstance(m, parser.OFPPacketIn)]
-    send(switch, *[flow_mod(dp, f, "add") for f in base_config().flows], probe())
+    send(switch, *[flow_mod(dp, f, "add") for f in base_config(NEIGHBOURS).flows], probe())
     wait_until(lambda: [m for m in sink if isinstance(m, parser.OFPPacketIn)])
     (packet_in,) = [m for m in sink if isinstance(m, parser.OFPPacketIn)]
     answer = packet.Packet(packet_in.data).get_protocol(arp.arp)

@@ -24,6 +24,11 @@ REGISTRY = Registry().with_resource(SPEC_URI, Resource.from_contents(SPEC, defau
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 ONE = f"/v1/middleboxes/00000000000000a1/{MAC}"
 UNKNOWN = "/v1/middleboxes/a1/52:34:56:00:12:99"
+PORTS = "/v1/switches/00000000000000a1/ports"
+INVENTORY = {"ports": [{"port": 3, "interface": "vm1", "mac": MAC, "vm_id": "vm1", "tenant": "blue",
+                        "ips": ["10.0.0.5"]},
+                       {"port": 4, "interface": "vm2", "mac": "02:00:00:00:00:04", "tenant": "blue",
+                        "ips": ["10.0.0.5"]}]}  # the same address: both refused, and said so
 
 
 class BrokenService:
@@ -65,6 +70,13 @@ EXCHANGES = [  # (service, method, path, body, authorised)
     (FakeService, "DELETE", "/v1/middleboxes/x/y", None, True),
     (FakeService, "DELETE", ONE, None, False),
     (BrokenService, "DELETE", ONE, None, True),
+    (FakeService, "GET", PORTS, None, False),
+    (FakeService, "GET", "/v1/switches/x/ports", None, False),
+    (BrokenService, "GET", PORTS, None, False),
+    (FakeService, "PUT", PORTS, INVENTORY, True),
+    (FakeService, "PUT", PORTS, {"ports": [{**INVENTORY["ports"][0], "ips": ["10.0.0.300"]}]}, True),
+    (FakeService, "PUT", PORTS, INVENTORY, False),
+    (BrokenService, "PUT", PORTS, INVENTORY, True),
 ]
 
 

@@ -27,6 +27,7 @@ from mbvisor.controller import rest
 from mbvisor.controller.flows import cookie_of
 from mbvisor.controller.metrics import Metrics
 from mbvisor.controller.model import Binding, State, apply
+from mbvisor.controller.trust import Inventory, build_inventory
 from mbvisor.controller.requests import (MAX_BATCH, Answer, BadRequest, CommandRequest, SwitchUnavailable,
                                          read_token_file, requests_from_body)
 from mbvisor.guest.grammar import parse_command
@@ -50,6 +51,7 @@ class FakeService:
     answer: object = lambda request: Answer("OK", f"done: {request.command}")
     submitted: list = field(default_factory=list)
     calls: list = field(default_factory=list)
+    inventories: dict = field(default_factory=dict)
 
     def submit(self, requests: list[CommandRequest]) -> list[Answer]:
         self.submitted.append(requests)
@@ -61,6 +63,14 @@ class FakeService:
         if middlebox is None:
             return Answer("REJECTED", f"no middlebox {mac} on {dpid:016x}", "not-found")
         return self.answer(CommandRequest(dpid, middlebox.port, f"X {mac}"))
+
+    def inventory_of(self, dpid: int) -> Inventory:
+        return self.inventories.get(dpid, Inventory())
+
+    def set_inventory(self, dpid: int, entries) -> Inventory:
+        self.calls.append(("set_inventory", dpid, entries))
+        self.inventories[dpid] = build_inventory(entries)
+        return self.inventories[dpid]
 
     def switch_views(self) -> list[dict]:
         return [{"dpid": dpid, "connected": dpid in self.connected, "connected_at": 1.0 if dpid in self.connected
@@ -361,7 +371,7 @@ def test_the_rest_edge_imports_nothing_of_the_service_or_the_app():
         tree = ast.parse((CONTROLLER / name).read_text())
         return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
     assert local_imports("rest.py") == {"compat", "flows", "requests", "store"}
-    assert local_imports("requests.py") == set()
+    assert local_imports("requests.py") == {"trust"}  # pure, like requests.py
 
 
 # --- 4. the real server over TCP ---------------------------------------------------------------

@@ -31,9 +31,12 @@ class Controller:
 
     def __init__(self, state_dir: Path, token: str = "test-token", launcher: str = "mbvisor",
                  environment: dict[str, str] | None = None, ofp_port: int | None = None,
-                 rest_port: int | None = None):
+                 rest_port: int | None = None, trust: str = "lab"):
+        """``trust``: ``"lab"`` (default here) lets tests drive unannotated namespace hosts
+        through REST; the trust model's own tests, the demo and the agent's end-to-end
+        tests run the product default, ``"annotations"``."""
         self.state_dir = state_dir
-        self.extra_environment = environment or {}
+        self.extra_environment = {"MBVISOR_TRUST": trust, **(environment or {})}
         self.launcher = launcher
         self.token = token
         self.ofp_port = ofp_port or free_port()
