@@ -157,7 +157,8 @@ def test_killed_mid_stream_nothing_lost_nothing_twice(setup, victim):
     assert [(seq, text) for seq, status, text in answers if status != "OK"] == []
     status, view = controller.get(f"/v1/middleboxes/{setup['bridge'].dpid:016x}/{MB_MAC}")
     assert set(view["filters"]) == expected
-    drops_installed = [f for f in setup["bridge"].flows() if f.actions == "drop"]
+    mb_cookie = (0x4D42 << 48) | int(MB_MAC.replace(":", ""), 16)  # not port security's drops
+    drops_installed = [f for f in setup["bridge"].flows() if f.actions == "drop" and f.cookie == mb_cookie]
     assert len(drops_installed) == len(expected)
 
 
