@@ -21,6 +21,7 @@ class BackendHealth:
     down_after: float
     first_checked: dict[str, float] = field(default_factory=dict)
     last_answer: dict[str, float] = field(default_factory=dict)
+    reported: frozenset[str] = frozenset()  # down as of the last ``settle``: what the flows reflect
 
     def checking(self, addresses, now: float) -> None:
         """The addresses being checked now; any other is forgotten (no longer in use)."""
@@ -38,3 +39,10 @@ class BackendHealth:
     def down(self, now: float) -> frozenset[str]:
         return frozenset(address for address, first in self.first_checked.items()
                          if now - self.last_answer.get(address, first) > self.down_after)
+
+    def settle(self, now: float) -> tuple[frozenset[str], frozenset[str]]:
+        """(went down, came back) since the last settle; the flows follow ``reported``."""
+        down = self.down(now)
+        went, back = down - self.reported, self.reported - down
+        self.reported = down
+        return went, back

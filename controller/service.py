@@ -452,7 +452,7 @@ class Controller:
     def surroundings(self, dpid: int, metered: bool = True) -> Surroundings:
         health = self.health.get(dpid)
         return Surroundings(self.settings.trust, self.inventory_of(dpid), self.neighbours_of(dpid),
-                            health.down(time.monotonic()) if health else frozenset(), metered)
+                            health.reported if health else frozenset(), metered)
 
     # --- backends: health checks, and in a lab their location by ARP ---------------------
 
@@ -495,12 +495,9 @@ class Controller:
         health = self.health.get(dpid)
         if health is None:
             return
-        was_down = address in health.down(time.monotonic())
         health.answered(address, time.monotonic())
-        if was_down:
-            log.info("switch %016x: backend %s answers again; back in its redirects", dpid, address)
-            self.metrics.backend_up(dpid, address, True)
-            self._refresh_users(dpid, {address})
+        if address in health.reported:
+            self._settle_health(dpid, health)
 
     def _check_backends(self) -> None:
         """Ask every backend in use; those silent for too long leave their redirects."""
@@ -516,20 +513,25 @@ class Controller:
                     if where is not None and ":" not in backend:
                         located[backend] = where
             health = self.health.setdefault(dpid, BackendHealth(self.settings.backend_down_after))
-            before = health.down(now)
             health.checking(located, now)
             for backend, where in sorted(located.items()):
                 reconciler.link.send_unconfirmed(self.arp_check(reconciler.link.datapath, backend, where))
-            after = health.down(now)
-            for backend in sorted(after - before):
-                log.warning("switch %016x: backend %s did not answer for %.1f s; out of its redirects", dpid,
-                            backend, self.settings.backend_down_after)
-                self.metrics.backend_up(dpid, backend, False)
-            for backend in sorted(set(located) - after):
-                self.metrics.backend_up(dpid, backend, True)
             self.metrics.forget_backends(dpid, set(located))
-            if after != before:
-                self._refresh_users(dpid, after ^ before)
+            for backend in located:
+                self.metrics.backend_up(dpid, backend, backend not in health.reported)
+            self._settle_health(dpid, health)
+
+    def _settle_health(self, dpid: int, health: BackendHealth) -> None:
+        went, back = health.settle(time.monotonic())
+        for backend in sorted(went):
+            log.warning("switch %016x: backend %s did not answer for %.1f s; out of its redirects", dpid, backend,
+                        health.down_after)
+            self.metrics.backend_up(dpid, backend, False)
+        for backend in sorted(back):
+            log.info("switch %016x: backend %s answers again; back in its redirects", dpid, backend)
+            self.metrics.backend_up(dpid, backend, True)
+        if went or back:
+            self._refresh_users(dpid, went | back)
 
     @staticmethod
     def _arp_request(datapath, address: str, destination: str, out_port: int):
