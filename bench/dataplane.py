@@ -129,7 +129,8 @@ class Dataplane:
         self.backend.wait_listening(IPERF_PORT, process=self.iperf_server)
         self.backend.wait_listening(ECHO_PORT, process=self.echo_server)
         self.region = make_region("mbvisor-bench")
-        annotate(self.mb, self.region, "vm-mb")
+        annotate(self.mb, self.region, "vm-mb", tenant="bench")
+        self.backend.annotate("bench", vm_id="vm-backend")  # a backend is a VM of the middlebox's tenant
         self.agent = AgentProcess(self.controller, self.workdir, bridges=(self.bridge.name,)).start()
         self.agent.wait_serving(f"vm-mb/{self.mb.port_name}")
 
