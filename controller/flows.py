@@ -84,8 +84,9 @@ class Surroundings:
         """The annotations of the middlebox's port still say it is this VM with these
         addresses (an unannotated port only in a lab)."""
         identity = self.inventory.at(middlebox.port)
+        own = [ip for ip in (middlebox.firewall_ip, middlebox.balancer_ip) if ip is not None]
         if identity is None:
-            return self.mode is TrustMode.LAB
+            return self.mode is TrustMode.LAB and not any(self.inventory.owner(ip) for ip in own)
         return identity.mac == middlebox.mac and all(
             identity.owns(ip) for ip in (middlebox.firewall_ip, middlebox.balancer_ip) if ip is not None)
 
@@ -103,7 +104,7 @@ class Surroundings:
         owner = self.inventory.owner(backend)
         identity = self.inventory.at(middlebox.port)
         if owner is not None:
-            if identity is not None and (owner.tenant != identity.tenant or owner.port == identity.port):
+            if identity is None or owner.tenant != identity.tenant or owner.port == identity.port:
                 return None
             return Neighbour(owner.mac, owner.port)
         if identity is None and self.mode is TrustMode.LAB:

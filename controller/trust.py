@@ -134,6 +134,9 @@ def check_registration(mode: TrustMode, inventory: Inventory, port: int, mac: st
     identity = inventory.at(port)
     if identity is None:
         if mode is TrustMode.LAB:
+            owner = inventory.owner(address) if address is not None else None
+            if owner is not None:  # a lab's guest must not claim an annotated VM's address either
+                return ("foreign-address", f"{address} is the address of port {owner.port}")
             return None
         return ("unannotated-port", f"port {port} has no mbvisor annotations (attached-mac, mbvisor-tenant, "
                                     "mbvisor-ips); the operator must annotate it before it can offload")
@@ -152,11 +155,13 @@ def check_backends(mode: TrustMode, inventory: Inventory, port: int, backends: I
     for backend in backends:
         if reason := unusable_address(backend):
             return ("bad-backend", f"{reason}; a backend is a VM's unicast address")
-        if identity is None:
-            if mode is TrustMode.LAB:
-                continue
-            return ("unannotated-port", f"port {port} has no mbvisor annotations")
         owner = inventory.owner(backend)
+        if identity is None:
+            if mode is not TrustMode.LAB:
+                return ("unannotated-port", f"port {port} has no mbvisor annotations")
+            if owner is not None:  # annotated VMs serve their own tenant, in a lab too
+                return ("foreign-backend", f"backend {backend} is an annotated VM's address")
+            continue
         if owner is None:
             return ("unknown-backend", f"backend {backend} is no annotated VM's address on this switch")
         if owner.tenant != identity.tenant:

@@ -77,6 +77,8 @@ def test_a_middlebox_speaks_only_for_its_own_port_mac_and_addresses():
     assert check_registration(TrustMode.LAB, INVENTORY, 77, MB.mac, "10.9.9.9") is None  # the lab opt-in
     assert check_registration(TrustMode.LAB, INVENTORY, MB.port, MB.mac, "10.0.0.5")[0] == "foreign-address"
     assert check_registration(TrustMode.LAB, INVENTORY, 77, MB.mac, "127.0.0.1")[0] == "bad-address"
+    # Annotated VMs are protected in a lab too: an unannotated guest cannot claim their addresses.
+    assert check_registration(TrustMode.LAB, INVENTORY, 77, "02:00:00:00:00:77", "10.0.0.5")[0] == "foreign-address"
 
 
 def test_backends_are_other_vms_of_the_same_tenant_on_this_switch():
@@ -88,6 +90,7 @@ def test_backends_are_other_vms_of_the_same_tenant_on_this_switch():
     assert ok("224.0.0.1")[0] == "bad-backend"
     assert check_backends(TrustMode.LAB, Inventory(), 77, ["10.9.9.9"]) is None
     assert check_backends(TrustMode.LAB, Inventory(), 77, ["0.0.0.0"])[0] == "bad-backend"
+    assert check_backends(TrustMode.LAB, INVENTORY, 77, ["10.0.0.3"])[0] == "foreign-backend"
 
 
 def test_the_model_refuses_the_hijacks_of_the_issue_and_changes_nothing():
