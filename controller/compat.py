@@ -27,3 +27,28 @@ else:
 
 __all__ = ["CONF", "OSKenApp", "ofp_event", "CONFIG_DISPATCHER", "DEAD_DISPATCHER", "MAIN_DISPATCHER", "set_ev_cls",
            "hub", "arp", "ethernet", "packet", "ether", "nicira_ext", "ofproto_v1_3", "FRAMEWORK"]
+
+# Conntrack's original-direction tuple (OVS 2.8+, NXM class 1, ovs-fields(7)): the fragment
+# table matches the reassembled datagram's protocol and ports (controller/filters.py), and
+# neither os-ken nor Ryu knows these fields.  Registered once, in whichever framework loaded
+# us, by regenerating the field tables its OFPMatch reads at call time.
+if FRAMEWORK == "ryu":
+    from ryu.ofproto import oxm_fields as _oxm_fields
+    from ryu.lib import type_desc as _type_desc
+else:
+    from os_ken.ofproto import oxm_fields as _oxm_fields
+    from os_ken.lib import type_desc as _type_desc
+
+CONNTRACK_TUPLE_FIELDS = [
+    _oxm_fields.NiciraExtended1("ct_nw_proto", 119, _type_desc.Int1),
+    _oxm_fields.NiciraExtended1("ct_nw_src", 120, _type_desc.IPv4Addr),
+    _oxm_fields.NiciraExtended1("ct_nw_dst", 121, _type_desc.IPv4Addr),
+    _oxm_fields.NiciraExtended1("ct_ipv6_src", 122, _type_desc.IPv6Addr),
+    _oxm_fields.NiciraExtended1("ct_ipv6_dst", 123, _type_desc.IPv6Addr),
+    _oxm_fields.NiciraExtended1("ct_tp_src", 124, _type_desc.Int2),
+    _oxm_fields.NiciraExtended1("ct_tp_dst", 125, _type_desc.Int2),
+]
+_known = {field.name for field in ofproto_v1_3.oxm_types}
+if not _known.issuperset(field.name for field in CONNTRACK_TUPLE_FIELDS):
+    ofproto_v1_3.oxm_types += [field for field in CONNTRACK_TUPLE_FIELDS if field.name not in _known]
+    _oxm_fields.generate(ofproto_v1_3.__name__)

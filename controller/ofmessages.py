@@ -57,6 +57,13 @@ def encode_action(datapath, action: Action):
         return parser.NXActionCT(flags=nicira_ext.NX_CT_F_COMMIT, zone_src="", zone_ofs_nbits=zone,
                                  recirc_table=NX_CT_RECIRC_NONE, alg=0,
                                  actions=[_nat_range(parser, backend), remember_port])
+    if kind == "ct_commit":  # (zone, table): commit (conntrack's original tuple needs it), continue there
+        _, zone, table = action
+        return parser.NXActionCT(flags=nicira_ext.NX_CT_F_COMMIT, zone_src="", zone_ofs_nbits=zone,
+                                 recirc_table=table, alg=0, actions=[])
+    if kind == "conjunction":  # (id, k, n): clause k of n (1-based, as ovs-ofctl writes it; 0-based on the wire)
+        _, conj_id, clause, clauses = action
+        return parser.NXActionConjunction(clause=clause - 1, n_clauses=clauses, id_=conj_id)
     if kind == "output_ct_mark":  # to the port the connection's first packet came from
         return parser.NXActionOutputReg(ofs_nbits=nicira_ext.ofs_nbits(0, 15), src="ct_mark", max_len=0)
     raise ValueError(f"unknown action {action!r}")

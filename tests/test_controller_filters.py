@@ -1,0 +1,246 @@
+"""Unit tests of the firewall-filter compiler (``mbvisor.controller.filters``): no bypass by
+group frames, fragments or a second VLAN tag, and port-range products as conjunctions.
+Pure: no switch.  The same flows on a real OVS: tests/test_filters_ovs.py."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mbvisor.controller import filters as F
+from mbvisor.controller.filters import (FRAGMENT, GROUP, NOT_FRAGMENT, compile_filters, conjunction_id,
+                                        filter_matches, fragment_zone, group_qinq_drops)
+from mbvisor.controller.model import Middlebox
+from mbvisor.controller.ofmessages import encode_action, flow_mod
+from mbvisor.controller.pipeline import (BASE_COOKIE, FILTER, FILTER_CONJUNCTION, FRAGMENT_TABLE, MISS,
+                                         OFFLOAD_TABLE, cookie_of)
+from mbvisor.guest.grammar import parse_command
+
+MAC = "52:34:56:00:12:22"
+V4, V6 = F.ETH_IPV4, F.ETH_IPV6
+OWN = frozenset({"10.0.0.5", "fd00::5"})
+
+
+def middlebox(*filters: str, zone: int = 5) -> Middlebox:
+    return Middlebox(1, 3, MAC, zone, "10.0.0.5",
+                     filters=frozenset(parse_command(f"A {MAC} {text}").filter for text in filters))
+
+
+def fields(flow) -> dict:
+    return dict(flow.match)
+
+
+def offload(flows, priority=FILTER) -> list[dict]:
+    return [fields(f) for f in flows if f.table == OFFLOAD_TABLE and f.priority == priority]
+
+
+# --- broadcast and multicast (issue 11, item 4) -------------------------------------------------
+
+def test_an_ip_filter_also_drops_group_frames_for_the_middlebox_own_address_only():
+    flows = compile_filters(middlebox("I 4 s 10.66.0.0/16"), OWN)
+    drops = offload(flows)
+    assert {"eth_dst": MAC, "eth_type": V4, "ipv4_src": ("10.66.0.0", "255.255.0.0")} in drops
+    group = [d for d in drops if d["eth_dst"] == GROUP and d.get("eth_type") == V4]
+    assert group == [{"eth_dst": GROUP, "eth_type": V4, "ipv4_src": ("10.66.0.0", "255.255.0.0"),
+                      "ipv4_dst": "10.0.0.5"}]
+    # Every flow of the middlebox: its MAC, or a group frame carrying one of its addresses.
+    for flow in flows:
+        match = fields(flow)
+        if flow.table == OFFLOAD_TABLE:
+            assert match["eth_dst"] == MAC or match.get("ipv4_dst") in OWN or match.get("ipv6_dst") in OWN
+
+
+def test_a_destination_prefix_is_intersected_with_the_own_addresses():
+    inside = offload(compile_filters(middlebox("I 8 d 10.0.0.0/24"), OWN))
+    assert [d["ipv4_dst"] for d in inside if d["eth_dst"] == GROUP] == ["10.0.0.5"]
+    disjoint = offload(compile_filters(middlebox("I 8 d 10.9.0.0/16"), OWN))
+    assert [d for d in disjoint if d["eth_dst"] == GROUP] == []
+
+
+def test_without_own_addresses_there_is_no_group_form():
+    assert all(fields(f)["eth_dst"] != GROUP for f in compile_filters(middlebox("I 1 p udp"), frozenset())
+               if "eth_dst" in fields(f))
+
+
+@pytest.mark.parametrize("text, families", [("M 4 s aa:bb:cc:dd:ee:ff", {V4, V6}), ("M 1 p ipv4", {V4}),
+                                             ("M 1 p ipv6", {V6}), ("M 1 p arp", set()), (f"M 8 d {MAC}", set())])
+def test_mac_filters_get_group_forms_only_for_ip(text, families):
+    group = [d for d in offload(compile_filters(middlebox(text), OWN)) if d["eth_dst"] == GROUP]
+    assert {d["eth_type"] for d in group} == families
+
+
+# --- fragments (item 5) ------------------------------------------------------------------------
+
+def test_port_filters_see_unfragmented_packets_only_and_fragments_go_through_conntrack():
+    mb = middlebox("T 9 d 23 p tcp")
+    flows = compile_filters(mb, OWN)
+    for drop in offload(flows):
+        if "tcp_dst" in drop:
+            assert drop["ip_frag"] == NOT_FRAGMENT
+    zone = fragment_zone(mb)
+    assert zone == 0x8005
+    to_conntrack = [f for f in flows if f.actions == (("ct_commit", zone, FRAGMENT_TABLE),)]
+    assert {(fields(f)["eth_type"], fields(f)["eth_dst"]) for f in to_conntrack} == {
+        (V4, MAC), (V6, MAC), (V4, GROUP), (V6, GROUP)}
+    for flow in to_conntrack:
+        assert (flow.priority, fields(flow)["ip_frag"], fields(flow)["ip_proto"]) == (FILTER_CONJUNCTION, FRAGMENT, 6)
+        assert fields(flow)["ct_state"] == (0, 0x20)  # untracked only: resumed fragments never loop
+    table4 = {f.match: f.actions for f in flows if f.table == FRAGMENT_TABLE}
+    assert table4[(("ct_state", (0x30, 0x30)), ("ct_zone", zone))] == ()
+    assert table4[(("ct_zone", zone),)] == (("resubmit", OFFLOAD_TABLE),)
+    firsts = [dict(m) for m, a in table4.items() if "ct_tp_dst" in dict(m)]
+    assert sorted(m["eth_type"] for m in firsts) == [V4, V6]
+    assert all(m["ct_tp_dst"] == 23 and m["ct_nw_proto"] == 6 and m["ip_frag"] == (1, 3) for m in firsts)
+
+
+def test_no_fragment_path_without_port_filters():
+    flows = compile_filters(middlebox("I 4 s 10.66.0.0/16"), OWN)
+    assert not [f for f in flows if f.table == FRAGMENT_TABLE or f.priority == FILTER_CONJUNCTION]
+
+
+def test_fragments_of_every_filtered_protocol_and_only_those():
+    flows = compile_filters(middlebox("T 8 d 53"), OWN)
+    assert {fields(f)["ip_proto"] for f in flows if f.actions and f.actions[0][0] == "ct_commit"} == {6, 17, 132}
+    flows = compile_filters(middlebox("T 9 d 53 p udp"), OWN)
+    assert {fields(f)["ip_proto"] for f in flows if f.actions and f.actions[0][0] == "ct_commit"} == {17}
+
+
+# --- QinQ and M p vlan (item 6) -----------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["I 1 p tcp", "T 9 d 80 p tcp"])
+def test_double_tagged_frames_are_dropped_for_a_middlebox_with_ip_or_port_filters(text):
+    drops = offload(compile_filters(middlebox(text), OWN))
+    assert {"eth_dst": MAC, "eth_type": 0x8100} in drops and {"eth_dst": MAC, "eth_type": 0x88A8} in drops
+
+
+def test_mac_filters_alone_add_no_qinq_drop():
+    assert not [d for d in offload(compile_filters(middlebox("M 1 p arp"), OWN)) if d.get("eth_type") == 0x8100]
+
+
+def test_group_qinq_drops_are_shared_flows():
+    flows = group_qinq_drops(BASE_COOKIE)
+    assert {(fields(f)["eth_dst"], fields(f)["eth_type"]) for f in flows} == {(GROUP, 0x8100), (GROUP, 0x88A8)}
+
+
+@pytest.mark.parametrize("text", ["M 1 p vlan", "M 1 p 0x88a8"])
+def test_m_p_vlan_means_tagged(text):
+    (match,) = filter_matches(parse_command(f"A {MAC} {text}").filter)
+    assert match["eth_type"] is None and match["vlan_vid"] == (0x1000, 0x1000)
+
+
+# --- conjunctions (item 10) ---------------------------------------------------------------------
+
+def test_a_range_product_costs_its_sum():
+    flows = compile_filters(middlebox("T 13 s 1025-65534 d 1-65534 p tcp"), frozenset({"10.0.0.5"}))
+    sources, destinations = len(F._port_masks((1025, 65534))), len(F._port_masks((1, 65534)))
+    # Offload table: to the MAC (v4, v6) and the group form (v4); fragment table: v4, v6.
+    bases = 5
+    assert len(flows) < 400 < bases * sources * destinations
+    conj = conjunction_id(middlebox(), 0)
+    clauses = [f for f in flows if f.actions and f.actions[0][0] == "conjunction"]
+    assert len(clauses) == bases * (sources + destinations)
+    assert {a for f in clauses for a in f.actions} == {("conjunction", conj, 1, 2), ("conjunction", conj, 2, 2)}
+    ends = [f for f in flows if "conj_id" in fields(f)]
+    assert {(f.table, f.priority, f.actions) for f in ends} == {(OFFLOAD_TABLE, FILTER_CONJUNCTION, ()),
+                                                                 (FRAGMENT_TABLE, FILTER_CONJUNCTION, ())}
+
+
+def test_small_products_stay_plain():
+    flows = compile_filters(middlebox("T 13 s 1-3 d 1-3 p tcp"), OWN)  # 2 x 2 < 2 + 2 + 1
+    assert not [f for f in flows if "conj_id" in fields(f) or f.priority == FILTER_CONJUNCTION and f.table == 4]
+
+
+def test_shared_clauses_are_one_flow_with_every_conjunction():
+    mb = middlebox("T 13 s 1025-65534 d 1-65534 p tcp", "T 13 s 1025-65534 d 1-1000 p tcp")
+    flows = compile_filters(mb, OWN)
+    identities = [(f.table, f.priority, f.match) for f in flows]
+    assert len(identities) == len(set(identities))
+    shared = [f for f in flows if len(f.actions) == 2]
+    assert shared and all({a[1] for a in f.actions} == {conjunction_id(mb, 0), conjunction_id(mb, 1)} for f in shared)
+
+
+def test_conjunction_ids_follow_the_set_of_filters_not_their_order():
+    texts = ["T 13 s 1025-65534 d 1-65534 p tcp", "T 13 s 2000-60000 d 3-50000 p udp"]
+    a = compile_filters(middlebox(*texts), OWN)
+    b = compile_filters(middlebox(*reversed(texts)), OWN)
+    assert a == b
+    other_zone = compile_filters(middlebox(*texts, zone=6), OWN)
+    ids = {a_[1] for f in a for a_ in f.actions if a_[0] == "conjunction"}
+    assert ids.isdisjoint({a_[1] for f in other_zone for a_ in f.actions if a_[0] == "conjunction"})
+    assert all(i >> 16 == 5 for i in ids)
+
+
+FAST = settings(max_examples=40, deadline=None)
+ranges = st.tuples(st.integers(0, 65535), st.integers(0, 65535)).map(lambda p: tuple(sorted(p)))
+
+
+@FAST
+@given(ranges, ranges, st.integers(0, 65535), st.integers(0, 65535))
+def test_offload_flows_drop_exactly_the_packets_in_both_ranges(source, destination, sport, dport):
+    text = f"T 13 s {source[0]}-{source[1]} d {destination[0]}-{destination[1]} p tcp"
+    flows = compile_filters(middlebox(text), frozenset())
+    packet = {"eth_dst": MAC, "eth_type": V4, "ip_proto": 6, "ip_frag": 0, "tcp_src": sport, "tcp_dst": dport}
+    assert _dropped(flows, packet) == (source[0] <= sport <= source[1] and destination[0] <= dport <= destination[1])
+
+
+def _hits(match, packet) -> bool:
+    for name, want in match:
+        value, mask = want if isinstance(want, tuple) else (want, None)
+        have = packet.get(name)
+        if isinstance(value, int):
+            if have is None or (have & mask if mask is not None else have) != value:
+                return False
+        elif have != value:
+            return False
+    return True
+
+
+def _dropped(flows, packet) -> bool:
+    """OpenFlow's table 1 as far as these flows go: plain drops, then conjunctions."""
+    table = [f for f in flows if f.table == OFFLOAD_TABLE]
+    if any(f.priority == FILTER and _hits(f.match, packet) for f in table):
+        return True
+    clauses: dict[int, set[int]] = {}
+    for flow in table:
+        if flow.priority == FILTER_CONJUNCTION and _hits(flow.match, packet):
+            for kind, conj, clause, _ in (a for a in flow.actions if a[0] == "conjunction"):
+                clauses.setdefault(conj, set()).add(clause)
+    return any(c == {1, 2} for c in clauses.values())
+
+
+# --- encoding -----------------------------------------------------------------------------------
+
+class _Datapath:
+    from os_ken.ofproto import ofproto_v1_3 as ofproto, ofproto_v1_3_parser as ofproto_parser
+    id = 1
+
+    def set_xid(self, msg):
+        msg.set_xid(1)
+
+
+def test_every_compiled_flow_encodes():
+    mb = middlebox("I 4 s 10.66.0.0/16", "M 1 p vlan", "T 13 s 1025-65534 d 1-65534 p tcp", "T 9 d 23 p tcp")
+    for flow in compile_filters(mb, OWN):
+        message = flow_mod(_Datapath(), flow, "add")
+        message.serialize()
+
+
+def test_conntrack_tuple_fields_use_ovs_numbers():
+    """NXM_NX_CT_NW_PROTO (119) ... NXM_NX_CT_TP_DST (125) in NXM class 1 (ovs-fields(7));
+    byte-equal to ovs-ofctl's own encoding in tests/test_filters_ovs.py."""
+    for name, number, value, wire in [("ct_nw_proto", 119, 6, "06"), ("ct_tp_src", 124, 1024, "0400"),
+                                      ("ct_tp_dst", 125, 23, "0017")]:
+        buf = bytearray()
+        _Datapath.ofproto_parser.OFPMatch(**{name: value}).serialize(buf, 0)
+        header = struct.pack("!HBB", 0x0001, number << 1, len(wire) // 2).hex()
+        assert (header + wire) in buf.hex(), name
+
+
+def test_conjunction_action_is_zero_based_on_the_wire():
+    action = encode_action(_Datapath(), ("conjunction", 0x50000, 2, 2))
+    buf = bytearray()
+    action.serialize(buf, 0)
+    assert struct.unpack_from("!BBI", buf, 10) == (1, 2, 0x50000)
