@@ -229,8 +229,9 @@ def test_every_compiled_flow_encodes():
 
 
 def test_conntrack_tuple_fields_use_ovs_numbers():
-    """NXM_NX_CT_NW_PROTO (119) ... NXM_NX_CT_TP_DST (125) in NXM class 1 (ovs-fields(7));
-    byte-equal to ovs-ofctl's own encoding in tests/test_filters_ovs.py."""
+    """NXM_NX_CT_NW_PROTO (119) ... NXM_NX_CT_TP_DST (125) in NXM class 1 (ovs-fields(7)):
+    the same headers ovs-ofctl 3.1 put on the wire for ``ct_nw_proto=6,ct_tp_dst=23``
+    (``00 01 ee 01 06``, ``00 01 fa 02 00 17``, read from its own error dump)."""
     for name, number, value, wire in [("ct_nw_proto", 119, 6, "06"), ("ct_tp_src", 124, 1024, "0400"),
                                       ("ct_tp_dst", 125, 23, "0017")]:
         buf = bytearray()
