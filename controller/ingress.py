@@ -20,6 +20,7 @@ ETH_IPV4, ETH_IPV6, ETH_ARP = 0x0800, 0x86DD, 0x0806
 ICMPV6, NEIGHBOUR_SOLICIT, NEIGHBOUR_ADVERT = 58, 135, 136
 VLAN_PRESENT = (0x1000, 0x1000)
 UNSPECIFIED_V6 = "::"
+NO_LINK_ADDRESS = "00:00:00:00:00:00"  # what OVS reports for a neighbour message without the option
 CONTINUE = (("goto", OFFLOAD_TABLE),)
 DROP = ()
 
@@ -56,17 +57,24 @@ def port_flows(identity: PortIdentity) -> set[Flow]:
         flow(PORT_ALLOWED, CONTINUE, **own, eth_type=ETH_IPV4, ip_proto=17, ipv4_src="0.0.0.0",
              udp_src=68, udp_dst=67),
         flow(PORT_ALLOWED, CONTINUE, **own, eth_type=ETH_ARP, arp_sha=mac, arp_spa="0.0.0.0"),
-        flow(PORT_ALLOWED, CONTINUE, **own, eth_type=ETH_IPV6, ip_proto=ICMPV6, ipv6_src=UNSPECIFIED_V6,
-             icmpv6_type=NEIGHBOUR_SOLICIT),
-        # Neighbour adverts are checked for their target (the IPv6 ARP reply) before the
-        # allowances of the source address let them through.
+        flow(PORT_CHECKED + 1, CONTINUE, **own, eth_type=ETH_IPV6, ip_proto=ICMPV6, ipv6_src=UNSPECIFIED_V6,
+             icmpv6_type=NEIGHBOUR_SOLICIT, ipv6_nd_sll=NO_LINK_ADDRESS),
+        # Neighbour discovery is IPv6's ARP: solicitations and adverts are checked for the
+        # link address they announce (and adverts for their target) before the allowances
+        # of the source address could let them through.
         flow(PORT_CHECKED, DROP, **own, eth_type=ETH_IPV6, ip_proto=ICMPV6, icmpv6_type=NEIGHBOUR_ADVERT),
+        flow(PORT_CHECKED, DROP, **own, eth_type=ETH_IPV6, ip_proto=ICMPV6, icmpv6_type=NEIGHBOUR_SOLICIT),
         flow(PORT_SPOOFED, DROP, **own, eth_type=ETH_IPV4),
         flow(PORT_SPOOFED, DROP, **own, eth_type=ETH_IPV6),
         flow(PORT_SPOOFED, DROP, **own, eth_type=ETH_ARP),
         flow(PORT_OTHER, CONTINUE, **own),
         flow(PORT_WRONG_MAC, DROP, in_port=port),
         flow(CLAIMED, DROP, eth_src=mac),
+        # Its MAC announced one layer up, by someone else: receivers would send it traffic
+        # meant for the announcer.
+        flow(CLAIMED, DROP, eth_type=ETH_ARP, arp_sha=mac),
+        flow(CLAIMED, DROP, eth_type=ETH_IPV6, ip_proto=ICMPV6, icmpv6_type=NEIGHBOUR_ADVERT, ipv6_nd_tll=mac),
+        flow(CLAIMED, DROP, eth_type=ETH_IPV6, ip_proto=ICMPV6, icmpv6_type=NEIGHBOUR_SOLICIT, ipv6_nd_sll=mac),
     }
     for address in v4:
         flows |= {
@@ -78,8 +86,12 @@ def port_flows(identity: PortIdentity) -> set[Flow]:
     for address in v6:
         flows |= {
             flow(PORT_ALLOWED, CONTINUE, **own, eth_type=ETH_IPV6, ipv6_src=address),
-            flow(PORT_CHECKED + 1, CONTINUE, **own, eth_type=ETH_IPV6, ip_proto=ICMPV6,
-                 icmpv6_type=NEIGHBOUR_ADVERT, ipv6_nd_target=address),
+            *(flow(PORT_CHECKED + 1, CONTINUE, **own, eth_type=ETH_IPV6, ip_proto=ICMPV6,
+                   icmpv6_type=NEIGHBOUR_ADVERT, ipv6_nd_target=address, ipv6_nd_tll=link)
+              for link in (mac, NO_LINK_ADDRESS)),
+            *(flow(PORT_CHECKED + 1, CONTINUE, **own, eth_type=ETH_IPV6, ip_proto=ICMPV6,
+                   icmpv6_type=NEIGHBOUR_SOLICIT, ipv6_src=address, ipv6_nd_sll=link)
+              for link in (mac, NO_LINK_ADDRESS)),
             flow(CLAIMED, DROP, eth_type=ETH_IPV6, ipv6_src=address),
             flow(CLAIMED, DROP, eth_type=ETH_IPV6, ip_proto=ICMPV6, icmpv6_type=NEIGHBOUR_ADVERT,
                  ipv6_nd_target=address),

@@ -33,6 +33,7 @@ def app(tmp_path, monkeypatch):
     monkeypatch.setenv("MBVISOR_DB", str(tmp_path / "controller.sqlite"))
     monkeypatch.setenv("MBVISOR_REST_PORT", str(free_port()))
     monkeypatch.setenv("MBVISOR_AUDIT_INTERVAL", "0")
+    monkeypatch.setenv("MBVISOR_TRUST", "lab")  # the backend below is found by ARP through _packet_in
     monkeypatch.delenv("MBVISOR_TOKEN", raising=False)
     monkeypatch.setattr(CONF, "ofp_tcp_listen_port", free_port(), raising=False)
     made = app_module.MbvisorController()

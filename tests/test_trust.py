@@ -154,6 +154,17 @@ def test_an_unannotated_port_cannot_claim_an_annotated_identity(secured):
     assert secured.trace(free, eth_src=BACKEND.mac, eth_type=0x0800, ipv4_src="10.7.7.7").verdict == "drop"
     assert secured.trace(free, eth_src="02:00:00:00:00:99", eth_type=0x0800, ipv4_src="10.0.0.3").verdict == "drop"
     assert secured.trace(free, eth_src="02:00:00:00:00:99", eth_type=0x0806, arp_spa="10.0.0.3").verdict == "drop"
+    # ... nor announce its MAC one layer up, in ARP or neighbour discovery.
+    assert secured.trace(free, eth_src="02:00:00:00:00:99", eth_type=0x0806, arp_spa="10.7.7.7",
+                         arp_sha=BACKEND.mac).verdict == "drop"
+    nd = dict(eth_src="02:00:00:00:00:99", eth_type=0x86DD, ip_proto=58, ipv6_src="2001:db8::99")
+    assert secured.trace(free, **nd, icmpv6_type=136, ipv6_nd_tll=BACKEND.mac).verdict == "drop"
+    assert secured.trace(free, **nd, icmpv6_type=135, ipv6_nd_sll=BACKEND.mac).verdict == "drop"
+    assert secured.trace(free, **nd, icmpv6_type=135, ipv6_nd_sll="02:00:00:00:00:99").verdict == "normal"
+    # An annotated port announces only its own link address.
+    own_nd = dict(eth_src=MB.mac, eth_type=0x86DD, ip_proto=58, ipv6_src="fd00::2", icmpv6_type=135)
+    assert secured.trace(MB.port, **own_nd, ipv6_nd_sll=MB.mac).verdict == "normal"
+    assert secured.trace(MB.port, **own_nd, ipv6_nd_sll="02:00:00:00:00:99").verdict == "drop"
 
 
 # --- backends ---------------------------------------------------------------------------------
