@@ -50,10 +50,11 @@ VLAN_TPIDS = (0x8100, 0x88A8)  # 802.1Q and 802.1ad: OVS parses both as a VLAN t
 VLAN_PRESENT = 0x1000
 GROUP = ("01:00:00:00:00:00", "01:00:00:00:00:00")  # eth_dst's group bit: broadcast and multicast
 TRANSPORT_FIELDS = {6: ("tcp_src", "tcp_dst"), 17: ("udp_src", "udp_dst"), 132: ("sctp_src", "sctp_dst")}
-# ip_frag (Nicira) as (value, mask): bit 0 "a fragment", bit 1 "not the first one".
-NOT_FRAGMENT = (0, 3)
+# ip_frag (Nicira): bit 0 "a fragment", bit 1 "not the first one".  A full mask is written
+# as the plain value, which is how the switch reports it back (the reconciler compares).
+NOT_FRAGMENT = 0
 FRAGMENT = (1, 1)
-FIRST_FRAGMENT = (1, 3)
+FIRST_FRAGMENT = 1
 UNTRACKED = (0x00, 0x20)        # ct_state -trk
 TRACKED_INVALID = (0x30, 0x30)  # ct_state +trk+inv
 TRACKED_VALID = (0x20, 0x30)    # ct_state +trk-inv: what ct_nw_proto/ct_tp_* require

@@ -39,6 +39,7 @@ from typing import Mapping
 
 from mbvisor.guest.commands import Filter, Layer
 
+from .filters import _address_match, compile_filters
 from .ingress import compile_ingress
 from .model import Middlebox, State
 from .pipeline import (ARP_CAPTURE, BACKEND_TABLE, BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, ENTERED, FILTER,
@@ -48,8 +49,6 @@ from .trust import Inventory, TrustMode
 
 ETH_IPV4 = 0x0800
 ETH_IPV6 = 0x86DD
-TRANSPORT_FIELDS = {6: ("tcp_src", "tcp_dst"), 17: ("udp_src", "udp_dst"), 132: ("sctp_src", "sctp_dst")}
-VLAN_PRESENT = 0x1000
 ETH_ARP = 0x0806
 ARP_REPLY = 2
 CONTROLLER_METER = 1  # packets to the controller pass one meter per switch: no VM can flood it
@@ -153,7 +152,8 @@ def compile_middlebox(middlebox: Middlebox, surroundings: Surroundings) -> Switc
     if not surroundings.vouches(middlebox):
         return SwitchConfig(frozenset(), frozenset())
     redirect_flows, groups, missing = compile_redirects(middlebox, surroundings)
-    return SwitchConfig(frozenset(compile_filters(middlebox) | redirect_flows), frozenset(groups),
+    return SwitchConfig(frozenset(compile_filters(middlebox, surroundings.addresses(middlebox)) | redirect_flows),
+                        frozenset(groups),
                         tuple(sorted(missing)))
 
 
@@ -169,7 +169,7 @@ def compile_switch(state: State, dpid: int, surroundings: Surroundings) -> Switc
 def filter_cost(filter: Filter, addresses: frozenset[str]) -> int:
     """Switch entries one filter costs on its own (an upper bound within a middlebox,
     whose filters may share conjunctive clauses): what the per-middlebox limit counts."""
-    return len(compile_filters(Middlebox(0, 0, "02:00:00:00:00:00", 1, filters=frozenset({filter}))))
+    return len(compile_filters(Middlebox(0, 0, "02:00:00:00:00:00", 1, filters=frozenset({filter})), addresses))
 
 
 HANDLED_PRIORITIES = frozenset({FILTER, REDIRECT, REDIRECT_FROM_SOURCE})
@@ -185,74 +185,6 @@ def counts_as_handled(table: int, priority: int) -> bool:
 def owned_groups(middlebox: Middlebox) -> range:
     """Group ids that belong to a middlebox (its zone's block)."""
     return range(group_id(middlebox, 0), group_id(middlebox, 255) + 1)
-
-
-# --- firewall filters -------------------------------------------------------------------
-
-def compile_filters(middlebox: Middlebox) -> set[Flow]:
-    cookie = cookie_of(middlebox.mac)
-    return {Flow(OFFLOAD_TABLE, FILTER, _match(eth_dst=middlebox.mac, **fields), (), cookie)
-            for filter in middlebox.filters for fields in filter_matches(filter)}
-
-
-def filter_matches(filter: Filter) -> list[dict]:
-    """The OpenFlow matches (besides eth_dst) that together cover one filter."""
-    if filter.layer is Layer.MAC:
-        fields = {"eth_src": filter.source, "eth_type": filter.protocol}
-        if filter.tos is not None:
-            fields |= {"vlan_vid": (VLAN_PRESENT, VLAN_PRESENT), "vlan_pcp": filter.tos}
-        return [fields]
-    if filter.layer is Layer.IP:
-        return [{"eth_type": eth_type, **_ip_fields(eth_type, filter.source, filter.destination),
-                 "ip_proto": filter.protocol, "ip_dscp": filter.tos}
-                for eth_type in _families(filter.source, filter.destination)]
-    protocols = [filter.protocol] if filter.protocol is not None else sorted(TRANSPORT_FIELDS)
-    matches = []
-    for eth_type, protocol in product((ETH_IPV4, ETH_IPV6), protocols):
-        source_field, destination_field = TRANSPORT_FIELDS[protocol]
-        for source, destination in product(_port_masks(filter.source), _port_masks(filter.destination)):
-            matches.append({"eth_type": eth_type, "ip_proto": protocol, "ip_dscp": filter.tos,
-                            source_field: source, destination_field: destination})
-    return matches
-
-
-def _families(*addresses: str | None) -> list[int]:
-    given = [a for a in addresses if a is not None]
-    if not given:
-        return [ETH_IPV4, ETH_IPV6]
-    return [ETH_IPV4 if ipaddress.ip_network(given[0]).version == 4 else ETH_IPV6]
-
-
-def _ip_fields(eth_type: int, source: str | None, destination: str | None) -> dict:
-    prefix = "ipv4" if eth_type == ETH_IPV4 else "ipv6"
-    return {f"{prefix}_src": _address_match(source), f"{prefix}_dst": _address_match(destination)}
-
-
-def _address_match(text: str | None):
-    """An address, or (network, netmask) for a prefix, as OpenFlow matches want them."""
-    if text is None:
-        return None
-    network = ipaddress.ip_network(text)
-    if network.prefixlen == network.max_prefixlen:
-        return str(network.network_address)
-    return (str(network.network_address), str(network.netmask))
-
-
-def _port_masks(ports: tuple[int, int] | None) -> list:
-    """A port range as the fewest (value, mask) pairs; a single port stays a plain value."""
-    if ports is None:
-        return [None]
-    low, high = ports
-    if low == high:
-        return [low]
-    pairs = []
-    while low <= high:
-        size = low & -low if low else 1 << 16
-        while size > high - low + 1:
-            size //= 2
-        pairs.append(low if size == 1 else (low, 0xFFFF & ~(size - 1)))
-        low += size
-    return pairs
 
 
 # --- load-balancer redirects ------------------------------------------------------------

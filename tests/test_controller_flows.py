@@ -12,12 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mbvisor.controller import flows as F
+from mbvisor.controller.filters import (GROUP, VLAN_PRESENT, _port_masks, compile_filters, filter_matches,
+                                        fragment_zone)
 from mbvisor.controller.flows import (BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, ETH_IPV4, ETH_IPV6, FILTER,
                                       OFFLOAD_TABLE, REDIRECT, REDIRECT_FROM_SOURCE, REDIRECT_REPLY,
-                                      REDIRECT_TABLE, VLAN_PRESENT, Flow, Neighbour, SwitchConfig, Surroundings, _port_masks,
-                                      base_config, compile_filters, compile_middlebox, compile_redirects,
-                                      compile_switch, cookie_of, ct_state, filter_matches, group_id, owned_groups)
-from mbvisor.controller.pipeline import ENTERED, INGRESS_TABLE, STRAY, port_cookie
+                                      REDIRECT_TABLE, Flow, Neighbour, SwitchConfig, Surroundings,
+                                      base_config, compile_middlebox, compile_redirects,
+                                      compile_switch, cookie_of, ct_state, group_id, owned_groups)
+from mbvisor.controller.pipeline import ENTERED, FRAGMENT_TABLE, INGRESS_TABLE, STRAY, port_cookie
 from mbvisor.controller.model import Binding, Middlebox, State, apply
 from mbvisor.guest.grammar import parse_command
 
@@ -52,6 +54,11 @@ def matches_of(text: str) -> list[tuple]:
 
 def norm(*matches: dict) -> list[tuple]:
     return sorted((tuple(sorted(m.items())) for m in matches), key=repr)
+
+
+def unfragmented(*matches: dict) -> list[tuple]:
+    """A port filter's matches: only unfragmented packets carry ports (filters.py)."""
+    return norm(*({**m, "ip_frag": 0} for m in matches))
 
 
 def field(flow: Flow, name: str):
@@ -215,16 +222,16 @@ DB8 = ("2001:db8::", "ffff:ffff::")
     (f"A {MAC} M 7 s aa:bb:cc:dd:ee:ff t 0 p ipv6",
      norm({"eth_src": "aa:bb:cc:dd:ee:ff", "eth_type": V6, "vlan_vid": (VLAN_PRESENT, VLAN_PRESENT), "vlan_pcp": 0})),
     # Transport layer: both families always; tcp, udp and sctp when no protocol is given.
-    (f"A {MAC} T 9 d 80 p tcp", norm({"eth_type": V4, "ip_proto": 6, "tcp_dst": 80},
+    (f"A {MAC} T 9 d 80 p tcp", unfragmented({"eth_type": V4, "ip_proto": 6, "tcp_dst": 80},
                                      {"eth_type": V6, "ip_proto": 6, "tcp_dst": 80})),
     (f"A {MAC} T 13 s 1024-2047 d 53 p udp",
-     norm({"eth_type": V4, "ip_proto": 17, "udp_src": (1024, 0xFC00), "udp_dst": 53},
+     unfragmented({"eth_type": V4, "ip_proto": 17, "udp_src": (1024, 0xFC00), "udp_dst": 53},
           {"eth_type": V6, "ip_proto": 17, "udp_src": (1024, 0xFC00), "udp_dst": 53})),
-    (f"A {MAC} T 8 d 443", norm(*({"eth_type": e, "ip_proto": p, f"{n}_dst": 443}
+    (f"A {MAC} T 8 d 443", unfragmented(*({"eth_type": e, "ip_proto": p, f"{n}_dst": 443}
                                   for e in (V4, V6) for p, n in ((6, "tcp"), (17, "udp"), (132, "sctp"))))),
-    (f"A {MAC} T 3 t 10 p sctp", norm({"eth_type": V4, "ip_proto": 132, "ip_dscp": 10},
+    (f"A {MAC} T 3 t 10 p sctp", unfragmented({"eth_type": V4, "ip_proto": 132, "ip_dscp": 10},
                                       {"eth_type": V6, "ip_proto": 132, "ip_dscp": 10})),
-    (f"A {MAC} T 5 s 1-3 p 6", norm(*({"eth_type": e, "ip_proto": 6, "tcp_src": s}
+    (f"A {MAC} T 5 s 1-3 p 6", unfragmented(*({"eth_type": e, "ip_proto": 6, "tcp_src": s}
                                       for e in (V4, V6) for s in (1, (2, 0xFFFE))))),
 ])
 def test_filter_matches(text, expected):
@@ -238,18 +245,20 @@ def test_transport_ranges_on_both_fields_give_the_cross_product():
 
 
 def test_compile_filters_drop_traffic_to_the_middlebox_only():
+    """Without own addresses (no group forms), every plain filter flow matches the
+    middlebox's MAC; filters.py's own tests cover group frames, fragments and QinQ."""
     mb = middlebox(*FULL)
-    flows = compile_filters(mb)
+    flows = compile_filters(mb, frozenset())
     expected = {tuple(sorted({"eth_dst": MAC, **{k: v for k, v in m.items() if v is not None}}.items()))
                 for f in mb.filters for m in filter_matches(f)}
-    assert {flow.match for flow in flows} == expected
-    for flow in flows:
-        assert (flow.table, flow.priority, flow.actions, flow.cookie) == (OFFLOAD_TABLE, FILTER, (), cookie_of(MAC))
-        assert field(flow, "eth_dst") == MAC
+    plain = {flow.match for flow in flows if flow.table == OFFLOAD_TABLE and flow.priority == FILTER}
+    assert expected <= plain
+    assert all(field(flow, "eth_dst") == MAC for flow in flows if flow.table == OFFLOAD_TABLE)
+    assert {flow.cookie for flow in flows} == {cookie_of(MAC)}
 
 
 def test_compile_filters_without_filters_is_empty():
-    assert compile_filters(middlebox(f"R F {MAC} 10.0.0.1")) == set()
+    assert compile_filters(middlebox(f"R F {MAC} 10.0.0.1"), frozenset({"10.0.0.1"})) == set()
 
 
 # --- redirects ----------------------------------------------------------------------------
@@ -355,7 +364,7 @@ def test_unresolved_backend_gives_no_redirect_flows_and_is_reported():
     config = compile_middlebox(mb, Surroundings(neighbours=neighbours))
     assert config.unresolved == ("10.0.0.6",)
     assert config.groups == frozenset()
-    assert config.flows == frozenset(compile_filters(mb))  # filters still go in
+    assert config.flows == frozenset(compile_filters(mb, frozenset({"10.0.0.100"})))  # filters still go in
     nothing = compile_middlebox(mb, Surroundings())
     assert nothing.unresolved == ("10.0.0.5", "10.0.0.6", "10.0.0.7")
 
@@ -378,15 +387,22 @@ def assert_owned(mb: Middlebox, config: SwitchConfig) -> None:
     matches one of those."""
     marks = {(a[1], a[2]) for g in config.groups for b in g.buckets for a in b
              if a[0] == "set_field" and a[1].startswith("reg")}
+    own = {mb.firewall_ip, mb.balancer_ip} - {None}
     for flow in config.flows:
         assert flow.cookie == cookie_of(mb.mac)
         if flow.table == OFFLOAD_TABLE:
-            if field(flow, "eth_dst") is None:
+            if field(flow, "conj_id") is not None:  # reached only through its own clauses
+                assert field(flow, "conj_id") >> 16 == mb.zone
+            elif field(flow, "eth_dst") is None:
                 source = field(flow, "ipv4_src") or field(flow, "ipv6_src")
                 assert source in _backends(mb), flow
                 assert flow.actions == (("ct_nat", mb.zone, REDIRECT_TABLE),)
+            elif field(flow, "eth_dst") == GROUP:  # a group frame for one of its own addresses
+                assert (field(flow, "ipv4_dst") or field(flow, "ipv6_dst")) in own, flow
             else:
                 assert field(flow, "eth_dst") == mb.mac
+        elif flow.table == FRAGMENT_TABLE:
+            assert field(flow, "ct_zone") == fragment_zone(mb), flow
         else:
             assert field(flow, "ct_zone") == mb.zone or set(flow.match) & marks, flow
     for group in config.groups:

@@ -47,7 +47,7 @@ def _value(name: str, value) -> str:
     return hex(value) if isinstance(value, int) else str(value)
 
 
-IP_FRAG = {(0, 3): "no", (1, 1): "yes", (1, 3): "first"}
+IP_FRAG = {0: "no", (1, 1): "yes", 1: "first"}
 NAMES = {"ipv4_src": "ip_src", "ipv4_dst": "ip_dst"}  # ovs-ofctl spells these two otherwise
 
 
