@@ -1,9 +1,12 @@
 """The filter compiler's flows on a real ovs-vswitchd (netdev datapath), with scapy frames
 from namespaces counted where they arrive: the middlebox's own interface.
 
-The flows are exactly ``compile_filters``'s, written with ovs-ofctl (``render``) on a private
-bridge without a controller, behind a table 0 that only continues to table 1 (the ingress
-table's miss) and a table-1 miss to NORMAL (the base flows).  "Nothing arrived" is bounded:
+Each test runs twice.  ``ofctl``: the flows are exactly ``compile_filters``'s, written with
+ovs-ofctl (``render``) on a bridge without a controller, behind a table 0 that only
+continues to table 1 (the ingress table's miss) and a table-1 miss to NORMAL (the base
+flows).  ``controller``: the real controller (product trust mode, the middlebox's port
+annotated and published) installs them from the middlebox's commands, with everything
+else of its pipeline around them.  "Nothing arrived" is bounded:
 after the frames that must be dropped, the same sender sends a marker that must arrive, and
 the test waits for the marker."""
 
@@ -17,8 +20,10 @@ import time
 import pytest
 
 from mbvisor.controller.filters import compile_filters
+from mbvisor.controller.pipeline import cookie_of
 from mbvisor.controller.model import Middlebox
 from mbvisor.guest.grammar import parse_command
+from mbvisor.topologies.controller_run import Controller
 from mbvisor.topologies.netlab import wait_until
 
 pytestmark = pytest.mark.host
@@ -83,21 +88,42 @@ class Sniffer:
             self.frames.append(bytes.fromhex(line.strip()))
 
 
-@pytest.fixture
-def net(lab):
-    bridge = lab.bridge(fail_mode="secure")
+@pytest.fixture(params=["ofctl", "controller"])
+def net(lab, tmp_path, request):
+    controller = None
+    if request.param == "controller":
+        controller = Controller(tmp_path, trust="annotations").start()
+        request.addfinalizer(controller.stop)
+    bridge = lab.bridge(fail_mode="secure", controller=controller.target if controller else None)
     hosts = {"attacker": lab.host("attacker", ip="10.0.0.66/24"), "client": lab.host("client", ip="10.0.0.1/24"),
              "mb": lab.host("mb", ip=f"{MB_IP}/24", mac=MB_MAC)}
     lab.fill_arp()
+    if controller:
+        controller.wait_switch(bridge.dpid)
+        mb = hosts["mb"]
+        status, _ = controller.request("PUT", f"/v1/switches/{bridge.dpid:016x}/ports", {"ports": [
+            {"port": mb.ofport, "mac": MB_MAC, "tenant": "red", "ips": [MB_IP, "fd00::5"]}]})
+        assert status == 200
+        controller.ok(bridge.dpid, mb.ofport, f"R F {MB_MAC} {MB_IP}")
+    bridge.installer = controller
     return bridge, hosts, Sniffer(hosts["mb"])
 
 
 def install(bridge, *filters: str) -> int:
-    mb = Middlebox(bridge.dpid, 3, MB_MAC, 5, MB_IP,
+    """The filters on the bridge (by ovs-ofctl, or by the controller from the middlebox's
+    commands); how many flows they cost."""
+    mb = Middlebox(bridge.dpid, 3, MB_MAC, 1, MB_IP,
                    filters=frozenset(parse_command(f"A {MB_MAC} {text}").filter for text in filters))
     flows = compile_filters(mb, frozenset({MB_IP, "fd00::5"}))
-    bridge.add_flows(["table=0,priority=0,actions=goto_table:1", "table=1,priority=0,actions=NORMAL",
-                      *(render(f) for f in flows)])
+    if bridge.installer is None:
+        bridge.add_flows(["table=0,priority=0,actions=goto_table:1", "table=1,priority=0,actions=NORMAL",
+                          *(render(f) for f in flows)])
+    else:
+        port = next(h for h in bridge.lab.hosts.values() if h.mac == MB_MAC).ofport
+        for text in filters:
+            bridge.installer.ok(bridge.dpid, port, f"A {MB_MAC} {text}")
+        installed = [line for line in bridge.dump_flows() if f"cookie={cookie_of(MB_MAC):#x}," in line]
+        assert len(installed) == len(flows)  # the controller (zone 1, the first) installs exactly these
     return len(flows)
 
 
@@ -178,7 +204,7 @@ def test_a_range_product_is_cheap_and_still_exact(net):
     bridge, h, sniffer = net
     count = install(bridge, "T 13 s 1025-65534 d 1-65534 p tcp")
     assert count < 400 < 29 * 30 * 2
-    assert len(bridge.dump_flows("conj_id=327680")) == 2
+    assert len(bridge.dump_flows(f"conj_id={1 << 16}")) == 2  # zone 1's first conjunction
     syn = "sendp(Ether(src=ME, dst=MB)/IP(src='10.0.0.66', dst=MB_IP)/TCP(sport={}, dport={}, flags='S'), iface='eth0')"
     assert frames_of(sniffer, h["attacker"], syn.format(40000, 80)) == []
     assert len(frames_of(sniffer, h["attacker"], syn.format(1000, 80))) == 1
