@@ -55,6 +55,8 @@ TRANSPORT_FIELDS = {6: ("tcp_src", "tcp_dst"), 17: ("udp_src", "udp_dst"), 132: 
 NOT_FRAGMENT = 0
 FRAGMENT = (1, 1)
 FIRST_FRAGMENT = 1
+LATER_FRAGMENT = 3
+IPV6_FRAGMENT_HEADER = 44  # what OVS reports as the protocol of IPv6 fragments after the first
 UNTRACKED = (0x00, 0x20)        # ct_state -trk
 TRACKED_INVALID = (0x30, 0x30)  # ct_state +trk+inv
 TRACKED_VALID = (0x20, 0x30)    # ct_state +trk-inv: what ct_nw_proto/ct_tp_* require
@@ -213,9 +215,15 @@ def _fragment_path(rules: dict, middlebox: Middlebox, own: dict, protocols: set[
     there, what conntrack could not reassemble is dropped and the rest resumes.  Fragments
     never meet a conjunctive clause at the same priority: those match ``ip_frag=no``."""
     zone = fragment_zone(middlebox)
-    for eth_type, protocol in product((ETH_IPV4, ETH_IPV6), sorted(protocols)):
-        base = {"eth_type": eth_type, "ip_proto": protocol, "ip_frag": FRAGMENT, "ct_state": UNTRACKED}
-        for fields in [{**base, "eth_dst": middlebox.mac}] + _group_forms(base, eth_type, own, None):
+    bases = [{"eth_type": eth_type, "ip_proto": protocol, "ip_frag": FRAGMENT, "ct_state": UNTRACKED}
+             for eth_type, protocol in product((ETH_IPV4, ETH_IPV6), sorted(protocols))]
+    # An IPv6 fragment after the first names no upper protocol (its header chain is in the
+    # first): all of them go through reassembly, or a filtered datagram's first fragment
+    # would wait there for the rest and a legitimate one would lose it.
+    bases.append({"eth_type": ETH_IPV6, "ip_proto": IPV6_FRAGMENT_HEADER, "ip_frag": LATER_FRAGMENT,
+                  "ct_state": UNTRACKED})
+    for base in bases:
+        for fields in [{**base, "eth_dst": middlebox.mac}] + _group_forms(base, base["eth_type"], own, None):
             rules[(OFFLOAD_TABLE, FILTER_CONJUNCTION, match(**fields))].add(("ct_commit", zone, FRAGMENT_TABLE))
     rules[(FRAGMENT_TABLE, FILTER, match(ct_state=TRACKED_INVALID, ct_zone=zone))]
     rules[(FRAGMENT_TABLE, MISS, match(ct_zone=zone))].add(("resubmit", OFFLOAD_TABLE))

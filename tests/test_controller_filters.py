@@ -83,10 +83,13 @@ def test_port_filters_see_unfragmented_packets_only_and_fragments_go_through_con
     zone = fragment_zone(mb)
     assert zone == 0x8005
     to_conntrack = [f for f in flows if f.actions == (("ct_commit", zone, FRAGMENT_TABLE),)]
-    assert {(fields(f)["eth_type"], fields(f)["eth_dst"]) for f in to_conntrack} == {
-        (V4, MAC), (V6, MAC), (V4, GROUP), (V6, GROUP)}
+    assert {(fields(f)["eth_type"], fields(f)["eth_dst"], fields(f)["ip_proto"], fields(f)["ip_frag"])
+            for f in to_conntrack} == {
+        (V4, MAC, 6, FRAGMENT), (V6, MAC, 6, FRAGMENT), (V4, GROUP, 6, FRAGMENT), (V6, GROUP, 6, FRAGMENT),
+        # IPv6 fragments after the first name no protocol (OVS reports the fragment header's, 44)
+        (V6, MAC, 44, F.LATER_FRAGMENT), (V6, GROUP, 44, F.LATER_FRAGMENT)}
     for flow in to_conntrack:
-        assert (flow.priority, fields(flow)["ip_frag"], fields(flow)["ip_proto"]) == (FILTER_CONJUNCTION, FRAGMENT, 6)
+        assert flow.priority == FILTER_CONJUNCTION
         assert fields(flow)["ct_state"] == (0, 0x20)  # untracked only: resumed fragments never loop
     table4 = {f.match: f.actions for f in flows if f.table == FRAGMENT_TABLE}
     assert table4[(("ct_state", (0x30, 0x30)), ("ct_zone", zone))] == ()
@@ -103,9 +106,10 @@ def test_no_fragment_path_without_port_filters():
 
 def test_fragments_of_every_filtered_protocol_and_only_those():
     flows = compile_filters(middlebox("T 8 d 53"), OWN)
-    assert {fields(f)["ip_proto"] for f in flows if f.actions and f.actions[0][0] == "ct_commit"} == {6, 17, 132}
+    later = F.IPV6_FRAGMENT_HEADER
+    assert {fields(f)["ip_proto"] for f in flows if f.actions and f.actions[0][0] == "ct_commit"} == {6, 17, 132, later}
     flows = compile_filters(middlebox("T 9 d 53 p udp"), OWN)
-    assert {fields(f)["ip_proto"] for f in flows if f.actions and f.actions[0][0] == "ct_commit"} == {17}
+    assert {fields(f)["ip_proto"] for f in flows if f.actions and f.actions[0][0] == "ct_commit"} == {17, later}
 
 
 # --- QinQ and M p vlan (item 6) -----------------------------------------------------------------

@@ -52,7 +52,7 @@ def _value(name: str, value) -> str:
     return hex(value) if isinstance(value, int) else str(value)
 
 
-IP_FRAG = {0: "no", (1, 1): "yes", 1: "first"}
+IP_FRAG = {0: "no", (1, 1): "yes", 1: "first", 3: "later"}
 NAMES = {"ipv4_src": "ip_src", "ipv4_dst": "ip_dst"}  # ovs-ofctl spells these two otherwise
 
 
@@ -209,3 +209,21 @@ def test_a_range_product_is_cheap_and_still_exact(net):
     assert frames_of(sniffer, h["attacker"], syn.format(40000, 80)) == []
     assert len(frames_of(sniffer, h["attacker"], syn.format(1000, 80))) == 1
     assert len(frames_of(sniffer, h["attacker"], syn.format(40000, 65535))) == 1
+
+
+def test_ipv6_fragmented_syn_to_a_filtered_port_loses_its_first_fragment(net):
+    bridge, h, sniffer = net
+    install(bridge, "T 9 d 23 p tcp")
+    got = frames_of(sniffer, h["attacker"], "sendp([Ether(src=ME, dst=MB)/f for f in fragment6(IPv6(src='fd00::66', "
+                    "dst='fd00::5')/IPv6ExtHdrFragment(id=21)/TCP(sport=1234, dport=23, flags='S')/" + BIG +
+                    ", 1400)], iface='eth0')")
+    assert all(f["IPv6ExtHdrFragment"].offset > 0 for f in got), [f.summary() for f in got]
+
+
+def test_ipv6_fragments_of_an_unfiltered_port_all_arrive(net):
+    bridge, h, sniffer = net
+    install(bridge, "T 9 d 24 p tcp")
+    got = frames_of(sniffer, h["attacker"], "sendp([Ether(src=ME, dst=MB)/f for f in fragment6(IPv6(src='fd00::66', "
+                    "dst='fd00::5')/IPv6ExtHdrFragment(id=22)/TCP(sport=1234, dport=23, flags='S')/" + BIG +
+                    ", 1400)], iface='eth0')")
+    assert sorted(f["IPv6ExtHdrFragment"].offset for f in got)[0] == 0 and len(got) == 3
