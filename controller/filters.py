@@ -22,7 +22,9 @@ always give the same set of flows (docs/controller.md, "Pipeline").  Why each pa
   everything else resumes in the offload table (no longer ``-trk``, so it never loops),
   where it meets the same redirects and drops a whole packet would.  OVS 3.1 gives later
   fragments ports 0 even after reassembly, so they are never judged by port: without
-  its first fragment a datagram cannot be reassembled by the middlebox.
+  its first fragment a datagram cannot be reassembled by the middlebox.  IPv6 fragments
+  after the first carry no upper protocol at all (OVS reports the fragment header's, 44),
+  so every one of them for the middlebox goes through reassembly.
 * **QinQ.**  OVS parses one VLAN tag (``other_config:vlan-limit`` is global and left
   alone); a second tag hides the IP header, leaving a VLAN TPID as ``eth_type``.  Such
   frames for a middlebox with IP or port filters are dropped: the filters cannot see in.
