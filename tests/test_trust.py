@@ -11,7 +11,7 @@ from mbvisor.controller import flows as F
 from mbvisor.controller.flows import Neighbour, Surroundings, compile_middlebox, compile_switch
 from mbvisor.controller.health import BackendHealth
 from mbvisor.controller.ingress import compile_ingress, link_local
-from mbvisor.controller.model import ApplyError, Binding, State, apply
+from mbvisor.controller.model import ApplyError, Binding, Limits, State, apply
 from mbvisor.controller.pipeline import CLAIMED, INGRESS_TABLE, OFFLOAD_TABLE, port_cookie
 from mbvisor.controller.requests import CommandRequest
 from mbvisor.controller.service import Controller, Settings
@@ -222,9 +222,11 @@ def test_health_bookkeeping_over_an_explicit_clock():
 # --- the shell ----------------------------------------------------------------------------------
 
 @pytest.fixture
-def service(tmp_path):
-    made = Controller(Settings(database=tmp_path / "controller.sqlite", audit_interval=0, backend_check_interval=0,
-                               backend_down_after=0.3))
+def service(tmp_path, request):
+    """The service on fake switches; ``indirect`` parametrisation may change its settings."""
+    settings = {"audit_interval": 0, "backend_check_interval": 0, "backend_down_after": 0.3,
+                **getattr(request, "param", {})}
+    made = Controller(Settings(database=tmp_path / "controller.sqlite", **settings))
     fakes = []
 
     def connect():
@@ -302,3 +304,20 @@ def test_an_arp_reply_for_an_annotated_address_from_another_port_is_ignored(serv
     assert "10.0.0.3" not in service.health[DPID].last_answer and not service.neighbours_of(DPID)
     service.arp_reply(DPID, "10.0.0.3", BACKEND.mac, BACKEND.port)
     assert "10.0.0.3" in service.health[DPID].last_answer
+
+
+@pytest.mark.parametrize("service", [{"limits": Limits(flows=400)}], indirect=True)
+def test_a_filters_cost_in_switch_entries_is_bounded(service):
+    """Limits count switch entries: a range x range filter is a conjunction (304 entries,
+    not 1,740), and what would pass the middlebox's budget is refused, changing nothing."""
+    fake = service.connect()
+    service.set_inventory(DPID, PORTS)
+    assert _command(service, f"R F {MB.mac} 10.0.0.2").status == "OK"
+    assert _command(service, f"A {MB.mac} T 13 s 1025-65534 d 1-65534 p tcp").status == "OK"
+    mine = lambda: [f for f in fake.flows() if f.cookie == F.cookie_of(MB.mac)]  # noqa: E731
+    spent = len(mine())
+    assert spent < 400
+    refused = _command(service, f"A {MB.mac} T 13 s 1025-65534 d 1-65533 p udp")
+    assert (refused.status, refused.code) == ("REJECTED", "limit") and "switch entries" in refused.text
+    assert len(mine()) == spent
+    assert _command(service, f"A {MB.mac} I 4 s 10.66.0.0/16").status == "OK"  # cheap ones still fit
