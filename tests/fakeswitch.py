@@ -39,8 +39,9 @@ included.
 Meters are kept (add/modify/delete, and a flow naming an unknown meter is refused, as OVS
 does) but do not limit rates.  Not modelled: timeouts, flow-removed and flow-monitor messages, OF versions other
 than 1.3, roles, port mods, table features, ``OFPFF_CHECK_OVERLAP``, write-actions in
-traces, packets other than ARP replies from :meth:`FakeSwitch.add_host` hosts, NORMAL's
-MAC learning; a packet-out inside a bundle acts when the commit reaches it, even if the
+traces, conjunctive matches and fragment reassembly in traces (flows holding them are
+kept and reported; their behaviour is proved on a real switch, tests/test_filters_ovs.py),
+packets other than ARP replies from :meth:`FakeSwitch.add_host` hosts, NORMAL's MAC learning; a packet-out inside a bundle acts when the commit reaches it, even if the
 commit then fails.  ``trace`` is a model of the pipeline for assertions, not a datapath.
 """
 
