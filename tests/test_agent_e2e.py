@@ -158,7 +158,9 @@ def test_killed_mid_stream_nothing_lost_nothing_twice(setup, victim):
     status, view = controller.get(f"/v1/middleboxes/{setup['bridge'].dpid:016x}/{MB_MAC}")
     assert set(view["filters"]) == expected
     mb_cookie = (0x4D42 << 48) | int(MB_MAC.replace(":", ""), 16)  # not port security's drops
-    drops_installed = [f for f in setup["bridge"].flows() if f.actions == "drop" and f.cookie == mb_cookie]
+    # One drop per filter addressed to its MAC (each also has a group-frame form: filters.py).
+    drops_installed = [f for f in setup["bridge"].flows() if f.actions == "drop" and f.cookie == mb_cookie
+                       and f"dl_dst={MB_MAC}" in f.raw and "nw_src=" in f.raw]
     assert len(drops_installed) == len(expected)
 
 

@@ -95,7 +95,8 @@ def test_counters_and_rest_view_match_the_switch(net, controller):
     assert view["handled_in_switch"]["packets"] == 30
     status, flows = controller.get(f"/v1/middleboxes/{bridge.dpid:016x}/{MB_MAC}/flows")
     switch_view = bridge.dump_flows(f"cookie={int(view['cookie'], 16)}/-1")
-    assert len(flows["flows"]) == len(switch_view) == 1
+    # To its MAC, in a group frame for its address, and the two double-tagged drops.
+    assert len(flows["flows"]) == len(switch_view) == 4
     metrics = controller.metrics()
     assert f'mbvisor_packets_handled_in_switch{{dpid="{bridge.dpid:016x}",mac="{MB_MAC}"}} 30.0' in metrics
     assert 'mbvisor_commands_total{status="OK"} 2.0' in metrics

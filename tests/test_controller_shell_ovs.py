@@ -36,7 +36,10 @@ def controlled(lab, tmp_path, **options):
 
 
 def filter_flows(bridge) -> list[str]:
-    return [line for line in bridge.dump_flows(no_stats=True) if "priority=3000" in line]
+    """One flow per IP filter: the form addressed to the middlebox's MAC (each filter also
+    has a group-frame form, and each middlebox two double-tagged drops: filters.py)."""
+    return [line for line in bridge.dump_flows(no_stats=True)
+            if "priority=3000" in line and "nw_src=" in line and "dl_dst=01:00:00:00:00:00/" not in line]
 
 
 def mac_of(index: int) -> str:
