@@ -12,7 +12,8 @@ if "ryu" in sys.modules and "os_ken" not in sys.modules:
     from ryu.controller import ofp_event
     from ryu.controller.handler import CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, set_ev_cls
     from ryu.lib import hub
-    from ryu.lib.packet import arp, ethernet, packet
+    from ryu.lib.packet import arp, ethernet, icmpv6, ipv6, packet
+    from ryu.lib.packet import in_proto as ipv6_protocol
     from ryu.ofproto import ether, nicira_ext, ofproto_v1_3
     FRAMEWORK = "ryu"
 else:
@@ -21,12 +22,13 @@ else:
     from os_ken.controller import ofp_event
     from os_ken.controller.handler import CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, set_ev_cls
     from os_ken.lib import hub
-    from os_ken.lib.packet import arp, ethernet, packet
+    from os_ken.lib.packet import arp, ethernet, icmpv6, ipv6, packet
+    from os_ken.lib.packet import in_proto as ipv6_protocol
     from os_ken.ofproto import ether, nicira_ext, ofproto_v1_3
     FRAMEWORK = "os_ken"
 
 __all__ = ["CONF", "OSKenApp", "ofp_event", "CONFIG_DISPATCHER", "DEAD_DISPATCHER", "MAIN_DISPATCHER", "set_ev_cls",
-           "hub", "arp", "ethernet", "packet", "ether", "nicira_ext", "ofproto_v1_3", "FRAMEWORK"]
+           "hub", "arp", "ethernet", "icmpv6", "ipv6", "ipv6_protocol", "packet", "ether", "nicira_ext", "ofproto_v1_3", "FRAMEWORK"]
 
 # Conntrack's original-direction tuple (OVS 2.8+, NXM class 1, ovs-fields(7)): the fragment
 # table matches the reassembled datagram's protocol and ports (controller/filters.py), and

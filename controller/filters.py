@@ -103,13 +103,6 @@ def compile_filters(middlebox: Middlebox, addresses: frozenset[str]) -> set[Flow
             for (table, priority, fields), actions in rules.items()}
 
 
-def group_qinq_drops(cookie: int) -> set[Flow]:
-    """Double-tagged group frames: their inner IP destination is hidden, so they cannot be
-    tied to one middlebox.  The same flows for every middlebox of a switch, hence apart
-    from ``compile_filters`` (one owner per switch: the caller picks the cookie)."""
-    return {Flow(OFFLOAD_TABLE, FILTER, match(eth_dst=GROUP, eth_type=tpid), (), cookie) for tpid in VLAN_TPIDS}
-
-
 # --- who receives: the middlebox's MAC, or a group frame for one of its addresses ----------
 
 def _by_family(addresses: frozenset[str]) -> dict[int, list[str]]:

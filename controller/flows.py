@@ -34,24 +34,23 @@ import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from itertools import product
 from typing import Mapping
 
-from mbvisor.guest.commands import Filter, Layer
+from mbvisor.guest.commands import Filter
 
 from .filters import _address_match, compile_filters
 from .ingress import compile_ingress
 from .model import Middlebox, State
-from .pipeline import (ARP_CAPTURE, BACKEND_TABLE, BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, ENTERED, FILTER,
-                       MISS, OFFLOAD_TABLE, REDIRECT, REDIRECT_FROM_SOURCE, REDIRECT_REPLY, REDIRECT_TABLE, STRAY,
-                       Action, Flow, Group, Match, cookie_of, match)
+from .pipeline import (ARP_CAPTURE, BACKEND_ANSWER, BACKEND_TABLE, BASE_COOKIE, CONTROLLER_METER, ENTERED, FILTER,
+                       MISS, NEIGHBOUR_DISCOVERY, OFFLOAD_TABLE, REDIRECT, REDIRECT_FROM_SOURCE, REDIRECT_REPLY,
+                       REDIRECT_TABLE, STRAY, Action, Flow, Group, cookie_of, match, port_meter)
 from .trust import Inventory, TrustMode
 
 ETH_IPV4 = 0x0800
 ETH_IPV6 = 0x86DD
 ETH_ARP = 0x0806
 ARP_REPLY = 2
-CONTROLLER_METER = 1  # packets to the controller pass one meter per switch: no VM can flood it
+ICMPV6, NEIGHBOUR_SOLICIT, NEIGHBOUR_ADVERT = 58, 135, 136
 # The controller's own (locally administered) MAC for resolving and checking backends:
 # replies to it come to the controller and to nobody else.
 RESOLVER_MAC = "02:4d:42:00:00:01"
@@ -85,7 +84,8 @@ class Surroundings:
         identity = self.inventory.at(middlebox.port)
         own = [ip for ip in (middlebox.firewall_ip, middlebox.balancer_ip) if ip is not None]
         if identity is None:
-            return self.mode is TrustMode.LAB and not any(self.inventory.owner(ip) for ip in own)
+            return (self.mode is TrustMode.LAB and self.inventory.with_mac(middlebox.mac) is None
+                    and not any(self.inventory.owner(ip) for ip in own))
         return identity.mac == middlebox.mac and all(
             identity.owns(ip) for ip in (middlebox.firewall_ip, middlebox.balancer_ip) if ip is not None)
 
@@ -133,16 +133,19 @@ def ct_state(spec: str) -> tuple[int, int]:
 def base_config(surroundings: Surroundings = Surroundings()) -> SwitchConfig:
     """What every switch holds without any middlebox: port security of the annotated
     ports, table misses that continue to NORMAL, what entered a redirect and matched no
-    decision dropped, and ARP replies to the controller's resolver to the controller
-    (through its meter)."""
+    decision dropped.  Frames to the controller's resolver MAC reach the controller only
+    as a backend's own answer (``compile_redirects``); in a lab, its ARP replies locate
+    unannotated backends, through the controller's meter."""
+    resolver = ((("meter", CONTROLLER_METER), ("controller",)) if surroundings.metered else (("controller",),)
+                if surroundings.mode is TrustMode.LAB else ())
     return SwitchConfig(frozenset({
         *compile_ingress(surroundings.inventory),
         Flow(OFFLOAD_TABLE, MISS, (), (("normal",),), BASE_COOKIE),
         Flow(REDIRECT_TABLE, MISS, (), (("normal",),), BASE_COOKIE),
         Flow(REDIRECT_TABLE, STRAY, _match(reg1=ENTERED), (), BASE_COOKIE),
-        Flow(OFFLOAD_TABLE, ARP_CAPTURE, _match(eth_type=ETH_ARP, eth_dst=RESOLVER_MAC, arp_op=ARP_REPLY),
-             (("meter", CONTROLLER_METER), ("controller",)) if surroundings.metered else (("controller",),),
+        Flow(OFFLOAD_TABLE, ARP_CAPTURE, _match(eth_type=ETH_ARP, eth_dst=RESOLVER_MAC, arp_op=ARP_REPLY), resolver,
              BASE_COOKIE),
+        Flow(OFFLOAD_TABLE, ARP_CAPTURE - 1, _match(eth_dst=RESOLVER_MAC), (), BASE_COOKIE),
     }), frozenset())
 
 
@@ -237,6 +240,13 @@ def compile_redirects(middlebox: Middlebox, surroundings: Surroundings) -> tuple
             flows.add(Flow(BACKEND_TABLE, REDIRECT,
                            _match(eth_type=eth_type, reg0=_bucket_mark(middlebox, index, i)),
                            (("ct_commit_nat", zone, backend), *_to(live[backend])), cookie))
+    for backend in sorted({b for b, where in located.items() if where is not None}):
+        flows.add(_health_answer(backend, located[backend], cookie, surroundings.metered))
+    if ip == "ipv6":  # neighbour discovery for the balancer's address is the middlebox's own
+        for icmp_type in (NEIGHBOUR_SOLICIT, NEIGHBOUR_ADVERT):
+            flows.add(Flow(OFFLOAD_TABLE, NEIGHBOUR_DISCOVERY,
+                           _match(eth_type=ETH_IPV6, eth_dst=middlebox.mac, ipv6_dst=address, ip_proto=ICMPV6,
+                                  icmpv6_type=icmp_type), (("normal",),), cookie))
     for backend in sorted(used):
         where = live[backend]
         # Only the backend's own port and MAC enter the zone as the backend (port security
@@ -255,6 +265,18 @@ def compile_redirects(middlebox: Middlebox, surroundings: Surroundings) -> tuple
         flows.add(Flow(REDIRECT_TABLE, REDIRECT, _match(ct_state=ct_state("+trk+rpl"), ct_zone=zone, reg1=0),
                        (("output_ct_mark",),), cookie))
     return flows, groups, set()
+
+
+def _health_answer(backend: str, where: Neighbour, cookie: int, metered: bool) -> Flow:
+    """A backend's answer to a health check (ARP, or neighbour discovery for IPv6), from
+    its own port and MAC only, to the controller through that port's own meter."""
+    if _eth_type(backend) == ETH_IPV4:
+        fields = {"eth_type": ETH_ARP, "arp_op": ARP_REPLY, "arp_spa": backend}
+    else:
+        fields = {"eth_type": ETH_IPV6, "ip_proto": ICMPV6, "icmpv6_type": NEIGHBOUR_ADVERT, "ipv6_nd_target": backend}
+    actions = ((("meter", port_meter(where.port)),) if metered else ()) + (("controller",),)
+    return Flow(OFFLOAD_TABLE, BACKEND_ANSWER,
+                _match(in_port=where.port, eth_src=where.mac, eth_dst=RESOLVER_MAC, **fields), actions, cookie)
 
 
 def _to(neighbour: Neighbour) -> tuple[Action, ...]:

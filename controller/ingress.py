@@ -17,7 +17,8 @@ from .pipeline import (CLAIMED, INGRESS_TABLE, OFFLOAD_TABLE, PORT_ALLOWED, PORT
 from .trust import Inventory, PortIdentity
 
 ETH_IPV4, ETH_IPV6, ETH_ARP = 0x0800, 0x86DD, 0x0806
-ICMPV6, NEIGHBOUR_SOLICIT, NEIGHBOUR_ADVERT = 58, 135, 136
+ICMPV6, ROUTER_ADVERT, NEIGHBOUR_SOLICIT, NEIGHBOUR_ADVERT, REDIRECT = 58, 134, 135, 136, 137
+DHCP_SERVER, DHCP_CLIENT = 67, 68
 VLAN_PRESENT = (0x1000, 0x1000)
 UNSPECIFIED_V6 = "::"
 NO_LINK_ADDRESS = "00:00:00:00:00:00"  # what OVS reports for a neighbour message without the option
@@ -52,13 +53,13 @@ def port_flows(identity: PortIdentity) -> set[Flow]:
     own = {"in_port": port, "eth_src": mac}
     flows = {
         flow(PORT_TAGGED, DROP, in_port=port, vlan_vid=VLAN_PRESENT),
-        # DHCP before the port has its address, and ARP probes (RFC 5227) and DAD (RFC 4862)
-        # from the unspecified address: needed to get or check an address, claim nothing.
+        # DHCP before the port has its address: needed to get one, claims nothing.
         flow(PORT_ALLOWED, CONTINUE, **own, eth_type=ETH_IPV4, ip_proto=17, ipv4_src="0.0.0.0",
-             udp_src=68, udp_dst=67),
-        flow(PORT_ALLOWED, CONTINUE, **own, eth_type=ETH_ARP, arp_sha=mac, arp_spa="0.0.0.0"),
-        flow(PORT_CHECKED + 1, CONTINUE, **own, eth_type=ETH_IPV6, ip_proto=ICMPV6, ipv6_src=UNSPECIFIED_V6,
-             icmpv6_type=NEIGHBOUR_SOLICIT, ipv6_nd_sll=NO_LINK_ADDRESS),
+             udp_src=DHCP_CLIENT, udp_dst=DHCP_SERVER),
+        # A VM is neither a router nor a DHCP server for the others on the bridge.
+        flow(PORT_CHECKED, DROP, **own, eth_type=ETH_IPV6, ip_proto=ICMPV6, icmpv6_type=ROUTER_ADVERT),
+        flow(PORT_CHECKED, DROP, **own, eth_type=ETH_IPV6, ip_proto=ICMPV6, icmpv6_type=REDIRECT),
+        flow(PORT_CHECKED, DROP, **own, eth_type=ETH_IPV4, ip_proto=17, udp_src=DHCP_SERVER),
         # Neighbour discovery is IPv6's ARP: solicitations and adverts are checked for the
         # link address they announce (and adverts for their target) before the allowances
         # of the source address could let them through.
@@ -78,6 +79,9 @@ def port_flows(identity: PortIdentity) -> set[Flow]:
     }
     for address in v4:
         flows |= {
+            # ARP probes (RFC 5227) from the unspecified address, for its own addresses only:
+            # a probe for another VM's address would keep that VM from configuring it.
+            flow(PORT_ALLOWED, CONTINUE, **own, eth_type=ETH_ARP, arp_sha=mac, arp_spa="0.0.0.0", arp_tpa=address),
             flow(PORT_ALLOWED, CONTINUE, **own, eth_type=ETH_IPV4, ipv4_src=address),
             flow(PORT_ALLOWED, CONTINUE, **own, eth_type=ETH_ARP, arp_sha=mac, arp_spa=address),
             flow(CLAIMED, DROP, eth_type=ETH_IPV4, ipv4_src=address),
@@ -85,6 +89,9 @@ def port_flows(identity: PortIdentity) -> set[Flow]:
         }
     for address in v6:
         flows |= {
+            # Duplicate address detection (RFC 4862), from ::, without a link address, for its own.
+            flow(PORT_CHECKED + 1, CONTINUE, **own, eth_type=ETH_IPV6, ip_proto=ICMPV6, ipv6_src=UNSPECIFIED_V6,
+                 icmpv6_type=NEIGHBOUR_SOLICIT, ipv6_nd_sll=NO_LINK_ADDRESS, ipv6_nd_target=address),
             flow(PORT_ALLOWED, CONTINUE, **own, eth_type=ETH_IPV6, ipv6_src=address),
             *(flow(PORT_CHECKED + 1, CONTINUE, **own, eth_type=ETH_IPV6, ip_proto=ICMPV6,
                    icmpv6_type=NEIGHBOUR_ADVERT, ipv6_nd_target=address, ipv6_nd_tll=link)

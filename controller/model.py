@@ -28,6 +28,7 @@ class ApplyError(Exception):
 
 MAX_REDIRECTS = 256  # group ids hold a redirect's index in 8 bits (flows.group_id)
 MAX_ZONE = 0x7FFF    # the top bit of a conntrack zone marks a middlebox's fragment zone
+MAX_FILTERS = 0xFFFF  # a conjunctive filter's index fits 16 bits of its conj_id (filters.conjunction_id)
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,17 @@ class Limits:
     filters: int = 1000
     redirects: int = 64
     flows: int = 10000  # switch entries one middlebox's filters may cost (a port range costs several)
+    per_port: int = 16  # middleboxes one port may register (an annotated port has one MAC: one)
 
     def __post_init__(self) -> None:
         if self.flows <= 0:
             raise ValueError(f"flows per middlebox must be positive, not {self.flows}")
         if not 0 < self.redirects <= MAX_REDIRECTS:
             raise ValueError(f"redirects per middlebox must be 1..{MAX_REDIRECTS}, not {self.redirects}")
-        if self.filters <= 0:
-            raise ValueError(f"filters per middlebox must be positive, not {self.filters}")
+        if not 0 < self.filters <= MAX_FILTERS:
+            raise ValueError(f"filters per middlebox must be 1..{MAX_FILTERS}, not {self.filters}")
+        if self.per_port <= 0:
+            raise ValueError(f"middleboxes per port must be positive, not {self.per_port}")
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,9 @@ def _check_trust(binding: Binding, command: Command) -> None:
 def _new_middlebox(state: State, binding: Binding, mac: str) -> Middlebox:
     """Conntrack zones are unique among all switches: every userspace bridge of a host
     shares one conntrack table, so a zone per switch would mix their connections."""
+    on_port = sum(1 for mb in state.on(binding.dpid) if mb.port == binding.port)
+    if on_port >= state.limits.per_port:
+        raise ApplyError("limit", f"port {binding.port} has {on_port} middleboxes, the limit is {state.limits.per_port}")
     used = {mb.zone for mb in state.by_key.values()}
     zone = next((zone for zone in range(1, MAX_ZONE + 1) if zone not in used), None)
     if zone is None:
@@ -202,7 +209,7 @@ def _register_balancer(state, binding, current, command: RegisterLoadBalancer) -
     if middlebox.balancer_ip not in (None, command.ip):
         raise ApplyError("already-registered", f"{command.mac} balances {middlebox.balancer_ip}; "
                                                "cancel (X) before changing its address")
-    _check_backends_unique(state, middlebox, command.backends)
+    _check_backends_unique(state, middlebox, command.backends, binding.inventory)
     redirect = Redirect(command.source, command.backends)
     kept = tuple(r for r in middlebox.redirects if r.source != command.source)
     if len(kept) >= state.limits.redirects:
@@ -213,16 +220,26 @@ def _register_balancer(state, binding, current, command: RegisterLoadBalancer) -
                    f"redirecting {command.ip} {scope} to {','.join(command.backends)}")
 
 
-def _check_backends_unique(state: State, middlebox: Middlebox, backends: tuple[str, ...]) -> None:
-    """Replies are recognised by their backend source address, so a backend serves one
-    middlebox per switch."""
+def _check_backends_unique(state: State, middlebox: Middlebox, backends: tuple[str, ...],
+                           inventory: Inventory) -> None:
+    """Replies are recognised by their backend's port and address, so a backend serves
+    one middlebox per switch.  Another middlebox's redirect holds a backend only while the
+    annotations would still let it use it (a dead redirect squats nobody's address)."""
     for other in state.on(middlebox.dpid):
         if other.mac == middlebox.mac:
             continue
-        shared = set(backends) & {b for r in other.redirects for b in r.backends}
+        shared = {b for b in set(backends) & {b for r in other.redirects for b in r.backends}
+                  if _may_use(inventory, other, b)}
         if shared:
             raise ApplyError("backend-in-use", f"backend {sorted(shared)[0]} already serves another "
                                                "middlebox on this switch")
+
+
+def _may_use(inventory: Inventory, middlebox: Middlebox, backend: str) -> bool:
+    owner, identity = inventory.owner(backend), inventory.at(middlebox.port)
+    if owner is None:
+        return identity is None  # a lab's unannotated middlebox, located by ARP
+    return identity is not None and owner.tenant == identity.tenant and owner.port != identity.port
 
 
 def _registered_firewall(current: Middlebox | None, mac: str) -> Middlebox:

@@ -50,7 +50,9 @@ PORT_WRONG_MAC = 4950    # anything else from an annotated port
 CLAIMED = 4900           # an annotated VM's MAC or address sent from any other port
 
 # --- priorities in the offload table -----------------------------------------------------
-ARP_CAPTURE = 4000
+BACKEND_ANSWER = 4010  # a backend's own answer to a health check: to the controller, through its port's meter
+ARP_CAPTURE = 4000     # anything else to the resolver's MAC: dropped, or in a lab its ARP replies
+NEIGHBOUR_DISCOVERY = 2200  # neighbour discovery for a balancer's IPv6 address stays out of its redirects
 FILTER = 3000
 FILTER_CONJUNCTION = 2990  # conjunctive filters, apart from plain ones (OVS leaves mixed ties undefined)
 REDIRECT_FROM_SOURCE = 2100
@@ -78,6 +80,16 @@ def port_cookie(port: int) -> int:
 
 def is_port_cookie(cookie: int) -> bool:
     return cookie & ~0xFFFFFFFF == PORT_COOKIE
+
+# --- meters ---------------------------------------------------------------------------------
+CONTROLLER_METER = 1    # a lab's ARP replies to the resolver (MBVISOR_CONTROLLER_PPS)
+PORT_METERS = 0x10000   # + port number: one backend's health answers (OVS numbers ports below 0xff00)
+
+
+def port_meter(port: int) -> int:
+    """Each backend port's answers pass their own meter: a flood from one port cannot
+    starve another's health checks."""
+    return PORT_METERS + port
 
 # --- registers -----------------------------------------------------------------------------
 # reg1 marks a packet that entered a redirect through its middlebox's address, so the

@@ -13,7 +13,8 @@ import operator
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from .flows import COOKIE_TAG, COOKIE_TAG_MASK, Flow, Group, SwitchConfig
+from .flows import SwitchConfig
+from .pipeline import COOKIE_TAG, COOKIE_TAG_MASK, Flow, Group
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 
 from .compat import hub
-from .flows import CONTROLLER_METER, SwitchConfig, base_config, compile_middlebox, compile_switch, owned_groups
+from .flows import SwitchConfig, base_config, compile_middlebox, compile_switch, owned_groups
 from .ofmessages import encode_action, encoded_actions, flow_mod, group_mod, instructions, normal_match
-from .pipeline import COOKIE_TAG, COOKIE_TAG_MASK, Flow, Group, cookie_of
+from .pipeline import CONTROLLER_METER, COOKIE_TAG, COOKIE_TAG_MASK, PORT_METERS, Flow, Group, cookie_of
 from .reconcile import Changes, reconcile
 from .switchlink import SwitchLink, SwitchUnreachable
 from .trust import TrustMode
@@ -46,6 +46,7 @@ log = logging.getLogger("mbvisor.controller")
 RESYNC_FLOOR, RESYNC_CEILING = 0.5, 30.0  # back-off between failed reconciliations (s)
 YIELD_EVERY = 64  # middleboxes compiled between two yields to the event loop
 YIELD_FLOWS = 1024  # flows read or recorded between two yields
+BACKEND_PPS = 20    # a backend's answers per second: health checks ask once a second
 
 
 def _identity(flow: Flow) -> tuple:
@@ -111,7 +112,8 @@ class SwitchReconciler:
     def __init__(self, dpid: int, service):
         self.dpid = dpid
         self.service = service  # state, plan/commit of commands and retirements, surroundings
-        self.metered = False  # the switch has the controller's meter
+        self.metered = False  # the switch has meters (the controller's is set up at each connection)
+        self.meters: set[int] = set()  # meters set up on this connection
         self.link: SwitchLink | None = None
         self.installed = Installed()
         self.synced = False
@@ -138,6 +140,7 @@ class SwitchReconciler:
         if self.link is not None:
             self.link.close("switch reconnected")
         self.link = SwitchLink(datapath)
+        self.meters = set()
         self.wire_cache: dict[tuple, bytes] = {}
         self.connected_at = time.time()
         self.connected_clock = time.monotonic()
@@ -163,6 +166,12 @@ class SwitchReconciler:
     def submit(self, job: Job) -> Job:
         self._push(job)
         return job
+
+    def converge_soon(self) -> None:
+        """One convergence pending at most: it compiles whatever the annotations are when
+        it runs, so a burst of inventory changes costs one, not one each."""
+        if not any(job.kind == "converge" for job in self.jobs):
+            self._push(Job("converge"))
 
     def _push(self, job: Job, first: bool = False) -> None:
         if first:
@@ -262,23 +271,31 @@ class SwitchReconciler:
         return self.service.surroundings(self.dpid, self.metered)
 
     def _set_up_meter(self) -> None:
-        """One meter for everything the switch sends the controller, so no VM can flood
-        it: added, or changed if the switch kept it from an earlier connection.  A switch
-        without meters gets flows without them (and a warning)."""
+        """Packets to the controller pass meters, so no VM can flood it: the controller's
+        own is set up at each connection (a switch without meters gets flows without
+        them, and a warning); each backend port's is set up when a flow first uses it."""
+        errors = self._ensure_meter(CONTROLLER_METER)
+        if errors:
+            log.warning("switch %016x has no meters (%s); packets to the controller are not rate-limited", self.dpid,
+                        "; ".join(errors))
+        self.metered = not errors
+
+    def _ensure_meter(self, meter_id: int) -> list[str]:
+        """Added, or changed if the switch kept it from an earlier connection."""
+        if meter_id in self.meters:
+            return []
         datapath = self.link.datapath
         parser, ofp = datapath.ofproto_parser, datapath.ofproto
-        rate = max(1, self.service.settings.controller_pps)
+        rate = BACKEND_PPS if meter_id >= PORT_METERS else max(1, self.service.settings.controller_pps)
         bands = [parser.OFPMeterBandDrop(rate=rate, burst_size=rate)]
         errors = []
         for command in (ofp.OFPMC_ADD, ofp.OFPMC_MODIFY):
             errors = self.link.confirm(parser.OFPMeterMod(datapath, command, ofp.OFPMF_PKTPS | ofp.OFPMF_BURST,
-                                                          CONTROLLER_METER, bands))
+                                                          meter_id, bands))
             if not errors:
+                self.meters.add(meter_id)
                 break
-        if errors and self.metered is not False:
-            log.warning("switch %016x has no meters (%s); packets to the controller are not rate-limited", self.dpid,
-                        "; ".join(errors))
-        self.metered = not errors
+        return errors
 
     def _audit(self, job: Job) -> None:
         if self.connected and self.synced:
@@ -409,6 +426,11 @@ class SwitchReconciler:
         them, flows before the groups they used); the switch's errors."""
         if changes.empty:
             return []
+        for meter_id in sorted({a[1] for f in changes.add_flows + changes.modify_flows for a in f.actions
+                                if a[0] == "meter"}):
+            errors = self._ensure_meter(meter_id)
+            if errors:
+                return [f"meter {meter_id}: " + "; ".join(errors)]
         datapath = self.link.datapath
         messages = ([(group_mod, g, "add") for g in changes.add_groups]
                     + [(group_mod, g, "modify") for g in changes.modify_groups]

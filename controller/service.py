@@ -27,11 +27,12 @@ from mbvisor.guest.commands import AddFilter, Query, RegisterLoadBalancer, comma
 from mbvisor.guest.errors import CommandError
 from mbvisor.guest.grammar import parse_command
 
-from .compat import arp, ether, ethernet, hub, packet
+from .compat import arp, ether, ethernet, hub, icmpv6, ipv6, ipv6_protocol, packet
 from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, filter_cost
 from .health import BackendHealth
+from .ingress import link_local
 from .metrics import Metrics
-from .model import ApplyError, Binding, Limits, Middlebox, State, apply, unique_zones
+from .model import ApplyError, Binding, Limits, State, apply, unique_zones
 from .pipeline import COOKIE_TAG, COOKIE_TAG_MASK, cookie_of
 from .trust import Inventory, PortIdentity, TrustMode, build_inventory
 from .ofmessages import normal_match
@@ -327,8 +328,8 @@ class Controller:
         """Limits count switch entries, not filters: one port-range filter can cost many.
         The cost is kept per middlebox value, so a bulk of filters adds, not recounts."""
         old, new = before.find(dpid, command.mac), after.find(dpid, command.mac)
-        addresses = self.surroundings(dpid).addresses(new)
-        spent = self.flow_costs.get(old)
+        addresses = self.surroundings(dpid).addresses(new)  # group forms: one per own address
+        spent = self.flow_costs.get((old, addresses))
         if spent is None:
             spent = sum(filter_cost(f, addresses) for f in old.filters)
         total = spent + filter_cost(command.filter, addresses)
@@ -337,7 +338,7 @@ class Controller:
                                       f"{after.limits.flows}; use wider prefixes or fewer port ranges")
         if len(self.flow_costs) >= 4096:
             self.flow_costs.clear()
-        self.flow_costs[new] = total
+        self.flow_costs[(new, addresses)] = total
 
     def release(self, plan: Plan) -> None:
         """The job's keys are answered (or abandoned): others may use them again."""
@@ -420,9 +421,19 @@ class Controller:
 
     def port_deleted(self, dpid: int, port: int) -> None:
         """Queued whatever the state says now: a registration for that port may be in
-        flight, and the retirement runs after it."""
+        flight, and the retirement runs after it.  The port's annotations go at once: a
+        VM given the same number must not speak for the one that had it until the agent
+        publishes again."""
+        inventory = self.inventories.get(dpid)
+        if inventory is not None and inventory.at(port) is not None:
+            remaining = [i for i in inventory.identities if i.port != port]
+            self.store.save_inventory(dpid, remaining)
+            self.inventories[dpid] = inventory.without(port)
+            log.info("switch %016x: port %d is gone; its annotations with it", dpid, port)
         if dpid in self.reconcilers:
             self.reconcilers[dpid].submit(Job("retire", ports=frozenset({port})))
+            if inventory is not None and inventory.at(port) is not None:
+                self.reconcilers[dpid].converge_soon()
 
     # --- the operator's annotations (published by the host agent) -----------------------
 
@@ -446,7 +457,7 @@ class Controller:
         log.info("switch %016x: %d annotated port(s), %d refused", dpid, len(inventory.ports), len(inventory.refused))
         self.metrics.annotated_ports(dpid, len(inventory.ports), len(inventory.refused))
         if dpid in self.reconcilers:
-            self.reconcilers[dpid].submit(Job("converge"))
+            self.reconcilers[dpid].converge_soon()
         return inventory
 
     def surroundings(self, dpid: int, metered: bool = True) -> Surroundings:
@@ -457,12 +468,18 @@ class Controller:
     # --- backends: health checks, and in a lab their location by ARP ---------------------
 
     def packet_in(self, message) -> None:
-        """Only ARP replies to the resolver's MAC come to the controller (flows.base_config),
-        through the switch's meter."""
-        reply = packet.Packet(message.data).get_protocol(arp.arp)
-        if reply is None or reply.opcode != arp.ARP_REPLY or reply.dst_mac != RESOLVER_MAC:
+        """Only answers to the resolver's MAC come to the controller, through meters: a
+        backend's to its health check (ARP, or a neighbour advert for IPv6), and in a lab
+        any ARP reply (flows.base_config, flows.compile_redirects)."""
+        frame = packet.Packet(message.data)
+        source = frame.get_protocol(ethernet.ethernet)
+        if source is None or source.dst != RESOLVER_MAC:
             return
-        self.arp_reply(message.datapath.id, reply.src_ip, reply.src_mac, message.match["in_port"])
+        reply, advert = frame.get_protocol(arp.arp), frame.get_protocol(icmpv6.icmpv6)
+        if reply is not None and reply.opcode == arp.ARP_REPLY:
+            self.arp_reply(message.datapath.id, reply.src_ip, reply.src_mac, message.match["in_port"])
+        elif advert is not None and advert.type_ == icmpv6.ND_NEIGHBOR_ADVERT:
+            self.arp_reply(message.datapath.id, advert.data.dst, source.src, message.match["in_port"])
 
     def neighbours_of(self, dpid: int) -> dict[str, Neighbour]:
         return self.neighbours.setdefault(dpid, {})
@@ -510,7 +527,7 @@ class Controller:
             for middlebox in self.state.on(dpid):
                 for backend in {b for r in middlebox.redirects for b in r.backends}:
                     where = surroundings.locate(middlebox, backend)
-                    if where is not None and ":" not in backend:
+                    if where is not None:
                         located[backend] = where
             health = self.health.setdefault(dpid, BackendHealth(self.settings.backend_down_after))
             health.checking(located, now)
@@ -552,8 +569,21 @@ class Controller:
 
     @classmethod
     def arp_check(cls, datapath, address: str, where: Neighbour):
-        """A health check: straight to the backend's port and MAC, seen by nobody else."""
-        return cls._arp_request(datapath, address, where.mac, where.port)
+        """A health check: straight to the backend's port and MAC, seen by nobody else; a
+        neighbour solicitation for an IPv6 backend (from the resolver's link-local address,
+        so the advert comes back to the resolver's MAC)."""
+        if ":" not in address:
+            return cls._arp_request(datapath, address, where.mac, where.port)
+        frame = packet.Packet()
+        frame.add_protocol(ethernet.ethernet(dst=where.mac, src=RESOLVER_MAC, ethertype=ether.ETH_TYPE_IPV6))
+        frame.add_protocol(ipv6.ipv6(src=link_local(RESOLVER_MAC), dst=address, nxt=ipv6_protocol.IPPROTO_ICMPV6,
+                                     hop_limit=255))
+        frame.add_protocol(icmpv6.icmpv6(type_=icmpv6.ND_NEIGHBOR_SOLICIT, data=icmpv6.nd_neighbor(
+            dst=address, option=icmpv6.nd_option_sla(hw_src=RESOLVER_MAC))))
+        frame.serialize()
+        parser, ofp = datapath.ofproto_parser, datapath.ofproto
+        return parser.OFPPacketOut(datapath, ofp.OFP_NO_BUFFER, ofp.OFPP_CONTROLLER,
+                                   [parser.OFPActionOutput(where.port)], frame.data)
 
     # --- reads (REST) ---------------------------------------------------------------------
 

@@ -65,9 +65,18 @@ class Inventory:
     ports: Mapping[int, PortIdentity] = field(default_factory=dict)
     refused: tuple[Refused, ...] = ()
     by_address: Mapping[str, PortIdentity] = field(default_factory=dict)
+    by_mac: Mapping[str, PortIdentity] = field(default_factory=dict)
 
     def at(self, port: int) -> PortIdentity | None:
         return self.ports.get(port)
+
+    def with_mac(self, mac: str) -> PortIdentity | None:
+        return self.by_mac.get(mac)
+
+    def without(self, port: int) -> "Inventory":
+        """The inventory once ``port`` is gone from the switch: a reused number must not
+        speak for the VM that had it until the agent publishes again."""
+        return build_inventory([identity for identity in self.identities if identity.port != port])
 
     def owner(self, address: str) -> PortIdentity | None:
         return self.by_address.get(canonical(address))
@@ -92,6 +101,10 @@ def build_inventory(entries: Iterable[PortIdentity]) -> Inventory:
         for address in entry.ips:
             claims.setdefault(("address", address), []).append(entry)
     reasons: dict[int, list[str]] = {}
+    for entry in entries:
+        for address in entry.ips:
+            if problem := unusable_address(address):  # e.g. 0.0.0.0: its claim drop would stop everyone's DHCP
+                reasons.setdefault(id(entry), []).append(f"{problem}, no VM's own")
     for (kind, value), holders in claims.items():
         if len(holders) > 1:
             names = ", ".join(sorted(f"{h.interface or '?'} (port {h.port})" for h in holders))
@@ -100,7 +113,8 @@ def build_inventory(entries: Iterable[PortIdentity]) -> Inventory:
     accepted = {e.port: e for e in entries if id(e) not in reasons}
     refused = tuple(sorted((Refused(e.port, e.interface, "; ".join(sorted(reasons[id(e)])))
                             for e in entries if id(e) in reasons), key=lambda r: (r.port, r.interface)))
-    return Inventory(accepted, refused, {address: e for e in accepted.values() for address in e.ips})
+    return Inventory(accepted, refused, {address: e for e in accepted.values() for address in e.ips},
+                     {e.mac: e for e in accepted.values()})
 
 
 def unusable_address(text: str) -> str | None:
@@ -133,9 +147,11 @@ def check_registration(mode: TrustMode, inventory: Inventory, port: int, mac: st
         return ("bad-address", f"{reason}; a middlebox registers one of its own unicast addresses")
     identity = inventory.at(port)
     if identity is None:
-        if mode is TrustMode.LAB:
+        if mode is TrustMode.LAB:  # a lab's guest must not claim an annotated VM's identity either
+            if (holder := inventory.with_mac(mac)) is not None:
+                return ("foreign-mac", f"{mac} is the MAC of port {holder.port}")
             owner = inventory.owner(address) if address is not None else None
-            if owner is not None:  # a lab's guest must not claim an annotated VM's address either
+            if owner is not None:
                 return ("foreign-address", f"{address} is the address of port {owner.port}")
             return None
         return ("unannotated-port", f"port {port} has no mbvisor annotations (attached-mac, mbvisor-tenant, "

@@ -12,11 +12,10 @@ from hypothesis import strategies as st
 
 from mbvisor.controller import filters as F
 from mbvisor.controller.filters import (FRAGMENT, GROUP, NOT_FRAGMENT, compile_filters, conjunction_id,
-                                        filter_matches, fragment_zone, group_qinq_drops)
+                                        filter_matches, fragment_zone)
 from mbvisor.controller.model import Middlebox
 from mbvisor.controller.ofmessages import encode_action, flow_mod
-from mbvisor.controller.pipeline import (BASE_COOKIE, FILTER, FILTER_CONJUNCTION, FRAGMENT_TABLE, MISS,
-                                         OFFLOAD_TABLE, cookie_of)
+from mbvisor.controller.pipeline import FILTER, FILTER_CONJUNCTION, FRAGMENT_TABLE, OFFLOAD_TABLE
 from mbvisor.guest.grammar import parse_command
 
 MAC = "52:34:56:00:12:22"
@@ -122,11 +121,6 @@ def test_double_tagged_frames_are_dropped_for_a_middlebox_with_ip_or_port_filter
 
 def test_mac_filters_alone_add_no_qinq_drop():
     assert not [d for d in offload(compile_filters(middlebox("M 1 p arp"), OWN)) if d.get("eth_type") == 0x8100]
-
-
-def test_group_qinq_drops_are_shared_flows():
-    flows = group_qinq_drops(BASE_COOKIE)
-    assert {(fields(f)["eth_dst"], fields(f)["eth_type"]) for f in flows} == {(GROUP, 0x8100), (GROUP, 0x88A8)}
 
 
 @pytest.mark.parametrize("text", ["M 1 p vlan", "M 1 p 0x88a8"])

@@ -14,12 +14,14 @@ from hypothesis import strategies as st
 from mbvisor.controller import flows as F
 from mbvisor.controller.filters import (GROUP, VLAN_PRESENT, _port_masks, compile_filters, filter_matches,
                                         fragment_zone)
-from mbvisor.controller.flows import (BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, ETH_IPV4, ETH_IPV6, FILTER,
+from mbvisor.controller.flows import (BASE_COOKIE, ETH_IPV4, ETH_IPV6, FILTER,
                                       OFFLOAD_TABLE, REDIRECT, REDIRECT_FROM_SOURCE, REDIRECT_REPLY,
                                       REDIRECT_TABLE, Flow, Neighbour, SwitchConfig, Surroundings,
                                       base_config, compile_middlebox, compile_redirects,
                                       compile_switch, cookie_of, ct_state, group_id, owned_groups)
-from mbvisor.controller.pipeline import ENTERED, FRAGMENT_TABLE, INGRESS_TABLE, STRAY, port_cookie
+from mbvisor.controller.pipeline import (BACKEND_ANSWER, ENTERED, FRAGMENT_TABLE, INGRESS_TABLE, NEIGHBOUR_DISCOVERY,
+                                         STRAY, port_cookie)
+from mbvisor.controller.pipeline import COOKIE_TAG, COOKIE_TAG_MASK
 from mbvisor.controller.model import Binding, Middlebox, State, apply
 from mbvisor.guest.grammar import parse_command
 
@@ -351,9 +353,17 @@ def test_ipv6_redirect_uses_ipv6_fields():
         assert not any(name.startswith("ipv4") for name in names)
         if "eth_type" in names:
             assert field(flow, "eth_type") == V6
-    (entry,) = [f for f in flows if field(f, "eth_dst") == MAC]
+    (entry,) = [f for f in flows if field(f, "eth_dst") == MAC and f.priority == REDIRECT_FROM_SOURCE]
     assert field(entry, "ipv6_dst") == "2001:db8::100"
     assert field(entry, "ipv6_src") == ("2001:db8:9::", "ffff:ffff:ffff::")
+    # Neighbour discovery for the balancer's address stays the middlebox's own (above the entries).
+    discovery = [f for f in flows if field(f, "eth_dst") == MAC and f.priority == NEIGHBOUR_DISCOVERY]
+    assert {field(f, "icmpv6_type") for f in discovery} == {135, 136}
+    assert all(f.actions == (("normal",),) for f in discovery)
+    # Health checks of IPv6 backends are neighbour adverts from their own port and MAC.
+    answers = {field(f, "ipv6_nd_target"): f for f in flows if f.priority == BACKEND_ANSWER}
+    assert set(answers) == {"2001:db8::5", "2001:db8::6"}
+    assert field(answers["2001:db8::5"], "in_port") == NEIGHBOURS["2001:db8::5"].port
 
 
 def test_unresolved_backend_gives_no_redirect_flows_and_is_reported():
@@ -397,6 +407,9 @@ def assert_owned(mb: Middlebox, config: SwitchConfig) -> None:
                 source = field(flow, "ipv4_src") or field(flow, "ipv6_src")
                 assert source in _backends(mb), flow
                 assert flow.actions == (("ct_nat", mb.zone, REDIRECT_TABLE),)
+            elif field(flow, "eth_dst") == F.RESOLVER_MAC:  # a backend's own health answer, from its port
+                target = field(flow, "arp_spa") or field(flow, "ipv6_nd_target")
+                assert target in _backends(mb) and field(flow, "in_port") == NEIGHBOURS[target].port, flow
             elif field(flow, "eth_dst") == GROUP:  # a group frame for one of its own addresses
                 assert (field(flow, "ipv4_dst") or field(flow, "ipv6_dst")) in own, flow
             else:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mbvisor.controller.flows import (COOKIE_TAG, Flow, Group, Neighbour, Surroundings, SwitchConfig, base_config, compile_switch,
+from mbvisor.controller.flows import (Flow, Group, Neighbour, Surroundings, SwitchConfig, base_config, compile_switch,
                                       cookie_of)
+from mbvisor.controller.pipeline import COOKIE_TAG
 from mbvisor.controller.model import Binding, State, apply
 from mbvisor.controller.reconcile import Changes, ours, reconcile, same_flow
 from mbvisor.guest.grammar import parse_command

@@ -9,8 +9,9 @@ import pytest
 
 from fakeswitch import (OFPBFC_BAD_ID, OFPBFC_MSG_FAILED, OFPBFC_TIMEOUT, ONF, FakeSwitch, canonical, decode,
                         serialized, wait_until)
-from mbvisor.controller.flows import (BASE_COOKIE, COOKIE_TAG, COOKIE_TAG_MASK, Flow, Neighbour, Surroundings, base_config, compile_switch,
+from mbvisor.controller.flows import (BASE_COOKIE, Flow, Neighbour, Surroundings, base_config, compile_switch,
                                       cookie_of)
+from mbvisor.controller.pipeline import COOKIE_TAG, COOKIE_TAG_MASK
 from mbvisor.controller.model import Binding, State, apply
 from mbvisor.controller.pipeline import port_cookie
 from mbvisor.controller.ofmessages import encoded_actions, flow_mod, group_mod, instructions, normal_match

@@ -12,7 +12,7 @@ from mbvisor.controller.flows import Neighbour, Surroundings, compile_middlebox,
 from mbvisor.controller.health import BackendHealth
 from mbvisor.controller.ingress import compile_ingress, link_local
 from mbvisor.controller.model import ApplyError, Binding, Limits, State, apply
-from mbvisor.controller.pipeline import CLAIMED, INGRESS_TABLE, OFFLOAD_TABLE, port_cookie
+from mbvisor.controller.pipeline import BACKEND_ANSWER, CLAIMED, INGRESS_TABLE, OFFLOAD_TABLE, port_cookie
 from mbvisor.controller.requests import CommandRequest
 from mbvisor.controller.service import Controller, Settings
 from mbvisor.controller.store import Store
@@ -74,7 +74,8 @@ def test_a_middlebox_speaks_only_for_its_own_port_mac_and_addresses():
     assert check_registration(TrustMode.ANNOTATIONS, INVENTORY, MB.port, MB.mac, "10.0.0.5")[0] == "foreign-address"
     assert check_registration(TrustMode.ANNOTATIONS, INVENTORY, MB.port, VICTIM.mac, None)[0] == "foreign-mac"
     assert check_registration(TrustMode.ANNOTATIONS, INVENTORY, 77, MB.mac, None)[0] == "unannotated-port"
-    assert check_registration(TrustMode.LAB, INVENTORY, 77, MB.mac, "10.9.9.9") is None  # the lab opt-in
+    assert check_registration(TrustMode.LAB, INVENTORY, 77, "02:00:00:00:00:77", "10.9.9.9") is None  # the lab opt-in
+    assert check_registration(TrustMode.LAB, INVENTORY, 77, MB.mac, "10.9.9.9")[0] == "foreign-mac"
     assert check_registration(TrustMode.LAB, INVENTORY, MB.port, MB.mac, "10.0.0.5")[0] == "foreign-address"
     assert check_registration(TrustMode.LAB, INVENTORY, 77, MB.mac, "127.0.0.1")[0] == "bad-address"
     # Annotated VMs are protected in a lab too: an unannotated guest cannot claim their addresses.
@@ -199,7 +200,8 @@ def test_down_backends_leave_the_pool_and_a_redirect_with_none_steps_aside():
     assert {a[1] for f in one_down.flows for a in f.actions if a[0] == "output"} == {BACKEND2.port}
     all_down = compile_middlebox(mb, Surroundings(TrustMode.ANNOTATIONS, INVENTORY,
                                                   down=frozenset({"10.0.0.3", "10.0.0.4"})))
-    assert all_down.flows == frozenset() and all_down.groups == frozenset()
+    # Only the backends' health answers stay (so they can come back); no traffic is redirected.
+    assert {f.priority for f in all_down.flows} == {BACKEND_ANSWER} and all_down.groups == frozenset()
 
 
 def test_health_bookkeeping_over_an_explicit_clock():
