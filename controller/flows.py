@@ -136,8 +136,8 @@ def base_config(surroundings: Surroundings = Surroundings()) -> SwitchConfig:
     decision dropped.  Frames to the controller's resolver MAC reach the controller only
     as a backend's own answer (``compile_redirects``); in a lab, its ARP replies locate
     unannotated backends, through the controller's meter."""
-    resolver = ((("meter", CONTROLLER_METER), ("controller",)) if surroundings.metered else (("controller",),)
-                if surroundings.mode is TrustMode.LAB else ())
+    metered = (("meter", CONTROLLER_METER),) if surroundings.metered else ()
+    resolver = (*metered, ("controller",)) if surroundings.mode is TrustMode.LAB else ()
     return SwitchConfig(frozenset({
         *compile_ingress(surroundings.inventory),
         Flow(OFFLOAD_TABLE, MISS, (), (("normal",),), BASE_COOKIE),
