@@ -27,7 +27,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mbvisor.controller.trust import MAX_ADDRESSES, TENANT
+from mbvisor.controller.trust import MAX_ADDRESSES, TENANT, PortIdentity
 
 CHANNEL_KEY = "mbvisor-channel"
 MAC_KEY = "attached-mac"
@@ -63,23 +63,6 @@ class VmChannel:
 
 
 @dataclass(frozen=True)
-class PortEntry:
-    """One annotated port of a bridge, as the agent publishes it (the controller's inventory
-    entry, ``PUT /v1/switches/{dpid}/ports``)."""
-
-    port: int
-    interface: str
-    mac: str
-    vm_id: str
-    tenant: str
-    ips: tuple[str, ...]
-
-    def as_json(self) -> dict:
-        return {"port": self.port, "interface": self.interface, "mac": self.mac, "vm_id": self.vm_id,
-                "tenant": self.tenant, "ips": list(self.ips)}
-
-
-@dataclass(frozen=True)
 class Refusal:
     """An interface the agent will not vouch for, and why (logged, and in the status)."""
 
@@ -97,7 +80,7 @@ class Scan:
     channel file): nothing is published then."""
 
     channels: list[VmChannel]
-    inventories: dict[int, tuple[PortEntry, ...]] | None = None
+    inventories: dict[int, tuple[PortIdentity, ...]] | None = None
     bridges: dict[int, str] = field(default_factory=dict)
     refused: tuple[Refusal, ...] = ()
 
@@ -207,7 +190,7 @@ def _shared_macs(found: list[_Interface]) -> dict[str, str]:
     return shared
 
 
-def _entry(interface: _Interface) -> PortEntry:
+def _entry(interface: _Interface) -> PortIdentity:
     """The inventory entry of an annotated interface; ValueError saying what is wrong."""
     ids = interface.ids
     if not MAC.fullmatch(interface.mac):
@@ -219,8 +202,8 @@ def _entry(interface: _Interface) -> PortEntry:
         ips = parse_ips(ids.get(IPS_KEY, ""))
     except ValueError as error:
         raise ValueError(f"{IPS_KEY} {ids.get(IPS_KEY, '')!r}: {error}") from None
-    return PortEntry(interface.port, interface.name, interface.mac, ids.get(VM_ID_KEY, interface.name),
-                     ids[TENANT_KEY], ips)
+    return PortIdentity(interface.port, interface.mac, ids[TENANT_KEY], ids.get(VM_ID_KEY, interface.name), ips,
+                        interface.name)
 
 
 def scan_ovsdb(bridges: dict, ports: dict, interfaces: dict) -> Scan:
@@ -232,7 +215,7 @@ def scan_ovsdb(bridges: dict, ports: dict, interfaces: dict) -> Scan:
     found, names = _interfaces(bridges, ports, interfaces)
     shared = _shared_macs(found)
     channels, refused = [], []
-    inventories: dict[int, list[PortEntry]] = {dpid: [] for dpid in names}
+    inventories: dict[int, list[PortIdentity]] = {dpid: [] for dpid in names}
     for interface in found:
         problems = [shared[interface.name]] if interface.name in shared else []
         if MAC_KEY in interface.ids and TENANT_KEY in interface.ids:

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from mbvisor.guest.backoff import Backoff
 
 from .controller_client import ControllerClient, ControllerFailed, ControllerUnavailable
-from .discovery import PortEntry
+from mbvisor.controller.requests import port_identity_body
+from mbvisor.controller.trust import PortIdentity
 
 log = logging.getLogger("mbvisor.agent")
 
@@ -42,9 +43,9 @@ class Publication:
     bridge: str
     backoff: Backoff
     refresh: float = 60.0
-    wanted: tuple[PortEntry, ...] = ()
+    wanted: tuple[PortIdentity, ...] = ()
     in_sync: bool = False       # the controller accepted ``wanted`` and nothing failed since
-    accepted: tuple[PortEntry, ...] | None = None  # what it last accepted
+    accepted: tuple[PortIdentity, ...] | None = None  # what it last accepted
     accepted_at: float = 0.0    # monotonic
     published_at: float | None = None  # wall clock, for the status
     due: float = 0.0            # monotonic: no attempt before (a failure's back-off)
@@ -54,7 +55,7 @@ class Publication:
     retiring: bool = False      # no longer served: once the empty inventory is accepted, done
     fresh: bool = False         # ``wanted`` changed since the last attempt
 
-    def offer(self, entries: tuple[PortEntry, ...], now: float) -> bool:
+    def offer(self, entries: tuple[PortIdentity, ...], now: float) -> bool:
         """A scan's entries; True if they changed (then they are due at once, whatever
         the back-off of an earlier failure said)."""
         self.retiring = False
@@ -80,7 +81,7 @@ class Publication:
             return max(0.0, self.due - now)
         return max(0.0, self.accepted_at + self.refresh - now)
 
-    def succeeded(self, sent: tuple[PortEntry, ...], answer: dict, now: float) -> list[str]:
+    def succeeded(self, sent: tuple[PortIdentity, ...], answer: dict, now: float) -> list[str]:
         """The controller accepted ``sent``; the log lines this calls for (a change of
         what it holds or refuses, or the end of a run of failures; a plain refresh is
         silent)."""
@@ -130,7 +131,7 @@ class Publisher:
         self.thread.start()
         return self
 
-    def offer(self, entries: tuple[PortEntry, ...]) -> None:
+    def offer(self, entries: tuple[PortIdentity, ...]) -> None:
         with self.lock:
             if self.publication.offer(entries, time.monotonic()):
                 self.wake.set()
@@ -169,10 +170,10 @@ class Publisher:
                 with self.lock:
                     self.publication.failed(f"internal error: {error!r}", time.monotonic())
 
-    def _publish(self, sent: tuple[PortEntry, ...]) -> None:
+    def _publish(self, sent: tuple[PortIdentity, ...]) -> None:
         where = f"inventory of {self.publication.bridge} ({self.publication.dpid:016x})"
         try:
-            answer = self.client.put_ports(self.publication.dpid, [entry.as_json() for entry in sent])
+            answer = self.client.put_ports(self.publication.dpid, [port_identity_body(entry) for entry in sent])
         except (ControllerUnavailable, ControllerFailed) as error:
             with self.lock:
                 if self.publication.failed(str(error), time.monotonic()):

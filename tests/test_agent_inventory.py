@@ -21,9 +21,12 @@ import pytest
 
 from mbvisor.agents.agent import Agent, AgentSettings
 from mbvisor.agents.controller_client import ControllerClient, ControllerFailed, ControllerUnavailable
-from mbvisor.agents.discovery import PortEntry, Scan, VmChannel, parse_ips, scan_ovsdb, served, vm_channels
+from mbvisor.controller.requests import port_identity_body
+from mbvisor.controller.trust import PortIdentity
+from mbvisor.agents.discovery import Scan, VmChannel, parse_ips, scan_ovsdb, served, vm_channels
 from mbvisor.agents.inventory import Publication
 from mbvisor.guest.backoff import Backoff
+from test_agent_shell import JsonHandler
 
 DPID, OTHER_DPID = 0xA1, 0xB2
 
@@ -69,12 +72,12 @@ def test_annotated_ports_become_the_bridges_inventory_in_canonical_form():
         ("br1", OTHER_DPID, []),
         ("young", None, [("vm9", 1, ids("02:00:00:00:00:09"), "")])))  # no datapath id yet
     assert found.inventories == {
-        DPID: (PortEntry(3, "vm1", "02:00:00:00:00:0a", "vm1", "blue", ("10.0.0.3", "fd00::3")),
-               PortEntry(4, "vm2", MAC2, "vm2", "red", ())),
+        DPID: (PortIdentity(3, "02:00:00:00:00:0a", "blue", "vm1", ("10.0.0.3", "fd00::3"), "vm1"),
+               PortIdentity(4, MAC2, "red", "vm2", (), "vm2")),
         OTHER_DPID: ()}  # served, with nothing annotated: published as empty
     assert found.bridges == {DPID: "br0", OTHER_DPID: "br1"}
     assert found.channels == [] and found.refused == ()
-    assert found.inventories[DPID][0].as_json() == {
+    assert port_identity_body(found.inventories[DPID][0]) == {
         "port": 3, "interface": "vm1", "mac": "02:00:00:00:00:0a", "vm_id": "vm1", "tenant": "blue",
         "ips": ["10.0.0.3", "fd00::3"]}
 
@@ -158,17 +161,17 @@ def test_only_the_served_bridges_are_kept():
 
 # ---- publishing decisions ----------------------------------------------------------------------
 
-ENTRY1 = PortEntry(3, "vm1", MAC1, "vm1", "blue", ("10.0.0.3",))
-ENTRY2 = PortEntry(4, "vm2", MAC2, "vm2", "blue", ("10.0.0.4",))
-ENTRY3 = PortEntry(7, "vm3", MAC3, "vm3", "red", ("10.0.1.7",))
+ENTRY1 = PortIdentity(3, MAC1, "blue", "vm1", ("10.0.0.3",), "vm1")
+ENTRY2 = PortIdentity(4, MAC2, "blue", "vm2", ("10.0.0.4",), "vm2")
+ENTRY3 = PortIdentity(7, MAC3, "red", "vm3", ("10.0.1.7",), "vm3")
 
 
 def publication(refresh: float = 60.0) -> Publication:
     return Publication(DPID, "br0", Backoff(floor=1.0, ceiling=8.0, spins=0), refresh=refresh)
 
 
-def accepted(*entries: PortEntry, refused=()) -> dict:
-    return {"dpid": f"{DPID:016x}", "ports": [e.as_json() for e in entries], "refused": list(refused)}
+def accepted(*entries: PortIdentity, refused=()) -> dict:
+    return {"dpid": f"{DPID:016x}", "ports": [port_identity_body(e) for e in entries], "refused": list(refused)}
 
 
 def test_a_new_bridge_is_published_at_once_even_when_empty_then_every_refresh():
@@ -298,7 +301,7 @@ def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
     return result
 
 
-def scan_of(*entries: PortEntry, other: tuple[PortEntry, ...] | None = (), refused=()) -> Scan:
+def scan_of(*entries: PortIdentity, other: tuple[PortIdentity, ...] | None = (), refused=()) -> Scan:
     inventories = {DPID: tuple(entries)}
     if other is not None:
         inventories[OTHER_DPID] = other
@@ -322,7 +325,8 @@ def test_the_agent_publishes_each_bridge_changes_and_retires(caplog):
     try:
         agent.round()
         wait_for(lambda: client.puts_for(DPID) and client.puts_for(OTHER_DPID), what="both bridges published")
-        assert client.puts_for(DPID) == [[ENTRY1.as_json()]] and client.puts_for(OTHER_DPID) == [[ENTRY3.as_json()]]
+        assert client.puts_for(DPID) == [[port_identity_body(ENTRY1)]]
+        assert client.puts_for(OTHER_DPID) == [[port_identity_body(ENTRY3)]]
         wait_for(lambda: inventories(agent)["br0"]["state"] == "published")
         for _ in range(5):
             agent.round()  # nothing changed: nothing sent
@@ -330,7 +334,7 @@ def test_the_agent_publishes_each_bridge_changes_and_retires(caplog):
         agent.round()
         wait_for(lambda: len(client.puts_for(DPID)) == 2 and len(client.puts_for(OTHER_DPID)) == 2,
                  what="the change and the retirement published")
-        assert client.puts_for(DPID)[1] == [ENTRY1.as_json(), ENTRY2.as_json()]
+        assert client.puts_for(DPID)[1] == [port_identity_body(ENTRY1), port_identity_body(ENTRY2)]
         assert client.puts_for(OTHER_DPID)[1] == []
         wait_for(lambda: agent.round() or set(inventories(agent)) == {"br0"}, what="br1's publisher ended")
         assert len(client.puts_for(DPID)) == 2 and len(client.puts_for(OTHER_DPID)) == 2
@@ -432,7 +436,7 @@ class StubController:
     def start(self, port: int) -> None:
         stub = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_PUT(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 parts = self.path.split("/")
@@ -446,16 +450,6 @@ class StubController:
                     stub.inventories[parts[3]] = body["ports"]
                 self._send(200, {"dpid": parts[3], "ports": body["ports"], "refused": []})
 
-            def _send(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
 
         http.server.ThreadingHTTPServer.allow_reuse_address = True
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
@@ -486,7 +480,7 @@ def stub():
 
 def test_client_put_ports_sorts_failures_like_the_other_calls(stub):
     client = ControllerClient(stub.url, "secret", timeout=5)
-    assert client.put_ports(DPID, [ENTRY1.as_json()]) == {"dpid": f"{DPID:016x}", "ports": [ENTRY1.as_json()],
+    assert client.put_ports(DPID, [port_identity_body(ENTRY1)]) == {"dpid": f"{DPID:016x}", "ports": [port_identity_body(ENTRY1)],
                                                           "refused": []}
     with pytest.raises(ControllerFailed, match="token"):
         ControllerClient(stub.url, "wrong", timeout=5).put_ports(DPID, [])
@@ -510,10 +504,10 @@ def test_the_agent_republishes_after_a_controller_restart_and_retries_while_it_i
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
     try:
-        wait_for(lambda: stub.held(DPID) == [ENTRY1.as_json()], what="the first publication")
+        wait_for(lambda: stub.held(DPID) == [port_identity_body(ENTRY1)], what="the first publication")
         stub.restart()  # an older database: the controller knows nothing of br0
         assert stub.held(DPID) is None
-        wait_for(lambda: stub.held(DPID) == [ENTRY1.as_json()], what="the refresh after the restart")
+        wait_for(lambda: stub.held(DPID) == [port_identity_body(ENTRY1)], what="the refresh after the restart")
         stub.stop()
         outage = len(caplog.records)
         scans.append(scan_of(ENTRY1, ENTRY2, other=None))  # changed while the controller is down
@@ -521,7 +515,7 @@ def test_the_agent_republishes_after_a_controller_restart_and_retries_while_it_i
         logged = [r.getMessage() for r in caplog.records[outage:] if "not published" in r.getMessage()]
         assert 1 <= len(logged) <= 2, logged  # the outage (and the change, if it came after), not every retry
         stub.start(stub.server.server_port)
-        wait_for(lambda: stub.held(DPID) == [ENTRY1.as_json(), ENTRY2.as_json()], what="the change once it is back")
+        wait_for(lambda: stub.held(DPID) == [port_identity_body(ENTRY1), port_identity_body(ENTRY2)], what="the change once it is back")
         wait_for(lambda: inventories(agent)["br0"]["state"] == "published")
     finally:
         agent.stop.set()

@@ -32,6 +32,21 @@ MAC = "52:34:56:00:12:22"
 DPID = 0xA1
 
 
+class JsonHandler(http.server.BaseHTTPRequestHandler):
+    """A stub controller's request handler: JSON answers, no access log."""
+
+    def _send(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
 def ok_answers(requests: list[dict]) -> list[dict]:
     return [{"status": "OK", "code": "", "text": f"ok {r['command']}", "replayed": False} for r in requests]
 
@@ -509,7 +524,7 @@ class StubController:
         self.reply: tuple[int, object] = (200, None)  # None: every command OK
         stub = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
                 commands = json.loads(self.rfile.read(length))["commands"]
@@ -519,16 +534,6 @@ class StubController:
             def do_DELETE(self):
                 self._send(*stub.reply)
 
-            def _send(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"

@@ -232,7 +232,7 @@ def service(tmp_path, request):
     fakes = []
 
     def connect():
-        fake = FakeSwitch(DPID, ports=(1, 2, 3, 4, 5, 6), sink=lambda m: _deliver(made, m))
+        fake = FakeSwitch(DPID, ports=(1, 2, 3, 4, 5, 6, 7), sink=lambda m: _deliver(made, m))
         fakes.append(fake)
         made.switch_connected(fake.datapath)
         wait_until(lambda: made.reconcilers[DPID].synced, what="first reconciliation")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from fakeswitch import FakeSwitch, decode, wait_until
+from fakeswitch import FakeSwitch, decode
 from mbvisor.controller import flows as F
 from mbvisor.controller.filters import conjunction_id
 from mbvisor.controller.flows import Surroundings, compile_middlebox, compile_switch
@@ -16,9 +16,9 @@ from mbvisor.controller.ingress import link_local
 from mbvisor.controller.model import ApplyError, Binding, Limits, Middlebox, State, apply
 from mbvisor.controller.ofmessages import flow_mod, group_mod
 from mbvisor.controller.requests import BadRequest, CommandRequest, inventory_from_body
-from mbvisor.controller.service import Controller, Settings
 from mbvisor.controller.trust import PortIdentity, TrustMode, build_inventory
 from mbvisor.guest.grammar import parse_command
+from test_trust import service  # noqa: F401 - the service on fake switches, shared
 
 DPID = 0xA1
 MB = PortIdentity(2, "02:00:00:00:00:02", "red", "mb", ("10.0.0.2", "fd00::2"), "mb-eth0")
@@ -133,37 +133,6 @@ def test_a_dead_redirect_does_not_squat_an_address_now_of_another_tenant():
 
 
 # --- 6. IPv6 backends are never health-checked ------------------------------------------------
-
-@pytest.fixture
-def service(tmp_path, request):
-    settings = {"audit_interval": 0, "backend_check_interval": 0, "backend_down_after": 0.3,
-                **getattr(request, "param", {})}
-    made = Controller(Settings(database=tmp_path / "controller.sqlite", **settings))
-    fakes = []
-
-    def connect():
-        fake = FakeSwitch(DPID, ports=(1, 2, 3, 4, 5, 6, 7), sink=lambda m: _deliver(made, m))
-        fakes.append(fake)
-        made.switch_connected(fake.datapath)
-        wait_until(lambda: made.reconcilers[DPID].synced, what="first reconciliation")
-        return fake
-
-    made.connect = connect
-    yield made
-    made.close()
-    for fake in fakes:
-        fake.close()
-
-
-def _deliver(service: Controller, message) -> None:
-    name = type(message).__name__
-    if name == "OFPSwitchFeatures":
-        service.switch_connected(message.datapath)
-    elif name == "OFPPacketIn":
-        service.packet_in(message)
-    else:
-        service.receive(message)
-
 
 def test_a_silent_ipv6_backend_leaves_the_pool(service):
     import time
