@@ -114,12 +114,12 @@ def test_a_vm_moved_to_another_bridge_has_its_old_offloads_removed(shm):
     try:
         agent.round()
         vms[0] = VmChannel("tap-vm0", path, 0xB2, 5, (MAC,), "vm0")  # same port number, other bridge
-        for _ in range(3):
-            agent.round()
+        # Rounds until the departed worker has ended and its removal was sent (bounded).
+        wait_for(lambda: (agent.round(), (DPID, MAC) in client.deletes)[1],
+                 what="the offloads on the old bridge removed")
     finally:
         agent.stop.set()
         agent.shutdown()
-    assert (DPID, MAC) in client.deletes, "the offloads on the old bridge were never removed"
 
 
 # ---- agent: closing a channel whose worker waits on the controller ---------------------------

@@ -63,7 +63,7 @@ class AgentProcess:
         return {i["bridge"]: i for i in self.status().get("inventories", [])}
 
     def wait_serving(self, *names: str) -> None:
-        wait_until(lambda: set(names) <= {c["channel"] for c in self.channels()}, timeout=15,
+        wait_until(lambda: set(names) <= {c["channel"] for c in self.channels()}, timeout=30,
                    what=f"agent serving {names} (log {self.log})")
 
 
