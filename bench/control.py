@@ -46,7 +46,7 @@ from mbvisor.bench.agent import (PARALLEL_CHANNELS, TARGET_P99_MS, WARMUP, WINDO
                                  annotate, check_agent, guarded, make_vms, measure_latency, measure_throughput,
                                  percentile, register, start_agent, unannotate, wait_alone)
 from mbvisor.bench.benchlib import BenchError, Row, compare, finish, start
-from mbvisor.bench.controller import MIDDLEBOXES, TARGET_BULK_RATIO, TARGET_MEMORY_MB, bulk_size
+from mbvisor.bench.controller import ENVIRONMENT, MIDDLEBOXES, TARGET_BULK_RATIO, TARGET_MEMORY_MB, bulk_size
 from mbvisor.topologies.controller_run import Controller
 from mbvisor.topologies.netlab import Lab, require_host_tools
 from mbvisor.topologies.private_switch import PrivateSwitch
@@ -70,7 +70,7 @@ def agent_rounds(created: Created, profile: dict, rounds: int) -> list[dict]:
     the agent and the controller.  One dict of figures per round."""
     lab = created.lab
     wait_alone(created)
-    controller = created.controller = Controller(created.workdir)
+    controller = created.controller = Controller(created.workdir, environment=ENVIRONMENT)
     controller.start()
     created.bridge = bridge = lab.bridge(controller=controller.target, fail_mode="secure")
     controller.wait_switch(bridge.dpid)
