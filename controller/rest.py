@@ -205,7 +205,8 @@ class RestApi:
     def middlebox(self, request, dpid, mac):
         middlebox = self._find(dpid, mac)
         handled = self.service.handled_packets(middlebox.dpid, middlebox.mac)
-        return _json({**_describe(middlebox), "handled_in_switch": handled})
+        backends = self.service.backend_states(middlebox.dpid, middlebox.mac)
+        return _json({**_describe(middlebox), "handled_in_switch": handled, "backends": backends})
 
     def flows(self, request, dpid, mac):
         middlebox = self._find(dpid, mac)

@@ -615,6 +615,16 @@ class Controller:
         decided = [s for s in stats if counts_as_handled(s.table_id, s.priority)]
         return {"packets": sum(s.packet_count for s in decided), "bytes": sum(s.byte_count for s in decided)}
 
+    def backend_states(self, dpid: int, mac: str) -> dict[str, str]:
+        """Each backend of a middlebox: ``up``, ``down`` (silent past the health checks'
+        limit: out of its redirects) or ``unlocated`` (no annotation of its tenant holds it,
+        or in a lab nobody answered ARP: not used)."""
+        middlebox = self.state.find(dpid, mac)
+        surroundings = self.surroundings(dpid)
+        backends = sorted({b for r in middlebox.redirects for b in r.backends}) if middlebox else []
+        return {b: "unlocated" if surroundings.locate(middlebox, b) is None else
+                "down" if b in surroundings.down else "up" for b in backends}
+
     def refresh_metrics(self) -> None:
         """Per-middlebox series for the middleboxes that exist, one request per switch."""
         rows = {}

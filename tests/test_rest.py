@@ -88,6 +88,9 @@ class FakeService:
         return [{"table": 0, "priority": 3000, "match": {"eth_dst": MAC}, "actions": ["drop"], "packets": 7,
                  "bytes": 420, "cookie": f"{cookie:#018x}"}]
 
+    def backend_states(self, dpid: int, mac: str) -> dict:
+        return {"10.0.0.11": "up", "10.0.0.12": "down"}
+
     def handled_packets(self, dpid: int, mac: str) -> dict:
         self._connected(dpid)
         self.calls.append(("handled_packets", dpid, mac))
@@ -334,6 +337,7 @@ def test_a_rejected_megabyte_command_writes_little_log(api, caplog):
 def test_a_middlebox_counts_handled_packets_from_the_service(api, service):
     body = call(api, "GET", f"/v1/middleboxes/a1/{MAC}").json
     assert body["handled_in_switch"] == {"packets": 11, "bytes": 660}
+    assert body["backends"] == {"10.0.0.11": "up", "10.0.0.12": "down"}
     assert body["dpid"] == "00000000000000a1" and body["cookie"] == f"{cookie_of(MAC):#018x}"
     assert service.calls == [("handled_packets", DPID, MAC)]  # no summing of flow statistics
 

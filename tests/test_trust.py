@@ -292,6 +292,7 @@ def test_a_silent_backend_leaves_the_pool_and_returns_when_it_answers(service):
     wait_until(lambda: (service._check_backends(), pool() == {BACKEND2.port})[1], timeout=5,
                what="the silent backend out of the pool")
     assert service.metrics.backends.labels(f"{DPID:016x}", "10.0.0.3")._value.get() == 0
+    assert service.backend_states(DPID, MB.mac) == {"10.0.0.3": "down", "10.0.0.4": "up"}
     fake.add_host("10.0.0.3", BACKEND.mac, BACKEND.port)
     wait_until(lambda: (service._check_backends(), pool() == {BACKEND.port, BACKEND2.port})[1], timeout=5,
                what="the backend back in the pool")
