@@ -618,6 +618,37 @@ def test_7_replacing_the_backend_drops_the_old_connection_and_moves_new_ones(net
             process.stop()
 
 
+def test_7_cancelling_a_redirect_hands_its_open_connection_to_the_middlebox_only(net):
+    """Issue 11 item 7, defined: when the middlebox cancels its offloads (X), a connection
+    the switch redirected goes back to the middlebox itself: its next segment reaches the
+    middlebox (whose stack answers it with a reset), never the old backend or anyone else."""
+    mba, rb1, client = net["mba"], net["rb1"], net["client"]
+    servers = [serve(h, 8082) for h in (rb1, mba)]
+    net.ok(mba, f"R L {MB_A} {mba.ip} 0 * {rb1.ip}")
+    hold = subprocess.Popen(["ip", "netns", "exec", client.namespace, sys.executable, "-I", "-u", "-c", _HOLD,
+                             mba.ip, "8082", "2.0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        local_port = json.loads(hold.stdout.readline())["local"][1]
+        hold.stdin.write("one\n")
+        hold.stdin.flush()
+        assert json.loads(hold.stdout.readline()) == {"reply": "rb1:one"}
+        marks = net.marks()
+        net.ok(mba, f"X {MB_A}")
+        hold.stdin.write("two\n")
+        hold.stdin.flush()
+        assert json.loads(hold.stdout.readline()) != {"reply": "rb1:two"}  # the old backend never answers
+        seen = net.barrier(client, marks)
+        two = {name: [f for f in frames if TCP in f and f[TCP].sport == local_port and bytes(f[TCP].payload) == b"two"]
+               for name, frames in seen.items()}
+        assert two.pop("mba"), "the cancelled redirect's connection did not go back to the middlebox"
+        assert {name: len(f) for name, f in two.items() if f} == {}
+    finally:
+        hold.kill()
+        hold.wait()
+        for process in servers:
+            process.stop()
+
+
 def test_7_ipv6_redirect_serves_a_real_tcp_connection_as_the_middlebox(net):
     """Issue 11 items 7 and 11: a redirect of the middlebox's IPv6 address installs, and a
     real TCP connection to it is served by the IPv6 backend while the client sees the
