@@ -26,7 +26,7 @@ from mbvisor.controller.trust import PortIdentity
 from mbvisor.agents.discovery import Scan, VmChannel, parse_ips, scan_ovsdb, served, vm_channels
 from mbvisor.agents.inventory import Publication
 from mbvisor.guest.backoff import Backoff
-from test_agent_shell import JsonHandler
+from test_agent_shell import JsonHandler, wait_for
 
 DPID, OTHER_DPID = 0xA1, 0xB2
 
@@ -291,14 +291,6 @@ class FakeController:
     def puts_for(self, dpid: int) -> list[list[dict]]:
         with self.lock:
             return [ports for d, ports in self.puts if d == dpid]
-
-
-def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-    return result
 
 
 def scan_of(*entries: PortIdentity, other: tuple[PortIdentity, ...] | None = (), refused=()) -> Scan:

@@ -136,7 +136,7 @@ def status_of(agent: Agent, name: str = "vm0") -> dict:
     return {c["vm_id"]: c for c in agent.status()["channels"]}[name]
 
 
-def wait_for(condition, timeout: float = 5.0, what: str = "condition"):
+def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while not (result := condition()):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
