@@ -214,10 +214,16 @@ class Agent:
         if scan.inventories is not None:
             self._offer_inventories(scan)
         found = {vm.name: vm for vm in scan.channels}
+        refused = {(r.bridge, r.interface) for r in scan.refused}
         problems = {}
         for name, channel in list(self.channels.items()):
             vm = found.get(name)
-            if vm != channel.vm:
+            if vm is None and (channel.vm.bridge, channel.vm.interface) in refused:
+                # Still there, but its annotation is refused (another port claims its MAC, say):
+                # no channel until it is fixed, and its offloads stay, withheld by the controller
+                # while the annotations do not vouch for it (a port deleted retires them there).
+                self._close(name)
+            elif vm != channel.vm:
                 self._forget(self._close(name), vm)
             elif self._stale(channel):
                 self._close(name)
@@ -294,7 +300,7 @@ class Agent:
                                           backoff=Backoff(floor=self.settings.discovery_interval,
                                                           ceiling=self.settings.removal_ceiling, spins=0))
                 self.publishers[dpid] = Publisher(publication, self.client)
-            self.publishers[dpid].offer(entries)
+            self.publishers[dpid].offer(entries, scan.incarnations.get(dpid, frozenset()))
             if self.publishers[dpid].thread is None:
                 self.publishers[dpid].start()  # after the first offer: never publishes an empty guess
         for dpid, publisher in self.publishers.items():

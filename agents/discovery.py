@@ -27,6 +27,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mbvisor.controller.requests import BadRequest, clip, inventory_from_body, port_identity_body
 from mbvisor.controller.trust import MAX_ADDRESSES, TENANT, PortIdentity
 
 CHANNEL_KEY = "mbvisor-channel"
@@ -83,6 +84,10 @@ class Scan:
     inventories: dict[int, tuple[PortIdentity, ...]] | None = None
     bridges: dict[int, str] = field(default_factory=dict)
     refused: tuple[Refusal, ...] = ()
+    # Per bridge, the OVS rows of its inventory's interfaces: a port deleted and re-created
+    # between two scans (same annotations, new row) lost its annotations at the controller
+    # when it went, so it must be published again though the entries look the same.
+    incarnations: dict[int, frozenset[str]] = field(default_factory=dict)
 
 
 def _mac(text: str) -> str:
@@ -112,19 +117,17 @@ def _rows(table: dict) -> list[dict]:
 
 def parse_ips(text: str) -> tuple[str, ...]:
     """``mbvisor-ips``: addresses separated by commas and/or blanks, in canonical form and
-    without repeats; ValueError naming the first that is not an address."""
-    found = []
-    for word in re.split(r"[\s,]+", text.strip()):
-        if not word:
-            continue
+    without repeats; ValueError naming the first that is not an address.  Counted before
+    they are read: a huge annotation costs one split, not a scan's time."""
+    words = [word for word in re.split(r"[\s,]+", text.strip()) if word]
+    if len(set(words)) > MAX_ADDRESSES:
+        raise ValueError(f"{len(set(words))} addresses; at most {MAX_ADDRESSES} per port")
+    found: dict[str, None] = {}
+    for word in words:
         try:
-            address = str(ipaddress.ip_address(word))
+            found.setdefault(str(ipaddress.ip_address(word)))
         except ValueError:
-            raise ValueError(f"{word!r} is not an IP address") from None
-        if address not in found:
-            found.append(address)
-    if len(found) > MAX_ADDRESSES:
-        raise ValueError(f"{len(found)} addresses; at most {MAX_ADDRESSES} per port")
+            raise ValueError(f"{clip(word, 60)!r} is not an IP address") from None
     return tuple(found)
 
 
@@ -138,12 +141,16 @@ class _Interface:
     port: int
     ids: dict
     mac_in_use: str
+    uuid: str = ""
 
     @property
     def mac(self) -> str:
-        """The MAC the agent vouches for: ``attached-mac``, else (for a channel) the
-        interface's own ``mac_in_use``; "" when there is none."""
-        return _mac(self.ids.get(MAC_KEY) or (self.mac_in_use if self.ids.get(CHANNEL_KEY) else ""))
+        """The MAC the agent vouches for: ``attached-mac`` when the operator wrote one (even
+        an unreadable one: it is refused, never replaced by a guess), else (for a channel
+        without it) the interface's own ``mac_in_use``; "" when there is none."""
+        if MAC_KEY in self.ids:
+            return _mac(self.ids[MAC_KEY])
+        return _mac(self.mac_in_use if self.ids.get(CHANNEL_KEY) else "")
 
 
 def _interfaces(bridges: dict, ports: dict, interfaces: dict) -> tuple[list[_Interface], dict[int, str]]:
@@ -168,7 +175,7 @@ def _interfaces(bridges: dict, ports: dict, interfaces: dict) -> tuple[list[_Int
             continue
         mac_in_use = interface["mac_in_use"] if isinstance(interface["mac_in_use"], str) else ""
         found.append(_Interface(interface["name"], dpid, bridge_name, ofport, _ovs_map(interface["external_ids"]),
-                                mac_in_use))
+                                mac_in_use, _uuid(interface["_uuid"])))
     return sorted(found, key=lambda i: i.name), names
 
 
@@ -191,19 +198,30 @@ def _shared_macs(found: list[_Interface]) -> dict[str, str]:
 
 
 def _entry(interface: _Interface) -> PortIdentity:
-    """The inventory entry of an annotated interface; ValueError saying what is wrong."""
+    """The inventory entry of an annotated interface, checked by the controller's own
+    rules (one entry it would refuse would make it refuse the bridge's whole inventory);
+    ValueError saying what is wrong."""
     ids = interface.ids
-    if not MAC.fullmatch(interface.mac):
-        raise ValueError(f"attached-mac {ids.get(MAC_KEY)!r} is not a MAC address")
+    _check_mac(interface)
     if not TENANT.fullmatch(ids[TENANT_KEY]):
         raise ValueError(f"{TENANT_KEY} {ids[TENANT_KEY]!r} is not a tenant name (letters, digits, '._:-', "
                          "at most 64)")
     try:
         ips = parse_ips(ids.get(IPS_KEY, ""))
     except ValueError as error:
-        raise ValueError(f"{IPS_KEY} {ids.get(IPS_KEY, '')!r}: {error}") from None
-    return PortIdentity(interface.port, interface.mac, ids[TENANT_KEY], ids.get(VM_ID_KEY, interface.name), ips,
-                        interface.name)
+        raise ValueError(f"{IPS_KEY} {clip(ids.get(IPS_KEY, ''), 80)!r}: {error}") from None
+    entry = PortIdentity(interface.port, interface.mac, ids[TENANT_KEY], ids.get(VM_ID_KEY, interface.name), ips,
+                         interface.name)
+    try:
+        inventory_from_body({"ports": [port_identity_body(entry)]})
+    except BadRequest as error:
+        raise ValueError(f"{error.field.removeprefix('ports[0].')}: {error.message}") from None
+    return entry
+
+
+def _check_mac(interface: _Interface) -> None:
+    if not MAC.fullmatch(interface.mac):
+        raise ValueError(f"attached-mac {clip(str(interface.ids.get(MAC_KEY, '')), 60)!r} is not a MAC address")
 
 
 def scan_ovsdb(bridges: dict, ports: dict, interfaces: dict) -> Scan:
@@ -216,13 +234,20 @@ def scan_ovsdb(bridges: dict, ports: dict, interfaces: dict) -> Scan:
     shared = _shared_macs(found)
     channels, refused = [], []
     inventories: dict[int, list[PortIdentity]] = {dpid: [] for dpid in names}
+    incarnations: dict[int, set[str]] = {}
     for interface in found:
         problems = [shared[interface.name]] if interface.name in shared else []
         if MAC_KEY in interface.ids and TENANT_KEY in interface.ids:
             try:
                 inventories[interface.dpid].append(_entry(interface))
+                incarnations.setdefault(interface.dpid, set()).add(interface.uuid)
             except ValueError as error:
                 problems.append(f"annotation of {interface.name} (port {interface.port}) refused: {error}")
+        elif interface.ids.get(CHANNEL_KEY):
+            try:
+                _check_mac(interface)
+            except ValueError as error:
+                problems.append(f"channel of {interface.name} (port {interface.port}) refused: {error}")
         if problems:
             refused.append(Refusal(interface.bridge, interface.name, "; ".join(problems)))
         elif interface.ids.get(CHANNEL_KEY):
@@ -230,7 +255,8 @@ def scan_ovsdb(bridges: dict, ports: dict, interfaces: dict) -> Scan:
                                       tuple(m for m in [interface.mac] if m),
                                       interface.ids.get(VM_ID_KEY, interface.name), interface.bridge))
     return Scan(channels, {dpid: tuple(sorted(entries, key=lambda e: (e.port, e.interface)))
-                           for dpid, entries in inventories.items()}, names, tuple(refused))
+                           for dpid, entries in inventories.items()}, names, tuple(refused),
+                {dpid: frozenset(uuids) for dpid, uuids in incarnations.items()})
 
 
 def vm_channels(bridges: dict, ports: dict, interfaces: dict) -> list[VmChannel]:
@@ -257,7 +283,8 @@ def served(found: Scan, bridges: frozenset[str]) -> Scan:
     return Scan([c for c in found.channels if c.bridge in bridges],
                 {dpid: entries for dpid, entries in found.inventories.items() if found.bridges[dpid] in bridges},
                 {dpid: name for dpid, name in found.bridges.items() if name in bridges},
-                tuple(r for r in found.refused if r.bridge in bridges))
+                tuple(r for r in found.refused if r.bridge in bridges),
+                {dpid: rows for dpid, rows in found.incarnations.items() if found.bridges.get(dpid) in bridges})
 
 
 def load_static(path: str | Path) -> list[VmChannel]:

@@ -54,14 +54,15 @@ class Publication:
     refused: tuple[dict, ...] = ()  # the controller's refused entries in its last answer
     retiring: bool = False      # no longer served: once the empty inventory is accepted, done
     fresh: bool = False         # ``wanted`` changed since the last attempt
+    incarnation: frozenset[str] = frozenset()  # the OVS rows of ``wanted`` (a re-created port is new)
 
-    def offer(self, entries: tuple[PortIdentity, ...], now: float) -> bool:
-        """A scan's entries; True if they changed (then they are due at once, whatever
-        the back-off of an earlier failure said)."""
+    def offer(self, entries: tuple[PortIdentity, ...], now: float, incarnation: frozenset[str] = frozenset()) -> bool:
+        """A scan's entries (and their interfaces' OVS rows); True if they changed (then
+        they are due at once, whatever the back-off of an earlier failure said)."""
         self.retiring = False
-        if entries == self.wanted and (self.in_sync or self.attempts):
+        if entries == self.wanted and incarnation == self.incarnation and (self.in_sync or self.attempts):
             return False
-        self.wanted, self.in_sync, self.due, self.fresh = entries, False, now, True
+        self.wanted, self.incarnation, self.in_sync, self.due, self.fresh = entries, incarnation, False, now, True
         self.backoff.reset()
         return True
 
@@ -131,9 +132,9 @@ class Publisher:
         self.thread.start()
         return self
 
-    def offer(self, entries: tuple[PortIdentity, ...]) -> None:
+    def offer(self, entries: tuple[PortIdentity, ...], incarnation: frozenset[str] = frozenset()) -> None:
         with self.lock:
-            if self.publication.offer(entries, time.monotonic()):
+            if self.publication.offer(entries, time.monotonic(), incarnation):
                 self.wake.set()
 
     def retire(self) -> None:

@@ -42,6 +42,7 @@ from .filters import _address_match, compile_filters
 from .ingress import compile_ingress
 from .model import Middlebox, State
 from .pipeline import (ARP_CAPTURE, BACKEND_ANSWER, BACKEND_TABLE, BASE_COOKIE, CONTROLLER_METER, ENTERED, FILTER,
+                       FILTER_CONJUNCTION, FRAGMENT_TABLE,
                        MISS, NEIGHBOUR_DISCOVERY, OFFLOAD_TABLE, REDIRECT, REDIRECT_FROM_SOURCE, REDIRECT_REPLY,
                        REDIRECT_TABLE, STRAY, Action, Flow, Group, cookie_of, match, port_meter)
 from .trust import Inventory, TrustMode
@@ -178,11 +179,14 @@ def filter_cost(filter: Filter, addresses: frozenset[str]) -> int:
 HANDLED_PRIORITIES = frozenset({FILTER, REDIRECT, REDIRECT_FROM_SOURCE})
 
 
-def counts_as_handled(table: int, priority: int) -> bool:
-    """A packet the middlebox would otherwise have received is decided once, by one
-    offload-table flow (a filter's drop or a redirect's entry); later tables and replies
-    from backends are not work taken from the middlebox, so they do not count."""
-    return table == OFFLOAD_TABLE and priority in HANDLED_PRIORITIES
+def counts_as_handled(table: int, priority: int, drops: bool) -> bool:
+    """A packet the middlebox would otherwise have received is decided once, by one flow:
+    a filter's drop or a redirect's entry in the offload table, a conjunctive filter's
+    drop (its clauses count nothing), or the drop of a fragment after reassembly.  Later
+    redirect tables and replies from backends are not work taken from the middlebox."""
+    if table == OFFLOAD_TABLE:
+        return priority in HANDLED_PRIORITIES or (drops and priority == FILTER_CONJUNCTION)
+    return drops and table == FRAGMENT_TABLE
 
 
 def owned_groups(middlebox: Middlebox) -> range:

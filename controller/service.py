@@ -610,9 +610,9 @@ class Controller:
 
     def handled_packets(self, dpid: int, mac: str) -> dict:
         """Packets (and bytes) the middlebox would otherwise have received: each counted
-        once, where table 0 decided it (see flows.counts_as_handled)."""
+        once, where the flow that decided it counts it (see flows.counts_as_handled)."""
         stats = self._flow_stats(dpid, cookie_of(mac), 0xFFFFFFFFFFFFFFFF)
-        decided = [s for s in stats if counts_as_handled(s.table_id, s.priority)]
+        decided = [s for s in stats if counts_as_handled(s.table_id, s.priority, not s.instructions)]
         return {"packets": sum(s.packet_count for s in decided), "bytes": sum(s.byte_count for s in decided)}
 
     def backend_states(self, dpid: int, mac: str) -> dict[str, str]:
@@ -637,7 +637,7 @@ class Controller:
                 continue
             handled: Counter = Counter()
             for s in stats:
-                if counts_as_handled(s.table_id, s.priority):
+                if counts_as_handled(s.table_id, s.priority, not s.instructions):
                     handled[s.cookie] += s.packet_count
             for middlebox in self.state.on(dpid):
                 rows[(dpid, middlebox.mac)] = handled.get(cookie_of(middlebox.mac), 0)

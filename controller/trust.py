@@ -124,6 +124,8 @@ def unusable_address(text: str) -> str | None:
         address = ipaddress.ip_address(text)
     except ValueError:
         return f"{text} is not an IP address"
+    if getattr(address, "scope_id", None):
+        return f"{text} is a scoped address; give the address alone"
     if address.is_unspecified:
         return f"{text} is the unspecified address"
     if address.is_loopback:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mbvisor.agents.discovery import CHANNEL_KEY, VmChannel, load_static, vm_channels
+from mbvisor.agents.discovery import CHANNEL_KEY, VmChannel, load_static, scan_ovsdb, vm_channels
 from mbvisor.agents.ratelimit import TokenBucket
 from mbvisor.agents.vetting import Verdict, combine, vet
 from mbvisor.guest.grammar import format_command, parse_command
@@ -121,13 +121,15 @@ def test_mac_in_use_is_the_fallback_and_lower_cased():
     assert channel.macs == ("8a:f6:38:20:5d:cb",)
 
 
-def test_no_mac_at_all_gives_an_empty_mac_tuple():
+def test_a_channel_with_no_mac_at_all_is_refused_with_its_reason():
+    """The agent vouches for a MAC; with neither attached-mac nor mac_in_use it has none."""
     bridges, ports, interfaces = tables()
     annotate(interfaces, ANNOTATED, mbvisor_channel="/dev/shm/x", vm_id="vm-7")
     set_column(interfaces, ANNOTATED, "mac_in_use", ["set", []])
-    [channel] = vm_channels(bridges, ports, interfaces)
-    assert channel.macs == ()
-    assert channel.port == 2 and channel.dpid == REAL_DPID
+    found = scan_ovsdb(bridges, ports, interfaces)
+    assert found.channels == []
+    [refusal] = found.refused
+    assert "is not a MAC address" in refusal.reason
 
 
 def test_vm_id_defaults_to_the_interface_name():

@@ -15,7 +15,8 @@ from mbvisor.controller.flows import Surroundings, compile_middlebox, compile_sw
 from mbvisor.controller.ingress import link_local
 from mbvisor.controller.model import ApplyError, Binding, Limits, Middlebox, State, apply
 from mbvisor.controller.ofmessages import flow_mod, group_mod
-from mbvisor.controller.requests import BadRequest, CommandRequest, inventory_from_body
+from mbvisor.controller.requests import CommandRequest, inventory_from_body
+from mbvisor.controller.pipeline import port_meter
 from mbvisor.controller.trust import PortIdentity, TrustMode, build_inventory
 from mbvisor.guest.grammar import parse_command
 from test_trust import service  # noqa: F401 - the service on fake switches, shared
@@ -56,7 +57,7 @@ def installed(state: State, surroundings: Surroundings) -> FakeSwitch:
     return switch
 
 
-# --- 1. lab mode: an unannotated guest speaks for an annotated VM's MAC -----------------------
+# --- a lab's unannotated guest cannot speak for an annotated VM's MAC -----------------------
 
 def test_a_lab_guest_cannot_speak_for_an_annotated_vms_mac():
     """Annotated ports are checked in both modes: an unannotated lab guest registering an
@@ -70,13 +71,17 @@ def test_a_lab_guest_cannot_speak_for_an_annotated_vms_mac():
     assert not Surroundings(TrustMode.LAB, INVENTORY).vouches(lab_mb)  # nor compiled, if stored before
 
 
-# --- 2. the one controller meter is also the health checks' budget ---------------------------
+# --- health answers: only a backend's own, through its own meter ---------------------------
 
 def test_only_backends_in_use_reach_the_health_checks_meter():
-    """Every port's ARP reply to the resolver MAC shares meter 1 with the backends' health
-    answers: a VM without a channel flooding it (test_13 shows the meter drops most) starves
-    every tenant's health answers, so all backends go "down" after 3 s and flap."""
+    """A backend's health answer reaches the controller through its own port's meter; an
+    unannotated port's or another tenant's ARP reply to the resolver MAC is dropped in the
+    switch, so no flood can starve a backend's answers (its meter is its alone)."""
     state = run(STRICT, f"R L {MB.mac} 10.0.0.2 0 * 10.0.0.3")
+    answers = [f for f in compile_switch(state, DPID, Surroundings(TrustMode.ANNOTATIONS, INVENTORY)).flows
+               if ("controller",) in f.actions]
+    assert [(dict(f.match)["in_port"], f.actions) for f in answers] == [
+        (BACKEND.port, (("meter", port_meter(BACKEND.port)), ("controller",)))]
     switch = installed(state, Surroundings(TrustMode.ANNOTATIONS, INVENTORY, metered=False))
     try:
         reply = dict(eth_dst=F.RESOLVER_MAC, eth_type=0x0806, arp_op=2, arp_tha=F.RESOLVER_MAC)
@@ -85,13 +90,12 @@ def test_only_backends_in_use_reach_the_health_checks_meter():
         stranger = switch.trace(CLIENT_PORT, eth_src="02:ee:00:00:00:01", arp_sha="02:ee:00:00:00:01",
                                 arp_spa="10.7.7.7", **reply)
         victim = switch.trace(VICTIM.port, eth_src=VICTIM.mac, arp_sha=VICTIM.mac, arp_spa="10.0.0.5", **reply)
-        assert stranger.controller != backend.controller and victim.controller != backend.controller, \
-            "an unannotated port and another tenant's VM reach the controller through the backends' meter"
+        assert (stranger.verdict, victim.verdict) == ("drop", "drop")
     finally:
         switch.close()
 
 
-# --- 3. port security: address-conflict denial, rogue RA / DHCP server ------------------------
+# --- port security: no probes for others' addresses, no rogue RA or DHCP server ------------------------
 
 @pytest.fixture
 def secured():
@@ -119,7 +123,7 @@ def test_a_vm_cannot_act_as_router_or_dhcp_server_for_other_tenants(secured):
     assert (ra.verdict, offer.verdict) == ("drop", "drop"), "rogue RA / DHCP offers reach every tenant"
 
 
-# --- 5. a redirect its annotations no longer vouch for still squats the backend ---------------
+# --- a dead redirect squats no backend ---------------
 
 def test_a_dead_redirect_does_not_squat_an_address_now_of_another_tenant():
     state = run(STRICT, f"R L {MB.mac} 10.0.0.2 0 * 10.0.0.3")
@@ -132,7 +136,7 @@ def test_a_dead_redirect_does_not_squat_an_address_now_of_another_tenant():
     assert apply(state, blue, parse_command(f"R L {VICTIM.mac} 10.0.0.5 0 * 10.0.0.3")).state.find(DPID, VICTIM.mac)
 
 
-# --- 6. IPv6 backends are never health-checked ------------------------------------------------
+# --- IPv6 backends are health-checked ------------------------------------------------
 
 def test_a_silent_ipv6_backend_leaves_the_pool(service):
     service.connect()
@@ -145,15 +149,16 @@ def test_a_silent_ipv6_backend_leaves_the_pool(service):
     assert service.backend_states(DPID, MB.mac) == {"fd00::6": "down"}
 
 
-# --- 7. the inventory accepts addresses that can be nobody's ---------------------------------
+# --- addresses that can be nobody's are refused ---------------------------------
 
-def test_an_inventory_cannot_annotate_the_unspecified_or_broadcast_address():
-    body = {"ports": [{"port": 5, "mac": VICTIM.mac, "tenant": "blue", "ips": ["10.0.0.5", "0.0.0.0"]}]}
-    try:
-        entries = inventory_from_body(body)
-    except BadRequest:
-        return
-    switch = installed(State(), Surroundings(TrustMode.ANNOTATIONS, build_inventory(entries), metered=False))
+@pytest.mark.parametrize("address", ["0.0.0.0", "255.255.255.255", "224.0.0.1", "fd00::9%eth0"])
+def test_an_inventory_cannot_annotate_the_unspecified_or_broadcast_address(address):
+    """Such a port is refused (with the reason), never enforced: its claim drop would stop
+    every unannotated port's DHCP discover (0.0.0.0) or broadcasts."""
+    body = {"ports": [{"port": 5, "mac": VICTIM.mac, "tenant": "blue", "ips": ["10.0.0.5", address]}]}
+    inventory = build_inventory(inventory_from_body(body))
+    assert not inventory.ports and address in inventory.refused[0].reason
+    switch = installed(State(), Surroundings(TrustMode.ANNOTATIONS, inventory, metered=False))
     try:
         discover = switch.trace(CLIENT_PORT, eth_src="02:ee:00:00:00:01", eth_dst="ff:ff:ff:ff:ff:ff",
                                 eth_type=0x0800, ip_proto=17, ipv4_src="0.0.0.0", ipv4_dst="255.255.255.255",
@@ -163,7 +168,7 @@ def test_an_inventory_cannot_annotate_the_unspecified_or_broadcast_address():
         switch.close()
 
 
-# --- 8. every inventory PUT queues its own full recompilation ----------------------------------
+# --- a burst of inventory changes costs one convergence ----------------------------------
 
 def test_inventory_churn_queues_one_convergence_not_one_per_put(service):
     service.connect()
@@ -174,7 +179,7 @@ def test_inventory_churn_queues_one_convergence_not_one_per_put(service):
     assert queued <= 1, f"{queued} full converge jobs queued ahead of every tenant's commands"
 
 
-# --- 9. conjunction ids overflow into the next zone --------------------------------------------
+# --- conjunction ids stay within their zone --------------------------------------------
 
 def test_limits_keep_conjunction_ids_within_one_zone():
     """filters.py: "conj_id = zone << 16 | index of the filter (model.Limits keeps < 2**16)"."""
@@ -184,7 +189,7 @@ def test_limits_keep_conjunction_ids_within_one_zone():
         Limits(filters=70000)
 
 
-# --- 10. the flow budget is not re-counted when the addresses it was counted with change ------
+# --- the flow budget is counted with the current addresses ------
 
 @pytest.mark.parametrize("service", [{"limits": Limits(flows=400)}], indirect=True)
 def test_the_flow_budget_holds_after_the_addresses_change(service):
@@ -200,7 +205,7 @@ def test_the_flow_budget_holds_after_the_addresses_change(service):
     assert (late.status, late.code) == ("REJECTED", "limit"), late
 
 
-# --- 11. a lab guest exhausts every switch's conntrack zones ------------------------------------
+# --- one lab port cannot take every conntrack zone ------------------------------------
 
 def test_one_unannotated_lab_port_cannot_take_every_zone_of_the_controller():
     lab = Binding(0xB2, LAB_PORT, TrustMode.LAB, build_inventory([]))
