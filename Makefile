@@ -25,7 +25,7 @@ test-fast:
 	$(PYTHON) -m pytest -m "not host" $(PYTEST_ARGS)
 
 # Line coverage of the shell (app, service, reconcilers, REST, agent) from the fast tests alone.
-SHELL_MODULES := controller/app.py,controller/service.py,controller/reconciler.py,controller/switchlink.py,controller/rest.py,controller/requests.py,controller/ofmessages.py,controller/store.py,agents/agent.py,agents/controller_client.py
+SHELL_MODULES := controller/app.py,controller/service.py,controller/reconciler.py,controller/switchlink.py,controller/rest.py,controller/requests.py,controller/ofmessages.py,controller/store.py,agents/agent.py,agents/controller_client.py,agents/inventory.py
 coverage:
 	$(PYTHON) -m coverage run --source=controller,agents -m pytest -m "not host" $(PYTEST_ARGS)
 	$(PYTHON) -m coverage report --include='$(SHELL_MODULES)' --fail-under=85
