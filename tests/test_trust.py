@@ -208,17 +208,28 @@ def test_health_bookkeeping_over_an_explicit_clock():
     health = BackendHealth(down_after=3.0)
     health.checking({"10.0.0.3", "10.0.0.4"}, now=0.0)
     assert health.down(2.9) == frozenset()  # up until checks prove otherwise
-    health.answered("10.0.0.3", 2.0)
-    assert health.down(3.5) == {"10.0.0.4"}
-    assert health.down(5.5) == {"10.0.0.3", "10.0.0.4"}
-    health.answered("10.0.0.4", 5.6)
-    assert health.down(5.7) == {"10.0.0.3"}
-    assert health.settle(5.7) == ({"10.0.0.3"}, frozenset()) and health.reported == {"10.0.0.3"}
-    health.answered("10.0.0.3", 5.8)
-    assert health.settle(5.9) == (frozenset(), {"10.0.0.3"}) and health.settle(5.9) == (frozenset(), frozenset())
-    health.checking({"10.0.0.4"}, now=6.0)  # 10.0.0.3 no longer in use: forgotten
-    health.answered("10.0.0.3", 6.0)
+    health.answered("10.0.0.3", 0.1)
+    assert health.down(3.5) == {"10.0.0.4"}  # its check of 0.0 is still unanswered
+    health.checking({"10.0.0.3", "10.0.0.4"}, now=4.0)
+    assert health.down(7.5) == {"10.0.0.3", "10.0.0.4"}  # 10.0.0.3's check of 4.0 unanswered
+    health.answered("10.0.0.4", 7.6)
+    assert health.settle(7.7) == ({"10.0.0.3"}, frozenset()) and health.reported == {"10.0.0.3"}
+    health.answered("10.0.0.3", 7.8)
+    assert health.settle(7.9) == (frozenset(), {"10.0.0.3"}) and health.settle(7.9) == (frozenset(), frozenset())
+    health.checking({"10.0.0.4"}, now=8.0)  # 10.0.0.3 no longer in use: forgotten
     assert health.down(100.0) == {"10.0.0.4"}
+
+
+def test_a_busy_controller_makes_no_backend_flap():
+    """Checks the controller was too busy to send prove nothing: a backend that answered
+    every check sent stays up, however long since its last answer."""
+    health = BackendHealth(down_after=3.0)
+    health.checking({"10.0.0.3"}, now=0.0)
+    health.answered("10.0.0.3", 0.01)
+    health.checking({"10.0.0.3"}, now=10.0)  # the next check, 10 s late
+    assert health.settle(10.0) == (frozenset(), frozenset())
+    health.answered("10.0.0.3", 10.01)
+    assert health.down(20.0) == frozenset()
 
 
 # --- the shell ----------------------------------------------------------------------------------
@@ -304,9 +315,9 @@ def test_an_arp_reply_for_an_annotated_address_from_another_port_is_ignored(serv
     service.health[DPID] = BackendHealth(0.3)
     service.health[DPID].checking({"10.0.0.3"}, now=0.0)
     service.arp_reply(DPID, "10.0.0.3", VICTIM.mac, VICTIM.port)  # forged: the victim's port claims it
-    assert "10.0.0.3" not in service.health[DPID].last_answer and not service.neighbours_of(DPID)
+    assert "10.0.0.3" in service.health[DPID].unanswered and not service.neighbours_of(DPID)
     service.arp_reply(DPID, "10.0.0.3", BACKEND.mac, BACKEND.port)
-    assert "10.0.0.3" in service.health[DPID].last_answer
+    assert "10.0.0.3" not in service.health[DPID].unanswered
 
 
 @pytest.mark.parametrize("service", [{"limits": Limits(flows=400)}], indirect=True)
