@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from .compat import hub
 from .flows import SwitchConfig, base_config, compile_middlebox, compile_switch, owned_groups
-from .ofmessages import encode_action, encoded_actions, flow_mod, group_mod, instructions, normal_match
+from . import wire
+from .ofmessages import encode_action, encoded_actions, group_mod, instructions, normal_match
 from .pipeline import CONTROLLER_METER, COOKIE_TAG, COOKIE_TAG_MASK, PORT_METERS, Flow, Group, cookie_of
 from .reconcile import Changes, reconcile
 from .switchlink import SwitchLink, SwitchUnreachable
@@ -417,6 +418,11 @@ class SwitchReconciler:
             wire = self.wire_cache[actions] = encoded_actions(datapath, instructions(datapath, actions))
         return wire
 
+    def _flow_mod(self, datapath, flow: Flow, command: str):
+        """Packed from cached pieces (``wire``): a bulk install encodes each MAC, address
+        and action list once, not once per flow."""
+        return wire.flow_mod(datapath, flow, command, b"" if command == "delete" else self._wire(flow.actions))
+
     def _group_wire(self, group: Group) -> bytes:
         datapath = self.link.datapath
         return _wire_buckets([[encode_action(datapath, a) for a in bucket] for bucket in group.buckets])
@@ -434,9 +440,9 @@ class SwitchReconciler:
         datapath = self.link.datapath
         messages = ([(group_mod, g, "add") for g in changes.add_groups]
                     + [(group_mod, g, "modify") for g in changes.modify_groups]
-                    + [(flow_mod, f, "add") for f in changes.add_flows]
-                    + [(flow_mod, f, "modify") for f in changes.modify_flows]
-                    + [(flow_mod, f, "delete") for f in changes.delete_flows]
+                    + [(self._flow_mod, f, "add") for f in changes.add_flows]
+                    + [(self._flow_mod, f, "modify") for f in changes.modify_flows]
+                    + [(self._flow_mod, f, "delete") for f in changes.delete_flows]
                     + [(group_mod, i, "delete") for i in changes.delete_groups])
         encoded = (encode(datapath, item, command) for encode, item, command in messages)
         errors = self.link.commit(encoded, len(messages))
