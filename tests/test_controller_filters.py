@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mbvisor.controller import filters as F
+from mbvisor.controller import flows as flows_module
 from mbvisor.controller.filters import (FRAGMENT, GROUP, NOT_FRAGMENT, compile_filters, conjunction_id,
                                         filter_matches, fragment_zone)
 from mbvisor.controller.model import Middlebox
@@ -243,3 +244,14 @@ def test_conjunction_action_is_zero_based_on_the_wire():
     buf = bytearray()
     action.serialize(buf, 0)
     assert struct.unpack_from("!BBI", buf, 10) == (1, 2, 0x50000)
+
+
+@pytest.mark.parametrize("text", ["I 4 s 10.66.0.0/16", "I 4 s 10.1.2.3", "I 12 s 10.0.0.0/8 d 10.0.0.5",
+                                  "I 4 s 2001:db8::/32", "I 5 s 2001:db8::1 p 58", "M 4 s aa:bb:cc:dd:ee:ff",
+                                  "M 5 s 11:22:33:44:55:66 p ipv4", "T 12 s 1000-1999 d 80", "I 1 p tcp"])
+def test_a_filters_cost_is_its_own_compiled_flows_whatever_its_source(text):
+    """The budget counts a filter's shape (its source's family, not its value)."""
+    filter = parse_command(f"A {MAC} {text}").filter
+    alone = Middlebox(1, 5, MAC, 1, filters=frozenset({filter}))
+    for addresses in (frozenset(), OWN):
+        assert flows_module.filter_cost(filter, addresses) == len(compile_filters(alone, addresses))
