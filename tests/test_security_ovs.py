@@ -14,6 +14,7 @@ serve the module; after each test every middlebox is deleted and the inventory r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -317,6 +318,28 @@ def served_by(client: Host, dst: str, port: int, count: int, timeout: float = 3.
     return names
 
 
+@contextlib.contextmanager
+def redirected_connection(client: Host, address: str, port: int):
+    """A TCP connection from ``client`` to a balancer's ``address`` that red's first
+    backend served ("one" answered "rb1:one"), held open; yields ``talk(text)`` (the
+    reply, or ``{"reply": None}`` after 2 s) and the client's port."""
+    hold = subprocess.Popen(["ip", "netns", "exec", client.namespace, sys.executable, "-I", "-u", "-c", _HOLD,
+                             address, str(port), "2.0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def talk(text: str) -> dict:
+        hold.stdin.write(text + "\n")
+        hold.stdin.flush()
+        return json.loads(hold.stdout.readline())
+
+    try:
+        local_port = json.loads(hold.stdout.readline())["local"][1]
+        assert talk("one") == {"reply": "rb1:one"}
+        yield talk, local_port
+    finally:
+        hold.kill()
+        hold.wait()
+
+
 def metric(controller: Controller, name: str, **labels) -> float | None:
     for line in controller.metrics().splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -592,18 +615,11 @@ def test_7_replacing_the_backend_drops_the_old_connection_and_moves_new_ones(net
     mba, rb1, rb2, client = net["mba"], net["rb1"], net["rb2"], net["client"]
     servers = [serve(h, 8081) for h in (rb1, rb2, mba)]
     net.ok(mba, f"R L {MB_A} {mba.ip} 0 * {rb1.ip}")
-    hold = subprocess.Popen(["ip", "netns", "exec", client.namespace, sys.executable, "-I", "-u", "-c", _HOLD,
-                             mba.ip, "8081", "2.0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        local_port = json.loads(hold.stdout.readline())["local"][1]
-        hold.stdin.write("one\n")
-        hold.stdin.flush()
-        assert json.loads(hold.stdout.readline()) == {"reply": "rb1:one"}
-        marks = net.marks()
-        net.ok(mba, f"R L {MB_A} {mba.ip} 0 * {rb2.ip}")
-        hold.stdin.write("two\n")
-        hold.stdin.flush()
-        assert json.loads(hold.stdout.readline()) == {"reply": None}   # 2 s of retransmissions, no answer
+        with redirected_connection(client, mba.ip, 8081) as (talk, local_port):
+            marks = net.marks()
+            net.ok(mba, f"R L {MB_A} {mba.ip} 0 * {rb2.ip}")
+            assert talk("two") == {"reply": None}   # 2 s of retransmissions, no answer
         assert served_by(client, mba.ip, 8081, 4) == ["rb2"] * 4
         for name, frames in net.barrier(client, marks).items():
             old = [f for f in frames if TCP in f and local_port in (f[TCP].sport, f[TCP].dport)]
@@ -612,8 +628,6 @@ def test_7_replacing_the_backend_drops_the_old_connection_and_moves_new_ones(net
                 old = [f for f in old if bytes(f[TCP].payload) not in (b"", b"one") or f[TCP].flags & 0x07]
             assert old == [], f"{name} received {len(old)} segment(s) of the old connection: {old[0].summary()}"
     finally:
-        hold.kill()
-        hold.wait()
         for process in servers:
             process.stop()
 
@@ -625,26 +639,17 @@ def test_7_cancelling_a_redirect_hands_its_open_connection_to_the_middlebox_only
     mba, rb1, client = net["mba"], net["rb1"], net["client"]
     servers = [serve(h, 8082) for h in (rb1, mba)]
     net.ok(mba, f"R L {MB_A} {mba.ip} 0 * {rb1.ip}")
-    hold = subprocess.Popen(["ip", "netns", "exec", client.namespace, sys.executable, "-I", "-u", "-c", _HOLD,
-                             mba.ip, "8082", "2.0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        local_port = json.loads(hold.stdout.readline())["local"][1]
-        hold.stdin.write("one\n")
-        hold.stdin.flush()
-        assert json.loads(hold.stdout.readline()) == {"reply": "rb1:one"}
-        marks = net.marks()
-        net.ok(mba, f"X {MB_A}")
-        hold.stdin.write("two\n")
-        hold.stdin.flush()
-        assert json.loads(hold.stdout.readline()) != {"reply": "rb1:two"}  # the old backend never answers
+        with redirected_connection(client, mba.ip, 8082) as (talk, local_port):
+            marks = net.marks()
+            net.ok(mba, f"X {MB_A}")
+            assert talk("two") != {"reply": "rb1:two"}  # the old backend never answers
         seen = net.barrier(client, marks)
         two = {name: [f for f in frames if TCP in f and f[TCP].sport == local_port and bytes(f[TCP].payload) == b"two"]
                for name, frames in seen.items()}
         assert two.pop("mba"), "the cancelled redirect's connection did not go back to the middlebox"
         assert {name: len(f) for name, f in two.items() if f} == {}
     finally:
-        hold.kill()
-        hold.wait()
         for process in servers:
             process.stop()
 
