@@ -32,6 +32,7 @@ from mbvisor.controller.trust import build_inventory
 from mbvisor.guest.backoff import Backoff
 from mbvisor.guest.grammar import parse_command
 from test_agent_inventory import ids, ovsdb
+from fakeswitch import wait_until as hub_wait_until
 from test_agent_shell import wait_for
 from test_trust import service  # noqa: F401 - the controller service on fake switches
 
@@ -145,12 +146,8 @@ def test_one_unpublishable_port_does_not_keep_the_controller_on_withdrawn_annota
         withdrawn = [("mb", 2, {"attached-mac": MB_MAC, "mbvisor-ips": "10.0.0.2"}, ""), _good_ports()[1],
                      ("vm9", 9, ids(OTHER_MAC, vm_id="libvirt-" + "x" * 300, ips="10.0.0.9"), "")]
         scans.append(ovsdb(("br0", DPID, withdrawn)))
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and "mb" in client.ports(DPID):
-            time.sleep(0.02)
-        assert "mb" not in client.ports(DPID), (
-            f"after {client.puts} PUTs the controller still trusts mb's withdrawn annotation; the agent's status: "
-            f"{agent.status()['inventories']}")
+        wait_for(lambda: "mb" not in client.ports(DPID), timeout=3,
+                 what="the controller to stop trusting mb's withdrawn annotation")
     finally:
         agent.stop.set()
         thread.join(timeout=10)
@@ -190,10 +187,8 @@ def test_a_port_replugged_between_two_scans_is_published_again_at_once():
         wait_for(lambda: set(client.ports(DPID)) == {"mb", "web"}, timeout=5, what="the first publication")
         client.forget(DPID, 3)                      # OFPPortStatus delete of web's port
         scans.append(ovsdb(("br0", DPID, _good_ports())))  # the re-created rows: new uuids, same content
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and "web" not in client.ports(DPID):
-            time.sleep(0.02)
-        assert "web" in client.ports(DPID), "the re-plugged VM is unannotated on the controller until the refresh"
+        wait_for(lambda: "web" in client.ports(DPID), timeout=3,
+                 what="the re-plugged VM published again before the refresh")
     finally:
         agent.stop.set()
         thread.join(timeout=10)
@@ -323,10 +318,7 @@ def test_a_scoped_address_the_agent_publishes_does_not_stop_the_switch_convergin
     answer = service.execute(CommandRequest(DPID, 2, f"R F {MB_MAC} 10.0.0.2"))
     assert answer.status == "OK", answer
     # ... and the switch must converge to the new inventory: port security of the other ports.
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline and not secured(fake):
-        time.sleep(0.05)
-    assert secured(fake), "no port-security flow reached the switch for mb or web: the converge job keeps failing"
+    hub_wait_until(lambda: secured(fake), timeout=3, what="port security of the other ports on the switch")
 
 
 def secured(fake) -> bool:
