@@ -22,15 +22,14 @@ class BackendHealth:
 
     down_after: float
     unanswered: dict[str, float] = field(default_factory=dict)  # address -> oldest unanswered check
-    in_use: set[str] = field(default_factory=set)
     reported: frozenset[str] = frozenset()  # down as of the last ``settle``: what the flows reflect
 
     def checking(self, addresses, now: float) -> None:
         """Checks sent now to ``addresses``; any other backend is forgotten (no longer in use)."""
-        self.in_use = set(addresses)
-        for address in self.in_use:
+        in_use = set(addresses)
+        for address in in_use:
             self.unanswered.setdefault(address, now)
-        for gone in set(self.unanswered) - self.in_use:
+        for gone in set(self.unanswered) - in_use:
             del self.unanswered[gone]
 
     def answered(self, address: str, now: float) -> None:

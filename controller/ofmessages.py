@@ -83,16 +83,16 @@ def instructions(datapath, actions: tuple[Action, ...]) -> list:
 # Nicira fields that OVS checks against the fields *before* them (ip_frag needs eth_type;
 # the conntrack tuple needs ct_state and ct_nw_proto).  os-ken orders a match by OXM class,
 # Nicira's (1) before OpenFlow's (0x8000), so these are moved after the rest.
-_AFTER_PREREQUISITES = {"ip_frag": 1, "ct_nw_src": 1, "ct_nw_dst": 1, "ct_ipv6_src": 1, "ct_ipv6_dst": 1,
+AFTER_PREREQUISITES = {"ip_frag": 1, "ct_nw_src": 1, "ct_nw_dst": 1, "ct_ipv6_src": 1, "ct_ipv6_dst": 1,
                         "ct_nw_proto": 1, "ct_tp_src": 2, "ct_tp_dst": 2}
 
 
 def ofp_match(parser, match):
     """An OFPMatch whose fields come after their prerequisites, as OVS requires."""
     built = parser.OFPMatch(**dict(match))
-    if not any(name in _AFTER_PREREQUISITES for name, _ in built._fields2):
+    if not any(name in AFTER_PREREQUISITES for name, _ in built._fields2):
         return built
-    ordered = sorted(built._fields2, key=lambda item: _AFTER_PREREQUISITES.get(item[0], 0))  # stable
+    ordered = sorted(built._fields2, key=lambda item: AFTER_PREREQUISITES.get(item[0], 0))  # stable
     return parser.OFPMatch(_ordered_fields=ordered)
 
 

@@ -16,7 +16,7 @@ import struct
 from functools import lru_cache
 
 from .compat import ofproto_v1_3 as ofp
-from .ofmessages import _AFTER_PREREQUISITES
+from .ofmessages import AFTER_PREREQUISITES
 from .pipeline import Flow
 
 _HEADER_AND_FIELDS = struct.Struct("!BBHI QQ BBHHHIII H2x")  # ofp_header + ofp_flow_mod up to the match
@@ -31,7 +31,7 @@ def _field(parser, name: str, value) -> tuple[int, bytes]:
     buf = bytearray()
     length = match.serialize(buf, 0)
     (match_length,) = struct.unpack_from("!H", buf, 2)
-    order = (_AFTER_PREREQUISITES.get(name, 0), _order_key(parser, name, value))
+    order = (AFTER_PREREQUISITES.get(name, 0), _order_key(parser, name, value))
     return order, bytes(buf[4:match_length][:length])
 
 
