@@ -262,6 +262,8 @@ def _deliver(service: Controller, message) -> None:
         service.switch_connected(message.datapath)
     elif name == "OFPPacketIn":
         service.packet_in(message)
+    elif name == "OFPPortStatus" and message.reason == message.datapath.ofproto.OFPPR_DELETE:
+        service.port_deleted(message.datapath.id, message.desc.port_no)
     else:
         service.receive(message)
 
@@ -335,3 +337,18 @@ def test_a_filters_cost_in_switch_entries_is_bounded(service):
     assert (refused.status, refused.code) == ("REJECTED", "limit") and "switch entries" in refused.text
     assert len(mine()) == spent
     assert _command(service, f"A {MB.mac} I 4 s 10.66.0.0/16").status == "OK"  # cheap ones still fit
+
+
+def test_a_deleted_port_loses_its_annotations_so_a_reused_number_speaks_for_nobody(service):
+    """security.md rule 4: a VM given a deleted port's number must not inherit its identity
+    until the agent publishes again; its port security goes, and so does its middlebox."""
+    fake = service.connect()
+    service.set_inventory(DPID, PORTS)
+    assert _command(service, f"R F {MB.mac} 10.0.0.2").status == "OK"
+    fake.remove_port(MB.port)  # OFPPortStatus DELETE through the service
+    wait_until(lambda: service.inventory_of(DPID).at(MB.port) is None and service.state.find(DPID, MB.mac) is None,
+               what="the port's annotations and middlebox gone")
+    assert [e.port for e in Store(service.settings.database).load_inventories()[DPID]] == [3, 4, 5]
+    assert _command(service, f"R F {MB.mac} 10.0.0.2").code == "unannotated-port"
+    wait_until(lambda: not any(f.cookie == port_cookie(MB.port) for f in fake.flows(INGRESS_TABLE)),
+               what="its port security removed")
