@@ -4,11 +4,17 @@ The controller's one source of truth: which middleboxes are registered on which 
 port, with which filters and redirects.  ``apply`` never performs I/O; the OS-Ken shell
 persists the new state, compiles it to flows and answers the guest only after the switch
 confirmed them.  A rejected command leaves the state exactly as it was.
+
+``decide`` is the transition itself: it reads a state (or a job's ``Draft``) and says
+which middlebox becomes what.  A job of 100,000 commands folds its decisions into one
+``Draft`` and makes one new ``State`` at the end, instead of copying the whole state
+once per command.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Mapping
 
 from mbvisor.guest.commands import (AddFilter, Cancel, Command, DeleteFilter, DeleteFilters, Filter,
@@ -108,7 +114,28 @@ class State:
         return self.by_key.get((dpid, mac))
 
     def on(self, dpid: int) -> list[Middlebox]:
-        return [mb for key, mb in sorted(self.by_key.items()) if key[0] == dpid]
+        return list(self._by_switch.get(dpid, ()))
+
+    @cached_property
+    def _by_switch(self) -> dict[int, tuple[Middlebox, ...]]:
+        """Each switch's middleboxes by MAC, found once per state: health checks and
+        registrations ask for them often, and a state never changes."""
+        grouped: dict[int, list[Middlebox]] = {}
+        for key in sorted(self.by_key):
+            grouped.setdefault(key[0], []).append(self.by_key[key])
+        return {dpid: tuple(middleboxes) for dpid, middleboxes in grouped.items()}
+
+    @cached_property
+    def zones(self) -> frozenset[int]:
+        return frozenset(mb.zone for mb in self.by_key.values())
+
+    def changed(self, outcome: "Outcome") -> "State":
+        """This state with a decision's change made."""
+        if outcome.key is None:
+            return self
+        if outcome.middlebox is None:
+            return self.remove(*outcome.key)
+        return self.put(outcome.middlebox)
 
     def put(self, middlebox: Middlebox) -> "State":
         return replace(self, by_key={**self.by_key, middlebox.key: middlebox})
@@ -133,14 +160,86 @@ class State:
         return {key for key in keys if self.by_key.get(key) is not other.by_key.get(key)}
 
 
+class Draft:
+    """A job's working copy of a state: each decision's change is recorded in place, and
+    ``state()`` makes the one new ``State`` (sharing every middlebox nobody changed).
+    Reads see the changes so far, as the next command of the job must."""
+
+    def __init__(self, base: State):
+        self.base = base
+        self.changes: dict[tuple[int, str], Middlebox | None] = {}  # key -> new value (None: removed)
+        self._zones: set[int] | None = None
+
+    @property
+    def limits(self) -> Limits:
+        return self.base.limits
+
+    def find(self, dpid: int, mac: str) -> Middlebox | None:
+        key = (dpid, mac)
+        return self.changes[key] if key in self.changes else self.base.find(dpid, mac)
+
+    def on(self, dpid: int) -> list[Middlebox]:
+        if not any(key[0] == dpid for key in self.changes):
+            return self.base.on(dpid)
+        current = {mb.mac: mb for mb in self.base.on(dpid)}
+        for (switch, mac), middlebox in self.changes.items():
+            if switch == dpid:
+                current[mac] = middlebox
+        return [current[mac] for mac in sorted(current) if current[mac] is not None]
+
+    @property
+    def zones(self) -> set[int]:
+        if self._zones is None:
+            self._zones = set(self.base.zones)
+        return self._zones
+
+    def record(self, outcome: "Outcome") -> None:
+        if outcome.key is None:
+            return
+        old = self.find(*outcome.key)
+        if self._zones is not None and old is not None:
+            self._zones.discard(old.zone)
+        self.changes[outcome.key] = outcome.middlebox
+        if self._zones is not None and outcome.middlebox is not None:
+            self._zones.add(outcome.middlebox.zone)
+
+    def state(self) -> State:
+        if not self.changes:
+            return self.base
+        by_key = dict(self.base.by_key)
+        for key, middlebox in self.changes.items():
+            if middlebox is None:
+                by_key.pop(key, None)
+            else:
+                by_key[key] = middlebox
+        return replace(self.base, by_key=by_key)
+
+
 @dataclass(frozen=True)
 class Outcome:
+    """A decision: the answer's text, and the middlebox at ``key`` becomes ``middlebox``
+    (None: it is removed); no key when nothing changes."""
+
+    text: str
+    key: tuple[int, str] | None = None
+    middlebox: Middlebox | None = None
+
+
+@dataclass(frozen=True)
+class Applied:
     state: State
     text: str
 
 
-def apply(state: State, binding: Binding, command: Command) -> Outcome:
+def apply(state: State, binding: Binding, command: Command) -> Applied:
     """The state after ``command`` from the guest at ``binding``, with the answer text."""
+    outcome = decide(state, binding, command)
+    return Applied(state.changed(outcome), outcome.text)
+
+
+def decide(state: State | Draft, binding: Binding, command: Command) -> Outcome:
+    """What ``command`` from the guest at ``binding`` does to ``state``; raises ApplyError
+    (and changes nothing) when it cannot be applied."""
     if int(command.mac.split(":")[0], 16) & 1 or command.mac == "00:00:00:00:00:00":
         raise ApplyError("bad-mac", f"{command.mac} is not a unicast MAC address; a middlebox has its own")
     _check_trust(binding, command)
@@ -172,7 +271,7 @@ def _new_middlebox(state: State, binding: Binding, mac: str) -> Middlebox:
     on_port = sum(1 for mb in state.on(binding.dpid) if mb.port == binding.port)
     if on_port >= state.limits.per_port:
         raise ApplyError("limit", f"port {binding.port} has {on_port} middleboxes, the limit is {state.limits.per_port}")
-    used = {mb.zone for mb in state.by_key.values()}
+    used = state.zones
     zone = next((zone for zone in range(1, MAX_ZONE + 1) if zone not in used), None)
     if zone is None:
         raise ApplyError("limit", f"every one of the {MAX_ZONE} conntrack zones is in use")
@@ -200,8 +299,7 @@ def _register_firewall(state, binding, current, command: RegisterFirewall) -> Ou
     if middlebox.firewall_ip not in (None, command.ip):
         raise ApplyError("already-registered", f"{command.mac} is registered for firewall offload with "
                                                f"{middlebox.firewall_ip}; cancel (X) before changing its address")
-    return Outcome(state.put(replace(middlebox, firewall_ip=command.ip)),
-                   f"registered {command.mac} {command.ip} for firewall offload")
+    return _becomes(replace(middlebox, firewall_ip=command.ip), f"registered {command.mac} {command.ip} for firewall offload")
 
 
 def _register_balancer(state, binding, current, command: RegisterLoadBalancer) -> Outcome:
@@ -216,8 +314,8 @@ def _register_balancer(state, binding, current, command: RegisterLoadBalancer) -
         raise ApplyError("limit", f"{command.mac} has {len(kept)} redirects, the limit is {state.limits.redirects}")
     redirects = tuple(sorted(kept + (redirect,), key=lambda r: (r.source is None, r.source or "")))
     scope = f"from {command.source}" if command.source else "from any source"
-    return Outcome(state.put(replace(middlebox, balancer_ip=command.ip, redirects=redirects)),
-                   f"redirecting {command.ip} {scope} to {','.join(command.backends)}")
+    return _becomes(replace(middlebox, balancer_ip=command.ip, redirects=redirects),
+                    f"redirecting {command.ip} {scope} to {','.join(command.backends)}")
 
 
 def _check_backends_unique(state: State, middlebox: Middlebox, backends: tuple[str, ...],
@@ -252,12 +350,11 @@ def _add_filter(state, binding, current, command: AddFilter) -> Outcome:
     middlebox = _registered_firewall(current, command.mac)
     _check_destination_mac(middlebox, command.filter)
     if command.filter in middlebox.filters:
-        return Outcome(state, f"filter already present: {format_command(command)}")
+        return Outcome(f"filter already present: {format_command(command)}")
     if len(middlebox.filters) >= state.limits.filters:
         raise ApplyError("limit", f"{command.mac} has {len(middlebox.filters)} filters, "
                                   f"the limit is {state.limits.filters}")
-    return Outcome(state.put(replace(middlebox, filters=middlebox.filters | {command.filter})),
-                   f"added: {format_command(command)}")
+    return _becomes(replace(middlebox, filters=middlebox.filters | {command.filter}), f"added: {format_command(command)}")
 
 
 def _check_destination_mac(middlebox: Middlebox, filter: Filter) -> None:
@@ -272,28 +369,31 @@ def _delete_filter(state, binding, current, command: DeleteFilter) -> Outcome:
     middlebox = _registered_firewall(current, command.mac)
     if command.filter not in middlebox.filters:
         raise ApplyError("no-such-filter", f"no such filter: {format_command(command)}")
-    return Outcome(state.put(replace(middlebox, filters=middlebox.filters - {command.filter})),
-                   f"deleted: {format_command(command)}")
+    return _becomes(replace(middlebox, filters=middlebox.filters - {command.filter}), f"deleted: {format_command(command)}")
 
 
 def _delete_filters(state, binding, current, command: DeleteFilters) -> Outcome:
     middlebox = _registered_firewall(current, command.mac)
     gone = {f for f in middlebox.filters if f.layer == command.layer and f.mask == command.mask}
-    return Outcome(state.put(replace(middlebox, filters=middlebox.filters - gone)),
-                   f"deleted {len(gone)} filter(s)")
+    text = f"deleted {len(gone)} filter(s)"
+    return _becomes(replace(middlebox, filters=middlebox.filters - gone), text) if gone else Outcome(text)
 
 
 def _cancel(state, binding, current, command: Cancel) -> Outcome:
     if current is None:
         raise ApplyError("not-registered", f"{command.mac} is not registered")
-    return Outcome(state.remove(binding.dpid, command.mac), f"cancelled {command.mac}: every offload removed")
+    return Outcome(f"cancelled {command.mac}: every offload removed", current.key, None)
 
 
 def _query(state, binding, current, command: Query) -> Outcome:
     middlebox = _registered_firewall(current, command.mac)
     lines = sorted(format_command(AddFilter(command.mac, f)) for f in middlebox.filters
                    if f.layer == command.layer)
-    return Outcome(state, "\n".join(lines) if lines else "no filters")
+    return Outcome("\n".join(lines) if lines else "no filters")
+
+
+def _becomes(middlebox: Middlebox, text: str) -> Outcome:
+    return Outcome(text, middlebox.key, middlebox)
 
 
 _HANDLERS = {

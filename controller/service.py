@@ -4,7 +4,7 @@ The order of a command's steps, in one place: the REST edge has validated the re
 whole (``requests``); ``submit`` hands each switch's share of it to that switch's
 reconciler as one job and waits; the reconciler asks ``plan`` what the commands do (a
 replayed idempotency key answers from the store, a key reused for another command is
-refused, the grammar parses, the pure ``apply`` decides), installs the flows of what
+refused, the grammar parses, the pure ``decide`` decides), installs the flows of what
 changed as one atomic bundle, and calls ``commit``, which makes the new state current,
 persists it with the answers, and answers.  A refused or unconfirmed install changes
 nothing: the answers say so and the state stays as it was.
@@ -32,7 +32,7 @@ from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, fil
 from .health import BackendHealth
 from .ingress import link_local
 from .metrics import Metrics
-from .model import ApplyError, Binding, Limits, State, apply, unique_zones
+from .model import ApplyError, Binding, Draft, Limits, Middlebox, State, decide, unique_zones
 from .pipeline import COOKIE_TAG, COOKIE_TAG_MASK, cookie_of
 from .trust import Inventory, PortIdentity, TrustMode, build_inventory
 from .ofmessages import normal_match
@@ -129,17 +129,29 @@ class Plan:
 
 @dataclass(frozen=True)
 class Decided:
-    """One command planned: its answer, the state after it, the MAC whose flows change
-    (None if none), its new backends; ``fresh``: decided now (not a replay or a refusal of
-    its key), ``store``: kept for replay, ``independent``: holds whatever the switch says."""
+    """One command planned: its answer, the MAC whose flows change (None if none; its
+    change is in the job's draft), its new backends; ``fresh``: decided now (not a replay
+    or a refusal of its key), ``store``: kept for replay, ``independent``: holds whatever
+    the switch says."""
 
     answer: Answer
-    state: State
     changed: str | None = None
     backends: frozenset = frozenset()
     fresh: bool = False
     store: bool = False
     independent: bool = False
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What every command of one job on one switch is decided against, found once per job:
+    the switch's surroundings and the binding (mode and annotations) of its ports."""
+
+    surroundings: Surroundings
+    binding: Binding
+
+    def at(self, port: int) -> Binding:
+        return replace(self.binding, port=port)
 
 
 def parse(command: dict | str):
@@ -261,16 +273,18 @@ class Controller:
 
     def plan(self, dpid: int, requests: list[CommandRequest]) -> Plan:
         """Decide every command of a job in order against the current state (pure but for
-        the store's look-ups of earlier answers and the claims on keys in flight)."""
-        before = state = self.state
+        the store's look-ups of earlier answers and the claims on keys in flight).  The
+        decisions land in one ``Draft``: one new state per job, not one per command."""
+        before = self.state
+        draft = Draft(before)
+        context = PlanContext(self.surroundings(dpid), Binding(dpid, 0, self.settings.trust, self.inventory_of(dpid)))
         answers, touched, pending, backends, keep, independent, claimed = [], set(), [], set(), [], set(), []
         seen: dict[tuple, tuple[str, Answer, int]] = {}
         for index, request in enumerate(requests):
             if index % YIELD_EVERY == YIELD_EVERY - 1:
                 hub.sleep(0)  # a 100,000-command request must not stall the switches or REST
-            decided = self._plan_one(request, state, seen, pending[0] if pending else None)
+            decided = self._plan_one(request, draft, context, seen, pending[0] if pending else None)
             answers.append(decided.answer)
-            state = decided.state
             if decided.changed:
                 touched.add(decided.changed)
                 pending.append(index)
@@ -283,10 +297,11 @@ class Controller:
                 claimed.append(request.key)
                 if decided.store:
                     keep.append(index)
-        return Plan(requests, tuple(answers), before, state, frozenset(touched), tuple(pending),
+        return Plan(requests, tuple(answers), before, draft.state(), frozenset(touched), tuple(pending),
                     frozenset(backends), tuple(keep), frozenset(independent), tuple(claimed))
 
-    def _plan_one(self, request: CommandRequest, state: State, seen: dict, first_pending: int | None) -> "Decided":
+    def _plan_one(self, request: CommandRequest, draft: Draft, context: "PlanContext", seen: dict,
+                  first_pending: int | None) -> "Decided":
         key = request.key
         if key is not None:
             text = command_text(request.command)
@@ -296,47 +311,47 @@ class Controller:
                 if earlier[0] is not None and earlier[0] != text:
                     return Decided(Answer("REJECTED", f"idempotency key {key[0]}/{key[1]}/{key[2]} was already used "
                                                       "for another command; nothing was applied", "key-reused"),
-                                   state, independent=True)
+                                   independent=True)
                 previous = earlier[1]
                 # A replay of this job's own earlier command holds only if that one does.
                 holds = local is None or first_pending is None or local[2] < first_pending
-                return Decided(Answer(previous.status, previous.text, previous.code, replayed=True), state,
-                               independent=holds)
+                return Decided(Answer(previous.status, previous.text, previous.code, replayed=True), independent=holds)
             if key in self.in_flight:
                 return Decided(Answer("UNAVAILABLE", f"a command with idempotency key {key[0]}/{key[1]}/{key[2]} is "
                                                      "being applied; try again for its answer", "key-in-flight"),
-                               state, independent=True)
+                               independent=True)
         try:
             command = parse(request.command)
         except CommandError as error:
-            return Decided(Answer("SYNTAX", str(error), "syntax"), state, fresh=True, store=True, independent=True)
+            return Decided(Answer("SYNTAX", str(error), "syntax"), fresh=True, store=True, independent=True)
         try:
-            outcome = apply(state, Binding(request.dpid, request.port, self.settings.trust,
-                                           self.inventory_of(request.dpid)), command)
-            if isinstance(command, AddFilter) and outcome.state is not state:
-                self._check_flow_budget(request.dpid, state, outcome.state, command)
+            outcome = decide(draft, context.at(request.port), command)
+            if isinstance(command, AddFilter) and outcome.key is not None:
+                self._check_flow_budget(draft.find(*outcome.key), outcome.middlebox, command, context.surroundings,
+                                        draft.limits)
         except ApplyError as error:
-            return Decided(Answer("REJECTED", str(error), error.code), state, fresh=True, store=True)
+            return Decided(Answer("REJECTED", str(error), error.code), fresh=True, store=True)
         answer = Answer("OK", outcome.text)
         if isinstance(command, Query):
-            return Decided(answer, state, fresh=True)  # reads are cheap to repeat: not stored
-        if outcome.state is state:
-            return Decided(answer, state, fresh=True, store=True)
+            return Decided(answer, fresh=True)  # reads are cheap to repeat: not stored
+        if outcome.key is None:
+            return Decided(answer, fresh=True, store=True)
+        draft.record(outcome)
         backends = frozenset(command.backends) if isinstance(command, RegisterLoadBalancer) else frozenset()
-        return Decided(answer, outcome.state, command.mac, backends, fresh=True, store=True)
+        return Decided(answer, command.mac, backends, fresh=True, store=True)
 
-    def _check_flow_budget(self, dpid: int, before: State, after: State, command: AddFilter) -> None:
+    def _check_flow_budget(self, old: Middlebox, new: Middlebox, command: AddFilter, surroundings: Surroundings,
+                           limits: Limits) -> None:
         """Limits count switch entries, not filters: one port-range filter can cost many.
         The cost is kept per middlebox value, so a bulk of filters adds, not recounts."""
-        old, new = before.find(dpid, command.mac), after.find(dpid, command.mac)
-        addresses = self.surroundings(dpid).addresses(new)  # group forms: one per own address
+        addresses = surroundings.addresses(new)  # group forms: one per own address
         spent = self.flow_costs.get((old, addresses))
         if spent is None:
             spent = sum(filter_cost(f, addresses) for f in old.filters)
         total = spent + filter_cost(command.filter, addresses)
-        if total > after.limits.flows:
+        if total > limits.flows:
             raise ApplyError("limit", f"{command.mac}'s filters would need {total} switch entries, the limit is "
-                                      f"{after.limits.flows}; use wider prefixes or fewer port ranges")
+                                      f"{limits.flows}; use wider prefixes or fewer port ranges")
         if len(self.flow_costs) >= 4096:
             self.flow_costs.clear()
         self.flow_costs[(new, addresses)] = total

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mbvisor.controller.model import ApplyError, Binding, Limits, Middlebox, Outcome, Redirect, State, apply
+from mbvisor.controller.model import (ApplyError, Applied, Binding, Draft, Limits, Middlebox, Redirect, State, apply,
+                                      decide)
 from mbvisor.guest.commands import Filter, Layer
 from mbvisor.guest.grammar import parse_command
 
@@ -24,7 +25,7 @@ HERE = Binding(dpid=1, port=5)
 ELSEWHERE = Binding(dpid=2, port=5)
 
 
-def run(state: State, text: str, binding: Binding = HERE) -> Outcome:
+def run(state: State, text: str, binding: Binding = HERE) -> Applied:
     return apply(state, binding, parse_command(text))
 
 
@@ -457,6 +458,42 @@ def test_any_command_sequence_keeps_the_invariants(steps, max_filters, max_redir
             assert apply(outcome.state, binding, command).state == outcome.state
         state = outcome.state
         check_invariants(state)
+
+
+@FAST
+@given(st.lists(st.tuples(st.sampled_from(BINDINGS), commands()), max_size=25), st.integers(1, 3))
+def test_a_job_folded_into_one_draft_ends_where_command_by_command_does(steps, max_filters):
+    """The controller plans a job in one Draft and makes one state at the end: every
+    answer, every refusal and the final state are those of applying each command to the
+    state the previous one left."""
+    start = run_all("R F 52:34:56:00:12:99 10.9.9.9", state=State(limits=Limits(filters=max_filters)),
+                    binding=Binding(dpid=1, port=9))
+    state, draft = start, Draft(start)
+    for binding, text in steps:
+        command = parse_command(text)
+        try:
+            expected = apply(state, binding, command)
+        except ApplyError as error:
+            with pytest.raises(ApplyError) as raised:
+                decide(draft, binding, command)
+            assert raised.value.code == error.code
+            continue
+        outcome = decide(draft, binding, command)
+        assert outcome.text == expected.text
+        draft.record(outcome)
+        state = expected.state
+        assert draft.on(1) == state.on(1) and draft.zones == set(state.zones)
+    assert draft.state() == state
+    assert start.by_key == run_all("R F 52:34:56:00:12:99 10.9.9.9", binding=Binding(dpid=1, port=9)).by_key  # untouched
+    unchanged = [key for key in start.by_key if key in state.by_key and start.by_key[key] is state.by_key[key]]
+    assert all(draft.state().by_key[key] is start.by_key[key] for key in unchanged)  # shared, not copied
+
+
+def test_a_draft_without_changes_is_the_state_it_started_from():
+    state = run_all(f"R F {MAC} 10.0.0.5")
+    draft = Draft(state)
+    draft.record(decide(draft, HERE, parse_command(f"I {MAC}")))
+    assert draft.state() is state
 
 
 @pytest.mark.parametrize("mac", ["00:00:00:00:00:00", "01:00:5e:00:00:01", "ff:ff:ff:ff:ff:ff"])
