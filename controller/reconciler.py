@@ -418,7 +418,7 @@ class SwitchReconciler:
             wire = self.wire_cache[actions] = encoded_actions(datapath, instructions(datapath, actions))
         return wire
 
-    def _flow_mod(self, datapath, flow: Flow, command: str):
+    def _flow_mod(self, datapath, flow: Flow, command: str) -> bytes:
         """Packed from cached pieces (``wire``): a bulk install encodes each MAC, address
         and action list once, not once per flow."""
         return wire.flow_mod(datapath, flow, command, b"" if command == "delete" else self._wire(flow.actions))

@@ -17,13 +17,14 @@ from typing import Iterable
 
 from mbvisor.guest.reader import FaultLog
 
+from . import wire
 from .compat import hub
 
 log = logging.getLogger("mbvisor.controller")
 
 BASE_TIMEOUT = 5.0          # seconds for any answer from the switch ...
 PER_MESSAGE_TIMEOUT = 2e-4  # ... plus this per message it must apply (100k flows: +20 s)
-YIELD_EVERY = 256           # messages encoded between two yields to the event loop
+CHUNK_BYTES = 1 << 16       # a bundle's messages are written to the switch this many bytes at a time
 
 
 class SwitchUnreachable(Exception):
@@ -120,30 +121,45 @@ class SwitchLink:
         return waiter.errors
 
     def commit(self, messages: Iterable, count: int) -> list[str]:
-        """Send ``messages`` (``count`` of them) as one atomic, ordered bundle, then a barrier.
-        Returns the switch's errors: empty means every message is in effect, otherwise the
-        switch refused the bundle and holds exactly what it held before."""
+        """Send ``messages`` (``count`` of them: pre-packed bytes or os-ken messages) as one
+        atomic, ordered bundle, then a barrier.  Returns the switch's errors: empty means
+        every message is in effect, otherwise the switch refused the bundle and holds
+        exactly what it held before.
+
+        ``messages`` may be a generator that compiles as it goes: they are written in
+        chunks of ``CHUNK_BYTES`` as they come, so the switch parses the first ones while
+        the rest are still being prepared, and each chunk is one write, not one per
+        message.  Every message of the bundle carries the bundle's xid (the bundle
+        extension wants the inner xid equal to the frame's), which the switch quotes if
+        it refuses one."""
         datapath = self.datapath
         parser, ofp = datapath.ofproto_parser, datapath.ofproto
         flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED
         bundle = next(self.bundle_ids) & 0xFFFFFFFF
         waiter = Waiter(hub.Event())
-        self._send(parser.ONFBundleCtrlMsg(datapath, bundle, ofp.ONF_BCT_OPEN_REQUEST, flags, []), waiter)
-        for index, message in enumerate(messages):
-            datapath.set_xid(message)
-            added = parser.ONFBundleAddMsg(datapath, bundle, flags, message, [])
-            added.xid = message.xid  # OVS reports a failing inner message by its own xid
-            self.waiters[message.xid] = waiter
-            if datapath.send_msg(added) is False:
-                raise SwitchUnreachable(f"switch {self.dpid:016x} is disconnecting")
-            if index % YIELD_EVERY == YIELD_EVERY - 1:
-                hub.sleep(0)  # let echo replies, other switches and REST run
+        opening = parser.ONFBundleCtrlMsg(datapath, bundle, ofp.ONF_BCT_OPEN_REQUEST, flags, [])
+        self._send(opening, waiter)
+        chunk = bytearray()
+        for message in messages:
+            chunk += wire.bundle_add(bundle, flags, opening.xid, wire.with_xid(message, opening.xid))
+            if len(chunk) >= CHUNK_BYTES:
+                self._write(bytes(chunk))
+                chunk.clear()
+                hub.sleep(0)  # the send loop writes it; echo replies, other switches and REST run
+        if chunk:
+            self._write(bytes(chunk))
         self._send(parser.ONFBundleCtrlMsg(datapath, bundle, ofp.ONF_BCT_COMMIT_REQUEST, flags, []), waiter)
         barrier = parser.OFPBarrierRequest(datapath)
         self._send(barrier, waiter)
         waiter.barrier = barrier.xid
         self._wait(waiter, BASE_TIMEOUT + count * PER_MESSAGE_TIMEOUT, f"a bundle of {count} message(s)")
         return waiter.errors
+
+    def _write(self, data: bytes) -> None:
+        if self.closed:
+            raise SwitchUnreachable(self.closed)
+        if self.datapath.send(data) is False:
+            raise SwitchUnreachable(f"switch {self.dpid:016x} is disconnecting")
 
     # --- receiving ----------------------------------------------------------------------
 

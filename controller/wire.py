@@ -1,4 +1,4 @@
-"""Flow mods as bytes, for the reconciler's bulk path.
+"""Flow mods and bundle frames as bytes, for the reconciler's bulk path.
 
 Building an os-ken ``OFPFlowMod`` per flow costs most of a bulk install: every message
 parses its MAC and addresses from text again (netaddr), builds match and instruction
@@ -6,8 +6,11 @@ objects, and serialises them.  A flow mod is a fixed header, a match of OXM TLVs
 instructions' bytes; the same (field, value) TLVs recur in thousands of flows (one MAC per
 middlebox, a few ether types), and the reconciler already keeps each action list's wire
 bytes.  So each TLV is encoded once, by os-ken itself (so the bytes are its own), and a
-flow mod is packed from cached pieces.  tests/test_wire.py checks byte equality with
-``ofmessages.flow_mod`` for every shape the compilers emit.
+flow mod is packed from cached pieces.  A bundle's messages are then framed here too
+(``bundle_add``) and written to the switch many at a time (``SwitchLink.commit``): one
+queue item and one ``sendall`` per 80-byte message cost the controller and the switch
+more than the flows themselves.  tests/test_wire.py checks byte equality with os-ken's
+``ofmessages.flow_mod`` and ``ONFBundleAddMsg`` for every shape the compilers emit.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from .ofmessages import AFTER_PREREQUISITES
 from .pipeline import Flow
 
 _HEADER_AND_FIELDS = struct.Struct("!BBHI QQ BBHHHIII H2x")  # ofp_header + ofp_flow_mod up to the match
+_BUNDLE_ADD = struct.Struct("!BBHI II I2xH")  # ofp_header + ONF experimenter header + bundle id and flags
+_XID = struct.Struct("!I")
 _COMMANDS = {"add": ofp.OFPFC_ADD, "modify": ofp.OFPFC_MODIFY_STRICT, "delete": ofp.OFPFC_DELETE_STRICT}
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
+ONF_EXPERIMENTER_ID = 0x4F4E4600  # the bundle extension's experimenter (OpenFlow 1.3 Extension Pack 1)
 
 
 @lru_cache(maxsize=1 << 18)
@@ -49,32 +55,29 @@ def match_bytes(parser, match) -> bytes:
     return struct.pack("!HH", ofp.OFPMT_OXM, length) + body + bytes(-length % 8)
 
 
-class WireMessage:
-    """Pre-packed message bytes that os-ken sends and embeds in a bundle like its own: it
-    takes an xid and serialises into ``buf``."""
-
-    def __init__(self, datapath, data: bytes):
-        self.datapath = datapath
-        self.data = data
-        self.xid = None
-        self.buf = None
-        self.version, self.msg_type, self.msg_len = data[0], data[1], len(data)
-
-    def set_xid(self, xid: int) -> None:
-        self.xid = xid
-
-    def serialize(self) -> None:
-        self.buf = bytearray(self.data)
-        struct.pack_into("!I", self.buf, 4, self.xid or 0)
-
-
-def flow_mod(datapath, flow: Flow, command: str, instructions: bytes) -> WireMessage:
-    """``ofmessages.flow_mod`` as bytes; ``instructions`` are the flow's encoded
-    instructions (the reconciler's cache), none for a delete."""
-    parser = datapath.ofproto_parser
-    body = match_bytes(parser, flow.match) + (b"" if command == "delete" else instructions)
+def flow_mod(datapath, flow: Flow, command: str, instructions: bytes) -> bytes:
+    """``ofmessages.flow_mod`` as bytes (xid 0: ``with_xid`` sets it); ``instructions``
+    are the flow's encoded instructions (the reconciler's cache), none for a delete."""
+    body = match_bytes(datapath.ofproto_parser, flow.match) + (b"" if command == "delete" else instructions)
     length = _HEADER_AND_FIELDS.size + len(body)
     head = _HEADER_AND_FIELDS.pack(ofp.OFP_VERSION, ofp.OFPT_FLOW_MOD, length, 0, flow.cookie,
                                    0 if command == "add" else ALL_ONES, flow.table, _COMMANDS[command], 0, 0,
                                    flow.priority, ofp.OFP_NO_BUFFER, ofp.OFPP_ANY, ofp.OFPG_ANY, 0)
-    return WireMessage(datapath, head + body)
+    return head + body
+
+
+def with_xid(message, xid: int) -> bytes:
+    """A message's bytes carrying ``xid``: pre-packed bytes, or an os-ken message."""
+    if isinstance(message, (bytes, bytearray)):
+        return message[:4] + _XID.pack(xid) + message[8:]
+    message.xid = xid  # os-ken's set_xid refuses a second xid; ONFBundleAddMsg overwrites it the same way
+    message.serialize()
+    return bytes(message.buf)
+
+
+def bundle_add(bundle_id: int, flags: int, xid: int, inner: bytes) -> bytes:
+    """``ONFBundleAddMsg`` around ``inner`` (whose xid must be ``xid``, as the bundle
+    extension requires), without properties, as os-ken frames it."""
+    return _BUNDLE_ADD.pack(ofp.OFP_VERSION, ofp.OFPT_EXPERIMENTER, _BUNDLE_ADD.size + len(inner), xid,
+                            ONF_EXPERIMENTER_ID, ofp.ONF_ET_BUNDLE_ADD_MESSAGE, bundle_id,
+                            flags) + inner

@@ -645,12 +645,23 @@ class FakeDatapath:
     def send_msg(self, msg, close_socket: bool = False) -> bool:
         """Serialise as os-ken does, then hand the bytes to the switch (False once the
         connection is gone)."""
-        if not self.is_active:
-            return False
         if msg.xid is None:
             self.set_xid(msg)
         msg.serialize()
-        return self.switch.receive(self, bytes(msg.buf))
+        return self.send(bytes(msg.buf))
+
+    def send(self, data: bytes, close_socket: bool = False) -> bool:
+        """Bytes as written to the socket: any number of whole messages, each handed to
+        the switch on its own (False once the connection is gone)."""
+        if not self.is_active:
+            return False
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("!H", data, offset + 2)
+            assert length >= ofp.OFP_HEADER_SIZE and offset + length <= len(data), "a message cut in two"
+            self.switch.receive(self, data[offset:offset + length])
+            offset += length
+        return True
 
 
 @dataclass

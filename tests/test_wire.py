@@ -1,7 +1,8 @@
 """Pre-packed flow mods (``controller/wire.py``) are byte for byte os-ken's own
 (``ofmessages.flow_mod``), for every shape the compilers emit: port security, filters of
 every layer (group forms, fragments, QinQ, conjunctions), redirects of both families,
-health answers and the base flows; added, modified and deleted."""
+health answers and the base flows; added, modified and deleted.  So are the bundle
+frames around them (os-ken's ``ONFBundleAddMsg``)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,27 @@ def test_every_compiled_flow_packs_to_os_kens_bytes(mode):
                 theirs = flow_mod(datapath, flow, command)
                 theirs.set_xid(77)
                 theirs.serialize()
-                ours = wire.flow_mod(datapath, flow, command, wired)
-                ours.set_xid(77)
-                ours.serialize()
-                assert bytes(ours.buf) == bytes(theirs.buf), (command, flow)
+                ours = wire.with_xid(wire.flow_mod(datapath, flow, command, wired), 77)
+                assert ours == bytes(theirs.buf), (command, flow)
+
+
+@pytest.mark.parametrize("inner", ["flow", "group"])
+def test_a_bundle_frame_is_os_kens_own(inner):
+    """Bundle messages are framed here and written many at a time; the frame (ONF
+    experimenter header, bundle id, flags, the inner message with the frame's xid) is
+    byte for byte what os-ken's ONFBundleAddMsg writes."""
+    with FakeSwitch(DPID) as switch:
+        datapath = switch.datapath
+        parser, ofp = datapath.ofproto_parser, datapath.ofproto
+        flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED
+        flow = next(iter(compile_switch(*((lambda s, r: (s, DPID, r))(*state(TrustMode.LAB)))).flows))
+        if inner == "flow":
+            message = flow_mod(datapath, flow, "add")
+            ours = wire.flow_mod(datapath, flow, "add", encoded_actions(datapath, instructions(datapath, flow.actions)))
+        else:
+            message = ours = parser.OFPGroupMod(datapath, ofp.OFPGC_ADD, ofp.OFPGT_SELECT, 7,
+                                                [parser.OFPBucket(actions=[parser.OFPActionOutput(3)])])
+        theirs = parser.ONFBundleAddMsg(datapath, 0x01020304, flags, message, [])
+        theirs.set_xid(4242)
+        theirs.serialize()
+        assert wire.bundle_add(0x01020304, flags, 4242, wire.with_xid(ours, 4242)) == bytes(theirs.buf)
