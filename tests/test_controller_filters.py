@@ -4,6 +4,7 @@ Pure: no switch.  The same flows on a real OVS: tests/test_filters_ovs.py."""
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 
 import pytest
@@ -17,6 +18,7 @@ from mbvisor.controller.filters import (FRAGMENT, GROUP, NOT_FRAGMENT, compile_f
 from mbvisor.controller.model import Middlebox
 from mbvisor.controller.ofmessages import encode_action, flow_mod
 from mbvisor.controller.pipeline import FILTER, FILTER_CONJUNCTION, FRAGMENT_TABLE, OFFLOAD_TABLE
+from mbvisor.guest import fields as kinds
 from mbvisor.guest.grammar import parse_command
 
 MAC = "52:34:56:00:12:22"
@@ -255,3 +257,17 @@ def test_a_filters_cost_is_its_own_compiled_flows_whatever_its_source(text):
     alone = Middlebox(1, 5, MAC, 1, filters=frozenset({filter}))
     for addresses in (frozenset(), OWN):
         assert flows_module.filter_cost(filter, addresses) == len(compile_filters(alone, addresses))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.tuples(st.ip_addresses(v=4), st.integers(0, 32)), st.tuples(st.ip_addresses(v=6), st.integers(0, 128))))
+def test_an_address_is_matched_as_ipaddress_reads_it(endpoint):
+    """The compiler takes the grammar's canonical text apart without parsing it again:
+    the match it gives is what ipaddress makes of the same network."""
+    address, length = endpoint
+    network = ipaddress.ip_network((address, length), strict=False)
+    text = kinds.IP_ENDPOINT.parse(str(network))
+    expected = (str(network.network_address) if network.prefixlen == network.max_prefixlen
+                else (str(network.network_address), str(network.netmask)))
+    assert F._address_match(text) == expected
+    assert F._families(text) == [F.ETH_IPV4 if network.version == 4 else F.ETH_IPV6]
