@@ -43,6 +43,15 @@ class Failure:
     def stored(self) -> bool:
         return self.status != "UNAVAILABLE"
 
+
+class Abandoned(Exception):
+    """A streamed bundle stopped before its commit (a backend not resolved, a meter the
+    switch refused): the switch discards it and holds what it held."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(failure.text)
+        self.failure = failure
+
 log = logging.getLogger("mbvisor.controller")
 RESYNC_FLOOR, RESYNC_CEILING = 0.5, 30.0  # back-off between failed reconciliations (s)
 YIELD_EVERY = 64  # middleboxes compiled between two yields to the event loop
@@ -248,8 +257,10 @@ class SwitchReconciler:
             return errors, []
         refused = []
         for middlebox in middleboxes:
-            needed = self._middlebox_changes(state, state, middlebox.mac)
-            if isinstance(needed, Failure) or self._send(needed):
+            try:
+                if self._send(self._middlebox_changes(state, state, middlebox.mac)):
+                    refused.append(middlebox.mac)
+            except Abandoned:
                 refused.append(middlebox.mac)
         if refused:
             log.warning("switch %016x: the flows of %s were refused; every other middlebox is in place",
@@ -345,7 +356,8 @@ class SwitchReconciler:
         self._install(state, state, set(job.macs), set())
 
     def _install(self, before, after, macs, backends) -> Failure | None:
-        """Flows of the ``macs`` middleboxes from ``before`` to ``after`` as one bundle.
+        """Flows of the ``macs`` middleboxes from ``before`` to ``after`` as one bundle,
+        compiled one middlebox at a time while the earlier ones are already on their way.
         None when the switch confirmed; else why not."""
         if not self.connected:
             return Failure("UNAVAILABLE", f"switch {self.dpid:016x} is not connected; try again", "switch-down")
@@ -353,15 +365,9 @@ class SwitchReconciler:
             return Failure("UNAVAILABLE", f"switch {self.dpid:016x} is being reconciled; try again", "switch-down")
         try:
             self._resolve(backends)
-            changes = Changes()
-            for index, mac in enumerate(sorted(macs)):
-                needed = self._middlebox_changes(before, after, mac)
-                if isinstance(needed, Failure):
-                    return needed
-                changes = changes + needed
-                if index % YIELD_EVERY == YIELD_EVERY - 1:
-                    hub.sleep(0)
-            errors = self._send(changes)
+            errors = self._send_parts(self._middlebox_changes(before, after, mac) for mac in sorted(macs))
+        except Abandoned as abandoned:
+            return abandoned.failure
         except SwitchUnreachable as error:
             self.synced = False  # what the switch holds is unknown now: read it again
             self._retry_sync(self.link)
@@ -370,14 +376,15 @@ class SwitchReconciler:
             return Failure("REJECTED", "switch refused: " + "; ".join(errors), "switch-error")
         return None
 
-    def _middlebox_changes(self, before, after, mac: str) -> Changes | Failure:
+    def _middlebox_changes(self, before, after, mac: str) -> Changes:
+        """Raises Abandoned if a backend the flows need is not located yet (labs: ARP)."""
         wanted = after.find(self.dpid, mac)
         middlebox = wanted or before.find(self.dpid, mac)
         desired = (compile_middlebox(wanted, self._surroundings()) if wanted
                    else SwitchConfig(frozenset(), frozenset()))
         if desired.unresolved:
-            return Failure("UNAVAILABLE", f"backend {', '.join(desired.unresolved)} did not answer ARP; nothing was "
-                                          "applied, try again", "backend-unresolved")
+            raise Abandoned(Failure("UNAVAILABLE", f"backend {', '.join(desired.unresolved)} did not answer ARP; "
+                                                   "nothing was applied, try again", "backend-unresolved"))
         groups = set(owned_groups(middlebox)) if middlebox else set()
         return self._diff(desired, self.installed.flows_of(cookie_of(mac)), groups)
 
@@ -428,27 +435,41 @@ class SwitchReconciler:
         return _wire_buckets([[encode_action(datapath, a) for a in bucket] for bucket in group.buckets])
 
     def _send(self, changes: Changes) -> list[str]:
-        """The changes as one bundle in a safe order (groups before the flows that use
-        them, flows before the groups they used); the switch's errors."""
-        if changes.empty:
-            return []
-        for meter_id in sorted({a[1] for f in changes.add_flows + changes.modify_flows for a in f.actions
-                                if a[0] == "meter"}):
-            errors = self._ensure_meter(meter_id)
-            if errors:
-                return [f"meter {meter_id}: " + "; ".join(errors)]
+        return self._send_parts([changes])
+
+    def _send_parts(self, parts) -> list[str]:
+        """The parts' changes as one bundle, each part in a safe order (groups before the
+        flows that use them, flows before the groups they used; a part is one middlebox,
+        or the whole switch, and no part uses another's groups).  ``parts`` may be a
+        generator that compiles as it goes: each part is encoded and written while the
+        next is compiled.  The switch's errors; what it confirmed is recorded."""
+        sent: list[Changes] = []
         datapath = self.link.datapath
-        messages = ([(group_mod, g, "add") for g in changes.add_groups]
-                    + [(group_mod, g, "modify") for g in changes.modify_groups]
-                    + [(self._flow_mod, f, "add") for f in changes.add_flows]
-                    + [(self._flow_mod, f, "modify") for f in changes.modify_flows]
-                    + [(self._flow_mod, f, "delete") for f in changes.delete_flows]
-                    + [(group_mod, i, "delete") for i in changes.delete_groups])
-        encoded = (encode(datapath, item, command) for encode, item, command in messages)
-        errors = self.link.commit(encoded, len(messages))
+
+        def messages():
+            for part in parts:
+                if part.empty:
+                    continue
+                meters = sorted({a[1] for f in part.add_flows + part.modify_flows for a in f.actions
+                                 if a[0] == "meter"})
+                for meter_id in meters:
+                    errors = self._ensure_meter(meter_id)
+                    if errors:
+                        raise Abandoned(Failure("REJECTED", f"switch refused meter {meter_id}: " + "; ".join(errors),
+                                                "switch-error"))
+                sent.append(part)
+                yield from (group_mod(datapath, g, "add") for g in part.add_groups)
+                yield from (group_mod(datapath, g, "modify") for g in part.modify_groups)
+                yield from (self._flow_mod(datapath, f, "add") for f in part.add_flows)
+                yield from (self._flow_mod(datapath, f, "modify") for f in part.modify_flows)
+                yield from (self._flow_mod(datapath, f, "delete") for f in part.delete_flows)
+                yield from (group_mod(datapath, i, "delete") for i in part.delete_groups)
+
+        errors = self.link.commit(messages())
         self.service.metrics.openflow_errors(len(errors))
         if not errors:
-            self._record(changes)
+            for part in sent:
+                self._record(part)
         self.service.metrics.flows_installed(self.dpid, self.installed.flow_count())
         return errors
 

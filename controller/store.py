@@ -1,6 +1,9 @@
 """Desired state on disk (SQLite), so a restarted controller restores every offload, and
 the first answer to each idempotency key, so a command forwarded twice applies once.
 
+A middlebox is one row; each of its filters is a row of its own, so a job that adds one
+filter to a middlebox with 10,000 writes one row, not the middlebox's 10,000 again.
+
 Answers are kept for replay only as long as a retry can come: per channel, the newest
 ``KEEP_PER_CHANNEL`` and none older than ``KEEP_SECONDS``, so a guest cannot grow the
 database without bound.  Each answer remembers its command, so a key reused for another
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections import defaultdict
 from pathlib import Path
 
 from mbvisor.guest.commands import AddFilter, RegisterLoadBalancer
@@ -27,6 +31,8 @@ PRUNE_EVERY = 256  # answers stored for a channel between two prunings of it
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS middleboxes (
     dpid INTEGER NOT NULL, mac TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (dpid, mac));
+CREATE TABLE IF NOT EXISTS filters (
+    dpid INTEGER NOT NULL, mac TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (dpid, mac, text));
 CREATE TABLE IF NOT EXISTS ports (dpid INTEGER PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS answers (
     channel TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
@@ -42,22 +48,25 @@ def command_text(command: dict | str) -> str:
 
 
 def encode_middlebox(middlebox: Middlebox) -> str:
-    """Filters and redirects in their canonical command text: readable and versionless."""
+    """Everything but the filters (rows of their own, ``filter_text``), in canonical
+    command text: readable and versionless."""
     redirects = [format_command(RegisterLoadBalancer(middlebox.mac, middlebox.balancer_ip, 1 if r.source else 0,
                                                      r.source, r.backends)) for r in middlebox.redirects]
     return json.dumps({
         "port": middlebox.port, "zone": middlebox.zone, "firewall_ip": middlebox.firewall_ip,
-        "balancer_ip": middlebox.balancer_ip,
-        "filters": sorted(format_command(AddFilter(middlebox.mac, f)) for f in middlebox.filters),
-        "redirects": redirects,
+        "balancer_ip": middlebox.balancer_ip, "redirects": redirects,
     })
 
 
-def decode_middlebox(dpid: int, mac: str, body: str) -> Middlebox:
+def filter_text(mac: str, filter) -> str:
+    return format_command(AddFilter(mac, filter))
+
+
+def decode_middlebox(dpid: int, mac: str, body: str, filter_texts=()) -> Middlebox:
     data = json.loads(body)
     redirects = tuple(Redirect(c.source, c.backends) for c in map(parse_command, data["redirects"]))
     return Middlebox(dpid, data["port"], mac, data["zone"], data["firewall_ip"], data["balancer_ip"],
-                     frozenset(parse_command(text).filter for text in data["filters"]), redirects)
+                     frozenset(parse_command(text).filter for text in filter_texts), redirects)
 
 
 class Store:
@@ -72,11 +81,31 @@ class Store:
                 self.db.execute(f"ALTER TABLE answers ADD COLUMN {column} {declaration}")
         if "stored" not in present:  # older rows start their retention now, not in 1970
             self.db.execute("UPDATE answers SET stored = ?", (time.time(),))
+        self._move_filters_to_their_rows()
         self.stored_since_prune: dict[str, int] = {}
 
+    def _move_filters_to_their_rows(self) -> None:
+        """Databases written before filters had rows of their own kept them in the
+        middlebox's body: move them, once, in one transaction."""
+        rows = self.db.execute("SELECT dpid, mac, body FROM middleboxes WHERE body LIKE '%\"filters\"%'").fetchall()
+        if not rows:
+            return
+        with self.db:
+            self.db.execute("BEGIN")
+            for dpid, mac, body in rows:
+                data = json.loads(body)
+                self.db.executemany("INSERT OR IGNORE INTO filters VALUES (?, ?, ?)",
+                                    [(dpid, mac, text) for text in data.pop("filters", [])])
+                self.db.execute("UPDATE middleboxes SET body = ? WHERE dpid = ? AND mac = ?",
+                                (json.dumps(data), dpid, mac))
+
     def load(self, limits: Limits) -> State:
+        filters = defaultdict(list)
+        for dpid, mac, text in self.db.execute("SELECT dpid, mac, text FROM filters"):
+            filters[(dpid, mac)].append(text)
         rows = self.db.execute("SELECT dpid, mac, body FROM middleboxes ORDER BY dpid, mac").fetchall()
-        return State.of((decode_middlebox(*row) for row in rows), limits)
+        return State.of((decode_middlebox(dpid, mac, body, filters.get((dpid, mac), ()))
+                         for dpid, mac, body in rows), limits)
 
     def save_inventory(self, dpid: int, entries: list[PortIdentity]) -> None:
         """A switch's annotated ports as published (refusals are recomputed on load)."""
@@ -91,24 +120,37 @@ class Store:
                 for dpid, body in self.db.execute("SELECT dpid, body FROM ports ORDER BY dpid")}
 
     def save(self, before: State, after: State, answers: list[tuple[tuple[str, int, int], Answer, str]]) -> None:
-        """Write the middleboxes that changed and the (key, answer, command text) rows, in
-        one transaction; prune channels that stored many answers since their last pruning."""
+        """Write the middleboxes that changed (their filters: only those added or removed)
+        and the (key, answer, command text) rows, in one transaction; prune channels that
+        stored many answers since their last pruning."""
         changed = before.changed_keys(after)
         if not changed and not answers:
             return
         now = time.time()
         with self.db:
             self.db.execute("BEGIN")
-            self.db.executemany("DELETE FROM middleboxes WHERE dpid = ? AND mac = ?", sorted(changed))
-            self.db.executemany("INSERT INTO middleboxes VALUES (?, ?, ?)",
-                                [(*key, encode_middlebox(after.by_key[key])) for key in sorted(changed)
-                                 if key in after.by_key])
+            for key in sorted(changed):
+                self._save_middlebox(key, before.by_key.get(key), after.by_key.get(key))
             self.db.executemany(
                 "INSERT OR IGNORE INTO answers (channel, epoch, seq, status, text, code, command, stored) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(*key, answer.status, answer.text, answer.code, command, now) for key, answer, command in answers])
             for channel in {key[0] for key, _, _ in answers}:
                 self._count_and_prune(channel, sum(1 for key, _, _ in answers if key[0] == channel), now)
+
+    def _save_middlebox(self, key: tuple[int, str], old: Middlebox | None, new: Middlebox | None) -> None:
+        if new is None:
+            self.db.execute("DELETE FROM middleboxes WHERE dpid = ? AND mac = ?", key)
+            self.db.execute("DELETE FROM filters WHERE dpid = ? AND mac = ?", key)
+            return
+        self.db.execute("INSERT OR REPLACE INTO middleboxes VALUES (?, ?, ?)", (*key, encode_middlebox(new)))
+        had = old.filters if old is not None else frozenset()
+        if new.filters is had:
+            return
+        self.db.executemany("DELETE FROM filters WHERE dpid = ? AND mac = ? AND text = ?",
+                            [(*key, filter_text(new.mac, f)) for f in had - new.filters])
+        self.db.executemany("INSERT OR IGNORE INTO filters VALUES (?, ?, ?)",
+                            [(*key, filter_text(new.mac, f)) for f in new.filters - had])
 
     def _count_and_prune(self, channel: str, stored: int, now: float) -> None:
         count = self.stored_since_prune.get(channel, 0) + stored

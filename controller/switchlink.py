@@ -120,16 +120,17 @@ class SwitchLink:
         self._wait(waiter, BASE_TIMEOUT, type(message).__name__)
         return waiter.errors
 
-    def commit(self, messages: Iterable, count: int) -> list[str]:
-        """Send ``messages`` (``count`` of them: pre-packed bytes or os-ken messages) as one
-        atomic, ordered bundle, then a barrier.  Returns the switch's errors: empty means
-        every message is in effect, otherwise the switch refused the bundle and holds
-        exactly what it held before.
+    def commit(self, messages: Iterable) -> list[str]:
+        """Send ``messages`` (pre-packed bytes or os-ken messages) as one atomic, ordered
+        bundle, then a barrier.  Returns the switch's errors: empty means every message
+        is in effect, otherwise the switch refused the bundle and holds exactly what it
+        held before.  An empty bundle is not sent.
 
         ``messages`` may be a generator that compiles as it goes: they are written in
         chunks of ``CHUNK_BYTES`` as they come, so the switch parses the first ones while
         the rest are still being prepared, and each chunk is one write, not one per
-        message.  Every message of the bundle carries the bundle's xid (the bundle
+        message.  If the generator raises, the bundle is discarded and the error goes to
+        the caller.  Every message of the bundle carries the bundle's xid (the bundle
         extension wants the inner xid equal to the frame's), which the switch quotes if
         it refuses one."""
         datapath = self.datapath
@@ -137,15 +138,26 @@ class SwitchLink:
         flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED
         bundle = next(self.bundle_ids) & 0xFFFFFFFF
         waiter = Waiter(hub.Event())
-        opening = parser.ONFBundleCtrlMsg(datapath, bundle, ofp.ONF_BCT_OPEN_REQUEST, flags, [])
-        self._send(opening, waiter)
+        opening = None
         chunk = bytearray()
-        for message in messages:
-            chunk += wire.bundle_add(bundle, flags, opening.xid, wire.with_xid(message, opening.xid))
-            if len(chunk) >= CHUNK_BYTES:
-                self._write(bytes(chunk))
-                chunk.clear()
-                hub.sleep(0)  # the send loop writes it; echo replies, other switches and REST run
+        count = 0
+        try:
+            for message in messages:
+                if opening is None:
+                    opening = parser.ONFBundleCtrlMsg(datapath, bundle, ofp.ONF_BCT_OPEN_REQUEST, flags, [])
+                    self._send(opening, waiter)
+                chunk += wire.bundle_add(bundle, flags, opening.xid, wire.with_xid(message, opening.xid))
+                count += 1
+                if len(chunk) >= CHUNK_BYTES:
+                    self._write(bytes(chunk))
+                    chunk.clear()
+                    hub.sleep(0)  # the send loop writes it; echo replies, other switches and REST run
+        except Exception:
+            if opening is not None and not self.closed:
+                self._discard(bundle, flags, waiter)
+            raise
+        if opening is None:
+            return []
         if chunk:
             self._write(bytes(chunk))
         self._send(parser.ONFBundleCtrlMsg(datapath, bundle, ofp.ONF_BCT_COMMIT_REQUEST, flags, []), waiter)
@@ -154,6 +166,17 @@ class SwitchLink:
         waiter.barrier = barrier.xid
         self._wait(waiter, BASE_TIMEOUT + count * PER_MESSAGE_TIMEOUT, f"a bundle of {count} message(s)")
         return waiter.errors
+
+    def _discard(self, bundle: int, flags: int, waiter: Waiter) -> None:
+        """An abandoned bundle goes at once, not at the switch's idle timeout; its
+        conversation ends here (nobody waits for the reply)."""
+        parser, ofp = self.datapath.ofproto_parser, self.datapath.ofproto
+        try:
+            self._send(parser.ONFBundleCtrlMsg(self.datapath, bundle, ofp.ONF_BCT_DISCARD_REQUEST, flags, []))
+        except SwitchUnreachable:
+            pass
+        for xid in [xid for xid, owner in self.waiters.items() if owner is waiter]:
+            del self.waiters[xid]
 
     def _write(self, data: bytes) -> None:
         if self.closed:

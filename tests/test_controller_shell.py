@@ -534,3 +534,23 @@ def test_errors_nobody_waits_for_are_logged_at_a_bounded_rate(host, caplog):
         fake.settle()
     lines = [r for r in caplog.records if "nobody waiting" in r.getMessage()]
     assert len(lines) == 1
+
+
+def test_a_bundle_abandoned_halfway_is_discarded_and_changes_nothing(host, monkeypatch):
+    """Middleboxes are compiled and written one after the other; when a later one cannot
+    be installed (a backend nobody answers ARP for), what was already written of the
+    bundle is discarded at once: the switch holds exactly what it held."""
+    monkeypatch.setattr(switchlink, "CHUNK_BYTES", 1)  # every message is written as soon as it is made
+    fake = host.switch()
+    before = sorted(f.identity for f in fake.flows())
+    answers = host.run(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16",
+                       f"R F {MAC2} 10.0.0.6", f"R L {MAC2} 10.0.0.6 0 * 10.0.0.77")
+    assert [a.code for a in answers] == ["backend-unresolved"] * 4
+    opened = [m for m in sent(fake, "ONFBundleAddMsg")]
+    assert any(MAC in str(m.message) for m in opened), "the first middlebox's flows were on their way"
+    assert any(m.type == fake.datapath.ofproto.ONF_BCT_DISCARD_REQUEST for m in sent(fake, "ONFBundleCtrlMsg"))
+    fake.settle()
+    assert sorted(f.identity for f in fake.flows()) == before
+    assert host.service.state.find(DPID, MAC) is None
+    host.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")  # the reconciler goes on
+    assert len(filter_flows(fake)) == 4

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mbvisor.controller.model import ApplyError, Binding, Limits, Middlebox, Redirect, State, apply
 from mbvisor.controller import store as store_module
 from mbvisor.controller.requests import Answer
-from mbvisor.controller.store import Store, decode_middlebox, encode_middlebox
+from mbvisor.controller.store import Store, decode_middlebox, encode_middlebox, filter_text
 from mbvisor.guest.grammar import parse_command
 
 FAST = settings(max_examples=40, deadline=None)
@@ -51,8 +51,12 @@ EVERYTHING = (
     build(*EVERYTHING).find(1, MAC),
 ], ids=["bare", "firewall-v6", "balancer-v6", "everything"])
 def test_encode_decode_round_trip(middlebox):
-    body = encode_middlebox(middlebox)
-    assert decode_middlebox(middlebox.dpid, middlebox.mac, body) == middlebox
+    assert round_trip(middlebox) == middlebox
+
+
+def round_trip(middlebox: Middlebox) -> Middlebox:
+    return decode_middlebox(middlebox.dpid, middlebox.mac, encode_middlebox(middlebox),
+                            [filter_text(middlebox.mac, f) for f in middlebox.filters])
 
 
 def test_encoding_is_canonical_readable_json():
@@ -60,8 +64,8 @@ def test_encoding_is_canonical_readable_json():
     data = json.loads(encode_middlebox(middlebox))
     assert data["port"] == 5 and data["zone"] == 1
     assert data["firewall_ip"] == "10.0.0.100" and data["balancer_ip"] == "10.0.0.101"
-    assert data["filters"] == sorted(data["filters"])
-    assert f"A {MAC} T 13 s 1000-1999 d 80 p 17" in data["filters"]
+    assert "filters" not in data  # rows of their own
+    assert f"A {MAC} T 13 s 1000-1999 d 80 p 17" in {filter_text(MAC, f) for f in middlebox.filters}
     assert f"R L {MAC} 10.0.0.101 0 * 10.0.0.5,10.0.0.6" in data["redirects"]
     assert f"R L {MAC} 10.0.0.101 1 10.9.0.0/16 10.0.0.7" in data["redirects"]
     # The same middlebox reached by another order of commands encodes identically.
@@ -102,8 +106,11 @@ def test_any_reachable_state_survives_a_store_round_trip(steps):
         store.save(state, after, [])
         state = after
         for middlebox in state.middleboxes:
-            assert decode_middlebox(middlebox.dpid, middlebox.mac, encode_middlebox(middlebox)) == middlebox
-    assert store.load(LIMITS) == state
+            assert round_trip(middlebox) == middlebox
+        assert store.load(LIMITS) == state
+        rows = store.db.execute("SELECT dpid, mac, text FROM filters").fetchall()
+        assert sorted(rows) == sorted((mb.dpid, mb.mac, filter_text(mb.mac, f)) for mb in state.middleboxes
+                                      for f in mb.filters)  # nothing left behind by a delete or a cancel
 
 
 # --- Store on disk ------------------------------------------------------------------------
@@ -239,3 +246,34 @@ def test_a_database_of_the_first_release_gains_the_new_columns(tmp_path):
     old.commit()
     old.close()
     assert Store(path).answer(("vm", 1, 2)) == (None, Answer("OK", "done"))
+
+
+def test_a_job_writes_only_the_filters_it_added_or_removed(tmp_path):
+    store = Store(tmp_path / "controller.sqlite")
+    state = build(f"R F {MAC} 10.0.0.1", *(f"A {MAC} I 4 s 10.{n}.0.0/16" for n in range(40)))
+    store.save(State(limits=LIMITS), state, [])
+    written = []
+    store.db.set_trace_callback(written.append)
+    after = build(f"A {MAC} I 4 s 10.99.0.0/16", f"D {MAC} I 4 s 10.7.0.0/16", state=state)
+    store.save(state, after, [])
+    filter_rows = [w for w in written if "filters" in w and ("INSERT" in w or "DELETE" in w)]
+    assert len(filter_rows) == 2 and "10.99.0.0/16" in " ".join(filter_rows) and "10.7.0.0/16" in " ".join(filter_rows)
+    assert Store(tmp_path / "controller.sqlite").load(LIMITS) == after
+
+
+def test_a_database_that_kept_filters_in_the_middlebox_row_is_moved_once(tmp_path):
+    """Databases from before filters had rows of their own load the same state."""
+    path = tmp_path / "controller.sqlite"
+    middlebox = build(*EVERYTHING).find(1, MAC)
+    legacy = json.loads(encode_middlebox(middlebox))
+    legacy["filters"] = sorted(filter_text(MAC, f) for f in middlebox.filters)
+    db = sqlite3.connect(path)
+    db.executescript(store_module.SCHEMA)
+    db.execute("INSERT INTO middleboxes VALUES (?, ?, ?)", (1, MAC, json.dumps(legacy)))
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.load(LIMITS).find(1, MAC) == middlebox
+    body = store.db.execute("SELECT body FROM middleboxes").fetchone()[0]
+    assert "filters" not in json.loads(body)
+    assert Store(path).load(LIMITS).find(1, MAC) == middlebox  # moved once, not twice
