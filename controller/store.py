@@ -74,6 +74,12 @@ class Store:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
+        # Each committed transaction is in the WAL before the answer goes out, so a
+        # controller killed at any point (kill -9) restarts with every answered change;
+        # not syncing the WAL to the disk at every commit (a host that loses power may
+        # lose its last ones, with its switch's flows and its VMs) keeps a slow disk's
+        # 5-40 ms out of every command.
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         present = {row[1] for row in self.db.execute("PRAGMA table_info(answers)")}
         for column, declaration in ANSWER_COLUMNS.items():
