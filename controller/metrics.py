@@ -39,8 +39,8 @@ class Metrics:
         self.inventory.labels(f"{dpid:016x}", "accepted").set(accepted)
         self.inventory.labels(f"{dpid:016x}", "refused").set(refused)
 
-    def command(self, status: str) -> None:
-        self.commands.labels(status).inc()
+    def command(self, status: str, count: int = 1) -> None:
+        self.commands.labels(status).inc(count)
 
     def switch_connected(self, dpid: int, connected: bool) -> None:
         self.switches.labels(f"{dpid:016x}").set(1 if connected else 0)

@@ -375,22 +375,26 @@ class Controller:
         return list(plan.answers)
 
     def _log(self, dpid: int, plan: Plan) -> None:
-        """One line per command, except in bulk: a batch gets one summary line at INFO."""
-        detail = log.info if len(plan.requests) == 1 else log.debug
-        for request, answer in zip(plan.requests, plan.answers):
-            self.metrics.command(answer.status)
-            detail("command %s on %016x port %s key %s: %s %s", clip(command_text(request.command), 120), dpid,
-                   request.port, request.key, answer.status, clip(answer.text.splitlines()[0] if answer.text else ""))
-        if len(plan.requests) > 1:
-            counts = Counter(answer.status for answer in plan.answers)
+        """One line per command, except in bulk: a batch gets one summary line at INFO
+        (its commands' lines only at DEBUG, and only made when DEBUG is on)."""
+        counts = Counter(answer.status for answer in plan.answers)
+        for status, count in counts.items():
+            self.metrics.command(status, count)
+        single = len(plan.requests) == 1
+        if single or log.isEnabledFor(logging.DEBUG):
+            detail = log.info if single else log.debug
+            for request, answer in zip(plan.requests, plan.answers):
+                detail("command %s on %016x port %s key %s: %s %s", clip(command_text(request.command), 120), dpid,
+                       request.port, request.key, answer.status,
+                       clip(answer.text.splitlines()[0] if answer.text else ""))
+        if not single:
             log.info("batch of %d commands on %016x: %s", len(plan.requests), dpid,
                      ", ".join(f"{status} {count}" for status, count in sorted(counts.items())))
 
     def internal_error(self, requests: list[CommandRequest], error: Exception) -> list[Answer]:
         answer = Answer("INTERNAL", f"internal error in the controller ({type(error).__name__}); nothing was "
                                     "applied; see the controller log", "internal")
-        for _ in requests:
-            self.metrics.command(answer.status)
+        self.metrics.command(answer.status, len(requests))
         return [answer] * len(requests)
 
     def delete_middlebox(self, dpid: int, mac: str) -> Answer:
