@@ -57,6 +57,7 @@ RESYNC_FLOOR, RESYNC_CEILING = 0.5, 30.0  # back-off between failed reconciliati
 YIELD_EVERY = 64  # middleboxes compiled between two yields to the event loop
 YIELD_FLOWS = 1024  # flows read or recorded between two yields
 BACKEND_PPS = 20    # a backend's answers per second: health checks ask once a second
+FULL_AUDIT_COST = 100  # a full audit (listing every flow) at most once per this many times its own duration
 
 
 def _identity(flow: Flow) -> tuple:
@@ -136,6 +137,7 @@ class SwitchReconciler:
         self.jobs: collections.deque[Job] = collections.deque()
         self.wake = hub.Event()
         self.resync_pause = RESYNC_FLOOR
+        self.next_full_audit = 0.0  # monotonic time before which audits only count the switch's flows
         self.stopped = False
         self.thread = hub.spawn(self._run)
 
@@ -219,7 +221,9 @@ class SwitchReconciler:
         try:
             if not audit:
                 self._set_up_meter()
+            started = time.monotonic()
             self._read_switch()
+            self.next_full_audit = time.monotonic() + FULL_AUDIT_COST * (time.monotonic() - started)
             self._resolve_backends(self.service.state.on(self.dpid))
             state = self.service.state
             desired = compile_switch(state, self.dpid, self._surroundings())
@@ -310,8 +314,27 @@ class SwitchReconciler:
         return errors
 
     def _audit(self, job: Job) -> None:
-        if self.connected and self.synced:
-            self._sync(job, audit=True)
+        """Listing 200,000 flows costs the controller seconds, so an audit first asks the
+        switch how many of our flows it holds (and reads its few groups): when both are
+        what we installed, nothing was removed or added behind our back.  Flows another
+        application changed in place are found by a full audit, which runs when the counts
+        differ, or once FULL_AUDIT_COST times the last listing's duration has passed."""
+        if not (self.connected and self.synced):
+            return
+        if time.monotonic() < self.next_full_audit:
+            try:
+                if self._counts_agree():
+                    return
+            except SwitchUnreachable as error:
+                self._sync_failed(str(error))
+                return
+        self._sync(job, audit=True)
+
+    def _counts_agree(self) -> bool:
+        if self.link.flow_count(COOKIE_TAG, COOKIE_TAG_MASK) != self.installed.flow_count():
+            return False
+        descriptions = self.link.request(self.link.datapath.ofproto_parser.OFPGroupDescStatsRequest(self.link.datapath, 0))
+        return {d.group_id: _wire_buckets([b.actions for b in d.buckets]) for d in descriptions} == self.installed.groups
 
     def _sync_failed(self, reason: str) -> None:
         """Not synced until a later attempt succeeds; commands meanwhile answer UNAVAILABLE."""

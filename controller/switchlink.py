@@ -109,6 +109,15 @@ class SwitchLink:
         return self.request(parser.OFPFlowStatsRequest(datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
                                                        cookie, mask, parser.OFPMatch()), expected)
 
+    def flow_count(self, cookie: int, mask: int) -> int:
+        """How many flows of every table have a cookie matching ``cookie`` under ``mask``:
+        counted by the switch, without listing them."""
+        datapath = self.datapath
+        parser, ofp = datapath.ofproto_parser, datapath.ofproto
+        (reply,) = self.request(parser.OFPAggregateStatsRequest(datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                                                                cookie, mask, parser.OFPMatch()))
+        return reply.flow_count
+
     def confirm(self, message) -> list[str]:
         """One message outside a bundle (a meter mod: bundles take flows and groups),
         then a barrier; the switch's errors, empty when it is in effect."""

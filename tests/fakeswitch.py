@@ -130,6 +130,13 @@ def _parse_multipart_request(datapath, version, msg_type, msg_len, xid, buf):
         match = parser.OFPMatch.parser(
             buf, ofp.OFP_MULTIPART_REQUEST_SIZE + ofp.OFP_FLOW_STATS_REQUEST_SIZE - ofp.OFP_MATCH_SIZE)
         msg = parser.OFPFlowStatsRequest(datapath, flags, table_id, out_port, out_group, cookie, cookie_mask, match)
+    elif kind == ofp.OFPMP_AGGREGATE:
+        table_id, out_port, out_group, cookie, cookie_mask = struct.unpack_from(
+            ofp.OFP_AGGREGATE_STATS_REQUEST_0_PACK_STR, buf, ofp.OFP_MULTIPART_REQUEST_SIZE)
+        match = parser.OFPMatch.parser(
+            buf, ofp.OFP_MULTIPART_REQUEST_SIZE + ofp.OFP_AGGREGATE_STATS_REQUEST_SIZE - ofp.OFP_MATCH_SIZE)
+        msg = parser.OFPAggregateStatsRequest(datapath, flags, table_id, out_port, out_group, cookie, cookie_mask,
+                                              match)
     elif kind == ofp.OFPMP_GROUP_DESC:
         msg = parser.OFPGroupDescStatsRequest(datapath, flags)
     elif kind == ofp.OFPMP_PORT_DESC:
@@ -863,6 +870,8 @@ class FakeSwitch:
             self._answer(datapath, _message(ofp.OFPT_ECHO_REPLY, msg.xid, bytes(msg.data or b"")))
         elif isinstance(msg, parser.OFPFlowStatsRequest):
             self._flow_stats(datapath, msg)
+        elif isinstance(msg, parser.OFPAggregateStatsRequest):
+            self._aggregate(datapath, msg)
         elif isinstance(msg, parser.OFPGroupDescStatsRequest):
             self._group_desc(datapath, msg)
         elif isinstance(msg, parser.OFPPortDescStatsRequest):
@@ -888,6 +897,14 @@ class FakeSwitch:
         now = time.monotonic()
         entries = [self._flow_stats_entry(e, now) for e in sorted(chosen, key=_dump_order)]
         for data in _multipart_replies(ofp.OFPMP_FLOW, request.xid, entries, self.reply_limit):
+            self._answer(datapath, data)
+
+    def _aggregate(self, datapath: FakeDatapath, request) -> None:
+        chosen = list(self.tables.select(request.table_id, canonical(request.match), request.cookie,
+                                         request.cookie_mask, None, request.out_port, request.out_group))
+        body = struct.pack(ofp.OFP_AGGREGATE_STATS_REPLY_PACK_STR, sum(e.packet_count for e in chosen),
+                           sum(e.byte_count for e in chosen), len(chosen))
+        for data in _multipart_replies(ofp.OFPMP_AGGREGATE, request.xid, [body], self.reply_limit):
             self._answer(datapath, data)
 
     @staticmethod
