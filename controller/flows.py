@@ -174,18 +174,19 @@ def filter_cost(filter: Filter, addresses: frozenset[str]) -> int:
     whose filters may share conjunctive clauses): what the per-middlebox limit counts.
     The count does not depend on the value of a MAC or IP source, only on its family, so
     10,000 filters of one shape are compiled once."""
-    return _cost(_shape(filter), addresses)
-
-
-def _shape(filter: Filter) -> Filter:
     if filter.source is None or filter.layer is Layer.TRANSPORT:
-        return filter
-    if filter.layer is Layer.MAC:
-        return replace(filter, source="00:00:00:00:00:00")
-    return replace(filter, source="::/0" if ":" in filter.source else "0.0.0.0/0")
+        return _cost(filter, addresses)
+    family = "mac" if filter.layer is Layer.MAC else "ipv6" if ":" in filter.source else "ipv4"
+    return _cost_of_shape(filter.layer, family, filter.destination, filter.tos, filter.protocol, addresses)
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=4096)
+def _cost_of_shape(layer: Layer, family: str, destination, tos, protocol, addresses: frozenset[str]) -> int:
+    source = {"mac": "00:00:00:00:00:00", "ipv6": "::/0", "ipv4": "0.0.0.0/0"}[family]
+    return _cost(Filter(layer, source, destination, tos, protocol), addresses)
+
+
+@functools.lru_cache(maxsize=4096)
 def _cost(filter: Filter, addresses: frozenset[str]) -> int:
     return len(compile_filters(Middlebox(0, 0, "02:00:00:00:00:00", 1, filters=frozenset({filter})), addresses))
 

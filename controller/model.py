@@ -354,7 +354,14 @@ def _add_filter(state, binding, current, command: AddFilter) -> Outcome:
     if len(middlebox.filters) >= state.limits.filters:
         raise ApplyError("limit", f"{command.mac} has {len(middlebox.filters)} filters, "
                                   f"the limit is {state.limits.filters}")
-    return _becomes(replace(middlebox, filters=middlebox.filters | {command.filter}), f"added: {format_command(command)}")
+    return _becomes(_with_filters(middlebox, middlebox.filters | {command.filter}), f"added: {format_command(command)}")
+
+
+def _with_filters(middlebox: Middlebox, filters: frozenset[Filter]) -> Middlebox:
+    """``replace(middlebox, filters=filters)``, built directly: a bulk of 100,000 filters
+    makes as many middleboxes, and ``replace`` costs five times more."""
+    return Middlebox(middlebox.dpid, middlebox.port, middlebox.mac, middlebox.zone, middlebox.firewall_ip,
+                     middlebox.balancer_ip, filters, middlebox.redirects)
 
 
 def _check_destination_mac(middlebox: Middlebox, filter: Filter) -> None:

@@ -142,16 +142,20 @@ class Decided:
     independent: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass
 class PlanContext:
     """What every command of one job on one switch is decided against, found once per job:
-    the switch's surroundings and the binding (mode and annotations) of its ports."""
+    the switch's surroundings and the binding (mode and annotations) of each port."""
 
     surroundings: Surroundings
     binding: Binding
+    ports: dict[int, Binding] = field(default_factory=dict)
 
     def at(self, port: int) -> Binding:
-        return replace(self.binding, port=port)
+        binding = self.ports.get(port)
+        if binding is None:
+            binding = self.ports[port] = replace(self.binding, port=port)
+        return binding
 
 
 def parse(command: dict | str):
