@@ -79,8 +79,10 @@ def _wire_buckets(buckets) -> bytes:
 @dataclass
 class Installed:
     """What the switch holds as far as we know: flows by cookie and identity (one
-    middlebox's flows are found without scanning the switch), actions as wire bytes,
-    groups as the wire bytes of their buckets.  Re-read at every reconnection and audit."""
+    middlebox's flows are found without scanning the switch), with their actions as wire
+    bytes when read from the switch and as compiled when recorded after an install;
+    groups as the wire bytes of their buckets.  Re-read at every reconnection and at
+    audits that find a difference."""
 
     flows: dict = field(default_factory=dict)  # cookie -> identity -> Flow
     groups: dict = field(default_factory=dict)
@@ -431,13 +433,20 @@ class SwitchReconciler:
 
     def _diff(self, desired: SwitchConfig, installed, managed_groups: set[int]) -> Changes:
         def same_flow(want: Flow, have: Flow) -> bool:
-            return want.cookie == have.cookie and self._wire(want.actions) == have.actions[0][1]
+            return want.cookie == have.cookie and self._wire(want.actions) == self._installed_wire(have)
 
         def same_group(want: Group, have: Group) -> bool:
             return self._group_wire(want) == self.installed.groups.get(have.group_id)
 
         present_groups = [Group(i, ()) for i in self.installed.groups if i in managed_groups]
         return reconcile(desired, installed, present_groups, managed_groups, same_flow, same_group)
+
+    def _installed_wire(self, flow: Flow) -> bytes:
+        """An installed flow's actions as wire bytes: read from the switch they are
+        already; recorded after an install they are the flow as compiled."""
+        if flow.actions and flow.actions[0][0] == "wire":
+            return flow.actions[0][1]
+        return self._wire(flow.actions)
 
     def _wire(self, actions: tuple) -> bytes:
         """Actions as the switch reports them (its wire bytes).  Few distinct action lists
@@ -497,9 +506,9 @@ class SwitchReconciler:
         return errors
 
     def _record(self, changes: Changes) -> None:
+        """The confirmed flows, kept as compiled (their wire bytes are cached by action list)."""
         for index, flow in enumerate(changes.add_flows + changes.modify_flows):
-            self.installed.holds(Flow(flow.table, flow.priority, flow.match, (("wire", self._wire(flow.actions)),),
-                                      flow.cookie))
+            self.installed.holds(flow)
             if index % YIELD_FLOWS == YIELD_FLOWS - 1:
                 hub.sleep(0)  # 100k flows recorded must not starve the switch's echo replies
         for flow in changes.delete_flows:

@@ -15,6 +15,7 @@ more than the flows themselves.  tests/test_wire.py checks byte equality with os
 
 from __future__ import annotations
 
+import socket
 import struct
 from functools import lru_cache
 
@@ -25,14 +26,58 @@ from .pipeline import Flow
 _HEADER_AND_FIELDS = struct.Struct("!BBHI QQ BBHHHIII H2x")  # ofp_header + ofp_flow_mod up to the match
 _BUNDLE_ADD = struct.Struct("!BBHI II I2xH")  # ofp_header + ONF experimenter header + bundle id and flags
 _XID = struct.Struct("!I")
+_TLV_HEADER = struct.Struct("!I")
 _COMMANDS = {"add": ofp.OFPFC_ADD, "modify": ofp.OFPFC_MODIFY_STRICT, "delete": ofp.OFPFC_DELETE_STRICT}
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 ONF_EXPERIMENTER_ID = 0x4F4E4600  # the bundle extension's experimenter (OpenFlow 1.3 Extension Pack 1)
 
 
-@lru_cache(maxsize=1 << 18)
-def _field(parser, name: str, value) -> tuple[int, bytes]:
+def _mac_bytes(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def _ipv6_bytes(text: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, text)
+
+
+# Fields whose values are mostly distinct in a bulk (a source address per filter): packed
+# here, without os-ken, as OpenFlow basic OXM TLVs (class 0x8000, field number, has-mask
+# bit, length; the value, then the mask).  Every other field is encoded by os-ken, once
+# per distinct value.
+_BASIC_FIELDS = {"eth_dst": (3, _mac_bytes), "eth_src": (4, _mac_bytes), "ipv4_src": (11, socket.inet_aton),
+                 "ipv4_dst": (12, socket.inet_aton), "ipv6_src": (26, _ipv6_bytes), "ipv6_dst": (27, _ipv6_bytes)}
+OFPXMC_OPENFLOW_BASIC = 0x8000
+
+
+def _field(parser, name: str, value) -> tuple[tuple, bytes]:
     """One match field: (os-ken's order key, its OXM TLV as os-ken writes it)."""
+    basic = _BASIC_FIELDS.get(name)
+    if basic is None:
+        return _encoded_field(parser, name, value)
+    number, pack = basic
+    masked = isinstance(value, tuple)
+    if masked:  # os-ken writes the value with the mask applied
+        mask = pack(value[1])
+        data = bytes(v & m for v, m in zip(pack(value[0]), mask)) + mask
+    else:
+        data = pack(value)
+    header = OFPXMC_OPENFLOW_BASIC << 16 | number << 9 | masked << 8 | len(data)
+    return _order(parser, name, value), _TLV_HEADER.pack(header) + data
+
+
+_ORDERS: dict = {}
+
+
+def _order(parser, name: str, value) -> tuple:
+    """A basic field's place in os-ken's order, which does not depend on its value."""
+    order = _ORDERS.get((parser, name))
+    if order is None:
+        order = _ORDERS[(parser, name)] = (AFTER_PREREQUISITES.get(name, 0), _order_key(parser, name, value))
+    return order
+
+
+@lru_cache(maxsize=1 << 14)
+def _encoded_field(parser, name: str, value) -> tuple[tuple, bytes]:
     match = parser.OFPMatch(**{name: value})
     buf = bytearray()
     length = match.serialize(buf, 0)
