@@ -28,7 +28,7 @@ from .compat import hub
 from .flows import cookie_of
 from .requests import (BadRequest, SwitchUnavailable, clip, dpid_from, inventory_from_body, is_batch, mac_from,
                        port_identity_body, requests_from_body)
-from .store import encode_middlebox
+from .store import encode_middlebox, filter_text
 
 log = logging.getLogger("mbvisor.rest")
 
@@ -90,6 +90,7 @@ def _answer_body(answer) -> dict:
 def _describe(middlebox) -> dict:
     body = json.loads(encode_middlebox(middlebox))
     return {"dpid": f"{middlebox.dpid:016x}", "mac": middlebox.mac, **body,
+            "filters": sorted(filter_text(middlebox.mac, f) for f in middlebox.filters),
             "cookie": f"{cookie_of(middlebox.mac):#018x}"}
 
 

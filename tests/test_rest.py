@@ -342,6 +342,18 @@ def test_a_middlebox_counts_handled_packets_from_the_service(api, service):
     assert service.calls == [("handled_packets", DPID, MAC)]  # no summing of flow statistics
 
 
+def test_a_middlebox_is_described_with_its_filters_and_redirects_as_canonical_text(api, service):
+    """The store keeps filters in rows of their own; the view still lists them all,
+    sorted, with every field docs/openapi.yaml requires."""
+    for text in (f"A {MAC} I 4 s 10.66.0.0/16", f"A {MAC} T 12 s 1000-1999 d 80"):
+        service.state = apply(service.state, Binding(DPID, 3), parse_command(text)).state
+    body = call(api, "GET", f"/v1/middleboxes/a1/{MAC}").json
+    assert body["filters"] == [f"A {MAC} I 4 s 10.66.0.0/16", f"A {MAC} T 12 s 1000-1999 d 80"]
+    listed = call(api, "GET", "/v1/middleboxes").json["middleboxes"][0]
+    assert {"dpid", "mac", "port", "zone", "firewall_ip", "balancer_ip", "filters", "redirects", "cookie"} <= set(listed)
+    assert listed["filters"] == body["filters"]
+
+
 def test_flows_are_the_switch_view_and_503_when_it_is_disconnected(api, service):
     flows = call(api, "GET", f"/v1/middleboxes/a1/{MAC}/flows").json["flows"]
     assert flows[0]["actions"] == ["drop"] and service.calls == [("flow_statistics", DPID, cookie_of(MAC))]
