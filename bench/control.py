@@ -14,19 +14,27 @@ baseline measured in the same round:
 * commands/s sustained: 32 channels at once, one writer process per channel pipelining;
   baseline: the same commands posted directly from 32 REST clients.
 * bulk install of 1k / 10k / 100k IP filters over 1,000 middleboxes through the batch
-  endpoint, each size on a fresh bridge with a fresh controller every round; baseline:
-  ``ovs-ofctl --bundle add-flows`` of exactly the flows the controller installed
-  (``bench/controller.py``'s install).  Then the controller's resident memory, and
-  ovs-vswitchd's beside its own on the same empty bridge before the install (resident
-  memory does not shrink when flows are deleted, so once a larger table has been in the
-  switch, smaller sizes show no growth: the first round's largest size shows it).
+  endpoint, each size on a fresh bridge of a fresh switch with a fresh controller every
+  round; baseline: ``ovs-ofctl --bundle add-flows`` of exactly the flows the controller
+  installed, into the emptied bridge (``bench/controller.py``'s install).  The two tables
+  (sorted ``dump-flows --no-stats``) must be identical, or the run fails: "flows
+  identical" says they were.  ovs-vswitchd's CPU (utime+stime) for the install beside its
+  CPU for the bundle; the controller's CPU per filter; the controller's resident memory,
+  and ovs-vswitchd's beside its own on the same empty bridge before the install.
+* while the largest size installs once more (on a fresh switch and controller, so that
+  this load does not count in the figures above), p99 of ``GET /v1/health`` asked back to
+  back by another client, and p99 of single commands (alternating add and delete of one
+  IP filter, each waited for) to a second bridge of the same controller; both only while
+  the install runs, and the run fails with fewer than 10 samples of either.
 
-    python bench/control.py            # about 2.5 minutes on 2 cores (mbvisor bench control)
-    python bench/control.py --quick    # sizes 1k and 10k, fewer commands, 2 rounds: about 25 s
+    python bench/control.py            # about 3 minutes on 2 cores (mbvisor bench control)
+    python bench/control.py --quick    # sizes 1k and 10k, fewer commands, 2 rounds: about a minute
     python bench/control.py --rounds 5 --json out.json
 
-Targets: p99 <= 15 ms end to end; 100k filters within 3x of the bundle; the controller
-<= 300 MB at 100k filters.  Needs root and a running Open vSwitch (``make setup``).
+Targets: p99 <= 15 ms end to end; at 100k filters: the install within 1.5x of the bundle,
+ovs-vswitchd's CPU for it within 1.2x of its CPU for the bundle, the controller <= 150 MB,
+and during the install health p99 <= 100 ms and the other switch's command p99 <= 50 ms.
+Needs root and a running Open vSwitch (``make setup``).
 Everything it creates (bridges, ports, regions, processes, a state directory) is removed
 on exit, including on Ctrl-C.  Like bench/agent.py, it waits until no other mbvisor agent
 or annotated interface is on the machine (an agent serves every annotated interface).
@@ -35,9 +43,12 @@ or annotated interface is on the machine (an agent serves every annotated interf
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import itertools
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,13 +57,18 @@ from mbvisor.bench.agent import (PARALLEL_CHANNELS, TARGET_P99_MS, WARMUP, WINDO
                                  annotate, check_agent, guarded, make_vms, measure_latency, measure_throughput,
                                  percentile, register, start_agent, unannotate, wait_alone)
 from mbvisor.bench.benchlib import BenchError, Row, compare, finish, start
-from mbvisor.bench.controller import ENVIRONMENT, MIDDLEBOXES, TARGET_BULK_RATIO, TARGET_MEMORY_MB, bulk_size
+from mbvisor.bench.controller import (ENVIRONMENT, MIDDLEBOXES, TARGET_BULK_RATIO, TARGET_MEMORY_MB,
+                                      TARGET_VSWITCHD_CPU_RATIO, add_filters, bulk_size, register_middleboxes)
 from mbvisor.topologies.controller_run import Controller
 from mbvisor.topologies.netlab import Lab, require_host_tools
 from mbvisor.topologies.private_switch import PrivateSwitch
 
 SCRIPT = "bench/control"
-TARGETED_SIZE = 100_000  # the bulk-install and memory targets are for this size
+TARGETED_SIZE = 100_000  # the bulk-install, CPU, memory and probe targets are for this size
+TARGET_HEALTH_P99_MS = 100.0  # GET /v1/health while TARGETED_SIZE filters install
+TARGET_OTHER_P99_MS = 50.0    # a single command to another switch meanwhile
+MIN_SAMPLES = 10              # of each probe during the install, or its p99 means nothing
+OTHER_MB = "52:35:00:00:00:01"  # the second bridge's one middlebox (not among bench/controller's)
 
 PROFILES = {
     "default": dict(rounds=3, latency_commands=1000, per_channel_commands=100, sizes=(1_000, 10_000, 100_000)),
@@ -122,10 +138,13 @@ def agent_rounds(created: Created, profile: dict, rounds: int) -> list[dict]:
     return results
 
 
-def install_rounds(created: Created, profile: dict, rounds: int) -> list[dict]:
+def install_rounds(created: Created, profile: dict, rounds: int) -> tuple[list[dict], list[dict]]:
     """Every size on a fresh bridge of a fresh private ovs-vswitchd with a fresh controller,
-    every round: the switch's memory before and after the install is then its cost alone."""
-    results = []
+    every round: the switch's memory and CPU for the install are then its cost alone.  Then
+    the largest size once more under probes (``probed_install``).  Returns the per-round
+    figures of the sizes and of the probes."""
+    results, probed = [], []
+    largest = max(profile["sizes"])
     for number in range(1, rounds + 1):
         sizes = {}
         for filters in profile["sizes"]:
@@ -134,10 +153,96 @@ def install_rounds(created: Created, profile: dict, rounds: int) -> list[dict]:
                 size = sizes[filters] = bulk_size(lab, created.workdir / f"bulk-{number}-{filters}", filters,
                                                   say=progress)
             progress(f"  controller {size['seconds']:.2f} s, bundle {size['bundle_seconds']:.2f} s "
-                     f"({size['flows']} flows); controller {size['controller_mb']:.0f} MB, ovs-vswitchd "
+                     f"({size['flows']} flows, identical); ovs-vswitchd CPU {size['vswitchd_cpu_s']:.2f} s vs "
+                     f"{size['bundle_vswitchd_cpu_s']:.2f} s; controller CPU {size['controller_cpu_s']:.2f} s, "
+                     f"{size['controller_mb']:.0f} MB; ovs-vswitchd "
                      f"{size['vswitchd_before_mb']:.0f} -> {size['vswitchd_mb']:.0f} MB")
         results.append(sizes)
-    return results
+        progress(f"install round {number}/{rounds}, {largest} filters under probes")
+        with PrivateSwitch(), Lab() as lab:
+            probes = probed_install(lab, created.workdir / f"probed-{number}", largest)
+        probed.append(probes)
+        progress(f"  installed in {probes['seconds']:.2f} s; health p99 {probes['health']['p99']:.1f} ms "
+                 f"({probes['health']['samples']} samples), other switch p99 {probes['other_switch']['p99']:.1f} ms "
+                 f"({probes['other_switch']['samples']} samples)")
+    return results, probed
+
+
+def probed_install(lab: Lab, state: Path, filters: int) -> dict:
+    """The bulk install of ``filters`` on a fresh controller (state in the new directory
+    ``state``, stopped on the way out) that also serves a second bridge with one registered
+    firewall middlebox; while it runs, one client asks ``GET /v1/health`` back to back and
+    another sends the second bridge single commands (alternating add and delete of one IP
+    filter, each answered once its flow is confirmed).  Not the timed install: the probes'
+    load would count in its seconds and CPU.  The install's seconds and each probe's latency
+    summary; BenchError if either has fewer than MIN_SAMPLES."""
+    state.mkdir()
+    controller = Controller(state, environment=ENVIRONMENT)
+    try:
+        controller.start()
+        bulk = lab.bridge(controller=controller.target, fail_mode="secure")
+        other = lab.bridge(controller=controller.target, fail_mode="secure")
+        for bridge in (bulk, other):
+            controller.wait_switch(bridge.dpid)
+        register_middleboxes(controller, bulk.dpid)
+        controller.ok(other.dpid, 1, f"R F {OTHER_MB} 10.2.0.1")
+        seconds, latencies = while_installing(controller, bulk.dpid, filters, {
+            "health": lambda: healthy(controller), "other_switch": single_commands(controller, other.dpid)})
+    finally:
+        controller.stop()
+    for probe, values in latencies.items():
+        if len(values) < MIN_SAMPLES:
+            raise BenchError(f"only {len(values)} {probe} samples during the {filters}-filter install "
+                             f"({seconds:.2f} s); at least {MIN_SAMPLES} are needed for a p99")
+    return {"seconds": seconds, **{probe: {"samples": len(values), "p50": percentile(values, .5),
+                                           "p99": percentile(values, .99), "max": max(values)}
+                                   for probe, values in latencies.items()}}
+
+
+def while_installing(controller: Controller, dpid: int, filters: int, probes: dict) -> tuple[float, dict]:
+    """``add_filters`` in a background thread, each of ``probes`` (name: a call) called back
+    to back in a thread of its own from the moment the install begins until it ends.
+    Returns the install's seconds and each probe's latencies (ms)."""
+    running, ended = threading.Event(), threading.Event()
+
+    def install() -> float:
+        running.set()
+        return add_filters(controller, dpid, filters)
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1 + len(probes))
+    try:
+        sampling = {name: pool.submit(sample, probe, running, ended) for name, probe in probes.items()}
+        seconds = pool.submit(install).result()
+    finally:
+        ended.set()
+        running.set()  # a probe still waiting (the install never began) returns at once
+        pool.shutdown(wait=False)  # on failure the controller's stop ends the calls in progress
+    return seconds, {name: future.result() for name, future in sampling.items()}
+
+
+def sample(probe, running: threading.Event, ended: threading.Event) -> list[float]:
+    """Milliseconds of each ``probe()``, called back to back once ``running`` is set; none
+    begins after ``ended`` is set (the one in progress then counts: it was asked during)."""
+    running.wait()
+    latencies = []
+    while not ended.is_set():
+        started = time.perf_counter()
+        probe()
+        latencies.append((time.perf_counter() - started) * 1000)
+    return latencies
+
+
+def healthy(controller: Controller) -> None:
+    status, body = controller.get("/v1/health")
+    if status != 200:
+        raise BenchError(f"GET /v1/health answered {status}: {body}")
+
+
+def single_commands(controller: Controller, dpid: int):
+    """A call that sends OTHER_MB's next command to ``dpid`` and waits for its answer:
+    adds and deletes of one IP filter in turn, so every command changes a flow."""
+    texts = itertools.cycle([f"A {OTHER_MB} I 4 s 10.98.0.1", f"D {OTHER_MB} I 4 s 10.98.0.1"])
+    return lambda: controller.ok(dpid, 1, next(texts))
 
 
 def run(profile: dict, rounds: int, created: Created) -> dict:
@@ -147,8 +252,8 @@ def run(profile: dict, rounds: int, created: Created) -> dict:
     started = time.perf_counter()
     agent = agent_rounds(created, profile, rounds)
     agent_seconds = time.perf_counter() - started
-    install = install_rounds(created, profile, rounds)
-    return {"agent": agent, "install": install, "agent_seconds": agent_seconds,
+    install, probed = install_rounds(created, profile, rounds)
+    return {"agent": agent, "install": install, "probed": probed, "agent_seconds": agent_seconds,
             "install_seconds": time.perf_counter() - started - agent_seconds}
 
 
@@ -158,13 +263,22 @@ def size_label(filters: int) -> str:
     return f"{filters // 1000}k" if filters % 1000 == 0 and filters >= 1000 else str(filters)
 
 
-def rows(agent: list[dict], install: list[dict], sizes) -> list[Row]:
-    """The table's rows from the per-round figures (``run``'s ``agent`` and ``install``)."""
+def rows(agent: list[dict], install: list[dict], probed: list[dict], sizes) -> list[Row]:
+    """The table's rows from the per-round figures (``run``'s ``agent``, ``install`` and
+    ``probed``)."""
     def each(key):
         return [figures[key] for figures in agent]
 
     def at(filters, key):
         return [figures[filters][key] for figures in install]
+
+    def probe(name):
+        return [figures[name]["p99"] for figures in probed]
+
+    def targeted(n, target):
+        return target if n == TARGETED_SIZE else None
+
+    largest = max(sizes)
 
     table = [
         compare("command -> flow confirmed p50", "ms", "guest channel", each("p50"), "REST direct",
@@ -175,14 +289,28 @@ def rows(agent: list[dict], install: list[dict], sizes) -> list[Row]:
                 f"{PARALLEL_CHANNELS} REST clients", each("direct_per_s")),
     ]
     table += [compare(f"install {size_label(n)} filters", "s", "controller", at(n, "seconds"), "ovs-ofctl --bundle",
-                      at(n, "bundle_seconds"), target=("<=", TARGET_BULK_RATIO) if n == TARGETED_SIZE else None)
+                      at(n, "bundle_seconds"), target=targeted(n, ("<=", TARGET_BULK_RATIO)))
+              for n in sizes]
+    table.append(compare("flows identical, all sizes", "1=yes", "controller",
+                         [float(all(figures[n]["flows_identical"] for n in sizes)) for figures in install],
+                         target=(">=", 1.0)))
+    table += [compare(f"ovs-vswitchd CPU for {size_label(n)} install", "s", "controller install",
+                      at(n, "vswitchd_cpu_s"), "ovs-ofctl --bundle", at(n, "bundle_vswitchd_cpu_s"),
+                      target=targeted(n, ("<=", TARGET_VSWITCHD_CPU_RATIO)))
+              for n in sizes]
+    table += [compare(f"controller CPU per filter at {size_label(n)}", "us", "controller",
+                      [seconds * 1e6 / n for seconds in at(n, "controller_cpu_s")])
               for n in sizes]
     table += [compare(f"controller memory at {size_label(n)}", "MB", "controller", at(n, "controller_mb"),
-                      target=("<=", TARGET_MEMORY_MB) if n == TARGETED_SIZE else None)
+                      target=targeted(n, ("<=", TARGET_MEMORY_MB)))
               for n in sizes]
     table += [compare(f"ovs-vswitchd memory at {size_label(n)}", "MB", "ovs-vswitchd", at(n, "vswitchd_mb"),
                       "before install", at(n, "vswitchd_before_mb"))
               for n in sizes]
+    table += [compare(f"health p99 during {size_label(largest)} install", "ms", "GET /v1/health", probe("health"),
+                      target=targeted(largest, ("<=", TARGET_HEALTH_P99_MS))),
+              compare(f"command p99 during {size_label(largest)} install", "ms", "other switch",
+                      probe("other_switch"), target=targeted(largest, ("<=", TARGET_OTHER_P99_MS)))]
     return table
 
 
@@ -205,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     progress(f"done in {seconds:.0f} s (agent part {result['agent_seconds']:.0f} s, "
              f"install part {result['install_seconds']:.0f} s); everything it created is removed")
-    return finish("control", mode, when, rounds, rows(result["agent"], result["install"], profile["sizes"]),
+    return finish("control", mode, when, rounds,
+                  rows(result["agent"], result["install"], result["probed"], profile["sizes"]),
                   args.json, progress, seconds=round(seconds, 1),
                   params={**profile, "rounds": rounds, "middleboxes": MIDDLEBOXES,
                           "parallel_channels": PARALLEL_CHANNELS, "window": WINDOW, "warmup": WARMUP,
@@ -213,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                           "discovery_interval": agent_bench.DISCOVERY_INTERVAL},
                   per_round={"agent": result["agent"],
                              "install": [{str(n): figures for n, figures in sizes.items()}
-                                         for sizes in result["install"]]})
+                                         for sizes in result["install"]],
+                             "probed": result["probed"]})
 
 
 if __name__ == "__main__":
