@@ -57,7 +57,8 @@ RESYNC_FLOOR, RESYNC_CEILING = 0.5, 30.0  # back-off between failed reconciliati
 YIELD_EVERY = 64  # middleboxes compiled between two yields to the event loop
 YIELD_FLOWS = 1024  # flows read or recorded between two yields
 BACKEND_PPS = 20    # a backend's answers per second: health checks ask once a second
-FULL_AUDIT_COST = 100  # a full audit (listing every flow) at most once per this many times its own duration
+FULL_AUDIT_COST = 100     # a full audit (listing every flow) at most once per this many times its cost ...
+FULL_AUDIT_FLOOR = 600.0  # ... and never sooner than this many seconds after the last listing
 
 
 def _identity(flow: Flow) -> tuple:
@@ -139,7 +140,8 @@ class SwitchReconciler:
         self.jobs: collections.deque[Job] = collections.deque()
         self.wake = hub.Event()
         self.resync_pause = RESYNC_FLOOR
-        self.next_full_audit = 0.0  # monotonic time before which audits only count the switch's flows
+        self.listed_at = 0.0       # monotonic time of the last listing of every flow (a sync or full audit)
+        self.listing_cost = 0.0    # its seconds per flow listed
         self.stopped = False
         self.thread = hub.spawn(self._run)
 
@@ -225,7 +227,8 @@ class SwitchReconciler:
                 self._set_up_meter()
             started = time.monotonic()
             self._read_switch()
-            self.next_full_audit = time.monotonic() + FULL_AUDIT_COST * (time.monotonic() - started)
+            self.listed_at = time.monotonic()
+            self.listing_cost = (self.listed_at - started) / max(1, self.installed.flow_count())
             self._resolve_backends(self.service.state.on(self.dpid))
             state = self.service.state
             desired = compile_switch(state, self.dpid, self._surroundings())
@@ -320,10 +323,12 @@ class SwitchReconciler:
         switch how many of our flows it holds (and reads its few groups): when both are
         what we installed, nothing was removed or added behind our back.  Flows another
         application changed in place are found by a full audit, which runs when the counts
-        differ, or once FULL_AUDIT_COST times the last listing's duration has passed."""
+        differ, or when the last listing is older than FULL_AUDIT_FLOOR and FULL_AUDIT_COST
+        times what listing today's flows would cost (at most about 1 % of the controller)."""
         if not (self.connected and self.synced):
             return
-        if time.monotonic() < self.next_full_audit:
+        listing = self.listing_cost * self.installed.flow_count()
+        if time.monotonic() < self.listed_at + max(FULL_AUDIT_FLOOR, FULL_AUDIT_COST * listing):
             try:
                 if self._counts_agree():
                     return
