@@ -14,7 +14,7 @@ once per command.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Mapping
 
 from mbvisor.guest.commands import (AddFilter, Cancel, Command, DeleteFilter, DeleteFilters, Filter,
@@ -354,7 +354,14 @@ def _add_filter(state, binding, current, command: AddFilter) -> Outcome:
     if len(middlebox.filters) >= state.limits.filters:
         raise ApplyError("limit", f"{command.mac} has {len(middlebox.filters)} filters, "
                                   f"the limit is {state.limits.filters}")
-    return _becomes(_with_filters(middlebox, middlebox.filters | {command.filter}), f"added: {format_command(command)}")
+    return _becomes(_with_filters(middlebox, middlebox.filters | {command.filter}), f"added: {added_text(command)}")
+
+
+@lru_cache(maxsize=8192)
+def added_text(command: AddFilter) -> str:
+    """An added filter's canonical text: its answer quotes it and the store keeps it, so a
+    job formats each filter once, not twice."""
+    return format_command(command)
 
 
 def _with_filters(middlebox: Middlebox, filters: frozenset[Filter]) -> Middlebox:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from .compat import hub
 from .flows import SwitchConfig, base_config, compile_middlebox, compile_switch, owned_groups
 from . import wire
+from .pacing import Pacer
 from .ofmessages import encode_action, encoded_actions, group_mod, instructions, normal_match
 from .pipeline import CONTROLLER_METER, COOKIE_TAG, COOKIE_TAG_MASK, PORT_METERS, Flow, Group, cookie_of
 from .reconcile import Changes, reconcile
@@ -54,8 +55,6 @@ class Abandoned(Exception):
 
 log = logging.getLogger("mbvisor.controller")
 RESYNC_FLOOR, RESYNC_CEILING = 0.5, 30.0  # back-off between failed reconciliations (s)
-YIELD_EVERY = 64  # middleboxes compiled between two yields to the event loop
-YIELD_FLOWS = 1024  # flows read or recorded between two yields
 BACKEND_PPS = 20    # a backend's answers per second: health checks ask once a second
 FULL_AUDIT_COST = 100     # a full audit (listing every flow) at most once per this many times its cost ...
 FULL_AUDIT_FLOOR = 600.0  # ... and never sooner than this many seconds after the last listing
@@ -427,11 +426,11 @@ class SwitchReconciler:
         datapath = self.link.datapath
         stats = self.link.flow_stats(COOKIE_TAG, COOKIE_TAG_MASK, expected=self.installed.flow_count())
         installed = Installed()
-        for index, stat in enumerate(stats):
+        pace = Pacer()
+        for stat in stats:
             installed.holds(Flow(stat.table_id, stat.priority, normal_match(stat.match.items()),
                                  (("wire", encoded_actions(datapath, stat.instructions)),), stat.cookie))
-            if index % YIELD_FLOWS == YIELD_FLOWS - 1:
-                hub.sleep(0)
+            pace()
         descriptions = self.link.request(datapath.ofproto_parser.OFPGroupDescStatsRequest(datapath, 0))
         installed.groups = {d.group_id: _wire_buckets([b.actions for b in d.buckets]) for d in descriptions}
         self.installed = installed
@@ -512,10 +511,10 @@ class SwitchReconciler:
 
     def _record(self, changes: Changes) -> None:
         """The confirmed flows, kept as compiled (their wire bytes are cached by action list)."""
-        for index, flow in enumerate(changes.add_flows + changes.modify_flows):
+        pace = Pacer()
+        for flow in changes.add_flows + changes.modify_flows:
             self.installed.holds(flow)
-            if index % YIELD_FLOWS == YIELD_FLOWS - 1:
-                hub.sleep(0)  # 100k flows recorded must not starve the switch's echo replies
+            pace()
         for flow in changes.delete_flows:
             self.installed.lost(flow)
         for group in changes.add_groups + changes.modify_groups:

@@ -26,6 +26,7 @@ from mbvisor.guest.reader import FaultLog
 
 from .compat import hub
 from .flows import cookie_of
+from .pacing import Pacer
 from .requests import (BadRequest, SwitchUnavailable, clip, dpid_from, inventory_from_body, is_batch, mac_from,
                        port_identity_body, requests_from_body)
 from .store import encode_middlebox, filter_text
@@ -223,7 +224,7 @@ class RestApi:
         """One command object, answered with its own HTTP status; or ``{"commands": [...]}``,
         answered 200 with an answer per command once the whole request was valid."""
         body = _json_body(request)
-        requests = requests_from_body(body, pause=lambda: hub.sleep(0))
+        requests = requests_from_body(body, pause=Pacer())
         answers = self.service.submit(requests)
         if is_batch(body):
             return _json({"answers": [_answer_body(answer) for answer in answers]})

@@ -32,6 +32,7 @@ from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, fil
 from .health import BackendHealth
 from .ingress import link_local
 from .metrics import Metrics
+from .pacing import Pacer
 from .model import ApplyError, Binding, Draft, Limits, Middlebox, State, decide, unique_zones
 from .pipeline import COOKIE_TAG, COOKIE_TAG_MASK, cookie_of
 from .trust import Inventory, PortIdentity, TrustMode, build_inventory
@@ -42,7 +43,6 @@ from .store import Store, command_text
 from .switchlink import SwitchUnreachable
 
 log = logging.getLogger("mbvisor.controller")
-YIELD_EVERY = 200        # commands planned between two yields to the event loop
 ARP_TIMEOUT = 2.0        # seconds a command waits for its new backends to answer ARP
 ARP_REFRESH = 30.0       # seconds between re-probes of backends located by ARP in a lab (they may move)
 JOB_DEADLINE = 3600.0    # a job always ends (every switch wait is bounded); this is a backstop
@@ -284,9 +284,9 @@ class Controller:
         context = PlanContext(self.surroundings(dpid), Binding(dpid, 0, self.settings.trust, self.inventory_of(dpid)))
         answers, touched, pending, backends, keep, independent, claimed = [], set(), [], set(), [], set(), []
         seen: dict[tuple, tuple[str, Answer, int]] = {}
+        pace = Pacer()
         for index, request in enumerate(requests):
-            if index % YIELD_EVERY == YIELD_EVERY - 1:
-                hub.sleep(0)  # a 100,000-command request must not stall the switches or REST
+            pace()  # a 100,000-command request must not stall the switches or REST
             decided = self._plan_one(request, draft, context, seen, pending[0] if pending else None)
             answers.append(decided.answer)
             if decided.changed:

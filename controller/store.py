@@ -20,7 +20,7 @@ from pathlib import Path
 from mbvisor.guest.commands import AddFilter, RegisterLoadBalancer
 from mbvisor.guest.grammar import format_command, parse_command
 
-from .model import Limits, Middlebox, Redirect, State
+from .model import Limits, Middlebox, Redirect, State, added_text
 from .trust import PortIdentity
 from .requests import Answer
 
@@ -59,7 +59,7 @@ def encode_middlebox(middlebox: Middlebox) -> str:
 
 
 def filter_text(mac: str, filter) -> str:
-    return format_command(AddFilter(mac, filter))
+    return added_text(AddFilter(mac, filter))
 
 
 def decode_middlebox(dpid: int, mac: str, body: str, filter_texts=()) -> Middlebox:

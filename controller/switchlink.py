@@ -18,6 +18,7 @@ from typing import Iterable
 from mbvisor.guest.reader import FaultLog
 
 from . import wire
+from .pacing import Pacer
 from .compat import hub
 
 log = logging.getLogger("mbvisor.controller")
@@ -150,6 +151,7 @@ class SwitchLink:
         opening = None
         chunk = bytearray()
         count = 0
+        pacer = Pacer()
         try:
             for message in messages:
                 if opening is None:
@@ -157,10 +159,10 @@ class SwitchLink:
                     self._send(opening, waiter)
                 chunk += wire.bundle_add(bundle, flags, opening.xid, wire.with_xid(message, opening.xid))
                 count += 1
-                if len(chunk) >= CHUNK_BYTES:
+                if len(chunk) >= CHUNK_BYTES or pacer.due():
                     self._write(bytes(chunk))
                     chunk.clear()
-                    hub.sleep(0)  # the send loop writes it; echo replies, other switches and REST run
+                    pacer.rest()  # the send loop writes it; echo replies, other switches and REST run
         except Exception:
             if opening is not None and not self.closed:
                 self._discard(bundle, flags, waiter)

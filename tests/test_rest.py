@@ -22,7 +22,7 @@ import eventlet.hubs
 import pytest
 from webob import Request
 
-from mbvisor.controller import requests as requests_module
+from mbvisor.controller import pacing
 from mbvisor.controller import rest
 from mbvisor.controller.flows import cookie_of
 from mbvisor.controller.metrics import Metrics
@@ -172,10 +172,10 @@ def test_a_batch_too_long_is_refused_whole():
 
 def test_a_long_batch_is_checked_in_slices_that_let_other_requests_run(api, service, monkeypatch):
     yielded = []
-    monkeypatch.setattr(requests_module, "PAUSE_EVERY", 3)
-    monkeypatch.setattr(rest.hub, "sleep", yielded.append)
+    monkeypatch.setattr(pacing, "SLICE", 0)  # every command's check is a slice
+    monkeypatch.setattr(pacing.hub, "sleep", yielded.append)
     assert call(api, "POST", "/v1/commands", {"commands": [COMMAND] * 10}, AUTH).status_int == 200
-    assert yielded == [0, 0, 0] and len(service.submitted[0]) == 10
+    assert yielded == [0] * 10 and len(service.submitted[0]) == 10
 
 
 def test_valid_requests_reach_the_service_as_typed_requests(api, service):
@@ -386,7 +386,7 @@ def test_the_rest_edge_imports_nothing_of_the_service_or_the_app():
     def local_imports(name):
         tree = ast.parse((CONTROLLER / name).read_text())
         return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
-    assert local_imports("rest.py") == {"compat", "flows", "requests", "store"}
+    assert local_imports("rest.py") == {"compat", "flows", "pacing", "requests", "store"}
     assert local_imports("requests.py") == {"trust"}  # pure, like requests.py
 
 
