@@ -18,7 +18,7 @@ from .rest import start_server
 from .service import Controller, Settings
 
 log = logging.getLogger("mbvisor.controller")
-REPLIES = [ofp_event.EventOFPFlowStatsReply, ofp_event.EventOFPGroupDescStatsReply,
+REPLIES = [ofp_event.EventOFPFlowStatsReply, ofp_event.EventOFPAggregateStatsReply, ofp_event.EventOFPGroupDescStatsReply,
            ofp_event.EventOFPPortDescStatsReply, ofp_event.EventOFPBarrierReply, ofp_event.EventOFPErrorMsg]
 
 

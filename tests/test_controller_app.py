@@ -10,7 +10,8 @@ import pytest
 
 from fakeswitch import FakeSwitch, wait_until
 from mbvisor.controller import app as app_module
-from mbvisor.controller.compat import CONF, hub
+from mbvisor.controller.compat import CONF, hub, ofp_event
+from mbvisor.controller.reconciler import Job
 from mbvisor.controller.requests import CommandRequest
 from mbvisor.topologies.controller_run import free_port
 
@@ -43,17 +44,13 @@ def app(tmp_path, monkeypatch):
 
 
 def route(app, message) -> None:
-    """What os-ken's dispatcher does with a message: the handler registered for its event."""
-    name = type(message).__name__
-    event = SimpleNamespace(msg=message)
-    if name == "OFPSwitchFeatures":
-        app._switch_features(event)
-    elif name == "OFPPortStatus":
-        app._port_status(event)
-    elif name == "OFPPacketIn":
-        app._packet_in(event)
-    else:
-        app._reply(event)
+    """What os-ken's dispatcher does with a message: the handlers registered for its
+    event class get it; a message nobody registered for is dropped."""
+    event_class = ofp_event.ofp_msg_to_ev_cls(type(message))
+    handlers = [getattr(app, name) for name in dir(type(app))
+                if event_class in getattr(getattr(type(app), name), "callers", {})]
+    for handler in handlers:
+        handler(SimpleNamespace(msg=message))
 
 
 def test_the_handlers_move_switch_events_to_the_service(app):
@@ -66,6 +63,9 @@ def test_the_handlers_move_switch_events_to_the_service(app):
         answers = service.submit([CommandRequest(0xA1, 2, text) for text in (
             f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16", f"R L {MAC} 10.0.0.5 0 * 10.0.0.11")])
         assert [a.status for a in answers] == ["OK"] * 3  # the ARP reply came through _packet_in
+        reconciler = service.reconcilers[0xA1]
+        assert reconciler.submit(Job("audit")).done.wait(timeout=10)  # aggregate and group replies reach it
+        assert reconciler.synced and reconciler.last_error is None
         fake.remove_port(2)  # _port_status retires the middlebox
         wait_until(lambda: service.state.find(0xA1, MAC) is None, what="the retirement")
         datapath = fake.datapath
