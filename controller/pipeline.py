@@ -13,7 +13,7 @@ Match = tuple[tuple[str, object], ...]
 Action = tuple
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Flow:
     table: int
     priority: int
@@ -30,8 +30,27 @@ class Group:
 
 def match(**fields) -> Match:
     """A match as sorted (field, value) pairs, None values left out: equal matches compare
-    equal however they were built."""
-    return tuple(sorted((name, value) for name, value in fields.items() if value is not None))
+    equal however they were built.  Pairs of fields with few values (all but addresses)
+    are shared: the reconciler keeps 200,000 matches, most of them the same MAC and
+    ether type with one address each."""
+    return tuple(sorted(_shared(name, value) for name, value in fields.items() if value is not None))
+
+
+_ADDRESS_FIELDS = frozenset({"ipv4_src", "ipv4_dst", "ipv6_src", "ipv6_dst", "arp_spa", "ipv6_nd_target"})
+_PAIRS: dict[tuple, tuple] = {}
+MAX_SHARED_PAIRS = 1 << 16
+
+
+def _shared(name: str, value) -> tuple:
+    pair = (name, value)
+    if name in _ADDRESS_FIELDS:
+        return pair
+    shared = _PAIRS.get(pair)
+    if shared is None:
+        if len(_PAIRS) >= MAX_SHARED_PAIRS:
+            _PAIRS.clear()
+        shared = _PAIRS[pair] = pair
+    return shared
 
 # --- tables ------------------------------------------------------------------------------
 INGRESS_TABLE = 0    # port security: a VM port sends only its own MAC and addresses

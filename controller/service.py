@@ -47,6 +47,7 @@ ARP_TIMEOUT = 2.0        # seconds a command waits for its new backends to answe
 ARP_REFRESH = 30.0       # seconds between re-probes of backends located by ARP in a lab (they may move)
 JOB_DEADLINE = 3600.0    # a job always ends (every switch wait is bounded); this is a backstop
 PRUNE_INTERVAL = 600.0   # seconds between removals of replay answers older than the store keeps
+MAX_COUNTED = 65536      # middleboxes whose filters' switch entries are kept counted
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class Controller:
     arp_timeout: float = ARP_TIMEOUT
     threads: list = field(default_factory=list)
     in_flight: set = field(default_factory=set)  # idempotency keys of jobs not yet committed
-    flow_costs: dict = field(default_factory=dict)  # middlebox -> switch entries its filters cost
+    flow_costs: dict = field(default_factory=dict)  # (dpid, mac) -> (filters, addresses, switch entries they cost)
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.database)
@@ -347,18 +348,21 @@ class Controller:
     def _check_flow_budget(self, old: Middlebox, new: Middlebox, command: AddFilter, surroundings: Surroundings,
                            limits: Limits) -> None:
         """Limits count switch entries, not filters: one port-range filter can cost many.
-        The cost is kept per middlebox value, so a bulk of filters adds, not recounts."""
+        Each middlebox's cost is kept with the filter set it was counted for, so a bulk of
+        filters adds, not recounts (and no older filter sets are kept alive)."""
         addresses = surroundings.addresses(new)  # group forms: one per own address
-        spent = self.flow_costs.get((old, addresses))
-        if spent is None:
+        known = self.flow_costs.get(old.key)
+        if known is not None and known[0] is old.filters and known[1] == addresses:
+            spent = known[2]
+        else:
             spent = sum(filter_cost(f, addresses) for f in old.filters)
         total = spent + filter_cost(command.filter, addresses)
         if total > limits.flows:
             raise ApplyError("limit", f"{command.mac}'s filters would need {total} switch entries, the limit is "
                                       f"{limits.flows}; use wider prefixes or fewer port ranges")
-        if len(self.flow_costs) >= 4096:
-            self.flow_costs.clear()
-        self.flow_costs[(new, addresses)] = total
+        if len(self.flow_costs) >= MAX_COUNTED and new.key not in self.flow_costs:
+            self.flow_costs.clear()  # middleboxes long cancelled
+        self.flow_costs[new.key] = (new.filters, addresses, total)
 
     def release(self, plan: Plan) -> None:
         """The job's keys are answered (or abandoned): others may use them again."""

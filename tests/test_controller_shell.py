@@ -12,17 +12,21 @@ import logging
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fakeswitch import FakeSwitch, wait_until
 from mbvisor.controller import reconciler as reconciler_module
 from mbvisor.controller import switchlink
 from mbvisor.controller.compat import hub
 from mbvisor.controller.filters import compile_filters
-from mbvisor.controller.flows import FILTER, cookie_of
+from mbvisor.controller.flows import FILTER, cookie_of, filter_cost
+from mbvisor.guest.grammar import parse_command
 from mbvisor.controller.pipeline import OFFLOAD_TABLE, REDIRECT_TABLE
 from mbvisor.controller.trust import TrustMode
 from mbvisor.controller.model import Limits
-from mbvisor.controller.reconciler import Job
+from mbvisor.controller.pipeline import Flow
+from mbvisor.controller.reconciler import Installed, Job
 from mbvisor.controller import store as store_module
 from mbvisor.controller.model import State
 from mbvisor.controller.requests import Answer, CommandRequest, SwitchUnavailable
@@ -591,3 +595,40 @@ def test_a_bundle_abandoned_halfway_is_discarded_and_changes_nothing(host, monke
     assert host.service.state.find(DPID, MAC) is None
     host.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")  # the reconciler goes on
     assert len(filter_flows(fake)) == 4
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 2), st.integers(0, 2), st.integers(0, 3), st.booleans()),
+                max_size=40))
+def test_the_record_of_installed_flows_is_a_set_of_identities_with_their_actions(steps):
+    """Audits compare its count with the switch's: adding a flow twice, changing its
+    actions or losing one never held must not miscount."""
+    installed, reference = Installed(), {}
+    for holding, cookie, table, value, drops in steps:
+        flow = Flow(table, 1000, (("ipv4_src", f"10.0.0.{value}"),), () if drops else (("normal",),), cookie)
+        identity = (cookie, table, flow.match)
+        if holding:
+            installed.holds(flow)
+            reference[identity] = flow
+        else:
+            installed.lost(flow)
+            reference.pop(identity, None)
+    assert installed.flow_count() == len(reference)
+    assert sorted(installed.all_flows(), key=repr) == sorted(reference.values(), key=repr)
+
+
+def test_a_batch_is_held_to_the_flow_budget_command_by_command(tmp_path):
+    """The budget of switch entries is counted as a job adds filters, without recounting
+    them, and it holds across jobs, refusals included."""
+    one = filter_cost(parse_command(f"A {MAC} I 4 s 10.0.0.1").filter, frozenset({"10.0.0.5"}))
+    made = Host(tmp_path, limits=Limits(flows=10 * one))
+    try:
+        made.switch()
+        made.ok(f"R F {MAC} 10.0.0.5")
+        answers = made.run(*(f"A {MAC} I 4 s 10.1.0.{n}" for n in range(15)))
+        assert [a.code for a in answers] == ["ok"] * 10 + ["limit"] * 5
+        assert made.run(f"A {MAC} I 4 s 10.2.0.1")[0].code == "limit"
+        made.ok(f"D {MAC} I 4 s 10.1.0.3", f"A {MAC} I 4 s 10.2.0.1")
+        assert made.run(f"A {MAC} I 4 s 10.2.0.2")[0].code == "limit"
+    finally:
+        made.close()
