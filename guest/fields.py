@@ -141,8 +141,10 @@ def _format_redirect_source(source: str | None) -> str:
 
 
 def ip_family(text: str) -> int:
-    """4 or 6 for a canonical address or network."""
-    return ipaddress.ip_network(text).version
+    """4 or 6 for a canonical address or network (as this module's parsers return
+    them).  Canonical IPv6 text always has a colon and IPv4 text never does; reading
+    that, not re-parsing with `ipaddress`, keeps the family checks of 100,000 filters cheap."""
+    return 6 if ":" in text else 4
 
 
 def family_name(text: str) -> str:

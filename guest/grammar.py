@@ -5,11 +5,17 @@ Parsing is strict and every rejection is a `CommandError` pointing at a column,
 because the person who typed the command (or the MB software that generated it)
 needs to know exactly what to fix.  Formatting is canonical, so
 `parse_command(format_command(c)) == c` and equal commands format identically.
+Well-formed commands in their everyday spellings take a single-pass fast path
+(bulk requests carry 100,000 commands); everything else, including every error,
+goes through the token-by-token parser that knows the columns.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
+import socket
 from dataclasses import dataclass
 from typing import Callable
 
@@ -199,6 +205,12 @@ def _checked(check: Callable[[], None], tokens_by_field: dict[str, Token]) -> No
 def parse_command(text: str | bytes, first_column: int = 1) -> Command:
     """One bare (unframed) command.  `first_column` is the column of the text's first
     character in a larger text, so errors point into that text."""
+    command = _parse_well_formed(text)
+    return command if command is not None else _parse_token_by_token(text, first_column)
+
+
+def _parse_token_by_token(text: str | bytes, first_column: int) -> Command:
+    """The full parser: every token keeps its column, so any error can point at it."""
     tokens = _tokenize(decode_text(text), first_column)
     letter = tokens.take("command", "R, A, D, X, I, M or T")
     parser = _PARSERS.get(letter.text)
@@ -367,6 +379,161 @@ _PARSERS: dict[str, Callable[[_Tokens], Command]] = {
     "D": _parse_filter_command(adding=False),
     "X": _parse_cancel,
     **{layer.value: _parse_query(layer) for layer in Layer},
+}
+
+
+# ---- fast path ----
+
+
+def _parse_well_formed(text: str | bytes) -> Command | None:
+    """The command `text` spells if it is well formed in an everyday spelling, else None.
+
+    The token-by-token parser above keeps every token's column so that any mistake
+    can be pointed at; a valid command never needs that, and the bookkeeping costs
+    most of its time.  This path splits the text once, checks the command's shape,
+    converts values with the same `ValueKind` parsers (behind bounded caches, and
+    without `ipaddress` for canonical IPv4 text) and runs the same cross-field checks.
+
+    Contract: the result is either exactly the command the full parser returns for
+    `text`, or None -- for anything wrong, unusual or ambiguous -- and then the full
+    parser runs, so every error keeps its class, message and column.  It never raises.
+    """
+    if not isinstance(text, str) or len(text) > MAX_TEXT_BYTES or not _is_printable_ascii(text):
+        return None
+    # With only printable ASCII, spaces and tabs left, split() yields the same tokens as _TOKEN.
+    tokens = text.split()
+    count = len(tokens)
+    if not count:
+        return None
+    letter = tokens[0]
+    try:
+        if letter == "A" or letter == "D":
+            return _well_formed_filter_command(tokens, adding=letter == "A")
+        if letter == "R" and count == 4 and tokens[1] == "F":
+            return RegisterFirewall(_parse_mac(tokens[2]), _parse_ip_address(tokens[3]))
+        if letter == "R" and count == 7 and tokens[1] == "L":
+            return _well_formed_load_balancer(tokens)
+        if letter == "X" and count == 2:
+            return Cancel(_parse_mac(tokens[1]))
+        if letter in _LAYER_BY_LETTER and count == 2:
+            return Query(_parse_mac(tokens[1]), _LAYER_BY_LETTER[letter])
+    except CommandError:
+        return None
+    return None
+
+
+def _is_printable_ascii(text: str) -> bool:
+    """What `decode_text` accepts: printable ASCII plus space and tab."""
+    return text.isascii() and (text.isprintable() or text.replace("\t", " ").isprintable())
+
+
+_LAYER_BY_LETTER = {layer.value: layer for layer in Layer}
+
+# Every ordering of distinct field letters, with the mask it spells: one lookup tells
+# whether a command's letters are all field letters, distinct, and match its mask.
+_MASK_BY_LETTERS = {
+    letters: sum(FIELD_BY_LETTER[letter].bit for letter in letters)
+    for count in range(1, len(FILTER_FIELDS) + 1)
+    for letters in itertools.permutations(FIELD_BY_LETTER, count)
+}
+
+
+def _well_formed_filter_command(tokens: list[str], adding: bool) -> Command | None:
+    """A or D: mac, layer, mask, then letter-value pairs or (D only) bare letters."""
+    if len(tokens) < 5:
+        return None
+    mac = _parse_mac(tokens[1])
+    layer = _LAYER_BY_LETTER.get(tokens[2])
+    mask = _parse_mask(tokens[3])
+    if layer is None:
+        return None
+    if not adding and _MASK_BY_LETTERS.get(tuple(tokens[4:])) == mask:
+        return DeleteFilters(mac, layer, mask)
+    letters, values = tokens[4::2], tokens[5::2]
+    if (
+        len(letters) != len(values)
+        or _MASK_BY_LETTERS.get(tuple(letters)) != mask
+        # The full parser would pair a value that is itself a field letter differently.
+        or not FIELD_BY_LETTER.keys().isdisjoint(values)
+    ):
+        return None
+    parsers = _FIELD_PARSERS[layer]
+    filter = Filter(
+        layer, **{FIELD_BY_LETTER[letter].attribute: parsers[letter](value) for letter, value in zip(letters, values)}
+    )
+    check_filter(filter)
+    return AddFilter(mac, filter) if adding else DeleteFilter(mac, filter)
+
+
+def _well_formed_load_balancer(tokens: list[str]) -> RegisterLoadBalancer:
+    """R L; an empty backend in the list fails as an address, so the full parser reports it."""
+    command = RegisterLoadBalancer(
+        _parse_mac(tokens[2]),
+        _parse_ip_address(tokens[3]),
+        kinds.REDIRECT_TYPE.parse(tokens[4]),
+        kinds.REDIRECT_SOURCE.parse(tokens[5]),
+        tuple(_parse_ip_address(backend) for backend in tokens[6].split(",")),
+    )
+    check_load_balancer(command)
+    return command
+
+
+# Bounded caches: a bulk request repeats its MACs, masks, protocols and networks, but
+# the host parses whatever text it is sent.  Values are immutable, so sharing them is
+# safe; rejections raise and are not cached.
+_CACHE_SIZE = 4096
+
+
+@functools.cache
+def _cached(kind: ValueKind) -> Callable[[str], object]:
+    """`kind.parse` remembering recent texts (one cache per kind)."""
+    return functools.lru_cache(maxsize=_CACHE_SIZE)(kind.parse)
+
+
+_parse_mac = _cached(kinds.MAC_ADDRESS)
+_parse_mask = _cached(kinds.FILTER_MASK)
+
+_IPV4_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_IPV4 = rf"{_IPV4_OCTET}(?:\.{_IPV4_OCTET}){{3}}"
+_CANONICAL_IPV4_ADDRESS = re.compile(_CANONICAL_IPV4)
+_CANONICAL_IPV4_NETWORK = re.compile(rf"({_CANONICAL_IPV4})/(3[0-2]|[12]?[0-9])")
+
+
+def _parse_ip_address(text: str) -> str:
+    """`IP_ADDRESS.parse`.  A dotted quad without leading zeros or octets above 255 is
+    its own canonical text: a bulk request's 100,000 distinct addresses need neither
+    `ipaddress` nor a cache."""
+    if _CANONICAL_IPV4_ADDRESS.fullmatch(text):
+        return text
+    return _cached(kinds.IP_ADDRESS)(text)
+
+
+def _parse_ip_endpoint(text: str) -> str:
+    """`IP_ENDPOINT.parse`, with the same shortcut for canonical dotted quads."""
+    if _CANONICAL_IPV4_ADDRESS.fullmatch(text):
+        return text
+    return _parse_other_ip_endpoint(text)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _parse_other_ip_endpoint(text: str) -> str:
+    """`IP_ENDPOINT.parse` for what is not a canonical dotted quad; a canonical IPv4
+    network (prefix without leading zeros) with no host bits set needs no `ipaddress`."""
+    network = _CANONICAL_IPV4_NETWORK.fullmatch(text)
+    if network:
+        address, prefix = network[1], int(network[2])
+        host_bits = int.from_bytes(socket.inet_aton(address), "big") & ((1 << (32 - prefix)) - 1)
+        if not host_bits:
+            return address if prefix == 32 else text
+    return kinds.IP_ENDPOINT.parse(text)
+
+
+_FIELD_PARSERS: dict[Layer, dict[str, Callable[[str], object]]] = {
+    layer: {
+        letter: _parse_ip_endpoint if kind is kinds.IP_ENDPOINT else _cached(kind)
+        for letter, kind in layer_kinds.items()
+    }
+    for layer, layer_kinds in FIELD_KINDS.items()
 }
 
 

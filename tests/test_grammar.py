@@ -1,5 +1,6 @@
 """Table-driven tests of the command grammar: every form, canonical text, every
-error class with its exact message, framing and the JSON form."""
+error class with its exact message, which texts the fast path takes, framing and
+the JSON form."""
 
 import json
 
@@ -29,7 +30,14 @@ from mbvisor.guest.errors import (
     UnexpectedTokenError,
     UnknownCommandError,
 )
-from mbvisor.guest.grammar import format_command, format_frame, parse_command, parse_frame, split_frame
+from mbvisor.guest.grammar import (
+    _parse_well_formed,
+    format_command,
+    format_frame,
+    parse_command,
+    parse_frame,
+    split_frame,
+)
 
 MAC = "52:34:56:00:12:22"
 
@@ -220,6 +228,44 @@ def test_commands_are_case_sensitive():
         parse_command(f"r F {MAC} 10.0.0.1")
     with pytest.raises(UnexpectedTokenError):
         parse_command(f"A {MAC} I 4 S 10.0.0.1")
+
+
+# ---- the fast path ----
+
+
+@pytest.mark.parametrize(("text", "command", "canonical"), VALID)
+def test_fast_path_takes_every_valid_text(text, command, canonical):
+    assert _parse_well_formed(text) == command
+
+
+# The shapes of a bulk request, in the spellings generators write.
+BULK = [
+    (f"A {MAC} I 4 s 10.200.3.7", AddFilter(MAC, Filter(Layer.IP, source="10.200.3.7"))),
+    (f"A {MAC} I 4 s 10.0.0.0/8", AddFilter(MAC, Filter(Layer.IP, source="10.0.0.0/8"))),
+    (f"A {MAC} I 12 s 10.0.0.1 d 0.0.0.0/0", AddFilter(MAC, Filter(Layer.IP, "10.0.0.1", "0.0.0.0/0"))),
+    (f"A {MAC} I 8 d 10.0.0.0/08", AddFilter(MAC, Filter(Layer.IP, destination="10.0.0.0/8"))),
+    (f"A {MAC} T 3 t 6 p 6", AddFilter(MAC, Filter(Layer.TRANSPORT, tos=6, protocol=6))),
+    (f"A {MAC} T 9 d 80 p tcp", AddFilter(MAC, Filter(Layer.TRANSPORT, destination=(80, 80), protocol=6))),
+    (f"A {MAC} M 1 p 0x0800", AddFilter(MAC, Filter(Layer.MAC, protocol=0x0800))),
+    (f"D {MAC}\tI 4\ts\t10.0.0.0/8  ", DeleteFilter(MAC, Filter(Layer.IP, source="10.0.0.0/8"))),
+    (f"D {MAC} T 3 p t", DeleteFilters(MAC, Layer.TRANSPORT, 3)),
+]
+
+
+@pytest.mark.parametrize(("text", "command"), BULK)
+def test_fast_path_takes_bulk_shapes(text, command):
+    assert _parse_well_formed(text) == command
+    assert parse_command(text) == command
+
+
+@pytest.mark.parametrize(("text", "error_class", "column", "detail"), ERRORS)
+def test_fast_path_leaves_every_error_to_the_full_parser(text, error_class, column, detail):
+    assert _parse_well_formed(text) is None
+
+
+def test_fast_path_leaves_bytes_to_the_full_parser():
+    assert _parse_well_formed(f"X {MAC}".encode()) is None
+    assert parse_command(f"X {MAC}".encode()) == Cancel(MAC)
 
 
 # ---- framing ----

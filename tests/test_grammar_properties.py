@@ -1,12 +1,14 @@
 """Property tests: every valid command survives text, frame and JSON round trips,
-and no input whatsoever makes the parser raise anything but `CommandError`."""
+no input whatsoever makes the parser raise anything but `CommandError`, and the
+parser's fast path returns exactly what the full parser does (or leaves it the text)."""
 
 import ipaddress
 import json
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from mbvisor.guest import fields as kinds
 from mbvisor.guest.commands import (
     FIELD_BY_LETTER,
     AddFilter,
@@ -22,7 +24,17 @@ from mbvisor.guest.commands import (
     command_to_dict,
 )
 from mbvisor.guest.errors import CommandError
-from mbvisor.guest.grammar import format_command, format_frame, parse_command, parse_frame, split_frame
+from mbvisor.guest.grammar import (
+    _parse_ip_address,
+    _parse_ip_endpoint,
+    _parse_token_by_token,
+    _parse_well_formed,
+    format_command,
+    format_frame,
+    parse_command,
+    parse_frame,
+    split_frame,
+)
 
 FAST = settings(max_examples=150, deadline=None)
 
@@ -176,3 +188,133 @@ def mutated_dicts(draw):
 @given(st.one_of(json_values, mutated_dicts()))
 def test_arbitrary_dicts_raise_only_command_errors(data):
     rejects_cleanly(command_from_dict, data)
+
+
+# ---- the fast path agrees with the full parser ----
+
+MAC = "02:00:00:00:01:02"
+
+
+def outcome(parse, text):
+    """What a parser does with `text`: the command, or everything observable of its error."""
+    try:
+        return parse(text)
+    except CommandError as error:
+        return (type(error), str(error), error.column, error.token, error.field)
+
+
+def full_parser(first_column):
+    return lambda text: _parse_token_by_token(text, first_column)
+
+
+def assert_fast_path_agrees(text, first_column=1):
+    expected = outcome(full_parser(first_column), text)
+    assert outcome(lambda text: parse_command(text, first_column), text) == expected
+    fast = _parse_well_formed(text)
+    if isinstance(text, bytes) or isinstance(expected, tuple):
+        assert fast is None
+    else:
+        # The fast path takes every valid text command; repr also compares value types.
+        assert fast == expected and repr(fast) == repr(expected)
+
+
+@FAST
+@given(commands)
+def test_fast_path_takes_every_canonical_command(command):
+    assert _parse_well_formed(format_command(command)) == command
+
+
+def other_spellings(token):
+    """Other ways to write a token, valid or not, at the edges of what the fast path takes:
+    other value forms, a token dropped or repeated, characters `split()` would take for
+    blanks, and padding past the length limit."""
+    return [
+        "",
+        f"{token} {token}",
+        token + "\x0b",
+        "\n" + token,
+        token + "\x1c",
+        token + "\u00e9",
+        token + " " * 4096,
+        token.upper(),
+        token.replace(":", "-"),
+        token + "/32",
+        token + "/128",
+        token + "/08",
+        "0" + token,
+        token.replace(".", ".0", 1),
+        token.replace(".", ".256", 1),
+        token + ",",
+        f"{token},{token}",
+        f"0x{int(token):x}" if token.isdigit() else token + "x",
+        *["*", "any", "0.0.0.0", "::", "tcp", "ef", "cs7", "ipv6", "s", "d", "t", "p", "L", "I"],
+    ]
+
+
+blanks = st.sampled_from([" ", "  ", "\t", " \t "])
+edges = st.sampled_from(["", "", "", " ", "\t", "  "])
+
+
+@st.composite
+def respelled_command_text(draw):
+    """A valid command's text with fields reordered, blanks varied and some tokens
+    written another way, so both valid and near-valid spellings come out."""
+    tokens = format_command(draw(commands)).split(" ")
+    if tokens[0] in ("A", "D") and len(tokens) > 4:
+        fields = tokens[4:]
+        paired = len(fields) % 2 == 0 and fields[1] not in FIELD_BY_LETTER
+        groups = [fields[i : i + 2] for i in range(0, len(fields), 2)] if paired else [[letter] for letter in fields]
+        tokens[4:] = [token for group in draw(st.permutations(groups)) for token in group]
+    for index in draw(st.lists(st.integers(0, len(tokens) - 1), max_size=2)):
+        tokens[index] = draw(st.sampled_from(other_spellings(tokens[index])))
+    text = draw(edges) + tokens[0]
+    for token in tokens[1:]:
+        text += draw(blanks) + token
+    return text + draw(edges)
+
+
+octets = st.sampled_from(["0", "1", "9", "10", "99", "100", "199", "200", "249", "250", "255", "256", "300", "01", "00"])
+prefixes = st.sampled_from(["", "", "/0", "/1", "/8", "/08", "/16", "/24", "/31", "/32", "/33", "/", "/255.0.0.0", "/-1"])
+ipv4_texts = st.builds(lambda parts, prefix: ".".join(parts) + prefix, st.lists(octets, min_size=4, max_size=4), prefixes)
+
+
+@st.composite
+def ipv4_command_text(draw):
+    """Commands around near-canonical dotted quads: the fast path reads those itself."""
+    address = draw(ipv4_texts)
+    return draw(st.sampled_from([
+        f"A {MAC} I 4 s {address}",
+        f"D {MAC} I 12 s 10.0.0.1 d {address}",
+        f"R F {MAC} {address}",
+        f"R L {MAC} 10.0.0.1 1 {address} 10.0.0.5,{address}",
+    ]))
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(respelled_command_text(), mutated_command_text(), ipv4_command_text()), st.integers(1, 60))
+@example(f"X {MAC}" + " " * 4096, 1)
+@example(f"X {MAC}\x0b", 1)
+@example(f"R F {MAC} 10.0.0.1 10.0.0.1", 1)
+@example(f"A {MAC} I 4 s 10.0.0.0/08", 1)
+@example(f"A {MAC} I 4 s 10.0.0.1/32", 1)
+@example(f"D {MAC} I 12 s d 10.0.0.1", 1)
+@example(f"D {MAC} I 4 s s", 1)
+@example(f"A {MAC} T 3 t p p 6", 1)
+def test_fast_path_agrees_with_the_full_parser(text, first_column):
+    assert_fast_path_agrees(text, first_column)
+
+
+@FAST
+@given(st.one_of(st.text(max_size=80), st.binary(max_size=80)))
+def test_fast_path_agrees_on_arbitrary_input(value):
+    assert_fast_path_agrees(value)
+
+
+@settings(max_examples=400, deadline=None)
+@given(ipv4_texts)
+@example("10.0.0.0/08")
+@example("10.0.0.0/33")
+@example("10.0.0.1/32")
+def test_ipv4_shortcuts_canonicalise_like_ipaddress(text):
+    assert outcome(_parse_ip_address, text) == outcome(kinds.IP_ADDRESS.parse, text)
+    assert outcome(_parse_ip_endpoint, text) == outcome(kinds.IP_ENDPOINT.parse, text)
