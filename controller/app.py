@@ -9,6 +9,7 @@ the service.  Loads under ``osken-manager`` and ``ryu-manager`` alike (see ``com
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import socket
 
@@ -18,6 +19,7 @@ from .rest import start_server
 from .service import Controller, Settings
 
 log = logging.getLogger("mbvisor.controller")
+GC_YOUNG, GC_OLDER = 50_000, 20  # container allocations per young collection; collections per older one
 REPLIES = [ofp_event.EventOFPFlowStatsReply, ofp_event.EventOFPAggregateStatsReply, ofp_event.EventOFPGroupDescStatsReply,
            ofp_event.EventOFPPortDescStatsReply, ofp_event.EventOFPBarrierReply, ofp_event.EventOFPErrorMsg]
 
@@ -39,6 +41,18 @@ def refuse_taken_port(host: str, port: int, what: str) -> None:
         probe.close()
 
 
+def quiet_collector() -> None:
+    """Python's cyclic garbage collector walks every live container object in a full
+    collection: with 100k filters installed that is ~250k objects and ~100 ms during which
+    nothing else runs (no REST answer, no echo reply), and a bulk install that keeps
+    creating long-lived objects set one off every few hundred milliseconds.  What was
+    loaded at start (the frameworks, the stored state) is frozen out of collections, and
+    the young generations are collected ~70 times less often.  The controller's state is
+    freed by reference counting; only garbage in cycles waits longer."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, GC_OLDER, GC_OLDER)
+
+
 class MbvisorController(OSKenApp):
     OFP_VERSIONS = [ofproto_v1_3.OFP_VERSION]
 
@@ -49,6 +63,7 @@ class MbvisorController(OSKenApp):
         self.service = Controller(settings)
         self.rest_server = start_server(self.service, settings)
         self.service.start()
+        quiet_collector()
         log.info("mbvisor controller running on %s", FRAMEWORK)
 
     @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
