@@ -145,6 +145,15 @@ def test_changes_are_in_a_stable_order():
     assert reconcile(config([], groups), [], []).add_groups == tuple(sorted(groups))
 
 
+def test_addresses_and_prefixes_of_one_field_order_stably():
+    """A field's plain values and (value, mask) pairs do not compare with each other;
+    the order is still total and the same whatever the sets' order."""
+    mixed = [flow(3000, eth_dst=MAC, eth_type=0x800, ipv4_src=source) for source in
+             ("10.0.0.1", ("10.0.0.0", "255.0.0.0"), "10.0.0.2", ("10.1.0.0", "255.255.0.0"), "9.9.9.9")]
+    orders = {reconcile(config(order), [], []).add_flows for order in (mixed, mixed[::-1], mixed[1::2] + mixed[::2])}
+    assert len(orders) == 1 and set(next(iter(orders))) == set(mixed)
+
+
 # --- properties ---------------------------------------------------------------------------
 
 def _apply(changes: Changes, flows: list[Flow], groups: list[Group]) -> tuple[dict, dict]:
