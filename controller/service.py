@@ -370,10 +370,10 @@ class Controller:
 
     def commit(self, dpid: int, plan: Plan) -> list[Answer]:
         """Make a planned (and installed) change current and durable; the answers."""
-        changed = plan.before.changed_keys(plan.after)
+        changed = plan.before.changed_keys(plan.after, {(dpid, mac) for mac in plan.touched})
         stored = [(plan.requests[i].key, plan.answers[i], command_text(plan.requests[i].command))
                   for i in plan.keep]
-        self.store.save(plan.before, plan.after, stored)
+        self.store.save(plan.before, plan.after, stored, changed)
         if changed:
             self.state = self.state.merged(plan.after, changed)
             reconciler = self.reconciler(dpid)

@@ -125,11 +125,12 @@ class Store:
                        for e in json.loads(body)]
                 for dpid, body in self.db.execute("SELECT dpid, body FROM ports ORDER BY dpid")}
 
-    def save(self, before: State, after: State, answers: list[tuple[tuple[str, int, int], Answer, str]]) -> None:
-        """Write the middleboxes that changed (their filters: only those added or removed)
-        and the (key, answer, command text) rows, in one transaction; prune channels that
-        stored many answers since their last pruning."""
-        changed = before.changed_keys(after)
+    def save(self, before: State, after: State, answers: list[tuple[tuple[str, int, int], Answer, str]],
+             among=None) -> None:
+        """Write the middleboxes that changed (``among`` these keys, if given; their
+        filters: only those added or removed) and the (key, answer, command text) rows, in
+        one transaction; prune channels that stored many answers since their last pruning."""
+        changed = before.changed_keys(after, among)
         if not changed and not answers:
             return
         now = time.time()
