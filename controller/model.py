@@ -129,6 +129,9 @@ class State:
     def zones(self) -> frozenset[int]:
         return frozenset(mb.zone for mb in self.by_key.values())
 
+    def zones_in_use(self) -> frozenset[int]:
+        return self.zones
+
     def changed(self, outcome: "Outcome") -> "State":
         """This state with a decision's change made."""
         if outcome.key is None:
@@ -167,10 +170,16 @@ class Draft:
     ``state()`` makes the one new ``State`` (sharing every middlebox nobody changed).
     Reads see the changes so far, as the next command of the job must."""
 
-    def __init__(self, base: State):
+    def __init__(self, base: State, elsewhere=frozenset, reserve=None):
+        """``elsewhere()``: zones taken outside ``base`` meanwhile (other switches' jobs
+        commit and plan while this one yields); ``reserve(zone)`` is told each zone this
+        draft gives a new middlebox, so theirs see it."""
         self.base = base
         self.changes: dict[tuple[int, str], Middlebox | None] = {}  # key -> new value (None: removed)
         self._zones: set[int] | None = None
+        self.elsewhere = elsewhere
+        self.reserve = reserve
+        self.new_zones: list[int] = []
 
     @property
     def limits(self) -> Limits:
@@ -195,10 +204,17 @@ class Draft:
             self._zones = set(self.base.zones)
         return self._zones
 
+    def zones_in_use(self) -> set[int]:
+        return self.zones | self.elsewhere()
+
     def record(self, outcome: "Outcome") -> None:
         if outcome.key is None:
             return
         old = self.find(*outcome.key)
+        if old is None and outcome.middlebox is not None:
+            self.new_zones.append(outcome.middlebox.zone)
+            if self.reserve is not None:
+                self.reserve(outcome.middlebox.zone)
         if self._zones is not None and old is not None:
             self._zones.discard(old.zone)
         self.changes[outcome.key] = outcome.middlebox
@@ -273,7 +289,7 @@ def _new_middlebox(state: State, binding: Binding, mac: str) -> Middlebox:
     on_port = sum(1 for mb in state.on(binding.dpid) if mb.port == binding.port)
     if on_port >= state.limits.per_port:
         raise ApplyError("limit", f"port {binding.port} has {on_port} middleboxes, the limit is {state.limits.per_port}")
-    used = state.zones
+    used = state.zones_in_use()
     zone = next((zone for zone in range(1, MAX_ZONE + 1) if zone not in used), None)
     if zone is None:
         raise ApplyError("limit", f"every one of the {MAX_ZONE} conntrack zones is in use")

@@ -102,7 +102,8 @@ class Plan:
     """What a job's commands do, before the switch has its say.  ``pending`` are the
     indices whose answer holds only if the switch confirms the flows of ``touched``;
     ``independent`` the answers that hold whatever the switch says (grammar errors, replays
-    of earlier jobs' answers); ``claimed`` the idempotency keys this job holds in flight."""
+    of earlier jobs' answers); ``claimed`` the idempotency keys this job holds in flight,
+    ``zones`` the conntrack zones it gave new middleboxes (reserved until it ends)."""
 
     requests: list
     answers: tuple[Answer, ...]
@@ -114,6 +115,7 @@ class Plan:
     keep: tuple[int, ...] = ()  # answers to store for replay
     independent: frozenset[int] = frozenset()
     claimed: tuple = ()
+    zones: tuple = ()
 
     def failed(self, failure: Failure) -> "Plan":
         """The switch refused or did not confirm: nothing of the job changes.  Every answer
@@ -176,6 +178,7 @@ class Controller:
     arp_timeout: float = ARP_TIMEOUT
     threads: list = field(default_factory=list)
     in_flight: set = field(default_factory=set)  # idempotency keys of jobs not yet committed
+    zones_in_flight: set = field(default_factory=set)  # conntrack zones given by jobs not yet committed
     flow_costs: dict = field(default_factory=dict)  # (dpid, mac) -> (filters, addresses, switch entries they cost)
 
     def __post_init__(self) -> None:
@@ -281,7 +284,7 @@ class Controller:
         the store's look-ups of earlier answers and the claims on keys in flight).  The
         decisions land in one ``Draft``: one new state per job, not one per command."""
         before = self.state
-        draft = Draft(before)
+        draft = Draft(before, elsewhere=lambda: self.state.zones | self.zones_in_flight, reserve=self.zones_in_flight.add)
         context = PlanContext(self.surroundings(dpid), Binding(dpid, 0, self.settings.trust, self.inventory_of(dpid)))
         answers, touched, pending, backends, keep, independent, claimed = [], set(), [], set(), [], set(), []
         seen: dict[tuple, tuple[str, Answer, int]] = {}
@@ -303,7 +306,7 @@ class Controller:
                 if decided.store:
                     keep.append(index)
         return Plan(requests, tuple(answers), before, draft.state(), frozenset(touched), tuple(pending),
-                    frozenset(backends), tuple(keep), frozenset(independent), tuple(claimed))
+                    frozenset(backends), tuple(keep), frozenset(independent), tuple(claimed), tuple(draft.new_zones))
 
     def _plan_one(self, request: CommandRequest, draft: Draft, context: "PlanContext", seen: dict,
                   first_pending: int | None) -> "Decided":
@@ -365,8 +368,10 @@ class Controller:
         self.flow_costs[new.key] = (new.filters, addresses, total)
 
     def release(self, plan: Plan) -> None:
-        """The job's keys are answered (or abandoned): others may use them again."""
+        """The job's keys are answered (or abandoned): others may use them again; its new
+        zones are in the state now (or were never used)."""
         self.in_flight.difference_update(plan.claimed)
+        self.zones_in_flight.difference_update(plan.zones)
 
     def commit(self, dpid: int, plan: Plan) -> list[Answer]:
         """Make a planned (and installed) change current and durable; the answers."""

@@ -632,3 +632,23 @@ def test_a_batch_is_held_to_the_flow_budget_command_by_command(tmp_path):
         assert made.run(f"A {MAC} I 4 s 10.2.0.2")[0].code == "limit"
     finally:
         made.close()
+
+
+def test_jobs_of_two_switches_planned_at_once_never_give_the_same_zone(host):
+    """Planning yields to the event loop, so another switch's job can plan (and commit)
+    meanwhile; every userspace bridge shares one conntrack table, so the zones they give
+    new middleboxes must still differ, and a job that ends gives its unused zones back."""
+    service = host.service
+    first = service.plan(DPID, [CommandRequest(DPID, MB_PORT, f"R F {MAC} 10.0.0.5")])
+    second = service.plan(OTHER, [CommandRequest(OTHER, MB_PORT, f"R F {MAC2} 10.0.0.6")])
+    zone_of = lambda plan, dpid, mac: plan.after.find(dpid, mac).zone  # noqa: E731
+    assert zone_of(first, DPID, MAC) != zone_of(second, OTHER, MAC2)
+    service.release(first)  # abandoned: its zone is free again, the other's is not
+    third = service.plan(DPID, [CommandRequest(DPID, MB_PORT, f"R F {MAC} 10.0.0.5")])
+    assert zone_of(third, DPID, MAC) == zone_of(first, DPID, MAC)
+    service.commit(OTHER, second)
+    service.release(second)
+    fourth = service.plan(DPID, [CommandRequest(DPID, MB_PORT, f"R F {MAC2} 10.0.0.7")])
+    assert zone_of(fourth, DPID, MAC2) not in {zone_of(second, OTHER, MAC2), zone_of(third, DPID, MAC)}
+    for plan in (third, fourth):
+        service.release(plan)
