@@ -413,15 +413,16 @@ class SwitchReconciler:
         return None
 
     def _middlebox_changes(self, before, after, mac: str) -> Changes:
-        """Raises Abandoned if a backend the flows need is not located yet (labs: ARP)."""
+        """Raises Abandoned if a backend the flows need is not located yet (labs: ARP).
+        The groups of both zones are managed: a middlebox cancelled and registered again
+        in one job may get another zone, and its old groups must go."""
         wanted = after.find(self.dpid, mac)
-        middlebox = wanted or before.find(self.dpid, mac)
         desired = (compile_middlebox(wanted, self._surroundings()) if wanted
                    else SwitchConfig(frozenset(), frozenset()))
         if desired.unresolved:
             raise Abandoned(Failure("UNAVAILABLE", f"backend {', '.join(desired.unresolved)} did not answer ARP; "
                                                    "nothing was applied, try again", "backend-unresolved"))
-        groups = set(owned_groups(middlebox)) if middlebox else set()
+        groups = {g for mb in (before.find(self.dpid, mac), wanted) if mb is not None for g in owned_groups(mb)}
         return self._diff(desired, self.installed.flows_of(cookie_of(mac)), groups)
 
     # --- talking to the switch ----------------------------------------------------------

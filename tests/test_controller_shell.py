@@ -20,6 +20,7 @@ from mbvisor.controller import reconciler as reconciler_module
 from mbvisor.controller import switchlink
 from mbvisor.controller.compat import hub
 from mbvisor.controller.filters import compile_filters
+from mbvisor.controller import flows as flows_module
 from mbvisor.controller.flows import FILTER, cookie_of, filter_cost
 from mbvisor.guest.grammar import parse_command
 from mbvisor.controller.pipeline import OFFLOAD_TABLE, REDIRECT_TABLE
@@ -652,3 +653,17 @@ def test_jobs_of_two_switches_planned_at_once_never_give_the_same_zone(host):
     assert zone_of(fourth, DPID, MAC2) not in {zone_of(second, OTHER, MAC2), zone_of(third, DPID, MAC)}
     for plan in (third, fourth):
         service.release(plan)
+
+
+def test_a_balancer_cancelled_and_registered_again_in_one_job_leaves_no_group_behind(host):
+    """Its new registration may get another conntrack zone; the groups of the old one go."""
+    fake = host.switch()
+    fake.add_host("10.0.0.11", "02:00:00:00:00:11", BACKEND_PORT)
+    fake.add_host("10.0.0.12", "02:00:00:00:00:12", 4)
+    host.ok(f"R F {MAC2} 10.0.0.6", port=4)
+    host.ok(f"R L {MAC} 10.0.0.5 0 * 10.0.0.11")
+    host.ok(f"X {MAC2}", port=4)  # a lower zone is free now
+    host.ok(f"X {MAC}", f"R L {MAC} 10.0.0.5 0 * 10.0.0.11")
+    middlebox = host.service.state.find(DPID, MAC)
+    fake.settle()
+    assert set(fake.groups) == set(flows_module.owned_groups(middlebox)) & set(fake.groups) and fake.groups
