@@ -401,7 +401,7 @@ class SwitchReconciler:
             return Failure("UNAVAILABLE", f"switch {self.dpid:016x} is being reconciled; try again", "switch-down")
         try:
             self._resolve(backends)
-            errors = self._send_parts(self._middlebox_changes(before, after, mac) for mac in sorted(macs))
+            errors = self._stream(self._middlebox_changes(before, after, mac) for mac in sorted(macs))
         except Abandoned as abandoned:
             return abandoned.failure
         except SwitchUnreachable as error:
@@ -479,14 +479,20 @@ class SwitchReconciler:
         return _wire_buckets([[encode_action(datapath, a) for a in bucket] for bucket in group.buckets])
 
     def _send(self, changes: Changes) -> list[str]:
-        return self._send_parts([changes])
+        """One bundle of ``changes``; the switch's errors (a meter it refused among them)."""
+        try:
+            return self._stream([changes])
+        except Abandoned as abandoned:
+            return [abandoned.failure.text]
 
-    def _send_parts(self, parts) -> list[str]:
+    def _stream(self, parts) -> list[str]:
         """The parts' changes as one bundle, each part in a safe order (groups before the
         flows that use them, flows before the groups they used; a part is one middlebox,
         or the whole switch, and no part uses another's groups).  ``parts`` may be a
         generator that compiles as it goes: each part is encoded and written while the
-        next is compiled.  The switch's errors; what it confirmed is recorded."""
+        next is compiled.  The switch's errors; what it confirmed is recorded.  Raises
+        Abandoned (the bundle discarded) if a part cannot be sent: a meter refused, or a
+        middlebox that cannot be compiled."""
         sent: list[Changes] = []
         datapath = self.link.datapath
 

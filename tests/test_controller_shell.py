@@ -23,8 +23,8 @@ from mbvisor.controller.filters import compile_filters
 from mbvisor.controller import flows as flows_module
 from mbvisor.controller.flows import FILTER, cookie_of, filter_cost
 from mbvisor.guest.grammar import parse_command
-from mbvisor.controller.pipeline import OFFLOAD_TABLE, REDIRECT_TABLE
-from mbvisor.controller.trust import TrustMode
+from mbvisor.controller.pipeline import OFFLOAD_TABLE, PORT_METERS, REDIRECT_TABLE
+from mbvisor.controller.trust import PortIdentity, TrustMode
 from mbvisor.controller.model import Limits
 from mbvisor.controller.pipeline import Flow
 from mbvisor.controller.reconciler import Installed, Job
@@ -667,3 +667,49 @@ def test_a_balancer_cancelled_and_registered_again_in_one_job_leaves_no_group_be
     middlebox = host.service.state.find(DPID, MAC)
     fake.settle()
     assert set(fake.groups) == set(flows_module.owned_groups(middlebox)) & set(fake.groups) and fake.groups
+
+
+def _port_meter(message) -> bool:
+    return type(message).__name__ == "MeterMod" and message.meter_id >= PORT_METERS
+
+
+def test_a_port_meter_refused_at_reconnection_keeps_no_other_tenant_off_the_switch(host, fast_timeouts):
+    """The reconciliation's bundle is given up when a meter is refused; it is then sent
+    middlebox by middlebox, and only the one needing that meter stays out."""
+    fake = host.switch()
+    fake.add_host("10.0.0.11", "02:00:00:00:00:11", BACKEND_PORT)
+    host.ok(f"R L {MAC} 10.0.0.5 0 * 10.0.0.11")
+    host.ok(f"R F {MAC2} 10.0.0.6", f"A {MAC2} I 4 s 10.66.0.0/16", port=4)
+    fake.tables.meters.clear()
+    fake.clear_flows()  # ovs-vswitchd restarted ...
+    fake.refuse(_port_meter, times=None)  # ... and its meter table is full now
+    host.service.switch_disconnected(fake.datapath)
+    fake.reconnect()
+    reconciler = host.service.reconcilers[DPID]
+    wait_until(lambda: reconciler.synced, timeout=3, what="a reconciliation that ends")
+    assert MAC in reconciler.last_error and [f for f in fake.flows() if f.cookie == cookie_of(MAC2)]
+    assert host.run(f"A {MAC2} I 4 s 10.67.0.0/16", port=4)[0].status == "OK"
+
+
+def test_a_port_meter_refused_during_a_convergence_still_removes_what_annotations_no_longer_vouch_for(
+        tmp_path, fast_timeouts):
+    """Annotations win over history (security.md): the convergence that takes a removed
+    VM's flows away also needs a meter the switch refuses; it is retried middlebox by
+    middlebox, and the removed VM's flows go."""
+    made = Host(tmp_path, trust=TrustMode.ANNOTATIONS)
+    try:
+        fake = made.switch()
+        mb = PortIdentity(2, MAC, "red", "mb", ("10.0.0.5",), "mb-eth0")
+        lb = PortIdentity(4, MAC2, "blue", "lb", ("10.0.0.6",), "lb-eth0")
+        web = PortIdentity(3, "02:00:00:00:00:12", "blue", "web", ("10.0.0.12",), "web-eth0")
+        made.service.set_inventory(DPID, [mb, lb, web])
+        made.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")
+        made.ok(f"R L {MAC2} 10.0.0.6 0 * 10.0.0.12", port=4)
+        fake.refuse(_port_meter, times=None)
+        moved = PortIdentity(1, web.mac, "blue", "web", web.ips, web.interface)
+        made.service.set_inventory(DPID, [lb, moved])  # the middlebox's VM is gone; the backend moved
+        wait_until(lambda: not [f for f in fake.flows() if f.cookie == cookie_of(MAC)], timeout=5,
+                   what="the flows of a middlebox no annotation vouches for removed")
+        wait_until(lambda: made.service.reconcilers[DPID].synced, timeout=5, what="the retried reconciliation")
+    finally:
+        made.close()
