@@ -47,7 +47,6 @@ ARP_TIMEOUT = 2.0        # seconds a command waits for its new backends to answe
 ARP_REFRESH = 30.0       # seconds between re-probes of backends located by ARP in a lab (they may move)
 JOB_DEADLINE = 3600.0    # a job always ends (every switch wait is bounded); this is a backstop
 PRUNE_INTERVAL = 600.0   # seconds between removals of replay answers older than the store keeps
-MAX_COUNTED = 65536      # middleboxes whose filters' switch entries are kept counted
 
 
 @dataclass(frozen=True)
@@ -116,6 +115,7 @@ class Plan:
     independent: frozenset[int] = frozenset()
     claimed: tuple = ()
     zones: tuple = ()
+    costs: dict = field(default_factory=dict)  # the counts of the job's filter sets (PlanContext.costs)
 
     def failed(self, failure: Failure) -> "Plan":
         """The switch refused or did not confirm: nothing of the job changes.  Every answer
@@ -153,6 +153,7 @@ class PlanContext:
     surroundings: Surroundings
     binding: Binding
     ports: dict[int, Binding] = field(default_factory=dict)
+    costs: dict = field(default_factory=dict)  # (dpid, mac) -> (filters, addresses, switch entries): this job's counts
 
     def at(self, port: int) -> Binding:
         binding = self.ports.get(port)
@@ -289,24 +290,30 @@ class Controller:
         answers, touched, pending, backends, keep, independent, claimed = [], set(), [], set(), [], set(), []
         seen: dict[tuple, tuple[str, Answer, int]] = {}
         pace = Pacer()
-        for index, request in enumerate(requests):
-            pace()  # a 100,000-command request must not stall the switches or REST
-            decided = self._plan_one(request, draft, context, seen, pending[0] if pending else None)
-            answers.append(decided.answer)
-            if decided.changed:
-                touched.add(decided.changed)
-                pending.append(index)
-                backends |= decided.backends
-            if decided.independent:
-                independent.add(index)
-            if request.key is not None and decided.fresh:
-                seen[request.key] = (command_text(request.command), decided.answer, index)
-                self.in_flight.add(request.key)
-                claimed.append(request.key)
-                if decided.store:
-                    keep.append(index)
+        try:
+            for index, request in enumerate(requests):
+                pace()  # a 100,000-command request must not stall the switches or REST
+                decided = self._plan_one(request, draft, context, seen, pending[0] if pending else None)
+                answers.append(decided.answer)
+                if decided.changed:
+                    touched.add(decided.changed)
+                    pending.append(index)
+                    backends |= decided.backends
+                if decided.independent:
+                    independent.add(index)
+                if request.key is not None and decided.fresh:
+                    seen[request.key] = (command_text(request.command), decided.answer, index)
+                    self.in_flight.add(request.key)
+                    claimed.append(request.key)
+                    if decided.store:
+                        keep.append(index)
+        except Exception:  # a bug costs the job (INTERNAL), never its keys and zones for good
+            self.in_flight.difference_update(claimed)
+            self.zones_in_flight.difference_update(draft.new_zones)
+            raise
         return Plan(requests, tuple(answers), before, draft.state(), frozenset(touched), tuple(pending),
-                    frozenset(backends), tuple(keep), frozenset(independent), tuple(claimed), tuple(draft.new_zones))
+                    frozenset(backends), tuple(keep), frozenset(independent), tuple(claimed), tuple(draft.new_zones),
+                    context.costs)
 
     def _plan_one(self, request: CommandRequest, draft: Draft, context: "PlanContext", seen: dict,
                   first_pending: int | None) -> "Decided":
@@ -335,8 +342,7 @@ class Controller:
         try:
             outcome = decide(draft, context.at(request.port), command)
             if isinstance(command, AddFilter) and outcome.key is not None:
-                self._check_flow_budget(draft.find(*outcome.key), outcome.middlebox, command, context.surroundings,
-                                        draft.limits)
+                self._check_flow_budget(draft.find(*outcome.key), outcome.middlebox, command, context, draft.limits)
         except ApplyError as error:
             return Decided(Answer("REJECTED", str(error), error.code), fresh=True, store=True)
         answer = Answer("OK", outcome.text)
@@ -348,13 +354,14 @@ class Controller:
         backends = frozenset(command.backends) if isinstance(command, RegisterLoadBalancer) else frozenset()
         return Decided(answer, command.mac, backends, fresh=True, store=True)
 
-    def _check_flow_budget(self, old: Middlebox, new: Middlebox, command: AddFilter, surroundings: Surroundings,
+    def _check_flow_budget(self, old: Middlebox, new: Middlebox, command: AddFilter, context: PlanContext,
                            limits: Limits) -> None:
         """Limits count switch entries, not filters: one port-range filter can cost many.
         Each middlebox's cost is kept with the filter set it was counted for, so a bulk of
-        filters adds, not recounts (and no older filter sets are kept alive)."""
-        addresses = surroundings.addresses(new)  # group forms: one per own address
-        known = self.flow_costs.get(old.key)
+        filters adds, not recounts: the job's own counts first, then those of committed
+        filter sets (``commit`` keeps only the current ones)."""
+        addresses = context.surroundings.addresses(new)  # group forms: one per own address
+        known = context.costs.get(old.key) or self.flow_costs.get(old.key)
         if known is not None and known[0] is old.filters and known[1] == addresses:
             spent = known[2]
         else:
@@ -363,9 +370,7 @@ class Controller:
         if total > limits.flows:
             raise ApplyError("limit", f"{command.mac}'s filters would need {total} switch entries, the limit is "
                                       f"{limits.flows}; use wider prefixes or fewer port ranges")
-        if len(self.flow_costs) >= MAX_COUNTED and new.key not in self.flow_costs:
-            self.flow_costs.clear()  # middleboxes long cancelled
-        self.flow_costs[new.key] = (new.filters, addresses, total)
+        context.costs[new.key] = (new.filters, addresses, total)
 
     def release(self, plan: Plan) -> None:
         """The job's keys are answered (or abandoned): others may use them again; its new
@@ -379,6 +384,12 @@ class Controller:
         stored = [(plan.requests[i].key, plan.answers[i], command_text(plan.requests[i].command))
                   for i in plan.keep]
         self.store.save(plan.before, plan.after, stored, changed)
+        for key in changed:  # counts of filter sets that are current now; none of gone ones
+            middlebox, counted = plan.after.by_key.get(key), plan.costs.get(key)
+            if middlebox is not None and counted is not None and counted[0] is middlebox.filters:
+                self.flow_costs[key] = counted
+            else:
+                self.flow_costs.pop(key, None)
         if changed:
             self.state = self.state.merged(plan.after, changed)
             reconciler = self.reconciler(dpid)
@@ -426,6 +437,7 @@ class Controller:
         after = self.state
         for middlebox in gone:
             after = after.remove(dpid, middlebox.mac)
+            self.flow_costs.pop(middlebox.key, None)
         self.store.save(self.state, after, [])
         self.state = after
         reconciler = self.reconciler(dpid)

@@ -713,3 +713,47 @@ def test_a_port_meter_refused_during_a_convergence_still_removes_what_annotation
         wait_until(lambda: made.service.reconcilers[DPID].synced, timeout=5, what="the retried reconciliation")
     finally:
         made.close()
+
+
+def test_a_bug_while_planning_gives_the_jobs_keys_and_zones_back(host, monkeypatch):
+    host.switch()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Controller, "_check_flow_budget", broken)
+    answers = host.service.submit([CommandRequest(DPID, MB_PORT, f"R F {MAC} 10.0.0.5", "vm", 1, 1),
+                                   CommandRequest(DPID, MB_PORT, f"A {MAC} I 4 s 10.66.0.0/16", "vm", 1, 2)])
+    assert {a.status for a in answers} == {"INTERNAL"}
+    assert not host.service.in_flight and not host.service.zones_in_flight
+    monkeypatch.undo()
+    host.ok(f"R F {MAC} 10.0.0.5", key=("vm", 1, 1))  # the key is usable again
+
+
+def test_the_flow_budget_keeps_no_filter_set_of_a_middlebox_that_is_gone(host):
+    """The running counts hold a reference to the filter set they counted: a cancelled or
+    retired middlebox's must not stay alive with them."""
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5", *(f"A {MAC} I 4 s 10.{n // 256}.{n % 256}.0/24" for n in range(50)))
+    assert host.service.flow_costs[(DPID, MAC)][0] is host.service.state.find(DPID, MAC).filters
+    host.ok(f"X {MAC}")
+    assert (DPID, MAC) not in host.service.flow_costs
+    host.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")
+    fake.remove_port(MB_PORT)
+    wait_until(lambda: host.service.state.find(DPID, MAC) is None, what="the retirement")
+    assert (DPID, MAC) not in host.service.flow_costs
+
+
+def test_two_switches_registering_while_one_waits_for_its_switch_get_different_zones(host):
+    slow = host.switch(DPID)
+    host.switch(OTHER)
+    slow.hold()  # the first switch takes its time to confirm its bundle
+    answers = []
+    hub.spawn(lambda: answers.extend(host.run(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16", dpid=DPID)))
+    wait_until(lambda: host.service.reconcilers[DPID].link.waiters, what="the first install")
+    host.ok(f"R F {MAC2} 10.0.0.6", dpid=OTHER)
+    slow.release()
+    wait_until(lambda: answers, what="the first answer")
+    assert [a.status for a in answers] == ["OK", "OK"]
+    assert len({mb.zone for mb in host.service.state.middleboxes}) == 2
+    assert len({mb.zone for mb in Store(host.database).load(Limits()).middleboxes}) == 2
