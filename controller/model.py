@@ -200,8 +200,15 @@ class Draft:
 
     @property
     def zones(self) -> set[int]:
+        """The zones of the draft's middleboxes: found once (from the base and the changes
+        so far), then kept up to date by ``record``."""
         if self._zones is None:
             self._zones = set(self.base.zones)
+            for key, middlebox in self.changes.items():
+                old = self.base.find(*key)
+                if old is not None:
+                    self._zones.discard(old.zone)
+            self._zones.update(mb.zone for mb in self.changes.values() if mb is not None)
         return self._zones
 
     def zones_in_use(self) -> set[int]:
