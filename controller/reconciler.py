@@ -74,43 +74,67 @@ def _wire_buckets(buckets) -> bytes:
 
 @dataclass
 class Installed:
-    """What the switch holds as far as we know: flows by cookie, (table, priority) and
-    match (one middlebox's flows are found without scanning the switch), each with its
-    actions: wire bytes when read from the switch, as compiled when recorded after an
-    install; groups as the wire bytes of their buckets.  Re-read at every reconnection and
-    at audits that find a difference.  Only actions are kept per flow, not ``Flow``
-    objects: 200,000 flows cost about half the memory."""
+    """What the switch holds as far as we know.  Like the switch, one flow per identity
+    (table, priority, match), with the cookie and actions it has; actions are wire bytes
+    when read from the switch and as compiled when recorded after an install.  An index
+    by cookie finds one middlebox's flows without scanning the switch.  Groups as the
+    wire bytes of their buckets.  Re-read at every reconnection and at audits that find a
+    difference.  Only (cookie, actions) is kept per flow, not ``Flow`` objects."""
 
-    flows: dict = field(default_factory=dict)  # cookie -> (table, priority) -> match -> actions
+    flows: dict = field(default_factory=dict)      # (table, priority) -> match -> (cookie, actions)
+    by_cookie: dict = field(default_factory=dict)  # cookie -> (table, priority) -> matches
     groups: dict = field(default_factory=dict)
     count: int = 0
 
     def all_flows(self) -> list[Flow]:
-        return [flow for cookie in self.flows for flow in self.flows_of(cookie)]
+        return [Flow(table, priority, match, actions, cookie) for (table, priority), by_match in self.flows.items()
+                for match, (cookie, actions) in by_match.items()]
 
     def flows_of(self, cookie: int) -> list[Flow]:
-        return [Flow(table, priority, match, actions, cookie)
-                for (table, priority), by_match in self.flows.get(cookie, {}).items()
-                for match, actions in by_match.items()]
+        return [Flow(place[0], place[1], match, self.flows[place][match][1], cookie)
+                for place, matches in self.by_cookie.get(cookie, {}).items() for match in matches]
 
     def flow_count(self) -> int:
         return self.count
 
+    def cookie_at(self, flow: Flow) -> int | None:
+        """The cookie of the flow the switch holds with ``flow``'s identity, if any."""
+        held = self.flows.get((flow.table, flow.priority), {}).get(flow.match)
+        return None if held is None else held[0]
+
     def holds(self, flow: Flow) -> None:
-        by_match = self.flows.setdefault(flow.cookie, {}).setdefault((flow.table, flow.priority), {})
-        self.count += flow.match not in by_match
-        by_match[flow.match] = flow.actions
+        """The switch holds ``flow`` (an add replaced whatever had its identity)."""
+        place = (flow.table, flow.priority)
+        by_match = self.flows.setdefault(place, {})
+        held = by_match.get(flow.match)
+        if held is None:
+            self.count += 1
+        elif held[0] != flow.cookie:
+            self._unindex(held[0], place, flow.match)
+        by_match[flow.match] = (flow.cookie, flow.actions)
+        self.by_cookie.setdefault(flow.cookie, {}).setdefault(place, set()).add(flow.match)
 
     def lost(self, flow: Flow) -> None:
-        by_place = self.flows.get(flow.cookie, {})
-        by_match = by_place.get((flow.table, flow.priority), {})
-        if flow.match in by_match:
-            del by_match[flow.match]
-            self.count -= 1
+        """``flow`` was deleted (a strict delete with its cookie: one that another cookie's
+        flow replaced was not there to delete)."""
+        place = (flow.table, flow.priority)
+        by_match = self.flows.get(place, {})
+        held = by_match.get(flow.match)
+        if held is None or held[0] != flow.cookie:
+            return
+        del by_match[flow.match]
         if not by_match:
-            by_place.pop((flow.table, flow.priority), None)
+            del self.flows[place]
+        self._unindex(flow.cookie, place, flow.match)
+        self.count -= 1
+
+    def _unindex(self, cookie: int, place: tuple, match) -> None:
+        by_place = self.by_cookie[cookie]
+        by_place[place].discard(match)
+        if not by_place[place]:
+            del by_place[place]
         if not by_place:
-            self.flows.pop(flow.cookie, None)
+            del self.by_cookie[cookie]
 
 
 @dataclass
@@ -511,7 +535,9 @@ class SwitchReconciler:
                 yield from (group_mod(datapath, g, "add") for g in part.add_groups)
                 yield from (group_mod(datapath, g, "modify") for g in part.modify_groups)
                 yield from (self._flow_mod(datapath, f, "add") for f in part.add_flows)
-                yield from (self._flow_mod(datapath, f, "modify") for f in part.modify_flows)
+                # A modify keeps the flow's cookie; one that another cookie held is replaced whole.
+                yield from (self._flow_mod(datapath, f, "modify" if self.installed.cookie_at(f) == f.cookie else "add")
+                            for f in part.modify_flows)
                 yield from (self._flow_mod(datapath, f, "delete") for f in part.delete_flows)
                 yield from (group_mod(datapath, i, "delete") for i in part.delete_groups)
 
