@@ -58,6 +58,7 @@ RESYNC_FLOOR, RESYNC_CEILING = 0.5, 30.0  # back-off between failed reconciliati
 BACKEND_PPS = 20    # a backend's answers per second: health checks ask once a second
 FULL_AUDIT_COST = 100     # a full audit (listing every flow) at most once per this many times its cost ...
 FULL_AUDIT_FLOOR = 600.0  # ... and never sooner than this many seconds after the last listing
+MAX_SHARED = 1 << 16      # (cookie, actions) pairs the record of installed flows shares
 
 
 def _wire_buckets(buckets) -> bytes:
@@ -85,6 +86,7 @@ class Installed:
     by_cookie: dict = field(default_factory=dict)  # cookie -> (table, priority) -> matches
     groups: dict = field(default_factory=dict)
     count: int = 0
+    shared: dict = field(default_factory=dict)  # (cookie, actions) -> itself
 
     def all_flows(self) -> list[Flow]:
         return [Flow(table, priority, match, actions, cookie) for (table, priority), by_match in self.flows.items()
@@ -111,7 +113,10 @@ class Installed:
             self.count += 1
         elif held[0] != flow.cookie:
             self._unindex(held[0], place, flow.match)
-        by_match[flow.match] = (flow.cookie, flow.actions)
+        held = (flow.cookie, flow.actions)
+        if len(self.shared) >= MAX_SHARED:
+            self.shared.clear()  # pairs of middleboxes long gone
+        by_match[flow.match] = self.shared.setdefault(held, held)  # a middlebox's drops share one
         self.by_cookie.setdefault(flow.cookie, {}).setdefault(place, set()).add(flow.match)
 
     def lost(self, flow: Flow) -> None:
