@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from fakeswitch import FakeSwitch, wait_until
 from mbvisor.controller import reconciler as reconciler_module
-from mbvisor.controller import switchlink
+from mbvisor.controller import pacing, switchlink
 from mbvisor.controller.compat import hub
 from mbvisor.controller.filters import compile_filters
 from mbvisor.controller import flows as flows_module
@@ -762,3 +762,28 @@ def test_two_switches_registering_while_one_waits_for_its_switch_get_different_z
     assert [a.status for a in answers] == ["OK", "OK"]
     assert len({mb.zone for mb in host.service.state.middleboxes}) == 2
     assert len({mb.zone for mb in Store(host.database).load(Limits()).middleboxes}) == 2
+
+
+def test_a_switch_that_disconnects_halfway_through_a_streamed_bundle_holds_none_of_it(host, monkeypatch):
+    """The bundle was being written while compiled; the commands are UNAVAILABLE, nothing
+    changed in the state or on the switch, and no waiter is left behind."""
+    monkeypatch.setattr(switchlink, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(pacing, "SLICE", 0.0)  # yield after every message
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    before = sorted(f.identity for f in fake.flows())
+    answers = []
+    hub.spawn(lambda: answers.extend(host.run(*(f"A {MAC} I 4 s 10.{n}.0.0/16" for n in range(200)))))
+    wait_until(lambda: len(sent(fake, "ONFBundleAddMsg")) > 50, what="the bundle on its way")
+    fake.disconnect()
+    host.service.switch_disconnected(fake.datapath)
+    wait_until(lambda: answers, timeout=3, what="the answers")
+    assert {a.status for a in answers} == {"UNAVAILABLE"}
+    assert host.service.state.find(DPID, MAC).filters == frozenset()
+    fake.settle()
+    assert sorted(f.identity for f in fake.flows()) == before
+    fake.reconnect()
+    wait_until(lambda: host.service.reconcilers[DPID].synced, what="the reconciliation")
+    host.ok(f"A {MAC} I 4 s 10.66.0.0/16")
+    assert len(filter_flows(fake)) == 4
+    assert not host.service.reconcilers[DPID].link.waiters
