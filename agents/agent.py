@@ -6,6 +6,8 @@ channel has its own worker, so a channel waiting on the controller, flooding or 
 garbage never holds another one up.  A worker takes its channel's commands in order, one
 frame at a time: vets it (grammar, the VM's own MAC, rate limit), forwards it with its
 idempotency key, and writes the answer when the controller confirmed or refused it.
+Frames of different channels bound for the same switch at the same time share one
+request (``batching.Lane``); a retry goes alone.
 
 Failure contract (docs/agent.md): a transient failure (controller unreachable, 503, switch
 not connected) is retried for ``forward_deadline`` seconds, then the guest is answered
@@ -39,6 +41,7 @@ from mbvisor.guest.channel_errors import BadRegion, ChannelError
 from mbvisor.guest.reader import ChannelReader, FaultLog, Incoming
 from mbvisor.guest.region import RegionFile, open_channel_file, read_counters
 
+from .batching import Alone, Lane
 from .controller_client import ControllerClient, ControllerFailed, ControllerUnavailable
 from .discovery import Refusal, Scan, VmChannel
 from .inventory import Publication, Publisher
@@ -102,6 +105,7 @@ class Channel:
     waiting_for_controller: bool = False
     working: bool = False  # the worker drains the ring by itself; the poller need not wake it
     thread: threading.Thread | None = None
+    lane: Lane | None = None  # its switch's way to the controller, shared with that switch's channels
     snapshot: dict = field(default_factory=dict)  # the worker's last published state
     idle_at: object = None                        # region counters at which nothing is to do
 
@@ -144,6 +148,7 @@ class Agent:
         self.channels: dict[str, Channel] = {}
         self.removals: dict[tuple[int, str], Removal] = {}
         self.publishers: dict[int, Publisher] = {}
+        self.lanes: dict[int, Lane] = {}  # per switch; only discovery adds or drops one
         self.refused: tuple[Refusal, ...] = ()
         self.faults = FaultLog(log)
         self.stop = threading.Event()
@@ -207,7 +212,8 @@ class Agent:
 
     def refresh(self) -> None:
         """Follow VMs as they come and go; reopen regions replaced under their path, and try
-        again those that could not be opened; hand each bridge's inventory to its publisher."""
+        again those that could not be opened; hand each bridge's inventory to its publisher;
+        keep a lane for each switch that has a channel."""
         scan = self.discover()
         scan = scan if isinstance(scan, Scan) else Scan(list(scan))
         self._note_refusals(scan.refused)
@@ -231,6 +237,8 @@ class Agent:
         for name, vm in found.items():
             if name not in self.channels:
                 self.channels[name] = self._open(vm, problems.get(name))
+        served = {channel.vm.dpid for channel in self.channels.values()}
+        self.lanes = {dpid: lane for dpid, lane in self.lanes.items() if dpid in served}
 
     @staticmethod
     def _stale(channel: Channel) -> bool:
@@ -260,6 +268,7 @@ class Agent:
                 log.warning("channel %s: not served: %s", vm.name, channel.problem)
             return channel
         channel.reader = ChannelReader(region, vm.name)
+        channel.lane = self.lanes.setdefault(vm.dpid, Lane(self.client.execute))
         channel.identity, channel.fd, channel.idle_at = region.identity(), region.fd, channel.reader.idle_at()
         channel.thread = threading.Thread(target=self._work, args=(channel,), name=f"channel {vm.name}", daemon=True)
         channel.thread.start()
@@ -431,17 +440,24 @@ class Agent:
                 "was not applied, slow down")
 
     def _forward(self, channel: Channel, requests: list[dict]) -> tuple[int, str] | None:
-        """The controller's answer.  Transient failures are retried until
-        ``forward_deadline``, then answered UNAVAILABLE; None if stopped meanwhile.  A guest
-        re-initialising meanwhile abandons the forward (the answer is then dropped)."""
+        """The controller's answer.  The first try goes through the switch's lane, with
+        whatever other channels send meanwhile; asking again (a batch failed as a whole, a
+        retry) goes alone, so a channel in trouble burdens no other's request.  Transient
+        failures are retried until ``forward_deadline``, then answered UNAVAILABLE; None if
+        stopped meanwhile.  A guest re-initialising meanwhile abandons the forward (the
+        answer is then dropped)."""
         deadline = time.monotonic() + self.settings.forward_deadline
         backoff = Backoff(floor=0.05, ceiling=2.0, spins=0)
+        lane = channel.lane
         while not channel.stop.is_set():
             if channel.reader.superseded():
                 channel.stats.abandoned += 1
                 return ring.Status.UNAVAILABLE, "abandoned: the guest re-initialised the region"
             try:
-                answers = self.client.execute(requests)
+                answers = lane.forward(requests) if lane else self.client.execute(requests)
+            except Alone:
+                lane = None
+                continue
             except ControllerUnavailable as error:
                 problem = str(error)
             except ControllerFailed as error:
@@ -453,6 +469,7 @@ class Agent:
                 self._controller_back(channel)
                 channel.stats.forwarded += len(requests)
                 return combine(answers)
+            lane = None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 channel.stats.unavailable += 1
@@ -497,6 +514,7 @@ class Agent:
         return {"pid": os.getpid(), "time": time.time(), "controller": self.client.url, "channels": channels,
                 "pending_removals": removals,
                 "inventories": [publisher.status() for _, publisher in sorted(list(self.publishers.items()))],
+                "lanes": [{"dpid": f"{dpid:016x}", **lane.status()} for dpid, lane in sorted(list(self.lanes.items()))],
                 "refused_interfaces": [{"bridge": r.bridge, "interface": r.interface, "reason": r.reason}
                                        for r in self.refused]}
 

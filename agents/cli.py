@@ -130,6 +130,9 @@ def agent_status(args: argparse.Namespace) -> int:
               f"{removal['attempts']} attempt(s) so far")
     for refused in state.get("refused_interfaces", []):
         print(f"interface {refused['interface']} on {refused['bridge']} not trusted: {refused['reason']}")
+    for lane in state.get("lanes", []):
+        print(f"commands for {lane['dpid']}: {lane['commands']} in {lane['frames']} frame(s) in {lane['requests']} "
+              f"request(s); {lane['split']} batch(es) failed as a whole and were asked again frame by frame")
     for inventory in state.get("inventories", []):
         print(f"inventory of {inventory['bridge']} ({inventory['dpid']}): {inventory['ports']} port(s), "
               f"{inventory['state']}" + (f" ({inventory['attempts']} failed attempt(s): {inventory['error']})"

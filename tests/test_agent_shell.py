@@ -21,6 +21,7 @@ import pytest
 
 from mbvisor.agents.agent import (DAMAGED_PER_POLL, FRAME_KEY_SPACE, KEY_SEQ_SPACE, Agent, AgentSettings,
                                   open_channel_region)
+from mbvisor.agents.batching import IN_FLIGHT
 from mbvisor.agents.controller_client import ControllerClient, ControllerFailed, ControllerUnavailable
 from mbvisor.agents.discovery import VmChannel
 from mbvisor.guest import ring
@@ -177,6 +178,7 @@ def test_transient_failure_is_retried_then_answered_unavailable_at_the_deadline(
         assert "NOT applied" in response.text and "HTTP 503" in response.text
         assert 0.6 <= elapsed < 3 and len(client.requests) >= 3
         assert all(r == client.requests[0] for r in client.requests)  # the same keys each time
+        assert agent.status()["lanes"][0]["requests"] == 1  # the retries go alone, in nobody's batch
         wait_for(lambda: status_of(agent)["unavailable"] == 1, what="the UNAVAILABLE answer counted")
 
 
@@ -511,6 +513,105 @@ def test_phantom_slots_cost_bounded_work_and_log_lines(shm, caplog):
     rejected = [r for r in caplog.records if "rejected" in r.getMessage()]
     assert len(rejected) == 1  # the first; the rest are counted (status) and summed up every 10 s
     assert len(caplog.records) < 20
+
+
+# ---- 8. one request for the frames of many channels ----------------------------------------
+
+# The first IN_FLIGHT channels' frames are held at the controller; the last two wait meanwhile.
+MACS = tuple(f"52:34:56:00:12:{0x22 + k:02x}" for k in range(IN_FLIGHT + 2))
+REFUSED_MAC, OTHER_MAC = MACS[-2:]
+
+
+class HeldController(FakeController):
+    """Requests wait until the test opens ``gate``, so the test knows which frames wait
+    meanwhile; ``answer`` answers (or raises for) every request."""
+
+    def __init__(self, answer):
+        self.gate = threading.Event()
+
+        def held(requests):
+            self.gate.wait()
+            return answer(requests)
+        super().__init__(on_execute=held)
+
+
+def channels(shm) -> tuple[list[ChannelWriter], list[VmChannel]]:
+    paths = [shm.region() for _ in MACS]
+    return [guest(p) for p in paths], [vm(p, f"vm{i}", 5 + i, mac) for i, (p, mac) in enumerate(zip(paths, MACS))]
+
+
+def held_then_waiting(agent: Agent, client: HeldController, writers: list[ChannelWriter]) -> list:
+    """The first channels' frames held at the controller, then the last two's waiting for
+    them; the tickets, in the channels' order."""
+    tickets = []
+    for writer, mac in zip(writers, MACS):
+        tickets.append(writer.submit(f"@X {mac}@".encode()))
+        if len(tickets) <= IN_FLIGHT:
+            wait_for(lambda: len(client.requests) == len(tickets), what="the frame in flight")
+    wait_for(lambda: agent.lanes[DPID].waiting == 2, what="two frames waiting")
+    client.gate.set()
+    return tickets
+
+
+def test_frames_of_several_channels_share_one_request_and_each_gets_its_own_answer(shm):
+    writers, vms = channels(shm)
+
+    def answer(requests):  # one channel's command is refused by the controller, the others applied
+        return [{"status": "REJECTED", "code": "not-registered", "text": f"refused {r['command']}", "replayed": False}
+                if REFUSED_MAC in r["command"] else ok_answers([r])[0] for r in requests]
+
+    client = HeldController(answer)
+    with serving(vms, client) as agent:
+        tickets = held_then_waiting(agent, client, writers)
+        responses = [writer.wait(ticket) for writer, ticket in zip(writers, tickets)]
+    assert [(r.status_name, r.text) for r in responses] == [
+        ("REJECTED", f"refused X {mac}") if mac == REFUSED_MAC else ("OK", f"ok X {mac}") for mac in MACS]
+    assert [len(request) for request in client.requests] == [1] * IN_FLIGHT + [2]
+    for request in client.requests[-1]:  # each command with its own channel's place and key
+        own = vms[MACS.index(request["command"].split()[1])]
+        assert (request["channel"], request["port"], request["seq"]) == (own.name, own.port, 0)
+        assert request["epoch"] == writers[vms.index(own)].header().guest_epoch
+
+
+@pytest.mark.parametrize("failure, status", [
+    (ControllerFailed("controller answered HTTP 400 bad-request: commands[1].command: too long"), "INTERNAL"),
+    (ControllerUnavailable("switch 00000000000000a1 is not connected"), "UNAVAILABLE"),
+])
+def test_a_batch_failing_as_a_whole_is_asked_again_frame_by_frame_and_fails_only_its_cause(shm, tmp_path, capsys,
+                                                                                          failure, status):
+    """The controller refuses (or answers UNAVAILABLE to) every request holding one
+    channel's command: the other, batched with it, is answered at once from a request of
+    its own."""
+    from mbvisor.agents.cli import main
+
+    writers, vms = channels(shm)
+    other = vms[MACS.index(OTHER_MAC)].vm_id
+
+    def answer(requests):
+        if any(REFUSED_MAC in r["command"] for r in requests):
+            raise failure
+        return ok_answers(requests)
+
+    client = HeldController(answer)
+    with serving(vms, client, forward_deadline=0.5) as agent:
+        tickets = held_then_waiting(agent, client, writers)
+        responses = dict(zip(MACS, (writer.wait(ticket) for writer, ticket in zip(writers, tickets))))
+        refused = responses.pop(REFUSED_MAC)
+        assert refused.status_name == status and str(failure) in refused.text
+        assert [(r.status_name, r.text) for r in responses.values()] == [("OK", f"ok X {mac}") for mac in responses]
+        wait_for(lambda: status_of(agent, other)["answered"] == 1, what="the other channel's status after its answer")
+        assert status_of(agent, other)["retries"] == 0  # asked again at once, not after a back-off
+        frames = len(MACS)
+        assert agent.status()["lanes"] == [{"dpid": f"{DPID:016x}", "requests": frames - 1, "frames": frames,
+                                            "commands": frames, "split": 1, "waiting": 0}]
+        (tmp_path / "status.json").write_text(json.dumps(agent.status()))
+    assert main(["agent-status", "--status-file", str(tmp_path / "status.json")]) == 0
+    assert (f"commands for {DPID:016x}: {frames} in {frames} frame(s) in {frames - 1} request(s); 1 batch(es) "
+            "failed as a whole and were asked again frame by frame") in capsys.readouterr().out
+    assert [len(request) for request in client.requests[:IN_FLIGHT + 1]] == [1] * IN_FLIGHT + [2]
+    later = [request[0]["command"] for request in client.requests[IN_FLIGHT + 1:] if len(request) == 1]
+    assert len(later) == len(client.requests) - IN_FLIGHT - 1  # every try after the batch alone
+    assert later.count(f"X {OTHER_MAC}") == 1 and set(later) == {f"X {REFUSED_MAC}", f"X {OTHER_MAC}"}
 
 
 # ---- the real client's side of the contract, against a real HTTP server --------------------

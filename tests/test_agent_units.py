@@ -1,5 +1,6 @@
 """Pure unit tests of the host agent's functional parts: OVS discovery parsing, vetting of
-guest frames, combining controller answers and the per-channel token bucket.
+guest frames, combining controller answers, the per-channel token bucket, and the lane that
+sends the frames of many channels in one request (with threads standing for workers).
 
 No OVS, network or processes: the ovsdb tables below are literal ``ovs-vsctl
 --format=json`` output captured once from Open vSwitch 3.1.0 (a throwaway netdev bridge
@@ -11,11 +12,15 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mbvisor.agents.batching import IN_FLIGHT, Alone, Lane
+from mbvisor.agents.controller_client import ControllerFailed, ControllerUnavailable
 from mbvisor.agents.discovery import CHANNEL_KEY, VmChannel, load_static, scan_ovsdb, vm_channels
 from mbvisor.agents.ratelimit import TokenBucket
 from mbvisor.agents.vetting import Verdict, combine, vet
@@ -503,3 +508,178 @@ def test_fault_log_logs_the_first_then_one_summary_per_interval(caplog):
                         "bad header (399 more like this in the last 10 s)",
                         "slot 800 rejected (399 more like this in the last 10 s)",
                         "bad header (399 more like this in the last 10 s)"]
+
+
+# ---- one request for the frames of many channels (agents/batching.py) -------------------
+
+
+class Controller:
+    """A lane's ``send``: records each request and answers each command with its own
+    command, channel and seq (so an answer routed to the wrong frame shows); ``behave``
+    may raise instead.  While ``gate`` is closed requests wait, so the test decides when
+    those in flight end."""
+
+    def __init__(self, behave=lambda requests: None):
+        self.requests: list[list[dict]] = []
+        self.behave = behave
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, requests: list[dict]) -> list[dict]:
+        self.requests.append(requests)
+        self.gate.wait()
+        self.behave(requests)
+        return [answer_to(r) for r in requests]
+
+
+def answer_to(request: dict) -> dict:
+    return {"status": "OK", "text": f"{request['channel']} {request['seq']} {request['command']}"}
+
+
+def frame_of(channel: str, size: int = 1, first: int = 0) -> list[dict]:
+    return [{"channel": channel, "seq": first + k, "command": f"X {OWN}"} for k in range(size)]
+
+
+def answers_to(frame: list[dict]) -> list[dict]:
+    return [answer_to(r) for r in frame]
+
+
+class Worker(threading.Thread):
+    """A channel's worker forwarding frames one after another through ``lane``: its
+    answers, or what was raised, per frame."""
+
+    def __init__(self, lane: Lane, frames: list[list[dict]]):
+        super().__init__(daemon=True)
+        self.lane, self.frames, self.results = lane, frames, []
+
+    def run(self):
+        for frame in self.frames:
+            try:
+                self.results.append(self.lane.forward(frame))
+            except Exception as error:
+                self.results.append(error)
+
+
+def wait_until(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def in_flight_then_waiting(controller: Controller, lane: Lane, *frames: list[dict]) -> list[Worker]:
+    """The first IN_FLIGHT ``frames`` sent, each alone, and held at the controller, then
+    the others waiting in this order; their workers, in the same order."""
+    controller.gate.clear()
+    workers = []
+    for frame in frames:
+        workers.append(Worker(lane, [frame]))
+        workers[-1].start()
+        if len(workers) <= IN_FLIGHT:
+            wait_until(lambda: len(controller.requests) == len(workers), f"{len(workers)} request(s) in flight")
+        else:
+            wait_until(lambda: lane.waiting == len(workers) - IN_FLIGHT, "the frame waiting")
+    return workers
+
+
+def finish(controller: Controller, workers: list[Worker]) -> None:
+    controller.gate.set()
+    for worker in workers:
+        worker.join(10)
+        assert not worker.is_alive()
+
+
+def test_a_lone_frame_is_sent_at_once_by_itself():
+    controller = Controller()
+    lane = Lane(controller)
+    worker = Worker(lane, [frame_of("a", 2)])
+    worker.start()
+    finish(controller, [worker])
+    assert worker.results == [answers_to(frame_of("a", 2))]
+    assert controller.requests == [frame_of("a", 2)] and lane.waiting == 0
+
+
+def test_frames_that_wait_meanwhile_go_in_one_request_each_with_its_own_answers():
+    controller = Controller()
+    lane = Lane(controller)
+    held = [frame_of(f"held{k}") for k in range(IN_FLIGHT)]
+    b, c, d = frame_of("b", 2), frame_of("c", 1, 7), frame_of("d", 3)
+    workers = in_flight_then_waiting(controller, lane, *held, b, c, d)
+    finish(controller, workers)
+    assert controller.requests == [*held, b + c + d]  # in the order they came, each frame whole
+    for worker, frame in zip(workers, (*held, b, c, d)):
+        assert worker.results == [answers_to(frame)]
+    assert lane.status() == {"requests": IN_FLIGHT + 1, "frames": IN_FLIGHT + 3, "commands": IN_FLIGHT + 6,
+                             "split": 0, "waiting": 0}
+
+
+def test_a_batch_failing_as_a_whole_tells_each_frame_to_ask_alone_and_a_lone_frame_its_error():
+    def behave(requests):
+        raise (ControllerUnavailable if len(requests) == 1 else ControllerFailed)("HTTP 400 bad-request")
+
+    controller = Controller(behave)
+    lane = Lane(controller)
+    held = [frame_of(f"held{k}") for k in range(IN_FLIGHT)]
+    workers = in_flight_then_waiting(controller, lane, *held, frame_of("b"), frame_of("c"))
+    finish(controller, workers)
+    results = [result for worker in workers for result in worker.results]
+    assert all(isinstance(result, ControllerUnavailable) for result in results[:IN_FLIGHT])  # their own failure
+    assert all(isinstance(result, Alone) and "HTTP 400" in str(result) for result in results[IN_FLIGHT:])
+    assert lane.status()["split"] == 1
+    controller.behave = lambda requests: None
+    workers = [Worker(lane, [frame_of(name)]) for name in "efg"]  # the lane goes on, every place free
+    for worker in workers:
+        worker.start()
+    finish(controller, workers)
+    assert [worker.results for worker in workers] == [[answers_to(frame_of(name))] for name in "efg"]
+
+
+def test_a_batch_holds_at_most_the_limit_of_commands_but_always_one_frame():
+    controller = Controller()
+    lane = Lane(controller, limit=3)
+    held = [frame_of(f"held{k}") for k in range(IN_FLIGHT)]
+    b, c, d, e = frame_of("b", 2), frame_of("c", 2), frame_of("d"), frame_of("e", 5)
+    workers = in_flight_then_waiting(controller, lane, *held, b, c, d, e)
+    finish(controller, workers)
+    assert controller.requests[:IN_FLIGHT] == held
+    assert sorted(controller.requests[IN_FLIGHT:], key=len) == [b, c + d, e]  # ended in any order
+
+
+def test_a_wrong_number_of_answers_is_never_shared_out():
+    controller = Controller()
+    lane = Lane(lambda requests: controller(requests)[:-1])
+    held = [frame_of(f"held{k}", 2) for k in range(IN_FLIGHT)]
+    workers = in_flight_then_waiting(controller, lane, *held, frame_of("b"), frame_of("c"))
+    finish(controller, workers)
+    results = [result for worker in workers for result in worker.results]
+    assert all(isinstance(result, ValueError) for result in results[:IN_FLIGHT])
+    assert all(isinstance(result, Alone) for result in results[IN_FLIGHT:])
+
+
+def test_never_more_than_in_flight_requests_at_once():
+    controller = Controller()
+    lane = Lane(controller)
+    workers = in_flight_then_waiting(controller, lane, *(frame_of(name) for name in "abcdef"))
+    assert len(controller.requests) == IN_FLIGHT and lane.waiting == 6 - IN_FLIGHT
+    finish(controller, workers)
+    assert len(controller.requests) == IN_FLIGHT + 1
+
+
+def test_many_channels_each_get_their_own_answers_in_their_own_order():
+    controller = Controller()
+    lane = Lane(controller)
+    frames = {name: [frame_of(name, 1 + k % 3, 10 * k) for k in range(40)] for name in "abcdefgh"}
+    workers = [Worker(lane, own) for own in frames.values()]
+    controller.gate.clear()
+    for worker in workers:
+        worker.start()
+    wait_until(lambda: lane.waiting == len(workers) - IN_FLIGHT, "every other channel's first frame waiting")
+    finish(controller, workers)
+    widest = max(len({request["channel"] for request in batch}) for batch in controller.requests)
+    assert widest >= len(workers) - IN_FLIGHT  # the first frames that waited went together
+    for worker, own in zip(workers, frames.values()):
+        assert worker.results == [answers_to(frame) for frame in own]
+    sent = [request for batch in controller.requests for request in batch]
+    for name, own in frames.items():
+        assert [r for r in sent if r["channel"] == name] == [r for frame in own for r in frame]
+    assert lane.status()["commands"] == len(sent) == sum(len(f) for own in frames.values() for f in own)
