@@ -79,7 +79,7 @@ def mask_letters(mask: int) -> list[str]:
     return [spec.letter for spec in sorted(FILTER_FIELDS, key=lambda spec: -spec.bit) if mask & spec.bit]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Filter:
     """A deny rule: packets to the MB matching every given (non-None) field are dropped."""
 
