@@ -45,6 +45,14 @@ class Failure:
         return self.status != "UNAVAILABLE"
 
 
+def _by_channel(requests: list) -> dict:
+    """Request indices by the channel of their idempotency key, in order (None: no key)."""
+    channels: dict = {}
+    for index, request in enumerate(requests):
+        channels.setdefault(request.key[0] if request.key else None, []).append(index)
+    return channels
+
+
 class Abandoned(Exception):
     """A streamed bundle stopped before its commit (a backend not resolved, a meter the
     switch refused): the switch discards it and holds what it held."""
@@ -393,13 +401,29 @@ class SwitchReconciler:
             self._push(Job("sync"), first=True)
 
     def _commands(self, job: Job) -> None:
-        plan = self.service.plan(self.dpid, job.requests)
+        answers = self._apply(job.requests)
+        if answers is None:
+            answers = [None] * len(job.requests)
+            for indices in _by_channel(job.requests).values():
+                for index, answer in zip(indices, self._apply([job.requests[i] for i in indices])):
+                    answers[index] = answer
+        job.answers = answers
+
+    def _apply(self, requests: list) -> list | None:
+        """Plan, install as one bundle, commit; the answers, or None when they are to be
+        split by channel: the agent puts several guests' commands in one request, and if
+        the switch refuses that bundle each channel's commands are tried again on their
+        own, so only the guest whose flows the switch refuses is answered (and stores) the
+        refusal."""
+        plan = self.service.plan(self.dpid, requests)
         try:
             if plan.touched:
                 failure = self._install(plan.before, plan.after, plan.touched, plan.backends)
                 if failure is not None:
+                    if failure.code == "switch-error" and len(_by_channel(requests)) > 1:
+                        return None  # after the release below: each channel alone
                     plan = plan.failed(failure)
-            job.answers = self.service.commit(self.dpid, plan)
+            return self.service.commit(self.dpid, plan)
         finally:
             self.service.release(plan)
 

@@ -787,3 +787,20 @@ def test_a_switch_that_disconnects_halfway_through_a_streamed_bundle_holds_none_
     host.ok(f"A {MAC} I 4 s 10.66.0.0/16")
     assert len(filter_flows(fake)) == 4
     assert not host.service.reconcilers[DPID].link.waiters
+
+
+def test_a_bundle_refused_for_one_guest_of_a_batch_is_only_that_guests_answer(host):
+    """The agent batches several channels' commands in one request: when the switch
+    refuses the bundle, each channel is tried alone, so only the guest whose flows the
+    switch refuses gets (and stores) the refusal."""
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    host.ok(f"R F {MAC2} 10.0.0.6", port=4)
+    fake.refuse(lambda m: type(m).__name__ == "OFPFlowMod" and "10.66.0.0" in str(m.match), times=None)
+    answers = host.service.submit([CommandRequest(DPID, MB_PORT, f"A {MAC} I 4 s 10.66.0.0/16", "vm-a", 1, 1),
+                                   CommandRequest(DPID, 4, f"A {MAC2} I 4 s 10.77.0.0/16", "vm-b", 1, 1),
+                                   CommandRequest(DPID, 4, f"A {MAC2} I 4 s 10.78.0.0/16", "vm-b", 1, 2)])
+    assert [(a.status, a.code) for a in answers] == [("REJECTED", "switch-error"), ("OK", "ok"), ("OK", "ok")]
+    assert len(host.service.state.find(DPID, MAC2).filters) == 2 and not host.service.state.find(DPID, MAC).filters
+    assert Store(host.database).answer(("vm-b", 1, 1))[1].status == "OK"
+    assert Store(host.database).answer(("vm-a", 1, 1))[1].code == "switch-error"
