@@ -4,7 +4,9 @@ Under eventlet a green thread runs until it yields.  A 100,000-command request p
 planned, compiled and recorded in one go would hold every other switch's commands, the
 REST API and the echo replies (a switch drops a controller silent for 5 s).  Yielding
 every N items gives slices as long as N items happen to take; a clock gives the same
-slice whatever the items cost.  A yield costs about 20 us, so 2 ms slices cost ~1 %.
+slice whatever the items cost.  A yield costs about 20 us, so 1 ms slices cost ~2 %; against
+2 ms they cut what another switch's command waits during a 100k-filter install by a third
+(p50 23 -> 15 ms, p99 49-67 -> 41-43 ms).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 
 from .compat import hub
 
-SLICE = 0.002  # seconds of work between two yields
+SLICE = 0.001  # seconds of work between two yields
 
 
 class Pacer:
