@@ -485,7 +485,7 @@ class SwitchReconciler:
         middleboxes' here: a restarting ovs-vswitchd may connect before it has re-added
         them.  Departures come as port-status messages and as the agent's deletes.)"""
         datapath = self.link.datapath
-        stats = self.link.flow_stats(COOKIE_TAG, COOKIE_TAG_MASK, expected=self.installed.flow_count())
+        stats = self.link.flow_stats(COOKIE_TAG, COOKIE_TAG_MASK)
         installed = Installed()
         pace = Pacer()
         for stat in stats:

@@ -82,33 +82,40 @@ class SwitchLink:
         except SwitchUnreachable:
             pass
 
-    def _wait(self, waiter: Waiter, timeout: float, what: str) -> None:
+    def _wait(self, waiter: Waiter, timeout: float, what: str, progressing: bool = False) -> None:
+        """Until the conversation ends, at most ``timeout`` s; ``progressing``: a multipart
+        reply still coming (another part within ``timeout`` s) may take as long as it needs
+        (a restarted controller lists 200,000 flows in about 11 s)."""
         try:
-            if not waiter.done.wait(timeout=timeout):
-                raise SwitchUnreachable(f"switch {self.dpid:016x} did not answer {what} within {timeout:.1f} s")
+            while True:
+                parts = len(waiter.body)
+                if waiter.done.wait(timeout=timeout):
+                    break
+                if not (progressing and len(waiter.body) > parts):
+                    raise SwitchUnreachable(f"switch {self.dpid:016x} did not answer {what} within {timeout:.1f} s")
             if waiter.lost:
                 raise SwitchUnreachable(waiter.lost)
         finally:
             for xid in [xid for xid, owner in self.waiters.items() if owner is waiter]:
                 del self.waiters[xid]
 
-    def request(self, message, expected: int = 0) -> list:
-        """A multipart request; the bodies of all its replies joined.  ``expected``: about
-        how many entries will come (a switch with 100k flows needs longer to list them)."""
+    def request(self, message) -> list:
+        """A multipart request; the bodies of all its replies joined.  The switch has
+        BASE_TIMEOUT s for each reply, however many there are."""
         waiter = Waiter(hub.Event())
         self._send(message, waiter)
-        self._wait(waiter, BASE_TIMEOUT + expected * PER_MESSAGE_TIMEOUT, type(message).__name__)
+        self._wait(waiter, BASE_TIMEOUT, type(message).__name__, progressing=True)
         if waiter.errors:
             raise SwitchUnreachable(f"switch {self.dpid:016x} refused {type(message).__name__}: "
                                     + "; ".join(waiter.errors))
         return waiter.body
 
-    def flow_stats(self, cookie: int, mask: int, expected: int = 0) -> list:
+    def flow_stats(self, cookie: int, mask: int) -> list:
         """Every table's flows whose cookie matches ``cookie`` under ``mask``, with counters."""
         datapath = self.datapath
         parser, ofp = datapath.ofproto_parser, datapath.ofproto
         return self.request(parser.OFPFlowStatsRequest(datapath, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
-                                                       cookie, mask, parser.OFPMatch()), expected)
+                                                       cookie, mask, parser.OFPMatch()))
 
     def flow_count(self, cookie: int, mask: int) -> int:
         """How many flows of every table have a cookie matching ``cookie`` under ``mask``:

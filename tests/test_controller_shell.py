@@ -804,3 +804,44 @@ def test_a_bundle_refused_for_one_guest_of_a_batch_is_only_that_guests_answer(ho
     assert len(host.service.state.find(DPID, MAC2).filters) == 2 and not host.service.state.find(DPID, MAC).filters
     assert Store(host.database).answer(("vm-b", 1, 1))[1].status == "OK"
     assert Store(host.database).answer(("vm-a", 1, 1))[1].code == "switch-error"
+
+
+class OFPFlowStatsReply:
+    """A part of a multipart reply, as SwitchLink.receive routes it (by xid and name)."""
+
+    def __init__(self, datapath, xid: int, body: list, more: bool):
+        self.datapath, self.xid, self.body = datapath, xid, body
+        self.flags = datapath.ofproto.OFPMPF_REPLY_MORE if more else 0
+
+
+def _listing(fast_timeouts, parts: int, stop_after: int | None = None):
+    """A switch listing its flows in ``parts`` replies, one every 0.1 s (a slow switch),
+    or falling silent after ``stop_after`` of them; the request's outcome."""
+    fake = FakeSwitch(DPID)
+    link = switchlink.SwitchLink(fake.datapath)
+    fake.hold()  # the link's request is sent; the answers come from the test's "switch"
+    outcome = []
+    thread = hub.spawn(lambda: outcome.append(_outcome(lambda: link.flow_stats(0, 0))))
+    wait_until(lambda: link.waiters, what="the request")
+    xid = next(iter(link.waiters))
+    for part in range(parts if stop_after is None else stop_after):
+        hub.sleep(0.1)  # the simulated switch's pace, not a synchronisation
+        link.receive(OFPFlowStatsReply(fake.datapath, xid, [part], more=part < parts - 1))
+    thread.wait()
+    fake.close()
+    return outcome[0]
+
+
+def _outcome(call):
+    try:
+        return call()
+    except switchlink.SwitchUnreachable as error:
+        return error
+
+
+def test_a_long_listing_may_take_as_long_as_its_parts_keep_coming(fast_timeouts):
+    """200,000 flows take os-ken half a minute to list: each part must come within the
+    timeout (0.2 s here), not the whole listing (1 s here)."""
+    assert _listing(fast_timeouts, parts=10) == list(range(10))
+    silent = _listing(fast_timeouts, parts=10, stop_after=3)
+    assert isinstance(silent, switchlink.SwitchUnreachable) and "did not answer" in str(silent)
