@@ -9,7 +9,7 @@ from mbvisor.controller.pipeline import port_cookie
 from mbvisor.controller.reconciler import Job
 from mbvisor.controller.trust import PortIdentity
 
-from test_controller_shell import BACKEND_PORT, DPID, MAC, MAC2, host, sent  # noqa: F401  (fixture)
+from test_controller_shell import BACKEND_PORT, DPID, MAC, MAC2, audit, host  # noqa: F401  (fixture)
 
 VM_MAC, VM_IP = "02:00:00:00:00:33", "10.0.0.33"
 
@@ -17,15 +17,6 @@ VM_MAC, VM_IP = "02:00:00:00:00:33", "10.0.0.33"
 def settle(host) -> None:
     assert host.service.reconcilers[DPID].submit(Job("refresh")).done.wait(timeout=5)
     host.switches[DPID].settle()
-
-
-def audit(host) -> int:
-    fake = host.switches[DPID]
-    fake.settle()
-    listed = len(sent(fake, "OFPFlowStatsRequest"))
-    assert host.service.reconcilers[DPID].submit(Job("audit")).done.wait(timeout=5)
-    fake.settle()
-    return len(sent(fake, "OFPFlowStatsRequest")) - listed
 
 
 def claimed(fake):
