@@ -178,6 +178,9 @@ class SwitchLink:
             return []
         if chunk:
             self._write(bytes(chunk))
+        if waiter.errors:  # refused while streaming: the commit would only fail too
+            self._discard(bundle, flags, waiter)
+            return waiter.errors
         self._send(parser.ONFBundleCtrlMsg(datapath, bundle, ofp.ONF_BCT_COMMIT_REQUEST, flags, []), waiter)
         barrier = parser.OFPBarrierRequest(datapath)
         self._send(barrier, waiter)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from fakeswitch import FakeSwitch, wait_until
 from mbvisor.controller import reconciler as reconciler_module
-from mbvisor.controller import pacing, switchlink
+from mbvisor.controller import pacing, switchlink, wire
 from mbvisor.controller.compat import hub
 from mbvisor.controller.filters import compile_filters
 from mbvisor.controller import flows as flows_module
@@ -845,3 +845,31 @@ def test_a_long_listing_may_take_as_long_as_its_parts_keep_coming(fast_timeouts)
     assert _listing(fast_timeouts, parts=10) == list(range(10))
     silent = _listing(fast_timeouts, parts=10, stop_after=3)
     assert isinstance(silent, switchlink.SwitchUnreachable) and "did not answer" in str(silent)
+
+
+class OFPErrorMsg:
+    def __init__(self, datapath, xid: int):
+        self.datapath, self.xid = datapath, xid
+        self.type, self.code = datapath.ofproto.OFPET_FLOW_MOD_FAILED, datapath.ofproto.OFPFMFC_UNKNOWN
+
+
+def test_a_bundle_refused_while_it_streams_is_discarded_not_committed(monkeypatch):
+    """OVS checks each message as it is added: once it refused one, the rest of the
+    bundle is discarded instead of committed (whose failure nobody would wait for)."""
+    monkeypatch.setattr(switchlink, "CHUNK_BYTES", 1)
+    fake = FakeSwitch(DPID)
+    fake.hold()  # what the link sends is recorded; the test plays the switch's answers
+    link = switchlink.SwitchLink(fake.datapath)
+    flow = Flow(1, 3000, (("eth_dst", MAC),), (), 0x4D42 << 48)
+
+    def messages():
+        yield wire.flow_mod(fake.datapath, flow, "add", b"")
+        link.receive(OFPErrorMsg(fake.datapath, next(iter(link.waiters))))  # the switch refuses the first
+        yield wire.flow_mod(fake.datapath, flow, "delete", b"")
+
+    errors = link.commit(messages())
+    controls = [m.type for m in fake.received if type(m).__name__ == "ONFBundleCtrlMsg"]
+    assert errors and "OpenFlow error" in errors[0]
+    assert controls == [fake.datapath.ofproto.ONF_BCT_OPEN_REQUEST, fake.datapath.ofproto.ONF_BCT_DISCARD_REQUEST]
+    assert not link.waiters
+    fake.close()
