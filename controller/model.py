@@ -319,7 +319,17 @@ def unique_zones(state: State) -> State:
     return state
 
 
+def _check_address_free(state: State, binding: Binding, command) -> None:
+    """A middlebox's address is its own on its switch: filters drop group frames that
+    carry it, and two middleboxes compiling the same flow would take it from each other
+    (annotated addresses are unique already; this holds a lab's unannotated ones too)."""
+    for other in state.on(binding.dpid):
+        if other.mac != command.mac and command.ip in (other.firewall_ip, other.balancer_ip):
+            raise ApplyError("address-in-use", f"{command.ip} is the address of another middlebox on this switch")
+
+
 def _register_firewall(state, binding, current, command: RegisterFirewall) -> Outcome:
+    _check_address_free(state, binding, command)
     middlebox = current or _new_middlebox(state, binding, command.mac)
     if middlebox.firewall_ip not in (None, command.ip):
         raise ApplyError("already-registered", f"{command.mac} is registered for firewall offload with "
@@ -328,6 +338,7 @@ def _register_firewall(state, binding, current, command: RegisterFirewall) -> Ou
 
 
 def _register_balancer(state, binding, current, command: RegisterLoadBalancer) -> Outcome:
+    _check_address_free(state, binding, command)
     middlebox = current or _new_middlebox(state, binding, command.mac)
     if middlebox.balancer_ip not in (None, command.ip):
         raise ApplyError("already-registered", f"{command.mac} balances {middlebox.balancer_ip}; "

@@ -446,7 +446,7 @@ def test_any_command_sequence_keeps_the_invariants(steps, max_filters, max_redir
         try:
             outcome = apply(state, binding, command)
         except ApplyError as error:
-            assert error.code in {"already-registered", "not-registered", "no-such-filter", "limit",
+            assert error.code in {"already-registered", "not-registered", "no-such-filter", "limit", "address-in-use",
                                   "foreign-destination", "port-conflict", "backend-in-use"}
             assert state == before  # a rejected command leaves the state exactly as it was
             continue
