@@ -405,7 +405,13 @@ class SwitchReconciler:
         if answers is None:
             answers = [None] * len(job.requests)
             for indices in _by_channel(job.requests).values():
-                for index, answer in zip(indices, self._apply([job.requests[i] for i in indices])):
+                part = [job.requests[i] for i in indices]
+                try:
+                    decided = self._apply(part)
+                except Exception as error:  # a bug costs this channel, not the answers others committed
+                    log.exception("switch %016x: commands of one channel failed", self.dpid)
+                    decided = self.service.internal_error(part, error)
+                for index, answer in zip(indices, decided):
                     answers[index] = answer
         job.answers = answers
 

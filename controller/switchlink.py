@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -24,6 +25,8 @@ from .compat import hub
 log = logging.getLogger("mbvisor.controller")
 
 BASE_TIMEOUT = 5.0          # seconds for any answer from the switch ...
+LISTING_CEILING = 600.0     # ... and for all the parts of one multipart reply
+MAX_LISTED = 2_000_000      # entries of one multipart reply (a switch that never ends is dropped)
 PER_MESSAGE_TIMEOUT = 2e-4  # ... plus this per message it must apply (100k flows: +20 s)
 CHUNK_BYTES = 1 << 16       # a bundle's messages are written to the switch this many bytes at a time
 
@@ -84,8 +87,10 @@ class SwitchLink:
 
     def _wait(self, waiter: Waiter, timeout: float, what: str, progressing: bool = False) -> None:
         """Until the conversation ends, at most ``timeout`` s; ``progressing``: a multipart
-        reply still coming (another part within ``timeout`` s) may take as long as it needs
-        (a restarted controller lists 200,000 flows in about 11 s)."""
+        reply still coming (another part within ``timeout`` s) may take longer (a restarted
+        controller lists 200,000 flows in about 11 s), up to LISTING_CEILING s and
+        MAX_LISTED entries: a switch that keeps sending parts is given up on."""
+        started = time.monotonic()
         try:
             while True:
                 parts = len(waiter.body)
@@ -93,6 +98,9 @@ class SwitchLink:
                     break
                 if not (progressing and len(waiter.body) > parts):
                     raise SwitchUnreachable(f"switch {self.dpid:016x} did not answer {what} within {timeout:.1f} s")
+                if len(waiter.body) > MAX_LISTED or time.monotonic() - started > LISTING_CEILING:
+                    raise SwitchUnreachable(f"switch {self.dpid:016x} was still answering {what} after "
+                                            f"{time.monotonic() - started:.0f} s and {len(waiter.body)} entries")
             if waiter.lost:
                 raise SwitchUnreachable(waiter.lost)
         finally:

@@ -873,3 +873,36 @@ def test_a_bundle_refused_while_it_streams_is_discarded_not_committed(monkeypatc
     assert controls == [fake.datapath.ofproto.ONF_BCT_OPEN_REQUEST, fake.datapath.ofproto.ONF_BCT_DISCARD_REQUEST]
     assert not link.waiters
     fake.close()
+
+
+@pytest.mark.parametrize("bound", ["LISTING_CEILING", "MAX_LISTED"])
+def test_a_switch_that_keeps_sending_parts_of_a_listing_is_given_up_on(fast_timeouts, monkeypatch, bound):
+    """Every wait is bounded: a listing has 5 s per part, but no more than LISTING_CEILING
+    in all and MAX_LISTED entries (here 0.5 s and 5 entries; the switch sends 20 parts)."""
+    monkeypatch.setattr(switchlink, bound, 0.5 if bound == "LISTING_CEILING" else 5)
+    outcome = _listing(fast_timeouts, parts=20)
+    assert isinstance(outcome, switchlink.SwitchUnreachable) and "still answering" in str(outcome)
+
+
+def test_a_bug_in_a_later_channels_rerun_does_not_unsay_an_earlier_channels_commit(host, monkeypatch):
+    """Channel vm-a's re-run commits (state and store say OK); a bug while planning
+    vm-b's re-run costs vm-b's answer only, never vm-a's, which was applied."""
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    host.ok(f"R F {MAC2} 10.0.0.6", port=4)
+    fake.refuse(lambda m: type(m).__name__ == "OFPFlowMod" and "10.77.0.0" in str(m.match), times=1)
+    plan, calls = host.service.plan, []
+
+    def planning(dpid, requests):
+        calls.append(len(requests))
+        if len(calls) == 3:  # combined, vm-a alone, vm-b alone
+            raise RuntimeError("a bug while planning")
+        return plan(dpid, requests)
+
+    monkeypatch.setattr(host.service, "plan", planning)
+    answers = host.service.submit([CommandRequest(DPID, MB_PORT, f"A {MAC} I 4 s 10.66.0.0/16", "vm-a", 1, 1),
+                                   CommandRequest(DPID, 4, f"A {MAC2} I 4 s 10.77.0.0/16", "vm-b", 1, 1)])
+    assert host.service.state.find(DPID, MAC).filters  # vm-a's command was applied ...
+    assert Store(host.database).answer(("vm-a", 1, 1))[1].status == "OK"  # ... and stored as OK
+    assert answers[0].status == "OK", f"vm-a is told: {answers[0].status} {answers[0].text!r}"
+    assert answers[1].status == "INTERNAL"
