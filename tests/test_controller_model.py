@@ -1,7 +1,7 @@
 """Unit tests of the controller's pure transition ``apply(state, binding, command)``.
 
 No OVS, no network, no OS-Ken: commands are parsed from text and applied to immutable
-``State`` values (DESIGN.md sections 3, 5 and 6)."""
+``State`` values (docs/architecture.md, docs/security.md)."""
 
 from __future__ import annotations
 
