@@ -28,6 +28,7 @@ from mbvisor.guest import ring
 from mbvisor.guest.channel_errors import BadRegion, ChannelError, ChannelReset
 from mbvisor.guest.region import open_file
 from mbvisor.guest.writer import ChannelWriter
+from mbvisor.topologies.netlab import wait_until
 
 MAC = "52:34:56:00:12:22"
 DPID = 0xA1
@@ -138,11 +139,9 @@ def status_of(agent: Agent, name: str = "vm0") -> dict:
 
 
 def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-    return result
+    """The project's poll with a deadline (``netlab.wait_until``), with the agent's
+    longer default: its threads answer on their own schedule."""
+    return wait_until(condition, timeout=timeout, what=what)
 
 
 def request(writer: ChannelWriter, text: str = f"X {MAC}", timeout: float = 5.0) -> ring.Response:

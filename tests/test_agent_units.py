@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import threading
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -26,6 +25,7 @@ from mbvisor.agents.ratelimit import TokenBucket
 from mbvisor.agents.vetting import Verdict, combine, vet
 from mbvisor.guest.grammar import format_command, parse_command
 from mbvisor.guest.ring import Status
+from mbvisor.topologies.netlab import wait_until
 
 # ---- discovery -------------------------------------------------------------------------
 
@@ -560,13 +560,6 @@ class Worker(threading.Thread):
                 self.results.append(error)
 
 
-def wait_until(condition, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)
-
-
 def in_flight_then_waiting(controller: Controller, lane: Lane, *frames: list[dict]) -> list[Worker]:
     """The first IN_FLIGHT ``frames`` sent, each alone, and held at the controller, then
     the others waiting in this order; their workers, in the same order."""
@@ -576,9 +569,10 @@ def in_flight_then_waiting(controller: Controller, lane: Lane, *frames: list[dic
         workers.append(Worker(lane, [frame]))
         workers[-1].start()
         if len(workers) <= IN_FLIGHT:
-            wait_until(lambda: len(controller.requests) == len(workers), f"{len(workers)} request(s) in flight")
+            wait_until(lambda: len(controller.requests) == len(workers), timeout=10.0,
+                       what=f"{len(workers)} request(s) in flight")
         else:
-            wait_until(lambda: lane.waiting == len(workers) - IN_FLIGHT, "the frame waiting")
+            wait_until(lambda: lane.waiting == len(workers) - IN_FLIGHT, timeout=10.0, what="the frame waiting")
     return workers
 
 
@@ -673,7 +667,8 @@ def test_many_channels_each_get_their_own_answers_in_their_own_order():
     controller.gate.clear()
     for worker in workers:
         worker.start()
-    wait_until(lambda: lane.waiting == len(workers) - IN_FLIGHT, "every other channel's first frame waiting")
+    wait_until(lambda: lane.waiting == len(workers) - IN_FLIGHT, timeout=10.0,
+               what="every other channel's first frame waiting")
     finish(controller, workers)
     widest = max(len({request["channel"] for request in batch}) for batch in controller.requests)
     assert widest >= len(workers) - IN_FLIGHT  # the first frames that waited went together
