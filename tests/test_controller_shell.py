@@ -815,8 +815,9 @@ class OFPFlowStatsReply:
 
 
 def _listing(fast_timeouts, parts: int, stop_after: int | None = None):
-    """A switch listing its flows in ``parts`` replies, one every 0.1 s (a slow switch),
-    or falling silent after ``stop_after`` of them; the request's outcome."""
+    """A switch listing its flows in ``parts`` replies, one every 0.04 s (a slow switch: a
+    fifth of the 0.2 s per-part timeout), or falling silent after ``stop_after`` of them;
+    the request's outcome."""
     fake = FakeSwitch(DPID)
     link = switchlink.SwitchLink(fake.datapath)
     fake.hold()  # the link's request is sent; the answers come from the test's "switch"
@@ -825,7 +826,7 @@ def _listing(fast_timeouts, parts: int, stop_after: int | None = None):
     wait_until(lambda: link.waiters, what="the request")
     xid = next(iter(link.waiters))
     for part in range(parts if stop_after is None else stop_after):
-        hub.sleep(0.1)  # the simulated switch's pace, not a synchronisation
+        hub.sleep(0.04)  # the simulated switch's pace, not a synchronisation
         link.receive(OFPFlowStatsReply(fake.datapath, xid, [part], more=part < parts - 1))
     thread.wait()
     fake.close()
@@ -841,9 +842,9 @@ def _outcome(call):
 
 def test_a_long_listing_may_take_as_long_as_its_parts_keep_coming(fast_timeouts):
     """200,000 flows take os-ken half a minute to list: each part must come within the
-    timeout (0.2 s here), not the whole listing (1 s here)."""
-    assert _listing(fast_timeouts, parts=10) == list(range(10))
-    silent = _listing(fast_timeouts, parts=10, stop_after=3)
+    timeout (0.2 s here), not the whole listing (1.2 s here)."""
+    assert _listing(fast_timeouts, parts=30) == list(range(30))
+    silent = _listing(fast_timeouts, parts=30, stop_after=3)
     assert isinstance(silent, switchlink.SwitchUnreachable) and "did not answer" in str(silent)
 
 
@@ -878,9 +879,9 @@ def test_a_bundle_refused_while_it_streams_is_discarded_not_committed(monkeypatc
 @pytest.mark.parametrize("bound", ["LISTING_CEILING", "MAX_LISTED"])
 def test_a_switch_that_keeps_sending_parts_of_a_listing_is_given_up_on(fast_timeouts, monkeypatch, bound):
     """Every wait is bounded: a listing has 5 s per part, but no more than LISTING_CEILING
-    in all and MAX_LISTED entries (here 0.5 s and 5 entries; the switch sends 20 parts)."""
+    in all and MAX_LISTED entries (here 0.5 s and 5 entries; the switch sends 30 parts in 1.2 s)."""
     monkeypatch.setattr(switchlink, bound, 0.5 if bound == "LISTING_CEILING" else 5)
-    outcome = _listing(fast_timeouts, parts=20)
+    outcome = _listing(fast_timeouts, parts=30)
     assert isinstance(outcome, switchlink.SwitchUnreachable) and "still answering" in str(outcome)
 
 
