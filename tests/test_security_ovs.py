@@ -326,6 +326,27 @@ def served_by(client: Host, dst: str, port: int, count: int, timeout: float = 3.
 
 
 @contextlib.contextmanager
+def redirect_changed(net, port: int, hosts, change: str):
+    """Servers on ``port`` at ``hosts``; a connection redirected to rb1 held open while the
+    middlebox sends ``change`` (and ovs-vswitchd's datapath cache catches up), then its
+    next segment "two": yields (the reply to it, the connection's local port, the capture
+    marks taken before the change) while the servers still run."""
+    mba, rb1, client = net["mba"], net["rb1"], net["client"]
+    servers = [serve(h, port) for h in hosts]
+    net.ok(mba, f"R L {MB_A} {mba.ip} 0 * {rb1.ip}")
+    try:
+        with redirected_connection(client, mba.ip, port) as (talk, local_port):
+            marks = net.marks()
+            net.ok(mba, change)
+            net.revalidated()
+            reply = talk("two")
+        yield reply, local_port, marks
+    finally:
+        for process in servers:
+            process.stop()
+
+
+@contextlib.contextmanager
 def redirected_connection(client: Host, address: str, port: int):
     """A TCP connection from ``client`` to a balancer's ``address`` that red's first
     backend served ("one" answered "rb1:one"), held open; yields ``talk(text)`` (the
@@ -619,15 +640,10 @@ def test_7_replacing_the_backend_drops_the_old_connection_and_moves_new_ones(net
     connection opened to the old backend are dropped in the switch (they reach neither the
     old backend nor the new one, nor the middlebox, nor any other port); new connections
     go to the new backend."""
-    mba, rb1, rb2, client = net["mba"], net["rb1"], net["rb2"], net["client"]
-    servers = [serve(h, 8081) for h in (rb1, rb2, mba)]
-    net.ok(mba, f"R L {MB_A} {mba.ip} 0 * {rb1.ip}")
-    try:
-        with redirected_connection(client, mba.ip, 8081) as (talk, local_port):
-            marks = net.marks()
-            net.ok(mba, f"R L {MB_A} {mba.ip} 0 * {rb2.ip}")
-            net.revalidated()
-            assert talk("two") == {"reply": None}   # 2 s of retransmissions, no answer
+    rb1, rb2, mba, client = net["rb1"], net["rb2"], net["mba"], net["client"]
+    with redirect_changed(net, 8081, (rb1, rb2, mba), f"R L {MB_A} {mba.ip} 0 * {rb2.ip}") as (
+            reply, local_port, marks):
+        assert reply == {"reply": None}   # 2 s of retransmissions, no answer
         assert served_by(client, mba.ip, 8081, 4) == ["rb2"] * 4
         for name, frames in net.barrier(client, marks).items():
             old = [f for f in frames if TCP in f and local_port in (f[TCP].sport, f[TCP].dport)]
@@ -635,32 +651,20 @@ def test_7_replacing_the_backend_drops_the_old_connection_and_moves_new_ones(net
                 # machine, may cross the switch after the marks but before the replacement
                 old = [f for f in old if bytes(f[TCP].payload) not in (b"", b"one") or f[TCP].flags & 0x07]
             assert old == [], f"{name} received {len(old)} segment(s) of the old connection: {old[0].summary()}"
-    finally:
-        for process in servers:
-            process.stop()
 
 
 def test_7_cancelling_a_redirect_hands_its_open_connection_to_the_middlebox_only(net):
     """Issue 11 item 7, defined: when the middlebox cancels its offloads (X), a connection
     the switch redirected goes back to the middlebox itself: its next segment reaches the
     middlebox (whose stack answers it with a reset), never the old backend or anyone else."""
-    mba, rb1, client = net["mba"], net["rb1"], net["client"]
-    servers = [serve(h, 8082) for h in (rb1, mba)]
-    net.ok(mba, f"R L {MB_A} {mba.ip} 0 * {rb1.ip}")
-    try:
-        with redirected_connection(client, mba.ip, 8082) as (talk, local_port):
-            marks = net.marks()
-            net.ok(mba, f"X {MB_A}")
-            net.revalidated()
-            assert talk("two") != {"reply": "rb1:two"}  # the old backend never answers
+    rb1, mba, client = net["rb1"], net["mba"], net["client"]
+    with redirect_changed(net, 8082, (rb1, mba), f"X {MB_A}") as (reply, local_port, marks):
+        assert reply != {"reply": "rb1:two"}  # the old backend never answers
         seen = net.barrier(client, marks)
         two = {name: [f for f in frames if TCP in f and f[TCP].sport == local_port and bytes(f[TCP].payload) == b"two"]
                for name, frames in seen.items()}
         assert two.pop("mba"), "the cancelled redirect's connection did not go back to the middlebox"
         assert {name: len(f) for name, f in two.items() if f} == {}
-    finally:
-        for process in servers:
-            process.stop()
 
 
 def test_7_ipv6_redirect_serves_a_real_tcp_connection_as_the_middlebox(net):
