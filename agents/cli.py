@@ -25,6 +25,13 @@ from .echo import answer_frame
 
 DEFAULT_AGENT_STATUS = "/run/mbvisor/agent-status.json"
 
+# What the controller process is started with unless the caller chose otherwise: eventlet
+# 0.33 without its green DNS resolver (which loads dnspython twice, requests and
+# cryptography; the controller resolves no names while it runs) and setuptools' distutils
+# shim off (eventlet imports distutils, which the shim makes load all of setuptools and
+# pkg_resources).  Together ~29 MB of the controller's resident memory (docs/controller.md).
+LEAN_CONTROLLER_ENVIRONMENT = {"EVENTLET_NO_GREENDNS": "yes", "SETUPTOOLS_USE_DISTUTILS": "stdlib"}
+
 
 def open_host_region(name: str, create_size: int | None = None):
     """A region by path (contains '/') or by POSIX shared-memory name (QEMU's mem-path)."""
@@ -228,8 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def relaunch_lean(argv: list[str]) -> None:
+    """Replace this process (same pid) by one started with ``LEAN_CONTROLLER_ENVIRONMENT``,
+    unless every variable is already set: both are read when the interpreter starts or
+    eventlet is first imported, too early to set them here."""
+    missing = {name: value for name, value in LEAN_CONTROLLER_ENVIRONMENT.items() if name not in os.environ}
+    if missing:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "mbvisor.agents.cli", *argv], {**os.environ, **missing})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.handler is controller:
+        relaunch_lean(sys.argv[1:])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

@@ -30,26 +30,31 @@ class Group:
 
 def match(**fields) -> Match:
     """A match as sorted (field, value) pairs, None values left out: equal matches compare
-    equal however they were built.  Pairs of fields with few values (all but addresses)
-    are shared: the reconciler keeps 200,000 matches, most of them the same MAC and
-    ether type with one address each."""
+    equal however they were built.  Pairs are shared between matches: the reconciler keeps
+    200,000 matches, most of them the same MAC and ether type with one address each."""
     return tuple(sorted(_shared(name, value) for name, value in fields.items() if value is not None))
 
 
 _ADDRESS_FIELDS = frozenset({"ipv4_src", "ipv4_dst", "ipv6_src", "ipv6_dst", "arp_spa", "ipv6_nd_target"})
 _PAIRS: dict[tuple, tuple] = {}
 MAX_SHARED_PAIRS = 1 << 16
+_RECENT_ADDRESSES: dict[tuple, tuple] = {}
+MAX_RECENT_ADDRESSES = 64
 
 
 def _shared(name: str, value) -> tuple:
+    """Fields with few values (MACs, ether types, ports) share one pair for as long as the
+    table stays under its bound.  Addresses have too many values for that, but one filter's
+    address appears in two flows compiled one after the other, and a middlebox's own address
+    in each of its group-frame drops: a small table of the last few addresses shares those
+    (about 110 bytes per filter at 100k filters)."""
     pair = (name, value)
-    if name in _ADDRESS_FIELDS:
-        return pair
-    shared = _PAIRS.get(pair)
+    table, bound = (_RECENT_ADDRESSES, MAX_RECENT_ADDRESSES) if name in _ADDRESS_FIELDS else (_PAIRS, MAX_SHARED_PAIRS)
+    shared = table.get(pair)
     if shared is None:
-        if len(_PAIRS) >= MAX_SHARED_PAIRS:
-            _PAIRS.clear()
-        shared = _PAIRS[pair] = pair
+        if len(table) >= bound:
+            table.clear()
+        shared = table[pair] = pair
     return shared
 
 # --- tables ------------------------------------------------------------------------------

@@ -678,3 +678,46 @@ def test_many_channels_each_get_their_own_answers_in_their_own_order():
     for name, own in frames.items():
         assert [r for r in sent if r["channel"] == name] == [r for frame in own for r in frame]
     assert lane.status()["commands"] == len(sent) == sum(len(f) for own in frames.values() for f in own)
+
+
+# ---- the controller's lean start (agents/cli.py) -----------------------------------------------
+
+
+class Relaunched(Exception):
+    pass
+
+
+def _exec_recorder(calls):
+    def execve(path, argv, environment):
+        calls.append((path, argv, environment))
+        raise Relaunched
+    return execve
+
+
+def test_controller_relaunches_itself_with_the_lean_environment(monkeypatch):
+    from mbvisor.agents import cli
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", _exec_recorder(calls))
+    for name in cli.LEAN_CONTROLLER_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(Relaunched):
+        cli.relaunch_lean(["controller", "--rest-port", "1"])
+    (path, argv, environment), = calls
+    assert argv[1:] == ["-m", "mbvisor.agents.cli", "controller", "--rest-port", "1"] and path == argv[0]
+    assert {name: environment[name] for name in cli.LEAN_CONTROLLER_ENVIRONMENT} == cli.LEAN_CONTROLLER_ENVIRONMENT
+
+
+def test_controller_keeps_an_environment_the_caller_chose(monkeypatch):
+    """Once every variable is set (by the relaunch or by the operator, whatever the value)
+    there is no relaunch: no loop, and an operator's own choice stands."""
+    from mbvisor.agents import cli
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", _exec_recorder(calls))
+    monkeypatch.setenv("EVENTLET_NO_GREENDNS", "no")
+    monkeypatch.setenv("SETUPTOOLS_USE_DISTUTILS", "local")
+    cli.relaunch_lean(["controller"])
+    assert calls == []
+    monkeypatch.delenv("EVENTLET_NO_GREENDNS")
+    with pytest.raises(Relaunched):
+        cli.relaunch_lean(["controller"])
+    assert calls[0][2]["SETUPTOOLS_USE_DISTUTILS"] == "local" and calls[0][2]["EVENTLET_NO_GREENDNS"] == "yes"

@@ -545,3 +545,19 @@ def test_ip_networks_become_address_and_netmask(text, name, network):
     expected = ipaddress.ip_network(network)
     assert ipaddress.ip_address(address) == expected.network_address
     assert ipaddress.ip_address(mask) == expected.netmask
+
+
+def test_address_pairs_are_shared_between_the_flows_of_a_middlebox():
+    """Memory at 100k filters: a filter's address pair is one object in its unicast and
+    group-frame drops, and the middlebox's own address one object in all its group drops
+    (pipeline._shared); equal matches stay equal however they were built."""
+    mb = build(f"R F {MAC} 10.1.0.1", f"A {MAC} I 4 s 10.200.0.1", f"A {MAC} I 4 s 10.200.0.2").find(1, MAC)
+    flows = compile_middlebox(mb, Surroundings()).flows
+    pairs = {}
+    for flow in flows:
+        for pair in flow.match:
+            if pair[0] in ("ipv4_src", "ipv4_dst"):
+                pairs.setdefault(pair, set()).add(id(pair))
+    assert {pair: len(ids) for pair, ids in pairs.items()} == {
+        ("ipv4_src", "10.200.0.1"): 1, ("ipv4_src", "10.200.0.2"): 1, ("ipv4_dst", "10.1.0.1"): 1}
+    assert sum(("ipv4_dst", "10.1.0.1") in flow.match for flow in flows) >= 2

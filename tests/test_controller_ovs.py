@@ -3,6 +3,8 @@ filters at every layer, redirects with conntrack NAT, cancel, restart and reconn
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mbvisor.controller.pipeline import BASE_COOKIE
@@ -220,6 +222,21 @@ def test_the_same_app_under_every_launcher(lab, tmp_path, launcher, framework):
         controller.ok(bridge.dpid, mb.ofport, f"A {MB_MAC} I 4 s 10.0.0.66")
         expect_dropped(bridge, attacker, mb, 9)
         assert f"mbvisor controller running on {framework}" in controller.log.read_text()
+    finally:
+        controller.stop()
+
+
+def test_mbvisor_controller_starts_lean_in_the_same_process(tmp_path):
+    """``mbvisor controller`` replaces itself (same pid) by a process without eventlet's
+    green DNS and setuptools' distutils shim, which would load dnspython, requests,
+    cryptography and pkg_resources (~29 MB) for nothing."""
+    controller = Controller(tmp_path).start()
+    try:
+        pid = controller.process.pid
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"EVENTLET_NO_GREENDNS=yes" in environment and b"SETUPTOOLS_USE_DISTUTILS=stdlib" in environment
+        assert "cryptography" not in Path(f"/proc/{pid}/maps").read_text()
+        assert controller.get("/v1/health")[0] == 200
     finally:
         controller.stop()
 
