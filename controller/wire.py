@@ -15,6 +15,7 @@ more than the flows themselves.  tests/test_wire.py checks byte equality with os
 
 from __future__ import annotations
 
+import operator
 import socket
 import struct
 from functools import lru_cache
@@ -94,10 +95,30 @@ def _order_key(parser, name: str, value):
 def match_bytes(parser, match) -> bytes:
     """An ofp_match (OXM, padded to 8 bytes) with fields in os-ken's order, and those with
     prerequisites after them (``ofmessages.ofp_match``)."""
-    fields = sorted((_field(parser, name, value) for name, value in match), key=lambda item: item[0])
-    body = b"".join(tlv for _, tlv in fields)
+    tlvs = _TLVS.get(parser)
+    if tlvs is None:
+        tlvs = _TLVS[parser] = {}
+    fields = []
+    for pair in match:
+        field = tlvs.get(pair)
+        if field is None:
+            if len(tlvs) >= MAX_CACHED_TLVS:
+                tlvs.clear()
+            field = tlvs[pair] = _field(parser, *pair)
+        fields.append(field)
+    fields.sort(key=_first)
+    body = b"".join([tlv for _, tlv in fields])
     length = 4 + len(body)
-    return struct.pack("!HH", ofp.OFPMT_OXM, length) + body + bytes(-length % 8)
+    return _MATCH_HEADER.pack(ofp.OFPMT_OXM, length) + body + bytes(-length % 8)
+
+
+# Each match field's TLV by its (name, value) pair, per parser: a middlebox's MAC, ether
+# types and masks recur in every flow, and a filter's address in its two flows one after
+# the other, so a bounded table (cleared when full) encodes most pairs once.
+_TLVS: dict = {}
+MAX_CACHED_TLVS = 4096
+_MATCH_HEADER = struct.Struct("!HH")
+_first = operator.itemgetter(0)
 
 
 def flow_mod(datapath, flow: Flow, command: str, instructions: bytes) -> bytes:

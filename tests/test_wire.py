@@ -107,3 +107,22 @@ def test_fields_packed_without_os_ken_are_os_kens_bytes(field):
     with FakeSwitch(DPID) as switch:
         parser = switch.datapath.ofproto_parser
         assert wire._field(parser, name, value) == wire._encoded_field(parser, name, value)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["ipv4_src", "ipv4_dst"]), _networks(4).map(_value)),
+                min_size=1, max_size=3, unique_by=lambda pair: pair[0]))
+def test_a_match_encodes_the_same_from_the_field_cache_and_after_it_is_cleared(fields):
+    """match_bytes keeps each pair's TLV in a bounded table: a hit, a miss and a miss
+    right after the table was cleared (it is full) give os-ken's own bytes."""
+    match = tuple(sorted([("eth_type", 2048), *fields]))
+    with FakeSwitch(DPID) as switch:
+        parser = switch.datapath.ofproto_parser
+        expected = bytearray()
+        parser.OFPMatch(**dict(match)).serialize(expected, 0)
+        wire._TLVS.clear()
+        assert wire.match_bytes(parser, match) == bytes(expected)  # misses
+        assert wire.match_bytes(parser, match) == bytes(expected)  # hits
+        wire._TLVS[parser] = {("filler", n): None for n in range(wire.MAX_CACHED_TLVS)}
+        assert wire.match_bytes(parser, match) == bytes(expected)  # a full table is cleared first
+        assert len(wire._TLVS[parser]) == len(match)
