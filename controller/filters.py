@@ -45,7 +45,7 @@ from mbvisor.guest.commands import Filter, Layer
 
 from .model import Middlebox
 from .pipeline import (FILTER, FILTER_CONJUNCTION, FRAGMENT_TABLE, MISS, OFFLOAD_TABLE, Action, Flow, cookie_of,
-                       match)
+                       match, match_of)
 
 ETH_IPV4 = 0x0800
 ETH_IPV6 = 0x86DD
@@ -93,14 +93,14 @@ def compile_filters(middlebox: Middlebox, addresses: frozenset[str]) -> set[Flow
             _transport(rules, middlebox, filter, own, ids.get(filter))
         else:
             for fields in _receiving(middlebox.mac, own, filter):
-                rules[(OFFLOAD_TABLE, FILTER, match(**fields))]
+                rules[(OFFLOAD_TABLE, FILTER, match_of(fields))]
     if any(f.layer in (Layer.IP, Layer.TRANSPORT) for f in middlebox.filters):
         for tpid in VLAN_TPIDS:  # a second tag hides what the filters look at
             rules[(OFFLOAD_TABLE, FILTER, match(eth_dst=middlebox.mac, eth_type=tpid))]
     if protocols:
         _fragment_path(rules, middlebox, own, protocols)
     cookie = cookie_of(middlebox.mac)
-    return {Flow(table, priority, fields, tuple(sorted(actions)), cookie)
+    return {Flow(table, priority, fields, tuple(sorted(actions)) if actions else (), cookie)
             for (table, priority, fields), actions in rules.items()}
 
 

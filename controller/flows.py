@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from mbvisor.guest.commands import Filter, Layer
@@ -159,6 +159,24 @@ def compile_middlebox(middlebox: Middlebox, surroundings: Surroundings) -> Switc
     return SwitchConfig(frozenset(compile_filters(middlebox, surroundings.addresses(middlebox)) | redirect_flows),
                         frozenset(groups),
                         tuple(sorted(missing)))
+
+
+def compile_added_filters(before: Middlebox | None, after: Middlebox | None,
+                          surroundings: Surroundings) -> frozenset[Flow] | None:
+    """Only what changed, when that is cheap to know: if ``after`` is ``before`` with more
+    IP or MAC filters and nothing else, the flows that together with
+    ``compile_middlebox(before)``'s make ``compile_middlebox(after)``'s (each such filter's
+    flows do not depend on the others; port filters share conjunctions and fragment
+    paths, so a middlebox with any is compiled whole).  None when it does not apply.  A
+    filter added to a middlebox of 1,000 then costs its own flows, not 2,000."""
+    if before is None or after is None or not surroundings.vouches(after):
+        return None
+    if replace(before, filters=after.filters) != after or not before.filters < after.filters:
+        return None
+    if any(f.layer is Layer.TRANSPORT for f in after.filters):
+        return None
+    added = replace(after, filters=after.filters - before.filters)
+    return frozenset(compile_filters(added, surroundings.addresses(after)))
 
 
 def compile_switch(state: State, dpid: int, surroundings: Surroundings) -> SwitchConfig:

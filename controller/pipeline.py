@@ -32,7 +32,14 @@ def match(**fields) -> Match:
     """A match as sorted (field, value) pairs, None values left out: equal matches compare
     equal however they were built.  Pairs are shared between matches: the reconciler keeps
     200,000 matches, most of them the same MAC and ether type with one address each."""
-    return tuple(sorted(_shared(name, value) for name, value in fields.items() if value is not None))
+    return match_of(fields)
+
+
+def match_of(fields: dict) -> Match:
+    """``match(**fields)`` for a dict the caller built (no copy of it into keywords)."""
+    pairs = [_shared(name, value) for name, value in fields.items() if value is not None]
+    pairs.sort()
+    return tuple(pairs)
 
 
 _ADDRESS_FIELDS = frozenset({"ipv4_src", "ipv4_dst", "ipv6_src", "ipv6_dst", "arp_spa", "ipv6_nd_target"})
@@ -49,7 +56,10 @@ def _shared(name: str, value) -> tuple:
     in each of its group-frame drops: a small table of the last few addresses shares those
     (about 110 bytes per filter at 100k filters)."""
     pair = (name, value)
-    table, bound = (_RECENT_ADDRESSES, MAX_RECENT_ADDRESSES) if name in _ADDRESS_FIELDS else (_PAIRS, MAX_SHARED_PAIRS)
+    if name in _ADDRESS_FIELDS:
+        table, bound = _RECENT_ADDRESSES, MAX_RECENT_ADDRESSES
+    else:
+        table, bound = _PAIRS, MAX_SHARED_PAIRS
     shared = table.get(pair)
     if shared is None:
         if len(table) >= bound:

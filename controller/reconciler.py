@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from .compat import hub
-from .flows import SwitchConfig, base_config, compile_middlebox, compile_switch, owned_groups
+from .flows import SwitchConfig, base_config, compile_added_filters, compile_middlebox, compile_switch, owned_groups
 from . import wire
 from .pacing import Pacer
 from .ofmessages import encode_action, encoded_actions, group_mod, instructions, normal_match
@@ -106,6 +106,11 @@ class Installed:
 
     def flow_count(self) -> int:
         return self.count
+
+    def at(self, flow: Flow) -> Flow | None:
+        """The flow the switch holds with ``flow``'s identity, if any (whoever's cookie)."""
+        held = self.flows.get((flow.table, flow.priority), {}).get(flow.match)
+        return None if held is None else Flow(flow.table, flow.priority, flow.match, held[1], held[0])
 
     def cookie_at(self, flow: Flow) -> int | None:
         """The cookie of the flow the switch holds with ``flow``'s identity, if any."""
@@ -476,7 +481,13 @@ class SwitchReconciler:
         The groups of both zones are managed: a middlebox cancelled and registered again
         in one job may get another zone, and its old groups must go."""
         wanted = after.find(self.dpid, mac)
-        desired = (compile_middlebox(wanted, self._surroundings()) if wanted
+        surroundings = self._surroundings()
+        added = compile_added_filters(before.find(self.dpid, mac), wanted, surroundings)
+        if added is not None:  # compared with what the switch holds at those identities only
+            cookie = cookie_of(mac)
+            held = [flow for flow in map(self.installed.at, added) if flow is not None and flow.cookie == cookie]
+            return self._diff(SwitchConfig(added, frozenset()), held, set())
+        desired = (compile_middlebox(wanted, surroundings) if wanted
                    else SwitchConfig(frozenset(), frozenset()))
         if desired.unresolved:
             raise Abandoned(Failure("UNAVAILABLE", f"backend {', '.join(desired.unresolved)} did not answer ARP; "

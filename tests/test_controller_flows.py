@@ -6,6 +6,7 @@ exactly what the controller would give it.  No switch is involved."""
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -17,12 +18,14 @@ from mbvisor.controller.filters import (GROUP, VLAN_PRESENT, _port_masks, compil
 from mbvisor.controller.flows import (BASE_COOKIE, ETH_IPV4, ETH_IPV6, FILTER,
                                       OFFLOAD_TABLE, REDIRECT, REDIRECT_FROM_SOURCE, REDIRECT_REPLY,
                                       REDIRECT_TABLE, Flow, Neighbour, SwitchConfig, Surroundings,
-                                      base_config, compile_middlebox, compile_redirects,
+                                      base_config, compile_added_filters, compile_middlebox, compile_redirects,
                                       compile_switch, cookie_of, ct_state, group_id, owned_groups)
 from mbvisor.controller.pipeline import (BACKEND_ANSWER, ENTERED, FRAGMENT_TABLE, INGRESS_TABLE, NEIGHBOUR_DISCOVERY,
                                          STRAY, port_cookie)
 from mbvisor.controller.pipeline import COOKIE_TAG, COOKIE_TAG_MASK
 from mbvisor.controller.model import Binding, Middlebox, State, apply
+from mbvisor.controller.trust import TrustMode
+from mbvisor.guest.commands import Layer
 from mbvisor.guest.grammar import parse_command
 
 FAST = settings(max_examples=60, deadline=None)
@@ -545,6 +548,39 @@ def test_ip_networks_become_address_and_netmask(text, name, network):
     expected = ipaddress.ip_network(network)
     assert ipaddress.ip_address(address) == expected.network_address
     assert ipaddress.ip_address(mask) == expected.netmask
+
+
+@FAST
+@given(st.lists(st.sampled_from(FILTER_TEXTS), unique=True), st.lists(st.sampled_from(FILTER_TEXTS), unique=True),
+       st.lists(st.sampled_from(REDIRECT_TEXTS), unique=True), st.booleans())
+def test_added_ip_and_mac_filters_compile_to_exactly_what_the_whole_middlebox_adds(earlier, later, redirects, both):
+    """compile_added_filters: when it answers, its flows and the earlier ones are the
+    whole middlebox's, whatever the filters (every layer), redirects and addresses; it
+    answers for a strict superset of IP and MAC filters with nothing else changed."""
+    register = f"R F {MAC} 10.0.0.100" if not both else f"R F {MAC} 2001:db8::100"  # + the balancer's
+    redirect = [f"R L {MAC} 10.0.0.100 {t}" for t in redirects]
+    before = build(register, *[f"A {MAC} {t}" for t in earlier], *redirect).find(1, MAC)
+    after = build(register, *[f"A {MAC} {t}" for t in earlier + later], *redirect).find(1, MAC)
+    added = compile_added_filters(before, after, LAB)
+    layers = {parse_command(f"A {MAC} {t}").filter.layer for t in earlier + later}
+    applies = before.filters < after.filters and Layer.TRANSPORT not in layers
+    assert (added is not None) == applies
+    if added is not None:
+        assert compile_middlebox(before, LAB).flows | added == compile_middlebox(after, LAB).flows
+        assert added <= compile_middlebox(after, LAB).flows
+
+
+def test_added_filters_are_not_compiled_alone_after_any_other_change():
+    before = build(f"R F {MAC} 10.0.0.100", f"A {MAC} I 4 s 10.9.0.1").find(1, MAC)
+    grown = build(f"R F {MAC} 10.0.0.100", f"A {MAC} I 4 s 10.9.0.1", f"A {MAC} I 4 s 10.9.0.2").find(1, MAC)
+    assert compile_added_filters(before, grown, LAB) is not None
+    assert compile_added_filters(before, replace(grown, firewall_ip="10.0.0.101"), LAB) is None   # addresses
+    assert compile_added_filters(before, replace(grown, port=9), LAB) is None                     # moved
+    assert compile_added_filters(grown, before, LAB) is None                                      # removed
+    assert compile_added_filters(before, before, LAB) is None                                     # unchanged
+    assert compile_added_filters(None, grown, LAB) is None and compile_added_filters(before, None, LAB) is None
+    unannotated_refused = Surroundings(mode=TrustMode.ANNOTATIONS)  # nothing vouches for it: compiled whole
+    assert compile_added_filters(before, grown, unannotated_refused) is None
 
 
 def test_address_pairs_are_shared_between_the_flows_of_a_middlebox():
