@@ -235,21 +235,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def relaunch_lean(argv: list[str]) -> None:
-    """Replace this process (same pid) by one started with ``LEAN_CONTROLLER_ENVIRONMENT``,
-    unless every variable is already set: both are read when the interpreter starts or
-    eventlet is first imported, too early to set them here."""
+def relaunch_lean() -> None:
+    """Replace this process (same pid, same command line with the interpreter's own
+    options) by one started with ``LEAN_CONTROLLER_ENVIRONMENT``, unless every variable
+    is already set: both are read when the interpreter starts or eventlet is first
+    imported, too early to set them here."""
     missing = {name: value for name, value in LEAN_CONTROLLER_ENVIRONMENT.items() if name not in os.environ}
     if missing:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "mbvisor.agents.cli", *argv], {**os.environ, **missing})
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, **missing})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None and args.handler is controller:
-        relaunch_lean(sys.argv[1:])
+        relaunch_lean()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

@@ -178,6 +178,11 @@ class SwitchReconciler:
         self.meters: set[int] = set()  # meters set up on this connection
         self.link: SwitchLink | None = None
         self.installed = Installed()
+        # Middleboxes whose whole compiled flows the switch is known to hold, each as the
+        # value they were compiled from: set when a job that installed them committed,
+        # dropped before anything else installs them and whenever the record is re-read.
+        # Only these may be changed by compiling just their added filters.
+        self.exact: dict[str, object] = {}
         self.synced = False
         self.connected_at: float | None = None
         self.connected_clock = 0.0
@@ -325,6 +330,7 @@ class SwitchReconciler:
         return [], refused
 
     def _converge(self, job: Job) -> None:
+        self.exact.clear()
         if not (self.connected and self.synced):
             return  # the reconciliation still to come compiles the new annotations
         try:
@@ -428,15 +434,33 @@ class SwitchReconciler:
         refusal."""
         plan = self.service.plan(self.dpid, requests)
         try:
+            failure = None
             if plan.touched:
-                failure = self._install(plan.before, plan.after, plan.touched, plan.backends)
+                exact = self._take_exact(plan.before, plan.touched)
+                failure = self._install(plan.before, plan.after, plan.touched, plan.backends, exact)
                 if failure is not None:
                     if failure.code == "switch-error" and len(_by_channel(requests)) > 1:
                         return None  # after the release below: each channel alone
                     plan = plan.failed(failure)
-            return self.service.commit(self.dpid, plan)
+            answers = self.service.commit(self.dpid, plan)
+            if failure is None:
+                for mac in plan.touched:
+                    if (middlebox := plan.after.find(self.dpid, mac)) is not None:
+                        self.exact[mac] = middlebox
+            return answers
         finally:
             self.service.release(plan)
+
+    def _take_exact(self, before, macs) -> set[str]:
+        """The ``macs`` the switch is known to hold whole as they are in ``before``; none
+        of them stays known while it is being changed."""
+        known = {mac: self.exact.pop(mac, None) for mac in macs}
+        return {mac for mac, middlebox in known.items()
+                if middlebox is not None and middlebox is before.find(self.dpid, mac)}
+
+    def _forget_exact(self, macs) -> None:
+        for mac in macs:
+            self.exact.pop(mac, None)
 
     def _retire(self, job: Job) -> None:
         """Checked when it runs, after any job that was in flight when the port went."""
@@ -445,6 +469,7 @@ class SwitchReconciler:
         macs = {mb.mac for mb in before.on(self.dpid) if mb.port in job.ports}
         if not macs:
             return
+        self._forget_exact(macs)
         if self._install(before, self.service.state, macs, set()) is None:
             self.applied = self.generation
         else:
@@ -453,19 +478,21 @@ class SwitchReconciler:
 
     def _refresh(self, job: Job) -> None:
         state = self.service.state
+        self._forget_exact(job.macs)
         self._install(state, state, set(job.macs), set())
 
-    def _install(self, before, after, macs, backends) -> Failure | None:
+    def _install(self, before, after, macs, backends, exact=frozenset()) -> Failure | None:
         """Flows of the ``macs`` middleboxes from ``before`` to ``after`` as one bundle,
         compiled one middlebox at a time while the earlier ones are already on their way.
-        None when the switch confirmed; else why not."""
+        Of the ``exact`` ones the switch holds the whole compiled ``before``.  None when
+        the switch confirmed; else why not."""
         if not self.connected:
             return Failure("UNAVAILABLE", f"switch {self.dpid:016x} is not connected; try again", "switch-down")
         if not self.synced:
             return Failure("UNAVAILABLE", f"switch {self.dpid:016x} is being reconciled; try again", "switch-down")
         try:
             self._resolve(backends)
-            errors = self._stream(self._middlebox_changes(before, after, mac) for mac in sorted(macs))
+            errors = self._stream(self._middlebox_changes(before, after, mac, mac in exact) for mac in sorted(macs))
         except Abandoned as abandoned:
             return abandoned.failure
         except SwitchUnreachable as error:
@@ -476,13 +503,17 @@ class SwitchReconciler:
             return Failure("REJECTED", "switch refused: " + "; ".join(errors), "switch-error")
         return None
 
-    def _middlebox_changes(self, before, after, mac: str) -> Changes:
+    def _middlebox_changes(self, before, after, mac: str, exact: bool = False) -> Changes:
         """Raises Abandoned if a backend the flows need is not located yet (labs: ARP).
         The groups of both zones are managed: a middlebox cancelled and registered again
-        in one job may get another zone, and its old groups must go."""
+        in one job may get another zone, and its old groups must go.  Only added filters
+        are compiled when the switch is known to hold the whole of ``before`` (``exact``):
+        anything it lacks (refused at a reconnection, a redirect whose backend was not
+        located then, a change confirmed but not committed) is repaired by compiling the
+        middlebox whole."""
         wanted = after.find(self.dpid, mac)
         surroundings = self._surroundings()
-        added = compile_added_filters(before.find(self.dpid, mac), wanted, surroundings)
+        added = compile_added_filters(before.find(self.dpid, mac), wanted, surroundings) if exact else None
         if added is not None:  # compared with what the switch holds at those identities only
             cookie = cookie_of(mac)
             held = [flow for flow in map(self.installed.at, added) if flow is not None and flow.cookie == cookie]
@@ -512,6 +543,7 @@ class SwitchReconciler:
         descriptions = self.link.request(datapath.ofproto_parser.OFPGroupDescStatsRequest(datapath, 0))
         installed.groups = {d.group_id: _wire_buckets([b.actions for b in d.buckets]) for d in descriptions}
         self.installed = installed
+        self.exact.clear()
 
     def _diff(self, desired: SwitchConfig, installed, managed_groups: set[int]) -> Changes:
         def same_flow(want: Flow, have: Flow) -> bool:

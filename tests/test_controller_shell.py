@@ -931,3 +931,66 @@ def test_a_filter_added_to_a_large_middlebox_sends_only_its_own_flows(host, monk
     assert len(filter_flows(fake)) == len(expected)
     for source, verdict in (("10.99.0.1", "drop"), ("10.66.0.2", "drop"), ("10.66.0.1", "normal")):
         assert fake.trace(CLIENT_PORT, eth_dst=MAC, eth_type=0x0800, ipv4_src=source).verdict == verdict, source
+
+
+# --- only added filters are compiled when the switch is known to hold the rest ----------------
+
+
+def test_a_middlebox_refused_at_reconnection_is_compiled_whole_by_its_next_filter(host, fast_timeouts):
+    """Its earlier filter was refused while the switch was reconciled: an added filter
+    must not be confirmed OK while that one is still missing (it is sent again)."""
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")
+    fake.clear_flows()  # ovs-vswitchd restarted
+    fake.refuse(lambda m: type(m).__name__ == "OFPFlowMod" and "10.66.0.0" in str(m.match), times=None)
+    host.service.switch_disconnected(fake.datapath)
+    fake.reconnect()
+    reconciler = host.service.reconcilers[DPID]
+    wait_until(lambda: reconciler.synced and reconciler.last_error is not None, what="refused in parts")
+    fake._refusals.clear()  # the cause went away
+    host.ok(f"A {MAC} I 4 s 10.99.0.1")
+    for source in ("10.66.1.1", "10.99.0.1"):
+        assert fake.trace(CLIENT_PORT, eth_dst=MAC, eth_type=0x0800, ipv4_src=source).verdict == "drop", source
+
+
+def test_a_change_confirmed_but_not_committed_is_undone_by_the_next_filter(host, monkeypatch):
+    """The switch took a filter, then storing the job failed (INTERNAL, nothing applied):
+    the next added filter compiles the middlebox whole, which removes the orphan."""
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")
+    real_save, failures = Store.save, []
+
+    def save_failing_once(self, *args, **kwargs):
+        if not failures:
+            failures.append("disk full")
+            raise OSError("disk full")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "save", save_failing_once)
+    assert host.run(f"A {MAC} I 4 s 10.77.0.0/16")[0].status == "INTERNAL"
+    host.ok(f"A {MAC} I 4 s 10.99.0.1")
+    assert fake.trace(CLIENT_PORT, eth_dst=MAC, eth_type=0x0800, ipv4_src="10.77.1.1").verdict == "normal"
+    assert fake.trace(CLIENT_PORT, eth_dst=MAC, eth_type=0x0800, ipv4_src="10.99.0.1").verdict == "drop"
+
+
+def test_redirects_missing_since_a_restart_come_back_with_the_next_filter(tmp_path, fast_timeouts):
+    """Lab mode: a backend silent while a restarted controller reconciled leaves its
+    balancer without redirects; the next filter compiles the middlebox whole, so once
+    the backend is located they are installed."""
+    first = Host(tmp_path)
+    fake = first.switch()
+    fake.add_host("10.0.0.11", "02:00:00:00:00:11", BACKEND_PORT)
+    first.ok(f"R F {MAC} 10.0.0.5", f"R L {MAC} 10.0.0.6 0 * 10.0.0.11", f"A {MAC} I 4 s 10.66.0.0/16")
+    first.close()
+    host = Host(tmp_path)
+    try:
+        fake = host.switch()
+        redirects = lambda: [f for f in fake.flows(REDIRECT_TABLE) if f.cookie == cookie_of(MAC)]
+        assert redirects() == []
+        fake.add_host("10.0.0.11", "02:00:00:00:00:11", BACKEND_PORT)
+        host.service.reconcilers[DPID].probe_backends()
+        wait_until(lambda: "10.0.0.11" in host.service.neighbours_of(DPID), what="the backend located")
+        host.ok(f"A {MAC} I 4 s 10.99.0.1")
+        assert redirects()
+    finally:
+        host.close()
