@@ -26,6 +26,19 @@ class RingFull(ChannelError):
     """Every slot holds a command the host has not answered yet (or an answer not yet read)."""
 
 
+class ChannelBusy(ChannelError):
+    """Another writer held the channel's lock until the deadline; nothing was sent."""
+
+
+class AnswerLost(ChannelError):
+    """The command was answered, but its writer had not read the answer by the time it
+    promised (its collect-by time), so another writer reused the slot."""
+
+    def __init__(self, message: str, seq: int):
+        super().__init__(message)
+        self.seq = seq
+
+
 class ResponseTimeout(ChannelError):
     """The command is in the ring but the host did not answer in time; it stays pending."""
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import ring
-from .channel_errors import ChannelError, CommandTooLong, ResponseTimeout, RingFull
+from .channel_errors import AnswerLost, ChannelBusy, ChannelError, CommandTooLong, ResponseTimeout, RingFull
 from .errors import CommandError
 from .grammar import format_frame, parse_frame
 from .region import open_region
@@ -35,9 +35,9 @@ EXIT_CODES = {
     EXIT_HOST_ERROR: "the host answered with an error (refused, rejected, corrupt, ...)",
     EXIT_USAGE: "wrong arguments",
     EXIT_INVALID_COMMAND: "the command is not valid grammar; nothing was sent",
-    EXIT_TIMEOUT: "no answer in time; the command stays pending in the ring",
+    EXIT_TIMEOUT: "no answer in time (the command stays pending in the ring), or its answer was lost",
     EXIT_CHANNEL: "no usable channel: device missing, foreign or too small region, re-initialised",
-    EXIT_RING_FULL: "every slot is waiting for the host; nothing was sent",
+    EXIT_RING_FULL: "no slot (or the channel's lock) came free before the timeout; nothing was sent",
 }
 
 LAYERS = {"ip": "I", "mac": "M", "transport": "T"}
@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--device", metavar="BDF", help="ivshmem PCI device (default: the only one)")
     where.add_argument("--shm", metavar="PATH", help="region file instead of the device, e.g. /dev/shm/mb0")
-    parser.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait (default 5)")
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                        help="seconds for everything: the channel's lock, a free slot and the answer (default 5); "
+                             "nothing is sent once they have passed")
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
     parser.add_argument("--raw", action="store_true", help="with -w: send the text unchecked (testing the host)")
     sub = parser.add_subparsers(dest="action", metavar="COMMAND")
@@ -200,11 +202,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"channel re-initialised, epoch {writer.initialise():#010x}")
                 return EXIT_OK
             return send(writer, command_text(args), args)
-    except ResponseTimeout as error:
+    except (ResponseTimeout, AnswerLost) as error:
         return fail(str(error), EXIT_TIMEOUT, args)
     except CommandTooLong as error:
         return fail(str(error), EXIT_INVALID_COMMAND, args)
-    except RingFull as error:
+    except (RingFull, ChannelBusy) as error:
         return fail(str(error), EXIT_RING_FULL, args)
     except ChannelError as error:
         return fail(str(error), EXIT_CHANNEL, args)

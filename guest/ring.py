@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -38,9 +39,10 @@ OFFSET_PUBLISH = 24
 OFFSET_CONSUME = 32
 OFFSET_HOST_EPOCH = 40
 
-# Command slot: seq, epoch, length, crc32, writer_pid, state.
-_COMMAND = struct.Struct("<QIIIII")
+# Command slot: seq, epoch, length, crc32, writer_pid, state, collect_by.
+_COMMAND = struct.Struct("<QIIIIII")
 OFFSET_SLOT_STATE = 24
+NO_PROMISE = 0  # collect_by: the writer named no time by which it collects its answer
 # Response slot: seq, epoch, length, crc32, status, flags.
 _RESPONSE = struct.Struct("<QIIIHH")
 
@@ -213,8 +215,11 @@ class CommandSlot:
     state: int
 
 
-def encode_command(buf, geometry: Geometry, seq: int, epoch: int, payload: bytes, writer_pid: int) -> None:
-    """Write a command slot: payload first, then the fields and CRC that make it valid."""
+def encode_command(buf, geometry: Geometry, seq: int, epoch: int, payload: bytes, writer_pid: int,
+                   collect_by: int = NO_PROMISE) -> None:
+    """Write a command slot: payload first, then the fields and CRC that make it valid.
+    ``collect_by`` (``clock_ms()`` units): when the writer will have read or abandoned
+    the answer; later, another writer may reuse the answered slot."""
     if len(payload) > geometry.max_command_length:
         raise LayoutError(f"command of {len(payload)} bytes exceeds the slot's {geometry.max_command_length}")
     offset = geometry.command_offset(seq)
@@ -222,13 +227,13 @@ def encode_command(buf, geometry: Geometry, seq: int, epoch: int, payload: bytes
     buf[start:start + len(payload)] = payload
     fixed = struct.pack("<QII", seq, epoch, len(payload))
     _COMMAND.pack_into(buf, offset, seq, epoch, len(payload), _crc(fixed, payload),
-                       writer_pid, SlotState.PUBLISHED)
+                       writer_pid, SlotState.PUBLISHED, collect_by)
 
 
 def decode_command(buf, geometry: Geometry, seq: int, epoch: int) -> CommandSlot | str:
     """The command expected at ``seq``, or a description of why the slot is not it."""
     offset = geometry.command_offset(seq)
-    got_seq, got_epoch, length, crc, pid, state = _COMMAND.unpack_from(buf, offset)
+    got_seq, got_epoch, length, crc, pid, state, _ = _COMMAND.unpack_from(buf, offset)
     if got_seq != seq:
         return f"slot holds sequence {got_seq}, expected {seq}"
     if got_epoch != epoch:
@@ -242,11 +247,42 @@ def decode_command(buf, geometry: Geometry, seq: int, epoch: int) -> CommandSlot
     return CommandSlot(seq, epoch, payload, pid, state)
 
 
-def read_command_owner(buf, geometry: Geometry, seq: int) -> tuple[int, int, int]:
-    """(seq, writer_pid, state) of the slot that ``seq`` maps to: what a writer needs to
-    decide whether the slot's previous occupant has been collected."""
-    got_seq, _, _, _, pid, state = _COMMAND.unpack_from(buf, geometry.command_offset(seq))
-    return got_seq, pid, state
+@dataclass(frozen=True)
+class SlotOwner:
+    """Who the command in a slot belongs to: what a writer needs to decide whether the
+    slot's previous occupant is done with it."""
+
+    seq: int
+    epoch: int
+    writer_pid: int
+    state: int
+    collect_by: int
+
+    def promise_expired(self, now_ms: int) -> bool:
+        """The writer's collect-by time has passed (never, for NO_PROMISE)."""
+        return self.collect_by != NO_PROMISE and not clock_ms_before(now_ms, self.collect_by)
+
+
+def read_command_owner(buf, geometry: Geometry, seq: int) -> SlotOwner:
+    """The owner of the slot that ``seq`` maps to."""
+    got_seq, epoch, _, _, pid, state, collect_by = _COMMAND.unpack_from(buf, geometry.command_offset(seq))
+    return SlotOwner(got_seq, epoch, pid, state, collect_by)
+
+
+def clock_ms() -> int:
+    """CLOCK_MONOTONIC in milliseconds, modulo 2**32, never NO_PROMISE: the clock every
+    process of one guest shares, in the unit of ``collect_by``."""
+    return (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000) % (1 << 32) or 1
+
+
+def clock_ms_after(milliseconds: float) -> int:
+    return (clock_ms() + max(1, int(milliseconds))) % (1 << 32) or 1
+
+
+def clock_ms_before(a: int, b: int) -> bool:
+    """``a`` is earlier than ``b`` on the wrapping 32-bit clock (they are < 2**31 ms, about
+    24 days, apart)."""
+    return 0 < (b - a) % (1 << 32) < (1 << 31)
 
 
 @dataclass(frozen=True)

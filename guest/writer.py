@@ -6,8 +6,10 @@ descriptor, plus a thread lock for threads sharing one writer.  Waiting for an a
 happens outside the lock, so writers pipeline.
 
 A slot is reused only when the host has answered its previous command *and* that
-command's writer has read the answer (or gave up, or died), so an answer is never
-overwritten before the one waiting for it has seen it.
+command's writer has read the answer, gave up, died, or let the time pass by which it
+promised to read it (``collect_by``): a writer that stops reading (stopped, hung, buggy)
+costs its own answers, not every other writer's slots.  Every wait, for the lock too,
+ends at the caller's deadline, and nothing is published after it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from dataclasses import dataclass
 
 from . import ring
 from .backoff import Backoff
-from .channel_errors import (BadRegion, ChannelReset, CommandTooLong, RegionTooSmall, ResponseTimeout,
-                             RingFull)
+from .channel_errors import (AnswerLost, BadRegion, ChannelBusy, ChannelReset, CommandTooLong, RegionTooSmall,
+                             ResponseTimeout, RingFull)
 from .region import Region
 
 
@@ -31,6 +33,10 @@ from .region import Region
 # keyed by (epoch, seq): epochs are random per region, so keys do not collide.
 _STASH: dict[tuple[int, int], ring.Response] = {}
 _STASH_LOCK = threading.Lock()
+
+# How long after submitting a writer that did not say otherwise keeps the right to its
+# answer (``submit(collect_within=...)``; ``request()`` promises its own deadline).
+DEFAULT_COLLECT_WITHIN = 60.0
 
 
 @dataclass(frozen=True)
@@ -62,13 +68,37 @@ class ChannelWriter:
         self._pid = os.getpid()
 
     @contextmanager
-    def _locked(self):
-        with self._threads:
-            fcntl.flock(self.region.fd, fcntl.LOCK_EX)
+    def _locked(self, deadline: float | None = None):
+        """The writers' lock (this process's threads, then every process's flock); with a
+        ``deadline`` (monotonic seconds), ChannelBusy once it passes without the lock."""
+        if not self._threads.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+            raise ChannelBusy(self._busy())
+        try:
+            self._flock(deadline)
             try:
                 yield
             finally:
                 fcntl.flock(self.region.fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+    def _flock(self, deadline: float | None) -> None:
+        if deadline is None:
+            fcntl.flock(self.region.fd, fcntl.LOCK_EX)
+            return
+        backoff = Backoff(ceiling=1e-3)
+        while True:
+            try:
+                fcntl.flock(self.region.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ChannelBusy(self._busy()) from None
+                backoff.wait(deadline)
+
+    def _busy(self) -> str:
+        return (f"{self.region.path}: another writer held the channel's lock until the deadline "
+                "(a writer stuck while publishing?); nothing was sent")
 
     def _header(self, *, initialise_blank: bool) -> ring.Header:
         header = ring.read_header(self.region.buf)
@@ -113,29 +143,48 @@ class ChannelWriter:
         with self._locked():
             return self._header(initialise_blank=True)
 
-    def submit(self, payload: bytes, timeout: float = 5.0) -> Ticket:
-        """Publish one command; waits up to ``timeout`` for a free slot, else RingFull."""
+    def submit(self, payload: bytes, timeout: float = 5.0, collect_within: float = DEFAULT_COLLECT_WITHIN,
+               collect: bool = True) -> Ticket:
+        """Publish one command; waits up to ``timeout`` for the lock and a free slot, else
+        ChannelBusy or RingFull, and nothing is published after the deadline.  The writer
+        promises to read the answer within ``collect_within`` seconds (later, another
+        writer may reuse the answered slot); ``collect=False``: nobody will read it."""
         deadline = time.monotonic() + timeout
         backoff = Backoff(ceiling=1e-3)
         while True:
-            with self._locked():
+            with self._locked(deadline):
                 header = self._header(initialise_blank=True)
                 geometry = header.geometry
                 if len(payload) > geometry.max_command_length:
                     raise CommandTooLong(f"command of {len(payload)} bytes does not fit this ring's "
                                          f"{geometry.max_command_length}-byte slots; send it in parts")
                 seq = header.publish
+                if time.monotonic() >= deadline:
+                    raise RingFull(self._full(header, seq))
                 if self._slot_reusable(header, seq):
-                    ring.encode_command(self.region.buf, geometry, seq, header.guest_epoch,
-                                        payload, self._pid)
+                    if collect:
+                        pid, collect_by = self._pid, ring.clock_ms_after(collect_within * 1000)
+                    else:
+                        pid, collect_by = 0, ring.NO_PROMISE
+                    ring.encode_command(self.region.buf, geometry, seq, header.guest_epoch, payload, pid, collect_by)
                     ring.write_u64(self.region.buf, ring.OFFSET_PUBLISH, seq + 1)
                     return Ticket(seq, header.guest_epoch)
-                pending = seq - header.host_consume
                 self._stash_own_answers(header)
-            if time.monotonic() >= deadline:
-                raise RingFull(f"ring full: {pending} of {geometry.slot_count} commands are waiting "
-                               f"for the host (is the mbvisor agent running?)")
             backoff.wait(deadline)
+
+    def _full(self, header: ring.Header, seq: int) -> str:
+        """Why the slot for ``seq`` is still taken: the host is behind, or a writer has not
+        read its answer (these need different fixes)."""
+        geometry = header.geometry
+        pending = seq - header.host_consume
+        if pending >= geometry.slot_count:
+            return (f"ring full: {pending} of {geometry.slot_count} commands are waiting for the host "
+                    "(is the mbvisor agent running?); nothing was sent")
+        owner = ring.read_command_owner(self.region.buf, geometry, seq)
+        promise = ("no time given" if owner.collect_by == ring.NO_PROMISE
+                   else f"promised within {(owner.collect_by - ring.clock_ms()) % (1 << 32) / 1000:.1f} s")
+        return (f"ring full: the host answered command {owner.seq}, but its writer (process "
+                f"{owner.writer_pid}, alive, {promise}) has not read the answer yet; nothing was sent")
 
     def _slot_reusable(self, header: ring.Header, seq: int) -> bool:
         geometry = header.geometry
@@ -143,13 +192,14 @@ class ChannelWriter:
             return False
         if seq < geometry.slot_count:
             return True
-        previous, pid, state = ring.read_command_owner(self.region.buf, geometry, seq)
-        if previous != seq - geometry.slot_count or state != ring.SlotState.PUBLISHED:
+        owner = ring.read_command_owner(self.region.buf, geometry, seq)
+        if (owner.seq != seq - geometry.slot_count or owner.epoch != header.guest_epoch
+                or owner.state != ring.SlotState.PUBLISHED):
             return True
-        if pid != self._pid:
-            return not _alive(pid)
+        if owner.writer_pid != self._pid:
+            return not _alive(owner.writer_pid) or owner.promise_expired(ring.clock_ms())
         self._stash_own_answers(header)
-        return ring.read_command_owner(self.region.buf, geometry, seq)[2] != ring.SlotState.PUBLISHED
+        return ring.read_command_owner(self.region.buf, geometry, seq).state != ring.SlotState.PUBLISHED
 
     def _stash_own_answers(self, header: ring.Header) -> None:
         """Pipelining writers can block each other: each one's next slot holds an answer the
@@ -158,8 +208,9 @@ class ChannelWriter:
         for ``wait()``, and frees those slots."""
         geometry = header.geometry
         for seq in range(max(0, header.host_consume - geometry.slot_count), header.host_consume):
-            owner_seq, pid, state = ring.read_command_owner(self.region.buf, geometry, seq)
-            if owner_seq != seq or pid != self._pid or state != ring.SlotState.PUBLISHED:
+            owner = ring.read_command_owner(self.region.buf, geometry, seq)
+            if (owner.seq != seq or owner.epoch != header.guest_epoch or owner.writer_pid != self._pid
+                    or owner.state != ring.SlotState.PUBLISHED):
                 continue
             ticket = Ticket(seq, header.guest_epoch)
             response = ring.decode_response(self.region.buf, geometry, seq, header.guest_epoch)
@@ -170,16 +221,16 @@ class ChannelWriter:
 
     def wait(self, ticket: Ticket, timeout: float = 5.0) -> ring.Response:
         """The host's answer to ``ticket``; ResponseTimeout leaves the command pending."""
-        with _STASH_LOCK:
-            stashed = _STASH.pop((ticket.epoch, ticket.seq), None)
-        if stashed is not None:
-            return stashed
         deadline = time.monotonic() + timeout
         # A waiting writer polls at least every millisecond: the answer's latency is what the
         # middlebox is waiting for, and the cost ends with the wait.
         backoff = Backoff(ceiling=1e-3)
         buf = self.region.buf
         while True:
+            with _STASH_LOCK:  # another thread of this process waiting for a slot read it
+                stashed = _STASH.pop((ticket.epoch, ticket.seq), None)
+            if stashed is not None:
+                return stashed
             header = ring.read_header(buf)
             if header.guest_epoch != ticket.epoch or header.problem(self.region.size):
                 raise ChannelReset(f"channel was re-initialised while command {ticket.seq} waited; "
@@ -188,6 +239,10 @@ class ChannelWriter:
             if response is not None:
                 self._mark(header.geometry, ticket, ring.SlotState.COLLECTED)
                 return response
+            owner = ring.read_command_owner(buf, header.geometry, ticket.seq)
+            if (owner.seq, owner.epoch) != (ticket.seq, ticket.epoch):
+                raise AnswerLost(f"the answer to command {ticket.seq} was not read by the time this writer "
+                                 "promised, and another writer reused its slot; its outcome is unknown", ticket.seq)
             if time.monotonic() >= deadline:
                 self._mark(header.geometry, ticket, ring.SlotState.ABANDONED)
                 ahead = ticket.seq - header.host_consume
@@ -197,15 +252,16 @@ class ChannelWriter:
             backoff.wait(deadline)
 
     def _mark(self, geometry: ring.Geometry, ticket: Ticket, state: ring.SlotState) -> None:
-        """Record that nobody waits for this slot's answer any more, so it may be reused."""
-        seq, _, _ = ring.read_command_owner(self.region.buf, geometry, ticket.seq)
-        if seq == ticket.seq:
+        """Record that nobody waits for this slot's answer any more, so it may be reused
+        (only if the slot still holds this ticket's command, of this epoch)."""
+        owner = ring.read_command_owner(self.region.buf, geometry, ticket.seq)
+        if (owner.seq, owner.epoch) == (ticket.seq, ticket.epoch):
             ring.write_u32(self.region.buf, geometry.command_offset(ticket.seq) + ring.OFFSET_SLOT_STATE,
                            state)
 
     def request(self, payload: bytes, timeout: float = 5.0) -> ring.Response:
-        """Submit and wait, sharing one deadline."""
+        """Submit and wait, sharing one deadline (also the promise to read the answer)."""
         deadline = time.monotonic() + timeout
-        ticket = self.submit(payload, timeout)
+        ticket = self.submit(payload, timeout, collect_within=timeout)
         return self.wait(ticket, max(0.0, deadline - time.monotonic()))
 

@@ -3,6 +3,7 @@ restart, re-initialisation, full ring, time-outs and hostile bytes."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import threading
@@ -11,11 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mbvisor.guest import ring
-from mbvisor.guest.channel_errors import (BadRegion, ChannelReset, DeviceNotFound, RegionTooSmall,
-                                          ResponseTimeout, RingFull)
+from mbvisor.guest.channel_errors import (AnswerLost, BadRegion, ChannelBusy, ChannelReset, DeviceNotFound,
+                                          RegionTooSmall, ResponseTimeout, RingFull)
 from mbvisor.guest.reader import ChannelReader, serve
 from mbvisor.guest.region import open_file, open_shm
 from mbvisor.guest.writer import ChannelWriter, Ticket
+from mbvisor.topologies.netlab import wait_until
 
 SMALL = ring.Geometry(4, 128, 128)
 
@@ -91,7 +93,7 @@ def test_answer_not_yet_read_is_never_overwritten(make_channel):
     try:
         assert os.read(published[0], 1) == b"!"
         answer_all(reader)
-        with pytest.raises(RingFull):
+        with pytest.raises(RingFull, match=f"host answered command 0, but its writer \\(process {pid}, alive"):
             writer.submit(b"y", timeout=0.05)
         os.write(release[1], b"!")
         assert os.waitpid(pid, 0)[1] == 0
@@ -99,6 +101,102 @@ def test_answer_not_yet_read_is_never_overwritten(make_channel):
     finally:
         for fd in published + release:
             os.close(fd)
+
+
+def test_a_live_writer_that_never_reads_blocks_others_only_until_its_promise(make_channel):
+    """A writer that stops reading (stopped, hung, buggy) while alive: past the time it
+    promised to read its answers by, the others reuse its answered slots, and it learns
+    that its answer is lost instead of reading someone else's."""
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    published, release, verdict = os.pipe(), os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        other = ChannelWriter(open_file(writer.region.path))
+        tickets = [other.submit(b"x", collect_within=0.05) for _ in range(SMALL.slot_count)]
+        os.write(published[1], b"!")
+        os.read(release[0], 1)
+        try:
+            other.wait(tickets[0], timeout=5)
+            os.write(verdict[1], b"read an answer")
+        except AnswerLost:
+            os.write(verdict[1], b"lost")
+        os._exit(0)
+    try:
+        assert os.read(published[0], 1) == b"!"
+        answer_all(reader)
+        buf = writer.region.buf
+        wait_until(lambda: all(ring.read_command_owner(buf, SMALL, seq).promise_expired(ring.clock_ms())
+                               for seq in range(SMALL.slot_count)), what="the other writer's promise to pass")
+        ticket = writer.submit(b"y", timeout=1)
+        assert ticket.seq == SMALL.slot_count
+        answer_all(reader)
+        assert writer.wait(ticket).text == "ok y"
+        os.write(release[1], b"!")
+        assert os.read(verdict[0], 64) == b"lost"
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        for fd in published + release + verdict:
+            os.close(fd)
+
+
+def test_commands_nobody_will_read_free_their_slots_once_answered(make_channel):
+    """``collect=False`` writes writer_pid 0: the answer is for the host's log only."""
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    for _ in range(SMALL.slot_count):
+        writer.submit(b"fire and forget", collect=False)
+    with pytest.raises(RingFull, match="waiting for the host"):
+        writer.submit(b"x", timeout=0.02)
+    answer_all(reader)
+    assert writer.submit(b"next lap", timeout=0.05).seq == SMALL.slot_count
+    assert ring.read_command_owner(writer.region.buf, SMALL, 1).writer_pid == 0
+
+
+def in_thread(call):
+    """``call()`` in a thread: its outcome, or a failure if it is still blocked after a while
+    (the test fails instead of hanging if a deadline is not kept)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except Exception as error:  # the outcome under test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "still blocked long after its deadline"
+    return outcome
+
+
+def test_a_writer_stuck_holding_the_lock_costs_others_their_deadline_and_sends_nothing(make_channel):
+    writer = make_channel(SMALL)
+    holder = open_file(writer.region.path)
+    fcntl.flock(holder.fd, fcntl.LOCK_EX)  # another descriptor: another writer, as far as flock goes
+    try:
+        outcome = in_thread(lambda: writer.submit(b"x", timeout=0.1))
+        assert isinstance(outcome.get("error"), ChannelBusy), outcome
+        assert "nothing was sent" in str(outcome["error"])
+        assert ring.read_header(writer.region.buf).publish == 0
+        outcome = in_thread(lambda: writer.request(b"x", timeout=0.1))
+        assert isinstance(outcome.get("error"), ChannelBusy), outcome
+    finally:
+        fcntl.flock(holder.fd, fcntl.LOCK_UN)
+        holder.close()
+    assert writer.submit(b"x", timeout=1).seq == 0
+
+
+def test_a_slot_marked_for_another_epoch_is_left_alone(make_channel):
+    """A waiter whose channel was re-initialised must not mark the new epoch's command."""
+    writer = make_channel(SMALL)
+    old = writer.submit(b"old")
+    writer.initialise(SMALL)
+    new = writer.submit(b"new")
+    assert new.seq == old.seq == 0
+    writer._mark(SMALL, old, ring.SlotState.ABANDONED)
+    assert ring.read_command_owner(writer.region.buf, SMALL, 0).state == ring.SlotState.PUBLISHED
 
 
 def test_slot_of_a_dead_writer_is_reclaimed(make_channel):

@@ -257,8 +257,8 @@ def test_writer_killed_mid_wait_does_not_wedge_the_ring(make_channel, spawn, tmp
     orphan.kill()
     assert join(orphan, "orphan writer") == -signal.SIGKILL  # reaped: no zombie that looks alive
     for seq in range(orphans):
-        assert ring.read_command_owner(writer.region.buf, geometry, seq) == (
-            seq, orphan.pid, ring.SlotState.PUBLISHED)
+        owner = ring.read_command_owner(writer.region.buf, geometry, seq)
+        assert (owner.seq, owner.writer_pid, owner.state) == (seq, orphan.pid, ring.SlotState.PUBLISHED)
 
     reader = spawn(_reader_main, writer.region.path, str(log_path))
     survivors = 3 * geometry.slot_count  # wraps onto the orphan's slots more than once

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -90,6 +93,24 @@ def test_full_ring_exit_code(make_channel, capsys):
         writer.submit(b"@X 52:34:56:00:12:22@")
     code, _, err = run(capsys, "--shm", writer.region.path, "--timeout", "0.05", "cancel", "--mac", MAC)
     assert code == mbctl.EXIT_RING_FULL and "ring full" in err
+
+
+def test_the_timeout_bounds_the_wait_for_the_lock_and_nothing_is_sent_after_it(make_channel):
+    """Another writer holds the channel's lock (stuck while publishing): ``mbctl --timeout``
+    gives up at its deadline, says nothing was sent, and the ring shows nothing published."""
+    writer = make_channel(ring.Geometry(4, 128, 128))
+    holder = open_file(writer.region.path)
+    fcntl.flock(holder.fd, fcntl.LOCK_EX)
+    try:
+        done = subprocess.run([sys.executable, "-m", "mbvisor.guest.mbctl", "--shm", writer.region.path,
+                               "--timeout", "0.2", "cancel", "--mac", MAC],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        fcntl.flock(holder.fd, fcntl.LOCK_UN)
+        holder.close()
+    assert done.returncode == mbctl.EXIT_RING_FULL, done.stderr
+    assert "lock" in done.stderr and "nothing was sent" in done.stderr
+    assert ring.read_header(writer.region.buf).publish == 0
 
 
 def test_missing_region_and_missing_device(tmp_path, capsys, monkeypatch):

@@ -114,3 +114,29 @@ def test_default_geometry_fills_a_power_of_two_and_refuses_tiny_regions():
     assert ring.geometry_for(64 << 20).slot_count == ring.MAX_SLOT_COUNT
     with pytest.raises(ring.LayoutError, match="too small"):
         ring.geometry_for(4096)
+
+
+def test_collect_by_is_written_outside_the_crc_and_read_with_the_owner():
+    buf = fresh()
+    ring.encode_command(buf, GEOMETRY, 9, 0x1234, b"X 52:34:56:00:12:22", 4242, collect_by=0xFFFFFFF0)
+    assert struct.unpack_from("<I", buf, GEOMETRY.command_offset(9) + 28)[0] == 0xFFFFFFF0
+    owner = ring.read_command_owner(buf, GEOMETRY, 9)
+    assert (owner.seq, owner.epoch, owner.writer_pid, owner.state, owner.collect_by) == (
+        9, 0x1234, 4242, ring.SlotState.PUBLISHED, 0xFFFFFFF0)
+    assert ring.decode_command(buf, GEOMETRY, 9, 0x1234).payload == b"X 52:34:56:00:12:22"
+
+
+@pytest.mark.parametrize("now, collect_by, expired", [
+    (1000, 2000, False), (2000, 2000, True), (2001, 2000, True),
+    (0xFFFFFF00, 0x10, False),      # the promise lies past the wrap of the 32-bit clock
+    (0x20, 0xFFFFFF00, True),       # ... and has passed after it
+    (5, ring.NO_PROMISE, False),    # no promise: never expires (only a dead writer frees the slot)
+])
+def test_a_promise_expires_on_the_wrapping_millisecond_clock(now, collect_by, expired):
+    owner = ring.SlotOwner(1, 1, 99, ring.SlotState.PUBLISHED, collect_by)
+    assert owner.promise_expired(now) is expired
+
+
+def test_the_clock_never_reads_as_no_promise():
+    assert ring.clock_ms() != ring.NO_PROMISE and ring.clock_ms_after(0) != ring.NO_PROMISE
+    assert ring.clock_ms_before(ring.clock_ms(), ring.clock_ms_after(1000))
