@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from mbvisor.guest import ring
+from mbvisor.guest.answers import Answer, answer, fits
 from mbvisor.guest.backoff import Backoff
 from mbvisor.guest.channel_errors import BadRegion, ChannelError
 from mbvisor.guest.reader import ChannelReader, FaultLog, Incoming
@@ -46,7 +47,7 @@ from .controller_client import ControllerClient, ControllerFailed, ControllerUna
 from .discovery import Refusal, Scan, VmChannel
 from .inventory import Publication, Publisher
 from .ratelimit import TokenBucket
-from .vetting import combine, vet
+from .vetting import combine, frame_wide, vet
 
 log = logging.getLogger("mbvisor.agent")
 FRAME_KEY_SPACE = 1024  # the k-th command of a frame: key seq = (seq mod KEY_SEQ_SPACE) * 1024 + k
@@ -397,35 +398,44 @@ class Agent:
             answer = self._answer_for(channel, incoming)
             if answer is None or channel.stop.is_set():
                 return False
-            if reader.answer(incoming.seq, *answer):
+            if reader.answer_with(incoming.seq, *answer):
                 stats.last_seq, stats.last_status = incoming.seq, ring.Status(answer[0]).name
             self._publish(channel)
         return True
 
-    def _answer_for(self, channel: Channel, incoming: Incoming) -> tuple[int, str] | None:
+    def _answer_for(self, channel: Channel, incoming: Incoming) -> tuple[int, list[Answer]] | None:
+        """(status, one answer per command of the frame), or None if stopped meanwhile."""
         try:
             return self._handle(channel, incoming)
         except Exception as error:  # a bug costs this command, not the channel
             self._fault(channel, "handler", error)
-            return ring.Status.INTERNAL, f"internal error in the agent: {error!r}; not applied"
+            return ring.Status.INTERNAL, [answer("INTERNAL", "internal",
+                                                 f"internal error in the agent: {error!r}; not applied")]
 
     def _fault(self, channel: Channel, kind: str, error: Exception) -> None:
         channel.stats.faults += 1
         channel.faults(kind, logging.ERROR, "channel %s: %s error: %r", channel.vm.name, kind, error)
 
-    def _handle(self, channel: Channel, incoming: Incoming) -> tuple[int, str] | None:
+    def _handle(self, channel: Channel, incoming: Incoming) -> tuple[int, list[Answer]] | None:
         verdict = vet(incoming.payload, channel.vm.macs)
-        count = len(verdict.forward) or 1
+        count = len(verdict.forward) or len(verdict.answers) or 1
+        if not fits(count, channel.reader.answer_limit):
+            channel.stats.answered_locally += 1
+            return ring.Status.REFUSED, [answer("REFUSED", "too-many-commands", (
+                f"a frame of {count} commands: their answers might not fit this ring's "
+                f"{channel.reader.answer_limit}-byte answer slots; split it; nothing was applied"))]
         if not channel.bucket.take(time.monotonic(), count):
             channel.stats.rate_limited += count
-            return ring.Status.RATE_LIMITED, self._rate_text(count)
+            return ring.Status.RATE_LIMITED, frame_wide(ring.Status.RATE_LIMITED, "rate-limited",
+                                                        self._rate_text(count), count)
         if not verdict.forward:
             channel.stats.answered_locally += 1
             if verdict.status == ring.Status.REFUSED:
                 channel.stats.refused += 1
+                refused = next(a for a in verdict.answers if a.status == "REFUSED")
                 channel.faults("refused", logging.WARNING, "channel %s: refused command %d: %s", channel.vm.name,
-                               incoming.seq, verdict.text.splitlines()[0])
-            return verdict.status, verdict.text
+                               incoming.seq, refused.message)
+            return verdict.status, list(verdict.answers)
         vm = channel.vm
         key = (incoming.seq % KEY_SEQ_SPACE) * FRAME_KEY_SPACE
         requests = [{"dpid": f"{vm.dpid:016x}", "port": vm.port, "command": text, "channel": vm.name,
@@ -439,7 +449,7 @@ class Agent:
         return (f"more than {self.settings.rate:g} commands/s from this VM; this frame of {count} command(s) "
                 "was not applied, slow down")
 
-    def _forward(self, channel: Channel, requests: list[dict]) -> tuple[int, str] | None:
+    def _forward(self, channel: Channel, requests: list[dict]) -> tuple[int, list[Answer]] | None:
         """The controller's answer.  The first try goes through the switch's lane, with
         whatever other channels send meanwhile; asking again (a batch failed as a whole, a
         retry) goes alone, so a channel in trouble burdens no other's request.  Transient
@@ -452,7 +462,9 @@ class Agent:
         while not channel.stop.is_set():
             if channel.reader.superseded():
                 channel.stats.abandoned += 1
-                return ring.Status.UNAVAILABLE, "abandoned: the guest re-initialised the region"
+                return ring.Status.UNAVAILABLE, frame_wide(ring.Status.UNAVAILABLE, "abandoned",
+                                                           "abandoned: the guest re-initialised the region",
+                                                           len(requests))
             try:
                 answers = lane.forward(requests) if lane else self.client.execute(requests)
             except Alone:
@@ -464,7 +476,8 @@ class Agent:
                 self._controller_back(channel)
                 channel.stats.failed += 1
                 channel.faults("failed", logging.WARNING, "channel %s: %s", channel.vm.name, error)
-                return error.status, f"{error}; not applied"
+                return error.status, frame_wide(error.status, "controller-failed", f"{error}; not applied",
+                                                len(requests))
             else:
                 self._controller_back(channel)
                 channel.stats.forwarded += len(requests)
@@ -473,9 +486,10 @@ class Agent:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 channel.stats.unavailable += 1
-                return ring.Status.UNAVAILABLE, (
+                return ring.Status.UNAVAILABLE, frame_wide(ring.Status.UNAVAILABLE, "unavailable", (
                     f"controller or switch unavailable for {self.settings.forward_deadline:g} s ({problem}); "
-                    "the command was NOT applied as far as the agent knows; sending it again is safe")
+                    "the command was NOT applied as far as the agent knows; sending it again is safe"),
+                    len(requests))
             if not channel.waiting_for_controller:
                 log.warning("channel %s: %s; commands wait", channel.vm.name, problem)
             channel.waiting_for_controller = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mbvisor.guest.answers import Answer, answer
 from mbvisor.guest.errors import CommandError
 from mbvisor.guest.grammar import format_command, parse_command, split_frame
 from mbvisor.guest.ring import Status
@@ -18,44 +19,55 @@ from mbvisor.guest.ring import Status
 
 @dataclass(frozen=True)
 class Verdict:
-    """Either commands to forward (canonical text) or an answer to give right away."""
+    """Either commands to forward (canonical text) or the answers to give right away
+    (one per command of the frame, or one for a frame that could not be split)."""
 
     forward: tuple[str, ...] = ()
     status: Status = Status.OK
-    text: str = ""
+    answers: tuple[Answer, ...] = ()
 
 
-def vet(payload: bytes, macs: tuple[str, ...]) -> Verdict:
+def vet(payload: bytes, macs: tuple[str, ...] | None) -> Verdict:
+    """``macs``: the VM's own; None checks the grammar only (the echo responder)."""
     try:
         parts = split_frame(payload)
     except CommandError as error:
-        return Verdict(status=Status.SYNTAX, text=f"error {error}")
-    lines, forward, worst = [], [], None
-    for column, text in parts:
+        return Verdict(status=Status.SYNTAX, answers=(answer("SYNTAX", "syntax", str(error)),))
+    verdicts, forward, worst = [], [], None
+    for index, (column, text) in enumerate(parts):
         try:
             command = parse_command(text, column)
         except CommandError as error:
-            lines.append(f"error {error}")
+            verdicts.append(answer("SYNTAX", "syntax", str(error)))
             worst = worst or Status.SYNTAX
             continue
         canonical = format_command(command)
-        if command.mac not in macs:
-            lines.append(f"refused {canonical}: {command.mac} is not this VM's MAC ({', '.join(macs) or 'none known'})")
+        if macs is not None and command.mac not in macs:
+            verdicts.append(answer("REFUSED", "foreign-mac",
+                                   f"{command.mac} is not this VM's MAC ({', '.join(macs) or 'none known'})"))
             worst = worst or Status.REFUSED
             continue
-        lines.append(f"ok {canonical}")
+        verdicts.append(None)
         forward.append(canonical)
-    if worst is not None:
-        return Verdict(status=worst, text="\n".join(lines + ["nothing was applied"]))
-    return Verdict(forward=tuple(forward))
+    if worst is None:
+        return Verdict(forward=tuple(forward))
+    spare = answer(worst.name, "not-applied", "another command of the frame was refused; nothing was applied")
+    return Verdict(status=worst, answers=tuple(spare if v is None else v for v in verdicts))
 
 
-def combine(answers: list[dict]) -> tuple[Status, str]:
-    """One channel answer for a frame's controller answers: the first error's status, or OK;
-    the text has one line (or block) per command."""
+def frame_wide(status: Status, code: str, text: str, count: int) -> list[Answer]:
+    """The same outcome for each of a frame's ``count`` commands (rate limit, no
+    controller, ...): one record per command, as the guest expects."""
+    return [answer(status.name, code, text)] * max(1, count)
+
+
+def combine(answers: list[dict]) -> tuple[Status, list[Answer]]:
+    """The controller's answers to a frame's commands as the channel's: the first error's
+    status (else OK), and one record per command with the controller's code and text."""
     status = Status.OK
-    for answer in answers:
-        if answer["status"] != "OK":
-            status = Status.__members__.get(answer["status"], Status.INTERNAL)
+    for reply in answers:
+        if reply["status"] != "OK":
+            status = Status.__members__.get(reply["status"], Status.INTERNAL)
             break
-    return status, "\n".join(answer["text"] for answer in answers)
+    return status, [answer(reply["status"] if reply["status"] in Status.__members__ else "INTERNAL",
+                           reply.get("code") or reply["status"].lower(), reply["text"]) for reply in answers]

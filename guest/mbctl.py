@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import ring
+from . import answers, ring
 from .channel_errors import AnswerLost, ChannelBusy, ChannelError, CommandTooLong, ResponseTimeout, RingFull
 from .errors import CommandError
 from .grammar import format_frame, parse_frame
@@ -160,15 +160,37 @@ def send(writer: ChannelWriter, text: str, args: argparse.Namespace) -> int:
     started = time.monotonic()
     response = writer.request(payload, args.timeout)
     elapsed_ms = (time.monotonic() - started) * 1000
+    try:
+        records = answers.parse(response.text)
+    except answers.AnswerFormatError:  # a host that does not answer in records: show its text
+        records = None
     if args.json:
         print(json.dumps({"seq": response.seq, "epoch": response.epoch, "status": response.status_name,
                           "code": response.status, "text": response.text, "truncated": response.truncated,
+                          "answers": None if records is None else [
+                              {"status": r.status, "code": r.code, "text": "\n".join(r.lines)} for r in records],
                           "round_trip_ms": round(elapsed_ms, 3)}))
-    else:
+    elif records is None:
         stream = sys.stdout if response.ok else sys.stderr
         prefix = "" if response.ok else f"mbctl: host answered {response.status_name}: "
         print(prefix + response.text + (" [answer truncated]" if response.truncated else ""), file=stream)
+    else:
+        print_answers(records)
     return EXIT_OK if response.ok else EXIT_HOST_ERROR
+
+
+def print_answers(records: list) -> None:
+    """One line per command (and a query's result under it): successes on stdout,
+    failures on stderr with their status and code."""
+    for record in records:
+        if record.ok:
+            for line in record.lines or ("ok",):
+                print(line)
+        else:
+            detail = f": {record.message}" if record.message else ""
+            print(f"mbctl: {record.status} {record.code}{detail}", file=sys.stderr)
+            for line in record.lines[1:]:
+                print(f"  {line}", file=sys.stderr)
 
 
 def show_status(region, args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import ring
+from .answers import Answer, answer, render
 from .backoff import Backoff
 from .region import Region, RegionFile, RegionIO, RegionShrunk, read_counters
 
@@ -157,7 +158,8 @@ class ChannelReader:
             self.stats.corrupt += 1
             self.faults("corrupt", logging.WARNING, "channel %s: command %d rejected: %s", self.name,
                         self._consume, slot)
-            self.answer(self._consume, ring.Status.CORRUPT, f"command slot rejected: {slot}")
+            self.answer_with(self._consume, ring.Status.CORRUPT,
+                             [answer("CORRUPT", "corrupt", f"command slot rejected: {slot}")])
         return None
 
     def _answered_before(self, geometry: ring.Geometry) -> bool:
@@ -173,6 +175,15 @@ class ChannelReader:
         epoch, nothing newly published; or the same unusable header).  One small pread:
         keeps a reader of an idle region at about a microsecond per poll."""
         return read_counters(self.region.fd) == self.idle_at()
+
+    @property
+    def answer_limit(self) -> int:
+        """Bytes of text the current ring's response slots hold (0 before a ring is seen)."""
+        return 0 if self._geometry is None else self._geometry.max_response_length
+
+    def answer_with(self, seq: int, status: int, answers: list) -> bool:
+        """``answer`` with the answer list (guest/answers.py) fitted to the slot."""
+        return self.answer(seq, status, render(answers, self.answer_limit))
 
     def answer(self, seq: int, status: int, text: str) -> bool:
         """Write the answer to ``seq`` (the command ``poll()`` returned) and count it.
@@ -248,7 +259,8 @@ class ChannelReader:
             self.faults("epoch", logging.INFO, "channel %s: new guest epoch %#x", self.name, self._epoch)
 
 
-Handler = Callable[[Incoming], tuple[int, str]]
+# (status, the answer list), or (status, a text written as it is: a ring-level test's own).
+Handler = Callable[[Incoming], tuple[int, "list[Answer] | str"]]
 
 
 def serve(reader: ChannelReader, handler: Handler, stop: threading.Event,
@@ -263,8 +275,11 @@ def serve(reader: ChannelReader, handler: Handler, stop: threading.Event,
             continue
         backoff.reset()
         try:
-            status, text = handler(incoming)
+            status, answers = handler(incoming)
         except Exception as error:  # the handler's bug must not take the channel down
             log.exception("channel %s: handler failed on command %d", reader.name, incoming.seq)
-            status, text = ring.Status.INTERNAL, f"internal error: {error}"
-        reader.answer(incoming.seq, status, text)
+            status, answers = ring.Status.INTERNAL, [answer("INTERNAL", "internal", f"internal error: {error}")]
+        if isinstance(answers, str):
+            reader.answer(incoming.seq, status, answers)
+        else:
+            reader.answer_with(incoming.seq, status, answers)

@@ -78,7 +78,8 @@ def test_another_tenants_mac_is_refused_and_its_traffic_untouched(setup):
     h, region = setup["hosts"], setup["region"]
     code, answer = mbctl(region, "-w", f"@R F {OTHER_MAC} 10.0.0.6@@A {OTHER_MAC} I 4 s 10.0.0.66@")
     assert code == 1 and answer["status"] == "REFUSED"
-    assert "is not this VM's MAC" in answer["text"] and "nothing was applied" in answer["text"]
+    assert [(a["status"], a["code"]) for a in answer["answers"]] == [("REFUSED", "foreign-mac")] * 2
+    assert all("is not this VM's MAC" in a["text"] for a in answer["answers"])
     assert setup["controller"].get("/v1/middleboxes")[1]["middleboxes"] == []
     before = h["mb2"].rx_packets()
     h["attacker"].send_udp(h["mb2"], 9, count=10)

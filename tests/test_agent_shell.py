@@ -24,7 +24,7 @@ from mbvisor.agents.agent import (DAMAGED_PER_POLL, FRAME_KEY_SPACE, KEY_SEQ_SPA
 from mbvisor.agents.batching import IN_FLIGHT
 from mbvisor.agents.controller_client import ControllerClient, ControllerFailed, ControllerUnavailable
 from mbvisor.agents.discovery import VmChannel
-from mbvisor.guest import ring
+from mbvisor.guest import answers, ring
 from mbvisor.guest.channel_errors import BadRegion, ChannelError, ChannelReset
 from mbvisor.guest.region import open_file
 from mbvisor.guest.writer import ChannelWriter
@@ -50,7 +50,7 @@ class JsonHandler(http.server.BaseHTTPRequestHandler):
 
 
 def ok_answers(requests: list[dict]) -> list[dict]:
-    return [{"status": "OK", "code": "", "text": f"ok {r['command']}", "replayed": False} for r in requests]
+    return [{"status": "OK", "code": "ok", "text": r["command"], "replayed": False} for r in requests]
 
 
 class FakeController:
@@ -187,7 +187,7 @@ def test_transient_failure_that_clears_in_time_is_answered_ok(shm):
     client = FakeController(on_execute=failing(3, ControllerUnavailable("connection refused")))
     with serving([vm(path)], client, forward_deadline=20) as agent:
         response = request(writer)
-        assert response.ok and response.text == f"ok X {MAC}"
+        assert response.ok and response.text == f"OK ok X {MAC}"
         assert len(client.requests) == 4
         wait_for(lambda: status_of(agent)["retries"] == 3 and not status_of(agent)["waiting_for_controller"])
 
@@ -484,6 +484,7 @@ def test_rate_limit_counts_commands_not_frames(shm):
         big = request(writer, "@".join([f"I {MAC}@"] * 99 + [f"I {MAC}"]))
         assert big.status_name == "RATE_LIMITED" and "frame of 100 commands is more than this VM's burst of 5" \
             in big.text
+        assert [(a.status, a.code) for a in answers.parse(big.text)] == [("RATE_LIMITED", "rate-limited")] * 100
         assert request(writer, f"X {MAC}@@I {MAC}@@I {MAC}").ok  # 3 of 5 tokens
         limited = request(writer, f"X {MAC}@@I {MAC}@@I {MAC}")  # 3 more: only 2 left
         assert limited.status_name == "RATE_LIMITED" and "frame of 3 command(s)" in limited.text
@@ -552,6 +553,27 @@ def held_then_waiting(agent: Agent, client: HeldController, writers: list[Channe
     return tickets
 
 
+def test_every_command_of_a_frame_gets_its_answer_and_a_frame_whose_answers_cannot_fit_is_refused(shm):
+    """One record per command, never cut silently: 100 long refusals from the controller all
+    arrive (status and code each; messages while they fit); a frame of more commands than
+    the answer slot can hold records for is refused before anything is forwarded."""
+    path = shm.region()
+    writer = guest(path)
+    long_refusal = lambda requests: [{"status": "REJECTED", "code": "not-registered", "replayed": False,
+                                      "text": f"{r['command']} is refused because " + "x" * 200} for r in requests]
+    client = FakeController(on_execute=long_refusal)
+    with serving([vm(path)], client, burst=1000, rate=1000):
+        response = request(writer, "@".join([f"X {MAC}@"] * 99 + [f"X {MAC}"]))
+        records = answers.parse(response.text)
+        assert response.status_name == "REJECTED" and not response.truncated
+        assert [(r.status, r.code) for r in records] == [("REJECTED", "not-registered")] * 100
+        assert records[0].message.startswith(f"X {MAC} is refused because xxx")
+        too_many = request(writer, "@".join([f"X {MAC}@"] * 149 + [f"X {MAC}"]))
+        assert too_many.status_name == "REFUSED" and answers.parse(too_many.text)[0].code == "too-many-commands"
+        assert "a frame of 150 commands" in too_many.text and "nothing was applied" in too_many.text
+        assert sum(len(r) for r in client.requests) == 100
+
+
 def test_frames_of_several_channels_share_one_request_and_each_gets_its_own_answer(shm):
     writers, vms = channels(shm)
 
@@ -564,7 +586,8 @@ def test_frames_of_several_channels_share_one_request_and_each_gets_its_own_answ
         tickets = held_then_waiting(agent, client, writers)
         responses = [writer.wait(ticket) for writer, ticket in zip(writers, tickets)]
     assert [(r.status_name, r.text) for r in responses] == [
-        ("REJECTED", f"refused X {mac}") if mac == REFUSED_MAC else ("OK", f"ok X {mac}") for mac in MACS]
+        ("REJECTED", f"REJECTED not-registered refused X {mac}") if mac == REFUSED_MAC else ("OK", f"OK ok X {mac}")
+        for mac in MACS]
     assert [len(request) for request in client.requests] == [1] * IN_FLIGHT + [2]
     for request in client.requests[-1]:  # each command with its own channel's place and key
         own = vms[MACS.index(request["command"].split()[1])]
@@ -597,7 +620,7 @@ def test_a_batch_failing_as_a_whole_is_asked_again_frame_by_frame_and_fails_only
         responses = dict(zip(MACS, (writer.wait(ticket) for writer, ticket in zip(writers, tickets))))
         refused = responses.pop(REFUSED_MAC)
         assert refused.status_name == status and str(failure) in refused.text
-        assert [(r.status_name, r.text) for r in responses.values()] == [("OK", f"ok X {mac}") for mac in responses]
+        assert [(r.status_name, r.text) for r in responses.values()] == [("OK", f"OK ok X {mac}") for mac in responses]
         wait_for(lambda: status_of(agent, other)["answered"] == 1, what="the other channel's status after its answer")
         assert status_of(agent, other)["retries"] == 0  # asked again at once, not after a back-off
         frames = len(MACS)

@@ -23,6 +23,7 @@ from mbvisor.agents.controller_client import ControllerFailed, ControllerUnavail
 from mbvisor.agents.discovery import CHANNEL_KEY, VmChannel, load_static, scan_ovsdb, vm_channels
 from mbvisor.agents.ratelimit import TokenBucket
 from mbvisor.agents.vetting import Verdict, combine, vet
+from mbvisor.guest.answers import Answer
 from mbvisor.guest.grammar import format_command, parse_command
 from mbvisor.guest.ring import Status
 from mbvisor.topologies.netlab import wait_until
@@ -230,7 +231,7 @@ MACS = (OWN,)
 
 def test_single_valid_command_is_forwarded_in_canonical_form():
     verdict = vet(b"R F 52-54-00-AB-CD-EF 10.0.0.1", MACS)
-    assert verdict == Verdict(forward=(f"R F {OWN} 10.0.0.1",), status=Status.OK, text="")
+    assert verdict == Verdict(forward=(f"R F {OWN} 10.0.0.1",), status=Status.OK)
 
 
 def test_canonical_form_normalises_blanks_values_and_field_order():
@@ -243,7 +244,7 @@ def test_several_commands_in_a_frame_are_all_forwarded_in_order():
     payload = f"@R F {OWN} 10.0.0.1@  @A {OWN} T 3 t 4 p tcp@@X {OWN}@".encode()
     verdict = vet(payload, MACS)
     assert verdict.forward == (f"R F {OWN} 10.0.0.1", f"A {OWN} T 3 t 4 p 6", f"X {OWN}")
-    assert verdict.status is Status.OK and verdict.text == ""
+    assert verdict.status is Status.OK and verdict.answers == ()
 
 
 def test_any_of_the_vms_macs_is_accepted():
@@ -256,35 +257,29 @@ def test_one_foreign_mac_refuses_the_whole_frame_and_reports_every_command():
     verdict = vet(payload, MACS)
     assert verdict.forward == ()
     assert verdict.status is Status.REFUSED
-    assert verdict.text.splitlines() == [
-        f"ok R F {OWN} 10.0.0.1",
-        f"refused X {OTHER}: {OTHER} is not this VM's MAC ({OWN})",
-        f"ok I {OWN}",
-        "nothing was applied",
-    ]
+    assert verdict.answers == (NOT_APPLIED["REFUSED"],
+                               Answer("REFUSED", "foreign-mac", (f"{OTHER} is not this VM's MAC ({OWN})",)),
+                               NOT_APPLIED["REFUSED"])
 
 
 def test_refusal_without_any_known_mac_says_so():
     verdict = vet(f"X {OTHER}".encode(), ())
     assert verdict.status is Status.REFUSED and verdict.forward == ()
-    assert verdict.text == f"refused X {OTHER}: {OTHER} is not this VM's MAC (none known)\nnothing was applied"
+    assert verdict.answers == (Answer("REFUSED", "foreign-mac", (f"{OTHER} is not this VM's MAC (none known)",)),)
 
 
 def test_syntax_error_gives_the_column_message():
     verdict = vet(f"A {OWN} I 4 s".encode(), MACS)
-    assert verdict == Verdict(status=Status.SYNTAX, text=(
-        "error column 26: missing value for field s; every field of a filter needs a value\nnothing was applied"))
+    assert verdict == Verdict(status=Status.SYNTAX, answers=(Answer("SYNTAX", "syntax", (
+        "column 26: missing value for field s; every field of a filter needs a value",)),))
 
 
 def test_syntax_error_columns_count_in_the_whole_frame():
     payload = f"@X {OWN}@@A {OWN} I 4 s@".encode()
     verdict = vet(payload, MACS)
     assert verdict.forward == () and verdict.status is Status.SYNTAX
-    assert verdict.text.splitlines() == [
-        f"ok X {OWN}",
-        "error column 48: missing value for field s; every field of a filter needs a value",
-        "nothing was applied",
-    ]
+    assert verdict.answers == (NOT_APPLIED["SYNTAX"], Answer("SYNTAX", "syntax", (
+        "column 48: missing value for field s; every field of a filter needs a value",)))
 
 
 @pytest.mark.parametrize("payload, status", [
@@ -294,50 +289,56 @@ def test_syntax_error_columns_count_in_the_whole_frame():
 def test_first_bad_command_decides_the_status(payload, status):
     verdict = vet(payload.encode(), MACS)
     assert verdict.status is status and verdict.forward == ()
-    lines = verdict.text.splitlines()
-    assert len(lines) == 3 and lines[-1] == "nothing was applied"
-    assert any(line.startswith("error column") for line in lines) and any(line.startswith("refused") for line in lines)
+    assert [a.code for a in verdict.answers] == (["syntax", "foreign-mac"] if status is Status.SYNTAX
+                                                 else ["foreign-mac", "syntax"])
 
 
 def test_unknown_command_and_empty_payload_are_syntax_errors():
-    assert vet(b"Z", MACS).text == "error column 1: 'Z' is not a command; expected R, A, D, X, I, M or T\nnothing was applied"
+    assert vet(b"Z", MACS).answers == (
+        Answer("SYNTAX", "syntax", ("column 1: 'Z' is not a command; expected R, A, D, X, I, M or T",)),)
     empty = vet(b"", MACS)
     assert empty.status is Status.SYNTAX and empty.forward == ()
-    assert empty.text.startswith("error column 1: missing command")
+    assert empty.answers[0].message.startswith("column 1: missing command")
 
 
 @pytest.mark.parametrize("payload, message", [
-    (f"@X {OWN}", "error column 1: frame is not terminated; expected a closing @"),
-    (f"X {OWN}@X {OWN}@", "error column 1: text outside a frame; expected @command@"),
-    (f"@X {OWN}@ junk", "error column 23: text outside a frame; expected @command@"),
-    ("@ @", "error column 1: empty frame; expected a command between the @ marks"),
+    (f"@X {OWN}", "column 1: frame is not terminated; expected a closing @"),
+    (f"X {OWN}@X {OWN}@", "column 1: text outside a frame; expected @command@"),
+    (f"@X {OWN}@ junk", "column 23: text outside a frame; expected @command@"),
+    ("@ @", "column 1: empty frame; expected a command between the @ marks"),
 ])
 def test_framing_errors_are_syntax_and_forward_nothing(payload, message):
-    assert vet(payload.encode(), MACS) == Verdict(status=Status.SYNTAX, text=message)
+    """A frame that cannot be split into commands gets one answer."""
+    assert vet(payload.encode(), MACS) == Verdict(status=Status.SYNTAX, answers=(Answer("SYNTAX", "syntax", (message,)),))
 
 
 def test_encoding_and_length_errors_are_syntax():
-    assert vet(b"X \xff", MACS) == Verdict(
-        status=Status.SYNTAX, text="error column 3: byte 0xff is not valid UTF-8; commands are printable ASCII text")
+    assert vet(b"X \xff", MACS) == Verdict(status=Status.SYNTAX, answers=(Answer("SYNTAX", "syntax", (
+        "column 3: byte 0xff is not valid UTF-8; commands are printable ASCII text",)),))
     assert vet(b"X\n", MACS).status is Status.SYNTAX
     too_long = vet(b"@X " + OWN.encode() + b"@" * 4096, MACS)
     assert too_long.status is Status.SYNTAX and too_long.forward == ()
-    assert "at most 4096 bytes" in too_long.text
+    assert "at most 4096 bytes" in too_long.answers[0].message
+
+
+NOT_APPLIED = {status: Answer(status, "not-applied", ("another command of the frame was refused; nothing was applied",))
+               for status in ("SYNTAX", "REFUSED")}
 
 
 def check_verdict(verdict: Verdict, macs: tuple[str, ...]) -> None:
     """What the agent relies on: either canonical commands of the VM's own MACs, OK and
-    no text; or nothing forwarded with SYNTAX/REFUSED and a reason."""
+    no answers; or nothing forwarded with SYNTAX/REFUSED and an answer per command."""
     assert isinstance(verdict, Verdict)
     if verdict.forward:
-        assert verdict.status is Status.OK and verdict.text == ""
+        assert verdict.status is Status.OK and verdict.answers == ()
         for text in verdict.forward:
             command = parse_command(text)
             assert format_command(command) == text
             assert command.mac in macs
     else:
         assert verdict.status in (Status.SYNTAX, Status.REFUSED)
-        assert verdict.text.startswith(("error ", "refused ", "ok "))
+        assert verdict.answers and {a.code for a in verdict.answers} <= {"syntax", "foreign-mac", "not-applied"}
+        assert verdict.answers[0].status == verdict.status.name or verdict.answers[0].code == "not-applied"
 
 
 MAC_SETS = st.sampled_from([(OWN,), (), (OWN, OTHER)])
@@ -369,7 +370,7 @@ def test_frame_is_forwarded_exactly_when_every_command_is_the_vms(commands):
     verdict = vet("".join(f"@{text}@" for text in commands).encode(), MACS)
     if any(OTHER in text for text in commands):
         assert verdict.forward == () and verdict.status is Status.REFUSED
-        assert len(verdict.text.splitlines()) == len(commands) + 1
+        assert len(verdict.answers) == len(commands)
     else:
         assert verdict.forward == tuple(format_command(parse_command(text)) for text in commands)
 
@@ -377,9 +378,10 @@ def test_frame_is_forwarded_exactly_when_every_command_is_the_vms(commands):
 # ---- combine ---------------------------------------------------------------------------
 
 
-def test_combine_all_ok_joins_texts():
-    status, text = combine([{"status": "OK", "text": "added"}, {"status": "OK", "text": "line 1\nline 2"}])
-    assert status is Status.OK and text == "added\nline 1\nline 2"
+def test_combine_gives_one_answer_per_command_with_its_lines():
+    status, records = combine([{"status": "OK", "code": "ok", "text": "added"},
+                               {"status": "OK", "code": "ok", "text": "line 1\nline 2"}])
+    assert status is Status.OK and records == [Answer("OK", "ok", ("added",)), Answer("OK", "ok", ("line 1", "line 2"))]
 
 
 @pytest.mark.parametrize("statuses, expected", [
@@ -391,15 +393,17 @@ def test_combine_all_ok_joins_texts():
     (["OK", "CONFLICT", "SYNTAX"], Status.INTERNAL),
 ])
 def test_combine_takes_the_first_non_ok_status(statuses, expected):
-    answers = [{"status": name, "text": f"answer {i}", "code": 0} for i, name in enumerate(statuses)]
-    status, text = combine(answers)
+    answers = [{"status": name, "text": f"answer {i}", "code": "some-code"} for i, name in enumerate(statuses)]
+    status, records = combine(answers)
     assert status is expected
     assert Status(status).name == expected.name  # what the agent records
-    assert text == "\n".join(f"answer {i}" for i in range(len(statuses)))
+    assert [r.message for r in records] == [f"answer {i}" for i in range(len(statuses))]
+    assert [r.status for r in records] == [name if name in Status.__members__ else "INTERNAL" for name in statuses]
+    assert {r.code for r in records} == {"some-code"}
 
 
 def test_combine_of_nothing_is_ok_and_empty():
-    assert combine([]) == (Status.OK, "")
+    assert combine([]) == (Status.OK, [])
 
 
 # ---- token bucket ----------------------------------------------------------------------
