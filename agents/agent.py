@@ -61,7 +61,7 @@ FAULT_PAUSE = 0.1        # after an unexpected error in a worker, before it look
 class AgentSettings:
     rate: float = 200.0          # commands per second per channel, sustained
     burst: float = 400.0
-    discovery_interval: float = 2.0
+    discovery_interval: float = 2.0  # between rounds when OVS reports no change (retries need them)
     idle_ceiling: float = 10e-3  # longest pause of the poller when every channel is idle
     status_file: Path | None = None
     forward_deadline: float = 30.0   # how long a transient controller failure is retried
@@ -140,10 +140,13 @@ def _as_written(directory: str) -> str:
 
 class Agent:
     def __init__(self, discover: Callable[[], Scan | list[VmChannel]], client: ControllerClient,
-                 settings: AgentSettings = AgentSettings()):
+                 settings: AgentSettings = AgentSettings(), changes: threading.Event | None = None):
         """``discover`` gives a :class:`Scan`, or only the channels (then no inventory is
-        published: nothing says which ports are whose)."""
+        published: nothing says which ports are whose).  ``changes``, if given, is set when
+        what ``discover`` sees changed (agents/ovsdb_follow.py): a round runs at once, and
+        otherwise every ``discovery_interval`` for what it retries."""
         self.discover = discover
+        self.changes = changes
         self.client = client
         self.settings = settings
         self.channels: dict[str, Channel] = {}
@@ -167,6 +170,8 @@ class Agent:
             if self.poll_once():
                 backoff.reset()
             backoff.wait()
+        if self.changes is not None:
+            self.changes.set()  # the discovery thread may be waiting on it
         discovery.join(timeout=10)
         self.shutdown()
 
@@ -187,7 +192,13 @@ class Agent:
         return busy
 
     def _discover(self) -> None:
-        while not self.stop.wait(self.settings.discovery_interval):
+        while True:
+            if self.changes is None:
+                self.stop.wait(self.settings.discovery_interval)
+            elif self.changes.wait(self.settings.discovery_interval):
+                self.changes.clear()
+            if self.stop.is_set():
+                return
             self.round()
 
     def round(self) -> None:

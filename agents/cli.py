@@ -95,7 +95,7 @@ def agent(args: argparse.Namespace) -> int:
     """Serve every VM channel on this host until SIGTERM/SIGINT."""
     from .agent import Agent, AgentSettings
     from .controller_client import ControllerClient
-    from .discovery import load_static, read_ovsdb
+    from .discovery import load_static
 
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     status_file = Path(args.status_file)
@@ -105,13 +105,24 @@ def agent(args: argparse.Namespace) -> int:
                              channel_dirs=tuple(args.channel_dir or AgentSettings.channel_dirs),
                              inventory_refresh=args.inventory_refresh)
     bridges = frozenset(args.bridge or ())
-    discover = (lambda: load_static(args.static)) if args.static else (lambda: read_ovsdb(bridges))
-    the_agent = Agent(discover, ControllerClient(args.controller, token), settings)
+    follower = None
+    if args.static:
+        discover, changes = (lambda: load_static(args.static)), None
+    else:
+        from .ovsdb_follow import OvsdbFollower
+        follower = OvsdbFollower(bridges=bridges).start()
+        discover, changes = follower.scan, follower.changes
+        follower.changes.wait(5)  # the first replica, so the first round finds the VMs already there
+    the_agent = Agent(discover, ControllerClient(args.controller, token), settings, changes)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: the_agent.stop.set())
     logging.getLogger("mbvisor").info("agent: controller %s, channels from %s", args.controller,
                                       args.static or "Open vSwitch")
-    the_agent.run()
+    try:
+        the_agent.run()
+    finally:
+        if follower is not None:
+            follower.close()
     return 0
 
 

@@ -13,8 +13,8 @@ publishes to the controller (the controller's trust model, controller/trust.py, 
 from it).  An identity shared by two interfaces is the operator's mistake: neither gets a
 channel (who arrived first must not decide who is the VM), and the refusal says why.
 
-``scan_ovsdb`` is pure (ovsdb JSON in, records out); ``read_ovsdb`` is the shell part.
-A static file in the same shape (``load_static``) replaces OVS where it is not wanted.
+``scan_ovsdb`` is pure (ovsdb JSON in, records out); ``ovsdb_follow`` keeps the rows it
+reads up to date.  A static file (``load_static``) replaces OVS where it is not wanted.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import hashlib
 import ipaddress
 import json
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,20 +261,6 @@ def scan_ovsdb(bridges: dict, ports: dict, interfaces: dict) -> Scan:
 def vm_channels(bridges: dict, ports: dict, interfaces: dict) -> list[VmChannel]:
     """The channels alone of :func:`scan_ovsdb`."""
     return scan_ovsdb(bridges, ports, interfaces).channels
-
-
-def read_ovsdb(bridges: frozenset[str] = frozenset(), timeout: float = 10.0) -> Scan:
-    """Ask the local ovsdb for the annotated interfaces (only on ``bridges``, if given)."""
-    def table(name: str, columns: str) -> dict:
-        done = subprocess.run(["ovs-vsctl", f"--timeout={int(timeout)}", "--format=json", f"--columns={columns}",
-                               "list", name], capture_output=True, text=True, timeout=timeout + 5)
-        if done.returncode != 0:
-            raise RuntimeError(f"ovs-vsctl list {name} failed: {done.stderr.strip()}")
-        return json.loads(done.stdout)
-
-    found = scan_ovsdb(table("Bridge", "name,datapath_id,ports"), table("Port", "_uuid,interfaces"),
-                       table("Interface", "_uuid,name,ofport,external_ids,mac_in_use"))
-    return found if not bridges else served(found, bridges)
 
 
 def served(found: Scan, bridges: frozenset[str]) -> Scan:

@@ -1,0 +1,65 @@
+"""agents/ovsdb_follow.py against a real ovsdb-server (a private one): the replica decides
+exactly what three ``ovs-vsctl list`` calls would, and a change wakes the agent's
+discovery without any periodic scan."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from mbvisor.agents.discovery import scan_ovsdb
+from mbvisor.agents.ovsdb_follow import OvsdbFollower
+from mbvisor.topologies import netlab
+from mbvisor.topologies.netlab import wait_until
+from mbvisor.topologies.private_switch import PrivateSwitch
+
+pytestmark = pytest.mark.host
+
+
+def listed() -> object:
+    """What discovery made of ``ovs-vsctl --format=json list`` (the way it read OVS before)."""
+    def table(name: str, columns: str) -> dict:
+        done = subprocess.run(["ovs-vsctl", "--format=json", f"--columns={columns}", "list", name],
+                              capture_output=True, text=True, check=True, timeout=30)
+        return json.loads(done.stdout)
+
+    return scan_ovsdb(table("Bridge", "name,datapath_id,ports"), table("Port", "_uuid,interfaces"),
+                      table("Interface", "_uuid,name,ofport,external_ids,mac_in_use"))
+
+
+def test_the_replica_sees_what_ovs_vsctl_sees_and_each_change_wakes_discovery():
+    netlab.require_host_tools()
+    with PrivateSwitch(), netlab.Lab() as lab:
+        lab.bridge()
+        vm, other = lab.host("vm"), lab.host("other")
+        follower = OvsdbFollower().start()
+        try:
+            wait_until(lambda: follower.changes.is_set(), 10, "the first replica")
+            wait_until(lambda: follower.scan() == listed(), 10, "the replica to match ovs-vsctl")
+            follower.changes.clear()
+            vm.annotate("tenant-a", vm_id="vm-1", channel="/dev/shm/mbv-follow-test")
+            wait_until(lambda: follower.changes.is_set(), 10, "a change to wake discovery")
+            wait_until(lambda: [c.interface for c in follower.scan().channels] == [vm.port_name], 10,
+                       "the annotated VM's channel")
+            assert follower.scan() == listed()
+            channel = follower.scan().channels[0]
+            assert (channel.vm_id, channel.macs, channel.port) == ("vm-1", (vm.mac,), vm.ofport)
+            # Two ports claiming one MAC: both refused, as ovs-vsctl's view would have it.
+            other.annotate("tenant-b", ips="10.0.0.99")
+            vm.bridge.vsctl("set", "Interface", other.port_name, f'external_ids:attached-mac="{vm.mac}"')
+            wait_until(lambda: not follower.scan().channels, 10, "the shared MAC refused")
+            assert follower.scan() == listed() and len(follower.scan().refused) == 2
+        finally:
+            follower.close()
+
+
+def test_no_ovsdb_server_is_an_error_for_each_round_not_a_hang(tmp_path):
+    follower = OvsdbFollower(remote=f"unix:{tmp_path}/nothing.sock").start()
+    try:
+        with pytest.raises(RuntimeError, match="not reached yet"):
+            follower.scan()
+    finally:
+        follower.close()
+    assert not follower.thread.is_alive()
