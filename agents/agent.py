@@ -47,7 +47,7 @@ from .controller_client import ControllerClient, ControllerFailed, ControllerUna
 from .discovery import Refusal, Scan, VmChannel
 from .inventory import Publication, Publisher
 from .ratelimit import TokenBucket
-from .vetting import combine, frame_wide, vet
+from .vetting import combine, frame_wide, too_many, vet
 
 log = logging.getLogger("mbvisor.agent")
 FRAME_KEY_SPACE = 1024  # the k-th command of a frame: key seq = (seq mod KEY_SEQ_SPACE) * 1024 + k
@@ -430,20 +430,19 @@ class Agent:
     def _handle(self, channel: Channel, incoming: Incoming) -> tuple[int, list[Answer]] | None:
         verdict = vet(incoming.payload, channel.vm.macs)
         count = len(verdict.forward) or len(verdict.answers) or 1
-        if not fits(count, channel.reader.answer_limit):
-            channel.stats.answered_locally += 1
-            return ring.Status.REFUSED, [answer("REFUSED", "too-many-commands", (
-                f"a frame of {count} commands: their answers might not fit this ring's "
-                f"{channel.reader.answer_limit}-byte answer slots; split it; nothing was applied"))]
         if not channel.bucket.take(time.monotonic(), count):
             channel.stats.rate_limited += count
+            records = count if fits(count, incoming.answer_limit) else 1  # else one says it for all
             return ring.Status.RATE_LIMITED, frame_wide(ring.Status.RATE_LIMITED, "rate-limited",
-                                                        self._rate_text(count), count)
+                                                        self._rate_text(count), records)
+        if not fits(count, incoming.answer_limit):
+            channel.stats.answered_locally += 1
+            return ring.Status.REFUSED, [too_many(count, incoming.answer_limit)]
         if not verdict.forward:
             channel.stats.answered_locally += 1
             if verdict.status == ring.Status.REFUSED:
                 channel.stats.refused += 1
-                refused = next(a for a in verdict.answers if a.status == "REFUSED")
+                refused = next(a for a in verdict.answers if a.code == "foreign-mac")
                 channel.faults("refused", logging.WARNING, "channel %s: refused command %d: %s", channel.vm.name,
                                incoming.seq, refused.message)
             return verdict.status, list(verdict.answers)
@@ -492,7 +491,7 @@ class Agent:
             else:
                 self._controller_back(channel)
                 channel.stats.forwarded += len(requests)
-                return combine(answers)
+                return combine(answers, [r["command"] for r in requests])
             lane = None
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mbvisor.guest.answers import Answer, answer
+from mbvisor.guest.commands import Query
 from mbvisor.guest.errors import CommandError
 from mbvisor.guest.grammar import format_command, parse_command, split_frame
 from mbvisor.guest.ring import Status
@@ -55,19 +56,42 @@ def vet(payload: bytes, macs: tuple[str, ...] | None) -> Verdict:
     return Verdict(status=worst, answers=tuple(spare if v is None else v for v in verdicts))
 
 
+def too_many(count: int, limit: int) -> Answer:
+    """The one record for a frame whose commands' records might not fit the answer slot."""
+    return answer("REFUSED", "too-many-commands", f"a frame of {count} commands: their answers might not fit this "
+                                                  f"ring's {limit}-byte answer slots; split it; nothing was applied")
+
+
 def frame_wide(status: Status, code: str, text: str, count: int) -> list[Answer]:
     """The same outcome for each of a frame's ``count`` commands (rate limit, no
     controller, ...): one record per command, as the guest expects."""
     return [answer(status.name, code, text)] * max(1, count)
 
 
-def combine(answers: list[dict]) -> tuple[Status, list[Answer]]:
-    """The controller's answers to a frame's commands as the channel's: the first error's
-    status (else OK), and one record per command with the controller's code and text."""
+def combine(answers: list[dict], commands: list[str] | None = None) -> tuple[Status, list[Answer]]:
+    """The controller's answers to a frame's ``commands`` as the channel's: the first
+    error's status (else OK), and one record per command with the controller's code and
+    text; a query's answer as a result: ``N filter(s)``, then one line per filter."""
     status = Status.OK
     for reply in answers:
         if reply["status"] != "OK":
             status = Status.__members__.get(reply["status"], Status.INTERNAL)
             break
-    return status, [answer(reply["status"] if reply["status"] in Status.__members__ else "INTERNAL",
-                           reply.get("code") or reply["status"].lower(), reply["text"]) for reply in answers]
+    commands = commands or [""] * len(answers)
+    return status, [_record(reply, text) for reply, text in zip(answers, commands)]
+
+
+def _record(reply: dict, command: str) -> Answer:
+    status = reply["status"] if reply["status"] in Status.__members__ else "INTERNAL"
+    code = reply.get("code") or reply["status"].lower()
+    if status == "OK" and command and isinstance(parse_command(command), Query):
+        return query_result(reply["text"].splitlines() if reply["text"] != NO_FILTERS else [])
+    return answer(status, code, reply["text"])
+
+
+NO_FILTERS = "no filters"  # the controller's answer to a query of a layer without filters
+
+
+def query_result(filters: list[str]) -> Answer:
+    """A query's record: how many filters, then each (a result: cut only with a note)."""
+    return answer("OK", "ok", "\n".join([f"{len(filters)} filter(s)", *filters]), result=True)

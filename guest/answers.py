@@ -20,7 +20,7 @@ before anything of it is applied.  Standard library only (it runs in the guest t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 INDENT = "  "
 OMITTED = "(+{} line(s) not shown)"
@@ -41,6 +41,7 @@ class Answer:
     status: str
     code: str
     lines: tuple[str, ...] = ()
+    result: bool = field(default=False, compare=False)  # a query's result: never dropped silently
 
     @property
     def ok(self) -> bool:
@@ -51,7 +52,7 @@ class Answer:
         return self.lines[0] if self.lines else ""
 
 
-def answer(status: str, code: str, text: str = "") -> Answer:
+def answer(status: str, code: str, text: str = "", result: bool = False) -> Answer:
     """An answer from a text that may span lines (a query's result) or hold control
     characters (an error quoting the guest): one clean line per line of text."""
     if not _CODE.fullmatch(code):
@@ -60,7 +61,9 @@ def answer(status: str, code: str, text: str = "") -> Answer:
     lines = tuple(_UNPRINTABLE.sub(" ", line).strip() for line in text.splitlines())
     while lines and not lines[-1]:
         lines = lines[:-1]
-    return Answer(status, code, lines)
+    while lines and not lines[0]:  # a record's first line is its message: never empty
+        lines = lines[1:]
+    return Answer(status, code, lines, result)
 
 
 MAX_CODE = 24
@@ -69,8 +72,9 @@ MAX_HEAD = len("RATE_LIMITED ") + MAX_CODE  # the longest status name and the lo
 
 def fits(count: int, limit: int) -> bool:
     """Whether the status and code of ``count`` records surely fit ``limit`` bytes: what
-    the host checks before it applies a frame (a 4 KiB slot: 106 commands)."""
-    return count * (MAX_HEAD + 1) <= limit + 1
+    the host checks before it applies a frame (a 4 KiB slot: 106 commands).  One command
+    is always taken: its one record is all a frame can get (clipped to the slot if need be)."""
+    return count <= 1 or count * (MAX_HEAD + 1) <= limit + 1
 
 
 def render(answers: list[Answer], limit: int) -> str:
@@ -86,10 +90,12 @@ def render(answers: list[Answer], limit: int) -> str:
     for i, a in enumerate(answers):  # failures' messages, in order, while they fit (the last one clipped)
         if not a.ok and a.lines:
             message = _clip(" " + a.lines[0], budget)
-            parts[i].append(message)
-            budget -= len(message.encode())
-    results = [i for i, a in enumerate(answers) if len(a.lines) > 1]
-    echoes = [i for i, a in enumerate(answers) if a.ok and len(a.lines) == 1]
+            if message:
+                parts[i].append(message)
+                budget -= len(message.encode())
+    # The rest of a list the guest cannot know (a failure's further lines only under its message)
+    results = [i for i, a in enumerate(answers) if (a.result or len(a.lines) > 1) and (a.ok or len(parts[i]) > 1)]
+    echoes = [i for i, a in enumerate(answers) if a.ok and len(a.lines) == 1 and i not in results]
     for i in results + echoes:  # a list the guest cannot know before the echo of what it sent
         a = answers[i]
         lines = a.lines if a.ok else a.lines[1:]

@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
                 return show_status(region, args)
             writer = ChannelWriter(region)
             if args.action == "init":
-                print(f"channel re-initialised, epoch {writer.initialise():#010x}")
+                print(f"channel re-initialised, epoch {writer.initialise(timeout=args.timeout):#010x}")
                 return EXIT_OK
             return send(writer, command_text(args), args)
     except (ResponseTimeout, AnswerLost) as error:

@@ -31,12 +31,14 @@ _UNSEEN = object()  # no header looked at yet: the first poll always looks
 
 @dataclass(frozen=True)
 class Incoming:
-    """A valid command taken from the ring; ``(channel, epoch, seq)`` is its idempotency key."""
+    """A valid command taken from the ring; ``(channel, epoch, seq)`` is its idempotency key;
+    ``answer_limit``: the bytes of text its response slot holds."""
 
     channel: str
     epoch: int
     seq: int
     payload: bytes
+    answer_limit: int = 0
 
 
 @dataclass
@@ -154,7 +156,7 @@ class ChannelReader:
                 # protocol never shows a torn slot here; look once more, then answer it.
                 slot = self._command(geometry)
             if not isinstance(slot, str):
-                return Incoming(self.name, self._epoch, slot.seq, slot.payload)
+                return Incoming(self.name, self._epoch, slot.seq, slot.payload, geometry.max_response_length)
             self.stats.corrupt += 1
             self.faults("corrupt", logging.WARNING, "channel %s: command %d rejected: %s", self.name,
                         self._consume, slot)
@@ -182,8 +184,15 @@ class ChannelReader:
         return 0 if self._geometry is None else self._geometry.max_response_length
 
     def answer_with(self, seq: int, status: int, answers: list) -> bool:
-        """``answer`` with the answer list (guest/answers.py) fitted to the slot."""
-        return self.answer(seq, status, render(answers, self.answer_limit))
+        """``answer`` with the answer list (guest/answers.py) fitted to the slot; a list
+        whose bare records cannot fit (a handler that did not check ``fits``) becomes its
+        first record alone, cut to the slot and flagged if it must be."""
+        try:
+            text = render(answers, self.answer_limit)
+        except ValueError:
+            first = answers[0] if answers else answer("INTERNAL", "internal")
+            text = f"{first.status} {first.code}"
+        return self.answer(seq, status, text)
 
     def answer(self, seq: int, status: int, text: str) -> bool:
         """Write the answer to ``seq`` (the command ``poll()`` returned) and count it.

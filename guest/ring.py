@@ -275,8 +275,15 @@ def clock_ms() -> int:
     return (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000) % (1 << 32) or 1
 
 
+MAX_PROMISE_MS = 24 * 3600 * 1000  # far below the 32-bit clock's half-range (~24.8 days)
+
+
 def clock_ms_after(milliseconds: float) -> int:
-    return (clock_ms() + max(1, int(milliseconds))) % (1 << 32) or 1
+    """The clock ``milliseconds`` from now, rounded up (a promise never falls before the
+    deadline it stands for), bounded to 1 ms..MAX_PROMISE_MS."""
+    span = min(max(float(milliseconds), 1.0), MAX_PROMISE_MS)
+    now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    return (-(-(now_ns + int(span * 1_000_000)) // 1_000_000) + 1) % (1 << 32) or 1
 
 
 def clock_ms_before(a: int, b: int) -> bool:

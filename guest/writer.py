@@ -37,14 +37,17 @@ _STASH_LOCK = threading.Lock()
 # How long after submitting a writer that did not say otherwise keeps the right to its
 # answer (``submit(collect_within=...)``; ``request()`` promises its own deadline).
 DEFAULT_COLLECT_WITHIN = 60.0
+MARK_WAIT = 0.05  # how long marking an answer read tries for the writers' lock
 
 
 @dataclass(frozen=True)
 class Ticket:
-    """A published command: what the writer needs to find its answer."""
+    """A published command: what the writer needs to find its answer, and the time by
+    which it promised to read it (``ring.clock_ms`` units; NO_PROMISE: none)."""
 
     seq: int
     epoch: int
+    collect_by: int = ring.NO_PROMISE
 
 
 def _alive(pid: int) -> bool:
@@ -125,10 +128,10 @@ class ChannelWriter:
             pass
         return epoch
 
-    def initialise(self, geometry: ring.Geometry | None = None) -> int:
+    def initialise(self, geometry: ring.Geometry | None = None, timeout: float = 5.0) -> int:
         """Format the region afresh (a new epoch): pending commands and answers are dropped.
-        Returns the new epoch."""
-        with self._locked():
+        Returns the new epoch; ChannelBusy if the lock is not had within ``timeout``."""
+        with self._locked(time.monotonic() + timeout):
             if geometry is None:
                 self._initialise()
             else:
@@ -138,9 +141,9 @@ class ChannelWriter:
                     raise BadRegion(f"{self.region.path}: {error}") from None
             return ring.read_header(self.region.buf).guest_epoch
 
-    def header(self) -> ring.Header:
+    def header(self, timeout: float = 5.0) -> ring.Header:
         """The current header, validated (a blank region is initialised first)."""
-        with self._locked():
+        with self._locked(time.monotonic() + timeout):
             return self._header(initialise_blank=True)
 
     def submit(self, payload: bytes, timeout: float = 5.0, collect_within: float = DEFAULT_COLLECT_WITHIN,
@@ -151,25 +154,30 @@ class ChannelWriter:
         writer may reuse the answered slot); ``collect=False``: nobody will read it."""
         deadline = time.monotonic() + timeout
         backoff = Backoff(ceiling=1e-3)
+        first = True
         while True:
             with self._locked(deadline):
+                late = not first and time.monotonic() > deadline  # the lock came free only after it
+                first = False
                 header = self._header(initialise_blank=True)
                 geometry = header.geometry
                 if len(payload) > geometry.max_command_length:
                     raise CommandTooLong(f"command of {len(payload)} bytes does not fit this ring's "
                                          f"{geometry.max_command_length}-byte slots; send it in parts")
                 seq = header.publish
-                if time.monotonic() >= deadline:
-                    raise RingFull(self._full(header, seq))
                 if self._slot_reusable(header, seq):
+                    if late:
+                        raise ChannelBusy(self._busy())
                     if collect:
                         pid, collect_by = self._pid, ring.clock_ms_after(collect_within * 1000)
                     else:
                         pid, collect_by = 0, ring.NO_PROMISE
                     ring.encode_command(self.region.buf, geometry, seq, header.guest_epoch, payload, pid, collect_by)
                     ring.write_u64(self.region.buf, ring.OFFSET_PUBLISH, seq + 1)
-                    return Ticket(seq, header.guest_epoch)
+                    return Ticket(seq, header.guest_epoch, collect_by)
                 self._stash_own_answers(header)
+                if time.monotonic() >= deadline:
+                    raise RingFull(self._full(header, seq))
             backoff.wait(deadline)
 
     def _full(self, header: ring.Header, seq: int) -> str:
@@ -217,7 +225,7 @@ class ChannelWriter:
             if response is not None:
                 with _STASH_LOCK:
                     _STASH[(ticket.epoch, ticket.seq)] = response
-                self._mark(geometry, ticket, ring.SlotState.COLLECTED)
+                self._mark_locked(geometry, ticket, ring.SlotState.COLLECTED)
 
     def wait(self, ticket: Ticket, timeout: float = 5.0) -> ring.Response:
         """The host's answer to ``ticket``; ResponseTimeout leaves the command pending."""
@@ -241,6 +249,10 @@ class ChannelWriter:
                 return response
             owner = ring.read_command_owner(buf, header.geometry, ticket.seq)
             if (owner.seq, owner.epoch) != (ticket.seq, ticket.epoch):
+                with _STASH_LOCK:  # another thread of this process read it and reused the slot
+                    stashed = _STASH.pop((ticket.epoch, ticket.seq), None)
+                if stashed is not None:
+                    return stashed
                 raise AnswerLost(f"the answer to command {ticket.seq} was not read by the time this writer "
                                  "promised, and another writer reused its slot; its outcome is unknown", ticket.seq)
             if time.monotonic() >= deadline:
@@ -252,8 +264,21 @@ class ChannelWriter:
             backoff.wait(deadline)
 
     def _mark(self, geometry: ring.Geometry, ticket: Ticket, state: ring.SlotState) -> None:
-        """Record that nobody waits for this slot's answer any more, so it may be reused
-        (only if the slot still holds this ticket's command, of this epoch)."""
+        """Record that nobody waits for this slot's answer any more, so it may be reused.
+        Under the writers' lock (tried for MARK_WAIT only): between reading the slot's owner
+        and storing its state, a writer whose promise has passed may lose the slot to another
+        one, and the store would then mark that one's command.  Not done at all once the
+        promise has passed: the slot is free for reuse anyway."""
+        if ticket.collect_by != ring.NO_PROMISE and not ring.clock_ms_before(ring.clock_ms(), ticket.collect_by):
+            return
+        try:
+            with self._locked(time.monotonic() + MARK_WAIT):
+                self._mark_locked(geometry, ticket, state)
+        except ChannelBusy:
+            pass  # the slot stays PUBLISHED until the promise passes: slower reuse, nothing lost
+
+    def _mark_locked(self, geometry: ring.Geometry, ticket: Ticket, state: ring.SlotState) -> None:
+        """``_mark`` for a caller that holds the writers' lock."""
         owner = ring.read_command_owner(self.region.buf, geometry, ticket.seq)
         if (owner.seq, owner.epoch) == (ticket.seq, ticket.epoch):
             ring.write_u32(self.region.buf, geometry.command_offset(ticket.seq) + ring.OFFSET_SLOT_STATE,

@@ -12,7 +12,8 @@ from mbvisor.guest import answers as A
 STATUSES = st.sampled_from(["OK", "SYNTAX", "REFUSED", "REJECTED", "RATE_LIMITED", "UNAVAILABLE", "INTERNAL"])
 CODES = st.from_regex(r"[a-z0-9][a-z0-9-]{0,23}", fullmatch=True)
 LINE = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF), min_size=1, max_size=60).map(str.strip).filter(bool)
-ANSWERS = st.lists(st.builds(A.Answer, STATUSES, CODES, st.lists(LINE, max_size=5).map(tuple)), min_size=1, max_size=40)
+ANSWERS = st.lists(st.builds(A.Answer, STATUSES, CODES, st.lists(LINE, max_size=5).map(tuple), st.booleans()),
+                   min_size=1, max_size=40)
 
 
 @settings(max_examples=300, deadline=None)
@@ -26,6 +27,10 @@ def test_a_list_that_fits_reads_back_exactly(answers):
 def test_whatever_the_slot_every_status_and_code_fits_or_nothing_is_applied(answers, limit):
     if not A.fits(len(answers), limit):
         return  # the host refuses such a frame before applying it
+    if len(answers) == 1 and len(f"{answers[0].status} {answers[0].code}".encode()) > limit:
+        with pytest.raises(ValueError):  # a slot too small for one record (reader.answer_with cuts it)
+            A.render(answers, limit)
+        return
     text = A.render(answers, limit)
     assert len(text.encode()) <= limit
     read = A.parse(text)
@@ -36,10 +41,10 @@ def test_whatever_the_slot_every_status_and_code_fits_or_nothing_is_applied(answ
         kept = got.lines if sent.ok else got.lines[1:]
         if not sent.ok and got.lines:  # a failure's message: whole, clipped with "...", or left out
             assert got.lines[0] == sent.lines[0] or got.lines[0].endswith("...")
-        if len(sent.lines) > 1 and kept:  # a result cut short says how many lines are missing
+        if (len(sent.lines) > 1 or sent.result and sent.ok) and kept:  # a result cut short says what is missing
             assert kept[-1].startswith("(+") and kept[-1].endswith("line(s) not shown)"), got
             assert list(kept[:-1]) == list((sent.lines if sent.ok else sent.lines[1:])[:len(kept) - 1])
-        if sent.ok and len(sent.lines) == 1:  # the echo of a command: all or nothing
+        if sent.ok and len(sent.lines) == 1 and not sent.result:  # the echo of a command: all or nothing
             assert got.lines == ()
 
 
@@ -61,3 +66,14 @@ def test_texts_become_clean_lines_and_codes_tokens():
 def test_anything_else_is_not_an_answer_list(text):
     with pytest.raises(A.AnswerFormatError):
         A.parse(text)
+
+
+def test_a_one_line_query_result_is_never_dropped_without_a_note():
+    """A query with one filter is a one-line record, but a result: when the slot is full
+    of failures' messages it says what it left out, unlike the echo of a command."""
+    refusals = [A.answer("REJECTED", "limit", "x" * 60)] * 3
+    query = A.answer("OK", "ok", "1 filter(s)\nI 4 s 10.0.0.0/8", result=True)
+    for limit in range(60, 260):
+        text = A.render(refusals + [query], limit)
+        last = A.parse(text)[-1]
+        assert last.lines in ((), ("1 filter(s)", "I 4 s 10.0.0.0/8")) or "not shown" in last.lines[-1], (limit, text)

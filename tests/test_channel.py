@@ -340,3 +340,29 @@ def test_pipelining_writer_never_blocks_on_its_own_unread_answers(make_channel):
     finally:
         stop.set()
         thread.join()
+
+
+def test_a_timeout_of_zero_tries_once_and_formatting_keeps_its_deadline(make_channel):
+    writer = make_channel(SMALL)
+    assert writer.submit(b"now", timeout=0).seq == 0     # a free lock and slot: published at once
+    holder = open_file(writer.region.path)
+    fcntl.flock(holder.fd, fcntl.LOCK_EX)
+    try:
+        assert isinstance(in_thread(lambda: writer.initialise(SMALL, timeout=0.1)).get("error"), ChannelBusy)
+        assert isinstance(in_thread(lambda: writer.header(timeout=0.1)).get("error"), ChannelBusy)
+    finally:
+        fcntl.flock(holder.fd, fcntl.LOCK_UN)
+        holder.close()
+    assert ring.read_header(writer.region.buf).publish == 1  # not re-initialised
+
+
+def test_a_late_reader_does_not_mark_a_slot_it_no_longer_owns(make_channel):
+    """Past its promise a writer leaves the slot's state alone: another writer may have
+    taken the slot meanwhile, and a mark would free that one's command."""
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    ticket = writer.submit(b"x", collect_within=0.001)
+    answer_all(reader)
+    wait_until(lambda: not ring.clock_ms_before(ring.clock_ms(), ticket.collect_by), what="the promise to pass")
+    assert writer.wait(ticket).text == "ok x"
+    assert ring.read_command_owner(writer.region.buf, SMALL, 0).state == ring.SlotState.PUBLISHED

@@ -140,3 +140,11 @@ def test_a_promise_expires_on_the_wrapping_millisecond_clock(now, collect_by, ex
 def test_the_clock_never_reads_as_no_promise():
     assert ring.clock_ms() != ring.NO_PROMISE and ring.clock_ms_after(0) != ring.NO_PROMISE
     assert ring.clock_ms_before(ring.clock_ms(), ring.clock_ms_after(1000))
+
+
+def test_a_promise_never_falls_before_its_deadline_and_is_bounded():
+    before = ring.clock_ms()
+    promise = ring.clock_ms_after(5000)
+    assert (promise - before) % (1 << 32) >= 5000  # rounded up: the whole 5 s and then some
+    assert (ring.clock_ms_after(float("inf")) - ring.clock_ms()) % (1 << 32) <= ring.MAX_PROMISE_MS + 2
+    assert ring.clock_ms_after(-5) != ring.NO_PROMISE
