@@ -1,0 +1,742 @@
+"""The C guest library (guest/c: mbv.h, mbv.c, mbvctl, mbvtest) against the real host reader.
+
+The library was written from docs/protocol.md and docs/grammar.md alone; these tests hold it
+to the Python reference on the wire:
+
+* one conformance suite, two implementations: the same tests run the Python ``mbctl`` (with
+  ``--raw``: ``-w`` sends the text as given, as ``mbvctl`` does) and the C ``mbvctl``, each as
+  a subprocess, against ``ChannelReader``/``serve`` with the echo responder's ``answer_frame``;
+* C and Python writer processes at once on one region, some SIGKILLed mid-wait: every
+  command answered exactly once and the ring keeps working;
+* byte-level checks with ``guest/ring.py`` (command slots, CRC, formatting) and the library's
+  own pieces (CRC-32, the answer-list parser, device discovery, threads, the own-answers stash).
+
+The library is built once per session into a temporary directory with guest/c/Makefile; a
+machine without ``cc``/``make`` fails here (CI installs gcc, libc6-dev and make).  Children
+are forked before this process starts any thread, synchronisation is by polling the region
+with deadlines, and every child is killed and reaped even when a test fails.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mbvisor.agents.echo import answer_frame
+from mbvisor.guest import answers, ring
+from mbvisor.guest.reader import ChannelReader, serve
+from mbvisor.guest.region import open_file
+from mbvisor.guest.writer import ChannelWriter
+
+FORK = multiprocessing.get_context("fork")
+C_SOURCES = Path(__file__).resolve().parents[1] / "guest" / "c"
+MAC = "52:34:56:00:12:22"
+DEADLINE = 20.0  # bound for any single wait; a passing run is far quicker
+SMALL = ring.Geometry(4, 128, 128)
+EXIT_OK, EXIT_HOST_ERROR, EXIT_INVALID, EXIT_TIMEOUT, EXIT_CHANNEL, EXIT_RING_FULL = 0, 1, 3, 4, 5, 6
+
+
+# ---------------------------------------------------------------- build
+
+
+@pytest.fixture(scope="session")
+def c_build(tmp_path_factory) -> Path:
+    """libmbv.a, mbvctl and mbvtest, built with the Makefile's strict flags (-Werror)."""
+    missing = [tool for tool in ("cc", "make") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} not found: the C guest library cannot be built "
+                    "(Debian: apt-get install gcc libc6-dev make; topologies/host-setup.sh installs them)")
+    build = tmp_path_factory.mktemp("mbv-c-build")
+    done = subprocess.run(["make", "-C", str(C_SOURCES), f"BUILD={build}"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, f"building guest/c failed:\n{done.stdout}\n{done.stderr}"
+    for name in ("libmbv.a", "mbvctl", "mbvtest"):
+        assert (build / name).is_file(), f"the build made no {name}"
+    return build
+
+
+# ---------------------------------------------------------------- child processes
+
+
+def echo_command(writer_id: int, i: int) -> tuple[str, str]:
+    """The payload mbvtest sends as request ``i`` of writer ``writer_id``, and the MAC that
+    names it (its answer is one OK record naming that MAC, whatever the responder's wording)."""
+    mac = f"52:34:56:{writer_id:02x}:{(i >> 8) & 0xff:02x}:{i & 0xff:02x}"
+    return f"@R F {mac} 10.0.0.1@", mac
+
+
+def answers_command(text: str, mac: str) -> bool:
+    records = answers.parse(text)
+    return len(records) == 1 and records[0].ok and records[0].code == "ok" and mac in text
+
+
+def hold_command(writer_id: int) -> str:
+    return f"@X 52:34:56:{writer_id:02x}:ff:ff@"
+
+
+def _reader_main(path: str, log_path: str | None, release, holding) -> None:
+    """The real reader with the echo responder until SIGTERM.  Each command is logged as
+    ``epoch seq payload`` before it is answered; a hold command (``...:ff:ff``) is answered
+    only once ``release`` is set (``holding`` says the reader has reached one)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_path else None
+
+    def handle(incoming):
+        text = incoming.payload.decode()
+        if log_fd is not None:
+            os.write(log_fd, f"{incoming.epoch} {incoming.seq} {text}\n".encode())
+        if release is not None and text.endswith(":ff:ff@") and not release.is_set():
+            holding.set()
+            release.wait(DEADLINE)
+        return answer_frame(incoming)
+
+    serve(ChannelReader(open_file(path)), handle, stop)
+
+
+def _python_writer_main(path: str, writer_id: int, count: int, hold_after: int | None = None) -> None:
+    """``count`` requests through the Python writer, each checked against its echo; with
+    ``hold_after``, then one hold command, waited for until killed."""
+    writer = ChannelWriter(open_file(path))
+    for i in range(count):
+        if i == hold_after:
+            writer.request(hold_command(writer_id).encode(), timeout=600)
+            sys.exit("the held command was answered; expected to be killed first")
+        payload, mac = echo_command(writer_id, i)
+        response = writer.request(payload.encode(), timeout=DEADLINE)
+        if not response.ok or not answers_command(response.text, mac):
+            sys.exit(f"writer {writer_id}: {payload!r} answered with {response!r}")
+
+
+def _python_stalling_writer_main(path: str, count: int, collect_within: float) -> None:
+    """Submit ``count`` commands promising to read them within ``collect_within`` s, then
+    never read them (a live writer that stopped: hung, buggy)."""
+    writer = ChannelWriter(open_file(path))
+    for i in range(count):
+        writer.submit(echo_command(0xee, i)[0].encode(), timeout=5, collect_within=collect_within)
+    while True:
+        time.sleep(60)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def spawn():
+    """Forked children; whatever still runs at teardown is SIGKILLed and reaped."""
+    started: list = []
+
+    def start(target, *args):
+        process = FORK.Process(target=target, args=args, daemon=True)
+        process.start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.is_alive():
+            process.kill()
+        process.join(timeout=5)
+
+
+@pytest.fixture
+def popen():
+    """Subprocesses (stdout piped); whatever still runs at teardown is SIGKILLed and reaped."""
+    started: list[subprocess.Popen] = []
+
+    def start(argv: list[str]) -> subprocess.Popen:
+        process = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=5)
+
+
+def wait_until(condition, what: str, timeout: float = DEADLINE):
+    """Poll ``condition`` until it gives something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.0005)
+
+
+def header_of(writer: ChannelWriter) -> ring.Header:
+    return ring.read_header(writer.region.buf)
+
+
+@dataclass
+class Done:
+    code: int
+    out: str
+    err: str
+    pid: int
+    elapsed: float
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.out)
+
+
+def run(argv: list, timeout: float = DEADLINE) -> Done:
+    start = time.monotonic()
+    process = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(f"{argv} still running after {timeout:g} s")
+    return Done(process.returncode, out, err, process.pid, time.monotonic() - start)
+
+
+@dataclass
+class Cli:
+    name: str
+    prog: str
+    base: list
+
+    def __call__(self, path: str, *arguments, timeout: float = DEADLINE) -> Done:
+        return run([*self.base, "--shm", path, *arguments], timeout)
+
+
+def python_cli() -> Cli:
+    return Cli("python", "mbctl", [sys.executable, "-m", "mbvisor.guest.mbctl", "--raw"])
+
+
+def c_cli(build: Path) -> Cli:
+    return Cli("c", "mbvctl", [build / "mbvctl"])
+
+
+@pytest.fixture(params=["python", "c"])
+def cli(request, c_build) -> Cli:
+    return python_cli() if request.param == "python" else c_cli(c_build)
+
+
+@pytest.fixture
+def served(make_channel, spawn):
+    """A formatted region answered by the real reader and the echo responder in a forked
+    process; ``served(geometry)`` gives the writer (its region's path: ``.region.path``)."""
+
+    def start(geometry: ring.Geometry | None = None) -> ChannelWriter:
+        writer = make_channel(geometry)
+        spawn(_reader_main, writer.region.path, None, None, None)
+        return writer
+
+    return start
+
+
+def owners(writer: ChannelWriter, seqs) -> list[ring.SlotOwner]:
+    geometry = header_of(writer).geometry
+    return [ring.read_command_owner(writer.region.buf, geometry, seq) for seq in seqs]
+
+
+def answered(writer: ChannelWriter, count: int):
+    return lambda: header_of(writer).host_consume >= count
+
+
+# ---------------------------------------------------------------- one suite, two implementations
+
+
+def test_single_command(cli, served):
+    writer = served()
+    path = writer.region.path
+    done = cli(path, "--json", "--timeout", "5", "-w", f"@R F {MAC} 10.0.0.5@")
+    assert (done.code, done.err) == (EXIT_OK, ""), done.err
+    answer = done.json
+    epoch = header_of(writer).guest_epoch
+    assert (answer["seq"], answer["epoch"], answer["status"], answer["code"]) == (0, epoch, "OK", 0)
+    (record,) = answer["answers"]
+    assert (record["status"], record["code"]) == ("OK", "ok") and MAC in record["text"]
+    assert (answer["text"], answer["truncated"]) == (f"OK ok {record['text']}", False)
+    response = ring.decode_response(writer.region.buf, header_of(writer).geometry, 0, epoch)
+    assert response.text == answer["text"]  # what the host wrote, to the byte
+    # The slot names its writer and the promise of a request: its deadline, 5 s after it began.
+    (owner,) = owners(writer, [0])
+    assert (owner.seq, owner.epoch, owner.writer_pid, owner.state) == (0, epoch, done.pid, ring.SlotState.COLLECTED)
+    promised_in = (owner.collect_by - ring.clock_ms()) % (1 << 32)
+    assert 5000 - done.elapsed * 1000 - 50 <= promised_in <= 5000 + 5, promised_in
+
+    human = cli(path, "-w", f"@X {MAC}@@M {MAC}@")
+    assert (human.code, human.err) == (EXIT_OK, "")
+    last = ring.decode_response(writer.region.buf, header_of(writer).geometry, 1, epoch)
+    assert human.out.splitlines() == [r.message for r in answers.parse(last.text)]  # one line per command
+    assert len(human.out.splitlines()) == 2 and MAC in human.out.splitlines()[0]
+
+
+def test_frame_with_a_syntax_error_answers_every_command(cli, served):
+    path = served().region.path
+    frame = f"@R F {MAC} 10.0.0.5@@A {MAC} I 4 d 10.0.0.1@@T {MAC}@"
+    done = cli(path, "--json", "-w", frame)
+    assert done.code == EXIT_HOST_ERROR, done.err
+    records = done.json["answers"]
+    assert [(r["status"], r["code"]) for r in records] == [
+        ("SYNTAX", "not-applied"), ("SYNTAX", "syntax"), ("SYNTAX", "not-applied")]
+    assert records[1]["text"].startswith("column ") and "mask 4 means" in records[1]["text"]
+    assert done.json["status"] == "SYNTAX"
+
+    human = cli(path, "-w", frame)
+    assert (human.code, human.out) == (EXIT_HOST_ERROR, "")
+    lines = human.err.splitlines()
+    assert len(lines) == 3
+    for line, head in zip(lines, ("SYNTAX not-applied: ", "SYNTAX syntax: column ", "SYNTAX not-applied: ")):
+        assert line.startswith(f"{cli.prog}: {head}"), line
+
+
+def test_no_reader_is_a_timeout_and_the_command_stays_pending(cli, make_channel, spawn):
+    writer = make_channel()
+    path = writer.region.path
+    done = cli(path, "--json", "--timeout", "0.2", "-w", f"@X {MAC}@")
+    assert done.code == EXIT_TIMEOUT, done.err
+    assert done.json["exit_code"] == EXIT_TIMEOUT and "stays pending" in done.json["error"]
+    assert "stays pending" in done.err and done.elapsed >= 0.2
+    header = header_of(writer)
+    assert (header.publish, header.host_consume) == (1, 0)
+    slot = ring.decode_command(writer.region.buf, header.geometry, 0, header.guest_epoch)
+    assert isinstance(slot, ring.CommandSlot), slot
+    assert (slot.payload, slot.writer_pid) == (f"@X {MAC}@".encode(), done.pid)
+
+    spawn(_reader_main, path, None, None, None)  # a host that comes late still answers it
+    wait_until(answered(writer, 1), "the late reader to answer the pending command")
+    response = ring.decode_response(writer.region.buf, header.geometry, 0, header.guest_epoch)
+    assert response.status == ring.Status.OK and answers_command(response.text, MAC)
+
+
+def test_full_ring_fails_at_the_timeout_naming_the_cause(cli, make_channel, spawn):
+    writer = make_channel(SMALL)
+    path = writer.region.path
+    for i in range(SMALL.slot_count):
+        writer.submit(echo_command(0x77, i)[0].encode())
+    done = cli(path, "--timeout", "0.2", "-w", f"@X {MAC}@")
+    assert done.code == EXIT_RING_FULL, done.err
+    assert "ring full" in done.err and "waiting for the host" in done.err and "nothing was sent" in done.err
+
+    spawn(_reader_main, path, None, None, None)  # answered now, but this (live) process has not read them
+    wait_until(answered(writer, SMALL.slot_count), "the reader to answer the four commands")
+    done = cli(path, "--timeout", "0.2", "-w", f"@X {MAC}@")
+    assert done.code == EXIT_RING_FULL, done.err
+    assert f"process {os.getpid()}, alive, promised within" in done.err
+    assert header_of(writer).publish == SMALL.slot_count  # nothing was sent
+
+
+def test_lock_held_by_another_descriptor_gives_up_at_the_timeout(cli, make_channel):
+    writer = make_channel(SMALL)
+    holder = open_file(writer.region.path)
+    fcntl.flock(holder.fd, fcntl.LOCK_EX)
+    try:
+        done = cli(writer.region.path, "--timeout", "0.3", "-w", f"@X {MAC}@")
+    finally:
+        fcntl.flock(holder.fd, fcntl.LOCK_UN)
+        holder.close()
+    assert done.code == EXIT_RING_FULL, done.err
+    assert "lock" in done.err and "nothing was sent" in done.err
+    assert 0.3 <= done.elapsed < 0.3 + 5.0  # tried until its deadline, gave up then
+    assert header_of(writer).publish == 0
+
+
+def test_live_writer_that_never_reads_costs_others_only_until_its_promise(cli, served, spawn, popen, c_build):
+    promise_ms = 3000
+    writer = served(SMALL)
+    path = writer.region.path
+    if cli.name == "python":
+        stalled = spawn(_python_stalling_writer_main, path, SMALL.slot_count, promise_ms / 1000)
+        alive = stalled.is_alive
+    else:
+        stalled = popen([c_build / "mbvtest", "stall", path, SMALL.slot_count, promise_ms])
+        alive = lambda: stalled.poll() is None
+    wait_until(answered(writer, SMALL.slot_count), "the stalled writer's commands to be answered")
+    slots = owners(writer, range(SMALL.slot_count))
+    assert {(o.writer_pid, o.state) for o in slots} == {(stalled.pid, ring.SlotState.PUBLISHED)}
+    promise = slots[0].collect_by
+
+    early = cli(path, "--timeout", "0.3", "-w", f"@X {MAC}@")
+    assert ring.clock_ms_before(ring.clock_ms(), promise), "the promise passed too early for this test"
+    assert early.code == EXIT_RING_FULL, early.err
+    assert f"process {stalled.pid}, alive, promised within" in early.err
+
+    later = cli(path, "--json", "--timeout", "15", "-w", f"@X {MAC}@")
+    assert later.code == EXIT_OK, later.err
+    assert later.json["seq"] == SMALL.slot_count and later.elapsed < 15
+    assert not ring.clock_ms_before(ring.clock_ms(), promise)  # it got the slot only once the promise passed
+    assert alive(), "the stalled writer should still be alive (only its promise expired)"
+    (reused,) = owners(writer, [0])
+    assert (reused.seq, reused.writer_pid) == (SMALL.slot_count, later.pid)  # the stalled answer is gone
+    assert ring.decode_response(writer.region.buf, SMALL, 0, header_of(writer).guest_epoch) is None
+
+
+def test_dead_writers_slots_are_reclaimed_at_once(cli, served, spawn, popen, c_build):
+    """A writer of the same implementation publishes a full ring promising to read within 10
+    minutes, and is SIGKILLed (and reaped); once the host has answered, the next lap of
+    commands takes its slots at once (kill(pid, 0) fails with ESRCH), not after the promise."""
+    writer = served(SMALL)
+    path = writer.region.path
+    if cli.name == "python":
+        dead = spawn(_python_stalling_writer_main, path, SMALL.slot_count, 600.0)
+    else:
+        dead = popen([c_build / "mbvtest", "stall", path, SMALL.slot_count, 600000])
+    wait_until(answered(writer, SMALL.slot_count), "the doomed writer's commands to be answered")
+    dead.kill()
+    if cli.name == "python":
+        dead.join(DEADLINE)
+        assert dead.exitcode == -signal.SIGKILL
+    else:
+        assert dead.wait(DEADLINE) == -signal.SIGKILL
+    slots = owners(writer, range(SMALL.slot_count))
+    assert {(o.writer_pid, o.state) for o in slots} == {(dead.pid, ring.SlotState.PUBLISHED)}
+    assert all(ring.clock_ms_before(ring.clock_ms(), o.collect_by) for o in slots)  # promises still hold
+    for i in range(SMALL.slot_count):
+        done = cli(path, "--json", "--timeout", "3", "-w", echo_command(0x33, i)[0])
+        assert (done.code, done.json["seq"]) == (EXIT_OK, SMALL.slot_count + i), done.err
+
+
+def test_command_longer_than_a_slot_is_refused_before_sending(cli, served):
+    writer = served(SMALL)
+    done = cli(writer.region.path, "-w", "@" + "X" * (SMALL.max_command_length - 1) + "@")
+    assert done.code == EXIT_INVALID and f"{SMALL.max_command_length}-byte slots" in done.err, done.err
+    assert header_of(writer).publish == 0
+
+
+def test_missing_too_small_and_foreign_regions(cli, tmp_path):
+    done = cli(str(tmp_path / "nothing"), "-w", f"@X {MAC}@")
+    assert done.code == EXIT_CHANNEL and "does not exist" in done.err
+    small = tmp_path / "small"
+    small.write_bytes(bytes(33023))  # one byte short of the smallest ring
+    assert cli(str(small), "-w", f"@X {MAC}@").code == EXIT_CHANNEL
+    assert small.read_bytes() == bytes(33023)  # left alone
+    foreign = tmp_path / "foreign"
+    foreign.write_bytes(b"ELF!" + bytes((1 << 20) - 4))
+    done = cli(str(foreign), "-w", f"@X {MAC}@")
+    assert done.code == EXIT_CHANNEL and "magic" in done.err
+    assert foreign.read_bytes()[:8] == b"ELF!" + bytes(4)
+
+
+def test_usage_errors(cli, make_channel):
+    writer = make_channel()
+    assert cli(writer.region.path).code == 2  # nothing to do
+    assert cli(writer.region.path, "--no-such-option").code == 2
+    assert header_of(writer).publish == 0
+
+
+def test_both_implementations_print_the_same(c_build, served):
+    """Same region, same frames: the same lines and the same JSON (but seq and timing)."""
+    path = served().region.path
+    python, c = python_cli(), c_cli(c_build)
+    frames = [f"@R F {MAC} 10.0.0.5@", f"@I {MAC}@@X {MAC}@", f"@R F {MAC} 10.0.0.5@@A {MAC} I 4 d 10.0.0.1@",
+              f"@X {MAC}@" * 107, f"@Q {MAC}@"]
+    for frame in frames:
+        for mode in ([], ["--json"]):
+            a, b = python(path, *mode, "-w", frame), c(path, *mode, "-w", frame)
+            assert a.code == b.code, (frame, a.err, b.err)
+            if mode:
+                one, other = a.json, b.json
+                for answer in (one, other):
+                    answer.pop("round_trip_ms")
+                    answer.pop("seq")
+                assert one == other, frame
+            else:
+                assert a.out == b.out, frame
+                assert a.err.replace("mbctl: ", "mbvctl: ") == b.err, frame
+    refused = c(path, "--json", "-w", f"@X {MAC}@" * 107).json
+    assert [(r["status"], r["code"]) for r in refused["answers"]] == [("REFUSED", "too-many-commands")]
+    for mode in ([], ["--json"]):
+        a, b = python(path, *mode, "-r"), c(path, *mode, "-r")
+        assert (a.code, a.out) == (b.code, b.out)
+
+
+# ---------------------------------------------------------------- C only: --no-wait, byte level
+
+
+def test_no_wait_publishes_for_nobody_and_the_slot_is_free_once_answered(c_build, served, make_channel):
+    writer = served(SMALL)
+    path = writer.region.path
+    mbvctl = c_cli(c_build)
+    for i in range(3 * SMALL.slot_count):  # wraps the ring: each slot is free once answered
+        done = mbvctl(path, "--json", "--no-wait", "-w", echo_command(0x55, i)[0])
+        assert done.code == EXIT_OK, done.err
+        assert done.json == {"seq": i, "epoch": header_of(writer).guest_epoch, "published": True}
+    wait_until(answered(writer, 3 * SMALL.slot_count), "every --no-wait command to be answered")
+    slots = owners(writer, range(2 * SMALL.slot_count, 3 * SMALL.slot_count))
+    assert {(o.writer_pid, o.state, o.collect_by) for o in slots} == {(0, ring.SlotState.PUBLISHED, 0)}
+    # What the Python writer writes for nobody: the same.
+    writer.submit(b"@X 52:34:56:00:12:22@", collect=False)
+    (python_slot,) = owners(writer, [3 * SMALL.slot_count])
+    assert (python_slot.writer_pid, python_slot.state, python_slot.collect_by) == (0, ring.SlotState.PUBLISHED, 0)
+
+
+def test_c_written_command_slots_decode_with_the_reference(c_build, make_channel):
+    writer = make_channel()
+    header = header_of(writer)
+    payloads = [f"@X {MAC}@", "@" + "A" * 100 + "@", "x" * header.geometry.max_command_length]
+    for payload in payloads:
+        assert run([c_build / "mbvctl", "--shm", writer.region.path, "--no-wait", "-w", payload]).code == EXIT_OK
+    buf = writer.region.buf
+    for seq, payload in enumerate(p.encode() for p in payloads):
+        slot = ring.decode_command(buf, header.geometry, seq, header.guest_epoch)
+        assert isinstance(slot, ring.CommandSlot), slot
+        assert (slot.payload, slot.writer_pid, slot.state) == (payload, 0, ring.SlotState.PUBLISHED)
+        offset = header.geometry.command_offset(seq)
+        raw = bytes(buf[offset:offset + 32])
+        fixed = struct.pack("<QII", seq, header.guest_epoch, len(payload))
+        assert raw[:16] == fixed
+        assert struct.unpack_from("<IIII", raw, 16) == (zlib.crc32(payload, zlib.crc32(fixed)), 0, 1, 0)
+    assert header_of(writer).publish == len(payloads)
+
+
+@pytest.mark.parametrize("size", [33024, 40000, 1 << 20, (1 << 20) + 100, 8388864 + 8192])
+def test_c_formats_a_blank_region_as_the_reference_reads_it(c_build, region_path, size):
+    Path(region_path).write_bytes(bytes(size))
+    done = run([c_build / "mbvctl", "--shm", region_path, "--no-wait", "-w", f"@X {MAC}@"])
+    assert done.code == EXIT_OK, done.err
+    region = open_file(region_path)
+    try:
+        header = ring.read_header(region.buf)
+        assert header.problem(size) is None
+        assert header.geometry == ring.geometry_for(size)
+        assert (header.publish, header.consume, header.host_epoch) == (1, 0, 0) and header.guest_epoch != 0
+        data = bytes(region.buf[:header.geometry.region_size])
+        assert data[44:256] == bytes(212)  # reserved
+        assert data[256 + 32 + len(f"@X {MAC}@"):] == bytes(len(data) - 256 - 32 - len(f"@X {MAC}@"))
+    finally:
+        region.close()
+
+
+def test_c_explicit_format_matches_the_documented_bytes(c_build, region_path):
+    Path(region_path).write_bytes(bytes(1 << 20))
+    mbvtest = c_build / "mbvtest"
+    first = run([mbvtest, "format", region_path, 0, 0, 0])
+    assert first.code == 0, first.out
+    data = Path(region_path).read_bytes()
+    # protocol.md section 4: a formatted 1 MiB region, but for the (random) epoch at 20..23.
+    documented = bytes.fromhex("4d 42 56 52 01 00 00 01 40 00 00 00 00 10 00 00 00 10 00 00 78 56 34 12") + bytes(24)
+    assert data[:20] + data[24:48] == documented[:20] + documented[24:48]
+    assert int(first.out.split()[1]) == struct.unpack_from("<I", data, 20)[0] != 0
+    second = run([mbvtest, "format", region_path, 16, 256, 512])
+    assert second.code == 0, second.out
+    header = ring.read_header(Path(region_path).read_bytes())
+    assert header.geometry == ring.Geometry(16, 256, 512) and header.problem(1 << 20) is None
+    assert header.guest_epoch == int(second.out.split()[1]) != int(first.out.split()[1])
+    too_big = run([mbvtest, "format", region_path, 1024, 4096, 4096])
+    assert too_big.code == 4 and too_big.out.startswith("error bad region:"), too_big.out
+
+
+def test_crc32_is_zlibs(c_build):
+    samples = [b"123456789", b"", b"\x00" * 3,
+               bytes.fromhex("0000000000000000785634121300000058") + b" 52:34:56:00:12:22",
+               bytes(range(256)) * 7]
+    for data in samples:
+        done = subprocess.run([str(c_build / "mbvtest"), "crc"], input=data, capture_output=True, timeout=10, check=False)
+        assert int(done.stdout, 16) == zlib.crc32(data), data[:20]
+    check = subprocess.run([str(c_build / "mbvtest"), "crc"], input=b"123456789", capture_output=True,
+                           timeout=10, check=False)
+    assert int(check.stdout, 16) == 0xCBF43926
+    fixed = struct.pack("<QII", 0, 0x12345678, 19)  # protocol.md section 7's worked example
+    done = subprocess.run([str(c_build / "mbvtest"), "crc"], input=fixed + b"X 52:34:56:00:12:22",
+                          capture_output=True, timeout=10, check=False)
+    assert int(done.stdout, 16) == 0x2961E1FD
+
+
+@pytest.mark.parametrize("text", [
+    ("OK ok R F 52:34:56:00:12:22 10.0.0.5\nREJECTED limit 52:34:56:00:12:22 has 1000 filters, the limit is 1000\n"
+     "OK ok 2 filter(s)\n  A 52:34:56:00:12:22 I 4 s 10.0.0.0/8\n  A 52:34:56:00:12:22 I 1 p 6"),
+    "OK ok", "OK ok\n", "", "ok ok", "OK", "OK -", "OK Bad x", "SYNTAX syntax\n  first\n  second",
+    "  indented first", "OK ok two  spaces  kept ", "STATUS_9 odd-code m", "OK ok caf\u00e9", "INTERNAL 9x",
+    "OK ok\n\n  x", "OK -bad",
+])
+def test_answer_list_parser_agrees_with_the_reference(c_build, text):
+    done = subprocess.run([str(c_build / "mbvtest"), "answers"], input=text.encode(), capture_output=True,
+                          timeout=10, check=False)
+    lines = done.stdout.decode().splitlines()
+    try:
+        expected = answers.parse(text)
+    except answers.AnswerFormatError:
+        assert lines == ["not an answer list"]
+        return
+    records = []
+    for line in lines[:-1]:
+        kind, *fields = line.split("\t")
+        if kind == "R":
+            status, code, message = fields
+            records.append([status, code, (message,) if message else ()])
+        else:
+            records[-1][2] += (fields[0],)
+    assert lines[-1] == f"count {len(expected)}"
+    assert [tuple(r) for r in records] == [(a.status, a.code, a.lines) for a in expected]
+
+
+def test_device_discovery(c_build, tmp_path):
+    mbvtest = c_build / "mbvtest"
+
+    def device(bdf: str, vendor: str, product: str, size: int = 0, enable: str = "0\n") -> Path:
+        folder = tmp_path / bdf
+        folder.mkdir()
+        (folder / "vendor").write_text(vendor + "\n")
+        (folder / "device").write_text(product + "\n")
+        (folder / "enable").write_text(enable)
+        if size:
+            (folder / "resource2").write_bytes(bytes(size))
+        return folder
+
+    assert run([mbvtest, "device", tmp_path]).out.startswith("error device not found: no ivshmem device")
+    device("0000:00:03.0", "0x8086", "0x100e")
+    ivshmem = device("0000:00:04.0", "0x1af4", "0x1110", 1 << 20)
+    done = run([mbvtest, "device", tmp_path])
+    assert (done.code, done.out.split()) == (0, ["ok", str(1 << 20), str(ivshmem / "resource2")])
+    assert (ivshmem / "enable").read_text().strip() == "1"  # memory decoding turned on
+    device("0000:00:05.0", "0x1af4", "0x1110", 1 << 20, enable="1\n")
+    several = run([mbvtest, "device", tmp_path])
+    assert several.code == 4 and several.out.startswith("error channel error: several ivshmem devices")
+    assert run([mbvtest, "device", tmp_path, "00:05.0"]).out.split()[0] == "ok"  # a short BDF
+    assert run([mbvtest, "device", tmp_path, "0000:00:03.0"]).out.startswith("error device not found")
+    small = device("0000:00:06.0", "0x1af4", "0x1110", 4096)
+    assert run([mbvtest, "device", tmp_path, "00:06.0"]).out.startswith("error region too small")
+    assert small.is_dir()
+
+
+def test_threads_sharing_one_handle_on_a_small_ring(c_build, served):
+    """Eight threads, one descriptor, four slots: the mutex orders them and a submit that
+    meets another thread's answer keeps it for that thread (the own-answers rule)."""
+    writer = served(SMALL)
+    done = run([c_build / "mbvtest", "threads", writer.region.path, 8, 300], timeout=60)
+    assert (done.code, done.out.strip()) == (0, "ok 2400"), done.err
+    assert header_of(writer).host_consume == 2400
+
+
+def test_own_answers_are_kept_up_to_the_documented_bound(c_build, served):
+    """One thread pipelines without waiting: its own answered slots are read and kept
+    (MBV_STASH_ENTRIES = 64) so it can go on; past 64 + slot_count the ring is full, naming
+    this process; every kept answer is then handed to its ticket."""
+    writer = served(SMALL)
+    done = run([c_build / "mbvtest", "pipeline", writer.region.path, 100, 300])
+    lines = done.out.splitlines()
+    assert done.code == 0, done.out + done.err
+    assert lines[0] == f"submitted {64 + SMALL.slot_count}"
+    assert lines[1].startswith("error ring full:") and "of this process" in lines[1]
+    assert lines[2] == f"answered {64 + SMALL.slot_count}"
+
+
+def test_a_timed_out_wait_marks_the_command_abandoned(c_build, make_channel):
+    writer = make_channel(SMALL)
+    done = run([c_build / "mbvtest", "abandon", writer.region.path, 10000, 100])
+    assert (done.code, done.out.strip()) == (0, "timeout 0"), done.out
+    (owner,) = owners(writer, [0])
+    assert (owner.writer_pid, owner.state) == (done.pid, ring.SlotState.ABANDONED)
+
+
+def test_the_protocol_pages_example_compiles(c_build, tmp_path):
+    """docs/protocol.md section 15's usage example builds against mbv.h with the strict flags."""
+    page = (C_SOURCES.parents[1] / "docs" / "protocol.md").read_text()
+    section = page[page.index("## 15."):]
+    example = section[section.index("```c\n") + 5:]
+    example = example[:example.index("```")]
+    (tmp_path / "example.c").write_text(example)
+    done = subprocess.run(["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-D_GNU_SOURCE",
+                           f"-I{C_SOURCES}", "-c", str(tmp_path / "example.c"), "-o", str(tmp_path / "example.o")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "mbv_request(" in example
+
+
+# ---------------------------------------------------------------- C and Python writers at once
+
+
+def test_c_and_python_writers_at_once_with_some_killed_mid_wait(c_build, make_channel, spawn, popen, tmp_path):
+    geometry = ring.Geometry(16, 128, 128)
+    writer = make_channel(geometry)
+    path = writer.region.path
+    buf = writer.region.buf
+    log_path = tmp_path / "reader.log"
+    release, holding = FORK.Event(), FORK.Event()
+    mbvtest = c_build / "mbvtest"
+    c_ids, python_ids, c_victim_ids, python_victim_ids = (1, 2, 3), (0x81, 0x82, 0x83), (0x11, 0x12), (0x91, 0x92)
+    c_count, python_count, before_hold = 800, 300, 60
+
+    reader = spawn(_reader_main, path, str(log_path), release, holding)
+    python_writers = [spawn(_python_writer_main, path, i, python_count) for i in python_ids]
+    python_victims = [spawn(_python_writer_main, path, i, 10**6, before_hold) for i in python_victim_ids]
+    c_writers = [popen([mbvtest, "request", path, i, c_count]) for i in c_ids]
+    c_victims = [popen([mbvtest, "request", path, i, 10**6, before_hold]) for i in c_victim_ids]
+
+    # The reader stops at the first hold command; every victim is then waiting for an answer.
+    wait_until(lambda: holding.is_set(), "a victim to send its hold command")
+    victim_pids = {v.pid for v in python_victims + c_victims}
+
+    def waiting_writers() -> set[int]:
+        header = ring.read_header(buf)
+        pending = owners(writer, range(header.host_consume, header.publish))
+        return {o.writer_pid for o in pending if o.epoch == header.guest_epoch and o.state == ring.SlotState.PUBLISHED}
+
+    wait_until(lambda: victim_pids <= waiting_writers(), "every victim to wait for an answer")
+    for victim in c_victims:
+        victim.kill()
+        assert victim.wait(timeout=DEADLINE) == -signal.SIGKILL  # still waiting when killed
+    for victim in python_victims:
+        victim.kill()
+        victim.join(DEADLINE)
+        assert victim.exitcode == -signal.SIGKILL
+    release.set()
+
+    for process in c_writers:
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, f"C writer: {out} {err}"
+        assert out.startswith(f"done {c_count} ")
+    for process in python_writers:
+        process.join(60)
+        assert process.exitcode == 0, "a Python writer saw a wrong, missing or failed answer (stderr above)"
+    wait_until(lambda: header_of(writer).host_consume == header_of(writer).publish, "every command to be answered")
+
+    # The ring still works, over every slot the dead victims left (3 laps).
+    again = run([mbvtest, "request", path, 0x21, 3 * geometry.slot_count])
+    assert again.code == 0, again.out + again.err
+    total = header_of(writer).publish
+    wait_until(answered(writer, total), "the last commands to be answered")
+    reader.terminate()
+    reader.join(DEADLINE)
+    assert reader.exitcode == 0
+
+    log = [line.split(" ", 2) for line in log_path.read_text().splitlines()]
+    assert [int(seq) for _, seq, _ in log] == list(range(total))  # each command handled once, in order
+    payloads = [payload for _, _, payload in log]
+    duplicates = {p for p, n in Counter(payloads).items() if n > 1}
+    assert duplicates == set(), f"handled twice: {sorted(duplicates)[:5]}"
+    by_writer: dict[int, list[str]] = {}
+    for payload in payloads:
+        by_writer.setdefault(int(payload.split(":")[3], 16), []).append(payload)
+    for i, count in [(i, c_count) for i in c_ids] + [(i, python_count) for i in python_ids] + [(0x21, 48)]:
+        assert by_writer[i] == [echo_command(i, n)[0] for n in range(count)], f"writer {i:#x} lost or reordered"
+    holds = 0
+    for i in c_victim_ids + python_victim_ids:
+        mine = by_writer[i]
+        held = mine[-1] == hold_command(i)
+        holds += held
+        plain = mine[:-1] if held else mine
+        assert plain == [echo_command(i, n)[0] for n in range(len(plain))], f"victim {i:#x}"
+        assert len(plain) == before_hold or not held
+    assert holds >= 1
+    assert set(by_writer) == {*c_ids, *python_ids, *c_victim_ids, *python_victim_ids, 0x21}
+    assert total > 3000
+    kinds = ["c" if int(p.split(":")[3], 16) < 0x80 else "python" for p in payloads]
+    assert sum(a != b for a, b in itertools.pairwise(kinds)) >= 100  # C and Python really interleaved
