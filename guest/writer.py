@@ -29,10 +29,13 @@ from .channel_errors import (AnswerLost, BadRegion, ChannelBusy, ChannelReset, C
 from .region import Region
 
 
-# Answers collected early on behalf of a waiter of this process (see _stash_own_answer),
-# keyed by (epoch, seq): epochs are random per region, so keys do not collide.
-_STASH: dict[tuple[int, int], ring.Response] = {}
+# Answers collected early on behalf of a waiter of this process (see _stash_own_answers),
+# keyed by (region, epoch, seq).  Bounded: when it is full no more are collected, and this
+# process's slots then free themselves when its promises pass (tickets nobody waits for
+# would otherwise keep their answers here for ever).
+_STASH: dict[tuple[str, int, int], ring.Response] = {}
 _STASH_LOCK = threading.Lock()
+MAX_STASH = 1024
 
 # How long after submitting a writer that did not say otherwise keeps the right to its
 # answer (``submit(collect_within=...)``; ``request()`` promises its own deadline).
@@ -51,11 +54,13 @@ class Ticket:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process has this pid; 0 and numbers no pid can be (the slot's word is the
+    guest's to write) are nobody."""
     if pid <= 0:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -206,6 +211,8 @@ class ChannelWriter:
             return True
         if owner.writer_pid != self._pid:
             return not _alive(owner.writer_pid) or owner.promise_expired(ring.clock_ms())
+        if owner.promise_expired(ring.clock_ms()):
+            return True
         self._stash_own_answers(header)
         return ring.read_command_owner(self.region.buf, geometry, seq).state != ring.SlotState.PUBLISHED
 
@@ -224,8 +231,17 @@ class ChannelWriter:
             response = ring.decode_response(self.region.buf, geometry, seq, header.guest_epoch)
             if response is not None:
                 with _STASH_LOCK:
-                    _STASH[(ticket.epoch, ticket.seq)] = response
+                    if len(_STASH) >= MAX_STASH:
+                        return
+                    _STASH[self._stash_key(ticket)] = response
                 self._mark_locked(geometry, ticket, ring.SlotState.COLLECTED)
+
+    def _stash_key(self, ticket: Ticket) -> tuple[str, int, int]:
+        return (self.region.path, ticket.epoch, ticket.seq)
+
+    def _stashed(self, ticket: Ticket) -> ring.Response | None:
+        with _STASH_LOCK:
+            return _STASH.pop(self._stash_key(ticket), None)
 
     def wait(self, ticket: Ticket, timeout: float = 5.0) -> ring.Response:
         """The host's answer to ``ticket``; ResponseTimeout leaves the command pending."""
@@ -235,8 +251,7 @@ class ChannelWriter:
         backoff = Backoff(ceiling=1e-3)
         buf = self.region.buf
         while True:
-            with _STASH_LOCK:  # another thread of this process waiting for a slot read it
-                stashed = _STASH.pop((ticket.epoch, ticket.seq), None)
+            stashed = self._stashed(ticket)  # another thread of this process waiting for a slot read it
             if stashed is not None:
                 return stashed
             header = ring.read_header(buf)
@@ -249,10 +264,12 @@ class ChannelWriter:
                 return response
             owner = ring.read_command_owner(buf, header.geometry, ticket.seq)
             if (owner.seq, owner.epoch) != (ticket.seq, ticket.epoch):
-                with _STASH_LOCK:  # another thread of this process read it and reused the slot
-                    stashed = _STASH.pop((ticket.epoch, ticket.seq), None)
+                stashed = self._stashed(ticket)  # another thread of this process read it and reused the slot
                 if stashed is not None:
                     return stashed
+                if ring.read_header(buf).guest_epoch != ticket.epoch:
+                    raise ChannelReset(f"channel was re-initialised while command {ticket.seq} waited; "
+                                       "its outcome is unknown")
                 raise AnswerLost(f"the answer to command {ticket.seq} was not read by the time this writer "
                                  "promised, and another writer reused its slot; its outcome is unknown", ticket.seq)
             if time.monotonic() >= deadline:

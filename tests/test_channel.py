@@ -366,3 +366,30 @@ def test_a_late_reader_does_not_mark_a_slot_it_no_longer_owns(make_channel):
     wait_until(lambda: not ring.clock_ms_before(ring.clock_ms(), ticket.collect_by), what="the promise to pass")
     assert writer.wait(ticket).text == "ok x"
     assert ring.read_command_owner(writer.region.buf, SMALL, 0).state == ring.SlotState.PUBLISHED
+
+
+def test_a_writer_pid_no_process_can_have_is_a_dead_writer(make_channel):
+    """The slot's writer_pid is the guest's to write: a number beyond any pid must not
+    crash the next writer (it is nobody, like 0)."""
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    for _ in range(SMALL.slot_count):
+        writer.submit(b"x", collect=False)
+    answer_all(reader)
+    struct.pack_into("<II", writer.region.buf, SMALL.command_offset(0) + 20, 2**32 - 1, ring.SlotState.PUBLISHED)
+    assert writer.submit(b"next lap", timeout=0.05).seq == SMALL.slot_count
+
+
+def test_the_own_answers_kept_for_waiters_are_bounded(make_channel, monkeypatch):
+    """Answers read for this process's waiters (while it waited for a slot) stay in a
+    bounded store: past it, this process's slots free themselves when its promises pass."""
+    from mbvisor.guest import writer as writer_module
+    monkeypatch.setattr(writer_module, "MAX_STASH", 2)
+    monkeypatch.setattr(writer_module, "_STASH", {})
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    tickets = [writer.submit(b"kept", collect_within=0.2) for _ in range(SMALL.slot_count)]
+    answer_all(reader)
+    assert writer.submit(b"y", timeout=5).seq == SMALL.slot_count  # slot 0: its answer kept for its waiter
+    assert len(writer_module._STASH) == 2
+    assert writer.wait(tickets[0]).text == "ok kept"  # kept for its waiter
