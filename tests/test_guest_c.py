@@ -57,17 +57,38 @@ EXIT_OK, EXIT_HOST_ERROR, EXIT_INVALID, EXIT_TIMEOUT, EXIT_CHANNEL, EXIT_RING_FU
 
 @pytest.fixture(scope="session")
 def c_build(tmp_path_factory) -> Path:
-    """libmbv.a, mbvctl and mbvtest, built with the Makefile's strict flags (-Werror)."""
+    """libmbv.a, mbvctl and mbvtest, built with the Makefile's strict flags (-Werror).
+    ``MBV_C_EXTRA_CFLAGS`` is passed as the Makefile's EXTRA_CFLAGS, e.g. a sanitizer run:
+    ``MBV_C_EXTRA_CFLAGS='-fsanitize=address,undefined -fno-omit-frame-pointer -g'``."""
     missing = [tool for tool in ("cc", "make") if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"{' and '.join(missing)} not found: the C guest library cannot be built "
                     "(Debian: apt-get install gcc libc6-dev make; topologies/host-setup.sh installs them)")
     build = tmp_path_factory.mktemp("mbv-c-build")
-    done = subprocess.run(["make", "-C", str(C_SOURCES), f"BUILD={build}"], capture_output=True, text=True,
+    extra = os.environ.get("MBV_C_EXTRA_CFLAGS", "")
+    done = subprocess.run(["make", "-C", str(C_SOURCES), f"BUILD={build}", f"EXTRA_CFLAGS={extra}"],
+                          capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 0, f"building guest/c failed:\n{done.stdout}\n{done.stderr}"
     for name in ("libmbv.a", "mbvctl", "mbvtest"):
         assert (build / name).is_file(), f"the build made no {name}"
+    return build
+
+
+SANITIZE = "-fsanitize=address,undefined -fno-omit-frame-pointer -g"
+# A sanitizer report makes the program exit with these codes (LeakSanitizer too), never 0.
+SANITIZER_ENV = {"ASAN_OPTIONS": "detect_leaks=1:exitcode=86", "LSAN_OPTIONS": "exitcode=86",
+                 "UBSAN_OPTIONS": "halt_on_error=1:exitcode=87:print_stacktrace=1"}
+
+
+@pytest.fixture(scope="session")
+def c_sanitized(tmp_path_factory) -> Path:
+    """The same programs built with AddressSanitizer (LeakSanitizer) and UBSan (EXTRA_CFLAGS);
+    run them with SANITIZER_ENV in the environment."""
+    build = tmp_path_factory.mktemp("mbv-c-asan")
+    done = subprocess.run(["make", "-C", str(C_SOURCES), f"BUILD={build}", f"EXTRA_CFLAGS={SANITIZE}"],
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, f"building guest/c with sanitizers failed:\n{done.stdout}\n{done.stderr}"
     return build
 
 
@@ -202,9 +223,10 @@ class Done:
         return json.loads(self.out)
 
 
-def run(argv: list, timeout: float = DEADLINE) -> Done:
+def run(argv: list, timeout: float = DEADLINE, env: dict | None = None) -> Done:
     start = time.monotonic()
-    process = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=None if env is None else {**os.environ, **env})
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -439,6 +461,19 @@ def test_usage_errors(cli, make_channel):
     assert cli(writer.region.path).code == 2  # nothing to do
     assert cli(writer.region.path, "--no-such-option").code == 2
     assert header_of(writer).publish == 0
+
+
+def test_an_option_is_never_taken_as_another_options_value(cli, make_channel, tmp_path):
+    """mbvctl's --json scan read "-w --json" as both the text and the flag: it sent "--json"
+    to the host; "--shm --json" opened a file of that name.  Both are usage errors, as in mbctl."""
+    writer = make_channel()
+    path = writer.region.path
+    for arguments in (["-w", "--json"], ["--json", "-w", "-r"], ["--timeout", "--json", "-w", "x"]):
+        done = cli(path, "--timeout", "0.2", *arguments)
+        assert done.code == 2, (arguments, done.out, done.err)
+    assert header_of(writer).publish == 0  # nothing was sent
+    done = run([*cli.base, "--shm", "--json", "-r"], timeout=DEADLINE)
+    assert done.code == 2 and "--json" not in done.out + done.err.replace("[--json]", ""), done.err
 
 
 def test_both_implementations_print_the_same(c_build, served):
@@ -740,3 +775,79 @@ def test_c_and_python_writers_at_once_with_some_killed_mid_wait(c_build, make_ch
     assert total > 3000
     kinds = ["c" if int(p.split(":")[3], 16) < 0x80 else "python" for p in payloads]
     assert sum(a != b for a, b in itertools.pairwise(kinds)) >= 100  # C and Python really interleaved
+
+
+# ---------------------------------------------------------------- sanitizers and a hostile host
+
+
+def test_error_paths_free_what_they_allocated(c_sanitized, tmp_path):
+    """mbvtest leaked its response buffer whenever the library failed (LeakSanitizer)."""
+    foreign = tmp_path / "foreign"
+    foreign.write_bytes(b"ELF!" + bytes((1 << 20) - 4))
+    mbvtest = c_sanitized / "mbvtest"
+    for argv in ([mbvtest, "request", foreign, 1, 1], [mbvtest, "abandon", foreign, 100, 10],
+                 [mbvtest, "pipeline", foreign, 3, 10]):
+        done = run(argv, env=SANITIZER_ENV)
+        assert "Sanitizer" not in done.err, done.err
+        assert done.code in (0, 4) and "error bad region" in done.out, (argv, done.code, done.out)
+
+
+def _raw_response(buf, geometry: ring.Geometry, seq: int, epoch: int, status: int, flags: int, text: bytes,
+                  length: int | None = None, crc: int | None = None, seq_field: int | None = None) -> None:
+    """A response slot as a hostile host may write it: any bytes, any length, any CRC."""
+    offset = geometry.response_offset(seq)
+    length = len(text) if length is None else length
+    seq_field = seq if seq_field is None else seq_field
+    buf[offset + 32:offset + 32 + len(text)] = text
+    fixed = struct.pack("<QIIHH", seq_field, epoch, length, status, flags)
+    crc = zlib.crc32(text, zlib.crc32(fixed)) if crc is None else crc
+    struct.pack_into("<QIIIHH", buf, offset, seq_field, epoch, length, crc, status, flags)
+
+
+FULL_LINE = b"OK ok " + b"x" * (SMALL.max_response_length - 6)  # fills the slot, no newline at its end
+HOSTILE = {
+    "non-utf8": (dict(text=b"OK ok \xff\xfe\xc3(\xe2\x82 \xf0\x9f\x98\nREJECTED x \xed\xa0\x80"), EXIT_OK),
+    "not-an-answer-list": (dict(text=b"hello\n  world\x00\x01"), EXIT_OK),
+    "full-slot-no-newline": (dict(text=FULL_LINE), EXIT_OK),
+    "unknown-status-flags": (dict(text=b"OK ok", status=65535, flags=65535), EXIT_HOST_ERROR),
+    "length-beyond-slot": (dict(text=b"OK ok", length=SMALL.max_response_length + 1), EXIT_TIMEOUT),
+    "length-huge": (dict(text=b"OK ok", length=0xFFFFFFFF), EXIT_TIMEOUT),
+    "bad-crc": (dict(text=b"OK ok", crc=0xDEADBEEF), EXIT_TIMEOUT),
+    "huge-seq": (dict(text=b"OK ok", seq_field=2**64 - 1), EXIT_TIMEOUT),
+    "geometry-invalid": ("geometry", EXIT_CHANNEL),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_host_under_sanitizers(c_sanitized, make_channel, case):
+    """The host writes what it likes into the response slot (or the header) while mbvctl
+    waits; mbvctl, built with ASan and UBSan, answers as mbctl does and within its deadline."""
+    change, code = HOSTILE[case]
+    outputs = []
+    for argv in ([c_sanitized / "mbvctl"], python_cli().base):
+        writer = make_channel(SMALL)
+        buf, epoch = writer.region.buf, header_of(writer).guest_epoch
+        process = subprocess.Popen([str(a) for a in argv] + ["--shm", writer.region.path, "--json", "--timeout", "0.5",
+                                                             "-w", f"@X {MAC}@"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, **SANITIZER_ENV})
+        try:
+            wait_until(lambda: header_of(writer).publish == 1, "the command to be published")
+            if change == "geometry":
+                struct.pack_into("<I", buf, 8, 3)  # slot_count 3: the header is no longer valid
+            else:
+                _raw_response(buf, SMALL, 0, epoch, **{"status": 0, "flags": 0, **change})
+            out, err = process.communicate(timeout=DEADLINE)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        assert "Sanitizer" not in err and "runtime error" not in err, err
+        assert process.returncode == code, (argv[0], out, err)
+        answer = json.loads(out)
+        answer.pop("round_trip_ms", None)
+        answer.pop("epoch", None)
+        if "error" in answer:
+            answer["error"] = answer["error"].split(" within ")[0]
+        outputs.append(answer)
+    assert outputs[0] == outputs[1]

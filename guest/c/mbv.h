@@ -182,7 +182,9 @@ struct mbv_record {
 struct mbv_answers { const char *text; size_t len, pos; };
 
 /* How many records the text holds, or MBV_EANSWER if it is not an answer list (then show
- * the text as it is).  An empty text is not an answer list. */
+ * the text as it is).  An empty text is not an answer list.  STATUS is checked on ASCII
+ * (Python's str.isupper() on the decoded text): a status with non-ASCII letters, which no
+ * host writes (section 8's names are ASCII), may be judged differently from answers.parse. */
 int mbv_answers_count(const char *text, size_t len);
 void mbv_answers_init(struct mbv_answers *it, const char *text, size_t len);
 /* 1 and *rec filled, 0 at the end, MBV_EANSWER on a line that is not a record. */

@@ -356,6 +356,28 @@ static int show_status(struct mbv *ch)
     return EXIT_OK;
 }
 
+/* The options that take a value; their value is never read as an option (the --json scan
+ * skips it) and an option name in its place is refused, as mbctl's argparse does: neither
+ * "-w --json" nor "--shm --json" sends "--json" or opens a file of that name. */
+static const char *const VALUED[] = {"-w", "--write", "--shm", "--device", "--timeout"};
+
+static int takes_value(const char *a)
+{
+    for (size_t k = 0; k < sizeof VALUED / sizeof VALUED[0]; k++)
+        if (strcmp(a, VALUED[k]) == 0)
+            return 1;
+    return 0;
+}
+
+static int is_option(const char *a)
+{
+    static const char *const flags[] = {"--json", "-h", "--help", "-r", "--read", "--init", "--no-wait"};
+    for (size_t k = 0; k < sizeof flags / sizeof flags[0]; k++)
+        if (strcmp(a, flags[k]) == 0)
+            return 1;
+    return takes_value(a);
+}
+
 static int usage(const char *message)
 {
     fwrite(USAGE, 1, strcspn(USAGE, "\n") + 1, stderr);   /* the usage line; --help has the rest */
@@ -367,12 +389,15 @@ int main(int argc, char **argv)
     const char *shm = NULL, *device = NULL, *text = NULL;
     int read_state = 0, init = 0, no_wait = 0, have_device = 0;
     double timeout = 5.0;
-    for (int i = 1; i < argc; i++)
+    for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--json") == 0)
             json_output = 1;
+        else if (takes_value(argv[i]) && i + 1 < argc && !is_option(argv[i + 1]))
+            i++;                         /* a value, not an option */
+    }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        int more = i + 1 < argc;
+        int more = i + 1 < argc && !is_option(argv[i + 1]);
         if (strcmp(a, "--json") == 0)
             continue;
         else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
@@ -397,10 +422,8 @@ int main(int argc, char **argv)
             if (*end || end == argv[i] || !(timeout >= 0) || timeout > 2000000)
                 return usage("--timeout: give seconds, e.g. 5 or 0.2");
         } else {
-            const char *needs[] = {"-w", "--write", "--shm", "--device", "--timeout"};
-            for (size_t k = 0; k < sizeof needs / sizeof needs[0]; k++)
-                if (strcmp(a, needs[k]) == 0)
-                    return usage("an option lacks its value");
+            if (takes_value(a))
+                return usage("an option lacks its value");
             char message[300];
             snprintf(message, sizeof message, "unknown argument '%.200s'", a);
             return usage(message);

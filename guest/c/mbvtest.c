@@ -63,14 +63,22 @@ static int checked(const struct mbv_response *r, const char *payload, const char
     return 1;
 }
 
+static void *out_of_memory(void)
+{
+    fputs("mbvtest: out of memory\n", stderr);
+    exit(4);
+}
+
 static struct mbv_response *response(void)
 {
     struct mbv_response *r = malloc(sizeof *r);
-    if (!r) {
-        fputs("mbvtest: out of memory\n", stderr);
-        exit(4);
-    }
-    return r;
+    return r ? r : out_of_memory();
+}
+
+static int done_with(struct mbv_response *r, int code)   /* every return path frees it */
+{
+    free(r);
+    return code;
 }
 
 static int request(struct mbv *ch, unsigned id, long count, long hold_after)
@@ -84,23 +92,22 @@ static int request(struct mbv *ch, unsigned id, long count, long hold_after)
             sprintf(payload, "@X 52:34:56:%02x:ff:ff@", id & 0xff);
             int e = mbv_submit(ch, payload, strlen(payload), 20000, 600000, &t);
             if (e < 0)
-                return library_error(e);
+                return done_with(r, library_error(e));
             printf("holding %llu\n", (unsigned long long)t.seq);
             fflush(stdout);
             e = mbv_wait(ch, &t, 600000, r);
             fprintf(stderr, "mbvtest: the held command was answered (%d); expected to be killed first\n", e);
-            return 3;
+            return done_with(r, 3);
         }
         command(payload, expected, id, i);
         int e = mbv_request(ch, payload, strlen(payload), 20000, r, NULL);
         if (e < 0)
-            return library_error(e);
+            return done_with(r, library_error(e));
         if (checked(r, payload, expected))
-            return 1;
+            return done_with(r, 1);
     }
     printf("done %ld %.6f\n", count, now_s() - start);
-    free(r);
-    return 0;
+    return done_with(r, 0);
 }
 
 static int stall(struct mbv *ch, long count, int collect_ms)
@@ -121,7 +128,11 @@ static int stall(struct mbv *ch, long count, int collect_ms)
 
 static int pipeline(struct mbv *ch, long count, int timeout_ms)
 {
-    struct mbv_ticket *tickets = calloc((size_t)count, sizeof *tickets);
+    if (count < 0)
+        return 2;
+    struct mbv_ticket *tickets = calloc(count ? (size_t)count : 1, sizeof *tickets);
+    if (!tickets)
+        out_of_memory();
     struct mbv_response *r = response();
     char payload[64], expected[80];
     long n = 0;
@@ -136,15 +147,16 @@ static int pipeline(struct mbv *ch, long count, int timeout_ms)
         library_error(e);
     for (long i = 0; i < n; i++) {
         command(payload, expected, 0xdd, i);
-        if ((e = mbv_wait(ch, &tickets[i], 20000, r)) < 0)
-            return library_error(e);
-        if (tickets[i].seq != r->seq || checked(r, payload, expected))
-            return 1;
+        int code = (e = mbv_wait(ch, &tickets[i], 20000, r)) < 0 ? library_error(e)
+                   : tickets[i].seq != r->seq || checked(r, payload, expected) ? 1 : 0;
+        if (code) {
+            free(tickets);
+            return done_with(r, code);
+        }
     }
     printf("answered %ld\n", n);
-    free(r);
     free(tickets);
-    return 0;
+    return done_with(r, 0);
 }
 
 struct worker {
@@ -201,16 +213,15 @@ static int abandon(struct mbv *ch, int collect_ms, int wait_ms)
     struct mbv_response *r = response();
     int e = mbv_submit(ch, "@X 52:34:56:00:12:22@", 21, 1000, collect_ms, &t);
     if (e < 0)
-        return library_error(e);
+        return done_with(r, library_error(e));
     e = mbv_wait(ch, &t, wait_ms, r);
     if (e == MBV_ETIMEOUT)
         printf("timeout %llu\n", (unsigned long long)t.seq);
     else if (e < 0)
-        return library_error(e);
+        return done_with(r, library_error(e));
     else
         printf("answered %llu %u %s\n", (unsigned long long)r->seq, r->status, r->text);
-    free(r);
-    return 0;
+    return done_with(r, 0);
 }
 
 static int answers(void)
