@@ -8,6 +8,7 @@ from __future__ import annotations
 # hang in eventlet's hub.  Seen with eventlet 0.33.2 (the order of collection decided it).
 import eventlet.wsgi  # noqa: F401
 
+import multiprocessing
 import os
 import uuid
 
@@ -56,3 +57,22 @@ def lab():
     netlab.require_host_tools()
     with netlab.Lab() as the_lab:
         yield the_lab
+
+
+@pytest.fixture
+def spawn():
+    """Start forked children (``multiprocessing``'s fork context: each opens its own region
+    descriptor); whatever is still running at teardown is SIGKILLed and reaped."""
+    started: list[multiprocessing.Process] = []
+
+    def start(target, *args) -> multiprocessing.Process:
+        process = multiprocessing.get_context("fork").Process(target=target, args=args, daemon=True)
+        process.start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.is_alive():
+            process.kill()
+        process.join(timeout=5)

@@ -100,24 +100,6 @@ def _orphan_writer_main(path: str, count: int) -> None:
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-def spawn():
-    """Start forked children; whatever is still running at teardown is SIGKILLed and reaped."""
-    started: list[multiprocessing.Process] = []
-
-    def start(target, *args) -> multiprocessing.Process:
-        process = FORK.Process(target=target, args=args, daemon=True)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.is_alive():
-            process.kill()
-        process.join(timeout=5)
-
-
 def wait_until(condition, what: str, timeout: float = DEADLINE):
     """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -43,6 +43,7 @@ from mbvisor.guest import answers, ring
 from mbvisor.guest.reader import ChannelReader, serve
 from mbvisor.guest.region import open_file
 from mbvisor.guest.writer import ChannelWriter
+from test_channel_processes import wait_until
 
 FORK = multiprocessing.get_context("fork")
 C_SOURCES = Path(__file__).resolve().parents[1] / "guest" / "c"
@@ -159,24 +160,6 @@ def _python_stalling_writer_main(path: str, count: int, collect_within: float) -
 
 
 @pytest.fixture
-def spawn():
-    """Forked children; whatever still runs at teardown is SIGKILLed and reaped."""
-    started: list = []
-
-    def start(target, *args):
-        process = FORK.Process(target=target, args=args, daemon=True)
-        process.start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.is_alive():
-            process.kill()
-        process.join(timeout=5)
-
-
-@pytest.fixture
 def popen():
     """Subprocesses (stdout piped); whatever still runs at teardown is SIGKILLed and reaped."""
     started: list[subprocess.Popen] = []
@@ -192,18 +175,6 @@ def popen():
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=5)
-
-
-def wait_until(condition, what: str, timeout: float = DEADLINE):
-    """Poll ``condition`` until it gives something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.0005)
 
 
 def header_of(writer: ChannelWriter) -> ring.Header:
