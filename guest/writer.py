@@ -34,6 +34,10 @@ from .region import Region
 # process's slots then free themselves when its promises pass (tickets nobody waits for
 # would otherwise keep their answers here for ever).
 _STASH: dict[tuple[str, int, int], ring.Response] = {}
+# Guards the store, and makes each of this process's slot changes (publishing a command,
+# marking one) one step for every writer of the process: a waiter's check-then-mark cannot
+# straddle another thread's reuse of the slot.  Other processes cannot reuse a slot within
+# its writer's promise, so no lock across processes is needed for that.
 _STASH_LOCK = threading.Lock()
 MAX_STASH = 1024
 
@@ -41,6 +45,7 @@ MAX_STASH = 1024
 # answer (``submit(collect_within=...)``; ``request()`` promises its own deadline).
 DEFAULT_COLLECT_WITHIN = 60.0
 MARK_WAIT = 0.05  # how long marking an answer read tries for the writers' lock
+MARK_MARGIN_MS = 1000  # a promise this far ahead: nobody may reuse the slot before the mark lands
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,9 @@ class ChannelWriter:
                         pid, collect_by = self._pid, ring.clock_ms_after(collect_within * 1000)
                     else:
                         pid, collect_by = 0, ring.NO_PROMISE
-                    ring.encode_command(self.region.buf, geometry, seq, header.guest_epoch, payload, pid, collect_by)
+                    with _STASH_LOCK:
+                        ring.encode_command(self.region.buf, geometry, seq, header.guest_epoch, payload, pid,
+                                            collect_by)
                     ring.write_u64(self.region.buf, ring.OFFSET_PUBLISH, seq + 1)
                     return Ticket(seq, header.guest_epoch, collect_by)
                 self._stash_own_answers(header)
@@ -240,6 +247,8 @@ class ChannelWriter:
         return (self.region.path, ticket.epoch, ticket.seq)
 
     def _stashed(self, ticket: Ticket) -> ring.Response | None:
+        if not _STASH:  # (read without the lock: an empty store is the common case)
+            return None
         with _STASH_LOCK:
             return _STASH.pop(self._stash_key(ticket), None)
 
@@ -286,7 +295,16 @@ class ChannelWriter:
         and storing its state, a writer whose promise has passed may lose the slot to another
         one, and the store would then mark that one's command.  Not done at all once the
         promise has passed: the slot is free for reuse anyway."""
-        if ticket.collect_by != ring.NO_PROMISE and not ring.clock_ms_before(ring.clock_ms(), ticket.collect_by):
+        now = ring.clock_ms()
+        if ticket.collect_by != ring.NO_PROMISE and not ring.clock_ms_before(now, ticket.collect_by):
+            return
+        if ticket.collect_by != ring.NO_PROMISE and ring.clock_ms_before((now + MARK_MARGIN_MS) % (1 << 32),
+                                                                          ticket.collect_by):
+            # Well within the promise: no other process may take the slot before it passes,
+            # and this process's threads publish under _STASH_LOCK: no writers' lock needed
+            # (the common case, and the fast one).
+            with _STASH_LOCK:
+                self._mark_locked(geometry, ticket, state)
             return
         try:
             with self._locked(time.monotonic() + MARK_WAIT):
