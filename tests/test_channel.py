@@ -393,3 +393,43 @@ def test_the_own_answers_kept_for_waiters_are_bounded(make_channel, monkeypatch)
     assert writer.submit(b"y", timeout=5).seq == SMALL.slot_count  # slot 0: its answer kept for its waiter
     assert len(writer_module._STASH) == 2
     assert writer.wait(tickets[0]).text == "ok kept"  # kept for its waiter
+
+
+def test_threads_of_one_process_pipelining_through_several_writers_lose_no_answer(make_channel):
+    """Threads of one process, two of them sharing a writer and two with writers of their
+    own (their own descriptors), each keeping several commands in flight on a 4-slot ring:
+    answers are collected for one another while waiting for slots, marked without the
+    writers' lock, and every thread gets exactly its own answers, none lost."""
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    stop = threading.Event()
+    server = threading.Thread(target=serve, args=(reader, lambda c: (0, c.payload.decode()), stop))
+    server.start()
+    writers = [writer, writer, ChannelWriter(open_file(writer.region.path)), ChannelWriter(open_file(writer.region.path))]
+    outcomes: dict[int, object] = {}
+
+    def pipeline(number: int, own: ChannelWriter) -> None:
+        try:
+            texts = [f"t{number}-{i}" for i in range(300)]
+            tickets = []
+            got = []
+            for text in texts:
+                tickets.append(own.submit(text.encode(), timeout=10))
+                if len(tickets) >= 3:
+                    got.append(own.wait(tickets.pop(0), timeout=10).text)
+            got += [own.wait(t, timeout=10).text for t in tickets]
+            outcomes[number] = got == texts or got
+        except Exception as error:  # the outcome under test
+            outcomes[number] = error
+
+    threads = [threading.Thread(target=pipeline, args=(n, w)) for n, w in enumerate(writers)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+        assert outcomes == {n: True for n in range(len(writers))}
+    finally:
+        stop.set()
+        server.join()
