@@ -8,14 +8,23 @@ columns the agent reads and is told of every change by ovsdb-server: an idle age
 costs nothing for discovery, and a change wakes a round within milliseconds.
 
 ``tables`` turns the replica's rows into the JSON ``ovs-vsctl --format=json list`` prints,
-so ``discovery.scan_ovsdb`` (pure) decides exactly as it does for ``read_ovsdb``.
+so ``discovery.scan_ovsdb`` (pure) decides exactly as it did when it read that output.
+
+Changes are coalesced: the first after a quiet second is taken at once, later ones at most
+once per REBUILD_INTERVAL (turning 1,000 interfaces into a snapshot costs ~50 ms, and a
+storm of changes must not cost a core).  A lost connection is logged and the last replica
+kept (nothing can change the database while nobody serves it); the IDL reconnects every
+second.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
 import threading
+import time
 
 import ovs.db.idl
 import ovs.poller
@@ -30,12 +39,26 @@ COLUMNS = {
     "Port": ["interfaces"],
     "Interface": ["name", "ofport", "external_ids", "mac_in_use"],
 }
-WAKE_MS = 1000  # the follower looks at its stop event at least this often
+WAKE_MS = 250  # the follower looks at its stop event (and a pending rebuild) at least this often
+REBUILD_INTERVAL = 1.0  # seconds between two snapshots while changes keep coming
+RECONNECT_MS = 1000  # the IDL's reconnection back-off (the library's default grows to 8 s)
 
 
 def default_remote() -> str:
     """The local ovsdb-server, where ``ovs-vsctl`` would look (``OVS_RUNDIR``)."""
     return f"unix:{os.environ.get('OVS_RUNDIR', '/var/run/openvswitch')}/db.sock"
+
+
+def _schema_helper(schema: str, remote: str) -> ovs.db.idl.SchemaHelper:
+    """The Open_vSwitch schema: Debian's file, else asked of the server itself (source
+    builds install it elsewhere; a container may see only the socket)."""
+    if os.path.exists(schema):
+        return ovs.db.idl.SchemaHelper(location=schema)
+    done = subprocess.run(["ovsdb-client", "get-schema", remote, "Open_vSwitch"], capture_output=True, text=True,
+                          timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"no schema at {schema} and ovsdb-client get-schema failed: {done.stderr.strip()}")
+    return ovs.db.idl.SchemaHelper(schema_json=json.loads(done.stdout))
 
 
 def _optional(value: list):
@@ -69,10 +92,15 @@ class OvsdbFollower:
     def __init__(self, remote: str | None = None, bridges: frozenset[str] = frozenset(), schema: str = SCHEMA):
         self.remote = remote or default_remote()
         self.bridges = bridges
-        helper = ovs.db.idl.SchemaHelper(location=schema)
+        helper = _schema_helper(schema, self.remote)
         for table, columns in COLUMNS.items():
             helper.register_columns(table, columns)
         self.idl = ovs.db.idl.Idl(self.remote, helper)
+        session = getattr(self.idl, "_session", None)  # the library offers no public setter
+        if session is not None and hasattr(session, "reconnect"):
+            session.reconnect.set_backoff(RECONNECT_MS, RECONNECT_MS)
+        self.connected: bool | None = None
+        self.snapshots = 0  # replicas turned into tables so far
         self.changes = threading.Event()
         self.stop = threading.Event()
         self._lock = threading.Lock()
@@ -97,16 +125,32 @@ class OvsdbFollower:
         return found if not self.bridges else served(found, self.bridges)
 
     def _follow(self) -> None:
-        seen = None
+        seen, built_at = None, float("-inf")
         while not self.stop.is_set():
-            self.idl.run()
-            if self.idl.has_ever_connected() and self.idl.change_seqno != seen:
-                seen = self.idl.change_seqno
-                rows = [list(self.idl.tables[name].rows.values()) for name in COLUMNS]
-                with self._lock:
-                    self._tables = tables(*rows)
-                self.changes.set()
-            poller = ovs.poller.Poller()
-            self.idl.wait(poller)
-            poller.timer_wait(WAKE_MS)
-            poller.block()
+            try:
+                self.idl.run()
+                self._note_connection()
+                pending = self.idl.has_ever_connected() and self.idl.change_seqno != seen
+                if pending and time.monotonic() - built_at >= REBUILD_INTERVAL:
+                    seen, built_at = self.idl.change_seqno, time.monotonic()
+                    rows = [list(self.idl.tables[name].rows.values()) for name in COLUMNS]
+                    with self._lock:
+                        self._tables = tables(*rows)
+                    self.snapshots += 1
+                    self.changes.set()
+                poller = ovs.poller.Poller()
+                self.idl.wait(poller)
+                poller.timer_wait(WAKE_MS)
+                poller.block()
+            except Exception:  # the replica must keep following whatever one round met
+                log.exception("ovsdb follower: a round failed; going on")
+                self.stop.wait(WAKE_MS / 1000)
+
+    def _note_connection(self) -> None:
+        session = getattr(self.idl, "_session", None)
+        connected = session.is_connected() if session is not None else True
+        if connected and not self.connected:
+            log.info("ovsdb %s: connected; following its changes", self.remote)
+        elif not connected and self.connected:
+            log.warning("ovsdb %s: connection lost; the last view of the VMs stands until it is back", self.remote)
+        self.connected = connected
