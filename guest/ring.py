@@ -19,6 +19,7 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MAGIC = b"MBVR"
 VERSION = 1
@@ -247,10 +248,10 @@ def decode_command(buf, geometry: Geometry, seq: int, epoch: int) -> CommandSlot
     return CommandSlot(seq, epoch, payload, pid, state)
 
 
-@dataclass(frozen=True)
-class SlotOwner:
+class SlotOwner(NamedTuple):
     """Who the command in a slot belongs to: what a writer needs to decide whether the
-    slot's previous occupant is done with it."""
+    slot's previous occupant is done with it.  (A tuple: read two or three times per
+    command, where a frozen dataclass cost a writer ~10 % of its throughput.)"""
 
     seq: int
     epoch: int

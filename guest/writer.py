@@ -20,7 +20,7 @@ import secrets
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import ring
 from .backoff import Backoff
@@ -48,8 +48,7 @@ MARK_WAIT = 0.05  # how long marking an answer read tries for the writers' lock
 MARK_MARGIN_MS = 1000  # a promise this far ahead: nobody may reuse the slot before the mark lands
 
 
-@dataclass(frozen=True)
-class Ticket:
+class Ticket(NamedTuple):
     """A published command: what the writer needs to find its answer, and the time by
     which it promised to read it (``ring.clock_ms`` units; NO_PROMISE: none)."""
 
