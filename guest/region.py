@@ -261,7 +261,7 @@ def open_device(bdf: str | None = None, pci_root: Path | None = None) -> Region:
     pci_root = pci_root or PCI_DEVICES
     devices = ivshmem_devices(pci_root)
     if bdf:
-        devices = [d for d in devices if d.name == bdf or d.name.endswith(bdf)]
+        devices = [d for d in devices if d.name == bdf or d.name.endswith(":" + bdf)]  # the domain may be left out
     if not devices:
         wanted = f" at {bdf}" if bdf else ""
         raise DeviceNotFound(

@@ -37,6 +37,8 @@ def test_several_devices_need_a_choice(tmp_path):
         open_device(pci_root=tmp_path)
     with open_device("00:05.0", pci_root=tmp_path) as region:
         assert region.path.endswith("0000:00:05.0/resource2")
+    with pytest.raises(DeviceNotFound):  # a name is matched at a ':' boundary, not as any ending
+        open_device("5.0", pci_root=tmp_path)
 
 
 def test_no_device_says_how_to_add_one(tmp_path):
