@@ -290,24 +290,31 @@ class ChannelWriter:
 
     def _mark(self, geometry: ring.Geometry, ticket: Ticket, state: ring.SlotState) -> None:
         """Record that nobody waits for this slot's answer any more, so it may be reused.
-        Under the writers' lock (tried for MARK_WAIT only): between reading the slot's owner
-        and storing its state, a writer whose promise has passed may lose the slot to another
-        one, and the store would then mark that one's command.  Not done at all once the
-        promise has passed: the slot is free for reuse anyway."""
-        now = ring.clock_ms()
-        if ticket.collect_by != ring.NO_PROMISE and not ring.clock_ms_before(now, ticket.collect_by):
-            return
-        if ticket.collect_by != ring.NO_PROMISE and ring.clock_ms_before((now + MARK_MARGIN_MS) % (1 << 32),
-                                                                          ticket.collect_by):
-            # Well within the promise: no other process may take the slot before it passes,
-            # and this process's threads publish under _STASH_LOCK: no writers' lock needed
-            # (the common case, and the fast one).
-            with _STASH_LOCK:
-                self._mark_locked(geometry, ticket, state)
-            return
+        Once a writer's promise has passed another may take its slot, and a store between
+        reading the slot's owner and writing its state would mark that one's command; so:
+        well within the promise (MARK_MARGIN_MS, checked again just before the store) no
+        other process may take the slot and this process's threads publish under
+        _STASH_LOCK, which the store holds (the common, fast case); closer to it, under the
+        writers' lock, tried for MARK_WAIT only; after it, not at all (the slot is free for
+        reuse anyway)."""
+        if ticket.collect_by == ring.NO_PROMISE:
+            return self._mark_under_writers_lock(geometry, ticket, state)
+        if not ring.clock_ms_before(ring.clock_ms(), ticket.collect_by):
+            return None
+        with _STASH_LOCK:
+            if self._well_within(ticket):
+                return self._mark_locked(geometry, ticket, state)
+        return self._mark_under_writers_lock(geometry, ticket, state)
+
+    @staticmethod
+    def _well_within(ticket: Ticket) -> bool:
+        return ring.clock_ms_before((ring.clock_ms() + MARK_MARGIN_MS) % (1 << 32), ticket.collect_by)
+
+    def _mark_under_writers_lock(self, geometry: ring.Geometry, ticket: Ticket, state: ring.SlotState) -> None:
         try:
             with self._locked(time.monotonic() + MARK_WAIT):
-                self._mark_locked(geometry, ticket, state)
+                if ticket.collect_by == ring.NO_PROMISE or ring.clock_ms_before(ring.clock_ms(), ticket.collect_by):
+                    self._mark_locked(geometry, ticket, state)
         except ChannelBusy:
             pass  # the slot stays PUBLISHED until the promise passes: slower reuse, nothing lost
 
