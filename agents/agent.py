@@ -140,13 +140,15 @@ def _as_written(directory: str) -> str:
 
 class Agent:
     def __init__(self, discover: Callable[[], Scan | list[VmChannel]], client: ControllerClient,
-                 settings: AgentSettings = AgentSettings(), changes: threading.Event | None = None):
+                 settings: AgentSettings = AgentSettings(), changes: threading.Event | None = None,
+                 discovery_status: Callable[[], dict] | None = None):
         """``discover`` gives a :class:`Scan`, or only the channels (then no inventory is
         published: nothing says which ports are whose).  ``changes``, if given, is set when
         what ``discover`` sees changed (agents/ovsdb_follow.py): a round runs at once, and
         otherwise every ``discovery_interval`` for what it retries."""
         self.discover = discover
         self.changes = changes
+        self.discovery_status = discovery_status  # what agent-status says of the discovery source
         self.client = client
         self.settings = settings
         self.channels: dict[str, Channel] = {}
@@ -540,7 +542,8 @@ class Agent:
                 "inventories": [publisher.status() for _, publisher in sorted(list(self.publishers.items()))],
                 "lanes": [{"dpid": f"{dpid:016x}", **lane.status()} for dpid, lane in sorted(list(self.lanes.items()))],
                 "refused_interfaces": [{"bridge": r.bridge, "interface": r.interface, "reason": r.reason}
-                                       for r in self.refused]}
+                                       for r in self.refused],
+                "ovsdb": self.discovery_status() if self.discovery_status else None}
 
     def write_status(self) -> None:
         path = self.settings.status_file

@@ -113,7 +113,8 @@ def agent(args: argparse.Namespace) -> int:
         follower = OvsdbFollower(bridges=bridges).start()
         discover, changes = follower.scan, follower.changes
         follower.changes.wait(5)  # the first replica, so the first round finds the VMs already there
-    the_agent = Agent(discover, ControllerClient(args.controller, token), settings, changes)
+    the_agent = Agent(discover, ControllerClient(args.controller, token), settings, changes,
+                      follower.status if follower is not None else None)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: the_agent.stop.set())
     logging.getLogger("mbvisor").info("agent: controller %s, channels from %s", args.controller,
@@ -136,6 +137,10 @@ def agent_status(args: argparse.Namespace) -> int:
         print(json.dumps(state, indent=1))
         return 0
     print(f"agent pid {state['pid']}, controller {state['controller']}, {len(state['channels'])} channel(s)")
+    if state.get("ovsdb"):
+        ovsdb = state["ovsdb"]
+        print(f"Open vSwitch at {ovsdb['remote']}: " + ("followed" if ovsdb["connected"] else
+                                                        "NOT REACHED; the last view of the VMs stands"))
     print(f"{'channel':28} {'dpid':16} {'port':>4} {'macs':17} {'answered':>8} {'pending':>7} "
           f"{'fwd':>6} {'refused':>7} {'limited':>7} {'corrupt':>7}  state")
     for c in state["channels"]:

@@ -116,6 +116,10 @@ class OvsdbFollower:
         self.thread.join(timeout=5)
         self.idl.close()
 
+    def status(self) -> dict:
+        """For ``agent-status``: where OVS is followed from and whether it is reached now."""
+        return {"remote": self.remote, "connected": bool(self.connected), "snapshots": self.snapshots}
+
     def scan(self) -> Scan:
         with self._lock:
             snapshot = self._tables

@@ -62,6 +62,11 @@ def drops(bridge) -> int:
     return sum(f.n_packets for f in bridge.flows() if f.actions == "drop")
 
 
+def test_the_agent_says_it_follows_open_vswitch(setup):
+    ovsdb = setup["agent"].status()["ovsdb"]
+    assert ovsdb["connected"] is True and ovsdb["remote"].endswith("/db.sock") and ovsdb["snapshots"] >= 1
+
+
 def test_mbctl_success_means_the_flow_is_in_the_switch(setup):
     bridge, h, region = setup["bridge"], setup["hosts"], setup["region"]
     assert mbctl(region, "register", "firewall", "--mac", MB_MAC, "--ip", "10.0.0.5")[0] == 0

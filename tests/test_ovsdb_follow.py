@@ -38,6 +38,8 @@ def test_the_replica_sees_what_ovs_vsctl_sees_and_each_change_wakes_discovery():
         try:
             wait_until(lambda: follower.changes.is_set(), 10, "the first replica")
             wait_until(lambda: follower.scan() == listed(), 10, "the replica to match ovs-vsctl")
+            assert follower.status() == {"remote": follower.remote, "connected": True,
+                                         "snapshots": follower.snapshots} and follower.snapshots >= 1
             follower.changes.clear()
             vm.annotate("tenant-a", vm_id="vm-1", channel="/dev/shm/mbv-follow-test")
             wait_until(lambda: follower.changes.is_set(), 10, "a change to wake discovery")
@@ -60,6 +62,7 @@ def test_no_ovsdb_server_is_an_error_for_each_round_not_a_hang(tmp_path):
     try:
         with pytest.raises(RuntimeError, match="not reached yet"):
             follower.scan()
+        assert follower.status()["connected"] is False
     finally:
         follower.close()
     assert not follower.thread.is_alive()
