@@ -282,7 +282,7 @@ class ChannelWriter:
                                  "promised, and another writer reused its slot; its outcome is unknown", ticket.seq)
             if time.monotonic() >= deadline:
                 self._mark(header.geometry, ticket, ring.SlotState.ABANDONED)
-                ahead = ticket.seq - header.host_consume
+                ahead = max(0, ticket.seq - header.host_consume)  # the counter is the host's to write
                 raise ResponseTimeout(
                     f"no answer to command {ticket.seq} within {timeout:g} s; it stays pending "
                     f"in the ring ({ahead} command(s) ahead of it are unanswered)", ticket.seq)
