@@ -312,7 +312,8 @@ def test_hostile_reinitialisations_while_status_is_read_never_break_the_channel(
     def reinitialise_between_taking_and_answering(requests):
         if hostile.is_set() and chaos.random() < 0.5:
             saboteur.initialise(ring.Geometry(chaos.choice([4, 8, 16])))
-        time.sleep(chaos.random() * 2e-3)
+        for _ in range(chaos.randrange(20)):  # a random interleaving with the worker and the status reader
+            time.sleep(0)
         return ok_answers(requests)
 
     client = FakeController(on_execute=reinitialise_between_taking_and_answering)

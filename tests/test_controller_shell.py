@@ -814,23 +814,50 @@ class OFPFlowStatsReply:
         self.flags = datapath.ofproto.OFPMPF_REPLY_MORE if more else 0
 
 
-def _listing(fast_timeouts, parts: int, stop_after: int | None = None):
-    """A switch listing its flows in ``parts`` replies, one every 0.04 s (a slow switch: a
-    fifth of the 0.2 s per-part timeout), or falling silent after ``stop_after`` of them;
-    the request's outcome."""
+class _PacedSwitch:
+    """A switch that sends one part of its multipart reply per timeout period of the
+    link's wait (a slow switch: 200,000 flows take os-ken half a minute to list), and falls
+    silent after ``stop_after`` parts: it stands in for the waiter's event and the link's
+    clock, so each ``wait(timeout)`` is one whole period on that clock, and no time passes
+    in the test."""
+
+    def __init__(self, link, parts: int, stop_after: int | None):
+        self.link, self.parts = link, parts
+        self.sent, self.stop_after = 0, parts if stop_after is None else stop_after
+        self.flag = False
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def Event(self):  # noqa: N802 (hub.Event's name, which this replaces for the link)
+        return self
+
+    def set(self) -> None:
+        self.flag = True
+
+    def wait(self, timeout=None) -> bool:
+        self.now += timeout
+        if not self.flag and self.sent < self.stop_after:
+            xid = next(xid for xid, waiter in self.link.waiters.items() if waiter.done is self)
+            more = self.sent < self.parts - 1
+            self.link.receive(OFPFlowStatsReply(self.link.datapath, xid, [self.sent], more=more))
+            self.sent += 1
+        return self.flag
+
+
+def _listing(monkeypatch, parts: int, stop_after: int | None = None):
+    """The outcome of listing the flows of a switch that takes one timeout period per part."""
     fake = FakeSwitch(DPID)
-    link = switchlink.SwitchLink(fake.datapath)
-    fake.hold()  # the link's request is sent; the answers come from the test's "switch"
-    outcome = []
-    thread = hub.spawn(lambda: outcome.append(_outcome(lambda: link.flow_stats(0, 0))))
-    wait_until(lambda: link.waiters, what="the request")
-    xid = next(iter(link.waiters))
-    for part in range(parts if stop_after is None else stop_after):
-        hub.sleep(0.04)  # the simulated switch's pace, not a synchronisation
-        link.receive(OFPFlowStatsReply(fake.datapath, xid, [part], more=part < parts - 1))
-    thread.wait()
-    fake.close()
-    return outcome[0]
+    try:
+        link = switchlink.SwitchLink(fake.datapath)
+        fake.hold()  # the link's request is sent; the answers come from the paced "switch"
+        paced = _PacedSwitch(link, parts, stop_after)
+        monkeypatch.setattr(switchlink, "hub", paced)
+        monkeypatch.setattr(switchlink, "time", paced)
+        return _outcome(lambda: link.flow_stats(0, 0))
+    finally:
+        fake.close()
 
 
 def _outcome(call):
@@ -840,11 +867,11 @@ def _outcome(call):
         return error
 
 
-def test_a_long_listing_may_take_as_long_as_its_parts_keep_coming(fast_timeouts):
-    """200,000 flows take os-ken half a minute to list: each part must come within the
-    timeout (0.2 s here), not the whole listing (1.2 s here)."""
-    assert _listing(fast_timeouts, parts=30) == list(range(30))
-    silent = _listing(fast_timeouts, parts=30, stop_after=3)
+def test_a_long_listing_may_take_as_long_as_its_parts_keep_coming(monkeypatch):
+    """Each part must come within the timeout, not the whole listing: thirty periods with
+    a part each is an answer; silence for one period after three parts is not."""
+    assert _listing(monkeypatch, parts=30) == list(range(30))
+    silent = _listing(monkeypatch, parts=30, stop_after=3)
     assert isinstance(silent, switchlink.SwitchUnreachable) and "did not answer" in str(silent)
 
 
@@ -877,11 +904,12 @@ def test_a_bundle_refused_while_it_streams_is_discarded_not_committed(monkeypatc
 
 
 @pytest.mark.parametrize("bound", ["LISTING_CEILING", "MAX_LISTED"])
-def test_a_switch_that_keeps_sending_parts_of_a_listing_is_given_up_on(fast_timeouts, monkeypatch, bound):
+def test_a_switch_that_keeps_sending_parts_of_a_listing_is_given_up_on(monkeypatch, bound):
     """Every wait is bounded: a listing has 5 s per part, but no more than LISTING_CEILING
-    in all and MAX_LISTED entries (here 0.5 s and 5 entries; the switch sends 30 parts in 1.2 s)."""
-    monkeypatch.setattr(switchlink, bound, 0.5 if bound == "LISTING_CEILING" else 5)
-    outcome = _listing(fast_timeouts, parts=30)
+    in all and MAX_LISTED entries (here 12 s and 5 entries; the switch sends 30 parts, one
+    per 5 s period)."""
+    monkeypatch.setattr(switchlink, bound, 12.0 if bound == "LISTING_CEILING" else 5)
+    outcome = _listing(monkeypatch, parts=30)
     assert isinstance(outcome, switchlink.SwitchUnreachable) and "still answering" in str(outcome)
 
 

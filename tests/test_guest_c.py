@@ -153,7 +153,7 @@ def _python_stalling_writer_main(path: str, count: int, collect_within: float) -
     for i in range(count):
         writer.submit(echo_command(0xee, i)[0].encode(), timeout=5, collect_within=collect_within)
     while True:
-        time.sleep(60)
+        signal.pause()  # alive, never reading: until the test's SIGKILL
 
 
 # ---------------------------------------------------------------- helpers

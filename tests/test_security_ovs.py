@@ -96,7 +96,7 @@ print(len(frames))
 """
 
 _FLOOD = r"""
-import socket, sys, time
+import select, socket, sys
 frames = [bytes.fromhex(word) for word in sys.argv[1:]]
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind(("eth0", 0))
@@ -105,8 +105,8 @@ while True:  # until killed; the count so far every 1000 frames
     try:
         s.send(frames[sent % len(frames)])
         sent += 1
-    except OSError:
-        time.sleep(0.0005)
+    except OSError:  # ENOBUFS: wait until the socket can take a frame again
+        select.select([], [s], [])
     if sent % 1000 == 0:
         print(sent, flush=True)
 """
