@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from mbvisor.guest import ring
 from mbvisor.guest.answers import Answer, answer, fits
-from mbvisor.guest.commands import Query
-from mbvisor.guest.grammar import parse_command
 from mbvisor.guest.reader import Incoming
 
-from .vetting import query_result, too_many, vet
+from .vetting import is_query, query_result, too_many, vet
 
 
 def answer_frame(incoming: Incoming) -> tuple[ring.Status, list[Answer]]:
@@ -28,5 +26,5 @@ def answer_frame(incoming: Incoming) -> tuple[ring.Status, list[Answer]]:
         return ring.Status.REFUSED, [too_many(count, incoming.answer_limit)]
     if verdict.answers:
         return verdict.status, list(verdict.answers)
-    return ring.Status.OK, [query_result([]) if isinstance(parse_command(text), Query) else answer("OK", "ok", text)
+    return ring.Status.OK, [query_result([]) if is_query(text) else answer("OK", "ok", text)
                             for text in verdict.forward]

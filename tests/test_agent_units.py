@@ -728,3 +728,13 @@ def test_controller_keeps_an_environment_the_caller_chose(monkeypatch):
     with pytest.raises(Relaunched):
         cli.relaunch_lean()
     assert calls[0][2]["SETUPTOOLS_USE_DISTUTILS"] == "local" and calls[0][2]["EVENTLET_NO_GREENDNS"] == "yes"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(PIECES, min_size=1, max_size=4).map(b"".join))
+def test_a_forwarded_command_is_a_query_exactly_when_the_grammar_says_so(payload):
+    """The agent tells queries by their letter (no second parse per answer)."""
+    from mbvisor.agents.vetting import is_query
+    from mbvisor.guest.commands import Query
+    for text in vet(payload, (OWN, OTHER)).forward:
+        assert is_query(text) == isinstance(parse_command(text), Query)
