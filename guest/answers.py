@@ -95,7 +95,8 @@ def render(answers: list[Answer], limit: int) -> str:
                 budget -= len(message.encode())
     # The rest of a list the guest cannot know (a failure's further lines only under its message)
     results = [i for i, a in enumerate(answers) if (a.result or len(a.lines) > 1) and (a.ok or len(parts[i]) > 1)]
-    echoes = [i for i, a in enumerate(answers) if a.ok and len(a.lines) == 1 and i not in results]
+    is_result = set(results)
+    echoes = [i for i, a in enumerate(answers) if a.ok and len(a.lines) == 1 and i not in is_result]
     for i in results + echoes:  # a list the guest cannot know before the echo of what it sent
         a = answers[i]
         lines = a.lines if a.ok else a.lines[1:]
@@ -107,13 +108,13 @@ def render(answers: list[Answer], limit: int) -> str:
             continue
         kept = 0
         for k, text in enumerate(texts):
-            reserve = _note_size(len(texts) - k - 1) if i in results else 0
+            reserve = _note_size(len(texts) - k - 1) if i in is_result else 0
             if len(text.encode()) + reserve > budget:
                 break
             parts[i].append(text)
             budget -= len(text.encode())
             kept += 1
-        if i in results:  # room for the note, giving back kept lines if need be; else no lines at all
+        if i in is_result:  # room for the note, giving back kept lines if need be; else no lines at all
             while True:
                 note = (" " if a.ok and kept == 0 else "\n" + INDENT) + OMITTED.format(len(texts) - kept)
                 if len(note.encode()) <= budget or kept == 0:
