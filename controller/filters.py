@@ -44,8 +44,8 @@ from itertools import product
 from mbvisor.guest.commands import Filter, Layer
 
 from .model import Middlebox
-from .pipeline import (FILTER, FILTER_CONJUNCTION, FRAGMENT_TABLE, MISS, OFFLOAD_TABLE, Action, Flow, cookie_of,
-                       match, match_of)
+from .pipeline import (FILTER, FILTER_CONJUNCTION, FRAGMENT_TABLE, MISS, OFFLOAD_TABLE, Action, Flow, Match,
+                       cookie_of, match, match_of, shared_pair)
 
 ETH_IPV4 = 0x0800
 ETH_IPV6 = 0x86DD
@@ -102,6 +102,55 @@ def compile_filters(middlebox: Middlebox, addresses: frozenset[str]) -> set[Flow
     cookie = cookie_of(middlebox.mac)
     return {Flow(table, priority, fields, tuple(sorted(actions)) if actions else (), cookie)
             for (table, priority, fields), actions in rules.items()}
+
+
+def compile_plain_filters(middlebox: Middlebox, addresses: frozenset[str]) -> set[Flow]:
+    """``compile_filters`` for a middlebox with IP and MAC filters only (property-tested
+    equal), about twice as fast: a bulk install compiles 100,000 such filters.  Filters
+    that differ only in their source have the same matches but for the source's pair, so
+    each shape's matches are built once, as ``compile_filters`` builds them
+    (``_receiving``), and each filter of that shape only puts its own source pair in.
+    Every flow drops: no actions to merge."""
+    own = _by_family(addresses)
+    cookie = cookie_of(middlebox.mac)
+    stencils: dict[tuple, list[tuple[Match, Match]]] = {}
+    flows: set[Flow] = set()
+    for filter in middlebox.filters:
+        if filter.layer is Layer.TRANSPORT:
+            raise ValueError(f"a port filter needs compile_filters: {filter}")
+        if filter.source is None:
+            flows.update(Flow(OFFLOAD_TABLE, FILTER, match_of(fields), (), cookie)
+                         for fields in _receiving(middlebox.mac, own, filter))
+            continue
+        mac_layer = filter.layer is Layer.MAC
+        name = "eth_src" if mac_layer else "ipv6_src" if ":" in filter.source else "ipv4_src"
+        shape = (filter.layer, name, filter.destination, filter.tos, filter.protocol)
+        around = stencils.get(shape)
+        if around is None:
+            around = stencils[shape] = _stencil(middlebox.mac, own, shape)
+        source = shared_pair(name, filter.source if mac_layer else _address_match(filter.source))
+        flows.update(Flow(OFFLOAD_TABLE, FILTER, (*before, source, *after), (), cookie) for before, after in around)
+    if any(f.layer is Layer.IP for f in middlebox.filters):
+        flows.update(Flow(OFFLOAD_TABLE, FILTER, match(eth_dst=middlebox.mac, eth_type=tpid), (), cookie)
+                     for tpid in VLAN_TPIDS)
+    return flows
+
+
+_STAND_IN_SOURCES = {"eth_src": "00:00:00:00:00:00", "ipv4_src": "0.0.0.0/0", "ipv6_src": "::/0"}
+
+
+def _stencil(mac: str, own: dict[int, list[str]], shape: tuple) -> list[tuple[Match, Match]]:
+    """The matches of a filter of ``shape`` (layer, source field, destination, tos,
+    protocol), each as the pairs before and after its source's pair.  Pairs are sorted
+    by field name alone (a match names each field once), so where the source goes does
+    not depend on its value."""
+    layer, name, destination, tos, protocol = shape
+    stand_in = Filter(layer, _STAND_IN_SOURCES[name], destination, tos, protocol)
+    around = []
+    for each in (match_of(fields) for fields in _receiving(mac, own, stand_in)):
+        place = [pair[0] for pair in each].index(name)
+        around.append((each[:place], each[place + 1:]))
+    return around
 
 
 # --- who receives: the middlebox's MAC, or a group frame for one of its addresses ----------

@@ -38,7 +38,7 @@ from typing import Mapping
 
 from mbvisor.guest.commands import Filter, Layer
 
-from .filters import _address_match, compile_filters
+from .filters import _address_match, compile_filters, compile_plain_filters
 from .ingress import compile_ingress
 from .model import Middlebox, State
 from .pipeline import (ARP_CAPTURE, BACKEND_ANSWER, BACKEND_TABLE, BASE_COOKIE, CONTROLLER_METER, ENTERED, FILTER,
@@ -156,7 +156,7 @@ def compile_middlebox(middlebox: Middlebox, surroundings: Surroundings) -> Switc
     if not surroundings.vouches(middlebox):
         return SwitchConfig(frozenset(), frozenset())
     redirect_flows, groups, missing = compile_redirects(middlebox, surroundings)
-    return SwitchConfig(frozenset(compile_filters(middlebox, surroundings.addresses(middlebox)) | redirect_flows),
+    return SwitchConfig(frozenset(_filter_flows(middlebox, surroundings.addresses(middlebox)) | redirect_flows),
                         frozenset(groups),
                         tuple(sorted(missing)))
 
@@ -176,7 +176,16 @@ def compile_added_filters(before: Middlebox | None, after: Middlebox | None,
     if any(f.layer is Layer.TRANSPORT for f in after.filters):
         return None
     added = replace(after, filters=after.filters - before.filters)
-    return frozenset(compile_filters(added, surroundings.addresses(after)))
+    return frozenset(compile_plain_filters(added, surroundings.addresses(after)))
+
+
+def _filter_flows(middlebox: Middlebox, addresses: frozenset[str]) -> set[Flow]:
+    """Port filters share conjunctions and fragment paths: only ``compile_filters`` builds
+    those; a middlebox without any (a reconnection recompiles 100,000 such filters) takes
+    the fast path."""
+    if any(f.layer is Layer.TRANSPORT for f in middlebox.filters):
+        return compile_filters(middlebox, addresses)
+    return compile_plain_filters(middlebox, addresses)
 
 
 def compile_switch(state: State, dpid: int, surroundings: Surroundings) -> SwitchConfig:

@@ -37,7 +37,7 @@ def match(**fields) -> Match:
 
 def match_of(fields: dict) -> Match:
     """``match(**fields)`` for a dict the caller built (no copy of it into keywords)."""
-    pairs = [_shared(name, value) for name, value in fields.items() if value is not None]
+    pairs = [shared_pair(name, value) for name, value in fields.items() if value is not None]
     pairs.sort()
     return tuple(pairs)
 
@@ -49,7 +49,7 @@ _RECENT_ADDRESSES: dict[tuple, tuple] = {}
 MAX_RECENT_ADDRESSES = 64
 
 
-def _shared(name: str, value) -> tuple:
+def shared_pair(name: str, value) -> tuple:
     """Fields with few values (MACs, ether types, ports) share one pair for as long as the
     table stays under its bound.  Addresses have too many values for that, but one filter's
     address appears in two flows compiled one after the other, and a middlebox's own address

@@ -212,6 +212,68 @@ def _dropped(flows, packet) -> bool:
     return any(c == {1, 2} for c in clauses.values())
 
 
+# --- the fast path for IP and MAC filters (issue 12) --------------------------------------------
+
+OWN_CHOICES = ["10.0.0.5", "10.0.0.6", "10.9.1.1", "fd00::5", "2001:db8::7"]
+MAC_CHOICES = [MAC, "02:00:00:00:00:01"]
+
+
+def ip_endpoints(version: int):
+    """Canonical address or network text: a few that hold (or are) the own addresses, so
+    group forms are narrowed by destinations, and any other."""
+    known = {4: ["10.0.0.5", "10.0.0.0/24", "10.9.0.0/16", "0.0.0.0/0", "10.66.0.0/16"],
+             6: ["fd00::5", "fd00::/64", "2001:db8::/32", "::/0", "2001:db8::1"]}[version]
+    bits = 32 if version == 4 else 128
+    drawn = st.tuples(st.ip_addresses(v=version), st.integers(0, bits)).map(
+        lambda pair: kinds.IP_ENDPOINT.parse(str(ipaddress.ip_network(pair, strict=False))))
+    return st.one_of(st.sampled_from(known), drawn)
+
+
+@st.composite
+def plain_filter_texts(draw, mac: str):
+    """An IP or MAC filter as the grammar writes it: any subset of its fields."""
+    if draw(st.booleans()):
+        version = draw(st.sampled_from([4, 6]))
+        choices = {"s": ip_endpoints(version), "d": ip_endpoints(version), "t": st.integers(0, 63).map(str),
+                   "p": st.sampled_from(["tcp", "udp", "1", "58", "47"])}
+        layer = "I"
+    else:
+        choices = {"s": st.sampled_from(["aa:bb:cc:dd:ee:ff", "aa:bb:cc:dd:ee:01", "02:00:00:00:00:02"]),
+                   "d": st.just(mac), "t": st.integers(0, 7).map(str),
+                   "p": st.sampled_from(["ipv4", "ipv6", "arp", "vlan", "0x88a8", "0x88cc"])}
+        layer = "M"
+    chosen = {letter: draw(values) for letter, values in choices.items() if draw(st.booleans())}
+    if not chosen:
+        chosen = {"s": draw(choices["s"])}
+    mask = sum({"d": 8, "s": 4, "t": 2, "p": 1}[letter] for letter in chosen)
+    return f"{layer} {mask} " + " ".join(f"{letter} {value}" for letter, value in chosen.items())
+
+
+@st.composite
+def plain_middleboxes(draw):
+    mac = draw(st.sampled_from(MAC_CHOICES))
+    texts = draw(st.lists(plain_filter_texts(mac), max_size=12))
+    return Middlebox(1, 3, mac, draw(st.integers(1, 0x7FFF)), "10.0.0.5",
+                     filters=frozenset(parse_command(f"A {mac} {text}").filter for text in texts))
+
+
+@settings(max_examples=200, deadline=None)
+@given(plain_middleboxes(), st.frozensets(st.sampled_from(OWN_CHOICES)))
+def test_ip_and_mac_filters_compile_on_the_fast_path_to_exactly_the_general_flows(mb, own):
+    assert F.compile_plain_filters(mb, own) == compile_filters(mb, own)
+
+
+def test_the_fast_path_shares_one_pair_per_source_between_a_filters_flows():
+    flows = F.compile_plain_filters(middlebox("I 4 s 10.66.0.0/16", "I 4 s 10.66.0.1"), OWN)
+    sources = [pair for flow in flows for pair in flow.match if pair[0] == "ipv4_src"]
+    assert len(sources) == 4 and len({id(pair) for pair in sources}) == 2
+
+
+def test_the_fast_path_refuses_port_filters():
+    with pytest.raises(ValueError, match="port filter"):
+        F.compile_plain_filters(middlebox("I 4 s 10.66.0.0/16", "T 9 d 53 p udp"), OWN)
+
+
 # --- encoding -----------------------------------------------------------------------------------
 
 class _Datapath:

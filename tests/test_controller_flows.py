@@ -586,7 +586,7 @@ def test_added_filters_are_not_compiled_alone_after_any_other_change():
 def test_address_pairs_are_shared_between_the_flows_of_a_middlebox():
     """Memory at 100k filters: a filter's address pair is one object in its unicast and
     group-frame drops, and the middlebox's own address one object in all its group drops
-    (pipeline._shared); equal matches stay equal however they were built."""
+    (pipeline.shared_pair); equal matches stay equal however they were built."""
     mb = build(f"R F {MAC} 10.1.0.1", f"A {MAC} I 4 s 10.200.0.1", f"A {MAC} I 4 s 10.200.0.2").find(1, MAC)
     flows = compile_middlebox(mb, Surroundings()).flows
     pairs = {}
