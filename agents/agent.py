@@ -1,7 +1,9 @@
 """The host agent: serves every middlebox VM's channel on this hypervisor.
 
-One poller thread looks at every channel's two counters (a small pread each) with an
-adaptive back-off and wakes the channel's worker when a command is published.  Each
+One poller thread wakes the channel's worker when a command is published.  It sleeps in
+epoll on the doorbells of channels whose guests ring (``ivshmem-doorbell``, agents/bell.py;
+looked at anyway once every ``bell_sweep``), and looks at the two counters of every other
+channel (a small pread each) with an adaptive back-off.  Each
 channel has its own worker, so a channel waiting on the controller, flooding or sending
 garbage never holds another one up.  A worker takes its channel's commands in order, one
 frame at a time: vets it (grammar, the VM's own MAC, rate limit), forwards it with its
@@ -39,10 +41,12 @@ from mbvisor.guest import ring
 from mbvisor.guest.answers import Answer, answer, fits
 from mbvisor.guest.backoff import Backoff
 from mbvisor.guest.channel_errors import BadRegion, ChannelError
+from mbvisor.guest.ivshmem import DoorbellError
 from mbvisor.guest.reader import ChannelReader, FaultLog, Incoming
 from mbvisor.guest.region import RegionFile, open_channel_file, read_counters
 
 from .batching import Alone, Lane
+from .bell import Bells, HostBell, open_bell
 from .controller_client import ControllerClient, ControllerFailed, ControllerUnavailable
 from .discovery import Refusal, Scan, VmChannel
 from .inventory import Publication, Publisher
@@ -55,6 +59,19 @@ KEY_SEQ_SPACE = 1 << 43  # so every key seq is below 2^53: exact as a JSON numbe
 DAMAGED_PER_POLL = 16    # damaged slots answered CORRUPT per poll, then DAMAGED_PAUSE
 DAMAGED_PAUSE = 0.05     # so a guest publishing garbage costs at most ~320 answers/s
 FAULT_PAUSE = 0.1        # after an unexpected error in a worker, before it looks again
+SPURIOUS_RING_PAUSE = 2e-3  # a ring that found nothing re-arms the bell this much later (<= 500 wakes/s)
+
+
+class _Stop(threading.Event):
+    """The agent's stop event: setting it also wakes the poller from its epoll sleep."""
+
+    def __init__(self, wake: Callable[[], None]):
+        super().__init__()
+        self._wake = wake
+
+    def set(self) -> None:
+        super().set()
+        self._wake()
 
 
 @dataclass(frozen=True)
@@ -62,7 +79,9 @@ class AgentSettings:
     rate: float = 200.0          # commands per second per channel, sustained
     burst: float = 400.0
     discovery_interval: float = 2.0  # between rounds when OVS reports no change (retries need them)
-    idle_ceiling: float = 10e-3  # longest pause of the poller when every channel is idle
+    idle_ceiling: float = 10e-3  # longest pause of the poller when every polled channel is idle
+    bell_sweep: float = 1.0      # a channel with a doorbell is looked at this often without a ring
+    doorbell_dirs: tuple[str, ...] = ("/run/mbvisor/ivshmem",)  # where ivshmem server sockets may be
     status_file: Path | None = None
     forward_deadline: float = 30.0   # how long a transient controller failure is retried
     channel_dirs: tuple[str, ...] = ("/dev/shm",)  # where channel regions may be
@@ -109,6 +128,8 @@ class Channel:
     lane: Lane | None = None  # its switch's way to the controller, shared with that switch's channels
     snapshot: dict = field(default_factory=dict)  # the worker's last published state
     idle_at: object = None                        # region counters at which nothing is to do
+    bell: HostBell | None = None  # its guest's doorbell; None: polled
+    bell_problem: str | None = None  # why a channel annotated with a doorbell is polled
 
 
 @dataclass
@@ -157,32 +178,46 @@ class Agent:
         self.lanes: dict[int, Lane] = {}  # per switch; only discovery adds or drops one
         self.refused: tuple[Refusal, ...] = ()
         self.faults = FaultLog(log)
-        self.stop = threading.Event()
+        self.bells = Bells()
+        self.stop = _Stop(self.bells.interrupt)
 
     # --- life cycle ---------------------------------------------------------------------
 
     def run(self) -> None:
-        """Until ``stop`` is set: poll every channel, wake the workers of those with work.
-        Discovery runs in its own thread, so scanning OVS never delays a command."""
+        """Until ``stop`` is set: wake the workers of channels with work, found by their
+        doorbells or by polling.  Discovery runs in its own thread, so scanning OVS never
+        delays a command."""
         self.round()
         discovery = threading.Thread(target=self._discover, name="discovery", daemon=True)
         discovery.start()
         backoff = Backoff(ceiling=self.settings.idle_ceiling)
+        next_sweep = time.monotonic()
         while not self.stop.is_set():
-            if self.poll_once():
+            now = time.monotonic()
+            sweep = now >= next_sweep
+            if sweep:
+                next_sweep = now + self.settings.bell_sweep
+            if self.poll_once(sweep):
                 backoff.reset()
-            backoff.wait()
+            polled = any(c.bell is None and c.reader is not None for c in list(self.channels.values()))
+            pause = backoff.next_pause() if polled else next_sweep - time.monotonic()
+            for channel in self.bells.wait(pause):
+                channel.wake.set()
         if self.changes is not None:
             self.changes.set()  # the discovery thread may be waiting on it
         discovery.join(timeout=10)
         self.shutdown()
+        self.bells.close()
 
-    def poll_once(self) -> bool:
-        """Wake every idle worker whose region's counters moved; whether any was woken.
-        Reads only the region files' counters and the workers' snapshots."""
+    def poll_once(self, sweep: bool = True) -> bool:
+        """Wake every idle worker whose region's counters moved (of channels with a
+        doorbell only when ``sweep``); whether any was woken.  Reads only the region
+        files' counters and the workers' snapshots."""
         busy = False
         for channel in list(self.channels.values()):
             if channel.working or channel.reader is None or channel.stop.is_set():
+                continue
+            if channel.bell is not None and not sweep:
                 continue
             try:
                 moved = read_counters(channel.fd) != channel.idle_at
@@ -251,8 +286,12 @@ class Agent:
         for name, vm in found.items():
             if name not in self.channels:
                 self.channels[name] = self._open(vm, problems.get(name))
+        for channel in self.channels.values():
+            if channel.vm.doorbell and channel.bell is None and channel.reader is not None:
+                self._attach_bell(channel)  # its server was not there yet, or went and came back
         served = {channel.vm.dpid for channel in self.channels.values()}
         self.lanes = {dpid: lane for dpid, lane in self.lanes.items() if dpid in served}
+        self.bells.interrupt()  # the poller's pause depends on which channels it polls
 
     @staticmethod
     def _stale(channel: Channel) -> bool:
@@ -284,11 +323,49 @@ class Agent:
         channel.reader = ChannelReader(region, vm.name)
         channel.lane = self.lanes.setdefault(vm.dpid, Lane(self.client.execute))
         channel.identity, channel.fd, channel.idle_at = region.identity(), region.fd, channel.reader.idle_at()
+        if vm.doorbell:
+            self._attach_bell(channel)
         channel.thread = threading.Thread(target=self._work, args=(channel,), name=f"channel {vm.name}", daemon=True)
         channel.thread.start()
-        log.info("channel %s: serving %s for %s on %016x port %d", vm.name, vm.region, ",".join(vm.macs),
-                 vm.dpid, vm.port)
+        log.info("channel %s: serving %s for %s on %016x port %d%s", vm.name, vm.region, ",".join(vm.macs),
+                 vm.dpid, vm.port, ", woken by its doorbell" if channel.bell else "")
         return channel
+
+    def _attach_bell(self, channel: Channel) -> None:
+        """Connect to the channel's ivshmem server for its doorbell; on failure the channel
+        is polled, and the next discovery rounds try again (logged once per reason)."""
+        try:
+            bell = open_bell(channel.vm.doorbell, self.settings.doorbell_dirs)
+        except DoorbellError as error:
+            self._polled_because(channel, str(error))
+            return
+        if not bell.serves(os.fstat(channel.fd)):
+            bell.close()
+            self._polled_because(channel, f"the doorbell server at {channel.vm.doorbell} serves another region "
+                                          f"than {channel.vm.region}")
+            return
+        channel.bell, channel.bell_problem = bell, None
+        self.bells.add(bell, channel)
+        channel.wake.set()  # rings before this one went unheard: look once
+        log.info("channel %s: doorbell %s connected", channel.vm.name, channel.vm.doorbell)
+
+    @staticmethod
+    def _polled_because(channel: Channel, problem: str) -> None:
+        if problem != channel.bell_problem:
+            log.warning("channel %s: polled, not woken by its doorbell: %s", channel.vm.name, problem)
+        channel.bell_problem = problem
+
+    def _lose_bell(self, channel: Channel, problem: str) -> None:
+        """The worker's own: the bell is gone (its server ended); polled from now on."""
+        self._close_bell(channel)
+        self._polled_because(channel, problem)
+        self.bells.interrupt()
+
+    def _close_bell(self, channel: Channel) -> None:
+        bell, channel.bell = channel.bell, None
+        if bell is not None:
+            self.bells.remove(bell)
+            bell.close()
 
     def _close(self, name: str) -> Channel:
         """Tell the channel's worker to stop, without waiting for it: a worker in the middle
@@ -380,12 +457,14 @@ class Agent:
     # --- one channel: everything below runs in the channel's worker thread ---------------
 
     def _work(self, channel: Channel) -> None:
-        """The worker: the only thread that touches ``channel.reader``."""
+        """The worker: the only thread that touches ``channel.reader`` (and, once
+        attached, the channel's bell: it clears and re-arms it, and closes it at the end)."""
         try:
             while not channel.stop.is_set():
                 channel.wake.wait()  # set by the poller, or by _close to stop
                 channel.wake.clear()
                 channel.working = True
+                rung, answered = self._hear_bell(channel), channel.reader.consume
                 try:
                     if not self._drain(channel):
                         return  # stopping while a command waits: it stays pending in the ring
@@ -395,8 +474,24 @@ class Agent:
                 finally:
                     self._publish(channel)
                     channel.working = False
+                if channel.bell is not None:
+                    if rung and channel.reader.consume == answered:
+                        channel.stop.wait(SPURIOUS_RING_PAUSE)  # rung for nothing: a guest ringing on and on
+                    self.bells.rearm(channel.bell)
         finally:
+            self._close_bell(channel)
             channel.reader.region.close()
+
+    def _hear_bell(self, channel: Channel) -> int:
+        """Rings since the last look (cleared before looking: a ring after this one wakes
+        the worker again), and the server's notifications read."""
+        bell = channel.bell
+        if bell is None:
+            return 0
+        rung = bell.clear()
+        if not bell.drain():
+            self._lose_bell(channel, f"its ivshmem server at {channel.vm.doorbell} closed the connection")
+        return rung
 
     def _drain(self, channel: Channel) -> bool:
         """Answer the pending commands in order; False if stopped before an answer."""
@@ -534,7 +629,9 @@ class Agent:
             channels.append({
                 "channel": vm.name, "vm_id": vm.vm_id, "interface": vm.interface, "region": vm.region,
                 "dpid": f"{vm.dpid:016x}", "port": vm.port, "macs": list(vm.macs), **EMPTY_SNAPSHOT,
-                **channel.snapshot})
+                **channel.snapshot, "doorbell": vm.doorbell or None,
+                "woken_by": "doorbell" if channel.bell is not None else "polling",
+                "doorbell_problem": channel.bell_problem})
         removals = [{"vm_id": r.vm.vm_id, "dpid": f"{r.vm.dpid:016x}", "mac": r.mac, "attempts": r.attempts}
                     for r in list(self.removals.values())]
         return {"pid": os.getpid(), "time": time.time(), "controller": self.client.url, "channels": channels,

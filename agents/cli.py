@@ -2,7 +2,8 @@
 
 Sub-commands: ``controller`` (the OS-Ken app with its REST API), ``agent`` and
 ``agent-status`` (the per-host agent), ``channel`` (create a region, show its state,
-serve it with the echo responder) and ``demo`` (the lab story).
+serve it with the echo responder), ``ivshmem-server`` (what ``ivshmem-doorbell`` QEMU
+devices connect to) and ``demo`` (the lab story).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mbvisor.guest.channel_errors import ChannelError
 from mbvisor.guest.reader import ChannelReader, serve
 from mbvisor.guest.region import DEFAULT_REGION_SIZE, open_file, open_shm
 
+from .bell import HostBell
 from .echo import answer_frame
 
 DEFAULT_AGENT_STATUS = "/run/mbvisor/agent-status.json"
@@ -65,12 +67,48 @@ def channel_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    bell = HostBell.connect(args.doorbell) if args.doorbell else None
     with open_host_region(args.name) as region:
         reader = ChannelReader(region)
-        logging.getLogger("mbvisor").info("serving %s with the echo responder", region.path)
-        serve(reader, answer_frame, stop)
+        if bell is not None and not bell.serves(os.fstat(region.fd)):
+            bell.close()
+            raise ChannelError(f"the doorbell server at {args.doorbell} serves another region than {region.path}")
+        logging.getLogger("mbvisor").info("serving %s with the echo responder%s", region.path,
+                                          " (woken by its doorbell)" if bell else "")
+        try:
+            serve(reader, answer_frame, stop, bell=bell)
+        finally:
+            if bell is not None:
+                bell.close()
         logging.getLogger("mbvisor").info("stopped after %d commands (%d corrupt)",
                                           reader.stats.commands, reader.stats.corrupt)
+    return 0
+
+
+def ivshmem_server(args: argparse.Namespace) -> int:
+    """Serve regions to ivshmem-doorbell devices until SIGTERM/SIGINT."""
+    from .ivshmem_server import IvshmemServer, ServerError
+
+    pairs = []
+    for text in args.serve:
+        region, separator, path = text.partition("=")
+        if not separator or not region or not path:
+            print(f"mbvisor: {text!r} is not REGION=SOCKET", file=sys.stderr)
+            return 2
+        pairs.append((region, path))
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda *_: stopped.set())
+    try:
+        server = IvshmemServer(pairs, vectors=args.vectors, max_clients=args.max_clients)
+    except ServerError as error:
+        print(f"mbvisor: {error}", file=sys.stderr)
+        return 1
+    try:
+        logging.getLogger("mbvisor").info("ivshmem server: %s", ", ".join(f"{r} on {p}" for r, p in pairs))
+        server.serve_forever(stopped.is_set)
+    finally:
+        server.close()
     return 0
 
 
@@ -103,6 +141,8 @@ def agent(args: argparse.Namespace) -> int:
     settings = AgentSettings(rate=args.rate, burst=args.burst, discovery_interval=args.discovery_interval,
                              status_file=status_file, forward_deadline=args.forward_deadline,
                              channel_dirs=tuple(args.channel_dir or AgentSettings.channel_dirs),
+                             doorbell_dirs=tuple(args.doorbell_dir or AgentSettings.doorbell_dirs),
+                             bell_sweep=args.bell_sweep,
                              inventory_refresh=args.inventory_refresh)
     bridges = frozenset(args.bridge or ())
     follower = None
@@ -203,7 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = channel_sub.add_parser(
         "serve", help="answer a region's commands with the echo responder (validates, offloads nothing)")
     serve_parser.add_argument("name")
+    serve_parser.add_argument("--doorbell", metavar="SOCKET",
+                              help="sleep until the guest rings, through this ivshmem server's socket "
+                                   "(default: poll the region)")
     serve_parser.set_defaults(handler=channel_serve)
+
+    server = sub.add_parser("ivshmem-server", help="serve regions to QEMU ivshmem-doorbell devices (and the agent)")
+    server.add_argument("serve", nargs="+", metavar="REGION=SOCKET",
+                        help="a region file (e.g. /dev/shm/NAME) and the UNIX socket to serve it on")
+    server.add_argument("--vectors", type=int, default=1, help="interrupt vectors per peer (default 1)")
+    server.add_argument("--max-clients", type=int, default=16, help="clients per region (default 16)")
+    server.set_defaults(handler=ivshmem_server)
 
     control = sub.add_parser("controller", help="the OS-Ken controller: OpenFlow, REST API and metrics")
     control.add_argument("--ofp-host", default="127.0.0.1", help="OpenFlow listen address (default 127.0.0.1)")
@@ -232,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default 60), so a controller restarted from an older database learns it")
     agent_parser.add_argument("--channel-dir", action="append", metavar="DIR",
                               help="directory where channel regions may be (repeatable; default /dev/shm)")
+    agent_parser.add_argument("--doorbell-dir", action="append", metavar="DIR",
+                              help="directory where ivshmem server sockets may be (repeatable; default "
+                                   "/run/mbvisor/ivshmem)")
+    agent_parser.add_argument("--bell-sweep", type=float, default=1.0, metavar="S",
+                              help="a channel with a doorbell is looked at this often without a ring (default 1)")
     agent_parser.set_defaults(handler=agent)
     status_parser = sub.add_parser("agent-status", help="the running agent's channels, counters and state")
     status_parser.add_argument("--status-file", default=DEFAULT_AGENT_STATUS)

@@ -1,7 +1,9 @@
 """Which VMs on this host have a channel, and who they are, as Open vSwitch records them.
 
 The QEMU launch script annotates the VM's interface record:
-``external_ids:mbvisor-channel=/dev/shm/NAME`` (the ivshmem region) and, as libvirt and
+``external_ids:mbvisor-channel=/dev/shm/NAME`` (the ivshmem region), for a VM with an
+``ivshmem-doorbell`` device ``external_ids:mbvisor-doorbell=SOCKET`` (its ivshmem
+server, agents/ivshmem_server.py) and, as libvirt and
 OpenStack do, ``external_ids:attached-mac`` (the guest's MAC) and ``external_ids:vm-id``.
 The same records give the VM's OpenFlow port and its bridge's datapath id, so identity
 comes from the hypervisor's own configuration, never from the guest.
@@ -30,6 +32,7 @@ from mbvisor.controller.requests import BadRequest, clip, inventory_from_body, p
 from mbvisor.controller.trust import MAX_ADDRESSES, TENANT, PortIdentity
 
 CHANNEL_KEY = "mbvisor-channel"
+DOORBELL_KEY = "mbvisor-doorbell"
 MAC_KEY = "attached-mac"
 VM_ID_KEY = "vm-id"
 TENANT_KEY = "mbvisor-tenant"
@@ -49,6 +52,7 @@ class VmChannel:
     macs: tuple[str, ...]
     vm_id: str
     bridge: str = ""
+    doorbell: str = ""  # the ivshmem server's socket of a VM whose guest rings; "" for a polled one
 
     @property
     def name(self) -> str:
@@ -252,7 +256,8 @@ def scan_ovsdb(bridges: dict, ports: dict, interfaces: dict) -> Scan:
         elif interface.ids.get(CHANNEL_KEY):
             channels.append(VmChannel(interface.name, interface.ids[CHANNEL_KEY], interface.dpid, interface.port,
                                       tuple(m for m in [interface.mac] if m),
-                                      interface.ids.get(VM_ID_KEY, interface.name), interface.bridge))
+                                      interface.ids.get(VM_ID_KEY, interface.name), interface.bridge,
+                                      interface.ids.get(DOORBELL_KEY, "")))
     return Scan(channels, {dpid: tuple(sorted(entries, key=lambda e: (e.port, e.interface)))
                            for dpid, entries in inventories.items()}, names, tuple(refused),
                 {dpid: frozenset(uuids) for dpid, uuids in incarnations.items()})
@@ -273,8 +278,10 @@ def served(found: Scan, bridges: frozenset[str]) -> Scan:
 
 
 def load_static(path: str | Path) -> list[VmChannel]:
-    """Channels from a JSON file: ``[{"interface", "region", "dpid", "port", "macs", "vm_id"}]``."""
+    """Channels from a JSON file: ``[{"interface", "region", "dpid", "port", "macs", "vm_id",
+    "doorbell"}]`` (``vm_id`` and ``doorbell`` optional)."""
     entries = json.loads(Path(path).read_text())
     return sorted((VmChannel(e["interface"], e["region"], int(str(e["dpid"]), 16) if isinstance(e["dpid"], str)
                              else int(e["dpid"]), int(e["port"]), tuple(_mac(m) for m in e["macs"]),
-                             e.get("vm_id", e["interface"])) for e in entries), key=lambda c: c.interface)
+                             e.get("vm_id", e["interface"]), doorbell=e.get("doorbell", ""))
+                   for e in entries), key=lambda c: c.interface)

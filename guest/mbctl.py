@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--device", metavar="BDF", help="ivshmem PCI device (default: the only one)")
     where.add_argument("--shm", metavar="PATH", help="region file instead of the device, e.g. /dev/shm/mb0")
+    parser.add_argument("--doorbell", metavar="SOCKET",
+                        help="with --shm: ring the host through this ivshmem server's socket after sending "
+                             "(a device rings by itself when it is an ivshmem-doorbell)")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
                         help="seconds for everything: the channel's lock, a free slot and the answer (default 5); "
                              "nothing is sent once they have passed")
@@ -216,7 +219,9 @@ def run(args: argparse.Namespace) -> int:
     if args.action not in ("write", "status", "init") and not args.mac:
         return fail("no --mac given and the VM's MAC could not be guessed (set MBCTL_MAC)", EXIT_USAGE, args)
     try:
-        with open_region(shm=args.shm, device=args.device) as region:
+        if args.doorbell and not args.shm:
+            return fail("--doorbell goes with --shm (a device rings through its own doorbell)", EXIT_USAGE, args)
+        with open_region(shm=args.shm, device=args.device, doorbell=args.doorbell) as region:
             if args.action == "status":
                 return show_status(region, args)
             writer = ChannelWriter(region)

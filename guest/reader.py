@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .region import Region, RegionFile, RegionIO, RegionShrunk, read_counters
 
 log = logging.getLogger(__name__)
 _UNSEEN = object()  # no header looked at yet: the first poll always looks
+BELL_SWEEP = 1.0    # a reader woken by a doorbell still looks this often (a lost ring costs at most this)
 
 
 @dataclass(frozen=True)
@@ -273,14 +275,22 @@ Handler = Callable[[Incoming], tuple[int, "list[Answer] | str"]]
 
 
 def serve(reader: ChannelReader, handler: Handler, stop: threading.Event,
-          backoff: Backoff | None = None) -> None:
+          backoff: Backoff | None = None, bell=None, sweep: float = BELL_SWEEP) -> None:
     """Answer commands with ``handler`` until ``stop`` is set; a failing handler answers
-    ``INTERNAL`` and the loop goes on, so one bad command never stops a channel."""
+    ``INTERNAL`` and the loop goes on, so one bad command never stops a channel.
+    Without a ``bell`` the region is polled with ``backoff``; with one (an object with
+    ``fileno()`` and ``clear()``, agents/bell.py) the loop sleeps until the guest rings,
+    or ``sweep`` seconds at most: a guest whose ring was lost is still served."""
     backoff = backoff or Backoff()
     while not stop.is_set():
+        if bell is not None:
+            bell.clear()  # before looking: a ring after this wakes the next wait
         incoming = reader.poll()
         if incoming is None:
-            backoff.wait()
+            if bell is None:
+                backoff.wait()
+            else:
+                select.select([bell], [], [], sweep)
             continue
         backoff.reset()
         try:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from . import ring
 from .channel_errors import BadRegion, ChannelError, DeviceNotFound, RegionTooSmall
+from .doorbell import DeviceDoorbell, EventDoorbell
 
 IVSHMEM_VENDOR = 0x1AF4
 IVSHMEM_DEVICE = 0x1110
@@ -54,11 +55,20 @@ class Region:
     buf: mmap.mmap
     fd: int
     size: int = field(init=False)
+    doorbell: "DeviceDoorbell | EventDoorbell | None" = None  # rung after each publish (guest/doorbell.py)
 
     def __post_init__(self) -> None:
         self.size = len(self.buf)
 
+    def ring(self) -> None:
+        """Tell the host a command is published, if it can hear it (else it looks anyway)."""
+        if self.doorbell is not None:
+            self.doorbell.ring()
+
     def close(self) -> None:
+        if self.doorbell is not None:
+            self.doorbell.close()
+            self.doorbell = None
         try:
             self.buf.close()
         except BufferError:
@@ -276,7 +286,9 @@ def open_device(bdf: str | None = None, pci_root: Path | None = None) -> Region:
         fd = os.open(device / "resource2", os.O_RDWR)
     except OSError as error:
         raise ChannelError(f"cannot open {device}/resource2: {error.strerror} (root needed)") from None
-    return _map(fd, os.fstat(fd).st_size, str(device / "resource2"))
+    region = _map(fd, os.fstat(fd).st_size, str(device / "resource2"))
+    region.doorbell = DeviceDoorbell.of(device)
+    return region
 
 
 def _enable(device: Path) -> None:
@@ -289,9 +301,18 @@ def _enable(device: Path) -> None:
         pass  # already enabled by firmware, or not ours to change; mmap will tell
 
 
-def open_region(*, shm: str | None = None, device: str | None = None) -> Region:
-    """What ``mbctl`` opens: a given file or shm name, else the ivshmem device."""
+def open_region(*, shm: str | None = None, device: str | None = None, doorbell: str | None = None) -> Region:
+    """What ``mbctl`` opens: a given file or shm name (rung through the ivshmem server
+    at ``doorbell``, if given), else the ivshmem device (rung through its own doorbell,
+    if it has one)."""
     if shm:
         path = shm if "/" in shm else "/dev/shm/" + shm
-        return open_file(path)
+        region = open_file(path)
+        if doorbell:
+            try:
+                region.doorbell = EventDoorbell.connect(doorbell, region.fd)
+            except BaseException:
+                region.close()
+                raise
+        return region
     return open_device(device)

@@ -185,11 +185,14 @@ class ChannelWriter:
                         ring.encode_command(self.region.buf, geometry, seq, header.guest_epoch, payload, pid,
                                             collect_by)
                     ring.write_u64(self.region.buf, ring.OFFSET_PUBLISH, seq + 1)
-                    return Ticket(seq, header.guest_epoch, collect_by)
+                    ticket = Ticket(seq, header.guest_epoch, collect_by)
+                    break
                 self._stash_own_answers(header)
                 if time.monotonic() >= deadline:
                     raise RingFull(self._full(header, seq))
             backoff.wait(deadline)
+        self.region.ring()  # outside the lock: with a doorbell device, a ring is a VM exit
+        return ticket
 
     def _full(self, header: ring.Header, seq: int) -> str:
         """Why the slot for ``seq`` is still taken: the host is behind, or a writer has not

@@ -1,0 +1,140 @@
+"""The host's end of a channel's doorbell: the eventfd a guest's ring lands in.
+
+The agent (and ``mbvisor channel serve --doorbell``) connects to the VM's ivshmem
+server like any client and keeps the host peer's eventfd for vector 0
+(guest/ivshmem.py): QEMU writes it when the guest writes the Doorbell register, so
+the host can sleep in epoll until a command is published.  The connection stays open
+only to read the server's notifications (peers coming and going) and to notice the
+server's end.
+
+A bell is trusted for nothing: a ring only makes the host look at the region, as its
+periodic sweep would.  The server's region must be the channel's own (same device and
+inode), else the rings would come from another VM.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import stat
+
+from mbvisor.guest import ivshmem
+from mbvisor.guest.ivshmem import DoorbellError
+
+
+class HostBell:
+    def __init__(self, path: str, connection: socket.socket, eventfd: int, memory: tuple[int, int]):
+        self.path = path
+        self.connection = connection
+        self.eventfd = eventfd
+        self.memory = memory  # (device, inode) of the region the server hands out
+
+    @classmethod
+    def connect(cls, path: str, timeout: float = 2.0) -> "HostBell":
+        """DoorbellError if the server cannot be reached or does not speak the protocol."""
+        setup = ivshmem.connect(path, timeout)
+        eventfd = setup.peers[ivshmem.HOST_PEER][ivshmem.COMMAND_VECTOR]
+        info = os.fstat(setup.shared_memory)
+        setup.close_except(eventfd)
+        os.set_blocking(eventfd, False)
+        return cls(path, setup.connection, eventfd, (info.st_dev, info.st_ino))
+
+    def serves(self, region_stat: os.stat_result) -> bool:
+        return self.memory == (region_stat.st_dev, region_stat.st_ino)
+
+    def fileno(self) -> int:
+        return self.eventfd
+
+    def clear(self) -> int:
+        """Rings since the last clear (0 if none), and the bell is quiet again."""
+        try:
+            return os.eventfd_read(self.eventfd)
+        except BlockingIOError:
+            return 0
+
+    def drain(self) -> bool:
+        """Read the server's notifications; False once the server has gone."""
+        return ivshmem.drain(self.connection)
+
+    def close(self) -> None:
+        if self.eventfd >= 0:
+            os.close(self.eventfd)
+            self.eventfd = -1
+        self.connection.close()
+
+
+
+def open_bell(path: str, directories: tuple[str, ...], timeout: float = 2.0) -> HostBell:
+    """The bell behind ``path`` if it names a socket directly in one of ``directories``
+    (as written: no symlink, no '..'); DoorbellError saying why not."""
+    directory, name = os.path.split(path)
+    if directory.rstrip("/") not in {d.rstrip("/") for d in directories} or name in ("", ".", ".."):
+        raise DoorbellError(f"{path[:300]!r} is not in a doorbell directory ({', '.join(directories)}; "
+                            "see --doorbell-dir)")
+    try:
+        info = os.lstat(path)
+    except OSError as error:
+        raise DoorbellError(f"doorbell {path}: {error.strerror}") from None
+    if not stat.S_ISSOCK(info.st_mode):
+        raise DoorbellError(f"doorbell {path} is not a socket")
+    return HostBell.connect(path, timeout)
+
+
+class Bells:
+    """What the agent's poller sleeps on: every served channel's bell and its server
+    connection (one-shot: a channel's worker re-arms them once it has looked, so a guest
+    ringing without pause costs one wake per look, not one per ring), and a wake-up of
+    its own (stop, channels added or gone)."""
+
+    MASK = select.EPOLLIN | select.EPOLLONESHOT
+
+    def __init__(self):
+        self._epoll = select.epoll()
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wakeup, select.EPOLLIN)
+        self._owners: dict[int, object] = {}
+
+    def add(self, bell: HostBell, owner) -> None:
+        for fd in (bell.eventfd, bell.connection.fileno()):
+            self._owners[fd] = owner
+            self._epoll.register(fd, self.MASK)
+
+    def rearm(self, bell: HostBell) -> None:
+        for fd in (bell.eventfd, bell.connection.fileno()):
+            try:
+                self._epoll.modify(fd, self.MASK)
+            except (FileNotFoundError, ValueError, OSError):
+                pass  # removed meanwhile
+
+    def remove(self, bell: HostBell) -> None:
+        for fd in (bell.eventfd, bell.connection.fileno()):
+            self._owners.pop(fd, None)
+            try:
+                self._epoll.unregister(fd)
+            except (FileNotFoundError, ValueError, OSError):
+                pass
+
+    def wait(self, timeout: float) -> list:
+        """The owners whose bell rang or whose server spoke, after at most ``timeout`` s."""
+        try:
+            events = self._epoll.poll(max(0.0, timeout))
+        except InterruptedError:
+            return []
+        owners: dict[int, object] = {}
+        for fd, _ in events:
+            if fd == self._wakeup:
+                try:
+                    os.eventfd_read(self._wakeup)
+                except BlockingIOError:
+                    pass
+            elif (owner := self._owners.get(fd)) is not None:
+                owners[id(owner)] = owner
+        return list(owners.values())
+
+    def interrupt(self) -> None:
+        os.eventfd_write(self._wakeup, 1)
+
+    def close(self) -> None:
+        self._epoll.close()
+        os.close(self._wakeup)
