@@ -1,5 +1,6 @@
 """A real middlebox VM (QEMU, TCG) on a real OVS bridge, with the real controller and agent:
-the guest's own ``mbctl`` writes a firewall filter through the ivshmem device, and the
+the guest's own ``mbctl`` writes a firewall filter through the ivshmem device (plain, or
+doorbell: then only the guest's ring gets the agent to look), and the
 attack traffic that used to interrupt the guest (virtio-net input interrupts, read from
 the guest's /proc/interrupts) is dropped in the switch instead.
 
@@ -26,10 +27,12 @@ PACING = 0.001                 # s between attack packets: one packet per guest 
 NOISE = N // 100               # interrupts allowed after the offload (see the test's docstring)
 
 
-@pytest.fixture
-def middlebox(lab, tmp_path):
+@pytest.fixture(params=["ivshmem-plain", "ivshmem-doorbell"])
+def middlebox(request, lab, tmp_path):
+    """The VM with each kind of device: plain (the agent polls its channel) and doorbell
+    (the agent looks only when the guest rings: its sweep is an hour)."""
     try:
-        with attacked_middlebox(lab, tmp_path) as scenario:
+        with attacked_middlebox(lab, tmp_path, doorbell=request.param == "ivshmem-doorbell") as scenario:
             yield scenario
     except RequirementsMissing as missing:
         pytest.fail(str(missing))
@@ -66,3 +69,6 @@ def test_offloaded_filter_stops_the_guests_interrupts(middlebox, record_property
     assert before.interrupts >= N // 4, f"the attack barely interrupted the guest before the offload: {figures}"
     assert after.guest_rx <= NOISE, f"attack packets still reach the guest: {figures}"
     assert after.interrupts <= NOISE, f"the guest is still interrupted after the offload: {figures}"
+    channel = middlebox.agent.channels()[0]
+    assert channel["woken_by"] == ("doorbell" if middlebox.vm.doorbell else "polling"), channel
+    assert channel["doorbell_problem"] is None

@@ -20,10 +20,12 @@ class AgentProcess:
     """``mbvisor agent`` in its own process group, pointed at a :class:`Controller`."""
 
     def __init__(self, controller: Controller, state_dir, bridges: tuple[str, ...] = (),
-                 inventory_refresh: float | None = None):
+                 inventory_refresh: float | None = None, options: tuple[str, ...] = ()):
+        """``options``: more of ``mbvisor agent``'s own (e.g. ``--doorbell-dir``)."""
         self.controller = controller
         self.bridges = bridges
         self.inventory_refresh = inventory_refresh
+        self.options = options
         self.status_file = state_dir / "agent-status.json"
         self.log = state_dir / "agent.log"
         self.process = None
@@ -35,7 +37,8 @@ class AgentProcess:
                  f"http://127.0.0.1:{self.controller.rest_port}", "--token-file",
                  str(self.controller.state_dir / "token"), "--status-file", str(self.status_file),
                  "--discovery-interval", "0.3", *[f"--bridge={name}" for name in self.bridges],
-                 *([f"--inventory-refresh={self.inventory_refresh}"] if self.inventory_refresh else [])],
+                 *([f"--inventory-refresh={self.inventory_refresh}"] if self.inventory_refresh else []),
+                 *self.options],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         return self
 

@@ -23,14 +23,20 @@
 #   3. runs QEMU (TCG unless MB_ACCEL says otherwise) with
 #         -object memory-backend-file,id=mb,share=on,mem-path=/dev/shm/NAME,size=1M
 #         -device ivshmem-plain,memdev=mb                       (PCI 1af4:1110, BAR2 = region)
+#      or, with MB_DOORBELL=1, a device the guest rings the host through (docs/protocol.md §12):
+#      before step 2 it starts "mbvisor ivshmem-server /dev/shm/NAME=SOCKET" (SOCKET is
+#      $MB_DOORBELL_DIR/NAME.sock, default /run/mbvisor/ivshmem/NAME.sock), annotates the port
+#      with external_ids:mbvisor-doorbell=SOCKET, and QEMU gets
+#         -chardev socket,id=ivs,path=SOCKET -device ivshmem-doorbell,chardev=ivs,vectors=1
 #         -netdev tap,id=n0,ifname=TAP,script=no,downscript=no
 #         -device virtio-net-pci,netdev=n0,mac=MAC,csum=off,guest_csum=off
 #      csum=off,guest_csum=off: with OVS's userspace datapath, frames with unfinished
 #      (offloaded) checksums are not completed on the way, and the receiver drops them;
 #   4. waits for QEMU; on its exit, or on SIGTERM/SIGINT/SIGHUP to this script (QEMU is
 #      stopped first), removes the OVS port, the tap and the region (MB_KEEP_REGION=1 keeps
-#      the region). SIGKILL to this script skips step 4: remove the port, tap and region
-#      yourself (names below).
+#      the region), and stops the ivshmem server. SIGKILL to this script skips step 4:
+#      remove the port, tap and region yourself (names below); the server ends with it
+#      (setpriv --pdeathsig TERM) and removes its socket.
 #
 # The guest's two serial ports (files in MB_STATE_DIR, default /run/mbvisor/vm/NAME):
 #   console.log   ttyS0, the kernel console and the guest init's messages; the mbvisor
@@ -45,7 +51,8 @@
 #   MB_IPS (the VM's own addresses, comma separated; default the address of mbv.ip= in
 #   EXTRA_APPEND, else none), MB_TAP (tap name; default "mbt" + the last 12 characters of NAME),
 #   MB_STATE_DIR, MB_MEM (MiB, default 256), MB_REGION_SIZE (default 1M), MB_ACCEL (tcg;
-#   kvm where it works), MB_QEMU (qemu-system-x86_64), MB_KEEP_REGION.
+#   kvm where it works), MB_QEMU (qemu-system-x86_64), MB_KEEP_REGION, MB_DOORBELL (1: an
+#   ivshmem-doorbell device), MB_DOORBELL_DIR, MB_MBVISOR (the mbvisor command; default mbvisor).
 # Needs root, qemu-system-x86 and openvswitch-switch; see docs/qemu.md.
 set -euo pipefail
 
@@ -66,6 +73,9 @@ TAP=${MB_TAP:-mbt${NAME: -12}}
 STATE=${MB_STATE_DIR:-/run/mbvisor/vm/$NAME}
 REGION=/dev/shm/$NAME
 QEMU=${MB_QEMU:-qemu-system-x86_64}
+DOORBELL=${MB_DOORBELL:-}
+DOORBELL_SOCKET=${MB_DOORBELL_DIR:-/run/mbvisor/ivshmem}/$NAME.sock
+read -r -a MBVISOR <<< "${MB_MBVISOR:-mbvisor}"
 for file in "$KERNEL" "$INITRAMFS"; do
   [ -r "$file" ] || { echo "launch-middlebox: cannot read $file" >&2; exit 2; }
 done
@@ -76,7 +86,7 @@ if [ -e "$REGION" ] || [ -e "/sys/class/net/$TAP" ]; then
   echo "launch-middlebox: $REGION or tap $TAP already exists; is $NAME running?" >&2; exit 2
 fi
 
-QEMU_PID=
+QEMU_PID= SERVER_PID=
 created_region= created_tap= added_port=
 cleanup() {
   local status=$?
@@ -87,6 +97,10 @@ cleanup() {
     for _ in $(seq 50); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$QEMU_PID" 2>/dev/null || true
     wait "$QEMU_PID" 2>/dev/null || true
+  fi
+  if [ -n "$SERVER_PID" ]; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
   fi
   [ -n "$added_port" ] && ovs-vsctl --timeout=10 --if-exists del-port "$BRIDGE" "$TAP" || true
   [ -n "$created_tap" ] && ip link del "$TAP" 2>/dev/null || true
@@ -108,6 +122,19 @@ rm -f "$STATE/control.sock"
 truncate -s "${MB_REGION_SIZE:-1M}" "$REGION"; created_region=1
 chmod 600 "$REGION"
 
+# 1b. its ivshmem server, for a doorbell (up before the agent is told of it, and before QEMU)
+doorbell_id=() ivshmem=(-object "memory-backend-file,id=mb,share=on,mem-path=$REGION,size=${MB_REGION_SIZE:-1M}"
+                        -device ivshmem-plain,memdev=mb)
+if [ "$DOORBELL" = 1 ]; then
+  mkdir -p -m 700 "$(dirname "$DOORBELL_SOCKET")"
+  setpriv --pdeathsig TERM "${MBVISOR[@]}" ivshmem-server "$REGION=$DOORBELL_SOCKET" >"$STATE/ivshmem-server.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 100); do [ -S "$DOORBELL_SOCKET" ] && break; kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+  [ -S "$DOORBELL_SOCKET" ] || { echo "launch-middlebox: the ivshmem server did not start:" >&2; tail -5 "$STATE/ivshmem-server.log" >&2; exit 1; }
+  doorbell_id=("external_ids:mbvisor-doorbell=$DOORBELL_SOCKET")
+  ivshmem=(-chardev "socket,id=ivs,path=$DOORBELL_SOCKET" -device ivshmem-doorbell,chardev=ivs,vectors=1)
+fi
+
 # 2. the tap on the bridge, annotated for the agent
 ip tuntap add dev "$TAP" mode tap; created_tap=1
 echo 1 > "/proc/sys/net/ipv6/conf/$TAP/disable_ipv6" 2>/dev/null || true
@@ -116,7 +143,7 @@ ip link set "$TAP" up
 added_port=1
 ovs-vsctl --timeout=10 add-port "$BRIDGE" "$TAP" -- set Interface "$TAP" \
   "external_ids:mbvisor-channel=$REGION" "external_ids:attached-mac=$MAC" "external_ids:vm-id=$NAME" \
-  "external_ids:mbvisor-tenant=$TENANT" "external_ids:mbvisor-ips=\"$IPS\""
+  "external_ids:mbvisor-tenant=$TENANT" "external_ids:mbvisor-ips=\"$IPS\"" "${doorbell_id[@]}"
 
 # 3. the VM
 "$QEMU" -name "$NAME" -machine pc,accel="${MB_ACCEL:-tcg}" -smp 1 -m "${MB_MEM:-256}" \
@@ -125,8 +152,7 @@ ovs-vsctl --timeout=10 add-port "$BRIDGE" "$TAP" -- set Interface "$TAP" \
   -append "console=ttyS0 loglevel=4 panic=-1 ipv6.disable=1 mbv.name=$NAME $EXTRA_APPEND" \
   -chardev "file,id=console,path=$STATE/console.log" -serial chardev:console \
   -chardev "socket,id=control,path=$STATE/control.sock,server=on,wait=off" -serial chardev:control \
-  -object "memory-backend-file,id=mb,share=on,mem-path=$REGION,size=${MB_REGION_SIZE:-1M}" \
-  -device ivshmem-plain,memdev=mb \
+  "${ivshmem[@]}" \
   -netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no" \
   -device "virtio-net-pci,netdev=n0,mac=$MAC,csum=off,guest_csum=off" \
   -pidfile "$STATE/qemu.pid" >"$STATE/qemu.log" 2>&1 &

@@ -126,9 +126,12 @@ class Scenario:
 
 
 @contextlib.contextmanager
-def attacked_middlebox(lab: Lab, state_dir: Path) -> Iterator[Scenario]:
+def attacked_middlebox(lab: Lab, state_dir: Path, doorbell: bool = False) -> Iterator[Scenario]:
     """Build (or reuse) the guest image, start controller, bridge, attacker, agent and VM,
-    and remove VM, agent and controller on exit, also on failure.  Raises
+    and remove VM, agent and controller on exit, also on failure.  ``doorbell``: the VM
+    has an ivshmem-doorbell device, and the agent looks at its channel only when it rings
+    (its sweep is longer than the scenario: a command the ring did not announce would time
+    out).  Raises
     :class:`RequirementsMissing` (with the apt hint) when the machine lacks something, and
     VMError on exit if the VM left anything behind."""
     missing = requirements()
@@ -145,10 +148,14 @@ def attacked_middlebox(lab: Lab, state_dir: Path) -> Iterator[Scenario]:
         attacker = lab.host("attacker", ip=f"{ATTACKER_IP}/24")
         attacker.annotate("attacker", vm_id="vm-attacker")  # a VM of another tenant (the guest's is its name)
         controller.wait_switch(bridge.dpid)
-        agent = AgentProcess(controller, state_dir, bridges=(bridge.name,)).start()
+        sockets = state_dir / "ivshmem"
+        agent = AgentProcess(controller, state_dir, bridges=(bridge.name,),
+                             options=("--doorbell-dir", str(sockets), "--bell-sweep", "3600") if doorbell else ()
+                             ).start()
         name = f"{lab.prefix}-mb"                 # vm-id, and the region /dev/shm/<name>
         vm = MiddleboxVM(bridge.name, name, GUEST_MAC, image, state_dir / "vm", tap=f"{lab.prefix}t",
-                         append=f"mbv.ip={GUEST_IP}/24 mbv.arp={ATTACKER_IP},{attacker.mac}").start()
+                         append=f"mbv.ip={GUEST_IP}/24 mbv.arp={ATTACKER_IP},{attacker.mac}",
+                         doorbell_dir=sockets if doorbell else None).start()
         vm.wait_ready(timeout=90)
         agent.wait_serving(f"{name}/{vm.tap}")
         attacker.set_arp(GUEST_IP, GUEST_MAC)     # no ARP traffic in the counts

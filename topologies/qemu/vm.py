@@ -119,9 +119,10 @@ class MiddleboxVM:
     """One VM started by ``launch-middlebox.sh`` in its own process group."""
 
     def __init__(self, bridge: str, name: str, mac: str, image: dict, state_dir: Path, append: str = "",
-                 tap: str | None = None, tenant: str | None = None):
+                 tap: str | None = None, tenant: str | None = None, doorbell_dir: Path | None = None):
         """``tenant``: the VM's (the launch script's default: its name); its addresses are
-        those of ``mbv.ip=`` in ``append``."""
+        those of ``mbv.ip=`` in ``append``.  ``doorbell_dir``: an ivshmem-doorbell device,
+        its server's socket in that directory (None: ivshmem-plain)."""
         self.bridge, self.name, self.mac, self.image, self.append = bridge, name, mac, image, append
         self.tenant = tenant
         self.state_dir = Path(state_dir)
@@ -131,11 +132,14 @@ class MiddleboxVM:
         self.console_log = self.state_dir / "console.log"
         self.launch_log = self.state_dir / "launch.log"
         self._console: GuestConsole | None = None
+        self.doorbell = None if doorbell_dir is None else Path(doorbell_dir) / f"{name}.sock"
 
     def start(self) -> "MiddleboxVM":
         self.state_dir.mkdir(parents=True, exist_ok=True)
         environment = {**os.environ, "MB_STATE_DIR": str(self.state_dir), "MB_TAP": self.tap,
-                       **({"MB_TENANT": self.tenant} if self.tenant else {})}
+                       "MB_MBVISOR": f"{sys.executable} -m mbvisor.agents.cli",
+                       **({"MB_TENANT": self.tenant} if self.tenant else {}),
+                       **({"MB_DOORBELL": "1", "MB_DOORBELL_DIR": str(self.doorbell.parent)} if self.doorbell else {})}
         with open(self.launch_log, "ab") as log:
             self.process = subprocess.Popen(
                 [str(LAUNCH), self.bridge, self.name, self.mac, self.image["kernel"], self.image["initramfs"],
@@ -220,6 +224,13 @@ class MiddleboxVM:
         if os.path.exists(self.region):
             os.unlink(self.region)
             by_hand.append(f"region {self.region}")
+        if self.doorbell is not None:  # its server removes it when the script ends (or dies)
+            deadline = time.monotonic() + 5
+            while self.doorbell.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.doorbell.exists():
+                self.doorbell.unlink()
+                by_hand.append(f"ivshmem server socket {self.doorbell}")
         return by_hand
 
     def leftovers(self) -> list[str]:
@@ -231,4 +242,6 @@ class MiddleboxVM:
             found.append(f"tap {self.tap}")
         if os.path.exists(self.region):
             found.append(f"region {self.region}")
+        if self.doorbell is not None and self.doorbell.exists():
+            found.append(f"ivshmem server socket {self.doorbell}")
         return found
