@@ -113,6 +113,13 @@ class State:
     def find(self, dpid: int, mac: str) -> Middlebox | None:
         return self.by_key.get((dpid, mac))
 
+    peek = find  # as a Draft's: a state holds no filters that are still to be settled
+
+    def filters_of(self, dpid: int, mac: str) -> frozenset[Filter]:
+        """As a Draft's (``decide`` reads either)."""
+        middlebox = self.by_key.get((dpid, mac))
+        return middlebox.filters if middlebox is not None else frozenset()
+
     def on(self, dpid: int) -> list[Middlebox]:
         return list(self._by_switch.get(dpid, ()))
 
@@ -136,6 +143,8 @@ class State:
         """This state with a decision's change made."""
         if outcome.key is None:
             return self
+        if outcome.added is not None:
+            return self.put(_with_filters(outcome.middlebox, outcome.middlebox.filters | {outcome.added}))
         if outcome.middlebox is None:
             return self.remove(*outcome.key)
         return self.put(outcome.middlebox)
@@ -168,7 +177,13 @@ class State:
 class Draft:
     """A job's working copy of a state: each decision's change is recorded in place, and
     ``state()`` makes the one new ``State`` (sharing every middlebox nobody changed).
-    Reads see the changes so far, as the next command of the job must."""
+    Reads see the changes so far, as the next command of the job must.
+
+    Added filters go into a set of the middlebox's own that grows in place (``growing``):
+    a new frozen set per added filter would copy the middlebox's filters each time, and
+    a job adding 1,000 filters to a middlebox of 10,000 would copy ten million.  The set
+    is frozen into the middlebox once, when anything but an add reads it (``find``,
+    ``on``) or the job ends (``state``)."""
 
     def __init__(self, base: State, elsewhere=frozenset, reserve=None):
         """``elsewhere()``: zones taken outside ``base`` meanwhile (other switches' jobs
@@ -176,6 +191,7 @@ class Draft:
         draft gives a new middlebox, so theirs see it."""
         self.base = base
         self.changes: dict[tuple[int, str], Middlebox | None] = {}  # key -> new value (None: removed)
+        self.growing: dict[tuple[int, str], set[Filter]] = {}  # key -> its filters (changes[key]'s are older)
         self._zones: set[int] | None = None
         self.elsewhere = elsewhere
         self.reserve = reserve
@@ -186,10 +202,30 @@ class Draft:
         return self.base.limits
 
     def find(self, dpid: int, mac: str) -> Middlebox | None:
+        if (dpid, mac) in self.growing:
+            self._settle((dpid, mac))
+        return self.peek(dpid, mac)
+
+    def peek(self, dpid: int, mac: str) -> Middlebox | None:
+        """The middlebox without settling the filters this job added (``filters_of`` has
+        them): what an add needs, its port and registration."""
         key = (dpid, mac)
         return self.changes[key] if key in self.changes else self.base.find(dpid, mac)
 
+    def filters_of(self, dpid: int, mac: str) -> frozenset[Filter] | set[Filter]:
+        """The middlebox's filters so far, growing or settled: not to be kept (it may grow)."""
+        growing = self.growing.get((dpid, mac))
+        if growing is not None:
+            return growing
+        middlebox = self.peek(dpid, mac)
+        return middlebox.filters if middlebox is not None else frozenset()
+
+    def _settle(self, key: tuple[int, str]) -> None:
+        self.changes[key] = _with_filters(self.changes[key], frozenset(self.growing.pop(key)))
+
     def on(self, dpid: int) -> list[Middlebox]:
+        for key in [key for key in self.growing if key[0] == dpid]:
+            self._settle(key)
         if not any(key[0] == dpid for key in self.changes):
             return self.base.on(dpid)
         current = {mb.mac: mb for mb in self.base.on(dpid)}
@@ -217,6 +253,13 @@ class Draft:
     def record(self, outcome: "Outcome") -> None:
         if outcome.key is None:
             return
+        if outcome.added is not None:  # the same middlebox (zone and all) with one filter more
+            growing = self.growing.get(outcome.key)
+            if growing is None:  # the first this job adds: outcome.middlebox's filters are up to date
+                growing = self.growing[outcome.key] = set(outcome.middlebox.filters)
+                self.changes[outcome.key] = outcome.middlebox
+            growing.add(outcome.added)
+            return
         old = self.find(*outcome.key)
         if old is None and outcome.middlebox is not None:
             self.new_zones.append(outcome.middlebox.zone)
@@ -229,6 +272,8 @@ class Draft:
             self._zones.add(outcome.middlebox.zone)
 
     def state(self) -> State:
+        for key in list(self.growing):
+            self._settle(key)
         if not self.changes:
             return self.base
         by_key = dict(self.base.by_key)
@@ -243,11 +288,14 @@ class Draft:
 @dataclass(frozen=True)
 class Outcome:
     """A decision: the answer's text, and the middlebox at ``key`` becomes ``middlebox``
-    (None: it is removed); no key when nothing changes."""
+    (None: it is removed); no key when nothing changes.  With ``added``, the middlebox at
+    ``key`` is ``middlebox`` with that filter more (a draft adds it to its growing set;
+    ``middlebox``'s own filters may be older then)."""
 
     text: str
     key: tuple[int, str] | None = None
     middlebox: Middlebox | None = None
+    added: Filter | None = None
 
 
 @dataclass(frozen=True)
@@ -268,7 +316,9 @@ def decide(state: State | Draft, binding: Binding, command: Command) -> Outcome:
     if int(command.mac.split(":")[0], 16) & 1 or command.mac == "00:00:00:00:00:00":
         raise ApplyError("bad-mac", f"{command.mac} is not a unicast MAC address; a middlebox has its own")
     _check_trust(binding, command)
-    current = state.find(binding.dpid, command.mac)
+    # An add reads the filters so far (``filters_of``) and leaves a draft's growing set as
+    # it is: settling it for every added filter would copy it every time.
+    current = (state.peek if isinstance(command, AddFilter) else state.find)(binding.dpid, command.mac)
     if current is not None and current.port != binding.port:
         raise ApplyError("port-conflict", f"{command.mac} is registered on port {current.port} of this "
                                           f"switch, not on port {binding.port}; cancel it there first")
@@ -385,12 +435,12 @@ def _registered_firewall(current: Middlebox | None, mac: str) -> Middlebox:
 def _add_filter(state, binding, current, command: AddFilter) -> Outcome:
     middlebox = _registered_firewall(current, command.mac)
     _check_destination_mac(middlebox, command.filter)
-    if command.filter in middlebox.filters:
+    filters = state.filters_of(*middlebox.key)
+    if command.filter in filters:
         return Outcome(f"filter already present: {format_command(command)}")
-    if len(middlebox.filters) >= state.limits.filters:
-        raise ApplyError("limit", f"{command.mac} has {len(middlebox.filters)} filters, "
-                                  f"the limit is {state.limits.filters}")
-    return _becomes(_with_filters(middlebox, middlebox.filters | {command.filter}), f"added: {added_text(command)}")
+    if len(filters) >= state.limits.filters:
+        raise ApplyError("limit", f"{command.mac} has {len(filters)} filters, the limit is {state.limits.filters}")
+    return Outcome(f"added: {added_text(command)}", middlebox.key, middlebox, command.filter)
 
 
 @lru_cache(maxsize=8192)
@@ -401,8 +451,8 @@ def added_text(command: AddFilter) -> str:
 
 
 def _with_filters(middlebox: Middlebox, filters: frozenset[Filter]) -> Middlebox:
-    """``replace(middlebox, filters=filters)``, built directly: a bulk of 100,000 filters
-    makes as many middleboxes, and ``replace`` costs five times more."""
+    """``replace(middlebox, filters=filters)``, built directly: ``replace`` costs five times
+    more, and 100,000 filters applied one by one (``apply``) make as many middleboxes."""
     return Middlebox(middlebox.dpid, middlebox.port, middlebox.mac, middlebox.zone, middlebox.firewall_ip,
                      middlebox.balancer_ip, filters, middlebox.redirects)
 

@@ -311,9 +311,13 @@ class Controller:
             self.in_flight.difference_update(claimed)
             self.zones_in_flight.difference_update(draft.new_zones)
             raise
-        return Plan(requests, tuple(answers), before, draft.state(), frozenset(touched), tuple(pending),
+        # Counts of the filter sets the job ends with, kept with them once they are frozen.
+        final = {key: counted for key, counted in context.costs.items() if counted[0] is draft.filters_of(*key)}
+        after = draft.state()
+        costs = {key: (after.by_key[key].filters, addresses, total) for key, (_, addresses, total) in final.items()}
+        return Plan(requests, tuple(answers), before, after, frozenset(touched), tuple(pending),
                     frozenset(backends), tuple(keep), frozenset(independent), tuple(claimed), tuple(draft.new_zones),
-                    context.costs)
+                    costs)
 
     def _plan_one(self, request: CommandRequest, draft: Draft, context: "PlanContext", seen: dict,
                   first_pending: int | None) -> "Decided":
@@ -341,8 +345,9 @@ class Controller:
             return Decided(Answer("SYNTAX", str(error), "syntax"), fresh=True, store=True, independent=True)
         try:
             outcome = decide(draft, context.at(request.port), command)
-            if isinstance(command, AddFilter) and outcome.key is not None:
-                self._check_flow_budget(draft.find(*outcome.key), outcome.middlebox, command, context, draft.limits)
+            if outcome.added is not None:
+                counted = self._check_flow_budget(outcome.middlebox, draft.filters_of(*outcome.key), command, context,
+                                                  draft.limits)
         except ApplyError as error:
             return Decided(Answer("REJECTED", str(error), error.code), fresh=True, store=True)
         answer = Answer("OK", outcome.text)
@@ -351,26 +356,29 @@ class Controller:
         if outcome.key is None:
             return Decided(answer, fresh=True, store=True)
         draft.record(outcome)
+        if outcome.added is not None:  # counted with the set that grew (it grows in place: the same object)
+            context.costs[outcome.key] = (draft.filters_of(*outcome.key), *counted)
         backends = frozenset(command.backends) if isinstance(command, RegisterLoadBalancer) else frozenset()
         return Decided(answer, command.mac, backends, fresh=True, store=True)
 
-    def _check_flow_budget(self, old: Middlebox, new: Middlebox, command: AddFilter, context: PlanContext,
-                           limits: Limits) -> None:
+    def _check_flow_budget(self, middlebox: Middlebox, filters, command: AddFilter, context: PlanContext,
+                           limits: Limits) -> tuple[frozenset[str], int]:
         """Limits count switch entries, not filters: one port-range filter can cost many.
         Each middlebox's cost is kept with the filter set it was counted for, so a bulk of
         filters adds, not recounts: the job's own counts first, then those of committed
-        filter sets (``commit`` keeps only the current ones)."""
-        addresses = context.surroundings.addresses(new)  # group forms: one per own address
-        known = context.costs.get(old.key) or self.flow_costs.get(old.key)
-        if known is not None and known[0] is old.filters and known[1] == addresses:
+        filter sets (``commit`` keeps only the current ones).  ``filters``: the
+        middlebox's so far; the addresses and the total they cost with the new one."""
+        addresses = context.surroundings.addresses(middlebox)  # group forms: one per own address
+        known = context.costs.get(middlebox.key) or self.flow_costs.get(middlebox.key)
+        if known is not None and known[0] is filters and known[1] == addresses:
             spent = known[2]
         else:
-            spent = sum(filter_cost(f, addresses) for f in old.filters)
+            spent = sum(filter_cost(f, addresses) for f in filters)
         total = spent + filter_cost(command.filter, addresses)
         if total > limits.flows:
             raise ApplyError("limit", f"{command.mac}'s filters would need {total} switch entries, the limit is "
                                       f"{limits.flows}; use wider prefixes or fewer port ranges")
-        context.costs[new.key] = (new.filters, addresses, total)
+        return addresses, total
 
     def release(self, plan: Plan) -> None:
         """The job's keys are answered (or abandoned): others may use them again; its new

@@ -499,6 +499,92 @@ def test_a_middlebox_cancelled_and_registered_again_in_one_draft_gets_the_zone_a
     assert draft.state() == run_all(*texts, state=state)
 
 
+def folded_and_applied(state: State, steps) -> tuple[tuple, tuple]:
+    """Each command's answer (or refusal code) and the state at the end: folded into one
+    Draft with nothing read in between (its added filters grow in place), and applied
+    command by command.  ``steps``: command texts from HERE, or (binding, text) pairs."""
+    steps = [step if isinstance(step, tuple) else (HERE, step) for step in steps]
+    draft, folded = Draft(state), []
+    for binding, text in steps:
+        try:
+            outcome = decide(draft, binding, parse_command(text))
+        except ApplyError as error:
+            folded.append(error.code)
+            continue
+        draft.record(outcome)
+        folded.append(outcome.text)
+    applied = []
+    for binding, text in steps:
+        try:
+            result = run(state, text, binding)
+        except ApplyError as error:
+            applied.append(error.code)
+            continue
+        state = result.state
+        applied.append(result.text)
+    return (folded, draft.state()), (applied, state)
+
+
+@pytest.mark.parametrize("texts, answers, filters", [
+    ([f"A {MAC} I 4 s 10.1.0.0/16", f"A {MAC} I 4 s 10.1.0.0/16"],
+     [f"added: A {MAC} I 4 s 10.1.0.0/16", f"filter already present: A {MAC} I 4 s 10.1.0.0/16"], {"10.1.0.0/16"}),
+    ([f"A {MAC} I 4 s 10.{n}.0.0/16" for n in range(1, 5)],
+     [f"added: A {MAC} I 4 s 10.{n}.0.0/16" for n in range(1, 4)] + ["limit"], {"10.1.0.0/16", "10.2.0.0/16", "10.3.0.0/16"}),
+    ([f"A {MAC} I 4 s 10.1.0.0/16", f"A {MAC} I 4 s 10.2.0.0/16", f"D {MAC} I 4 s 10.1.0.0/16",
+      f"A {MAC} I 4 s 10.3.0.0/16", f"D {MAC} I 4 s 10.1.0.0/16"],
+     [f"added: A {MAC} I 4 s 10.1.0.0/16", f"added: A {MAC} I 4 s 10.2.0.0/16", f"deleted: D {MAC} I 4 s 10.1.0.0/16",
+      f"added: A {MAC} I 4 s 10.3.0.0/16", "no-such-filter"], {"10.2.0.0/16", "10.3.0.0/16"}),
+    ([f"A {MAC} I 4 s 10.1.0.0/16", f"X {MAC}", f"A {MAC} I 4 s 10.2.0.0/16", f"R F {MAC} 10.0.0.1",
+      f"A {MAC} I 4 s 10.3.0.0/16"],
+     [f"added: A {MAC} I 4 s 10.1.0.0/16", f"cancelled {MAC}: every offload removed", "not-registered",
+      f"registered {MAC} 10.0.0.1 for firewall offload", f"added: A {MAC} I 4 s 10.3.0.0/16"], {"10.3.0.0/16"}),
+    ([f"A {MAC} I 4 s 10.1.0.0/16", f"R F {MAC} 10.0.0.1", f"A {MAC} I 4 s 10.2.0.0/16", f"I {MAC}",
+      f"A {MAC} I 4 s 10.1.0.0/16"],
+     [f"added: A {MAC} I 4 s 10.1.0.0/16", f"registered {MAC} 10.0.0.1 for firewall offload",
+      f"added: A {MAC} I 4 s 10.2.0.0/16", f"A {MAC} I 4 s 10.1.0.0/16\nA {MAC} I 4 s 10.2.0.0/16",
+      f"filter already present: A {MAC} I 4 s 10.1.0.0/16"], {"10.1.0.0/16", "10.2.0.0/16"}),
+], ids=["duplicate", "limit-mid-job", "add-then-delete", "add-to-a-cancelled-one", "register-and-query-between"])
+def test_filters_a_job_adds_in_place_answer_and_end_as_one_by_one(texts, answers, filters):
+    start = run_all(f"R F {MAC} 10.0.0.1", f"R F {MAC2} 10.0.0.2", state=State(limits=Limits(filters=3)))
+    folded, applied = folded_and_applied(start, texts)
+    assert folded == applied
+    assert folded[0] == answers
+    assert {f.source for f in folded[1].find(1, MAC).filters} == filters
+    assert folded[1].by_key[(1, MAC2)] is start.by_key[(1, MAC2)]
+
+
+def test_a_job_adding_to_two_middleboxes_in_turn_settles_each_once():
+    """Reads between adds (a registration walks the switch's middleboxes) see every filter
+    added so far; the growing sets are frozen, and the state holds only frozen sets."""
+    start = run_all(f"R F {MAC} 10.0.0.1", f"R F {MAC2} 10.0.0.2")
+    texts = [f"A {mac} I 4 s 10.{n}.0.0/16" for n in range(6) for mac in (MAC, MAC2)]
+    texts[5:5] = [f"R F {MAC3} 10.0.0.3"]
+    folded, applied = folded_and_applied(start, texts)
+    assert folded == applied
+    assert all(type(mb.filters) is frozenset and len(mb.filters) == 6 for mb in folded[1].middleboxes if mb.mac != MAC3)
+
+
+@st.composite
+def job_commands(draw):
+    """Mostly adds, to two middleboxes of one port: runs of adds to one middlebox, and
+    everything that reads or changes it in between."""
+    mac, n = draw(st.sampled_from([MAC, MAC2])), draw(st.integers(0, 3))
+    add = f"A {mac} I 4 s 10.{n}.0.0/16"
+    return draw(st.sampled_from([add, add, add, f"A {mac} M 4 s 02:00:00:00:00:0{n}", f"D {mac} I 4 s 10.{n}.0.0/16",
+                                 f"D {mac} I 4 s", f"X {mac}", f"R F {mac} 10.9.9.{n}", f"I {mac}"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(job_commands(), max_size=30), st.integers(1, 4))
+def test_a_job_read_only_by_its_commands_ends_where_command_by_command_does(texts, max_filters):
+    """As above, without reading the draft between commands: added filters stay in their
+    growing sets until a command other than an add reads the middlebox."""
+    start = run_all(f"R F {MAC} 10.9.9.9", f"R F {MAC2} 10.9.9.8", state=State(limits=Limits(filters=max_filters)))
+    folded, applied = folded_and_applied(start, texts)
+    assert folded == applied
+    assert all(type(mb.filters) is frozenset for mb in folded[1].middleboxes)
+
+
 def test_a_draft_without_changes_is_the_state_it_started_from():
     state = run_all(f"R F {MAC} 10.0.0.5")
     draft = Draft(state)
