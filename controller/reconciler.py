@@ -119,18 +119,34 @@ class Installed:
 
     def holds(self, flow: Flow) -> None:
         """The switch holds ``flow`` (an add replaced whatever had its identity)."""
-        place = (flow.table, flow.priority)
-        by_match = self.flows.setdefault(place, {})
-        held = by_match.get(flow.match)
-        if held is None:
-            self.count += 1
-        elif held[0] != flow.cookie:
-            self._unindex(held[0], place, flow.match)
-        held = (flow.cookie, flow.actions)
-        if len(self.shared) >= MAX_SHARED:
-            self.shared.clear()  # pairs of middleboxes long gone
-        by_match[flow.match] = self.shared.setdefault(held, held)  # a middlebox's drops share one
-        self.by_cookie.setdefault(flow.cookie, {}).setdefault(place, set()).add(flow.match)
+        self.holds_all((flow,))
+
+    def holds_all(self, flows: collections.abc.Iterable[Flow]) -> None:
+        """The switch holds each of ``flows``, in turn.  A job installs a middlebox at a time,
+        most of its flows at one place (table, priority) and with one action list: a run
+        of flows with the same place and cookie finds its dictionaries once, and a run of
+        the same actions its shared (cookie, actions) pair once."""
+        table = priority = cookie = by_match = matches = actions = held_as = None
+        for flow in flows:
+            if flow.table != table or flow.priority != priority or flow.cookie != cookie:
+                table, priority, cookie, place = flow.table, flow.priority, flow.cookie, (flow.table, flow.priority)
+                by_match = self.flows.setdefault(place, {})
+                matches = self.by_cookie.setdefault(cookie, {}).setdefault(place, set())
+                actions = None
+            if flow.actions is not actions:
+                actions = flow.actions
+                held_as = (cookie, actions)
+                if len(self.shared) >= MAX_SHARED:
+                    self.shared.clear()  # pairs of middleboxes long gone
+                held_as = self.shared.setdefault(held_as, held_as)  # a middlebox's drops share one
+            match = flow.match
+            held = by_match.get(match)
+            if held is None:
+                self.count += 1
+            elif held[0] != cookie:
+                self._unindex(held[0], place, match)  # another cookie's: never this run's own index
+            by_match[match] = held_as
+            matches.add(match)
 
     def lost(self, flow: Flow) -> None:
         """``flow`` was deleted (a strict delete with its cookie: one that another cookie's
@@ -630,9 +646,13 @@ class SwitchReconciler:
     def _record(self, changes: Changes) -> None:
         """The confirmed flows, kept as compiled (their wire bytes are cached by action list)."""
         pace = Pacer()
-        for flow in changes.add_flows + changes.modify_flows:
-            self.installed.holds(flow)
-            pace()
+
+        def paced(flows):
+            for flow in flows:
+                yield flow
+                pace()
+
+        self.installed.holds_all(paced(changes.add_flows + changes.modify_flows))
         for flow in changes.delete_flows:
             self.installed.lost(flow)
         for group in changes.add_groups + changes.modify_groups:

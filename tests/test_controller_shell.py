@@ -598,24 +598,34 @@ def test_a_bundle_abandoned_halfway_is_discarded_and_changes_nothing(host, monke
     assert len(filter_flows(fake)) == 4
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 2), st.integers(0, 2), st.integers(0, 3), st.booleans()),
-                max_size=40))
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 2), st.integers(0, 2), st.integers(0, 3), st.booleans(),
+                          st.booleans()), max_size=40))
 def test_the_record_of_installed_flows_is_a_set_of_identities_with_their_actions(steps):
     """It holds what the switch holds: one flow per identity (an add replaces whatever had
     it, whatever its cookie), and a strict delete with another cookie removes nothing.
-    Audits compare its count with the switch's."""
-    installed, reference = Installed(), {}
-    for holding, cookie, table, value, drops in steps:
+    Audits compare its count with the switch's.  Flows held in a row are held one by one
+    or as one batch (``holds_all``), which may replace its own earlier flows."""
+    installed, reference, batch = Installed(), {}, []
+    for holding, cookie, table, value, drops, batched in steps:
         flow = Flow(table, 1000, (("ipv4_src", f"10.0.0.{value}"),), () if drops else (("normal",),), cookie)
         identity = (table, flow.match)
         if holding:
-            installed.holds(flow)
+            batch.append(flow)
             reference[identity] = flow
+            if not batched:
+                if len(batch) == 1:
+                    installed.holds(flow)
+                else:
+                    installed.holds_all(batch)
+                batch = []
         else:
+            installed.holds_all(batch)
+            batch = []
             installed.lost(flow)
             if identity in reference and reference[identity].cookie == cookie:
                 del reference[identity]
+    installed.holds_all(batch)
     assert installed.flow_count() == len(reference)
     assert sorted(installed.all_flows(), key=repr) == sorted(reference.values(), key=repr)
     for cookie in range(3):
