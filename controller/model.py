@@ -440,14 +440,15 @@ def _add_filter(state, binding, current, command: AddFilter) -> Outcome:
         return Outcome(f"filter already present: {format_command(command)}")
     if len(filters) >= state.limits.filters:
         raise ApplyError("limit", f"{command.mac} has {len(filters)} filters, the limit is {state.limits.filters}")
-    return Outcome(f"added: {added_text(command)}", middlebox.key, middlebox, command.filter)
+    return Outcome(f"added: {added_text(command.mac, command.filter)}", middlebox.key, middlebox, command.filter)
 
 
 @lru_cache(maxsize=8192)
-def added_text(command: AddFilter) -> str:
-    """An added filter's canonical text: its answer quotes it and the store keeps it, so a
-    job formats each filter once, not twice."""
-    return format_command(command)
+def added_text(mac: str, filter: Filter) -> str:
+    """The canonical text of adding ``filter`` to ``mac``: its answer quotes it and the
+    store keeps it, so a job formats each filter once, not twice.  Keyed by the two, not
+    by an ``AddFilter``: the store has no command, and making one cost it half the time."""
+    return format_command(AddFilter(mac, filter))
 
 
 def _with_filters(middlebox: Middlebox, filters: frozenset[Filter]) -> Middlebox:

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from mbvisor.guest.commands import AddFilter, RegisterLoadBalancer
+from mbvisor.guest.commands import RegisterLoadBalancer
 from mbvisor.guest.grammar import format_command, parse_command
 
 from .model import Limits, Middlebox, Redirect, State, added_text
@@ -59,7 +59,8 @@ def encode_middlebox(middlebox: Middlebox) -> str:
 
 
 def filter_text(mac: str, filter) -> str:
-    return added_text(AddFilter(mac, filter))
+    """A filter's row: the text its add was answered with (formatted once, ``added_text``)."""
+    return added_text(mac, filter)
 
 
 def decode_middlebox(dpid: int, mac: str, body: str, filter_texts=()) -> Middlebox:
