@@ -531,9 +531,7 @@ class SwitchReconciler:
         surroundings = self._surroundings()
         added = compile_added_filters(before.find(self.dpid, mac), wanted, surroundings) if exact else None
         if added is not None:  # compared with what the switch holds at those identities only
-            cookie = cookie_of(mac)
-            held = [flow for flow in map(self.installed.at, added) if flow is not None and flow.cookie == cookie]
-            return self._diff(SwitchConfig(added, frozenset()), held, set())
+            return self._added_changes(added, cookie_of(mac))
         desired = (compile_middlebox(wanted, surroundings) if wanted
                    else SwitchConfig(frozenset(), frozenset()))
         if desired.unresolved:
@@ -560,6 +558,20 @@ class SwitchReconciler:
         installed.groups = {d.group_id: _wire_buckets([b.actions for b in d.buckets]) for d in descriptions}
         self.installed = installed
         self.exact.clear()
+
+    def _added_changes(self, added, cookie: int) -> Changes:
+        """``_diff`` of flows that only add to what the middlebox has (no groups, nothing
+        of it deleted), in one pass over them: ``reconcile``'s dictionaries of identities
+        cost a bulk install more than compiling the flows.  Each is added unless the
+        middlebox holds its identity already; then modified if its actions differ."""
+        add, modify = [], []
+        for flow in added:
+            held = self.installed.at(flow)
+            if held is None or held.cookie != cookie:
+                add.append(flow)
+            elif self._wire(flow.actions) != self._installed_wire(held):
+                modify.append(flow)
+        return Changes(add_flows=tuple(add), modify_flows=tuple(modify))
 
     def _diff(self, desired: SwitchConfig, installed, managed_groups: set[int]) -> Changes:
         def same_flow(want: Flow, have: Flow) -> bool:

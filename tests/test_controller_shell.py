@@ -21,7 +21,7 @@ from mbvisor.controller import pacing, switchlink, wire
 from mbvisor.controller.compat import hub
 from mbvisor.controller.filters import compile_filters
 from mbvisor.controller import flows as flows_module
-from mbvisor.controller.flows import FILTER, cookie_of, filter_cost
+from mbvisor.controller.flows import FILTER, SwitchConfig, cookie_of, filter_cost
 from mbvisor.guest.grammar import parse_command
 from mbvisor.controller.pipeline import OFFLOAD_TABLE, PORT_METERS, REDIRECT_TABLE
 from mbvisor.controller.trust import PortIdentity, TrustMode
@@ -972,6 +972,30 @@ def test_a_filter_added_to_a_large_middlebox_sends_only_its_own_flows(host, monk
 
 
 # --- only added filters are compiled when the switch is known to hold the rest ----------------
+
+
+def test_added_flows_are_diffed_in_one_pass_as_the_general_diff_does(host):
+    """Each added flow is added unless the middlebox holds its identity (another
+    middlebox's flow there is replaced whole), modified where it holds it with other
+    actions, left alone where it holds it as it is: what ``_diff`` says of the same flows
+    compared with the middlebox's flows at their identities."""
+    host.switch()
+    reconciler, mine, theirs = host.service.reconcilers[DPID], cookie_of(MAC), cookie_of(MAC2)
+
+    def at(value: int, cookie: int, actions: tuple = ()) -> Flow:
+        return Flow(OFFLOAD_TABLE, FILTER, (("ipv4_src", f"10.0.0.{value}"),), actions, cookie)
+
+    reconciler.installed = Installed()
+    reconciler.installed.holds_all([at(2, mine), at(3, mine, (("normal",),)), at(4, theirs), at(5, mine, ())])
+    added = [at(1, mine), at(2, mine), at(3, mine), at(4, mine), at(5, mine, (("normal",),))]
+    held = [f for f in map(reconciler.installed.at, added) if f is not None and f.cookie == mine]
+    general = reconciler._diff(SwitchConfig(frozenset(added), frozenset()), held, set())
+    one_pass = reconciler._added_changes(added, mine)
+    assert sorted(one_pass.add_flows, key=repr) == sorted(general.add_flows, key=repr) == [at(1, mine), at(4, mine)]
+    assert sorted(one_pass.modify_flows, key=repr) == sorted(general.modify_flows, key=repr) == [
+        at(3, mine), at(5, mine, (("normal",),))]
+    assert one_pass.delete_flows == general.delete_flows == ()
+    assert (one_pass.add_groups, one_pass.modify_groups, one_pass.delete_groups) == ((), (), ())
 
 
 def test_a_middlebox_refused_at_reconnection_is_compiled_whole_by_its_next_filter(host, fast_timeouts):
