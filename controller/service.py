@@ -367,13 +367,20 @@ class Controller:
         Each middlebox's cost is kept with the filter set it was counted for, so a bulk of
         filters adds, not recounts: the job's own counts first, then those of committed
         filter sets (``commit`` keeps only the current ones).  ``filters``: the
-        middlebox's so far; the addresses and the total they cost with the new one."""
-        addresses = context.surroundings.addresses(middlebox)  # group forms: one per own address
-        known = context.costs.get(middlebox.key) or self.flow_costs.get(middlebox.key)
-        if known is not None and known[0] is filters and known[1] == addresses:
-            spent = known[2]
+        middlebox's so far; the addresses and the total they cost with the new one.
+        A job's count of the set it still grows also holds its addresses: only adds
+        touched the middlebox since (anything else freezes the set), in the job's
+        surroundings."""
+        known = context.costs.get(middlebox.key)
+        if known is not None and known[0] is filters:
+            addresses, spent = known[1], known[2]
         else:
-            spent = sum(filter_cost(f, addresses) for f in filters)
+            addresses = context.surroundings.addresses(middlebox)  # group forms: one per own address
+            known = self.flow_costs.get(middlebox.key)
+            if known is not None and known[0] is filters and known[1] == addresses:
+                spent = known[2]
+            else:
+                spent = sum(filter_cost(f, addresses) for f in filters)
         total = spent + filter_cost(command.filter, addresses)
         if total > limits.flows:
             raise ApplyError("limit", f"{command.mac}'s filters would need {total} switch entries, the limit is "

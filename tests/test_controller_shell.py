@@ -650,6 +650,21 @@ def test_a_batch_is_held_to_the_flow_budget_command_by_command(tmp_path):
         made.close()
 
 
+def test_a_job_counts_its_filters_again_when_it_gives_the_middlebox_another_address(tmp_path):
+    """A balancer address registered between two adds of one job is one more group form
+    for each filter: the second add is counted with it, not with the first add's count."""
+    one_address = filter_cost(parse_command(f"A {MAC} I 4 s 10.0.0.1").filter, frozenset({"10.0.0.5"}))
+    made = Host(tmp_path, limits=Limits(flows=2 * one_address))
+    try:
+        fake = made.switch()
+        fake.add_host("10.0.0.11", "02:00:00:00:00:11", BACKEND_PORT)
+        made.ok(f"R F {MAC} 10.0.0.5")
+        answers = made.run(f"A {MAC} I 4 s 10.1.0.1", f"R L {MAC} 10.0.0.6 0 * 10.0.0.11", f"A {MAC} I 4 s 10.1.0.2")
+        assert [a.code for a in answers] == ["ok", "ok", "limit"]
+    finally:
+        made.close()
+
+
 def test_jobs_of_two_switches_planned_at_once_never_give_the_same_zone(host):
     """Planning yields to the event loop, so another switch's job can plan (and commit)
     meanwhile; every userspace bridge shares one conntrack table, so the zones they give
