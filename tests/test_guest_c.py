@@ -20,6 +20,7 @@ with deadlines, and every child is killed and reaped even when a test fails.
 from __future__ import annotations
 
 import fcntl
+import functools
 import itertools
 import json
 import multiprocessing
@@ -593,19 +594,22 @@ def test_answer_list_parser_agrees_with_the_reference(c_build, text):
     assert [tuple(r) for r in records] == [(a.status, a.code, a.lines) for a in expected]
 
 
+def fake_pci_device(root: Path, bdf: str, vendor: str, product: str, size: int = 0, enable: str = "0\n") -> Path:
+    """A PCI function as sysfs shows it below ``root``: BAR2 (resource2) of ``size`` zero
+    bytes if ``size``."""
+    folder = root / bdf
+    folder.mkdir()
+    (folder / "vendor").write_text(vendor + "\n")
+    (folder / "device").write_text(product + "\n")
+    (folder / "enable").write_text(enable)
+    if size:
+        (folder / "resource2").write_bytes(bytes(size))
+    return folder
+
+
 def test_device_discovery(c_build, tmp_path):
     mbvtest = c_build / "mbvtest"
-
-    def device(bdf: str, vendor: str, product: str, size: int = 0, enable: str = "0\n") -> Path:
-        folder = tmp_path / bdf
-        folder.mkdir()
-        (folder / "vendor").write_text(vendor + "\n")
-        (folder / "device").write_text(product + "\n")
-        (folder / "enable").write_text(enable)
-        if size:
-            (folder / "resource2").write_bytes(bytes(size))
-        return folder
-
+    device = functools.partial(fake_pci_device, tmp_path)
     assert run([mbvtest, "device", tmp_path]).out.startswith("error device not found: no ivshmem device")
     device("0000:00:03.0", "0x8086", "0x100e")
     ivshmem = device("0000:00:04.0", "0x1af4", "0x1110", 1 << 20)

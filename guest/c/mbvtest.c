@@ -110,16 +110,25 @@ static int request(struct mbv *ch, unsigned id, long count, long hold_after)
     return done_with(r, 0);
 }
 
-static int stall(struct mbv *ch, long count, int collect_ms)
+/* COUNT commands of writer id, submitted without waiting (collect_ms < 0: for nobody). */
+static int publish(struct mbv *ch, unsigned id, long count, int collect_ms)
 {
     for (long i = 0; i < count; i++) {
         struct mbv_ticket t;
         char payload[64], expected[80];
-        command(payload, expected, 0xee, i);
+        command(payload, expected, id, i);
         int e = mbv_submit(ch, payload, strlen(payload), 5000, collect_ms, &t);
         if (e < 0)
             return library_error(e);
     }
+    return 0;
+}
+
+static int stall(struct mbv *ch, long count, int collect_ms)
+{
+    int code = publish(ch, 0xee, count, collect_ms);
+    if (code)
+        return code;
     printf("published %ld\n", count);
     fflush(stdout);
     for (;;)
