@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import random
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -774,3 +776,76 @@ def test_agent_status_shows_unserved_channels_and_pending_removals(shm, tmp_path
     out = capsys.readouterr().out
     assert "does not exist" in out
     assert f"offloads of departed VM vm0 ({MAC} on {DPID:016x}) not removed yet; 1 attempt(s) so far" in out
+
+
+class KeptConnections(http.server.ThreadingHTTPServer):
+    """An HTTP/1.1 controller stub that answers every command OK, counts the connections
+    it accepted, and can close each connection after ``close_after`` answers (as a server
+    ending idle connections does) or reset every connection before it answers."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        self.connections = 0
+        self.close_after: int | None = None
+        self.reset_all = False
+        stub = self
+
+        class Handler(JsonHandler):
+            protocol_version = "HTTP/1.1"
+            answered = 0
+
+            def setup(self):
+                super().setup()
+                stub.connections += 1
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if stub.reset_all:
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
+                self._send(200, {"answers": ok_answers(body["commands"])})
+                self.answered += 1
+                if stub.close_after is not None and self.answered >= stub.close_after:
+                    self.close_connection = True  # closed without a word, as an idle time-out does
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_port}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def kept():
+    server = KeptConnections()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_client_keeps_one_connection_per_thread(kept):
+    client = ControllerClient(kept.url, timeout=5)
+    for _ in range(20):
+        assert client.execute(COMMAND)[0]["status"] == "OK"
+    assert kept.connections == 1
+    other = threading.Thread(target=client.execute, args=(COMMAND,))
+    other.start()
+    other.join()
+    assert kept.connections == 2  # another thread, its own connection
+
+
+def test_client_sends_again_once_on_a_connection_closed_while_idle(kept):
+    kept.close_after = 1  # every kept connection is gone by the time it is used again
+    client = ControllerClient(kept.url, timeout=5)
+    for _ in range(5):
+        assert client.execute(COMMAND)[0]["status"] == "OK"
+    assert kept.connections == 5
+
+
+def test_client_does_not_retry_a_controller_that_resets_every_connection(kept):
+    client = ControllerClient(kept.url, timeout=5)
+    client.execute(COMMAND)
+    kept.reset_all = True
+    with pytest.raises(ControllerUnavailable, match="unreachable"):
+        client.execute(COMMAND)
+    assert kept.connections == 2  # the kept one, then one new one: no third attempt
