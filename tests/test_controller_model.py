@@ -272,7 +272,7 @@ def test_same_mac_on_another_switch_is_a_separate_middlebox():
 
 def test_register_balancer_type_0_then_type_1_entries():
     first = run(State(), f"R L {MAC} 10.0.0.1 0 * 10.0.0.5,10.0.0.6")
-    assert first.text == f"redirecting 10.0.0.1 from any source to 10.0.0.5,10.0.0.6"
+    assert first.text == "redirecting 10.0.0.1 from any source to 10.0.0.5,10.0.0.6"
     middlebox = first.state.find(1, MAC)
     assert middlebox.balancer_ip == "10.0.0.1" and middlebox.firewall_ip is None
     assert middlebox.redirects == (Redirect(None, ("10.0.0.5", "10.0.0.6")),)
