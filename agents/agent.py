@@ -59,6 +59,7 @@ KEY_SEQ_SPACE = 1 << 43  # so every key seq is below 2^53: exact as a JSON numbe
 DAMAGED_PER_POLL = 16    # damaged slots answered CORRUPT per poll, then DAMAGED_PAUSE
 DAMAGED_PAUSE = 0.05     # so a guest publishing garbage costs at most ~320 answers/s
 FAULT_PAUSE = 0.1        # after an unexpected error in a worker, before it looks again
+STATUS_REFRESH = 30.0   # an unchanged status file is rewritten this often (its time: the agent lives)
 SPURIOUS_RING_PAUSE = 2e-3  # a ring that found nothing re-arms the bell this much later (<= 500 wakes/s)
 
 
@@ -180,6 +181,7 @@ class Agent:
         self.faults = FaultLog(log)
         self.bells = Bells()
         self.stop = _Stop(self.bells.interrupt)
+        self._written: tuple[dict | None, float] = (None, 0.0)  # the status last written, and when
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -643,9 +645,19 @@ class Agent:
                 "ovsdb": self.discovery_status() if self.discovery_status else None}
 
     def write_status(self) -> None:
+        """The status file, when anything in it but the time changed, and at least every
+        STATUS_REFRESH seconds (its ``time`` says the agent is alive): rewriting 64
+        channels' status every round was most of an idle agent's work.  Compact JSON;
+        ``mbvisor agent-status --json`` prints it indented."""
         path = self.settings.status_file
         if path is None:
             return
+        status = self.status()
+        now = time.monotonic()
+        content = {key: value for key, value in status.items() if key != "time"}
+        if content == self._written[0] and now - self._written[1] < STATUS_REFRESH:
+            return
         temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.status(), indent=1) + "\n")
+        temporary.write_text(json.dumps(status, separators=(",", ":")) + "\n")
         temporary.replace(path)
+        self._written = (content, now)

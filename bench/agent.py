@@ -18,6 +18,14 @@ here) annotated like QEMU's launch script does (``external_ids:mbvisor-channel``
 * idle CPU: the agent with 64 idle channels (initialised regions, nothing sent) against
   the same agent with no channel, over the same time; all its threads (schedstat of every
   task), and separately with its reaped children (the ``ovs-vsctl`` runs of discovery).
+  Then a fresh agent with the same 64 channels behind doorbells (one ``mbvisor
+  ivshmem-server`` process serving the 64 regions, the ports annotated with
+  ``mbvisor-doorbell``), against the same baseline.
+* command after silence: 10 channels, each sent one command (A/D of an IP filter) every
+  ``silence`` seconds, the channels staggered evenly, so the agent hears a command every
+  silence/10 s; the round trip until the answer (the flow confirmed).  Doorbell channels
+  (the writers ring through the server, as a guest's device does) against the same with
+  polled channels; with only doorbell channels the agent sleeps in epoll between rings.
 
     python bench/agent.py            # about a minute on 2 cores
     python bench/agent.py --quick    # about 25 s
@@ -52,9 +60,9 @@ from pathlib import Path
 
 from mbvisor.bench.benchlib import BenchError, judge, publish, release_together, start
 try:
-    from mbvisor.agents.discovery import CHANNEL_KEY
+    from mbvisor.agents.discovery import CHANNEL_KEY, DOORBELL_KEY
     from mbvisor.guest.channel_errors import ChannelError
-    from mbvisor.guest.region import DEFAULT_REGION_SIZE, open_file
+    from mbvisor.guest.region import DEFAULT_REGION_SIZE, open_file, open_region
     from mbvisor.guest.writer import ChannelWriter
     from mbvisor.topologies.controller_run import Controller, ControllerError
     from mbvisor.topologies.netlab import Lab, NetlabError, require_host_tools, run as sh
@@ -73,12 +81,15 @@ AGENT_RATE = 1_000_000.0  # --rate / --burst: the token bucket never limits the 
 DISCOVERY_INTERVAL = 2.0  # the agent's default
 TARGET_P99_MS = 15.0
 TARGET_IDLE_CPU = 1.0
+TARGET_IDLE_CPU_DOORBELL = 0.2
+TARGET_SILENCE_P99_MS = 5.0
+SILENT_CHANNELS = 10      # command after silence: channels, staggered
 
 PROFILES = {
     "default": dict(latency_commands=1000, one_channel_commands=2000, per_channel_commands=100,
-                    idle_seconds=5.0),
+                    idle_seconds=5.0, silence=10.0, silent_rounds=3),
     "quick": dict(latency_commands=200, one_channel_commands=400, per_channel_commands=30,
-                  idle_seconds=3.0),
+                  idle_seconds=3.0, silence=2.0, silent_rounds=2),
 }
 
 # id, label, value format, target (operator, value) or None
@@ -90,6 +101,10 @@ ROWS = [
     ("throughput_32", f"throughput {PARALLEL_CHANNELS} channels (cmd/s)", "{:.0f}", None),
     ("idle_cpu", f"idle CPU {VMS} channels (% of a core)", "{:.2f}", ("<=", TARGET_IDLE_CPU)),
     ("idle_cpu_children", "  + ovs-vsctl children (% of a core)", "{:.2f}", None),
+    ("idle_cpu_doorbell", f"idle CPU {VMS} doorbell channels (% of a core)", "{:.3f}",
+     ("<=", TARGET_IDLE_CPU_DOORBELL)),
+    ("silence_p50", "command after silence, doorbell p50 (ms)", "{:.2f}", None),
+    ("silence_p99", "command after silence, doorbell p99 (ms)", "{:.2f}", ("<=", TARGET_SILENCE_P99_MS)),
 ]
 
 _T0 = time.perf_counter()
@@ -115,6 +130,7 @@ class Created:
     def __init__(self):
         self.children: list = []            # forked writer / client processes
         self.agents: list[AgentProcess] = []
+        self.servers: list[subprocess.Popen] = []  # mbvisor ivshmem-server processes
         self.controller: Controller | None = None
         self.lab: Lab | None = None
         self.bridge = None
@@ -139,6 +155,8 @@ class Created:
             attempt(f"writer process {process.pid}", lambda: _stop_child(process, self))
         for agent in list(self.agents):
             attempt(f"agent {agent.pid}", agent.stop)
+        for server in list(self.servers):
+            attempt(f"ivshmem server {server.pid}", lambda: _stop_server(server, self))
         if self.controller is not None:
             attempt("controller", self.controller.stop)
         if self.bridge is not None and self.ports:
@@ -189,6 +207,41 @@ def _stop_child(process, created: Created, timeout: float = 5.0) -> None:
         created.children.remove(process)
 
 
+def _stop_server(server: subprocess.Popen, created: Created) -> None:
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=5)
+    created.servers.remove(server)
+
+
+def start_ivshmem_server(created: Created, vms: list["Vm"]) -> Path:
+    """One ``mbvisor ivshmem-server`` serving every VM's region on its own socket (in a
+    private directory of the run's, as the agent's ``--doorbell-dir``); that directory."""
+    sockets = created.workdir / "ivshmem"
+    sockets.mkdir(mode=0o700)
+    for vm in vms:
+        vm.doorbell = str(sockets / f"vm{vm.index}.sock")
+    argv = [sys.executable, "-m", "mbvisor.agents.cli", "ivshmem-server", *[f"{vm.region}={vm.doorbell}" for vm in vms]]
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        with open(created.workdir / "ivshmem-server.log", "ab") as log:
+            server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True, preexec_fn=_unblock_stop_signals)
+        created.servers.append(server)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    deadline = time.monotonic() + 20
+    while not all(os.path.exists(vm.doorbell) for vm in vms):
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"the ivshmem server did not start (log {created.workdir / 'ivshmem-server.log'})")
+        time.sleep(0.05)
+    return sockets
+
+
 def _unblock_stop_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
@@ -206,14 +259,14 @@ def _child_signals() -> None:
 class AgentProcess:
     """``mbvisor agent`` in its own session, discovering channels from Open vSwitch."""
 
-    def __init__(self, controller: Controller, workdir: Path, name: str):
+    def __init__(self, controller: Controller, workdir: Path, name: str, options: tuple[str, ...] = ()):
         self.status_file = workdir / f"{name}-status.json"
         self.log = workdir / f"{name}.log"
         argv = [sys.executable, "-m", "mbvisor.agents.cli", "agent",
                 "--controller", f"http://127.0.0.1:{controller.rest_port}",
                 "--token-file", str(controller.state_dir / "token"), "--status-file", str(self.status_file),
                 "--rate", f"{AGENT_RATE:g}", "--burst", f"{AGENT_RATE:g}",
-                "--discovery-interval", f"{DISCOVERY_INTERVAL:g}"]
+                "--discovery-interval", f"{DISCOVERY_INTERVAL:g}", *options]
         with open(self.log, "ab") as log:  # started with Ctrl-C blocked (start_agent): unblock in the child
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True, preexec_fn=_unblock_stop_signals)
@@ -234,19 +287,6 @@ class AgentProcess:
         except (FileNotFoundError, ValueError, KeyError):
             return None
 
-    def wait_discovery(self, timeout: float = 10.0) -> None:
-        """Until the agent has just rewritten its status file (it does after each discovery)."""
-        def mtime():
-            try:
-                return self.status_file.stat().st_mtime_ns
-            except FileNotFoundError:
-                return None
-        before, deadline = mtime(), time.monotonic() + timeout
-        while mtime() == before:
-            if time.monotonic() >= deadline:
-                raise BenchError(f"agent wrote no status within {timeout:g} s (log {self.log})")
-            time.sleep(0.005)
-
     def wait_serving(self, names: set[str], timeout: float = 30.0) -> None:
         """Until the agent's status lists exactly ``names`` (the status is written after
         each discovery, so it is current once the set matches)."""
@@ -261,11 +301,11 @@ class AgentProcess:
         raise BenchError(f"agent not serving exactly {len(names)} channel(s) within {timeout:g} s (log {self.log})")
 
 
-def start_agent(created: Created, name: str) -> AgentProcess:
+def start_agent(created: Created, name: str, options: tuple[str, ...] = ()) -> AgentProcess:
     """Started and registered with Ctrl-C blocked, so cleanup always finds it."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        agent = AgentProcess(created.controller, created.workdir, name)
+        agent = AgentProcess(created.controller, created.workdir, name, options)
         created.agents.append(agent)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -447,6 +487,7 @@ class Vm:
         self.vm_id = f"bench-{lab.prefix}-vm{index}"
         self.firewall_ip = f"10.254.{index >> 8}.{(index & 0xFF) + 1}"
         self.ofport = -1
+        self.doorbell = ""  # its ivshmem server's socket, once it has one
 
     @property
     def channel(self) -> str:
@@ -457,14 +498,16 @@ def annotate(vms: list[Vm]) -> None:
     args = []
     for vm in vms:
         args += ["--", "set", "Interface", vm.interface, f"external_ids:{CHANNEL_KEY}={vm.region}",
-                 f"external_ids:attached-mac={vm.mac}", f"external_ids:vm-id={vm.vm_id}"]
+                 f"external_ids:attached-mac={vm.mac}", f"external_ids:vm-id={vm.vm_id}",
+                 *([f"external_ids:{DOORBELL_KEY}={vm.doorbell}"] if vm.doorbell else [])]
     sh(["ovs-vsctl", "--timeout=10", *args])
 
 
 def unannotate(vms: list[Vm]) -> None:
     args = []
     for vm in vms:
-        args += ["--", "remove", "Interface", vm.interface, "external_ids", CHANNEL_KEY, "attached-mac", "vm-id"]
+        args += ["--", "remove", "Interface", vm.interface, "external_ids", CHANNEL_KEY, "attached-mac", "vm-id",
+                 DOORBELL_KEY]
     sh(["ovs-vsctl", "--timeout=10", *args])
 
 
@@ -642,6 +685,43 @@ def measure_latency(controller: Controller, agent: AgentProcess, dpid: int, vm: 
     return {"agent": via_agent, "direct": direct, "overlapped_discovery": overlapped}
 
 
+def measure_after_silence(vms: list[Vm], silence: float, rounds: int) -> list[float]:
+    """Round trips (ms) of commands each sent after ``silence`` s of its channel's silence,
+    the channels staggered evenly over the silence: ``rounds`` per channel.  The writers
+    ring the VMs' doorbells when they have one (``Vm.doorbell``)."""
+    writers = [ChannelWriter(open_region(shm=vm.region, doorbell=vm.doorbell or None)) for vm in vms]
+    try:
+        for vm, writer in zip(vms, writers):
+            channel_request(writer, f"R F {vm.mac} {vm.firewall_ip}")
+        texts = [latency_sequence(vm.mac, rounds + rounds % 2) for vm in vms]
+        started = time.monotonic()
+        schedule = sorted((started + silence * (number + 1) + index * silence / len(vms), index, number)
+                          for index in range(len(vms)) for number in range(rounds))
+        samples = []
+        for due, index, number in schedule:
+            time.sleep(max(0.0, due - time.monotonic()))  # the workload's own timing
+            t0 = time.perf_counter()
+            channel_request(writers[index], texts[index][number])
+            samples.append((time.perf_counter() - t0) * 1000)
+        return samples
+    finally:
+        for writer in writers:
+            writer.region.close()
+
+
+def wait_woken_by_doorbell(agent: AgentProcess, count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        channels = agent.channels() or []
+        rung = [c for c in channels if c.get("woken_by") == "doorbell"]
+        if len(rung) == count:
+            return
+        if time.monotonic() > deadline:
+            problems = sorted({str(c.get("doorbell_problem")) for c in channels if c.get("woken_by") != "doorbell"})
+            raise BenchError(f"only {len(rung)} of {count} channels woken by their doorbell: {problems[:3]}")
+        time.sleep(0.05)
+
+
 def register(vms: list[Vm]) -> None:
     for vm in vms:
         writer = ChannelWriter(open_file(vm.region))
@@ -754,8 +834,8 @@ def run(profile: dict, created: Created) -> dict:
     created.agents.remove(agent)
     unannotate(group)
 
-    # 3. idle CPU: a fresh agent with no channel, then with 64 idle ones; each window starts
-    #    right after a discovery, so both hold the same number of discoveries
+    # 3. idle CPU: a fresh agent with no channel, then with 64 idle ones (each window holds
+    #    one or two discovery rounds: they run every 2 s and write the status only on a change)
     watch.phase = "set-up of the idle agent"
     seconds = profile["idle_seconds"]
     idle_agent = start_agent(created, "idle-agent")
@@ -763,7 +843,6 @@ def run(profile: dict, created: Created) -> dict:
     time.sleep(1.0)
     watch.phase = "idle CPU"
     progress(f"idle CPU: agent pid {idle_agent.pid} with 0 channels, {seconds:g} s ...")
-    idle_agent.wait_discovery()
     empty = measure_cpu(idle_agent.pid, seconds)
     watch.phase = f"set-up of {VMS} idle channels"
     for vm in vms:
@@ -775,7 +854,6 @@ def run(profile: dict, created: Created) -> dict:
     time.sleep(1.0)  # the poller's back-off reaches its ceiling within ~50 ms
     watch.phase = "idle CPU"
     progress(f"idle CPU: the same agent with {VMS} channels, {seconds:g} s ...")
-    idle_agent.wait_discovery()
     busy = measure_cpu(idle_agent.pid, seconds)
     watch.phase = "tear-down"
     figures["idle_cpu"], baseline["idle_cpu"] = busy["cpu_percent"], empty["cpu_percent"]
@@ -784,8 +862,39 @@ def run(profile: dict, created: Created) -> dict:
     progress(f"  {VMS} channels {busy['cpu_percent']:.2f} % (+{busy['children_percent']:.2f} % ovs-vsctl, "
              f"{busy['threads']} threads); 0 channels {empty['cpu_percent']:.2f} % "
              f"(+{empty['children_percent']:.2f} %)")
+    silent, silence, rounds = vms[:SILENT_CHANNELS], profile["silence"], profile["silent_rounds"]
+    watch.phase = "command after silence, polled"
+    progress(f"command after silence, polled: {len(silent)} channels x {rounds}, {silence:g} s apart each ...")
+    polled_silence = measure_after_silence(silent, silence, rounds)
     idle_agent.stop()
     created.agents.remove(idle_agent)
+    unannotate(vms)
+
+    # 4. the same channels behind doorbells: a fresh agent that sleeps until a guest rings
+    watch.phase = f"set-up of {VMS} doorbell channels"
+    sockets = start_ivshmem_server(created, vms)
+    bell_agent = start_agent(created, "doorbell-agent", ("--doorbell-dir", str(sockets)))
+    annotate(vms)
+    bell_agent.wait_serving({vm.channel for vm in vms})
+    wait_woken_by_doorbell(bell_agent, len(vms))
+    time.sleep(1.0)
+    watch.phase = "idle CPU"
+    progress(f"idle CPU: an agent with {VMS} doorbell channels, {seconds:g} s ...")
+    belled = measure_cpu(bell_agent.pid, seconds)
+    figures["idle_cpu_doorbell"], baseline["idle_cpu_doorbell"] = belled["cpu_percent"], empty["cpu_percent"]
+    progress(f"  {VMS} doorbell channels {belled['cpu_percent']:.3f} % ({belled['threads']} threads); "
+             f"0 channels {empty['cpu_percent']:.3f} %")
+    watch.phase = "command after silence, doorbell"
+    progress(f"command after silence, doorbell: {len(silent)} channels x {rounds}, {silence:g} s apart each ...")
+    rung_silence = measure_after_silence(silent, silence, rounds)
+    for stat, fraction in (("p50", .5), ("p99", .99)):
+        figures[f"silence_{stat}"] = percentile(rung_silence, fraction)
+        baseline[f"silence_{stat}"] = percentile(polled_silence, fraction)
+    progress(f"  doorbell p50 {figures['silence_p50']:.2f} p99 {figures['silence_p99']:.2f} ms; polled "
+             f"p50 {baseline['silence_p50']:.2f} p99 {baseline['silence_p99']:.2f} ms")
+    watch.phase = "tear-down"
+    bell_agent.stop()
+    created.agents.remove(bell_agent)
     unannotate(vms)
     if found := watch.check():
         raise Interference("at the end: " + "; ".join(found))
@@ -795,10 +904,12 @@ def run(profile: dict, created: Created) -> dict:
     except OSError:
         load = "n/a"
     return {"agent": figures, "baseline": baseline, "load": load,
-            "idle": {"0_channels": empty, f"{VMS}_channels": busy},
+            "idle": {"0_channels": empty, f"{VMS}_channels": busy, f"{VMS}_doorbell_channels": belled},
+            "silence_ms": {"doorbell": rung_silence, "polled": polled_silence},
             "latency_samples_over_target": notes,
             "params": {**profile, "window": WINDOW, "filter_block": FILTER_BLOCK, "latency_block": LATENCY_BLOCK,
-                       "parallel_channels": PARALLEL_CHANNELS, "idle_channels": VMS, "agent_rate": AGENT_RATE,
+                       "parallel_channels": PARALLEL_CHANNELS, "idle_channels": VMS, "silent_channels": SILENT_CHANNELS,
+                       "agent_rate": AGENT_RATE,
                        "agent_burst": AGENT_RATE, "discovery_interval": DISCOVERY_INTERVAL}}
 
 
@@ -825,11 +936,11 @@ def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
                      "target": {"op": target[0], "value": target[1]} if target else None, "result": verdict})
     over = result["latency_samples_over_target"]
     lines += [
-        f"notes: ratio = agent / baseline (above 1 is slower for latency and CPU, below 1 is slower for "
-        f"throughput).",
+        "notes: ratio = agent / baseline (above 1 is slower for latency and CPU, below 1 is slower for "
+        "throughput).",
         f"       latency: {p['latency_commands']} commands one at a time (A/D of one IP filter), ChannelWriter."
         f"request() until the answer is in",
-        f"       the region; baseline: the same commands by Controller.ok (REST, no channel, no idempotency key),",
+        "       the region; baseline: the same commands by Controller.ok (REST, no channel, no idempotency key),",
         f"       blocks of {p['latency_block']} alternating.  Above {TARGET_P99_MS:g} ms: {over['agent']} agent "
         f"samples, {over['agent_during_discovery']} of them overlapping a discovery",
         f"       (discovery runs in its own thread; {over['discoveries']} agent samples overlapped one), "
@@ -844,8 +955,14 @@ def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
         f"internal ports; netdev datapath.",
         f"       idle CPU: {p['idle_seconds']:g} s, all agent threads (/proc/PID/task/*/schedstat); "
         f"baseline: the same agent with 0 channels;",
-        f"       the '+ ovs-vsctl' row adds the agent's reaped children (/proc/PID/stat cutime+cstime, "
-        f"10 ms ticks).",
+        "       the '+ ovs-vsctl' row adds the agent's reaped children (/proc/PID/stat cutime+cstime, "
+        "10 ms ticks).",
+        f"       doorbell rows: one mbvisor ivshmem-server for the {p['idle_channels']} regions, a fresh agent "
+        f"(--doorbell-dir); idle CPU baseline: the 0-channel agent above.",
+        f"       command after silence: {p['silent_channels']} channels x {p['silent_rounds']} commands, each "
+        f"{p['silence']:g} s after its channel's last, channels staggered;",
+        "       writers ring the server's eventfd (as a guest's device does); baseline: the same with polled "
+        "channels (the agent of the idle rows).",
     ]
     document = {"benchmark": "mbvisor agent", "timestamp": when, "mode": mode,
                 "python": platform.python_version(), "cpus": len(os.sched_getaffinity(0)), "load": result["load"],

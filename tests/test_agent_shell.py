@@ -778,6 +778,33 @@ def test_agent_status_shows_unserved_channels_and_pending_removals(shm, tmp_path
     assert f"offloads of departed VM vm0 ({MAC} on {DPID:016x}) not removed yet; 1 attempt(s) so far" in out
 
 
+def test_status_file_is_written_when_it_changes_and_while_the_agent_lives(shm, tmp_path, monkeypatch):
+    from mbvisor.agents import agent as agent_module
+
+    path = shm.region()
+    status_file = tmp_path / "status.json"
+    agent = Agent(lambda: [vm(path)], FakeController(), AgentSettings(status_file=status_file))
+    try:
+        agent.round()
+        first = os.stat(status_file).st_ino  # each write replaces the file
+        agent.write_status()
+        assert os.stat(status_file).st_ino == first  # nothing changed: not written again
+        writer = guest(path)
+        ticket = writer.submit(f"@X {MAC}@".encode())
+        agent.poll_once()  # what the run loop does: the worker takes it
+        assert writer.wait(ticket, timeout=5).ok  # served: the counters move
+        wait_for(lambda: status_of(agent)["answered"] == 1, what="the worker's snapshot")
+        agent.write_status()
+        changed = os.stat(status_file).st_ino
+        assert changed != first and json.loads(status_file.read_text())["channels"][0]["answered"] == 1
+        monkeypatch.setattr(agent_module, "STATUS_REFRESH", 0.0)  # the refresh is due
+        agent.write_status()
+        assert os.stat(status_file).st_ino != changed
+        writer.region.close()
+    finally:
+        agent.shutdown()
+
+
 class KeptConnections(http.server.ThreadingHTTPServer):
     """An HTTP/1.1 controller stub that answers every command OK, counts the connections
     it accepted, and can close each connection after ``close_after`` answers (as a server
