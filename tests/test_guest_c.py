@@ -9,16 +9,20 @@ to the Python reference on the wire:
 * C and Python writer processes at once on one region, some SIGKILLed mid-wait: every
   command answered exactly once and the ring keeps working;
 * byte-level checks with ``guest/ring.py`` (command slots, CRC, formatting) and the library's
-  own pieces (CRC-32, the answer-list parser, device discovery, threads, the own-answers stash).
+  own pieces (CRC-32, the answer-list parser, device discovery, threads, the own-answers stash);
+* the doorbell: ``mbvctl --doorbell`` and ``mbctl --doorbell`` against the real ivshmem server
+  and an echo responder that only a ring wakes, hostile servers, and a device's BAR0.
 
 The library is built once per session into a temporary directory with guest/c/Makefile; a
 machine without ``cc``/``make`` fails here (CI installs gcc, libc6-dev and make).  Children
-are forked before this process starts any thread, synchronisation is by polling the region
+are forked while this process runs no other thread (the doorbell tests' threads end with their
+test), synchronisation is by polling the region
 with deadlines, and every child is killed and reaped even when a test fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import itertools
@@ -39,12 +43,14 @@ from pathlib import Path
 
 import pytest
 
+from mbvisor.agents.bell import HostBell
 from mbvisor.agents.echo import answer_frame
-from mbvisor.guest import answers, ring
+from mbvisor.guest import answers, ivshmem, ring
 from mbvisor.guest.reader import ChannelReader, serve
 from mbvisor.guest.region import open_file
 from mbvisor.guest.writer import ChannelWriter
 from test_channel_processes import wait_until
+from test_doorbell import running, scripted_server, sockets  # noqa: F401 - sockets is a fixture
 
 FORK = multiprocessing.get_context("fork")
 C_SOURCES = Path(__file__).resolve().parents[1] / "guest" / "c"
@@ -594,9 +600,10 @@ def test_answer_list_parser_agrees_with_the_reference(c_build, text):
     assert [tuple(r) for r in records] == [(a.status, a.code, a.lines) for a in expected]
 
 
-def fake_pci_device(root: Path, bdf: str, vendor: str, product: str, size: int = 0, enable: str = "0\n") -> Path:
+def fake_pci_device(root: Path, bdf: str, vendor: str, product: str, size: int = 0, enable: str = "0\n",
+                    registers: bytes | None = None) -> Path:
     """A PCI function as sysfs shows it below ``root``: BAR2 (resource2) of ``size`` zero
-    bytes if ``size``."""
+    bytes if ``size``, BAR0 (resource0) holding ``registers`` if given."""
     folder = root / bdf
     folder.mkdir()
     (folder / "vendor").write_text(vendor + "\n")
@@ -604,6 +611,8 @@ def fake_pci_device(root: Path, bdf: str, vendor: str, product: str, size: int =
     (folder / "enable").write_text(enable)
     if size:
         (folder / "resource2").write_bytes(bytes(size))
+    if registers is not None:
+        (folder / "resource0").write_bytes(registers)
     return folder
 
 
@@ -826,3 +835,181 @@ def test_hostile_host_under_sanitizers(c_sanitized, make_channel, case):
             answer["error"] = answer["error"].split(" within ")[0]
         outputs.append(answer)
     assert outputs[0] == outputs[1]
+
+
+# ---------------------------------------------------------------- the doorbell (protocol.md section 12)
+# The ivshmem server and the responder run in threads of this process; they end with their
+# test, so the forks of other tests still happen while no other thread runs.
+
+
+@contextlib.contextmanager
+def responding_to_rings(path: str, socket_path: str):
+    """The echo responder on the region, asleep until a ring (its sweep is far longer than
+    any test): a command published without a ring stays unanswered."""
+    bell = HostBell.connect(socket_path)
+    region = open_file(path)
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(ChannelReader(region), answer_frame, stop),
+                              kwargs={"bell": bell, "sweep": 3600}, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ivshmem.ring_eventfd(bell.eventfd)  # wakes the sleeping loop to see stop
+        thread.join(DEADLINE)
+        bell.close()
+        region.close()
+    assert not thread.is_alive()
+
+
+def test_doorbell_wakes_a_responder_that_only_a_ring_wakes(cli, make_channel, sockets):
+    writer = make_channel()
+    path, socket_path = writer.region.path, str(sockets / "a.sock")
+    with running([(path, socket_path)]), responding_to_rings(path, socket_path):
+        for i in range(5):
+            payload, mac = echo_command(0x61, i)
+            done = cli(path, "--doorbell", socket_path, "--json", "-w", payload)
+            assert done.code == EXIT_OK, done.err
+            assert done.json["seq"] == i and answers_command(done.json["text"], mac)
+        unrung = cli(path, "--timeout", "0.3", "-w", f"@X {MAC}@")  # the same, without the doorbell
+        assert unrung.code == EXIT_TIMEOUT, unrung.err
+
+
+def test_doorbell_rings_once_per_published_command(cli, make_channel, sockets):
+    writer = make_channel(SMALL)
+    path, socket_path = writer.region.path, str(sockets / "b.sock")
+    with running([(path, socket_path)]):
+        bell = HostBell.connect(socket_path)
+        try:
+            done = cli(path, "--doorbell", socket_path, "--timeout", "0.3", "-w", f"@X {MAC}@")
+            assert done.code == EXIT_TIMEOUT, done.err  # nobody answers, but the ring was heard
+            assert bell.clear() == 1
+            too_long = "@" + "X" * SMALL.max_command_length + "@"
+            assert cli(path, "--doorbell", socket_path, "-w", too_long).code == EXIT_INVALID
+            assert cli(path, "--doorbell", socket_path, "-r").code == EXIT_OK
+            assert bell.clear() == 0  # nothing published, nothing rung
+        finally:
+            bell.close()
+    assert header_of(writer).publish == 1
+
+
+@pytest.mark.parametrize("case", ["missing", "other-region", "version"])
+def test_a_doorbell_server_that_cannot_serve_is_refused(cli, make_channel, sockets, tmp_path, case):
+    """Exit 5 with mbctl's message, as text and as JSON, and nothing sent."""
+    writer = make_channel()
+    path, socket_path = writer.region.path, str(sockets / "c.sock")
+    other = tmp_path / "other-region"
+    other.write_bytes(bytes(1 << 20))
+    server, message = {
+        "missing": (contextlib.nullcontext(), f"cannot connect to the doorbell server at {socket_path}: "
+                                              "No such file or directory"),
+        "other-region": (running([(str(other), socket_path)]), f"the doorbell server at {socket_path} "
+                                                               "serves another region"),
+        "version": (scripted_server(socket_path, [(7, None)]), f"{socket_path}: ivshmem protocol version 7, "
+                                                               "only 0 is known"),
+    }[case]
+    with server:
+        done = cli(path, "--json", "--doorbell", socket_path, "-w", f"@X {MAC}@")
+    assert (done.code, done.err) == (EXIT_CHANNEL, f"{cli.prog}: {message}\n")
+    assert done.json == {"error": message, "exit_code": EXIT_CHANNEL}
+    assert header_of(writer).publish == 0
+
+
+def test_doorbell_usage_errors(cli, make_channel, sockets):
+    path = make_channel().region.path
+    without_shm = run([*cli.base, "--doorbell", str(sockets / "d.sock"), "-r"])
+    assert without_shm.code == 2 and "--doorbell goes with --shm" in without_shm.err
+    for arguments in (["-r", "--doorbell"], ["--doorbell", "--json", "-r"]):
+        done = cli(path, *arguments)
+        assert done.code == 2, (arguments, done.err)
+
+
+def _scripted_setups(memory: int, eventfd: int) -> dict[str, tuple[list, str]]:
+    """Servers that break QEMU's protocol, some after handing out descriptors: what they
+    send, and what the client must say."""
+    return {
+        "version": ([(7, None)], "ivshmem protocol version 7, only 0 is known"),
+        "version-with-fd": ([(0, eventfd)], "ivshmem protocol version 0, only 0 is known"),
+        "host-id": ([(0, None), (0, None)], "peer ID 0 is not a guest's"),
+        "no-memory": ([(0, None), (1, None), (5, eventfd)], "expected the shared memory, got message 5"),
+        "peer-out-of-range": ([(0, None), (1, None), (-1, memory), (70000, eventfd)],
+                              "unexpected message 70000 during the setup"),
+        "no-host-peer": ([(0, None), (1, None), (-1, memory), (2, eventfd), (1, eventfd)],
+                         "the doorbell server did not finish its setup in time"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_scripted_setups(-1, -1)))
+def test_hostile_doorbell_servers_leak_nothing_under_sanitizers(c_sanitized, make_channel, sockets, case):
+    """mbv_attach_doorbell against servers that speak otherwise: MBV_EDOORBELL naming the
+    problem, and every descriptor it received closed (counted in /proc/self/fd)."""
+    writer = make_channel()
+    socket_path = str(sockets / "e.sock")
+    memory, eventfd = os.open(writer.region.path, os.O_RDONLY), os.eventfd(0)
+    try:
+        messages, problem = _scripted_setups(memory, eventfd)[case]
+        with scripted_server(socket_path, messages):
+            done = run([c_sanitized / "mbvtest", "doorbell", writer.region.path, socket_path, 300, 1],
+                       env=SANITIZER_ENV)
+    finally:
+        os.close(memory)
+        os.close(eventfd)
+    assert "Sanitizer" not in done.err and "runtime error" not in done.err, done.err
+    error, closed = done.out.splitlines()
+    assert done.code == 4 and error.startswith(f"error doorbell error: {socket_path}: {problem}"), done.out
+    assert closed == "closed 0"
+    assert header_of(writer).publish == 0
+
+
+def test_attached_doorbell_keeps_one_descriptor_and_rings_per_command(c_sanitized, make_channel, sockets,
+                                                                      tmp_path):
+    writer = make_channel()
+    path, socket_path = writer.region.path, str(sockets / "f.sock")
+    other = tmp_path / "other-region"
+    other.write_bytes(bytes(1 << 20))
+    mbvtest = c_sanitized / "mbvtest"
+    with running([(path, socket_path)]):
+        bell = HostBell.connect(socket_path)
+        try:
+            done = run([mbvtest, "doorbell", path, socket_path, 2000, 7], env=SANITIZER_ENV)
+            assert "Sanitizer" not in done.err, done.err
+            assert (done.code, done.out.splitlines()) == (0, ["attached 2", "closed 0"])  # the region and the eventfd
+            assert bell.clear() == 7
+            refusals = ((other, socket_path, "serves another region"),
+                        (path, sockets / "none.sock", "cannot connect"))
+            for region, doorbell, problem in refusals:
+                done = run([mbvtest, "doorbell", region, doorbell, 2000, 1], env=SANITIZER_ENV)
+                error, closed = done.out.splitlines()
+                assert (done.code, closed) == (4, "closed 0") and problem in error, done.out + done.err
+            assert bell.clear() == 0
+        finally:
+            bell.close()
+    assert header_of(writer).publish == 7
+
+
+BAR0_DOORBELL = 12
+HOST_COMMAND_BELL = ivshmem.HOST_PEER << 16 | ivshmem.COMMAND_VECTOR
+
+
+def _bar0(position: int, size: int = 256) -> bytes:
+    """Registers with IVPosition = ``position`` and a Doorbell register that shows a write."""
+    return (struct.pack("<4I", 0, 0, position, 0xFFFFFFFF) + bytes(256))[:size]
+
+
+@pytest.mark.parametrize("registers, rung", [
+    (_bar0(1), True),            # ivshmem-doorbell: this guest is peer 1
+    (_bar0(0), False),           # ivshmem-plain reads 0
+    (_bar0(1, 16), False),       # a BAR0 shorter than its 256 bytes is not mapped
+    (None, False),               # no BAR0 to map: no doorbell, not an error
+], ids=["doorbell", "plain", "short-bar0", "no-bar0"])
+def test_a_device_rings_only_through_a_doorbell_it_has(c_build, tmp_path, registers, rung):
+    device = fake_pci_device(tmp_path, "0000:00:04.0", "0x1af4", "0x1110", 1 << 20, registers=registers)
+    done = run([c_build / "mbvtest", "ring", tmp_path, 3])
+    assert (done.code, done.out) == (0, "published 3\n"), done.out + done.err
+    assert ring.read_header((device / "resource2").read_bytes()).publish == 3
+    if registers is not None:
+        expected = bytearray(registers)
+        if rung:
+            struct.pack_into("<I", expected, BAR0_DOORBELL, HOST_COMMAND_BELL)
+        assert (device / "resource0").read_bytes() == expected

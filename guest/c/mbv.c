@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -17,7 +18,9 @@
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -73,6 +76,7 @@ const char *mbv_strerror(int error)
     case MBV_ELOST: return "answer lost";
     case MBV_ERESET: return "channel reset";
     case MBV_EANSWER: return "not an answer list";
+    case MBV_EDOORBELL: return "doorbell error";
     default: return "unknown error";
     }
 }
@@ -591,6 +595,29 @@ static void collect_own(struct mbv *ch, const struct hdr *h, uint64_t consumed)
     free(text);
 }
 
+/* ---- the doorbell (section 12) ---------------------------------------------------------- */
+#define BAR0_SIZE 256
+#define IVPOSITION_REGISTER 2           /* BAR0 offset 8, as the index of a 32-bit register */
+#define DOORBELL_REGISTER 3             /* BAR0 offset 12 */
+#define HOST_PEER 0                     /* mbvisor's convention: the host is peer 0 and hears */
+#define COMMAND_VECTOR 0                /*   the guests' commands on vector 0 */
+
+/* A ring is only a hint (the host also looks at the region every second), so a failure is
+ * ignored.  The register store is one aligned 32-bit store, released so that the published
+ * command is visible before the ring; the eventfd's write is ordered by the kernel. */
+static void ring_doorbell(struct mbv *ch)
+{
+    if (ch->registers)
+        atomic_store_explicit((volatile _Atomic uint32_t *)&ch->registers[DOORBELL_REGISTER],
+                              htole32(HOST_PEER << 16 | COMMAND_VECTOR), memory_order_release);
+    if (ch->eventfd >= 0) {
+        uint64_t one = 1;                        /* what QEMU adds for a guest's Doorbell write */
+        if (write(ch->eventfd, &one, sizeof one) != (ssize_t)sizeof one) {
+            /* a counter full of unheard rings, or an odd descriptor: the host still looks */
+        }
+    }
+}
+
 /* ---- submit (section 9) --------------------------------------------------------------- */
 /* Whether the slot of seq may take it (section 9, Submit step 3); why not in why. */
 static int slot_free(const struct mbv *ch, const struct hdr *h, uint64_t seq, uint64_t consumed,
@@ -683,6 +710,7 @@ static int submit_until(struct mbv *ch, const void *payload, size_t len, int64_t
             atomic_store_explicit((_Atomic uint64_t *)(void *)(ch->base + H_PUBLISH), htole64(seq + 1),
                                   memory_order_release);
             unlock(ch);
+            ring_doorbell(ch);   /* outside the lock: for a device, a ring is a VM exit */
             ticket->seq = seq;
             ticket->epoch = h.guest_epoch;
             ticket->collect_by = collect_by;
@@ -911,6 +939,7 @@ static int map_fd(struct mbv *ch, int fd, const char *path)
     ch->ino = st.st_ino;
     snprintf(ch->path, sizeof ch->path, "%s", path);
     pthread_mutex_init(&ch->lock, NULL);
+    ch->eventfd = -1;
     return 0;
 }
 
@@ -932,6 +961,29 @@ int mbv_open_path(struct mbv *ch, const char *path)
     if (fd < 0)
         return open_error(path, errno);
     return map_fd(ch, fd, path);
+}
+
+/* BAR0 of the device, kept if the device has a doorbell: guests are peers 1 and up, and an
+ * ivshmem-plain device's IVPosition reads 0.  Whatever fails means no doorbell (section 12). */
+static void map_doorbell(struct mbv *ch, const char *dir, const char *name)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    snprintf(path, sizeof path, "%s/%s/resource0", dir, name);
+    int fd = open(path, O_RDWR | O_SYNC | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    void *bar0 = MAP_FAILED;
+    if (fstat(fd, &st) == 0 && st.st_size >= BAR0_SIZE)   /* sysfs gives the BAR's size; less would fault */
+        bar0 = mmap(NULL, BAR0_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (bar0 == MAP_FAILED)
+        return;
+    volatile uint32_t *registers = bar0;
+    if (le32toh(registers[IVPOSITION_REGISTER]) >= 1)
+        ch->registers = registers;
+    else
+        munmap(bar0, BAR0_SIZE);
 }
 
 /* The first line of a small sysfs file, without the newline; -1 if it cannot be read. */
@@ -1003,12 +1055,177 @@ int mbv_open_device_in(struct mbv *ch, const char *dir, const char *bdf)
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0)
         return fail(MBV_ERROR, "cannot open %s: %s (root needed)", path, strerror(errno));
-    return map_fd(ch, fd, path);
+    int e = map_fd(ch, fd, path);
+    if (e == 0)
+        map_doorbell(ch, dir, found[0]);
+    return e;
 }
 
 int mbv_open_device(struct mbv *ch, const char *bdf)
 {
     return mbv_open_device_in(ch, "/sys/bus/pci/devices", bdf);
+}
+
+/* ---- a host-side doorbell: QEMU's ivshmem client-server protocol (section 12) ----------- */
+#define IVSHMEM_PROTOCOL_VERSION 0
+#define SHARED_MEMORY_MESSAGE (-1)   /* the number that comes with the shared memory's descriptor */
+#define MAX_PEER 0xffff              /* the Doorbell register has 16 bits for a peer */
+#define MAX_SETUP_MESSAGES 4096      /* longer than any server's setup */
+#define MAX_FDS_PER_MESSAGE 4        /* servers send one; more are received and closed */
+
+struct server {
+    int socket;
+    int64_t deadline;                /* of the whole setup */
+    const char *path;
+};
+
+/* Keep the first descriptor of a message (*fd, -1 if none yet) and close any other. */
+static void take_descriptors(struct msghdr *m, int *fd)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(m); c; c = CMSG_NXTHDR(m, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < count; i++) {
+            int received;
+            memcpy(&received, CMSG_DATA(c) + i * sizeof(int), sizeof received);
+            if (*fd < 0)
+                *fd = received;
+            else
+                close(received);
+        }
+    }
+}
+
+/* The server's next message: a little-endian signed 64-bit number and, if one came with it,
+ * a descriptor (*fd, else -1).  0, or MBV_EDOORBELL with nothing left open. */
+static int receive_message(const struct server *s, int64_t *number, int *fd)
+{
+    unsigned char data[8];
+    size_t got = 0;
+    *fd = -1;
+    while (got < sizeof data) {   /* a stream may cut a message; its descriptor comes with the first byte */
+        int64_t left = s->deadline - now_ns();
+        struct pollfd ready = {.fd = s->socket, .events = POLLIN};
+        int r = poll(&ready, 1, left > 0 ? (int)((left + 999999) / 1000000) : 0);
+        ssize_t n = 0;
+        if (r > 0) {
+            union { struct cmsghdr align; char space[CMSG_SPACE(MAX_FDS_PER_MESSAGE * sizeof(int))]; } control;
+            struct iovec part = {data + got, sizeof data - got};
+            struct msghdr m = {.msg_iov = &part, .msg_iovlen = 1, .msg_control = control.space,
+                               .msg_controllen = sizeof control.space};
+            n = recvmsg(s->socket, &m, MSG_CMSG_CLOEXEC);
+            if (n >= 0)
+                take_descriptors(&m, fd);
+        }
+        if ((r < 0 || n < 0) && errno == EINTR)
+            continue;
+        const char *problem = r == 0 ? "the doorbell server did not finish its setup in time"
+                              : r < 0 || n < 0 ? strerror(errno)
+                              : n == 0 ? "the doorbell server closed the connection during the setup" : NULL;
+        if (problem) {
+            int e = fail(MBV_EDOORBELL, "%s: %s", s->path, problem);
+            if (*fd >= 0)
+                close(*fd);
+            *fd = -1;
+            return e;
+        }
+        got += (size_t)n;
+    }
+    *number = (int64_t)get64(data);
+    return 0;
+}
+
+/* A message that should come without a descriptor; whether one came (it is closed). */
+static int receive_number(const struct server *s, int64_t *number, int *came_with_fd)
+{
+    int fd, e = receive_message(s, number, &fd);
+    *came_with_fd = fd >= 0;
+    if (fd >= 0)
+        close(fd);
+    return e;
+}
+
+/* The setup up to the host's eventfd for vector 0 (QEMU docs/specs/ivshmem-spec.rst): the
+ * version, this client's ID, the shared memory, then every peer's eventfds, the host's first. */
+static int read_setup(const struct server *s, int *memory, int *eventfd)
+{
+    int64_t version, peer_id, number;
+    int e, fd, with_fd;
+    if ((e = receive_number(s, &version, &with_fd)) < 0)
+        return e;
+    if (version != IVSHMEM_PROTOCOL_VERSION || with_fd)
+        return fail(MBV_EDOORBELL, "%s: ivshmem protocol version %lld, only %d is known", s->path,
+                    (long long)version, IVSHMEM_PROTOCOL_VERSION);
+    if ((e = receive_number(s, &peer_id, &with_fd)) < 0)
+        return e;
+    if (peer_id < 1 || peer_id > MAX_PEER)
+        return fail(MBV_EDOORBELL, "%s: peer ID %lld is not a guest's (1 to %d; the host is %d): not an mbvisor "
+                    "doorbell server", s->path, (long long)peer_id, MAX_PEER, HOST_PEER);
+    if ((e = receive_message(s, &number, memory)) < 0)
+        return e;
+    if (number != SHARED_MEMORY_MESSAGE || *memory < 0)
+        return fail(MBV_EDOORBELL, "%s: expected the shared memory, got message %lld", s->path, (long long)number);
+    for (int i = 0; i < MAX_SETUP_MESSAGES; i++) {
+        if ((e = receive_message(s, &number, &fd)) < 0)
+            return e;
+        if (fd >= 0 && number == HOST_PEER) {
+            *eventfd = fd;   /* vector 0: a peer's eventfds come in the order of its vectors */
+            return 0;
+        }
+        if (fd >= 0)
+            close(fd);       /* another peer's or this client's own: a writer rings only the host */
+        if (fd < 0 || number < 0 || number > MAX_PEER)
+            return fail(MBV_EDOORBELL, "%s: unexpected message %lld during the setup", s->path, (long long)number);
+    }
+    return fail(MBV_EDOORBELL, "%s: no eventfd of the host (peer %d) in the setup", s->path, HOST_PEER);
+}
+
+static int connect_server(const char *path, int timeout_ms)
+{
+    struct sockaddr_un address = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof address.sun_path)
+        return fail(MBV_EDOORBELL, "cannot connect to the doorbell server at %s: AF_UNIX path too long", path);
+    memcpy(address.sun_path, path, strlen(path) + 1);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    /* A server whose backlog is full keeps connect() waiting: bounded like the rest (0 would
+     * mean no bound). */
+    int limit_ms = timeout_ms > 0 ? timeout_ms : 1;
+    struct timeval limit = {.tv_sec = limit_ms / 1000, .tv_usec = (limit_ms % 1000) * 1000};
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, sizeof limit) < 0
+        || connect(fd, (const struct sockaddr *)&address, sizeof address) < 0) {
+        int err = errno;
+        if (fd >= 0)
+            close(fd);
+        return fail(MBV_EDOORBELL, "cannot connect to the doorbell server at %s: %s", path, strerror(err));
+    }
+    return fd;
+}
+
+int mbv_attach_doorbell(struct mbv *ch, const char *socket_path, int timeout_ms)
+{
+    if (!ch || !ch->base || !socket_path)
+        return fail(MBV_ERROR, "mbv_attach_doorbell: bad argument");
+    struct server s = {.deadline = deadline_after(timeout_ms), .path = socket_path};
+    if ((s.socket = connect_server(socket_path, timeout_ms)) < 0)
+        return s.socket;
+    int memory = -1, eventfd = -1;
+    int e = read_setup(&s, &memory, &eventfd);
+    close(s.socket);   /* the eventfd is all a writer needs */
+    struct stat served;
+    if (e == 0 && (fstat(memory, &served) < 0 || served.st_dev != ch->dev || served.st_ino != ch->ino))
+        e = fail(MBV_EDOORBELL, "the doorbell server at %s serves another region", socket_path);
+    if (memory >= 0)
+        close(memory);
+    if (e < 0) {
+        if (eventfd >= 0)
+            close(eventfd);
+        return e;
+    }
+    if (ch->eventfd >= 0)
+        close(ch->eventfd);
+    ch->eventfd = eventfd;
+    return 0;
 }
 
 void mbv_close(struct mbv *ch)
@@ -1017,6 +1234,12 @@ void mbv_close(struct mbv *ch)
         return;
     munmap(ch->base, ch->size);
     close(ch->fd);
+    if (ch->registers)
+        munmap((void *)(uintptr_t)ch->registers, BAR0_SIZE);
+    if (ch->eventfd >= 0)
+        close(ch->eventfd);
+    ch->registers = NULL;
+    ch->eventfd = -1;
     pthread_mutex_destroy(&ch->lock);
     ch->base = NULL;
     ch->fd = -1;

@@ -49,6 +49,8 @@ extern "C" {
 #define MBV_ELOST      (-9)  /* AnswerLost: the slot was reused after this writer's promise */
 #define MBV_ERESET     (-10) /* ChannelReset: the region was re-initialised during the wait */
 #define MBV_EANSWER    (-11) /* the response text is not an answer list (mbv_answers_*) */
+#define MBV_EDOORBELL  (-12) /* DoorbellError: the ivshmem server cannot be reached, speaks something
+                                else or serves another region (mbv_attach_doorbell) */
 
 /* A short fixed name for an MBV_E* value ("ring full", ...); never NULL. */
 const char *mbv_strerror(int error);
@@ -85,6 +87,8 @@ struct mbv {
     ino_t ino;              /*   for a slot (the own-answers rule) are keyed by it   */
     pthread_mutex_t lock;   /* threads sharing this descriptor */
     char path[256];         /* for messages */
+    volatile uint32_t *registers; /* BAR0 of an ivshmem-doorbell device, or NULL */
+    int eventfd;            /* the host's eventfd from an ivshmem server, or -1 */
 };
 
 /* What mbv_submit hands back; pass it to mbv_wait. */
@@ -119,14 +123,26 @@ struct mbv_geometry {
 int mbv_open_path(struct mbv *ch, const char *path);
 /* The ivshmem PCI device's BAR2 (/sys/bus/pci/devices/<bdf>/resource2); bdf NULL = the only
  * function with vendor 0x1af4, device 0x1110 (MBV_ERROR if there are several, MBV_EDEVICE if
- * none).  Turns on memory decoding ("enable") if needed.  Needs root. */
+ * none).  Turns on memory decoding ("enable") if needed.  Needs root.
+ * An ivshmem-doorbell device (its BAR0 IVPosition register reads >= 1) is rung after every
+ * publish (docs/protocol.md section 12); if BAR0 cannot be mapped, or on ivshmem-plain, there
+ * is no doorbell and the host finds commands by looking, a little later. */
 int mbv_open_device(struct mbv *ch, const char *bdf_or_null);
 /* The same below another directory than /sys/bus/pci/devices (tests, odd sysfs mounts). */
 int mbv_open_device_in(struct mbv *ch, const char *pci_devices_dir, const char *bdf_or_null);
+/* Host side (tests, benchmarks): ring the host after every publish through the ivshmem
+ * server at socket_path (`mbvisor ivshmem-server REGION=SOCKET`), which must serve this very
+ * region file (same device and inode).  Connects as QEMU does, keeps the host's (peer 0,
+ * vector 0) eventfd and closes the connection and everything else it received; the whole
+ * setup is bounded by timeout_ms.  Replaces a doorbell attached before.  Call it before other
+ * threads use the handle.  MBV_EDOORBELL if the server cannot be reached, speaks something
+ * else or serves another region (nothing is kept open then). */
+int mbv_attach_doorbell(struct mbv *ch, const char *socket_path, int timeout_ms);
 void mbv_close(struct mbv *ch);
 
 /* ---- commands ------------------------------------------------------------------------- */
-/* Publish one payload (normally "@cmd@" frames; the library does not look at it).
+/* Publish one payload (normally "@cmd@" frames; the library does not look at it), then ring
+ * the channel's doorbell if it has one (outside the writers' lock).
  * Everything (the thread mutex, the flock, a free slot) is bounded by timeout_ms: one attempt
  * is always made (0 = now or not at all), and nothing is published after it once the deadline
  * has passed (MBV_EBUSY if the lock came late, MBV_ERINGFULL if the slot stayed taken).  collect_within_ms >= 0 is this writer's promise to have read

@@ -1,12 +1,14 @@
 /* mbvctl -- a tiny command-line tool on the C guest library (mbv.h), with mbctl's exit codes.
  *
- *   mbvctl [--shm PATH | --device BDF] [--timeout S] [--json] [--no-wait] -w TEXT
- *   mbvctl [--shm PATH | --device BDF] [--json] -r
- *   mbvctl [--shm PATH | --device BDF] --init
+ *   mbvctl [--shm PATH [--doorbell SOCKET] | --device BDF] [--timeout S] [--json] [--no-wait] -w TEXT
+ *   mbvctl [--shm PATH [--doorbell SOCKET] | --device BDF] [--json] -r
+ *   mbvctl [--shm PATH [--doorbell SOCKET] | --device BDF] --init
  *
  * -w sends TEXT as given (like mbctl --raw -w: no grammar check) and prints one line per
  * answer record (successes on stdout, failures on stderr); --no-wait publishes it with no
- * one to collect the answer and exits.  Exit codes (guest/mbctl.py EXIT_CODES):
+ * one to collect the answer and exits.  --doorbell rings the host through an ivshmem server's
+ * socket after sending (a device rings by itself when it is an ivshmem-doorbell).
+ * Exit codes (guest/mbctl.py EXIT_CODES):
  *   0 ok, 1 the host answered with an error, 2 usage, 3 command too long,
  *   4 no answer in time / answer lost, 5 channel unusable, 6 ring full or lock busy.
  */
@@ -17,15 +19,20 @@
 #include <string.h>
 #include <time.h>
 
+#define DOORBELL_TIMEOUT_MS 2000   /* for the ivshmem server's setup, as mbctl's */
+
 enum { EXIT_OK, EXIT_HOST_ERROR, EXIT_USAGE, EXIT_INVALID, EXIT_TIMEOUT, EXIT_CHANNEL, EXIT_RING_FULL };
 
 static const char USAGE[] =
-    "usage: mbvctl [--shm PATH | --device BDF] [--timeout S] [--json] [--no-wait] (-w TEXT | -r | --init)\n"
+    "usage: mbvctl [--shm PATH [--doorbell SOCKET] | --device BDF] [--timeout S] [--json] [--no-wait] "
+    "(-w TEXT | -r | --init)\n"
     "  -w, --write TEXT  send TEXT (e.g. \"@R F 52:34:56:00:12:22 10.0.0.5@\") and print the answer\n"
     "  -r, --read        show the channel's state and last answers\n"
     "  --init            re-initialise the channel (new epoch; pending commands are dropped)\n"
     "  --shm PATH        region file instead of the ivshmem device, e.g. /dev/shm/mb0\n"
     "  --device BDF      ivshmem PCI device (default: the only one)\n"
+    "  --doorbell SOCKET with --shm: ring the host through this ivshmem server's socket after sending\n"
+    "                    (a device rings by itself when it is an ivshmem-doorbell)\n"
     "  --timeout S       seconds for the lock, a free slot and the answer (default 5)\n"
     "  --no-wait         publish and exit; nobody collects the answer\n"
     "  --json            print JSON\n"
@@ -359,7 +366,7 @@ static int show_status(struct mbv *ch)
 /* The options that take a value; their value is never read as an option (the --json scan
  * skips it) and an option name in its place is refused, as mbctl's argparse does: neither
  * "-w --json" nor "--shm --json" sends "--json" or opens a file of that name. */
-static const char *const VALUED[] = {"-w", "--write", "--shm", "--device", "--timeout"};
+static const char *const VALUED[] = {"-w", "--write", "--shm", "--device", "--doorbell", "--timeout"};
 
 static int takes_value(const char *a)
 {
@@ -386,7 +393,7 @@ static int usage(const char *message)
 
 int main(int argc, char **argv)
 {
-    const char *shm = NULL, *device = NULL, *text = NULL;
+    const char *shm = NULL, *device = NULL, *doorbell = NULL, *text = NULL;
     int read_state = 0, init = 0, no_wait = 0, have_device = 0;
     double timeout = 5.0;
     for (int i = 1; i < argc; i++) {
@@ -413,6 +420,8 @@ int main(int argc, char **argv)
             text = argv[++i];
         else if (strcmp(a, "--shm") == 0 && more)
             shm = argv[++i];
+        else if (strcmp(a, "--doorbell") == 0 && more)
+            doorbell = argv[++i];
         else if (strcmp(a, "--device") == 0 && more) {
             device = argv[++i];
             have_device = 1;
@@ -434,6 +443,8 @@ int main(int argc, char **argv)
     if ((text != NULL) + read_state + init != 1)
         return usage(text || read_state || init ? "give one of -w TEXT, -r and --init"
                                                 : "nothing to do; give -w TEXT, -r or --init (see --help)");
+    if (doorbell && !shm)
+        return usage("--doorbell goes with --shm (a device rings through its own doorbell)");
     struct mbv ch;
     char shm_path[4096];
     if (shm && !strchr(shm, '/')) {      /* a bare name is a POSIX shm object, as with mbctl */
@@ -443,6 +454,11 @@ int main(int argc, char **argv)
     int e = shm ? mbv_open_path(&ch, shm) : mbv_open_device(&ch, device);
     if (e < 0)
         return channel_failure(e);
+    if (doorbell && (e = mbv_attach_doorbell(&ch, doorbell, DOORBELL_TIMEOUT_MS)) < 0) {
+        int code = channel_failure(e);
+        mbv_close(&ch);
+        return code;
+    }
     int code;
     if (read_state) {
         code = show_status(&ch);

@@ -18,6 +18,13 @@
  *       submit one command, wait WAIT_MS; prints "timeout SEQ" or the outcome.
  *   mbvtest format PATH SLOTS COMMAND_SIZE RESPONSE_SIZE   (SLOTS 0: the default geometry)
  *   mbvtest device PCI_DIR [BDF]      open an ivshmem device below PCI_DIR; prints "ok SIZE PATH"
+ *   mbvtest ring PCI_DIR COUNT
+ *       open the only ivshmem device below PCI_DIR and submit COUNT commands for nobody (each
+ *       rings the device's doorbell, if it has one); prints "published COUNT".
+ *   mbvtest doorbell PATH SOCKET TIMEOUT_MS COUNT
+ *       attach the doorbell of the ivshmem server at SOCKET (mbv_attach_doorbell) and submit
+ *       COUNT commands for nobody; prints "attached FDS" (or the error) and, after mbv_close,
+ *       "closed FDS": descriptors open then, more than before the region was opened.
  *   mbvtest crc                        CRC-32 of stdin, in hex
  *   mbvtest answers                    the records of stdin: "R\tSTATUS\tCODE\tMESSAGE", "L\tLINE"
  * Exit 0 on success, 1 on a wrong answer, 2 usage, 4 a library error (printed as
@@ -25,6 +32,7 @@
  */
 #include "mbv.h"
 
+#include <dirent.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -233,6 +241,45 @@ static int abandon(struct mbv *ch, int collect_ms, int wait_ms)
     return done_with(r, 0);
 }
 
+static int ring(const char *pci_dir, long count)
+{
+    struct mbv ch;
+    int e = mbv_open_device_in(&ch, pci_dir, NULL);
+    if (e < 0)
+        return library_error(e);
+    int code = publish(&ch, 0xbb, count, -1);
+    mbv_close(&ch);
+    if (!code)
+        printf("published %ld\n", count);
+    return code;
+}
+
+static int open_descriptors(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return -1;
+    int count = 0;
+    for (struct dirent *entry; (entry = readdir(d));)
+        count += entry->d_name[0] != '.';
+    closedir(d);
+    return count;
+}
+
+static int doorbell(const char *path, const char *socket_path, int timeout_ms, long count)
+{
+    struct mbv ch;
+    int before = open_descriptors();
+    int e = mbv_open_path(&ch, path);
+    if (e < 0)
+        return library_error(e);
+    int code = (e = mbv_attach_doorbell(&ch, socket_path, timeout_ms)) < 0 ? library_error(e)
+               : (printf("attached %d\n", open_descriptors() - before), publish(&ch, 0xbb, count, -1));
+    mbv_close(&ch);
+    printf("closed %d\n", open_descriptors() - before);
+    return code;
+}
+
 static int answers(void)
 {
     static char text[1 << 20];
@@ -277,6 +324,10 @@ int main(int argc, char **argv)
         mbv_close(&ch);
         return 0;
     }
+    if (strcmp(mode, "ring") == 0 && argc == 4)
+        return ring(argv[2], strtol(argv[3], NULL, 0));
+    if (strcmp(mode, "doorbell") == 0 && argc == 6)
+        return doorbell(argv[2], argv[3], (int)strtol(argv[4], NULL, 0), strtol(argv[5], NULL, 0));
     int args = strcmp(mode, "request") == 0 ? (argc == 5 || argc == 6 ? argc : -1)
                : strcmp(mode, "stall") == 0 || strcmp(mode, "pipeline") == 0 || strcmp(mode, "threads") == 0
                        || strcmp(mode, "abandon") == 0 ? (argc == 5 ? 5 : -1)
