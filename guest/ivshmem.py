@@ -104,7 +104,9 @@ def connect(path: str, timeout: float = 2.0) -> ClientSetup:
         version, version_fd = _next(connection, deadline, path, received)
         if version != PROTOCOL_VERSION or version_fd is not None:
             raise DoorbellError(f"{path}: ivshmem protocol version {version}, only {PROTOCOL_VERSION} is known")
-        peer_id, _ = _next(connection, deadline, path, received)
+        peer_id, stray = _next(connection, deadline, path, received)
+        if stray is not None:  # no descriptor belongs with the ID: not kept
+            os.close(received.pop())
         if not 0 < peer_id <= MAX_PEER:
             raise DoorbellError(f"{path}: peer ID {peer_id} is not a guest's (1 to {MAX_PEER}; the host is "
                                 f"{HOST_PEER}): not an mbvisor doorbell server")

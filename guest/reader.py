@@ -283,14 +283,15 @@ def serve(reader: ChannelReader, handler: Handler, stop: threading.Event,
     or ``sweep`` seconds at most: a guest whose ring was lost is still served."""
     backoff = backoff or Backoff()
     while not stop.is_set():
-        if bell is not None:
-            bell.clear()  # before looking: a ring after this wakes the next wait
         incoming = reader.poll()
-        if incoming is None:
-            if bell is None:
-                backoff.wait()
-            else:
+        if incoming is None and bell is not None:
+            bell.clear()  # then look again: a command published before this is found now, one after it rings
+            incoming = reader.poll()
+            if incoming is None:
                 select.select([bell], [], [], sweep)
+                continue
+        if incoming is None:
+            backoff.wait()
             continue
         backoff.reset()
         try:

@@ -482,3 +482,20 @@ def test_a_command_rung_while_no_agent_runs_is_answered_by_the_next(shm, sockets
 
 def test_doorbell_error_is_a_channel_error():
     assert issubclass(DoorbellError, ChannelError)  # mbctl's exit code 5, the agent's refusal
+
+
+def test_a_descriptor_sent_with_the_peer_id_is_not_kept(shm, sockets):
+    region = shm.region()
+    path = sockets / "r.sock"
+    memory, host = os.open(region, os.O_RDONLY), os.eventfd(0)
+    extra = os.eventfd(0)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        with scripted_server(path, [(0, None), (1, extra), (-1, memory), (0, host)]):
+            setup = ivshmem.connect(str(path), timeout=2)
+            setup.close_except()
+            setup.connection.close()
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        for fd in (memory, host, extra):
+            os.close(fd)
