@@ -7,6 +7,14 @@ that answers every command ``OK "ok"``.  Every figure is printed next to a basel
 measured in the same run: the same request/response traffic over ``os.pipe()`` pairs
 between two processes (an idle process blocked in ``select`` for the idle-CPU row).
 
+With a doorbell (docs/protocol.md §12): the reader sleeps on the host's eventfd of an
+``mbvisor ivshmem-server`` (its own process) and the writer rings it after each command,
+as a guest's ivshmem-doorbell device makes QEMU do.  Throughput with the doorbell, and
+the round trip of a command after ``silence`` seconds: ten readers, each sent a command
+every ``silence`` seconds, staggered (baseline: ten pipe servers, the same way).  Last,
+the C guest library (guest/c, built here) against the Python writer, one request at a
+time each, on the echo responder's answers (baseline of that row: the Python writer).
+
     python bench/channel.py            # full run, < 60 s on 2 cores
     python bench/channel.py --quick    # about 10 s
     python bench/channel.py --json out.json
@@ -21,6 +29,7 @@ including on Ctrl-C.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import multiprocessing
 import os
@@ -29,22 +38,28 @@ import select
 import selectors
 import signal
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 
 from mbvisor.bench.benchlib import BenchError, expect, judge, publish, release_together, start
 try:
-    from mbvisor.guest import ring
+    from mbvisor.agents.bell import HostBell
+    from mbvisor.agents.echo import answer_frame
+    from mbvisor.agents.ivshmem_server import IvshmemServer
+    from mbvisor.guest import answers, ring
     from mbvisor.guest.channel_errors import ChannelError
     from mbvisor.guest.reader import ChannelReader, serve
-    from mbvisor.guest.region import DEFAULT_REGION_SIZE, open_file
+    from mbvisor.guest.region import DEFAULT_REGION_SIZE, open_file, open_region
     from mbvisor.guest.writer import ChannelWriter
 except ImportError as error:  # pragma: no cover - environment problem, not a benchmark result
     sys.exit(f"bench/channel.py: cannot import mbvisor ({error}); install the project first (make setup)")
 
 CTX = multiprocessing.get_context("fork")
+C_SOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "guest", "c")
 
 # A realistic command (docs/grammar.md): add an IP filter on source, destination, protocol.
 PAYLOAD = b"A 52:34:56:00:12:22 I 13 s 10.0.0.0/8 d 10.129.126.115 p tcp"
@@ -55,14 +70,16 @@ WRITERS = 4
 PROFILES = {
     # commands: per throughput run (the 4-writer run splits them between the writers)
     "default": dict(commands=50_000, busy_samples=5_000, idle_samples=200, idle_gap=0.020,
-                    idle_cpu_seconds=5.0),
+                    idle_cpu_seconds=5.0, silence=10.0, silent_rounds=3, one_at_a_time=5_000),
     "quick": dict(commands=10_000, busy_samples=5_000, idle_samples=100, idle_gap=0.020,
-                  idle_cpu_seconds=2.0),
+                  idle_cpu_seconds=2.0, silence=2.0, silent_rounds=2, one_at_a_time=2_000),
 }
+SILENT_READERS = 10
 
 # id, label, unit, value format, target (operator, value) or None
 ROWS = [
-    ("throughput_1_writer", "throughput 1 writer (cmd/s)", "cmd/s", "{:.0f}", (">=", 20_000)),
+    ("throughput_1_writer", "throughput 1 writer (cmd/s)", "cmd/s", "{:.0f}", (">=", 40_000)),
+    ("throughput_doorbell", "throughput 1 writer, doorbell (cmd/s)", "cmd/s", "{:.0f}", (">=", 40_000)),
     ("throughput_4_writers", "throughput 4 writers (cmd/s)", "cmd/s", "{:.0f}", None),
     ("rtt_busy_p50", "round trip busy p50 (us)", "us", "{:.1f}", None),
     ("rtt_busy_p99", "round trip busy p99 (us)", "us", "{:.1f}", ("<=", 2_000)),
@@ -71,7 +88,12 @@ ROWS = [
     ("rtt_idle_p99", "round trip idle p99 (us)", "us", "{:.1f}", None),
     ("rtt_idle_max", "round trip idle max (us)", "us", "{:.1f}", None),
     ("idle_cpu", "idle reader CPU (% of a core)", "%", "{:.2f}", ("<=", 1.0)),
+    ("rtt_silence_p50", "after silence, doorbell p50 (us)", "us", "{:.1f}", None),
+    ("rtt_silence_p99", "after silence, doorbell p99 (us)", "us", "{:.1f}", ("<=", 2_000)),
+    ("c_writer", "C writer, one at a time (cmd/s)", "cmd/s", "{:.0f}", None),
 ]
+# The row whose baseline is the Python writer, not the pipe; judged as C >= Python.
+VERSUS_PYTHON = {"c_writer"}
 
 _T0 = time.perf_counter()
 _children: list = []   # processes started by this run, stopped in cleanup()
@@ -395,6 +417,166 @@ def _idle_select_main(rfd: int, conn) -> None:
             return
 
 
+# --------------------------------------------------------------------------- doorbell side
+
+def _ivshmem_server_main(pairs: list[tuple[str, str]], conn) -> None:
+    """``mbvisor ivshmem-server`` for the doorbell readers' regions."""
+    stop = threading.Event()
+    _child_signals(graceful=stop)
+    server = IvshmemServer(pairs, max_clients=4)
+    conn.send("ready")
+    try:
+        server.serve_forever(stop.is_set)
+    finally:
+        server.close()
+
+
+def _bell_reader_main(path: str, socket_path: str, echo: bool, conn) -> None:
+    """The host side asleep on its doorbell: ``serve()`` with the host's eventfd."""
+    stop = threading.Event()
+    _child_signals(graceful=stop)
+    region = open_file(path)
+    bell = HostBell.connect(socket_path)
+    reader = ChannelReader(region, name="bench-doorbell")
+    conn.send(os.getpid())
+    serve(reader, answer_frame if echo else _handler, stop, bell=bell)
+    try:
+        conn.send(reader.stats.commands)
+    except OSError:
+        pass
+    bell.close()
+    region.close()
+
+
+def _echo_reader_main(path: str, conn) -> None:
+    """A polled reader answering as the echo responder does (records the C library checks)."""
+    stop = threading.Event()
+    _child_signals(graceful=stop)
+    region = open_file(path)
+    reader = ChannelReader(region, name="bench-echo")
+    conn.send(os.getpid())
+    serve(reader, answer_frame, stop)
+    region.close()
+
+
+def _region(tag: str) -> str:
+    path = f"/dev/shm/mbvisor-bench-{os.getpid()}-{tag}-{uuid.uuid4().hex[:8]}"
+    _paths.append(path)
+    open_file(path, create_size=DEFAULT_REGION_SIZE).close()
+    return path
+
+
+def _started(target, *args) -> tuple:
+    """(process, its first message) of a child that reports when it is ready."""
+    parent, child = CTX.Pipe()
+    process = _spawn(target, *args, child)
+    child.close()
+    return process, expect(parent, target.__name__, 30.0), parent
+
+
+def _doorbell_phase(profile: dict, pipe_throughput: float, sockets: str) -> tuple[dict, dict, int]:
+    """(ring figures, baseline figures, commands answered) of the doorbell rows."""
+    ring_fig, base_fig = {}, {}
+    paths = [_region(f"bell{i}") for i in range(1 + SILENT_READERS)]
+    pairs = [(path, os.path.join(sockets, f"{i}.sock")) for i, path in enumerate(paths)]
+    server, _, _ = _started(_ivshmem_server_main, pairs)
+    readers = [_started(_bell_reader_main, path, socket_path, False) for path, socket_path in pairs]
+    writers = [ChannelWriter(open_region(shm=path, doorbell=socket_path)) for path, socket_path in pairs]
+    try:
+        for writer in writers:
+            writer.initialise()
+        geometry = writers[0].header().geometry
+        window, n = geometry.slot_count // 2, profile["commands"]
+        progress(f"throughput with the doorbell, 1 writer, {n} commands, window {window} ...")
+        bad = _ring_pipelined(writers[0], 2 * geometry.slot_count, window)
+        t0 = time.perf_counter()
+        bad += _ring_pipelined(writers[0], n, window)
+        elapsed = time.perf_counter() - t0
+        if bad:
+            raise BenchError(f"{bad} wrong answers from the doorbell reader")
+        ring_fig["throughput_doorbell"], base_fig["throughput_doorbell"] = n / elapsed, pipe_throughput
+        progress(f"  ring {n / elapsed:.0f} cmd/s with the doorbell; pipe {pipe_throughput:.0f} cmd/s")
+        sent = 2 * geometry.slot_count + n
+        silence, rounds = profile["silence"], profile["silent_rounds"]
+        progress(f"after silence: {SILENT_READERS} doorbell readers and {SILENT_READERS} pipe servers, "
+                 f"{rounds} commands each, {silence:g} s apart, staggered ...")
+        with contextlib.ExitStack() as stack:
+            servers = [stack.enter_context(PipeServer(1)) for _ in range(SILENT_READERS)]
+            pipes = [(server.clients[0][0], _Frames(server.clients[0][1])) for server in servers]
+            rung, piped = _after_silence(writers[1:], pipes, silence, rounds)
+        sent_each = rounds
+        for stat in ("p50", "p99"):
+            ring_fig[f"rtt_silence_{stat}"] = _summary(rung)[stat]
+            base_fig[f"rtt_silence_{stat}"] = _summary(piped)[stat]
+        progress(f"  doorbell p50 {ring_fig['rtt_silence_p50']:.1f} p99 {ring_fig['rtt_silence_p99']:.1f} us; "
+                 f"pipe p50 {base_fig['rtt_silence_p50']:.1f} p99 {base_fig['rtt_silence_p99']:.1f} us")
+    finally:
+        for writer in writers:
+            writer.region.close()
+    answered = []
+    for (process, pid, link), expected in zip(readers, [sent] + [sent_each] * SILENT_READERS):
+        os.kill(pid, signal.SIGTERM)
+        answered.append((expect(link, "doorbell reader", 10.0), expected))
+        _stop(process)
+    _stop(server)
+    if any(got != expected for got, expected in answered):
+        raise BenchError(f"doorbell readers answered {answered} (got, expected) commands")
+    return ring_fig, base_fig, sum(got for got, _ in answered)
+
+
+def _after_silence(writers: list[ChannelWriter], pipes: list, silence: float, rounds: int):
+    """Round trips (us) of commands each sent ``silence`` s after its reader's last one,
+    the readers staggered over the silence; a ring and a pipe sample at each step, in
+    alternating order, so both see the same machine."""
+    started = time.monotonic()
+    schedule = sorted((started + silence * (number + 1) + index * silence / len(writers), index, number)
+                      for index in range(len(writers)) for number in range(rounds))
+    rung, piped = [], []
+    for step, (due, index, _) in enumerate(schedule):
+        time.sleep(max(0.0, due - time.monotonic()))  # the workload's own timing
+        wfd, frames = pipes[index]
+        for way in (("ring", "pipe") if step % 2 == 0 else ("pipe", "ring")):
+            if way == "ring":
+                rung += _ring_latency(writers[index], 1, 0.0)
+            else:
+                piped += _pipe_latency(wfd, frames, 1, 0.0)
+    return rung, piped
+
+
+def _c_versus_python(count: int, build: str) -> tuple[float, float]:
+    """(C, Python) requests per second, one at a time each, the echo responder answering
+    both; two rounds, alternating, the better of each."""
+    made = subprocess.run(["make", "-C", str(C_SOURCES), f"BUILD={build}"], capture_output=True, text=True)
+    if made.returncode != 0:
+        raise BenchError(f"building the C library failed (gcc, libc6-dev and make needed):\n{made.stderr[-2000:]}")
+    path = _region("c")
+    process, _, _ = _started(_echo_reader_main, path)
+    writer = ChannelWriter(open_file(path))
+    try:
+        writer.initialise()
+        c_rates, python_rates = [], []
+        for number in range(2):
+            progress(f"C vs Python writer, round {number + 1}: {count} requests one at a time each ...")
+            done = subprocess.run([os.path.join(build, "mbvtest"), "request", path, "0xc1", str(count)],
+                                  capture_output=True, text=True, timeout=600)
+            words = done.stdout.split()
+            if done.returncode != 0 or words[:2] != ["done", str(count)]:
+                raise BenchError(f"mbvtest request failed ({done.returncode}): {done.stdout} {done.stderr}")
+            c_rates.append(count / float(words[2]))
+            t0 = time.perf_counter()
+            for index in range(count):
+                mac = f"52:34:56:c2:{index >> 8 & 0xFF:02x}:{index & 0xFF:02x}"
+                records = answers.parse(writer.request(f"@R F {mac} 10.0.0.1@".encode()).text)
+                if len(records) != 1 or not records[0].ok or mac not in records[0].lines[0]:
+                    raise BenchError(f"the echo responder answered {records} to R F {mac}")
+            python_rates.append(count / (time.perf_counter() - t0))
+            progress(f"  C {c_rates[-1]:.0f} req/s; Python {python_rates[-1]:.0f} req/s")
+    finally:
+        writer.region.close()
+        _stop(process)
+    return max(c_rates), max(python_rates)
+
+
 # --------------------------------------------------------------------------- phases
 
 def _parallel(target, per_writer_args: list[tuple], what: str) -> tuple[float, int]:
@@ -532,7 +714,18 @@ def _run(profile: dict, path: str, region) -> dict:
     if stats["commands"] != ring_sent or stats["corrupt"]:
         raise BenchError(f"reader answered {stats['commands']} commands ({stats['corrupt']} corrupt); "
                          f"{ring_sent} were sent")
-    progress(f"reader answered {stats['commands']} commands, none corrupt; done")
+    progress(f"reader answered {stats['commands']} commands, none corrupt")
+
+    # 5. the doorbell, and the C library
+    with tempfile.TemporaryDirectory(prefix="mbvisor-bench-channel-") as work:
+        sockets = os.path.join(work, "ivshmem")
+        os.mkdir(sockets, 0o700)
+        bell_fig, bell_base, bell_answered = _doorbell_phase(profile, base_fig["throughput_1_writer"], sockets)
+        ring_fig.update(bell_fig)
+        base_fig.update(bell_base)
+        ring_fig["c_writer"], base_fig["c_writer"] = _c_versus_python(profile["one_at_a_time"],
+                                                                      os.path.join(work, "c"))
+    progress(f"doorbell readers answered {bell_answered} commands; done")
 
     return {
         "geometry": geometry, "load": _load(), "ring": ring_fig, "baseline": base_fig, "reader": stats,
@@ -558,8 +751,10 @@ def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
     for key, label, unit, fmt, target in ROWS:
         ring_v, base_v = result["ring"][key], result["baseline"][key]
         ratio = ring_v / base_v if base_v > 0 else None
+        if key in VERSUS_PYTHON:  # the C library must be at least as fast as the Python writer
+            target = (">=", base_v)
         verdict = judge(ring_v, target)
-        target_text = f"{target[0]} {target[1]:g}" if target else "-"
+        target_text = ">= Python" if key in VERSUS_PYTHON else f"{target[0]} {target[1]:g}" if target else "-"
         ratio_text = f"{ratio:.2f}" if ratio is not None else "n/a"
         lines.append(f"{label:<32}{fmt.format(ring_v):>12}{fmt.format(base_v):>16}{ratio_text:>8}  "
                      f"{target_text:<14}{verdict or '-'}")
@@ -576,6 +771,12 @@ def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
         f"{p['idle_gap'] * 1000:g} ms apart (idle).  baseline: length-prefixed messages over os.pipe() pairs.",
         f"       idle CPU: {p['idle_cpu_seconds']:g} s, default Backoff, from {p['cpu_source']}; "
         f"baseline: a process blocked in select() on a pipe.",
+        f"       doorbell: the reader asleep on an ivshmem server's eventfd, the writer ringing it; after "
+        f"silence: {SILENT_READERS} readers x {p['silent_rounds']} commands,",
+        f"       each {p['silence']:g} s after its reader's last (staggered); baseline: {SILENT_READERS} pipe "
+        f"servers blocked in select(), the same way.",
+        f"       C writer: guest/c's mbvtest request, {p['one_at_a_time']} requests one at a time on the echo "
+        f"responder; its baseline is the Python writer (the same), best of 2 rounds each.",
     ]
     document = {
         "benchmark": "mbvisor channel", "timestamp": when, "mode": mode,
