@@ -24,8 +24,9 @@ here) annotated like QEMU's launch script does (``external_ids:mbvisor-channel``
 * command after silence: 10 channels, each sent one command (A/D of an IP filter) every
   ``silence`` seconds, the channels staggered evenly, so the agent hears a command every
   silence/10 s; the round trip until the answer (the flow confirmed).  Doorbell channels
-  (the writers ring through the server, as a guest's device does) against the same with
-  polled channels; with only doorbell channels the agent sleeps in epoll between rings.
+  (the writers ring through the server, as a guest's device does; with only doorbell
+  channels the agent sleeps in epoll between rings) against a command straight to the
+  controller's REST API at each step; the same with polled channels is in the JSON.
 
     python bench/agent.py            # about a minute on 2 cores
     python bench/agent.py --quick    # about 25 s
@@ -559,9 +560,9 @@ def filter_sequence(mac: str, count: int) -> list[str]:
     return texts[:count]
 
 
-def latency_sequence(mac: str, count: int) -> list[str]:
-    """Alternating add and delete of one IP filter (a new address every pair)."""
-    return [f"{'A' if i % 2 == 0 else 'D'} {mac} I 4 s 10.99.{(i // 2) % 250}.{(i // 500) + 1}"
+def latency_sequence(mac: str, count: int, net: int = 99) -> list[str]:
+    """Alternating add and delete of one IP filter (a new address every pair, in 10.net/16)."""
+    return [f"{'A' if i % 2 == 0 else 'D'} {mac} I 4 s 10.{net}.{(i // 2) % 250}.{(i // 500) + 1}"
             for i in range(count)]
 
 
@@ -685,25 +686,34 @@ def measure_latency(controller: Controller, agent: AgentProcess, dpid: int, vm: 
     return {"agent": via_agent, "direct": direct, "overlapped_discovery": overlapped}
 
 
-def measure_after_silence(vms: list[Vm], silence: float, rounds: int) -> list[float]:
+def measure_after_silence(controller: Controller, dpid: int, vms: list[Vm], silence: float,
+                          rounds: int) -> tuple[list[float], list[float]]:
     """Round trips (ms) of commands each sent after ``silence`` s of its channel's silence,
-    the channels staggered evenly over the silence: ``rounds`` per channel.  The writers
-    ring the VMs' doorbells when they have one (``Vm.doorbell``)."""
+    the channels staggered evenly over the silence, ``rounds`` per channel: through the
+    channel and agent (the writers ring the VMs' doorbells when they have one,
+    ``Vm.doorbell``), and at each step also one straight to the controller's REST API
+    (another filter of the same middlebox), the two in alternating order."""
     writers = [ChannelWriter(open_region(shm=vm.region, doorbell=vm.doorbell or None)) for vm in vms]
     try:
         for vm, writer in zip(vms, writers):
             channel_request(writer, f"R F {vm.mac} {vm.firewall_ip}")
         texts = [latency_sequence(vm.mac, rounds + rounds % 2) for vm in vms]
+        direct_texts = [latency_sequence(vm.mac, rounds + rounds % 2, net=98) for vm in vms]
         started = time.monotonic()
         schedule = sorted((started + silence * (number + 1) + index * silence / len(vms), index, number)
                           for index in range(len(vms)) for number in range(rounds))
-        samples = []
-        for due, index, number in schedule:
+        via_agent, direct = [], []
+        for step, (due, index, number) in enumerate(schedule):
             time.sleep(max(0.0, due - time.monotonic()))  # the workload's own timing
-            t0 = time.perf_counter()
-            channel_request(writers[index], texts[index][number])
-            samples.append((time.perf_counter() - t0) * 1000)
-        return samples
+            for way in (("agent", "direct") if step % 2 == 0 else ("direct", "agent")):
+                t0 = time.perf_counter()
+                if way == "agent":
+                    channel_request(writers[index], texts[index][number])
+                    via_agent.append((time.perf_counter() - t0) * 1000)
+                else:
+                    controller.ok(dpid, vms[index].ofport, direct_texts[index][number])
+                    direct.append((time.perf_counter() - t0) * 1000)
+        return via_agent, direct
     finally:
         for writer in writers:
             writer.region.close()
@@ -865,7 +875,7 @@ def run(profile: dict, created: Created) -> dict:
     silent, silence, rounds = vms[:SILENT_CHANNELS], profile["silence"], profile["silent_rounds"]
     watch.phase = "command after silence, polled"
     progress(f"command after silence, polled: {len(silent)} channels x {rounds}, {silence:g} s apart each ...")
-    polled_silence = measure_after_silence(silent, silence, rounds)
+    polled_silence, _ = measure_after_silence(controller, dpid, silent, silence, rounds)
     idle_agent.stop()
     created.agents.remove(idle_agent)
     unannotate(vms)
@@ -886,12 +896,13 @@ def run(profile: dict, created: Created) -> dict:
              f"0 channels {empty['cpu_percent']:.3f} %")
     watch.phase = "command after silence, doorbell"
     progress(f"command after silence, doorbell: {len(silent)} channels x {rounds}, {silence:g} s apart each ...")
-    rung_silence = measure_after_silence(silent, silence, rounds)
+    rung_silence, direct_silence = measure_after_silence(controller, dpid, silent, silence, rounds)
     for stat, fraction in (("p50", .5), ("p99", .99)):
         figures[f"silence_{stat}"] = percentile(rung_silence, fraction)
-        baseline[f"silence_{stat}"] = percentile(polled_silence, fraction)
-    progress(f"  doorbell p50 {figures['silence_p50']:.2f} p99 {figures['silence_p99']:.2f} ms; polled "
-             f"p50 {baseline['silence_p50']:.2f} p99 {baseline['silence_p99']:.2f} ms")
+        baseline[f"silence_{stat}"] = percentile(direct_silence, fraction)
+    progress(f"  doorbell p50 {figures['silence_p50']:.2f} p99 {figures['silence_p99']:.2f} ms; REST direct "
+             f"p50 {baseline['silence_p50']:.2f} p99 {baseline['silence_p99']:.2f} ms; polled channels p50 "
+             f"{percentile(polled_silence, .5):.2f} p99 {percentile(polled_silence, .99):.2f} ms")
     watch.phase = "tear-down"
     bell_agent.stop()
     created.agents.remove(bell_agent)
@@ -905,7 +916,7 @@ def run(profile: dict, created: Created) -> dict:
         load = "n/a"
     return {"agent": figures, "baseline": baseline, "load": load,
             "idle": {"0_channels": empty, f"{VMS}_channels": busy, f"{VMS}_doorbell_channels": belled},
-            "silence_ms": {"doorbell": rung_silence, "polled": polled_silence},
+            "silence_ms": {"doorbell": rung_silence, "direct": direct_silence, "polled": polled_silence},
             "latency_samples_over_target": notes,
             "params": {**profile, "window": WINDOW, "filter_block": FILTER_BLOCK, "latency_block": LATENCY_BLOCK,
                        "parallel_channels": PARALLEL_CHANNELS, "idle_channels": VMS, "silent_channels": SILENT_CHANNELS,
@@ -961,8 +972,8 @@ def report(result: dict, mode: str, when: str) -> tuple[str, dict]:
         f"(--doorbell-dir); idle CPU baseline: the 0-channel agent above.",
         f"       command after silence: {p['silent_channels']} channels x {p['silent_rounds']} commands, each "
         f"{p['silence']:g} s after its channel's last, channels staggered;",
-        "       writers ring the server's eventfd (as a guest's device does); baseline: the same with polled "
-        "channels (the agent of the idle rows).",
+        "       writers ring the server's eventfd (as a guest's device does); baseline: REST straight to the "
+        "controller at the same steps (alternating order); polled channels in the JSON.",
     ]
     document = {"benchmark": "mbvisor agent", "timestamp": when, "mode": mode,
                 "python": platform.python_version(), "cpus": len(os.sched_getaffinity(0)), "load": result["load"],
