@@ -188,6 +188,10 @@ def agent_status(args: argparse.Namespace) -> int:
         print(f"{c['channel'][:28]:28} {c['dpid']:16} {c['port']:>4} {','.join(c['macs'])[:17]:17} "
               f"{c['answered']:>8} {c['pending']:>7} {c['forwarded']:>6} {c['refused']:>7} "
               f"{c['rate_limited']:>7} {c['corrupt']:>7}  {condition}")
+    for c in state["channels"]:
+        if c.get("doorbell"):
+            print(f"channel {c['channel']}: " + ("woken by its doorbell" if c["woken_by"] == "doorbell" else
+                                                 f"polled, its doorbell not used: {c['doorbell_problem']}"))
     for removal in state.get("pending_removals", []):
         print(f"offloads of departed VM {removal['vm_id']} ({removal['mac']} on {removal['dpid']}) not removed yet; "
               f"{removal['attempts']} attempt(s) so far")

@@ -499,3 +499,27 @@ def test_a_descriptor_sent_with_the_peer_id_is_not_kept(shm, sockets):
     finally:
         for fd in (memory, host, extra):
             os.close(fd)
+
+
+def test_agent_status_says_how_each_channel_is_woken_and_whether_ovs_is_reached(shm, sockets, tmp_path, capsys):
+    from mbvisor.agents.agent import Agent, AgentSettings
+    from mbvisor.agents.cli import main
+
+    rung, refused = shm.region(), shm.region()
+    path = sockets / "s.sock"
+    status_file = tmp_path / "status.json"
+    with running([(rung, str(path))]):
+        vms = [belled(rung, str(path)), belled(refused, str(sockets / "none.sock"), "vm1")]
+        agent = Agent(lambda: list(vms), FakeController(),
+                      AgentSettings(status_file=status_file, doorbell_dirs=(str(sockets),)),
+                      discovery_status=lambda: {"remote": "unix:/run/openvswitch/db.sock", "connected": False,
+                                                "snapshots": 3})
+        try:
+            agent.round()
+        finally:
+            agent.shutdown()
+    assert main(["agent-status", "--status-file", str(status_file)]) == 0
+    out = capsys.readouterr().out
+    assert "Open vSwitch at unix:/run/openvswitch/db.sock: NOT REACHED; the last view of the VMs stands" in out
+    assert "channel vm0/tap-vm0: woken by its doorbell" in out
+    assert f"channel vm1/tap-vm1: polled, its doorbell not used: doorbell {sockets}/none.sock: No such file" in out

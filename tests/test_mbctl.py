@@ -89,6 +89,26 @@ def test_no_answer_is_a_timeout_and_stays_pending(make_channel, capsys):
     assert json.loads(out)["pending"] == 1
 
 
+def test_read_json_has_every_field_the_readme_lists(make_channel, region_path, capsys):
+    writer = make_channel()
+    ticket = writer.submit(b"@X 52:34:56:00:12:22@")
+    reader = ChannelReader(open_file(writer.region.path))
+    assert reader.poll() is not None and reader.answer(ticket.seq, ring.Status.OK, "cancelled")
+    code, out, _ = run(capsys, "--shm", writer.region.path, "--json", "-r")
+    state = json.loads(out)
+    assert code == mbctl.EXIT_OK
+    assert set(state) == {"region", "state", "epoch", "slots", "published", "answered", "pending", "host_attached",
+                          "last_answers"}
+    assert (state["state"], state["published"], state["answered"], state["pending"], state["host_attached"]) == (
+        "ready", 1, 1, 0, True)
+    assert state["last_answers"] == [{"seq": 0, "status": "OK", "text": "cancelled"}]
+    reader.region.close()
+    with open(region_path, "r+b") as blank:  # a region nobody initialised: state and detail
+        blank.write(bytes(4096))
+    code, out, _ = run(capsys, "--shm", region_path, "--json", "-r")
+    assert set(json.loads(out)) == {"region", "state", "detail"} and json.loads(out)["state"] == "blank"
+
+
 def test_full_ring_exit_code(make_channel, capsys):
     writer = make_channel(ring.Geometry(4, 128, 128))
     for _ in range(4):

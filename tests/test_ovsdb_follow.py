@@ -86,3 +86,29 @@ def test_a_storm_of_changes_is_coalesced_and_the_last_one_is_seen(tmp_path):
             assert follower.snapshots - before <= 12
         finally:
             follower.close()
+
+
+def test_a_restarted_ovsdb_server_is_followed_again(caplog):
+    """ovsdb-server killed: the replica is kept and the status says so; once a new one
+    serves the database, the follower reconnects and sees changes made after it."""
+    netlab.require_host_tools()
+    caplog.set_level("INFO", "mbvisor")
+    with PrivateSwitch() as switch, netlab.Lab() as lab:
+        lab.bridge()
+        vm = lab.host("vm")
+        follower = OvsdbFollower().start()
+        try:
+            wait_until(lambda: follower.changes.is_set(), 10, "the first replica")
+            known = follower.scan()
+            switch.crash_and_restart_ovsdb()
+            wait_until(lambda: follower.status()["connected"] and follower.snapshots >= 2, 15,
+                       "the follower back on the new server")
+            assert follower.scan() == known  # nothing changed meanwhile: the same view
+            follower.changes.clear()
+            vm.annotate("tenant-a", vm_id="vm-after", channel="/dev/shm/mbv-follow-restart")
+            wait_until(lambda: [c.vm_id for c in follower.scan().channels] == ["vm-after"], 10,
+                       "a change made after the restart")
+            assert follower.changes.is_set()
+            assert "connection lost" in caplog.text and caplog.text.count("connected; following") >= 2
+        finally:
+            follower.close()

@@ -53,9 +53,7 @@ class PrivateSwitch:
     def _start(self) -> None:
         d = self.directory
         run(["ovsdb-tool", "create", d / "conf.db", SCHEMA])
-        self._spawn(["ovsdb-server", d / "conf.db", f"--remote=punix:{d / 'db.sock'}",
-                     f"--unixctl={d / 'ovsdb-server.ctl'}", f"--log-file={d / 'ovsdb-server.log'}"],
-                    d / "db.sock")
+        self._start_ovsdb()
         for name in _VARIABLES:
             self._saved[name] = os.environ.get(name)
             os.environ[name] = str(d)
@@ -78,6 +76,24 @@ class PrivateSwitch:
         vswitchd.wait(10)
         (self.directory / "ovs-vswitchd.ctl").unlink(missing_ok=True)
         self._start_vswitchd()
+
+    def crash_and_restart_ovsdb(self) -> None:
+        """SIGKILL ovsdb-server and start a new one on the same database file: its clients
+        (ovs-vswitchd, the agent's replica) lose their connection and must reconnect."""
+        server = self._processes.pop(0)
+        server.kill()
+        server.wait(10)
+        d = self.directory
+        for stale in ("db.sock", "ovsdb-server.ctl"):
+            (d / stale).unlink(missing_ok=True)
+        self._start_ovsdb()
+        self._processes.insert(0, self._processes.pop())  # the vswitchd stays the last
+
+    def _start_ovsdb(self) -> None:
+        d = self.directory
+        self._spawn(["ovsdb-server", d / "conf.db", f"--remote=punix:{d / 'db.sock'}",
+                     f"--unixctl={d / 'ovsdb-server.ctl'}", f"--log-file={d / 'ovsdb-server.log'}"],
+                    d / "db.sock")
 
     def _spawn(self, argv: list, ready: Path) -> None:
         """A daemon in the foreground (it dies with us), ready once its socket exists."""
