@@ -91,7 +91,16 @@ class Filter:
 
     @property
     def mask(self) -> int:
-        return sum(spec.bit for spec in FILTER_FIELDS if getattr(self, spec.attribute) is not None)
+        # A plain loop over prepared pairs: parsing and formatting a bulk request's
+        # 100,000 filters each ask for it, and a sum over a generator costs twice as much.
+        mask = 0
+        for attribute, bit in _ATTRIBUTE_BITS:
+            if getattr(self, attribute) is not None:
+                mask |= bit
+        return mask
+
+
+_ATTRIBUTE_BITS = tuple((spec.attribute, spec.bit) for spec in FILTER_FIELDS)
 
 
 @dataclass(frozen=True)

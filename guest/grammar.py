@@ -458,11 +458,15 @@ def _well_formed_filter_command(tokens: list[str], adding: bool) -> Command | No
     ):
         return None
     parsers = _FIELD_PARSERS[layer]
-    filter = Filter(
-        layer, **{FIELD_BY_LETTER[letter].attribute: parsers[letter](value) for letter, value in zip(letters, values)}
-    )
+    fields = [None] * len(FILTER_FIELDS)  # Filter's own order: built positionally, no keywords
+    for letter, value in zip(letters, values):
+        fields[_FIELD_POSITION[letter]] = parsers[letter](value)
+    filter = Filter(layer, *fields)
     check_filter(filter)
     return AddFilter(mac, filter) if adding else DeleteFilter(mac, filter)
+
+
+_FIELD_POSITION = {spec.letter: Filter.__match_args__.index(spec.attribute) - 1 for spec in FILTER_FIELDS}
 
 
 def _well_formed_load_balancer(tokens: list[str]) -> RegisterLoadBalancer:
@@ -540,17 +544,26 @@ _FIELD_PARSERS: dict[Layer, dict[str, Callable[[str], object]]] = {
 # ---- formatting ----
 
 
-def format_filter_fields(filter: Filter) -> str:
+def _filter_fields_and_mask(filter: Filter) -> tuple[str, int]:
+    """The filter's letters and values, in s d t p order, and its mask: a bulk request's
+    answers quote 100,000 filters, so each field is read once, here."""
     kinds_of_layer = FIELD_KINDS[filter.layer]
-    return " ".join(
-        f"{spec.letter} {kinds_of_layer[spec.letter].format(getattr(filter, spec.attribute))}"
-        for spec in FILTER_FIELDS
-        if getattr(filter, spec.attribute) is not None
-    )
+    parts = []
+    mask = 0
+    for spec in FILTER_FIELDS:
+        value = getattr(filter, spec.attribute)
+        if value is not None:
+            parts.append(f"{spec.letter} {kinds_of_layer[spec.letter].format(value)}")
+            mask |= spec.bit
+    return " ".join(parts), mask
 
 
 def format_command(command: Command) -> str:
     """The canonical text of a command: single spaces, canonical values, fields in s d t p order."""
+    kind = type(command)
+    if kind is AddFilter or kind is DeleteFilter:  # first: bulk requests are filters
+        fields, mask = _filter_fields_and_mask(command.filter)
+        return f"{'A' if kind is AddFilter else 'D'} {command.mac} {command.filter.layer.value} {mask} {fields}"
     match command:
         case RegisterFirewall(mac=mac, ip=ip):
             return f"R F {mac} {ip}"
@@ -558,9 +571,6 @@ def format_command(command: Command) -> str:
             source = kinds.REDIRECT_SOURCE.format(command.source)
             backends = ",".join(command.backends)
             return f"R L {command.mac} {command.ip} {command.redirect_type} {source} {backends}"
-        case AddFilter(mac=mac, filter=filter) | DeleteFilter(mac=mac, filter=filter):
-            letter = "A" if isinstance(command, AddFilter) else "D"
-            return f"{letter} {mac} {filter.layer.value} {filter.mask} {format_filter_fields(filter)}"
         case DeleteFilters(mac=mac, layer=layer, mask=mask):
             letters = " ".join(spec.letter for spec in FILTER_FIELDS if mask & spec.bit)
             return f"D {mac} {layer.value} {mask} {letters}"
