@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from mbvisor.guest.errors import InvalidValueError
 from mbvisor.guest.fields import MAC_ADDRESS
@@ -34,9 +35,10 @@ CLIP_CHARS = 200
 _HEX_DPID = re.compile(r"(?:0[xX])?[0-9a-fA-F]{1,16}")
 
 
-@dataclass(frozen=True)
-class CommandRequest:
-    """What the host agent posts: the command, where its guest lives, its idempotency key."""
+class CommandRequest(NamedTuple):
+    """What the host agent posts: the command, where its guest lives, its idempotency key.
+    A named tuple: a batch makes up to 200,000, and a frozen dataclass costs three times
+    as much to make."""
 
     dpid: int
     port: int
@@ -128,11 +130,23 @@ def request_from_json(body, where: str = "") -> CommandRequest:
 
 def dpid_from(value) -> int:
     """A datapath id: an integer, or hex text as the API prints it (``00000000000000a1``)."""
-    if isinstance(value, str) and _HEX_DPID.fullmatch(value):
-        return int(value, 16)
+    if isinstance(value, str):
+        return _dpid_from_text(value)
     if type(value) is int and 0 <= value <= MAX_DPID:
         return value
-    raise BadRequest("dpid", f"must be an integer 0..{MAX_DPID} or 1-16 hex digits (optionally 0x)")
+    raise _bad_dpid()
+
+
+@lru_cache(maxsize=1024)
+def _dpid_from_text(text: str) -> int:
+    """Read once per text: every command of a batch names its switch, usually the same."""
+    if _HEX_DPID.fullmatch(text):
+        return int(text, 16)
+    raise _bad_dpid()
+
+
+def _bad_dpid() -> BadRequest:
+    return BadRequest("dpid", f"must be an integer 0..{MAX_DPID} or 1-16 hex digits (optionally 0x)")
 
 
 def mac_from(value: str) -> str:
@@ -165,18 +179,18 @@ def _request(body: dict) -> CommandRequest:
         missing = next(field for field, value in zip(KEY_FIELDS, key) if value is None)
         raise BadRequest(missing, f"required with {' and '.join(given)}: the idempotency key is channel, epoch and seq")
     return CommandRequest(
-        dpid=dpid_from(body["dpid"]),
-        port=_integer(body["port"], "port", 1, MAX_PORT),
-        command=_command(body["command"]),
-        channel=None if channel is None else _channel(channel),
-        epoch=None if epoch is None else _integer(epoch, "epoch", 0, MAX_EPOCH),
-        seq=None if seq is None else _integer(seq, "seq", 0, MAX_SEQ),
+        dpid_from(body["dpid"]),
+        _integer(body["port"], "port", 1, MAX_PORT),
+        _command(body["command"]),
+        None if channel is None else _channel(channel),
+        None if epoch is None else _integer(epoch, "epoch", 0, MAX_EPOCH),
+        None if seq is None else _integer(seq, "seq", 0, MAX_SEQ),
     )
 
 
 def _refuse_unknown(body: dict, known: frozenset[str]) -> None:
     """A misspelt field (``sequence`` for ``seq``) must not be ignored silently."""
-    if body.keys() - known:
+    if not known.issuperset(body):  # no set of the difference: a batch checks 200,000 bodies
         field = next(field for field in body if field not in known)
         raise BadRequest(clip(str(field), 40), f"unknown field; expected {', '.join(sorted(known))}")
 
