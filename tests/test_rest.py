@@ -20,6 +20,8 @@ from types import SimpleNamespace
 import eventlet
 import eventlet.hubs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from webob import Request
 
 from mbvisor.controller import pacing
@@ -248,6 +250,12 @@ def test_a_valid_batch_is_200_with_an_answer_per_command_in_order(api, service):
     assert [(a["status"], a["text"]) for a in response.json["answers"]] == [
         ("OK", "one"), ("SYNTAX", "two"), ("REJECTED", "three")]
     assert call(api, "POST", "/v1/commands", {"commands": []}, AUTH).json == {"answers": []}
+
+
+@given(st.lists(st.builds(Answer, st.sampled_from(["OK", "SYNTAX", "REJECTED", "UNAVAILABLE"]), st.text(),
+                          st.sampled_from(["ok", "syntax", "limit", "key-reused"]), st.booleans()), max_size=20))
+def test_a_batch_s_answers_are_the_json_of_their_bodies(answers):
+    assert rest._answers_json(answers) == json.dumps({"answers": [rest._answer_body(a) for a in answers]})
 
 
 def test_delete_maps_not_found_to_404_and_answers_like_a_command(api, service):
