@@ -183,7 +183,11 @@ class Draft:
     a new frozen set per added filter would copy the middlebox's filters each time, and
     a job adding 1,000 filters to a middlebox of 10,000 would copy ten million.  The set
     is frozen into the middlebox once, when anything but an add reads it (``find``,
-    ``on``) or the job ends (``state``)."""
+    ``on``) or the job ends (``state``).
+
+    ``added`` holds, for each middlebox the job changed by adding filters only, the
+    filters it added: the base's middlebox with these more is the new one, so its flows
+    and rows can be made for them alone, whatever it had before."""
 
     def __init__(self, base: State, elsewhere=frozenset, reserve=None):
         """``elsewhere()``: zones taken outside ``base`` meanwhile (other switches' jobs
@@ -192,6 +196,7 @@ class Draft:
         self.base = base
         self.changes: dict[tuple[int, str], Middlebox | None] = {}  # key -> new value (None: removed)
         self.growing: dict[tuple[int, str], set[Filter]] = {}  # key -> its filters (changes[key]'s are older)
+        self.added: dict[tuple[int, str], set[Filter]] = {}  # key -> the filters added to it, if nothing else changed
         self._zones: set[int] | None = None
         self.elsewhere = elsewhere
         self.reserve = reserve
@@ -256,10 +261,16 @@ class Draft:
         if outcome.added is not None:  # the same middlebox (zone and all) with one filter more
             growing = self.growing.get(outcome.key)
             if growing is None:  # the first this job adds: outcome.middlebox's filters are up to date
+                if outcome.key not in self.changes:  # and the base's middlebox: its first change
+                    self.added[outcome.key] = set()
                 growing = self.growing[outcome.key] = set(outcome.middlebox.filters)
                 self.changes[outcome.key] = outcome.middlebox
             growing.add(outcome.added)
+            added = self.added.get(outcome.key)
+            if added is not None:
+                added.add(outcome.added)
             return
+        self.added.pop(outcome.key, None)
         old = self.find(*outcome.key)
         if old is None and outcome.middlebox is not None:
             self.new_zones.append(outcome.middlebox.zone)

@@ -117,6 +117,7 @@ class Plan:
     claimed: tuple = ()
     zones: tuple = ()
     costs: dict = field(default_factory=dict)  # the counts of the job's filter sets (PlanContext.costs)
+    added: dict = field(default_factory=dict)  # key -> the filters added to it, if nothing else changed (Draft.added)
 
     def failed(self, failure: Failure) -> "Plan":
         """The switch refused or did not confirm: nothing of the job changes.  Every answer
@@ -128,7 +129,7 @@ class Plan:
         answer = Answer(failure.status, failure.text, failure.code)
         answers = tuple(a if i < first or i in self.independent else answer for i, a in enumerate(self.answers))
         keep = tuple(i for i in self.keep if answers[i] is self.answers[i] or failure.stored)
-        return replace(self, answers=answers, after=self.before, touched=frozenset(), pending=(), keep=keep)
+        return replace(self, answers=answers, after=self.before, touched=frozenset(), pending=(), keep=keep, added={})
 
 
 class Decided(NamedTuple):
@@ -318,7 +319,7 @@ class Controller:
         costs = {key: (after.by_key[key].filters, addresses, total) for key, (_, addresses, total) in final.items()}
         return Plan(requests, tuple(answers), before, after, frozenset(touched), tuple(pending),
                     frozenset(backends), tuple(keep), frozenset(independent), tuple(claimed), tuple(draft.new_zones),
-                    costs)
+                    costs, draft.added)
 
     def _plan_one(self, request: CommandRequest, draft: Draft, context: "PlanContext", seen: dict,
                   first_pending: int | None) -> "Decided":
@@ -399,7 +400,7 @@ class Controller:
         changed = plan.before.changed_keys(plan.after, {(dpid, mac) for mac in plan.touched})
         stored = [(plan.requests[i].key, plan.answers[i], command_text(plan.requests[i].command))
                   for i in plan.keep]
-        self.store.save(plan.before, plan.after, stored, changed)
+        self.store.save(plan.before, plan.after, stored, changed, plan.added)
         for key in changed:  # counts of filter sets that are current now; none of gone ones
             middlebox, counted = plan.after.by_key.get(key), plan.costs.get(key)
             if middlebox is not None and counted is not None and counted[0] is middlebox.filters:

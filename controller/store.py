@@ -127,10 +127,12 @@ class Store:
                 for dpid, body in self.db.execute("SELECT dpid, body FROM ports ORDER BY dpid")}
 
     def save(self, before: State, after: State, answers: list[tuple[tuple[str, int, int], Answer, str]],
-             among=None) -> None:
+             among=None, added=None) -> None:
         """Write the middleboxes that changed (``among`` these keys, if given; their
         filters: only those added or removed) and the (key, answer, command text) rows, in
-        one transaction; prune channels that stored many answers since their last pruning."""
+        one transaction; prune channels that stored many answers since their last pruning.
+        ``added``: by key, the filters ``after`` adds to a middlebox it changes no other
+        way (``Draft.added``), written without comparing its whole filter sets."""
         changed = before.changed_keys(after, among)
         if not changed and not answers:
             return
@@ -138,7 +140,7 @@ class Store:
         with self.db:
             self.db.execute("BEGIN")
             for key in sorted(changed):
-                self._save_middlebox(key, before.by_key.get(key), after.by_key.get(key))
+                self._save_middlebox(key, before.by_key.get(key), after.by_key.get(key), (added or {}).get(key))
             self.db.executemany(
                 "INSERT OR IGNORE INTO answers (channel, epoch, seq, status, text, code, command, stored) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -146,19 +148,22 @@ class Store:
             for channel in {key[0] for key, _, _ in answers}:
                 self._count_and_prune(channel, sum(1 for key, _, _ in answers if key[0] == channel), now)
 
-    def _save_middlebox(self, key: tuple[int, str], old: Middlebox | None, new: Middlebox | None) -> None:
+    def _save_middlebox(self, key: tuple[int, str], old: Middlebox | None, new: Middlebox | None,
+                        added=None) -> None:
         if new is None:
             self.db.execute("DELETE FROM middleboxes WHERE dpid = ? AND mac = ?", key)
             self.db.execute("DELETE FROM filters WHERE dpid = ? AND mac = ?", key)
             return
         self.db.execute("INSERT OR REPLACE INTO middleboxes VALUES (?, ?, ?)", (*key, encode_middlebox(new)))
-        had = old.filters if old is not None else frozenset()
-        if new.filters is had:
-            return
-        self.db.executemany("DELETE FROM filters WHERE dpid = ? AND mac = ? AND text = ?",
-                            [(*key, filter_text(new.mac, f)) for f in had - new.filters])
+        if added is None:
+            had = old.filters if old is not None else frozenset()
+            if new.filters is had:
+                return
+            self.db.executemany("DELETE FROM filters WHERE dpid = ? AND mac = ? AND text = ?",
+                                [(*key, filter_text(new.mac, f)) for f in had - new.filters])
+            added = new.filters - had
         self.db.executemany("INSERT OR IGNORE INTO filters VALUES (?, ?, ?)",
-                            [(*key, filter_text(new.mac, f)) for f in new.filters - had])
+                            [(*key, filter_text(new.mac, f)) for f in added])
 
     def _count_and_prune(self, channel: str, stored: int, now: float) -> None:
         count = self.stored_since_prune.get(channel, 0) + stored

@@ -6,6 +6,7 @@ No OVS, no network, no OS-Ken: commands are parsed from text and applied to immu
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -487,6 +488,31 @@ def test_a_job_folded_into_one_draft_ends_where_command_by_command_does(steps, m
     assert draft.state() == state and draft.zones == set(state.zones)
     unchanged = [key for key in start.by_key if key in state.by_key and start.by_key[key] is state.by_key[key]]
     assert all(draft.state().by_key[key] is start.by_key[key] for key in unchanged)  # shared, not copied
+
+
+@FAST
+@given(st.lists(st.tuples(st.sampled_from(BINDINGS), commands()), max_size=25), st.integers(1, 3))
+def test_what_a_draft_says_a_job_added_is_all_that_changed(steps, max_filters):
+    """Draft.added: each middlebox it names is the base's with exactly those filters more
+    (its flows and rows are made for them alone); a job that adds filters to a middlebox
+    and changes it no other way names it."""
+    start = run_all(f"R F {MAC} 10.9.9.9", f"R F {MAC2} 10.9.9.8", state=State(limits=Limits(filters=max_filters)),
+                    binding=Binding(dpid=1, port=5))
+    draft, letters = Draft(start), {}
+    for binding, text in steps:
+        try:
+            outcome = decide(draft, binding, parse_command(text))
+        except ApplyError:
+            continue
+        draft.record(outcome)
+        if outcome.key is not None:
+            letters.setdefault(outcome.key, set()).add(text[0])
+    after = draft.state()
+    for key, added in draft.added.items():
+        before, now = start.by_key[key], after.by_key[key]
+        assert added and not added & before.filters and now.filters == before.filters | added
+        assert replace(before, filters=now.filters) == now
+    assert {key for key, seen in letters.items() if seen == {"A"}} == set(draft.added)
 
 
 def test_a_middlebox_cancelled_and_registered_again_in_one_draft_gets_the_zone_apply_gives():

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mbvisor.controller.model import ApplyError, Binding, Limits, Middlebox, Redirect, State, apply
+from mbvisor.controller.model import (ApplyError, Binding, Draft, Limits, Middlebox, Redirect, State, apply,
+                                      decide)
 from mbvisor.controller import store as store_module
 from mbvisor.controller.requests import Answer
 from mbvisor.controller.store import Store, decode_middlebox, encode_middlebox, filter_text
@@ -111,6 +112,30 @@ def test_any_reachable_state_survives_a_store_round_trip(steps):
         rows = store.db.execute("SELECT dpid, mac, text FROM filters").fetchall()
         assert sorted(rows) == sorted((mb.dpid, mb.mac, filter_text(mb.mac, f)) for mb in state.middleboxes
                                       for f in mb.filters)  # nothing left behind by a delete or a cancel
+
+
+@FAST
+@given(st.lists(st.lists(st.tuples(st.sampled_from([Binding(1, 5), Binding(2, 6)]), command_texts()), max_size=8),
+                max_size=5))
+def test_jobs_saved_with_what_their_drafts_added_write_the_same_rows(jobs):
+    """Store.save told a job's added filters (Draft.added) writes what comparing the
+    middleboxes' whole filter sets writes."""
+    told, compared = Store(":memory:"), Store(":memory:")
+    state = State(limits=LIMITS)
+    for job in jobs:
+        draft = Draft(state)
+        for binding, text in job:
+            try:
+                draft.record(decide(draft, binding, parse_command(text)))
+            except ApplyError:
+                pass
+        after = draft.state()
+        told.save(state, after, [], added=draft.added)
+        compared.save(state, after, [])
+        state = after
+        for table in ("middleboxes", "filters"):
+            query = f"SELECT * FROM {table} ORDER BY 1, 2, 3"
+            assert told.db.execute(query).fetchall() == compared.db.execute(query).fetchall()
 
 
 # --- Store on disk ------------------------------------------------------------------------
