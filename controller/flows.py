@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -161,31 +162,62 @@ def compile_middlebox(middlebox: Middlebox, surroundings: Surroundings) -> Switc
                         tuple(sorted(missing)))
 
 
-def compile_added_filters(before: Middlebox | None, after: Middlebox | None,
+def compile_added_filters(before: Middlebox | None, after: Middlebox | None, added,
                           surroundings: Surroundings) -> frozenset[Flow] | None:
-    """Only what changed, when that is cheap to know: if ``after`` is ``before`` with more
-    IP or MAC filters and nothing else, the flows that together with
-    ``compile_middlebox(before)``'s make ``compile_middlebox(after)``'s (each such filter's
+    """Only what changed, when that is cheap to know: ``after`` is ``before`` with the
+    ``added`` filters more and nothing else (the caller knows which: ``Draft.added``),
+    the flows that together with ``compile_middlebox(before)``'s make
+    ``compile_middlebox(after)``'s, if they are all IP or MAC filters (each such filter's
     flows do not depend on the others; port filters share conjunctions and fragment
     paths, so a middlebox with any is compiled whole).  None when it does not apply.  A
-    filter added to a middlebox of 1,000 then costs its own flows, not 2,000."""
-    if before is None or after is None or not surroundings.vouches(after):
+    filter added to a middlebox of 10,000 then costs its own flows, and nothing here
+    reads the 10,000 (whether ``before`` has port filters is remembered per filter set)."""
+    if before is None or after is None or not added or not surroundings.vouches(after):
         return None
-    if replace(before, filters=after.filters) != after or not before.filters < after.filters:
+    if replace(before, filters=after.filters) != after or len(after.filters) != len(before.filters) + len(added):
         return None
-    if any(f.layer is Layer.TRANSPORT for f in after.filters):
+    if not _plain(added) or not _plain(before.filters):
         return None
-    added = replace(after, filters=after.filters - before.filters)
-    return frozenset(compile_plain_filters(added, surroundings.addresses(after)))
+    _remember_plain(after.filters)
+    return frozenset(compile_plain_filters(replace(after, filters=added), surroundings.addresses(after)))
 
 
 def _filter_flows(middlebox: Middlebox, addresses: frozenset[str]) -> set[Flow]:
     """Port filters share conjunctions and fragment paths: only ``compile_filters`` builds
     those; a middlebox without any (a reconnection recompiles 100,000 such filters) takes
     the fast path."""
-    if any(f.layer is Layer.TRANSPORT for f in middlebox.filters):
+    if not _plain(middlebox.filters):
         return compile_filters(middlebox, addresses)
     return compile_plain_filters(middlebox, addresses)
+
+
+# Filter sets known to hold no port filter, by identity (weakly: a set that goes is
+# forgotten with it).  A middlebox's filters are one set until a job changes them, and a
+# job that only adds IP and MAC filters to a plain set makes a plain one.
+_PLAIN: dict[int, weakref.ref] = {}
+
+
+def _plain(filters) -> bool:
+    """No port filter among ``filters``, known without reading them again if this set
+    was found (or made) plain before."""
+    known = _PLAIN.get(id(filters))
+    if known is not None and known() is filters:
+        return True
+    if any(f.layer is Layer.TRANSPORT for f in filters):
+        return False
+    if isinstance(filters, frozenset):  # only a set that cannot change may be remembered
+        _remember_plain(filters)
+    return True
+
+
+def _remember_plain(filters: frozenset) -> None:
+    key = id(filters)
+
+    def forget(gone: weakref.ref) -> None:
+        if _PLAIN.get(key) is gone:  # not a newer set that got the same id
+            del _PLAIN[key]
+
+    _PLAIN[key] = weakref.ref(filters, forget)
 
 
 def compile_switch(state: State, dpid: int, surroundings: Surroundings) -> SwitchConfig:

@@ -453,7 +453,8 @@ class SwitchReconciler:
             failure = None
             if plan.touched:
                 exact = self._take_exact(plan.before, plan.touched)
-                failure = self._install(plan.before, plan.after, plan.touched, plan.backends, exact)
+                added = {mac: plan.added[(self.dpid, mac)] for mac in exact if (self.dpid, mac) in plan.added}
+                failure = self._install(plan.before, plan.after, plan.touched, plan.backends, added)
                 if failure is not None:
                     if failure.code == "switch-error" and len(_by_channel(requests)) > 1:
                         return None  # after the release below: each channel alone
@@ -497,18 +498,20 @@ class SwitchReconciler:
         self._forget_exact(job.macs)
         self._install(state, state, set(job.macs), set())
 
-    def _install(self, before, after, macs, backends, exact=frozenset()) -> Failure | None:
+    def _install(self, before, after, macs, backends, added=None) -> Failure | None:
         """Flows of the ``macs`` middleboxes from ``before`` to ``after`` as one bundle,
         compiled one middlebox at a time while the earlier ones are already on their way.
-        Of the ``exact`` ones the switch holds the whole compiled ``before``.  None when
-        the switch confirmed; else why not."""
+        ``added``: by MAC, the filters ``after`` adds to a middlebox it changes no other
+        way and whose whole compiled ``before`` the switch holds.  None when the switch
+        confirmed; else why not."""
         if not self.connected:
             return Failure("UNAVAILABLE", f"switch {self.dpid:016x} is not connected; try again", "switch-down")
         if not self.synced:
             return Failure("UNAVAILABLE", f"switch {self.dpid:016x} is being reconciled; try again", "switch-down")
+        added = added or {}
         try:
             self._resolve(backends)
-            errors = self._stream(self._middlebox_changes(before, after, mac, mac in exact) for mac in sorted(macs))
+            errors = self._stream(self._middlebox_changes(before, after, mac, added.get(mac)) for mac in sorted(macs))
         except Abandoned as abandoned:
             return abandoned.failure
         except SwitchUnreachable as error:
@@ -519,19 +522,19 @@ class SwitchReconciler:
             return Failure("REJECTED", "switch refused: " + "; ".join(errors), "switch-error")
         return None
 
-    def _middlebox_changes(self, before, after, mac: str, exact: bool = False) -> Changes:
+    def _middlebox_changes(self, before, after, mac: str, added=None) -> Changes:
         """Raises Abandoned if a backend the flows need is not located yet (labs: ARP).
         The groups of both zones are managed: a middlebox cancelled and registered again
         in one job may get another zone, and its old groups must go.  Only added filters
-        are compiled when the switch is known to hold the whole of ``before`` (``exact``):
-        anything it lacks (refused at a reconnection, a redirect whose backend was not
-        located then, a change confirmed but not committed) is repaired by compiling the
-        middlebox whole."""
+        are compiled (``added``, given only when the switch is known to hold the whole of
+        ``before``): anything it lacks (refused at a reconnection, a redirect whose backend
+        was not located then, a change confirmed but not committed) is repaired by
+        compiling the middlebox whole."""
         wanted = after.find(self.dpid, mac)
         surroundings = self._surroundings()
-        added = compile_added_filters(before.find(self.dpid, mac), wanted, surroundings) if exact else None
-        if added is not None:  # compared with what the switch holds at those identities only
-            return self._added_changes(added, cookie_of(mac))
+        flows = compile_added_filters(before.find(self.dpid, mac), wanted, added, surroundings)
+        if flows is not None:  # compared with what the switch holds at those identities only
+            return self._added_changes(flows, cookie_of(mac))
         desired = (compile_middlebox(wanted, surroundings) if wanted
                    else SwitchConfig(frozenset(), frozenset()))
         if desired.unresolved:

@@ -556,12 +556,13 @@ def test_ip_networks_become_address_and_netmask(text, name, network):
 def test_added_ip_and_mac_filters_compile_to_exactly_what_the_whole_middlebox_adds(earlier, later, redirects, both):
     """compile_added_filters: when it answers, its flows and the earlier ones are the
     whole middlebox's, whatever the filters (every layer), redirects and addresses; it
-    answers for a strict superset of IP and MAC filters with nothing else changed."""
+    answers for a strict superset of IP and MAC filters with nothing else changed (told
+    which filters are new, it checks that they are as many as the sets differ by)."""
     register = f"R F {MAC} 10.0.0.100" if not both else f"R F {MAC} 2001:db8::100"  # + the balancer's
     redirect = [f"R L {MAC} 10.0.0.100 {t}" for t in redirects]
     before = build(register, *[f"A {MAC} {t}" for t in earlier], *redirect).find(1, MAC)
     after = build(register, *[f"A {MAC} {t}" for t in earlier + later], *redirect).find(1, MAC)
-    added = compile_added_filters(before, after, LAB)
+    added = compile_added_filters(before, after, after.filters - before.filters, LAB)
     layers = {parse_command(f"A {MAC} {t}").filter.layer for t in earlier + later}
     applies = before.filters < after.filters and Layer.TRANSPORT not in layers
     assert (added is not None) == applies
@@ -573,14 +574,30 @@ def test_added_ip_and_mac_filters_compile_to_exactly_what_the_whole_middlebox_ad
 def test_added_filters_are_not_compiled_alone_after_any_other_change():
     before = build(f"R F {MAC} 10.0.0.100", f"A {MAC} I 4 s 10.9.0.1").find(1, MAC)
     grown = build(f"R F {MAC} 10.0.0.100", f"A {MAC} I 4 s 10.9.0.1", f"A {MAC} I 4 s 10.9.0.2").find(1, MAC)
-    assert compile_added_filters(before, grown, LAB) is not None
-    assert compile_added_filters(before, replace(grown, firewall_ip="10.0.0.101"), LAB) is None   # addresses
-    assert compile_added_filters(before, replace(grown, port=9), LAB) is None                     # moved
-    assert compile_added_filters(grown, before, LAB) is None                                      # removed
-    assert compile_added_filters(before, before, LAB) is None                                     # unchanged
-    assert compile_added_filters(None, grown, LAB) is None and compile_added_filters(before, None, LAB) is None
+    new = grown.filters - before.filters
+    assert compile_added_filters(before, grown, new, LAB) is not None
+    assert compile_added_filters(before, replace(grown, firewall_ip="10.0.0.101"), new, LAB) is None   # addresses
+    assert compile_added_filters(before, replace(grown, port=9), new, LAB) is None                     # moved
+    assert compile_added_filters(grown, before, new, LAB) is None                                      # removed
+    assert compile_added_filters(before, before, frozenset(), LAB) is None                             # unchanged
+    assert compile_added_filters(None, grown, new, LAB) is None and compile_added_filters(before, None, new, LAB) is None
     unannotated_refused = Surroundings(mode=TrustMode.ANNOTATIONS)  # nothing vouches for it: compiled whole
-    assert compile_added_filters(before, grown, unannotated_refused) is None
+    assert compile_added_filters(before, grown, new, unannotated_refused) is None
+
+
+def test_a_filter_set_found_plain_stays_known_and_one_with_port_filters_never_is():
+    """compile_added_filters reads neither set's old filters: whether a set has port
+    filters is remembered with the set (flows._plain), and a grown set is known plain."""
+    plain = build(f"R F {MAC} 10.0.0.100", f"A {MAC} I 4 s 10.9.0.1").find(1, MAC)
+    grown = build(f"R F {MAC} 10.0.0.100", f"A {MAC} I 4 s 10.9.0.1", f"A {MAC} I 4 s 10.9.0.2").find(1, MAC)
+    assert compile_added_filters(plain, grown, grown.filters - plain.filters, LAB) is not None
+    assert F._PLAIN[id(grown.filters)]() is grown.filters
+    ported = build(f"R F {MAC} 10.0.0.100", f"A {MAC} T 8 d 80").find(1, MAC)
+    assert not F._plain(ported.filters) and not F._plain(ported.filters)  # asked twice: not remembered
+    assert id(ported.filters) not in F._PLAIN or F._PLAIN[id(ported.filters)]() is not ported.filters
+    key = id(grown.filters)
+    del grown
+    assert key not in F._PLAIN or F._PLAIN[key]() is not None  # forgotten with its set
 
 
 def test_address_pairs_are_shared_between_the_flows_of_a_middlebox():
