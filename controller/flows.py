@@ -205,12 +205,13 @@ def _plain(filters) -> bool:
         return True
     if any(f.layer is Layer.TRANSPORT for f in filters):
         return False
-    if isinstance(filters, frozenset):  # only a set that cannot change may be remembered
-        _remember_plain(filters)
+    _remember_plain(filters)
     return True
 
 
-def _remember_plain(filters: frozenset) -> None:
+def _remember_plain(filters) -> None:
+    if not isinstance(filters, frozenset):  # only a set that cannot change may be remembered
+        return
     key = id(filters)
 
     def forget(gone: weakref.ref) -> None:
