@@ -42,7 +42,7 @@ from mbvisor.guest.answers import Answer, answer, fits
 from mbvisor.guest.backoff import Backoff
 from mbvisor.guest.channel_errors import BadRegion, ChannelError
 from mbvisor.guest.ivshmem import DoorbellError
-from mbvisor.guest.reader import ChannelReader, FaultLog, Incoming
+from mbvisor.guest.reader import SPURIOUS_RING_PAUSE, ChannelReader, FaultLog, Incoming
 from mbvisor.guest.region import RegionFile, open_channel_file, read_counters
 
 from .batching import Alone, Lane
@@ -60,7 +60,6 @@ DAMAGED_PER_POLL = 16    # damaged slots answered CORRUPT per poll, then DAMAGED
 DAMAGED_PAUSE = 0.05     # so a guest publishing garbage costs at most ~320 answers/s
 FAULT_PAUSE = 0.1        # after an unexpected error in a worker, before it looks again
 STATUS_REFRESH = 30.0   # an unchanged status file is rewritten this often (its time: the agent lives)
-SPURIOUS_RING_PAUSE = 2e-3  # a ring that found nothing re-arms the bell this much later (<= 500 wakes/s)
 
 
 class _Stop(threading.Event):
@@ -129,7 +128,8 @@ class Channel:
     lane: Lane | None = None  # its switch's way to the controller, shared with that switch's channels
     snapshot: dict = field(default_factory=dict)  # the worker's last published state
     idle_at: object = None                        # region counters at which nothing is to do
-    bell: HostBell | None = None  # its guest's doorbell; None: polled
+    bell: HostBell | None = None  # its guest's doorbell, changed by its worker only; None: polled
+    offered_bell: HostBell | None = None  # connected by discovery, for the worker to take
     bell_problem: str | None = None  # why a channel annotated with a doorbell is polled
 
 
@@ -180,6 +180,7 @@ class Agent:
         self.refused: tuple[Refusal, ...] = ()
         self.faults = FaultLog(log)
         self.bells = Bells()
+        self._offering = threading.Lock()  # guards every channel's offered_bell
         self.stop = _Stop(self.bells.interrupt)
         self._written: tuple[dict | None, float] = (None, 0.0)  # the status last written, and when
 
@@ -267,6 +268,7 @@ class Agent:
         keep a lane for each switch that has a channel."""
         scan = self.discover()
         scan = scan if isinstance(scan, Scan) else Scan(list(scan))
+        before = set(self.channels)
         self._note_refusals(scan.refused)
         if scan.inventories is not None:
             self._offer_inventories(scan)
@@ -289,11 +291,13 @@ class Agent:
             if name not in self.channels:
                 self.channels[name] = self._open(vm, problems.get(name))
         for channel in self.channels.values():
-            if channel.vm.doorbell and channel.bell is None and channel.reader is not None:
+            if (channel.vm.doorbell and channel.bell is None and channel.offered_bell is None
+                    and channel.reader is not None):
                 self._attach_bell(channel)  # its server was not there yet, or went and came back
         served = {channel.vm.dpid for channel in self.channels.values()}
         self.lanes = {dpid: lane for dpid, lane in self.lanes.items() if dpid in served}
-        self.bells.interrupt()  # the poller's pause depends on which channels it polls
+        if set(self.channels) != before:
+            self.bells.interrupt()  # the poller's pause depends on which channels it polls
 
     @staticmethod
     def _stale(channel: Channel) -> bool:
@@ -346,9 +350,27 @@ class Agent:
             self._polled_because(channel, f"the doorbell server at {channel.vm.doorbell} serves another region "
                                           f"than {channel.vm.region}")
             return
+        with self._offering:
+            if channel.offered_bell is None and not channel.stop.is_set():
+                channel.offered_bell, bell = bell, None
+        if bell is not None:  # one was offered already, or the channel is closing
+            bell.close()
+        channel.wake.set()  # its worker takes it, and looks once: rings before went unheard
+
+    def _take_offered_bell(self, channel: Channel) -> None:
+        """The worker's own: only it changes ``channel.bell``, so no other thread can lose
+        a bell while it is being registered (a closed descriptor's number may be reused)."""
+        with self._offering:
+            bell, channel.offered_bell = channel.offered_bell, None
+        if bell is None:
+            return
+        try:
+            self.bells.add(bell, channel)
+        except (OSError, ValueError) as error:
+            bell.close()
+            self._polled_because(channel, f"epoll refused the doorbell of {channel.vm.doorbell}: {error}")
+            return
         channel.bell, channel.bell_problem = bell, None
-        self.bells.add(bell, channel)
-        channel.wake.set()  # rings before this one went unheard: look once
         log.info("channel %s: doorbell %s connected", channel.vm.name, channel.vm.doorbell)
 
     @staticmethod
@@ -368,6 +390,14 @@ class Agent:
         if bell is not None:
             self.bells.remove(bell)
             bell.close()
+
+    def _close_bells(self, channel: Channel) -> None:
+        """At the worker's end: its bell, and one offered that it never took."""
+        self._close_bell(channel)
+        with self._offering:
+            offered, channel.offered_bell = channel.offered_bell, None
+        if offered is not None:
+            offered.close()
 
     def _close(self, name: str) -> Channel:
         """Tell the channel's worker to stop, without waiting for it: a worker in the middle
@@ -466,8 +496,10 @@ class Agent:
                 channel.wake.wait()  # set by the poller, or by _close to stop
                 channel.wake.clear()
                 channel.working = True
-                rung, answered = self._hear_bell(channel), channel.reader.consume
+                answered = channel.reader.consume
                 try:
+                    self._take_offered_bell(channel)
+                    self._hear_bell(channel)
                     if not self._drain(channel):
                         return  # stopping while a command waits: it stays pending in the ring
                 except Exception as error:  # a hostile region or a bug: this channel goes on
@@ -477,23 +509,28 @@ class Agent:
                     self._publish(channel)
                     channel.working = False
                 if channel.bell is not None:
-                    if rung and channel.reader.consume == answered:
-                        channel.stop.wait(SPURIOUS_RING_PAUSE)  # rung for nothing: a guest ringing on and on
+                    if channel.reader.consume == answered:  # woken for nothing: a guest ringing on and
+                        channel.stop.wait(SPURIOUS_RING_PAUSE)  # on, or a server that never stops talking
                     self.bells.rearm(channel.bell)
         finally:
-            self._close_bell(channel)
+            self._close_bells(channel)
             channel.reader.region.close()
 
-    def _hear_bell(self, channel: Channel) -> int:
-        """Rings since the last look (cleared before looking: a ring after this one wakes
-        the worker again), and the server's notifications read."""
+    def _hear_bell(self, channel: Channel) -> None:
+        """Clear the bell before looking (a ring after this wakes the worker again) and
+        read the server's notifications; a bell that cannot be read, or a server that
+        has gone or is out of step, is lost (polled from now on)."""
         bell = channel.bell
         if bell is None:
-            return 0
-        rung = bell.clear()
+            return
+        try:
+            bell.clear()
+        except OSError as error:
+            self._lose_bell(channel, f"the doorbell of {channel.vm.doorbell} cannot be read: {error}")
+            return
         if not bell.drain():
-            self._lose_bell(channel, f"its ivshmem server at {channel.vm.doorbell} closed the connection")
-        return rung
+            self._lose_bell(channel, f"its ivshmem server at {channel.vm.doorbell} closed the connection or sent "
+                                     "a broken message")
 
     def _drain(self, channel: Channel) -> bool:
         """Answer the pending commands in order; False if stopped before an answer."""

@@ -18,6 +18,7 @@ import os
 import select
 import socket
 import stat
+import threading
 
 from mbvisor.guest import ivshmem
 from mbvisor.guest.ivshmem import DoorbellError
@@ -37,6 +38,10 @@ class HostBell:
         eventfd = setup.peers[ivshmem.HOST_PEER][ivshmem.COMMAND_VECTOR]
         info = os.fstat(setup.shared_memory)
         setup.close_except(eventfd)
+        if not _is_eventfd(eventfd):  # epoll would refuse a file, and a pipe cannot be read as one
+            os.close(eventfd)
+            setup.connection.close()
+            raise DoorbellError(f"{path}: the server's host eventfd is not an eventfd")
         os.set_blocking(eventfd, False)
         return cls(path, setup.connection, eventfd, (info.st_dev, info.st_ino))
 
@@ -47,7 +52,8 @@ class HostBell:
         return self.eventfd
 
     def clear(self) -> int:
-        """Rings since the last clear (0 if none), and the bell is quiet again."""
+        """Rings since the last clear (0 if none), and the bell is quiet again.  OSError
+        if it cannot be read (then it is no bell)."""
         try:
             return os.eventfd_read(self.eventfd)
         except BlockingIOError:
@@ -63,6 +69,13 @@ class HostBell:
             self.eventfd = -1
         self.connection.close()
 
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
 
 
 def open_bell(path: str, directories: tuple[str, ...], timeout: float = 2.0) -> HostBell:
@@ -94,11 +107,21 @@ class Bells:
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wakeup, select.EPOLLIN)
         self._owners: dict[int, object] = {}
+        self._closing = threading.Lock()  # interrupt() never writes a closed (maybe reused) descriptor
 
     def add(self, bell: HostBell, owner) -> None:
-        for fd in (bell.eventfd, bell.connection.fileno()):
-            self._owners[fd] = owner
-            self._epoll.register(fd, self.MASK)
+        """OSError (nothing registered) if epoll refuses one of the bell's descriptors."""
+        registered = []
+        try:
+            for fd in (bell.eventfd, bell.connection.fileno()):
+                self._epoll.register(fd, self.MASK)
+                registered.append(fd)
+                self._owners[fd] = owner
+        except (OSError, ValueError):
+            for fd in registered:
+                self._owners.pop(fd, None)
+                self._epoll.unregister(fd)
+            raise
 
     def rearm(self, bell: HostBell) -> None:
         for fd in (bell.eventfd, bell.connection.fileno()):
@@ -133,8 +156,12 @@ class Bells:
         return list(owners.values())
 
     def interrupt(self) -> None:
-        os.eventfd_write(self._wakeup, 1)
+        with self._closing:
+            if self._wakeup >= 0:
+                os.eventfd_write(self._wakeup, 1)
 
     def close(self) -> None:
-        self._epoll.close()
-        os.close(self._wakeup)
+        with self._closing:
+            self._epoll.close()
+            os.close(self._wakeup)
+            self._wakeup = -1

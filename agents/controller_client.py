@@ -72,7 +72,11 @@ def checked_answers(body: dict, count: int) -> list[dict]:
 
 
 # A kept connection the controller closed while it was idle fails like this on its next
-# use, before the request was read: the request goes again once, on a new connection.
+# use: the request goes again once, on a new connection.  The same failure also comes from
+# a controller that read the request and died before answering; sending it again is safe
+# then too: commands carry idempotency keys (a replay gets the first answer), PUT of an
+# inventory is idempotent, and a DELETE applied the first time answers 404, which a
+# removal takes as done.
 _CLOSED_WHILE_IDLE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
@@ -104,8 +108,7 @@ class ControllerClient:
     def _call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         """(HTTP status, JSON body) of any answer; raises ControllerUnavailable when there
         is none worth reading (no connection, time-out, 502/503/504).  Every request is
-        safe to send twice (commands carry idempotency keys, PUT and DELETE are
-        idempotent), which the one retry on a connection closed while idle relies on."""
+        safe to send twice (see _CLOSED_WHILE_IDLE), which the one retry relies on."""
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"

@@ -30,7 +30,7 @@ class DeviceDoorbell:
 
     def __init__(self, registers: mmap.mmap):
         self._registers = registers
-        self._words = memoryview(registers).cast("I")  # 32-bit accesses, as the device requires
+        self._words = memoryview(registers).cast("i")  # 32-bit accesses, as the device requires
 
     @classmethod
     def of(cls, device: Path) -> "DeviceDoorbell | None":
@@ -53,7 +53,8 @@ class DeviceDoorbell:
         return bell
 
     def position(self) -> int:
-        """This guest's peer ID (IVPosition): 0 without a doorbell."""
+        """This guest's peer ID (IVPosition): 0 without a doorbell (QEMU before 2.6 could
+        read -1 for a while)."""
         return self._words[IVPOSITION]
 
     def ring(self) -> None:

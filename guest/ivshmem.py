@@ -51,22 +51,35 @@ def send_message(connection: socket.socket, number: int, fd: int | None = None) 
         socket.send_fds(connection, [data], [fd])
 
 
-def receive_message(connection: socket.socket) -> tuple[int, int | None] | None:
+class CutMessage(OSError):
+    """The stream ended or stalled in the middle of a message: it is out of step."""
+
+
+def receive_message(connection: socket.socket, deadline: float | None = None) -> tuple[int, int | None] | None:
     """(number, descriptor or None), or None at the end of the stream.  Extra
-    descriptors (no server sends more than one per message) are closed."""
+    descriptors (no server sends more than one per message) are closed.  A message
+    that stops part-way (the stream may cut one; its descriptor came with the first
+    byte) is waited for until ``deadline`` (monotonic; None: the socket's own time-out
+    each read), then CutMessage, and its descriptor closed either way."""
     data, fds, _, _ = socket.recv_fds(connection, _MESSAGE.size, 4)
-    while data and len(data) < _MESSAGE.size:  # a stream may cut a message; its fd came with the first byte
-        more, extra, _, _ = socket.recv_fds(connection, _MESSAGE.size - len(data), 4)
-        if not more:
-            break
-        data, fds = data + more, fds + extra
-    if len(data) < _MESSAGE.size:
+    try:
+        while data and len(data) < _MESSAGE.size:
+            if deadline is not None:
+                connection.settimeout(max(0.001, deadline - time.monotonic()))
+            more, extra, _, _ = socket.recv_fds(connection, _MESSAGE.size - len(data), 4)
+            fds += extra
+            if not more:
+                raise CutMessage("the stream ended inside a message")
+            data += more
+    except BaseException as error:
         for fd in fds:
             os.close(fd)
-        return None
+        if isinstance(error, (BlockingIOError, TimeoutError)):
+            raise CutMessage("the stream stopped inside a message") from None
+        raise
     for extra in fds[1:]:
         os.close(extra)
-    return _MESSAGE.unpack(data)[0], (fds[0] if fds else None)
+    return (_MESSAGE.unpack(data)[0], fds[0] if fds else None) if data else None
 
 
 @dataclass
@@ -133,8 +146,8 @@ def connect(path: str, timeout: float = 2.0) -> ClientSetup:
 def _next(connection: socket.socket, deadline: float, path: str, received: list[int]) -> tuple[int, int | None]:
     connection.settimeout(max(0.001, deadline - time.monotonic()))
     try:
-        message = receive_message(connection)
-    except TimeoutError:
+        message = receive_message(connection, deadline)
+    except (TimeoutError, CutMessage):
         raise DoorbellError(f"{path}: the doorbell server did not finish its setup in time") from None
     except OSError as error:
         raise DoorbellError(f"{path}: {error.strerror or error}") from None
@@ -145,22 +158,27 @@ def _next(connection: socket.socket, deadline: float, path: str, received: list[
     return message
 
 
+MAX_DRAINED = 64  # notifications read per call: a server that floods cannot hold its reader
+
+
 def drain(connection: socket.socket) -> bool:
-    """Read (and close the descriptors of) every notification waiting on a client's
-    connection, without blocking; False once the server has gone."""
+    """Read (and close the descriptors of) the notifications waiting on a client's
+    connection, at most MAX_DRAINED, without blocking; False once the server has gone
+    or sent a message cut short (the stream is out of step from then on)."""
     connection.setblocking(False)
     try:
-        while True:
+        for _ in range(MAX_DRAINED):
             try:
                 message = receive_message(connection)
             except BlockingIOError:
                 return True
-            except OSError:
+            except OSError:  # CutMessage among them
                 return False
             if message is None:
                 return False
             if message[1] is not None:
                 os.close(message[1])
+        return True
     finally:
         connection.setblocking(True)
 

@@ -29,6 +29,7 @@ from .region import Region, RegionFile, RegionIO, RegionShrunk, read_counters
 log = logging.getLogger(__name__)
 _UNSEEN = object()  # no header looked at yet: the first poll always looks
 BELL_SWEEP = 1.0    # a reader woken by a doorbell still looks this often (a lost ring costs at most this)
+SPURIOUS_RING_PAUSE = 2e-3  # a ring that found nothing is heard again only this much later (<= 500 looks/s)
 
 
 @dataclass(frozen=True)
@@ -285,9 +286,11 @@ def serve(reader: ChannelReader, handler: Handler, stop: threading.Event,
     while not stop.is_set():
         incoming = reader.poll()
         if incoming is None and bell is not None:
-            bell.clear()  # then look again: a command published before this is found now, one after it rings
+            rung = bell.clear()  # then look again: a command published before this is found now, one after it rings
             incoming = reader.poll()
             if incoming is None:
+                if rung:  # rung for nothing: a guest ringing on and on is heard at most every pause
+                    stop.wait(SPURIOUS_RING_PAUSE)
                 select.select([bell], [], [], sweep)
                 continue
         if incoming is None:

@@ -10,6 +10,7 @@ import contextlib
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -523,3 +524,202 @@ def test_agent_status_says_how_each_channel_is_woken_and_whether_ovs_is_reached(
     assert "Open vSwitch at unix:/run/openvswitch/db.sock: NOT REACHED; the last view of the VMs stands" in out
     assert "channel vm0/tap-vm0: woken by its doorbell" in out
     assert f"channel vm1/tap-vm1: polled, its doorbell not used: doorbell {sockets}/none.sock: No such file" in out
+
+
+# --- what the adversarial review found -------------------------------------------------------
+
+@contextlib.contextmanager
+def hostile_server(path, script):
+    """A server that runs ``script(connection)`` for each client, in its own thread."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    listener.settimeout(0.05)
+    done, connections = threading.Event(), []
+
+    def accept():
+        while not done.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                continue
+            connections.append(connection)
+            threading.Thread(target=_quietly, args=(script, connection), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(5)
+        listener.close()
+        for connection in connections:
+            connection.close()
+
+
+def _quietly(script, connection) -> None:
+    try:
+        script(connection)
+    except OSError:
+        pass
+
+
+def eventfds() -> int:
+    return sum(1 for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}") and "eventfd" in _link(fd))
+
+
+def _link(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def setup_then(region_fd: int, host_fd: int, then=lambda connection: time.sleep(10)):
+    def script(connection):
+        for number, fd in ((0, None), (1, None), (-1, region_fd), (0, host_fd)):
+            ivshmem.send_message(connection, number, fd)
+        then(connection)
+    return script
+
+
+def test_a_message_cut_short_leaks_nothing_and_loses_the_server(shm, sockets):
+    region = shm.region()
+    region_fd, host, extra = os.open(region, os.O_RDWR), os.eventfd(0), os.eventfd(0)
+    cut = threading.Event()
+
+    def one_byte_with_a_descriptor(connection):
+        cut.wait(5)
+        socket.send_fds(connection, [b"\x01"], [extra])  # never the other 7 bytes
+        time.sleep(5)
+
+    path = sockets / "t.sock"
+    try:
+        with hostile_server(path, setup_then(region_fd, host, one_byte_with_a_descriptor)):
+            bell = HostBell.connect(str(path))
+            before = eventfds()
+            cut.set()
+            wait_until(lambda: select.select([bell.connection], [], [], 0)[0], what="the cut message")
+            assert bell.drain() is False  # out of step: the server is lost
+            assert eventfds() == before
+            bell.close()
+    finally:
+        for fd in (region_fd, host, extra):
+            os.close(fd)
+
+
+def test_connect_ends_at_its_deadline_whatever_the_server_dribbles(sockets):
+    def dribble(connection):
+        for byte in struct.pack("<q", 0):
+            connection.sendall(bytes([byte]))
+            time.sleep(0.25)
+
+    path = sockets / "u.sock"
+    with hostile_server(path, dribble):
+        started = time.monotonic()
+        with pytest.raises(DoorbellError, match="in time"):
+            ivshmem.connect(str(path), timeout=0.3)
+        assert time.monotonic() - started < 0.3 + 0.5  # one deadline for the whole setup, not one per read
+
+
+@pytest.mark.parametrize("kind", ["regular file", "pipe"])
+def test_a_server_whose_host_eventfd_is_no_eventfd_leaves_the_channel_polled(shm, sockets, kind):
+    region = shm.region()
+    region_fd = os.open(region, os.O_RDWR)
+    read_end, write_end = os.pipe()
+    host = region_fd if kind == "regular file" else write_end
+    path = sockets / "w.sock"
+    try:
+        with hostile_server(path, setup_then(region_fd, host)):
+            with serving([belled(region, str(path))], FakeController(), bell_sweep=0.2,
+                         doorbell_dirs=(str(sockets),)) as agent:
+                wait_until(lambda: state(agent, "doorbell_problem") is not None, what="the refusal")
+                assert "not an eventfd" in state(agent, "doorbell_problem")
+                writer = guest(region)
+                assert writer.request(f"@A {MAC} I 4 s 10.0.0.1@".encode(), timeout=5).ok  # polled, served
+                assert agent.channels["vm0/tap-vm0"].thread.is_alive()
+                writer.region.close()
+    finally:
+        for fd in (region_fd, read_end, write_end):
+            os.close(fd)
+
+
+def test_a_server_flooding_notifications_cannot_hold_the_worker(shm, sockets):
+    region = shm.region()
+    region_fd, host = os.open(region, os.O_RDWR), os.eventfd(0, os.EFD_NONBLOCK)
+    flood = threading.Event()
+
+    def chatter(connection):
+        flood.wait(10)
+        chunk = struct.pack("<q", 2) * 8192  # "peer 2 left", over and over
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            connection.sendall(chunk)
+
+    path = sockets / "x.sock"
+    try:
+        with hostile_server(path, setup_then(region_fd, host, chatter)):
+            with serving([belled(region, str(path))], FakeController(), bell_sweep=3600,
+                         doorbell_dirs=(str(sockets),)) as agent:
+                wait_until(lambda: state(agent, "woken_by") == "doorbell", what="the doorbell attached")
+                writer = guest(region)
+                flood.set()
+                ticket = writer.submit(f"@A {MAC} I 4 s 10.0.0.1@".encode())
+                ivshmem.ring_eventfd(host)
+                assert writer.wait(ticket, timeout=5).ok
+                writer.region.close()
+    finally:
+        os.close(region_fd)
+        os.close(host)
+
+
+def test_stop_after_the_agent_ended_writes_nowhere(sockets):
+    from mbvisor.agents.agent import Agent, AgentSettings
+
+    agent = Agent(lambda: [], FakeController(), AgentSettings(discovery_interval=0.05))
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    agent.stop.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    pipes = [os.pipe() for _ in range(4)]  # whatever reuses the wake-up's number
+    try:
+        agent.stop.set()  # a second SIGTERM: no error, nothing written
+        for read_end, _ in pipes:
+            assert select.select([read_end], [], [], 0)[0] == []
+    finally:
+        for pair in pipes:
+            for fd in pair:
+                os.close(fd)
+
+
+def test_serve_hears_a_ringing_guest_at_most_every_pause(shm, sockets):
+    from mbvisor.guest.reader import SPURIOUS_RING_PAUSE
+
+    region = shm.region()
+    path = sockets / "y.sock"
+    with running([(region, str(path))]):
+        bell = HostBell.connect(str(path))
+        reader = ChannelReader(open_file(region), "flooded")
+        cleared = []
+        clear = bell.clear
+        bell.clear = lambda: cleared.append(1) or clear()
+        stop = threading.Event()
+        thread = threading.Thread(target=serve, args=(reader, lambda incoming: (ring.Status.OK, "ok"), stop),
+                                  kwargs={"bell": bell, "sweep": 3600}, daemon=True)
+        thread.start()
+        flood = HostBell.connect(str(path))
+        started, rings = time.monotonic(), 0
+        while time.monotonic() - started < 0.5:
+            ivshmem.ring_eventfd(flood.eventfd)
+            rings += 1
+        elapsed = time.monotonic() - started
+        stop.set()
+        ivshmem.ring_eventfd(flood.eventfd)
+        thread.join(5)
+        flood.close()
+        bell.close()
+        reader.region.close()
+    assert rings > 1000 and len(cleared) <= elapsed / SPURIOUS_RING_PAUSE + 2

@@ -127,6 +127,7 @@ doorbell_id=() ivshmem=(-object "memory-backend-file,id=mb,share=on,mem-path=$RE
                         -device ivshmem-plain,memdev=mb)
 if [ "$DOORBELL" = 1 ]; then
   mkdir -p -m 700 "$(dirname "$DOORBELL_SOCKET")"
+  rm -f "$DOORBELL_SOCKET"  # a killed server's: the wait below must see the new one's
   setpriv --pdeathsig TERM "${MBVISOR[@]}" ivshmem-server "$REGION=$DOORBELL_SOCKET" >"$STATE/ivshmem-server.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 100); do [ -S "$DOORBELL_SOCKET" ] && break; kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
