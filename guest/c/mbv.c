@@ -42,6 +42,8 @@ enum {
 #define DEFAULT_SLOT_SIZE 4096u
 #define FLAG_TRUNCATED 1u
 #define WAIT_CEILING_US 1000   /* section 12: guest wait() and submit() retries */
+#define SPIN_NS 200000         /* yield-only for this long before sleeping: C polls in ~1 us, so
+                                * Python's 20 yields would end before a Python host answers */
 #define IVSHMEM_VENDOR 0x1af4
 #define IVSHMEM_DEVICE 0x1110
 
@@ -224,15 +226,18 @@ static int64_t deadline_after(int timeout_ms)
 }
 
 struct backoff {
-    unsigned idle;
+    int64_t spin_until; /* 0: not started */
     long pause_us;
 };
 
-/* The first 20 idle polls yield; then sleep 50 us, doubling to 1 ms; never past the deadline. */
+/* Idle polls yield for the first SPIN_NS; then sleep 50 us, doubling to 1 ms; never past
+ * the deadline. */
 static void backoff_wait(struct backoff *b, int64_t deadline)
 {
-    if (b->idle < 20) {
-        b->idle++;
+    int64_t now = now_ns();
+    if (b->spin_until == 0)
+        b->spin_until = now + SPIN_NS;
+    if (now < b->spin_until) {
         sched_yield();
         return;
     }
