@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import select
 import threading
 import time
@@ -280,12 +281,13 @@ def serve(reader: ChannelReader, handler: Handler, stop: threading.Event,
     """Answer commands with ``handler`` until ``stop`` is set; a failing handler answers
     ``INTERNAL`` and the loop goes on, so one bad command never stops a channel.
     Without a ``bell`` the region is polled with ``backoff``; with one (an object with
-    ``fileno()`` and ``clear()``, agents/bell.py) the loop sleeps until the guest rings,
-    or ``sweep`` seconds at most: a guest whose ring was lost is still served."""
+    ``fileno()`` and ``clear()``, agents/bell.py) the loop, once the backoff's yield-only
+    polls after a command are over, sleeps until the guest rings, or ``sweep`` seconds at
+    most: a guest whose ring was lost is still served."""
     backoff = backoff or Backoff()
     while not stop.is_set():
         incoming = reader.poll()
-        if incoming is None and bell is not None:
+        if incoming is None and bell is not None and backoff.next_pause() > 0:  # past the yield-only polls
             rung = bell.clear()  # then look again: a command published before this is found now, one after it rings
             incoming = reader.poll()
             if incoming is None:
@@ -294,7 +296,10 @@ def serve(reader: ChannelReader, handler: Handler, stop: threading.Event,
                 select.select([bell], [], [], sweep)
                 continue
         if incoming is None:
-            backoff.wait()
+            if bell is None:
+                backoff.wait()
+            else:
+                os.sched_yield()  # a pipelining writer's next command is on its way: no sleep yet
             continue
         backoff.reset()
         try:
