@@ -202,8 +202,13 @@ class Agent:
                 next_sweep = now + self.settings.bell_sweep
             if self.poll_once(sweep):
                 backoff.reset()
-            polled = any(c.bell is None and c.reader is not None for c in list(self.channels.values()))
-            pause = backoff.next_pause() if polled else next_sweep - time.monotonic()
+            channels = list(self.channels.values())
+            if any(c.bell is None and c.reader is not None for c in channels):
+                pause = backoff.next_pause()
+            elif any(c.bell is not None for c in channels):
+                pause = next_sweep - time.monotonic()
+            else:
+                pause = None  # nothing to look at until discovery brings a channel (it interrupts)
             for channel in self.bells.wait(pause):
                 channel.wake.set()
         if self.changes is not None:
@@ -268,7 +273,7 @@ class Agent:
         keep a lane for each switch that has a channel."""
         scan = self.discover()
         scan = scan if isinstance(scan, Scan) else Scan(list(scan))
-        before = set(self.channels)
+        before = {name: id(channel) for name, channel in self.channels.items()}
         self._note_refusals(scan.refused)
         if scan.inventories is not None:
             self._offer_inventories(scan)
@@ -296,8 +301,8 @@ class Agent:
                 self._attach_bell(channel)  # its server was not there yet, or went and came back
         served = {channel.vm.dpid for channel in self.channels.values()}
         self.lanes = {dpid: lane for dpid, lane in self.lanes.items() if dpid in served}
-        if set(self.channels) != before:
-            self.bells.interrupt()  # the poller's pause depends on which channels it polls
+        if {name: id(channel) for name, channel in self.channels.items()} != before:
+            self.bells.interrupt()  # a channel opened or closed: the poller's pause depends on which it polls
 
     @staticmethod
     def _stale(channel: Channel) -> bool:

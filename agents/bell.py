@@ -138,10 +138,11 @@ class Bells:
             except (FileNotFoundError, ValueError, OSError):
                 pass
 
-    def wait(self, timeout: float) -> list:
-        """The owners whose bell rang or whose server spoke, after at most ``timeout`` s."""
+    def wait(self, timeout: float | None) -> list:
+        """The owners whose bell rang or whose server spoke, after at most ``timeout`` s
+        (None: until one does, or ``interrupt``)."""
         try:
-            events = self._epoll.poll(max(0.0, timeout))
+            events = self._epoll.poll(-1 if timeout is None else max(0.0, timeout))
         except InterruptedError:
             return []
         owners: dict[int, object] = {}

@@ -723,3 +723,19 @@ def test_serve_hears_a_ringing_guest_at_most_every_pause(shm, sockets):
         bell.close()
         reader.region.close()
     assert rings > 1000 and len(cleared) <= elapsed / SPURIOUS_RING_PAUSE + 2
+
+
+def test_an_agent_without_channels_sleeps_until_discovery_brings_one(shm):
+    region = shm.region()
+    vms = []
+    looks, rounds = [], []
+    with serving(vms, FakeController(), bell_sweep=0.05) as agent:
+        poll_once, round_ = agent.poll_once, agent.round
+        agent.poll_once = lambda sweep=True: looks.append(sweep) or poll_once(sweep)
+        agent.round = lambda: rounds.append(1) or round_()
+        wait_until(lambda: len(rounds) >= 10, what="ten discovery rounds")
+        assert len(looks) <= 1  # asleep: nothing to look at, not even a sweep (ten rounds last ten sweeps)
+        vms.append(vm(region))  # a VM appears: its channel is polled at once
+        writer = guest(region)
+        assert writer.request(f"@A {MAC} I 4 s 10.0.0.1@".encode(), timeout=5).ok
+        writer.region.close()

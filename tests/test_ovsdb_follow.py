@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -112,3 +113,21 @@ def test_a_restarted_ovsdb_server_is_followed_again(caplog):
             assert "connection lost" in caplog.text and caplog.text.count("connected; following") >= 2
         finally:
             follower.close()
+
+
+def test_an_idle_database_costs_the_follower_no_wake_ups_and_close_is_prompt():
+    netlab.require_host_tools()
+    with PrivateSwitch(), netlab.Lab() as lab:
+        lab.bridge()
+        follower = OvsdbFollower().start()
+        try:
+            wait_until(lambda: follower.changes.is_set(), 10, "the first replica")
+            runs = []
+            run = follower.idl.run
+            follower.idl.run = lambda: runs.append(1) or run()
+            time.sleep(1.5)  # an observation window, not a wait for something: nothing happens in it
+            assert len(runs) <= 1  # it looked every 250 ms before (6 runs here)
+        finally:
+            started = time.monotonic()
+            follower.close()
+            assert not follower.thread.is_alive() and time.monotonic() - started < 2
