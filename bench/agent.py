@@ -59,7 +59,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mbvisor.bench.benchlib import BenchError, judge, publish, release_together, start
+from mbvisor.bench.benchlib import BenchError, after_silence, judge, publish, release_together, start
 try:
     from mbvisor.agents.discovery import CHANNEL_KEY, DOORBELL_KEY
     from mbvisor.guest.channel_errors import ChannelError
@@ -699,12 +699,8 @@ def measure_after_silence(controller: Controller, dpid: int, vms: list[Vm], sile
             channel_request(writer, f"R F {vm.mac} {vm.firewall_ip}")
         texts = [latency_sequence(vm.mac, rounds + rounds % 2) for vm in vms]
         direct_texts = [latency_sequence(vm.mac, rounds + rounds % 2, net=98) for vm in vms]
-        started = time.monotonic()
-        schedule = sorted((started + silence * (number + 1) + index * silence / len(vms), index, number)
-                          for index in range(len(vms)) for number in range(rounds))
         via_agent, direct = [], []
-        for step, (due, index, number) in enumerate(schedule):
-            time.sleep(max(0.0, due - time.monotonic()))  # the workload's own timing
+        for step, (index, number) in enumerate(after_silence(len(vms), silence, rounds)):
             for way in (("agent", "direct") if step % 2 == 0 else ("direct", "agent")):
                 t0 = time.perf_counter()
                 if way == "agent":

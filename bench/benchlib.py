@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import dataclass
 
 
@@ -102,6 +103,18 @@ def release_together(ctx, spawn, stop, target, per_child: list[tuple], what: str
         for process in processes:
             process.join(5.0)
             stop(process)
+
+
+def after_silence(channels: int, silence: float, rounds: int):
+    """Yield (channel, round) at the times a command is due when each of ``channels`` gets
+    one every ``silence`` seconds, the channels staggered evenly over the silence: each
+    command comes after ``silence`` s of its own channel's silence (sleeping until then is
+    the workload's own timing)."""
+    started = time.monotonic()
+    for due, channel, number in sorted((started + silence * (number + 1) + channel * silence / channels, channel,
+                                        number) for channel in range(channels) for number in range(rounds)):
+        time.sleep(max(0.0, due - time.monotonic()))
+        yield channel, number
 
 
 def publish(table: str, document: dict, json_path: str | None, progress) -> None:

@@ -45,7 +45,7 @@ import threading
 import time
 import uuid
 
-from mbvisor.bench.benchlib import BenchError, expect, judge, publish, release_together, start
+from mbvisor.bench.benchlib import BenchError, after_silence, expect, judge, publish, release_together, start
 try:
     from mbvisor.agents.bell import HostBell
     from mbvisor.agents.echo import answer_frame
@@ -227,20 +227,25 @@ def _cpu_source() -> str:
 
 # --------------------------------------------------------------------------- ring side
 
-def _reader_main(path: str, conn) -> None:
-    """The host side: the real ChannelReader in serve() with the default Backoff."""
+def _reader_main(path: str, echo: bool, doorbell: str | None, conn) -> None:
+    """The host side: the real ChannelReader in serve(), answering ``OK "ok"`` (or as the
+    echo responder does), polling with the default Backoff or asleep on the doorbell of
+    the ivshmem server at ``doorbell``.  Reports its figures when SIGTERM ends it."""
     stop = threading.Event()
     _child_signals(graceful=stop)
     region = open_file(path)
+    bell = HostBell.connect(doorbell) if doorbell else None
     reader = ChannelReader(region, name="bench")
     conn.send(os.getpid())
-    serve(reader, _handler, stop)
+    serve(reader, answer_frame if echo else _handler, stop, bell=bell)
     stats = reader.stats
     try:
         conn.send({"commands": stats.commands, "corrupt": stats.corrupt,
                    "resumed_answers": stats.resumed_answers, "epochs": stats.epochs})
     except OSError:
         pass  # the parent is gone or interrupted: nobody wants the figures
+    if bell is not None:
+        bell.close()
     region.close()
 
 
@@ -431,34 +436,6 @@ def _ivshmem_server_main(pairs: list[tuple[str, str]], conn) -> None:
         server.close()
 
 
-def _bell_reader_main(path: str, socket_path: str, echo: bool, conn) -> None:
-    """The host side asleep on its doorbell: ``serve()`` with the host's eventfd."""
-    stop = threading.Event()
-    _child_signals(graceful=stop)
-    region = open_file(path)
-    bell = HostBell.connect(socket_path)
-    reader = ChannelReader(region, name="bench-doorbell")
-    conn.send(os.getpid())
-    serve(reader, answer_frame if echo else _handler, stop, bell=bell)
-    try:
-        conn.send(reader.stats.commands)
-    except OSError:
-        pass
-    bell.close()
-    region.close()
-
-
-def _echo_reader_main(path: str, conn) -> None:
-    """A polled reader answering as the echo responder does (records the C library checks)."""
-    stop = threading.Event()
-    _child_signals(graceful=stop)
-    region = open_file(path)
-    reader = ChannelReader(region, name="bench-echo")
-    conn.send(os.getpid())
-    serve(reader, answer_frame, stop)
-    region.close()
-
-
 def _region(tag: str) -> str:
     path = f"/dev/shm/mbvisor-bench-{os.getpid()}-{tag}-{uuid.uuid4().hex[:8]}"
     _paths.append(path)
@@ -480,7 +457,7 @@ def _doorbell_phase(profile: dict, pipe_throughput: float, sockets: str) -> tupl
     paths = [_region(f"bell{i}") for i in range(1 + SILENT_READERS)]
     pairs = [(path, os.path.join(sockets, f"{i}.sock")) for i, path in enumerate(paths)]
     server, _, _ = _started(_ivshmem_server_main, pairs)
-    readers = [_started(_bell_reader_main, path, socket_path, False) for path, socket_path in pairs]
+    readers = [_started(_reader_main, path, False, socket_path) for path, socket_path in pairs]
     writers = [ChannelWriter(open_region(shm=path, doorbell=socket_path)) for path, socket_path in pairs]
     try:
         for writer in writers:
@@ -516,7 +493,7 @@ def _doorbell_phase(profile: dict, pipe_throughput: float, sockets: str) -> tupl
     answered = []
     for (process, pid, link), expected in zip(readers, [sent] + [sent_each] * SILENT_READERS):
         os.kill(pid, signal.SIGTERM)
-        answered.append((expect(link, "doorbell reader", 10.0), expected))
+        answered.append((expect(link, "doorbell reader", 10.0)["commands"], expected))
         _stop(process)
     _stop(server)
     if any(got != expected for got, expected in answered):
@@ -528,12 +505,8 @@ def _after_silence(writers: list[ChannelWriter], pipes: list, silence: float, ro
     """Round trips (us) of commands each sent ``silence`` s after its reader's last one,
     the readers staggered over the silence; a ring and a pipe sample at each step, in
     alternating order, so both see the same machine."""
-    started = time.monotonic()
-    schedule = sorted((started + silence * (number + 1) + index * silence / len(writers), index, number)
-                      for index in range(len(writers)) for number in range(rounds))
     rung, piped = [], []
-    for step, (due, index, _) in enumerate(schedule):
-        time.sleep(max(0.0, due - time.monotonic()))  # the workload's own timing
+    for step, (index, _) in enumerate(after_silence(len(writers), silence, rounds)):
         wfd, frames = pipes[index]
         for way in (("ring", "pipe") if step % 2 == 0 else ("pipe", "ring")):
             if way == "ring":
@@ -550,7 +523,7 @@ def _c_versus_python(count: int, build: str) -> tuple[float, float]:
     if made.returncode != 0:
         raise BenchError(f"building the C library failed (gcc, libc6-dev and make needed):\n{made.stderr[-2000:]}")
     path = _region("c")
-    process, _, _ = _started(_echo_reader_main, path)
+    process, _, _ = _started(_reader_main, path, True, None)
     writer = ChannelWriter(open_file(path))
     try:
         writer.initialise()
@@ -614,7 +587,7 @@ def _run(profile: dict, path: str, region) -> dict:
     base_fig: dict[str, float] = {}
 
     parent, child = CTX.Pipe()
-    reader_process = _spawn(_reader_main, path, child)
+    reader_process = _spawn(_reader_main, path, False, None, child)
     child.close()
     reader_pid = expect(parent, "ring reader", 30.0)
     progress(f"ring {geometry.slot_count}x{geometry.command_slot_size}/{geometry.response_slot_size} "
