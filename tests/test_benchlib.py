@@ -98,3 +98,10 @@ def test_document_is_json_with_the_schema_and_the_rows():
         "baseline_name": "bundle", "baseline": {"median": 10.0, "min": 10.0, "max": 10.0, "values": [10.0, 10.0]},
         "ratio": {"median": 3.5, "min": 3.0, "max": 4.0, "values": [3.0, 4.0]},
         "target": ["<=", 3], "target_on": "ratio", "verdict": "MISS"}]
+
+
+def test_after_silence_staggers_the_channels_round_by_round():
+    from mbvisor.bench.benchlib import after_silence
+
+    assert list(after_silence(3, 0.0, 2)) == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+    assert list(after_silence(2, 0.0, 0)) == []
