@@ -103,5 +103,5 @@ def test_document_is_json_with_the_schema_and_the_rows():
 def test_after_silence_staggers_the_channels_round_by_round():
     from mbvisor.bench.benchlib import after_silence
 
-    assert list(after_silence(3, 0.0, 2)) == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+    assert list(after_silence(3, 0.003, 2)) == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
     assert list(after_silence(2, 0.0, 0)) == []
