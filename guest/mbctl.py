@@ -95,60 +95,91 @@ def command_text(args: argparse.Namespace) -> str:
     raise AssertionError(action)
 
 
+# What each filter option means in each layer (docs/grammar.md, "Field values").
+FIELD_HELP = {
+    "src": "source: --layer ip: address or CIDR; mac: MAC address; transport: port or range lo-hi",
+    "dst": "destination: --layer ip: address or CIDR; mac: MAC address (the middlebox's own only); "
+           "transport: port or range lo-hi",
+    "tos": "--layer ip and transport: DSCP 0-63 or a name (ef, af11, cs1, ...); mac: VLAN PCP 0-7",
+    "proto": "--layer ip: IP protocol number or name (tcp, udp, icmp, ...); mac: EtherType (0x0800, ipv4, "
+             "arp, vlan, ...); transport: tcp, udp or sctp",
+}
+
+
+def _global_options(defaults: bool) -> argparse.ArgumentParser:
+    """The options that may come before or after the sub-command: given with their
+    defaults to the main parser, and again without defaults (SUPPRESS) to every
+    sub-command, so a value given before the sub-command is not reset by it."""
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    options = argparse.ArgumentParser(add_help=False)
+    where = options.add_mutually_exclusive_group()
+    where.add_argument("--device", metavar="BDF", default=default(None),
+                       help="ivshmem PCI device, e.g. 00:04.0 (default: the only one)")
+    where.add_argument("--shm", metavar="PATH", default=default(None),
+                       help="region file instead of the device, e.g. /dev/shm/mb0 (default: the device)")
+    options.add_argument("--doorbell", metavar="SOCKET", default=default(None),
+                         help="with --shm: ring the host through this ivshmem server's socket after sending "
+                              "(a device rings by itself when it is an ivshmem-doorbell)")
+    options.add_argument("--timeout", type=float, default=default(5.0), metavar="S",
+                         help="seconds for everything: the channel's lock, a free slot and the answer "
+                              "(default 5); nothing is sent once they have passed")
+    options.add_argument("--json", action="store_true", default=default(False),
+                         help="print the answer as JSON (default: text, one line per command)")
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     epilog = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
         prog="mbctl", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
+        parents=[_global_options(defaults=True)],
         description="Offload firewall filters and load-balancer redirects to the hypervisor "
-                    "through the ivshmem channel, and show what the host answered.")
+                    "through the ivshmem channel, and show what the host answered.  The options "
+                    "--device, --shm, --doorbell, --timeout and --json may come before or after the command.")
     parser.add_argument("-w", "--write", metavar="TEXT",
                         help='send command(s) in the report\'s form, e.g. "@R F 52:34:56:00:12:22 10.0.0.5@"')
     parser.add_argument("-r", "--read", action="store_true", help="show the channel's state and last answers")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--device", metavar="BDF", help="ivshmem PCI device (default: the only one)")
-    where.add_argument("--shm", metavar="PATH", help="region file instead of the device, e.g. /dev/shm/mb0")
-    parser.add_argument("--doorbell", metavar="SOCKET",
-                        help="with --shm: ring the host through this ivshmem server's socket after sending "
-                             "(a device rings by itself when it is an ivshmem-doorbell)")
-    parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
-                        help="seconds for everything: the channel's lock, a free slot and the answer (default 5); "
-                             "nothing is sent once they have passed")
-    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
     parser.add_argument("--raw", action="store_true", help="with -w: send the text unchecked (testing the host)")
     sub = parser.add_subparsers(dest="action", metavar="COMMAND")
+    shared = _global_options(defaults=False)
 
-    def with_mac(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        command.add_argument("--mac", default=default_mac(),
-                             help="the middlebox's MAC (default: $MBCTL_MAC or the VM's only NIC)")
-        return command
+    def command(parent, name: str, help: str, mac: bool = True) -> argparse.ArgumentParser:
+        made = parent.add_parser(name, help=help, parents=[shared])
+        if mac:
+            made.add_argument("--mac", default=default_mac(),
+                              help="the middlebox's MAC (default: $MBCTL_MAC or the VM's only NIC)")
+        return made
 
-    register = with_mac(sub.add_parser("register", help="register this middlebox for firewall offload"))
+    register = command(sub, "register", "register this middlebox for firewall offload")
     register.add_argument("service", choices=["firewall"])
     register.add_argument("--ip", required=True, help="the middlebox's IP address")
 
-    redirect = with_mac(sub.add_parser("redirect", help="offload a load-balancer decision (R L)"))
+    redirect = command(sub, "redirect", "offload a load-balancer decision (R L)")
     redirect.add_argument("--ip", required=True, help="the address clients use (the middlebox's)")
     redirect.add_argument("--to", required=True, metavar="BACKEND[,BACKEND...]",
                           help="backend address, or a comma-separated pool")
     redirect.add_argument("--from", dest="source", metavar="SRC",
-                          help="only traffic from this source (type 1); default: all traffic (type 0)")
+                          help="only traffic from this source (type 1; default: all traffic, type 0)")
 
-    filters = sub.add_parser("filter", help="add or delete a firewall filter (A / D)")
+    filters = sub.add_parser("filter", help="add or delete a firewall filter (A / D)", parents=[shared])
     filter_sub = filters.add_subparsers(dest="filter_action", required=True, metavar="add|del")
     for name in ("add", "del"):
-        command = with_mac(filter_sub.add_parser(name, help=f"{name} a deny filter"))
-        command.add_argument("--layer", required=True, choices=sorted(LAYERS))
+        filter_command = command(filter_sub, name, f"{name} a deny filter")
+        filter_command.add_argument("--layer", required=True, choices=sorted(LAYERS),
+                                    help="which headers the filter looks at (I, M or T in the grammar)")
         for field, _ in FIELDS:
-            command.add_argument(f"--{field}", metavar="VALUE")
+            filter_command.add_argument(f"--{field}", metavar="VALUE", help=FIELD_HELP[field] + " (default: any)")
         if name == "del":
-            command.add_argument("--fields", metavar="src,dst,...",
-                                 help="delete every filter of the layer using exactly these fields")
+            filter_command.add_argument("--fields", metavar="src,dst,...",
+                                        help="delete every filter of the layer using exactly these fields")
 
-    show = with_mac(sub.add_parser("show", help="ask for the current filters of a layer"))
+    show = command(sub, "show", "ask for the current filters of a layer")
     show.add_argument("layer", choices=sorted(LAYERS))
-    with_mac(sub.add_parser("cancel", help="cancel the registration; every offload goes (X)"))
-    sub.add_parser("status", help="same as -r")
-    sub.add_parser("init", help="re-initialise the channel (new epoch; pending commands are dropped)")
+    command(sub, "cancel", "cancel the registration; every offload goes (X)")
+    command(sub, "status", "same as -r", mac=False)
+    command(sub, "init", "re-initialise the channel (new epoch; pending commands are dropped)", mac=False)
     return parser
 
 

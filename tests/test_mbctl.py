@@ -170,3 +170,22 @@ def test_command_longer_than_a_slot_is_refused_before_sending(served, capsys):
     code, _, err = run(capsys, "--shm", served, "-w", frame)
     assert code == mbctl.EXIT_INVALID_COMMAND and "at most 4096 bytes" in err
     assert ring.describe(open_file(served).buf, 1 << 20)["published"] == 0
+
+
+@pytest.mark.parametrize("order", ["before", "after", "both"])
+def test_global_options_may_come_before_or_after_the_command(served, capsys, order):
+    command = ["filter", "add", "--mac", MAC, "--layer", "ip", "--src", "10.0.0.0/8"]
+    options = ["--shm", served, "--timeout", "5", "--json"]
+    arguments = {"before": options + command, "after": command + options,
+                 "both": ["--shm", "/no/such/region", "--timeout", "0.01"] + command + options}[order]
+    code, out, _ = run(capsys, *arguments)
+    assert code == mbctl.EXIT_OK  # "both": the values after the command win
+    assert json.loads(out)["answers"][0]["text"] == f"A {MAC} I 4 s 10.0.0.0/8"
+
+
+def test_every_filter_option_says_what_it_means_per_layer_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        mbctl.main(["filter", "add", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "mac: VLAN PCP 0-7" in text and "mac: EtherType" in text and "DSCP 0-63" in text
+    assert text.count("(default: any)") == 4 and "(default 5)" in text and "--shm PATH" in text
