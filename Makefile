@@ -14,8 +14,9 @@ demo: setup
 	$(VENV)/bin/mbvisor demo
 
 # The same story on a Mininet topology (Mininet's module lives with the system Python).
+# Options go through: make mininet MININET_ARGS="--middleboxes 3 --packets 500"
 mininet: setup
-	/usr/bin/python3 topologies/mininet_lab.py --python $(PYTHON)
+	/usr/bin/python3 topologies/mininet_lab.py --python $(PYTHON) $(MININET_ARGS)
 
 test: setup
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -181,3 +181,11 @@ def test_mn_custom_topology_annotates_the_middleboxes_and_cleans_up():
                          rf'vm-id={switch}-{host}\}}', output, re.M), output[-3000:]
         assert f"mbvisor-mn-{switch}-{host}\n" in output  # the region existed while the CLI ran
     assert "netdev" in output
+
+
+def test_make_mininet_passes_its_options_to_the_lab():
+    dry = subprocess.run(["make", "-n", "-C", str(REPO), "mininet", "MININET_ARGS=--middleboxes 3 --packets 50"],
+                         capture_output=True, text=True, timeout=60)
+    lab_lines = [line for line in dry.stdout.splitlines() if "mininet_lab.py" in line]
+    assert dry.returncode == 0 and len(lab_lines) == 1
+    assert lab_lines[0].endswith("--middleboxes 3 --packets 50")
