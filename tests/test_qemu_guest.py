@@ -14,6 +14,8 @@ See docs/qemu.md for the figures.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -61,7 +63,7 @@ def test_offloaded_filter_stops_the_guests_interrupts(middlebox, record_property
                what=f"{N} attack packets dropped in the switch")
     after = middlebox.counters() - start
 
-    figures = {"attack_packets": N, "pacing_s": PACING, "interrupts_before": before.interrupts,
+    figures = {"accel": middlebox.vm.accel, "attack_packets": N, "pacing_s": PACING, "interrupts_before": before.interrupts,
                "rx_before": before.guest_rx, "interrupts_after": after.interrupts, "rx_after": after.guest_rx,
                "image_cached": middlebox.image["cached"], "image_seconds": round(middlebox.build_seconds, 2)}
     record_property("qemu_interrupts", figures)
@@ -69,6 +71,15 @@ def test_offloaded_filter_stops_the_guests_interrupts(middlebox, record_property
     assert before.interrupts >= N // 4, f"the attack barely interrupted the guest before the offload: {figures}"
     assert after.guest_rx <= NOISE, f"attack packets still reach the guest: {figures}"
     assert after.interrupts <= NOISE, f"the guest is still interrupted after the offload: {figures}"
+    assert middlebox.vm.accel in ("kvm", "tcg") and (middlebox.vm.accel == "tcg" or os.path.exists("/dev/kvm"))
     channel = middlebox.agent.channels()[0]
     assert channel["woken_by"] == ("doorbell" if middlebox.vm.doorbell else "polling"), channel
     assert channel["doorbell_problem"] is None
+
+
+def test_the_launcher_refuses_an_unknown_accelerator():
+    from mbvisor.topologies.qemu.vm import LAUNCH
+
+    done = subprocess.run([str(LAUNCH), "nobridge", "probe", "52:54:00:00:00:01", "/nonexistent", "/nonexistent"],
+                          env={**os.environ, "MB_ACCEL": "hvf"}, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "MB_ACCEL must be auto, kvm or tcg, not 'hvf'" in done.stderr

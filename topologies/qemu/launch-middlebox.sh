@@ -20,7 +20,8 @@
 #         external_ids:vm-id=NAME
 #      and the operator's trust annotations (docs/agent.md):
 #         external_ids:mbvisor-tenant=$MB_TENANT  external_ids:mbvisor-ips=$MB_IPS
-#   3. runs QEMU (TCG unless MB_ACCEL says otherwise) with
+#   3. runs QEMU with KVM when a guest runs on it here (a probe of at most 2 s), else TCG
+#      (MB_ACCEL=kvm|tcg chooses; the choice is printed and written to STATE/accel), with
 #         -object memory-backend-file,id=mb,share=on,mem-path=/dev/shm/NAME,size=1M
 #         -device ivshmem-plain,memdev=mb                       (PCI 1af4:1110, BAR2 = region)
 #      or, with MB_DOORBELL=1, a device the guest rings the host through (docs/protocol.md §12):
@@ -50,8 +51,8 @@
 # Environment: MB_TENANT (the VM's tenant; default NAME: a VM alone in its tenant),
 #   MB_IPS (the VM's own addresses, comma separated; default the address of mbv.ip= in
 #   EXTRA_APPEND, else none), MB_TAP (tap name; default "mbt" + the last 12 characters of NAME),
-#   MB_STATE_DIR, MB_MEM (MiB, default 256), MB_REGION_SIZE (default 1M), MB_ACCEL (tcg;
-#   kvm where it works), MB_QEMU (qemu-system-x86_64), MB_KEEP_REGION, MB_DOORBELL (1: an
+#   MB_STATE_DIR, MB_MEM (MiB, default 256), MB_REGION_SIZE (default 1M), MB_ACCEL (auto: kvm
+#   when a guest runs on /dev/kvm, else tcg), MB_QEMU (qemu-system-x86_64), MB_KEEP_REGION, MB_DOORBELL (1: an
 #   ivshmem-doorbell device), MB_DOORBELL_DIR, MB_MBVISOR (the mbvisor command; default mbvisor).
 # Needs root, qemu-system-x86 and openvswitch-switch; see docs/qemu.md.
 set -euo pipefail
@@ -76,6 +77,8 @@ QEMU=${MB_QEMU:-qemu-system-x86_64}
 DOORBELL=${MB_DOORBELL:-}
 DOORBELL_SOCKET=${MB_DOORBELL_DIR:-/run/mbvisor/ivshmem}/$NAME.sock
 read -r -a MBVISOR <<< "${MB_MBVISOR:-mbvisor}"
+ACCEL=${MB_ACCEL:-auto}
+[[ $ACCEL =~ ^(auto|kvm|tcg)$ ]] || { echo "launch-middlebox: MB_ACCEL must be auto, kvm or tcg, not '$ACCEL'" >&2; exit 2; }
 for file in "$KERNEL" "$INITRAMFS"; do
   [ -r "$file" ] || { echo "launch-middlebox: cannot read $file" >&2; exit 2; }
 done
@@ -105,7 +108,7 @@ cleanup() {
   [ -n "$added_port" ] && ovs-vsctl --timeout=10 --if-exists del-port "$BRIDGE" "$TAP" || true
   [ -n "$created_tap" ] && ip link del "$TAP" 2>/dev/null || true
   if [ -n "$created_region" ] && [ -z "${MB_KEEP_REGION:-}" ]; then rm -f "$REGION"; fi
-  rm -f "$STATE/control.sock" "$STATE/qemu.pid"
+  rm -f "$STATE/control.sock" "$STATE/qemu.pid" "${probe_image:-}"
   echo "launch-middlebox: $NAME stopped and cleaned up (exit $status)" >&2
   exit "$status"
 }
@@ -147,7 +150,29 @@ ovs-vsctl --timeout=10 add-port "$BRIDGE" "$TAP" -- set Interface "$TAP" \
   "external_ids:mbvisor-tenant=$TENANT" "external_ids:mbvisor-ips=\"$IPS\"" "${doorbell_id[@]}"
 
 # 3. the VM
-"$QEMU" -name "$NAME" -machine pc,accel="${MB_ACCEL:-tcg}" -smp 1 -m "${MB_MEM:-256}" \
+# Under KVM the host's CPU model, without the ARCH_CAPABILITIES MSR: nested KVM on these
+# machines refuses to set it and QEMU aborts ("failed to set MSR 0x10a"); qemu64 asks for
+# features such a host lacks.
+KVM_CPU=host,arch-capabilities=off
+if [ "$ACCEL" = auto ]; then
+  # KVM works if a guest runs on it: a boot sector that writes 0x10 to QEMU's debug-exit
+  # port makes QEMU exit with 33 at once (~0.1 s). Where /dev/kvm exists but its vCPUs
+  # never run (seen on nested hosts: QEMU starts, the guest prints nothing), it times out.
+  ACCEL=tcg
+  if [ -c /dev/kvm ]; then
+    probe_image=$(mktemp)
+    { printf '\xb0\x10\xe6\xf4\xf4'; head -c 505 /dev/zero; printf '\x55\xaa'; } > "$probe_image"
+    probe=0
+    timeout 2 "$QEMU" -machine pc,accel=kvm -cpu "$KVM_CPU" -m 16 -nodefaults -no-user-config -display none \
+      -device isa-debug-exit,iobase=0xf4,iosize=0x04 -drive "file=$probe_image,format=raw,if=floppy" -boot a \
+      >/dev/null 2>&1 || probe=$?
+    rm -f "$probe_image"
+    [ "$probe" -eq 33 ] && ACCEL=kvm
+  fi
+fi
+CPU=$([ "$ACCEL" = kvm ] && echo "$KVM_CPU" || echo qemu64)
+echo "$ACCEL" > "$STATE/accel"
+"$QEMU" -name "$NAME" -machine pc,accel="$ACCEL" -cpu "$CPU" -smp 1 -m "${MB_MEM:-256}" \
   -nodefaults -no-user-config -display none -no-reboot \
   -kernel "$KERNEL" -initrd "$INITRAMFS" \
   -append "console=ttyS0 loglevel=4 panic=-1 ipv6.disable=1 mbv.name=$NAME $EXTRA_APPEND" \
@@ -158,7 +183,7 @@ ovs-vsctl --timeout=10 add-port "$BRIDGE" "$TAP" -- set Interface "$TAP" \
   -device "virtio-net-pci,netdev=n0,mac=$MAC,csum=off,guest_csum=off" \
   -pidfile "$STATE/qemu.pid" >"$STATE/qemu.log" 2>&1 &
 QEMU_PID=$!
-echo "launch-middlebox: $NAME running (qemu pid $QEMU_PID, tap $TAP on $BRIDGE, region $REGION, state $STATE)" >&2
+echo "launch-middlebox: $NAME running (qemu pid $QEMU_PID, $ACCEL, tap $TAP on $BRIDGE, region $REGION, state $STATE)" >&2
 # 4. `wait` returns early when a trapped signal arrives; the EXIT trap then cleans up
 wait "$QEMU_PID" && status=0 || status=$?
 QEMU_PID=

@@ -172,6 +172,14 @@ class MiddleboxVM:
                 raise VMError(f"no console line matching {pattern!r} within {timeout:g}s\n{self._tail()}")
             time.sleep(0.05)
 
+    @property
+    def accel(self) -> str | None:
+        """The accelerator the launch script chose ("kvm" or "tcg"), once it has."""
+        try:
+            return (self.state_dir / "accel").read_text().strip()
+        except FileNotFoundError:
+            return None
+
     def wait_ready(self, timeout: float = 90.0) -> None:
         self.wait_for_console(r"^MBVISOR-READY", timeout)
 
