@@ -52,7 +52,7 @@ def test_the_unit_keeps_what_the_doc_promises(unit):
     settings = [line.strip() for line in text.splitlines() if "=" in line and not line.startswith("#")]
     assert "Wants=" in text and "network-online.target" in next(s for s in settings if s.startswith("Wants="))
     assert "LoadCredential=token:/etc/mbvisor/token" in settings
-    assert "--token-file ${CREDENTIALS_DIRECTORY}/token" in text
+    assert "--token-file %d/token" in text
     assert "CapabilityBoundingSet=" in settings and "NoNewPrivileges=yes" in settings
     if unit == "mbvisor-agent.service":
         assert "RuntimeDirectoryPreserve=yes" in settings  # the launcher's state lives in /run/mbvisor too
