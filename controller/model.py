@@ -258,17 +258,8 @@ class Draft:
     def record(self, outcome: "Outcome") -> None:
         if outcome.key is None:
             return
-        if outcome.added is not None:  # the same middlebox (zone and all) with one filter more
-            growing = self.growing.get(outcome.key)
-            if growing is None:  # the first this job adds: outcome.middlebox's filters are up to date
-                if outcome.key not in self.changes:  # and the base's middlebox: its first change
-                    self.added[outcome.key] = set()
-                growing = self.growing[outcome.key] = set(outcome.middlebox.filters)
-                self.changes[outcome.key] = outcome.middlebox
-            growing.add(outcome.added)
-            added = self.added.get(outcome.key)
-            if added is not None:
-                added.add(outcome.added)
+        if outcome.added is not None:
+            self.grow(outcome.middlebox, (outcome.added,))
             return
         self.added.pop(outcome.key, None)
         old = self.find(*outcome.key)
@@ -281,6 +272,21 @@ class Draft:
         self.changes[outcome.key] = outcome.middlebox
         if self._zones is not None and outcome.middlebox is not None:
             self._zones.add(outcome.middlebox.zone)
+
+    def grow(self, middlebox: Middlebox, filters) -> None:
+        """``middlebox`` (as ``peek`` found it: zone and all) with ``filters`` more, none of
+        which it has: recording their adds one by one, in one step."""
+        key = middlebox.key
+        growing = self.growing.get(key)
+        if growing is None:  # the first this job adds: middlebox's filters are up to date
+            if key not in self.changes:  # and the base's middlebox: its first change
+                self.added[key] = set()
+            growing = self.growing[key] = set(middlebox.filters)
+            self.changes[key] = middlebox
+        growing.update(filters)
+        added = self.added.get(key)
+        if added is not None:
+            added.update(filters)
 
     def state(self) -> State:
         for key in list(self.growing):
@@ -324,6 +330,12 @@ def apply(state: State, binding: Binding, command: Command) -> Applied:
 def decide(state: State | Draft, binding: Binding, command: Command) -> Outcome:
     """What ``command`` from the guest at ``binding`` does to ``state``; raises ApplyError
     (and changes nothing) when it cannot be applied."""
+    handler = _HANDLERS[type(command)]
+    return handler(state, binding, _current(state, binding, command), command)
+
+
+def _current(state: State | Draft, binding: Binding, command: Command) -> Middlebox | None:
+    """The middlebox ``command`` speaks for, after the checks every command makes first."""
     if int(command.mac.split(":")[0], 16) & 1 or command.mac == "00:00:00:00:00:00":
         raise ApplyError("bad-mac", f"{command.mac} is not a unicast MAC address; a middlebox has its own")
     _check_trust(binding, command)
@@ -333,8 +345,14 @@ def decide(state: State | Draft, binding: Binding, command: Command) -> Outcome:
     if current is not None and current.port != binding.port:
         raise ApplyError("port-conflict", f"{command.mac} is registered on port {current.port} of this "
                                           f"switch, not on port {binding.port}; cancel it there first")
-    handler = _HANDLERS[type(command)]
-    return handler(state, binding, current, command)
+    return current
+
+
+def adding_to(state: State | Draft, binding: Binding, command: AddFilter) -> Middlebox:
+    """The firewall an add of ``command``'s MAC from ``binding`` goes to, after every check
+    ``decide`` makes of such an add before it looks at the filter: the same for every add
+    of a run to one MAC from one port, so a bulk of them is checked once (ApplyError)."""
+    return _registered_firewall(_current(state, binding, command), command.mac)
 
 
 def _check_trust(binding: Binding, command: Command) -> None:
@@ -445,13 +463,23 @@ def _registered_firewall(current: Middlebox | None, mac: str) -> Middlebox:
 
 def _add_filter(state, binding, current, command: AddFilter) -> Outcome:
     middlebox = _registered_firewall(current, command.mac)
-    _check_destination_mac(middlebox, command.filter)
+    check_destination_mac(middlebox, command.filter)
     filters = state.filters_of(*middlebox.key)
     if command.filter in filters:
-        return Outcome(f"filter already present: {format_command(command)}")
+        return Outcome(present_answer_text(command))
     if len(filters) >= state.limits.filters:
         raise ApplyError("limit", f"{command.mac} has {len(filters)} filters, the limit is {state.limits.filters}")
-    return Outcome(f"added: {added_text(command.mac, command.filter)}", middlebox.key, middlebox, command.filter)
+    return Outcome(added_answer_text(command.mac, command.filter), middlebox.key, middlebox, command.filter)
+
+
+def added_answer_text(mac: str, filter: Filter) -> str:
+    """The answer to an add that added ``filter`` to ``mac``."""
+    return f"added: {added_text(mac, filter)}"
+
+
+def present_answer_text(command: AddFilter) -> str:
+    """The answer to an add of a filter the middlebox has already."""
+    return f"filter already present: {format_command(command)}"
 
 
 @lru_cache(maxsize=8192)
@@ -469,7 +497,7 @@ def _with_filters(middlebox: Middlebox, filters: frozenset[Filter]) -> Middlebox
                      middlebox.balancer_ip, filters, middlebox.redirects)
 
 
-def _check_destination_mac(middlebox: Middlebox, filter: Filter) -> None:
+def check_destination_mac(middlebox: Middlebox, filter: Filter) -> None:
     """Offloaded filters only see traffic addressed to the middlebox, so a MAC-layer
     destination other than its own could never match (and must never touch others)."""
     if filter.layer is Layer.MAC and filter.destination not in (None, middlebox.mac):
