@@ -174,6 +174,9 @@ def _request(body: dict) -> CommandRequest:
         if body.get(field) is None:
             raise BadRequest(field, "required")
     channel, epoch, seq = key = (body.get("channel"), body.get("epoch"), body.get("seq"))
+    if key == (None, None, None) and ("channel" in body or "epoch" in body or "seq" in body):
+        null = next(field for field in KEY_FIELDS if field in body)
+        raise BadRequest(null, "must be a value, or left out with the rest of the idempotency key")
     if None in key and key != (None, None, None):
         given = [field for field, value in zip(KEY_FIELDS, key) if value is not None]
         missing = next(field for field, value in zip(KEY_FIELDS, key) if value is None)
@@ -268,9 +271,11 @@ def _port_identity(item) -> PortIdentity:
     addresses = []
     for address in ips:
         try:
+            if not isinstance(address, str):  # ipaddress would take 0 or false for 0.0.0.0
+                raise TypeError(address)
             addresses.append(canonical(address))
         except (ValueError, TypeError):
-            raise BadRequest("ips", f"{clip(str(address), 60)} is not an IP address") from None
+            raise BadRequest("ips", f"{clip(json.dumps(address), 60)} is not an IP address text") from None
     text = {}
     for field in ("interface", "vm_id"):
         value = item.get(field, "")

@@ -64,6 +64,17 @@ def filter_text(mac: str, filter) -> str:
     return added_text(mac, filter)
 
 
+def stored_dpid(dpid: int) -> int:
+    """A datapath id as SQLite keeps it: its INTEGER is signed 64-bit, a dpid unsigned, so
+    ids from 2^63 up are stored as their two's complement (they are ids, never compared by
+    size)."""
+    return dpid - (1 << 64) if dpid >= 1 << 63 else dpid
+
+
+def loaded_dpid(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
 def decode_middlebox(dpid: int, mac: str, body: str, filter_texts=()) -> Middlebox:
     data = json.loads(body)
     redirects = tuple(Redirect(c.source, c.backends) for c in map(parse_command, data["redirects"]))
@@ -129,7 +140,7 @@ class Store:
         for dpid, mac, text in self.db.execute("SELECT dpid, mac, text FROM filters"):
             filters[(dpid, mac)].append(text)
         rows = self.db.execute("SELECT dpid, mac, body FROM middleboxes ORDER BY dpid, mac").fetchall()
-        return State.of((decode_middlebox(dpid, mac, body, filters.get((dpid, mac), ()))
+        return State.of((decode_middlebox(loaded_dpid(dpid), mac, body, filters.get((dpid, mac), ()))
                          for dpid, mac, body in rows), limits)
 
     def save_inventory(self, dpid: int, entries: list[PortIdentity]) -> None:
@@ -137,11 +148,11 @@ class Store:
         body = json.dumps([{"port": e.port, "mac": e.mac, "tenant": e.tenant, "vm_id": e.vm_id, "ips": list(e.ips),
                             "interface": e.interface} for e in entries])
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO ports VALUES (?, ?)", (dpid, body))
+            self.db.execute("INSERT OR REPLACE INTO ports VALUES (?, ?)", (stored_dpid(dpid), body))
 
     def load_inventories(self) -> dict[int, list[PortIdentity]]:
-        return {dpid: [PortIdentity(e["port"], e["mac"], e["tenant"], e["vm_id"], tuple(e["ips"]), e["interface"])
-                       for e in json.loads(body)]
+        return {loaded_dpid(dpid): [PortIdentity(e["port"], e["mac"], e["tenant"], e["vm_id"], tuple(e["ips"]),
+                                                 e["interface"]) for e in json.loads(body)]
                 for dpid, body in self.db.execute("SELECT dpid, body FROM ports ORDER BY dpid")}
 
     def save(self, before: State, after: State, answers: list[tuple[tuple[str, int, int], Answer, str]],
@@ -168,6 +179,7 @@ class Store:
 
     def _save_middlebox(self, key: tuple[int, str], old: Middlebox | None, new: Middlebox | None,
                         added=None) -> None:
+        key = (stored_dpid(key[0]), key[1])
         if new is None:
             self.db.execute("DELETE FROM middleboxes WHERE dpid = ? AND mac = ?", key)
             self.db.execute("DELETE FROM filters WHERE dpid = ? AND mac = ?", key)

@@ -107,14 +107,26 @@ def build_inventory(entries: Iterable[PortIdentity]) -> Inventory:
                 reasons.setdefault(id(entry), []).append(f"{problem}, no VM's own")
     for (kind, value), holders in claims.items():
         if len(holders) > 1:
-            names = ", ".join(sorted(f"{h.interface or '?'} (port {h.port})" for h in holders))
+            reason = f"{kind} {value} is claimed by {_claimants(holders)}"
             for holder in holders:
-                reasons.setdefault(id(holder), []).append(f"{kind} {value} is claimed by {names}")
+                reasons.setdefault(id(holder), []).append(reason)
     accepted = {e.port: e for e in entries if id(e) not in reasons}
     refused = tuple(sorted((Refused(e.port, e.interface, "; ".join(sorted(reasons[id(e)])))
                             for e in entries if id(e) in reasons), key=lambda r: (r.port, r.interface)))
     return Inventory(accepted, refused, {address: e for e in accepted.values() for address in e.ips},
                      {e.mac: e for e in accepted.values()})
+
+
+NAMED_CLAIMANTS = 4  # a refusal names this many of the ports sharing a value, then counts the rest
+
+
+def _claimants(holders: list[PortIdentity]) -> str:
+    """The first few ports (in order) and how many more: every holder's refusal carries
+    this text, so naming all of 4,096 ports would make each reason 4,096 names long and the
+    whole answer gigabytes (a hostile inventory wedged the controller that way)."""
+    names = sorted(f"{h.interface or '?'} (port {h.port})" for h in holders)
+    more = len(names) - NAMED_CLAIMANTS
+    return ", ".join(names[:NAMED_CLAIMANTS]) + (f" and {more} more" if more > 0 else "")
 
 
 def unusable_address(text: str) -> str | None:

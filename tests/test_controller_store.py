@@ -165,6 +165,27 @@ def test_restart_restores_the_same_state(tmp_path):
     assert Store(path).load(Limits(filters=1)).limits == Limits(filters=1)
 
 
+@pytest.mark.parametrize("dpid", [0, 1 << 62, 1 << 63, (1 << 64) - 1])
+def test_any_64_bit_datapath_id_is_stored_and_loaded(tmp_path, dpid):
+    """SQLite's INTEGER is signed: a dpid from 2^63 up failed the whole request (the REST
+    contract test found it with an inventory PUT)."""
+    from mbvisor.controller.trust import PortIdentity
+
+    path = tmp_path / "controller.sqlite"
+    store = Store(path)
+    state = State(limits=LIMITS)
+    for text in (f"R F {MAC} 10.0.0.100", f"A {MAC} I 4 s 10.9.9.9"):
+        after = apply(state, Binding(dpid, 5), parse_command(text)).state
+        store.save(state, after, [])
+        state = after
+    entry = PortIdentity(5, MAC, "red", "vm", ("10.0.0.100",), "eth0")
+    store.save_inventory(dpid, [entry])
+    store.db.close()
+    restarted = Store(path)
+    assert restarted.load(LIMITS) == state and state.find(dpid, MAC) is not None
+    assert restarted.load_inventories() == {dpid: [entry]}
+
+
 def test_cancel_is_persisted(tmp_path):
     path = tmp_path / "controller.sqlite"
     store = Store(path)

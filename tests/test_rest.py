@@ -511,3 +511,20 @@ def test_an_oversized_body_is_answered_413_before_the_client_sends_it(service):
         head = client.recv(4096).decode()
     assert head.startswith("HTTP/1.1 413") and "Connection: close" in head
     assert service.submitted == []
+
+
+@pytest.mark.parametrize("field", ["channel", "epoch", "seq"])
+def test_a_key_field_sent_as_null_is_refused_not_taken_as_absent(field):
+    from mbvisor.controller.requests import BadRequest, requests_from_body
+
+    with pytest.raises(BadRequest) as refused:
+        requests_from_body({"commands": [{"dpid": "a1", "port": 5, "command": f"X {MAC}", field: None}]})
+    assert field in str(refused.value) and "left out" in str(refused.value)
+
+
+def test_an_inventory_address_that_is_no_text_is_refused():
+    from mbvisor.controller.requests import BadRequest, inventory_from_body
+
+    for address in (False, 0, 167772165):  # ipaddress would read each as an IPv4 address
+        with pytest.raises(BadRequest, match="is not an IP address text"):
+            inventory_from_body({"ports": [{"port": 3, "mac": MAC, "tenant": "blue", "ips": [address]}]})

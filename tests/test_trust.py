@@ -109,6 +109,19 @@ def test_the_model_refuses_the_hijacks_of_the_issue_and_changes_nothing():
 
 # --- port security --------------------------------------------------------------------------
 
+def test_thousands_of_ports_claiming_one_identity_get_short_reasons():
+    """A hostile inventory (4,096 ports, one MAC, the same 64 addresses) once made every
+    refusal name all 4,096 ports 65 times: gigabytes, and the controller wedged."""
+    crowd = [PortIdentity(port, "02:00:00:00:00:01", "red", f"vm{port}", tuple(f"10.0.0.{n}" for n in range(1, 65)),
+                          f"eth{port}") for port in range(1, 4097)]
+    inventory = build_inventory(crowd)
+    assert not inventory.ports and len(inventory.refused) == 4096
+    reason = next(r.reason for r in inventory.refused if r.port == 7)
+    assert "MAC 02:00:00:00:00:01 is claimed by eth1 (port 1), eth10 (port 10), eth100 (port 100), " \
+           "eth1000 (port 1000) and 4092 more" in reason
+    assert max(len(r.reason) for r in inventory.refused) < 10_000
+
+
 def test_port_security_flows_allow_own_identity_and_drop_claims_of_it_elsewhere():
     flows = compile_ingress(build_inventory([BACKEND]))
     assert all(f.table == INGRESS_TABLE for f in flows)
