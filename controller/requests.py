@@ -174,9 +174,6 @@ def _request(body: dict) -> CommandRequest:
         if body.get(field) is None:
             raise BadRequest(field, "required")
     channel, epoch, seq = key = (body.get("channel"), body.get("epoch"), body.get("seq"))
-    if key == (None, None, None) and ("channel" in body or "epoch" in body or "seq" in body):
-        null = next(field for field in KEY_FIELDS if field in body)
-        raise BadRequest(null, "must be a value, or left out with the rest of the idempotency key")
     if None in key and key != (None, None, None):
         given = [field for field, value in zip(KEY_FIELDS, key) if value is not None]
         missing = next(field for field, value in zip(KEY_FIELDS, key) if value is None)

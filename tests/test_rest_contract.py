@@ -7,7 +7,7 @@ command grammar) is excused for /v1/commands only: a grammar error is a 400 the 
 cannot foresee.
 
 This found a `false` in an inventory's addresses taken as 0.0.0.0, a MAC pattern wider
-than the server's, key fields sent as null, and a 4,096-port inventory that wedged the
+than the server's, a key half sent as null, and a 4,096-port inventory that wedged the
 controller (each refusal named every port)."""
 
 from __future__ import annotations
