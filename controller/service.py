@@ -385,10 +385,12 @@ class Controller:
         new: set = set()  # each filter the run adds
         answers, added = [], []
         for offset, command in enumerate(run):
-            if command.filter in filters or command.filter in new:
+            known = len(new)
+            if command.filter not in filters:
+                new.add(command.filter)
+            if len(new) == known:  # the middlebox or the run has it already (hashing a filter is not cheap)
                 answers.append(Answer("OK", present_answer_text(command)))
                 continue
-            new.add(command.filter)
             answers.append(Answer("OK", added_answer_text(command.mac, command.filter)))
             added.append(offset)
         if len(filters) + len(new) > draft.limits.filters:
