@@ -274,6 +274,13 @@ class Agent:
         scan = self.discover()
         scan = scan if isinstance(scan, Scan) else Scan(list(scan))
         before = {name: id(channel) for name, channel in self.channels.items()}
+        try:
+            self._follow_scan(scan)
+        finally:  # also when the round failed half-way: a channel it opened must be looked at
+            if {name: id(channel) for name, channel in self.channels.items()} != before:
+                self.bells.interrupt()  # a channel opened or closed: the poller's pause depends on which it polls
+
+    def _follow_scan(self, scan: Scan) -> None:
         self._note_refusals(scan.refused)
         if scan.inventories is not None:
             self._offer_inventories(scan)
@@ -301,8 +308,6 @@ class Agent:
                 self._attach_bell(channel)  # its server was not there yet, or went and came back
         served = {channel.vm.dpid for channel in self.channels.values()}
         self.lanes = {dpid: lane for dpid, lane in self.lanes.items() if dpid in served}
-        if {name: id(channel) for name, channel in self.channels.items()} != before:
-            self.bells.interrupt()  # a channel opened or closed: the poller's pause depends on which it polls
 
     @staticmethod
     def _stale(channel: Channel) -> bool:

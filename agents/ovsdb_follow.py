@@ -112,6 +112,9 @@ class OvsdbFollower:
         return self
 
     def close(self) -> None:
+        """Idempotent: a second call writes and closes nothing (the number may be reused)."""
+        if self.stop.is_set():
+            return
         self.stop.set()
         os.eventfd_write(self._stop_bell, 1)
         self.thread.join(timeout=5)

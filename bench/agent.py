@@ -754,7 +754,7 @@ def measure_throughput(created: Created, controller: Controller, dpid: int, vms:
 
 def check_agent(agent: AgentProcess, vms: list[Vm], answered: dict[str, int]) -> None:
     """Every command answered by this agent, none rate-limited or refused (the status file
-    is rewritten at each discovery, so it may take one interval to catch up)."""
+    is rewritten at the discovery round after a change, so it may take one interval to catch up)."""
     deadline = time.monotonic() + 3 * DISCOVERY_INTERVAL
     while True:
         channels = {c["channel"]: c for c in agent.channels() or []}

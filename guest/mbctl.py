@@ -113,7 +113,7 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
     def default(value):
         return value if defaults else argparse.SUPPRESS
 
-    options = argparse.ArgumentParser(add_help=False)
+    options = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     where = options.add_mutually_exclusive_group()
     where.add_argument("--device", metavar="BDF", default=default(None),
                        help="ivshmem PCI device, e.g. 00:04.0 (default: the only one)")
@@ -133,7 +133,7 @@ def _global_options(defaults: bool) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     epilog = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
-        prog="mbctl", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
+        prog="mbctl", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog, allow_abbrev=False,
         parents=[_global_options(defaults=True)],
         description="Offload firewall filters and load-balancer redirects to the hypervisor "
                     "through the ivshmem channel, and show what the host answered.  The options "
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     shared = _global_options(defaults=False)
 
     def command(parent, name: str, help: str, mac: bool = True) -> argparse.ArgumentParser:
-        made = parent.add_parser(name, help=help, parents=[shared])
+        made = parent.add_parser(name, help=help, parents=[shared], allow_abbrev=False)
         if mac:
             made.add_argument("--mac", default=default_mac(),
                               help="the middlebox's MAC (default: $MBCTL_MAC or the VM's only NIC)")
@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     redirect.add_argument("--from", dest="source", metavar="SRC",
                           help="only traffic from this source (type 1; default: all traffic, type 0)")
 
-    filters = sub.add_parser("filter", help="add or delete a firewall filter (A / D)", parents=[shared])
+    filters = sub.add_parser("filter", help="add or delete a firewall filter (A / D)", parents=[shared],
+                             allow_abbrev=False)
     filter_sub = filters.add_subparsers(dest="filter_action", required=True, metavar="add|del")
     for name in ("add", "del"):
         filter_command = command(filter_sub, name, f"{name} a deny filter")
@@ -247,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
         args.action = "status"
     if not args.action:
         return fail("nothing to do; give -w TEXT, -r or a command (see --help)", EXIT_USAGE, args)
+    if args.shm and args.device:  # one given before the command, the other after it
+        return fail("--device and --shm name two channels; give one", EXIT_USAGE, args)
     if args.action not in ("write", "status", "init") and not args.mac:
         return fail("no --mac given and the VM's MAC could not be guessed (set MBCTL_MAC)", EXIT_USAGE, args)
     try:
@@ -257,7 +260,9 @@ def run(args: argparse.Namespace) -> int:
                 return show_status(region, args)
             writer = ChannelWriter(region)
             if args.action == "init":
-                print(f"channel re-initialised, epoch {writer.initialise(timeout=args.timeout):#010x}")
+                epoch = writer.initialise(timeout=args.timeout)
+                print(json.dumps({"epoch": f"{epoch:#010x}"}) if args.json else
+                      f"channel re-initialised, epoch {epoch:#010x}")
                 return EXIT_OK
             return send(writer, command_text(args), args)
     except (ResponseTimeout, AnswerLost) as error:

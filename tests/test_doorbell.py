@@ -739,3 +739,27 @@ def test_an_agent_without_channels_sleeps_until_discovery_brings_one(shm):
         writer = guest(region)
         assert writer.request(f"@A {MAC} I 4 s 10.0.0.1@".encode(), timeout=5).ok
         writer.region.close()
+
+
+def test_a_channel_opened_by_a_round_that_then_failed_is_still_served(shm):
+    """The poller sleeps with no timeout when there is no channel: the round that opens one
+    must wake it even when a later step of that round fails (the review's stall)."""
+    good, bad = shm.region(), shm.region()
+    vms = []
+    rounds = []
+    with serving(vms, FakeController(), bell_sweep=3600) as agent:
+        real_open, round_ = agent._open, agent.round
+        agent.round = lambda: rounds.append(1) or round_()
+
+        def failing_open(channel_vm, problem=None):
+            if channel_vm.vm_id == "vm1":
+                raise RuntimeError("can't start new thread")
+            return real_open(channel_vm, problem)
+
+        agent._open = failing_open
+        wait_until(lambda: len(rounds) >= 3, what="rounds with no channel")
+        vms.extend([vm(good, "vm0", 5), vm(bad, "vm1", 6, "52:34:56:00:12:23")])
+        wait_until(lambda: len(agent.channels) == 1, what="vm0 opened by a round that failed on vm1")
+        writer = guest(good)
+        assert writer.request(f"@X {MAC}@".encode(), timeout=5).ok
+        writer.region.close()

@@ -189,3 +189,21 @@ def test_every_filter_option_says_what_it_means_per_layer_and_its_default(capsys
     text = " ".join(capsys.readouterr().out.split())
     assert "mac: VLAN PCP 0-7" in text and "mac: EtherType" in text and "DSCP 0-63" in text
     assert text.count("(default: any)") == 4 and "(default 5)" in text and "--shm PATH" in text
+
+
+def test_device_and_shm_given_on_either_side_of_the_command_are_refused(served, capsys):
+    code, _, err = run(capsys, "--shm", served, "status", "--device", "00:04.0")
+    assert code == mbctl.EXIT_USAGE and "--device and --shm name two channels" in err
+
+
+def test_init_answers_json_when_asked(make_channel, capsys):
+    path = make_channel().region.path
+    code, out, _ = run(capsys, "init", "--shm", path, "--json")
+    assert code == mbctl.EXIT_OK and json.loads(out)["epoch"].startswith("0x")
+
+
+def test_options_are_never_abbreviated(capsys):
+    """--t could be --timeout or --tos, --s --shm or --src: no option is taken by a prefix."""
+    with pytest.raises(SystemExit) as ended:
+        mbctl.main(["filter", "add", "--mac", MAC, "--layer", "ip", "--t", "5"])
+    assert ended.value.code == mbctl.EXIT_USAGE and "unrecognized arguments: --t" in capsys.readouterr().err

@@ -5,6 +5,7 @@ discovery without any periodic scan."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
@@ -131,3 +132,16 @@ def test_an_idle_database_costs_the_follower_no_wake_ups_and_close_is_prompt():
             started = time.monotonic()
             follower.close()
             assert not follower.thread.is_alive() and time.monotonic() - started < 2
+
+
+def test_closing_the_follower_twice_touches_nothing_else(tmp_path):
+    follower = OvsdbFollower(remote=f"unix:{tmp_path}/nothing.sock").start()
+    follower.close()
+    other = os.eventfd(0)  # may take the number the follower's bell had
+    try:
+        follower.close()
+        os.fstat(other)  # still open, still ours
+        os.eventfd_write(other, 1)
+        assert os.eventfd_read(other) == 1  # nothing else was written into it
+    finally:
+        os.close(other)
