@@ -276,6 +276,14 @@ class ChannelReader:
 Handler = Callable[[Incoming], tuple[int, "list[Answer] | str"]]
 
 
+def _sleep_on(bell, seconds: float) -> None:
+    """Until the bell rings or ``seconds`` pass; poll(), not select(), which refuses a
+    descriptor above 1023."""
+    waiting = select.poll()
+    waiting.register(bell.fileno(), select.POLLIN)
+    waiting.poll(seconds * 1000)
+
+
 def serve(reader: ChannelReader, handler: Handler, stop: threading.Event,
           backoff: Backoff | None = None, bell=None, sweep: float = BELL_SWEEP) -> None:
     """Answer commands with ``handler`` until ``stop`` is set; a failing handler answers
@@ -293,7 +301,7 @@ def serve(reader: ChannelReader, handler: Handler, stop: threading.Event,
             if incoming is None:
                 if rung:  # rung for nothing: a guest ringing on and on is heard at most every pause
                     stop.wait(SPURIOUS_RING_PAUSE)
-                select.select([bell], [], [], sweep)
+                _sleep_on(bell, sweep)
                 continue
         if incoming is None:
             if bell is None:

@@ -315,15 +315,19 @@ def test_posix_shm_name_opens_the_same_bytes(region_path):
 def test_reader_survives_any_bytes_anywhere(make_channel, damage):
     writer = make_channel(SMALL)
     reader = reader_for(writer)
-    writer.submit(b"before")
-    for offset, data in damage:
-        chunk = data[:SMALL.region_size - offset]
-        writer.region.buf[offset:offset + len(chunk)] = chunk
-    for _ in range(2 * SMALL.slot_count):
-        incoming = reader.poll()
-        if incoming is not None:
-            reader.answer(incoming.seq, ring.Status.OK, "ok")
-    assert reader.consume >= 0
+    try:
+        writer.submit(b"before")
+        for offset, data in damage:
+            chunk = data[:SMALL.region_size - offset]
+            writer.region.buf[offset:offset + len(chunk)] = chunk
+        for _ in range(2 * SMALL.slot_count):
+            incoming = reader.poll()
+            if incoming is not None:
+                reader.answer(incoming.seq, ring.Status.OK, "ok")
+        assert reader.consume >= 0
+    finally:  # one pair of descriptors per example, not hundreds held until the test ends
+        reader.region.close()
+        writer.region.close()
 
 
 def test_pipelining_writer_never_blocks_on_its_own_unread_answers(make_channel):

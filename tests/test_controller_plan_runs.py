@@ -66,9 +66,12 @@ def planned(service: Controller, requests: list[CommandRequest]) -> tuple:
 @given(requests=requests)
 def test_runs_of_adds_are_planned_as_every_command_alone(tmp_path_factory, requests):
     service = controller(tmp_path_factory.mktemp("plan"))
-    together = planned(service, requests)
-    service._plan_adds = lambda *args: None  # every run refused: each command decided alone
-    assert planned(service, requests) == together
+    try:
+        together = planned(service, requests)
+        service._plan_adds = lambda *args: None  # every run refused: each command decided alone
+        assert planned(service, requests) == together
+    finally:
+        service.close()  # 300 examples must not keep 300 databases open
 
 
 def test_a_bulk_of_adds_is_decided_without_deciding_each_alone(tmp_path, monkeypatch):
