@@ -71,6 +71,12 @@ def raw_client(path) -> socket.socket:
     return connection
 
 
+def disconnect(setup: ivshmem.ClientSetup) -> None:
+    """Close a client's connection and every descriptor its setup brought."""
+    setup.close_except()
+    setup.connection.close()
+
+
 def readable(fd: int, timeout: float) -> bool:
     """poll(), not select(): a long test session may hold descriptors above 1023."""
     waiting = select.poll()
@@ -150,8 +156,7 @@ def test_host_eventfd_outlives_every_client(shm, sockets):
             assert agent_side.clear() == 0
         finally:
             agent_side.close()
-            guest_side.close_except()
-            guest_side.connection.close()
+            disconnect(guest_side)
 
 
 def test_too_many_clients_are_turned_away(shm, sockets):
@@ -162,12 +167,10 @@ def test_too_many_clients_are_turned_away(shm, sockets):
         try:
             with pytest.raises(DoorbellError, match="closed the connection"):
                 ivshmem.connect(str(path))
-            kept[1].connection.close()
-            kept[1].close_except()
+            disconnect(kept[1])
             wait_until(lambda: _connects(path), what="the freed ID is given again")
         finally:
-            kept[0].connection.close()
-            kept[0].close_except()
+            disconnect(kept[0])
 
 
 def _connects(path) -> bool:
@@ -176,8 +179,7 @@ def _connects(path) -> bool:
     except DoorbellError:
         return False
     assert setup.peer_id == 2
-    setup.connection.close()
-    setup.close_except()
+    disconnect(setup)
     return True
 
 
@@ -189,12 +191,10 @@ def test_a_client_that_never_reads_is_dropped_not_waited_for(shm, sockets, monke
         idle = raw_client(path)  # reads nothing until the end
         for _ in range(COMERS_TO_FILL_A_SOCKET):  # each comer and goer is a notification queued to it
             setup = ivshmem.connect(str(path))
-            setup.connection.close()
-            setup.close_except()
+            disconnect(setup)
         assert _dropped(idle)
         alive = ivshmem.connect(str(path))  # the server still serves
-        alive.connection.close()
-        alive.close_except()
+        disconnect(alive)
 
 
 COMERS_TO_FILL_A_SOCKET = 3000  # 6,000 notifications: more than a UNIX socket's default buffer holds
@@ -244,8 +244,7 @@ def test_a_dead_servers_socket_is_replaced(shm, sockets):
     with running([(region, str(path))]):
         setup = ivshmem.connect(str(path))
         assert setup.peer_id == 1
-        setup.connection.close()
-        setup.close_except()
+        disconnect(setup)
     assert not path.exists()
 
 
@@ -501,8 +500,7 @@ def test_a_descriptor_sent_with_the_peer_id_is_not_kept(shm, sockets):
         before = len(os.listdir("/proc/self/fd"))
         with scripted_server(path, [(0, None), (1, extra), (-1, memory), (0, host)]):
             setup = ivshmem.connect(str(path), timeout=2)
-            setup.close_except()
-            setup.connection.close()
+            disconnect(setup)
         assert len(os.listdir("/proc/self/fd")) == before
     finally:
         for fd in (memory, host, extra):
@@ -584,7 +582,7 @@ def _link(fd: str) -> str:
         return ""
 
 
-def setup_then(region_fd: int, host_fd: int, then=lambda connection: time.sleep(10)):
+def setup_then(region_fd: int, host_fd: int, then=lambda connection: connection.recv(1)):
     def script(connection):
         for number, fd in ((0, None), (1, None), (-1, region_fd), (0, host_fd)):
             ivshmem.send_message(connection, number, fd)
@@ -600,7 +598,7 @@ def test_a_message_cut_short_leaks_nothing_and_loses_the_server(shm, sockets):
     def one_byte_with_a_descriptor(connection):
         cut.wait(5)
         socket.send_fds(connection, [b"\x01"], [extra])  # never the other 7 bytes
-        time.sleep(5)
+        connection.recv(1)  # until the client (or the test's end) closes it
 
     path = sockets / "t.sock"
     try:
