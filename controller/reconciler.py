@@ -27,7 +27,7 @@ from .pacing import Pacer
 from .ofmessages import encode_action, encoded_actions, group_mod, instructions, normal_match
 from .pipeline import CONTROLLER_METER, COOKIE_TAG, COOKIE_TAG_MASK, PORT_METERS, Flow, Group, cookie_of
 from .reconcile import Changes, reconcile
-from .switchlink import SwitchLink, SwitchUnreachable
+from .switchlink import OpenBundle, SwitchLink, SwitchUnreachable
 from .trust import TrustMode
 
 
@@ -107,25 +107,26 @@ class Installed:
     def flow_count(self) -> int:
         return self.count
 
-    def at(self, flow: Flow) -> Flow | None:
-        """The flow the switch holds with ``flow``'s identity, if any (whoever's cookie)."""
-        held = self.flows.get((flow.table, flow.priority), {}).get(flow.match)
-        return None if held is None else Flow(flow.table, flow.priority, flow.match, held[1], held[0])
+    def held_at(self, flow: Flow) -> tuple | None:
+        """(cookie, actions) of the flow the switch holds with ``flow``'s identity, if any
+        (whoever's cookie)."""
+        return self.flows.get((flow.table, flow.priority), {}).get(flow.match)
 
     def cookie_at(self, flow: Flow) -> int | None:
         """The cookie of the flow the switch holds with ``flow``'s identity, if any."""
-        held = self.flows.get((flow.table, flow.priority), {}).get(flow.match)
+        held = self.held_at(flow)
         return None if held is None else held[0]
 
     def holds(self, flow: Flow) -> None:
         """The switch holds ``flow`` (an add replaced whatever had its identity)."""
         self.holds_all((flow,))
 
-    def holds_all(self, flows: collections.abc.Iterable[Flow]) -> None:
+    def holds_all(self, flows: collections.abc.Iterable[Flow], undo: list | None = None) -> None:
         """The switch holds each of ``flows``, in turn.  A job installs a middlebox at a time,
         most of its flows at one place (table, priority) and with one action list: a run
         of flows with the same place and cookie finds its dictionaries once, and a run of
-        the same actions its shared (cookie, actions) pair once."""
+        the same actions its shared (cookie, actions) pair once.  ``undo`` gathers what
+        ``undo`` needs to put back what each flow replaced."""
         table = priority = cookie = by_match = matches = actions = held_as = None
         for flow in flows:
             if flow.table != table or flow.priority != priority or flow.cookie != cookie:
@@ -141,6 +142,8 @@ class Installed:
                 held_as = self.shared.setdefault(held_as, held_as)  # a middlebox's drops share one
             match = flow.match
             held = by_match.get(match)
+            if undo is not None:
+                undo.append((place, match, held))
             if held is None:
                 self.count += 1
             elif held[0] != cookie:
@@ -148,18 +151,48 @@ class Installed:
             by_match[match] = held_as
             matches.add(match)
 
-    def lost(self, flow: Flow) -> None:
+    def lost(self, flow: Flow, undo: list | None = None) -> None:
         """``flow`` was deleted (a strict delete with its cookie: one that another cookie's
         flow replaced was not there to delete)."""
         place = (flow.table, flow.priority)
-        by_match = self.flows.get(place, {})
-        held = by_match.get(flow.match)
+        held = self.flows.get(place, {}).get(flow.match)
         if held is None or held[0] != flow.cookie:
             return
-        del by_match[flow.match]
+        if undo is not None:
+            undo.append((place, flow.match, held))
+        self._forget(place, flow.match, held)
+
+    def holds_group(self, group_id: int, wire: bytes | None, undo: list | None = None) -> None:
+        """The switch holds group ``group_id`` with buckets ``wire`` (None: no such group)."""
+        if undo is not None:
+            undo.append((None, group_id, self.groups.get(group_id)))
+        if wire is None:
+            self.groups.pop(group_id, None)
+        else:
+            self.groups[group_id] = wire
+
+    def undo(self, undo: list) -> None:
+        """Put back what the changes that filled ``undo`` replaced, newest first: they were
+        recorded while the switch applied their bundle, and it refused it."""
+        for place, key, previous in reversed(undo):
+            if place is None:
+                self.holds_group(key, previous)
+                continue
+            held = self.flows.get(place, {}).get(key)
+            if held is not None:
+                self._forget(place, key, held)
+            if previous is not None:
+                self.flows.setdefault(place, {})[key] = previous
+                self.by_cookie.setdefault(previous[0], {}).setdefault(place, set()).add(key)
+                self.count += 1
+        undo.clear()
+
+    def _forget(self, place: tuple, match, held: tuple) -> None:
+        by_match = self.flows[place]
+        del by_match[match]
         if not by_match:
             del self.flows[place]
-        self._unindex(flow.cookie, place, flow.match)
+        self._unindex(held[0], place, match)
         self.count -= 1
 
     def _unindex(self, cookie: int, place: tuple, match) -> None:
@@ -186,6 +219,28 @@ class Job:
     answers: list | None = None
 
 
+@dataclass
+class Installing:
+    """Flows on their way: the link and bundle they were streamed into (None: nothing to
+    send) and the changes that make it up, to record once it is committed."""
+
+    link: SwitchLink
+    bundle: OpenBundle | None
+    sent: list
+
+
+@dataclass
+class Ahead:
+    """The next commands job, planned on the state the job being applied leaves and
+    streamed into a bundle of its own (not committed: ``installing``, or why it cannot
+    be, or None if it has nothing to install) while the switch applies that job's
+    bundle.  The switch parses it while the controller would otherwise wait."""
+
+    job: Job
+    plan: object  # service.Plan
+    installing: Installing | Failure | None
+
+
 class SwitchReconciler:
     def __init__(self, dpid: int, service):
         self.dpid = dpid
@@ -207,6 +262,7 @@ class SwitchReconciler:
         self.last_error: str | None = None
         self.wire_cache: dict[tuple, bytes] = {}
         self.jobs: collections.deque[Job] = collections.deque()
+        self.ahead: Ahead | None = None  # the job after the one being applied, made ready meanwhile
         self.wake = hub.Event()
         self.resync_pause = RESYNC_FLOOR
         self.listed_at = 0.0       # monotonic time of the last listing of every flow (a sync or full audit)
@@ -271,14 +327,18 @@ class SwitchReconciler:
 
     def _run(self) -> None:
         while True:
-            while not self.jobs:
-                self.wake.wait()
-                self.wake.clear()
-            job = self.jobs.popleft()
+            if self.ahead is not None:
+                job = self.ahead.job  # made ready while the one before it was applied: nothing may come between
+            else:
+                while not self.jobs:
+                    self.wake.wait()
+                    self.wake.clear()
+                job = self.jobs.popleft()
             try:
                 getattr(self, f"_{job.kind}")(job)
             except Exception as error:  # a bug costs this job, never the switch's reconciler
                 log.exception("switch %016x: %s job failed", self.dpid, job.kind)
+                self._drop_ahead()  # made ready on what this job would have left
                 if job.kind == "commands" and job.answers is None:
                     job.answers = self.service.internal_error(job.requests, error)
             finally:
@@ -428,7 +488,9 @@ class SwitchReconciler:
             self._push(Job("sync"), first=True)
 
     def _commands(self, job: Job) -> None:
-        answers = self._apply(job.requests)
+        ahead, self.ahead = self.ahead, None
+        answers = self._apply(job.requests, ahead if ahead is not None and ahead.job is job else None,
+                              look_ahead=True)
         if answers is None:
             answers = [None] * len(job.requests)
             for indices in _by_channel(job.requests).values():
@@ -442,23 +504,20 @@ class SwitchReconciler:
                     answers[index] = answer
         job.answers = answers
 
-    def _apply(self, requests: list) -> list | None:
+    def _apply(self, requests: list, ahead: Ahead | None = None, look_ahead: bool = False) -> list | None:
         """Plan, install as one bundle, commit; the answers, or None when they are to be
         split by channel: the agent puts several guests' commands in one request, and if
         the switch refuses that bundle each channel's commands are tried again on their
         own, so only the guest whose flows the switch refuses is answered (and stores) the
-        refusal."""
-        plan = self.service.plan(self.dpid, requests)
+        refusal.  ``ahead``: this job, planned and streamed already.  ``look_ahead``: while
+        the switch applies this job's bundle, make the next job ready (``_look_ahead``)."""
+        plan = ahead.plan if ahead is not None else self.service.plan(self.dpid, requests)
         try:
-            failure = None
-            if plan.touched:
-                exact = self._take_exact(plan.before, plan.touched)
-                added = {mac: plan.added[(self.dpid, mac)] for mac in exact if (self.dpid, mac) in plan.added}
-                failure = self._install(plan.before, plan.after, plan.touched, plan.backends, added)
-                if failure is not None:
-                    if failure.code == "switch-error" and len(_by_channel(requests)) > 1:
-                        return None  # after the release below: each channel alone
-                    plan = plan.failed(failure)
+            failure = self._install_plan(plan, ahead, look_ahead) if plan.touched else None
+            if failure is not None:
+                if failure.code == "switch-error" and len(_by_channel(requests)) > 1:
+                    return None  # after the release below: each channel alone
+                plan = plan.failed(failure)
             answers = self.service.commit(self.dpid, plan)
             if failure is None:
                 for mac in plan.touched:
@@ -467,6 +526,68 @@ class SwitchReconciler:
             return answers
         finally:
             self.service.release(plan)
+
+    def _install_plan(self, plan, ahead: Ahead | None, look_ahead: bool) -> Failure | None:
+        """The plan's flows installed (streamed already if it was made ready ahead); None
+        when the switch confirmed.  Otherwise nothing assumed of them stays: the job made
+        ready on them and the middleboxes known to be held whole."""
+        confirmed = False
+        try:
+            installing = ahead.installing if ahead is not None else self._start_plan(plan)
+            if isinstance(installing, Failure):
+                return installing
+            failure = self._end(installing, (lambda: self._look_ahead(plan)) if look_ahead else None)
+            confirmed = failure is None
+            return failure
+        finally:
+            if not confirmed:
+                self._drop_ahead()
+                self._forget_exact(plan.touched)
+
+    def _start_plan(self, plan) -> Installing | Failure:
+        exact = self._take_exact(plan.before, plan.touched)
+        added = {mac: plan.added[(self.dpid, mac)] for mac in exact if (self.dpid, mac) in plan.added}
+        return self._start(plan.before, plan.after, plan.touched, plan.backends, added)
+
+    def _look_ahead(self, plan) -> None:
+        """While the switch applies ``plan``'s bundle (recorded already), plan the next
+        commands job on the state ``plan`` leaves and stream its bundle, uncommitted.  If
+        this job fails, the next one is dropped (``_drop_ahead``) and planned again.  Not
+        for a job whose idempotency keys are in flight: it waits for their answers."""
+        for mac in plan.touched:  # as the switch will hold them if it confirms
+            if (middlebox := plan.after.find(self.dpid, mac)) is not None:
+                self.exact[mac] = middlebox
+        if self.ahead is not None or not self.jobs or self.jobs[0].kind != "commands":
+            return
+        if not self.service.may_plan_ahead(self.jobs[0].requests):
+            return
+        job = self.jobs.popleft()
+        try:
+            following = self.service.plan(self.dpid, job.requests, base=plan)
+        except Exception:  # a bug: the job runs in turn, and fails there, where it is answered
+            log.exception("switch %016x: planning a job ahead failed", self.dpid)
+            self.jobs.appendleft(job)
+            return
+        try:
+            installing = self._start_plan(following) if following.touched else None
+        except Exception:
+            log.exception("switch %016x: streaming a job ahead failed", self.dpid)
+            self.service.release(following)
+            self.jobs.appendleft(job)
+            return
+        self.ahead = Ahead(job, following, installing)
+
+    def _drop_ahead(self) -> None:
+        """The job made ready on what the job being applied would leave goes back to the
+        front of the queue, its bundle discarded: that job failed."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is None:
+            return
+        if isinstance(ahead.installing, Installing) and ahead.installing.bundle is not None:
+            ahead.installing.link.discard(ahead.installing.bundle)
+        self._forget_exact(ahead.plan.touched)
+        self.service.release(ahead.plan)
+        self.jobs.appendleft(ahead.job)
 
     def _take_exact(self, before, macs) -> set[str]:
         """The ``macs`` the switch is known to hold whole as they are in ``before``; none
@@ -504,6 +625,11 @@ class SwitchReconciler:
         ``added``: by MAC, the filters ``after`` adds to a middlebox it changes no other
         way and whose whole compiled ``before`` the switch holds.  None when the switch
         confirmed; else why not."""
+        installing = self._start(before, after, macs, backends, added)
+        return installing if isinstance(installing, Failure) else self._end(installing)
+
+    def _start(self, before, after, macs, backends, added=None) -> Installing | Failure:
+        """``_install`` up to the commit: the bundle streamed, or why it cannot be."""
         if not self.connected:
             return Failure("UNAVAILABLE", f"switch {self.dpid:016x} is not connected; try again", "switch-down")
         if not self.synced:
@@ -511,16 +637,26 @@ class SwitchReconciler:
         added = added or {}
         try:
             self._resolve(backends)
-            errors = self._stream(self._middlebox_changes(before, after, mac, added.get(mac)) for mac in sorted(macs))
+            return self._open(self._middlebox_changes(before, after, mac, added.get(mac)) for mac in sorted(macs))
         except Abandoned as abandoned:
             return abandoned.failure
         except SwitchUnreachable as error:
-            self.synced = False  # what the switch holds is unknown now: read it again
-            self._retry_sync(self.link)
-            return Failure("UNAVAILABLE", f"{error}; nothing was applied, try again", "switch-down")
+            return self._unreachable(error)
+
+    def _end(self, installing: Installing, meanwhile=None) -> Failure | None:
+        """Commit what ``_start`` streamed; ``meanwhile`` runs while the switch applies it."""
+        try:
+            errors = self._close(installing, meanwhile)
+        except SwitchUnreachable as error:
+            return self._unreachable(error)
         if errors:
             return Failure("REJECTED", "switch refused: " + "; ".join(errors), "switch-error")
         return None
+
+    def _unreachable(self, error: SwitchUnreachable) -> Failure:
+        self.synced = False  # what the switch holds is unknown now: read it again
+        self._retry_sync(self.link)
+        return Failure("UNAVAILABLE", f"{error}; nothing was applied, try again", "switch-down")
 
     def _middlebox_changes(self, before, after, mac: str, added=None) -> Changes:
         """Raises Abandoned if a backend the flows need is not located yet (labs: ARP).
@@ -568,17 +704,18 @@ class SwitchReconciler:
         cost a bulk install more than compiling the flows.  Each is added unless the
         middlebox holds its identity already; then modified if its actions differ."""
         add, modify = [], []
+        held_at = self.installed.held_at
         for flow in added:
-            held = self.installed.at(flow)
-            if held is None or held.cookie != cookie:
+            held = held_at(flow)
+            if held is None or held[0] != cookie:
                 add.append(flow)
-            elif self._wire(flow.actions) != self._installed_wire(held):
+            elif self._wire(flow.actions) != self._actions_wire(held[1]):
                 modify.append(flow)
         return Changes(add_flows=tuple(add), modify_flows=tuple(modify))
 
     def _diff(self, desired: SwitchConfig, installed, managed_groups: set[int]) -> Changes:
         def same_flow(want: Flow, have: Flow) -> bool:
-            return want.cookie == have.cookie and self._wire(want.actions) == self._installed_wire(have)
+            return want.cookie == have.cookie and self._wire(want.actions) == self._actions_wire(have.actions)
 
         def same_group(want: Group, have: Group) -> bool:
             return self._group_wire(want) == self.installed.groups.get(have.group_id)
@@ -586,12 +723,12 @@ class SwitchReconciler:
         present_groups = [Group(i, ()) for i in self.installed.groups if i in managed_groups]
         return reconcile(desired, installed, present_groups, managed_groups, same_flow, same_group)
 
-    def _installed_wire(self, flow: Flow) -> bytes:
+    def _actions_wire(self, actions: tuple) -> bytes:
         """An installed flow's actions as wire bytes: read from the switch they are
         already; recorded after an install they are the flow as compiled."""
-        if flow.actions and flow.actions[0][0] == "wire":
-            return flow.actions[0][1]
-        return self._wire(flow.actions)
+        if actions and actions[0][0] == "wire":
+            return actions[0][1]
+        return self._wire(actions)
 
     def _wire(self, actions: tuple) -> bytes:
         """Actions as the switch reports them (its wire bytes).  Few distinct action lists
@@ -619,15 +756,20 @@ class SwitchReconciler:
             return [abandoned.failure.text]
 
     def _stream(self, parts) -> list[str]:
-        """The parts' changes as one bundle, each part in a safe order (groups before the
-        flows that use them, flows before the groups they used; a part is one middlebox,
-        or the whole switch, and no part uses another's groups).  ``parts`` may be a
-        generator that compiles as it goes: each part is encoded and written while the
-        next is compiled.  The switch's errors; what it confirmed is recorded.  Raises
-        Abandoned (the bundle discarded) if a part cannot be sent: a meter refused, or a
-        middlebox that cannot be compiled."""
+        """The parts' changes as one bundle (``_open``, then ``_close``): the switch's
+        errors; what it confirmed is recorded."""
+        return self._close(self._open(parts))
+
+    def _open(self, parts) -> Installing:
+        """The parts' changes streamed into one bundle, each part in a safe order (groups
+        before the flows that use them, flows before the groups they used; a part is one
+        middlebox, or the whole switch, and no part uses another's groups).  ``parts`` may
+        be a generator that compiles as it goes: each part is encoded and written while
+        the next is compiled.  Raises Abandoned (the bundle discarded) if a part cannot be
+        sent: a meter refused, or a middlebox that cannot be compiled."""
         sent: list[Changes] = []
-        datapath = self.link.datapath
+        link = self.link
+        datapath = link.datapath
 
         def messages():
             for part in parts:
@@ -650,16 +792,34 @@ class SwitchReconciler:
                 yield from (self._flow_mod(datapath, f, "delete") for f in part.delete_flows)
                 yield from (group_mod(datapath, i, "delete") for i in part.delete_groups)
 
-        errors = self.link.commit(messages())
+        return Installing(link, link.stream(messages()), sent)
+
+    def _close(self, installing: Installing, meanwhile=None) -> list[str]:
+        """Commit a streamed bundle: the switch's errors.  Its changes are recorded while
+        the switch applies it (idle time here), then ``meanwhile`` runs; both are taken
+        back if the switch refuses."""
+        undo: list = []
+
+        def record() -> None:
+            for part in installing.sent:
+                self._record(part, undo)
+            if meanwhile is not None:
+                meanwhile()
+
+        try:
+            errors = installing.link.finish(installing.bundle, record)
+        except BaseException:
+            self.installed.undo(undo)
+            raise
+        if errors:
+            self.installed.undo(undo)
         self.service.metrics.openflow_errors(len(errors))
-        if not errors:
-            for part in sent:
-                self._record(part)
         self.service.metrics.flows_installed(self.dpid, self.installed.flow_count())
         return errors
 
-    def _record(self, changes: Changes) -> None:
-        """The confirmed flows, kept as compiled (their wire bytes are cached by action list)."""
+    def _record(self, changes: Changes, undo: list) -> None:
+        """The sent flows, kept as compiled (their wire bytes are cached by action list),
+        with what ``Installed.undo`` needs if the switch refuses them."""
         pace = Pacer()
 
         def paced(flows):
@@ -667,13 +827,13 @@ class SwitchReconciler:
                 yield flow
                 pace()
 
-        self.installed.holds_all(paced(changes.add_flows + changes.modify_flows))
+        self.installed.holds_all(paced(changes.add_flows + changes.modify_flows), undo)
         for flow in changes.delete_flows:
-            self.installed.lost(flow)
+            self.installed.lost(flow, undo)
         for group in changes.add_groups + changes.modify_groups:
-            self.installed.groups[group.group_id] = self._group_wire(group)
+            self.installed.holds_group(group.group_id, self._group_wire(group), undo)
         for group_id in changes.delete_groups:
-            self.installed.groups.pop(group_id, None)
+            self.installed.holds_group(group_id, None, undo)
 
     # --- backend addresses --------------------------------------------------------------
 

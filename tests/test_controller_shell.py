@@ -137,10 +137,15 @@ def test_a_refused_bundle_changes_nothing_anywhere(host):
 def test_a_failed_commit_names_the_bundle_error(host):
     fake = host.switch()
     host.ok(f"R F {MAC} 10.0.0.5")
+    installed = host.service.reconcilers[DPID].installed
+    known = _record_contents(installed)
     fake.fail_next_commit()
     answer = host.run(f"A {MAC} I 4 s 10.0.0.0/8")[0]
     assert answer.status == "REJECTED" and "bundle error" in answer.text and "None" not in answer.text
     assert filter_flows(fake) == []
+    # Its flows were recorded while the switch applied the bundle, and taken back.
+    assert host.service.reconcilers[DPID].installed is installed and _record_contents(installed) == known
+    assert installed.flow_count() == len(fake.flows())
 
 
 def test_commands_for_a_switch_that_is_not_connected_are_unavailable_and_change_nothing(host):
@@ -633,6 +638,42 @@ def test_the_record_of_installed_flows_is_a_set_of_identities_with_their_actions
             (f for f in reference.values() if f.cookie == cookie), key=repr)
 
 
+def _record_contents(installed: Installed):
+    return (installed.flow_count(), sorted(installed.all_flows(), key=repr), dict(installed.groups),
+            {cookie: {place: set(matches) for place, matches in by_place.items()}
+             for cookie, by_place in installed.by_cookie.items()})
+
+
+_recorded_change = st.tuples(st.sampled_from(["hold", "lose", "group", "ungroup"]), st.integers(0, 2),
+                             st.integers(0, 2), st.integers(0, 3), st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_recorded_change, max_size=20), st.lists(_recorded_change, max_size=30))
+def test_changes_recorded_while_a_bundle_is_applied_are_taken_back_whole_when_it_is_refused(earlier, tentative):
+    """The reconciler records a bundle's flows while the switch applies it; if the switch
+    refuses the bundle, ``undo`` puts back exactly what was known before (flows, whose
+    cookie holds them, groups, the count), whatever the changes replaced or deleted."""
+    def apply(installed, changes, undo=None):
+        for kind, cookie, table, value, drops in changes:
+            flow = Flow(table, 1000, (("ipv4_src", f"10.0.0.{value}"),), () if drops else (("normal",),), cookie)
+            if kind == "hold":
+                installed.holds_all([flow], undo)
+            elif kind == "lose":
+                installed.lost(flow, undo)
+            else:
+                installed.holds_group(value, b"buckets%d" % cookie if kind == "group" else None, undo)
+
+    installed = Installed()
+    apply(installed, earlier)
+    before = _record_contents(installed)
+    undo: list = []
+    apply(installed, tentative, undo)
+    installed.undo(undo)
+    assert _record_contents(installed) == before
+    assert undo == []
+
+
 def test_a_batch_is_held_to_the_flow_budget_command_by_command(tmp_path):
     """The budget of switch entries is counted as a job adds filters, without recounting
     them, and it holds across jobs, refusals included."""
@@ -1003,7 +1044,7 @@ def test_added_flows_are_diffed_in_one_pass_as_the_general_diff_does(host):
     reconciler.installed = Installed()
     reconciler.installed.holds_all([at(2, mine), at(3, mine, (("normal",),)), at(4, theirs), at(5, mine, ())])
     added = [at(1, mine), at(2, mine), at(3, mine), at(4, mine), at(5, mine, (("normal",),))]
-    held = [f for f in map(reconciler.installed.at, added) if f is not None and f.cookie == mine]
+    held = [f._replace(actions=h[1]) for f in added if (h := reconciler.installed.held_at(f)) is not None and h[0] == mine]
     general = reconciler._diff(SwitchConfig(frozenset(added), frozenset()), held, set())
     one_pass = reconciler._added_changes(added, mine)
     assert sorted(one_pass.add_flows, key=repr) == sorted(general.add_flows, key=repr) == [at(1, mine), at(4, mine)]
