@@ -27,7 +27,7 @@ from .pacing import Pacer
 from .ofmessages import encode_action, encoded_actions, group_mod, instructions, normal_match
 from .pipeline import CONTROLLER_METER, COOKIE_TAG, COOKIE_TAG_MASK, PORT_METERS, Flow, Group, cookie_of
 from .reconcile import Changes, reconcile
-from .switchlink import OpenBundle, SwitchLink, SwitchUnreachable
+from .switchlink import SwitchLink, SwitchUnreachable
 from .trust import TrustMode
 
 
@@ -219,28 +219,6 @@ class Job:
     answers: list | None = None
 
 
-@dataclass
-class Installing:
-    """Flows on their way: the link and bundle they were streamed into (None: nothing to
-    send) and the changes that make it up, to record once it is committed."""
-
-    link: SwitchLink
-    bundle: OpenBundle | None
-    sent: list
-
-
-@dataclass
-class Ahead:
-    """The next commands job, planned on the state the job being applied leaves and
-    streamed into a bundle of its own (not committed: ``installing``, or why it cannot
-    be, or None if it has nothing to install) while the switch applies that job's
-    bundle.  The switch parses it while the controller would otherwise wait."""
-
-    job: Job
-    plan: object  # service.Plan
-    installing: Installing | Failure | None
-
-
 class SwitchReconciler:
     def __init__(self, dpid: int, service):
         self.dpid = dpid
@@ -262,7 +240,6 @@ class SwitchReconciler:
         self.last_error: str | None = None
         self.wire_cache: dict[tuple, bytes] = {}
         self.jobs: collections.deque[Job] = collections.deque()
-        self.ahead: Ahead | None = None  # the job after the one being applied, made ready meanwhile
         self.wake = hub.Event()
         self.resync_pause = RESYNC_FLOOR
         self.listed_at = 0.0       # monotonic time of the last listing of every flow (a sync or full audit)
@@ -327,18 +304,14 @@ class SwitchReconciler:
 
     def _run(self) -> None:
         while True:
-            if self.ahead is not None:
-                job = self.ahead.job  # made ready while the one before it was applied: nothing may come between
-            else:
-                while not self.jobs:
-                    self.wake.wait()
-                    self.wake.clear()
-                job = self.jobs.popleft()
+            while not self.jobs:
+                self.wake.wait()
+                self.wake.clear()
+            job = self.jobs.popleft()
             try:
                 getattr(self, f"_{job.kind}")(job)
             except Exception as error:  # a bug costs this job, never the switch's reconciler
                 log.exception("switch %016x: %s job failed", self.dpid, job.kind)
-                self._drop_ahead()  # made ready on what this job would have left
                 if job.kind == "commands" and job.answers is None:
                     job.answers = self.service.internal_error(job.requests, error)
             finally:
@@ -488,9 +461,7 @@ class SwitchReconciler:
             self._push(Job("sync"), first=True)
 
     def _commands(self, job: Job) -> None:
-        ahead, self.ahead = self.ahead, None
-        answers = self._apply(job.requests, ahead if ahead is not None and ahead.job is job else None,
-                              look_ahead=True)
+        answers = self._apply(job.requests)
         if answers is None:
             answers = [None] * len(job.requests)
             for indices in _by_channel(job.requests).values():
@@ -504,20 +475,23 @@ class SwitchReconciler:
                     answers[index] = answer
         job.answers = answers
 
-    def _apply(self, requests: list, ahead: Ahead | None = None, look_ahead: bool = False) -> list | None:
+    def _apply(self, requests: list) -> list | None:
         """Plan, install as one bundle, commit; the answers, or None when they are to be
         split by channel: the agent puts several guests' commands in one request, and if
         the switch refuses that bundle each channel's commands are tried again on their
         own, so only the guest whose flows the switch refuses is answered (and stores) the
-        refusal.  ``ahead``: this job, planned and streamed already.  ``look_ahead``: while
-        the switch applies this job's bundle, make the next job ready (``_look_ahead``)."""
-        plan = ahead.plan if ahead is not None else self.service.plan(self.dpid, requests)
+        refusal."""
+        plan = self.service.plan(self.dpid, requests)
         try:
-            failure = self._install_plan(plan, ahead, look_ahead) if plan.touched else None
-            if failure is not None:
-                if failure.code == "switch-error" and len(_by_channel(requests)) > 1:
-                    return None  # after the release below: each channel alone
-                plan = plan.failed(failure)
+            failure = None
+            if plan.touched:
+                exact = self._take_exact(plan.before, plan.touched)
+                added = {mac: plan.added[(self.dpid, mac)] for mac in exact if (self.dpid, mac) in plan.added}
+                failure = self._install(plan.before, plan.after, plan.touched, plan.backends, added)
+                if failure is not None:
+                    if failure.code == "switch-error" and len(_by_channel(requests)) > 1:
+                        return None  # after the release below: each channel alone
+                    plan = plan.failed(failure)
             answers = self.service.commit(self.dpid, plan)
             if failure is None:
                 for mac in plan.touched:
@@ -526,68 +500,6 @@ class SwitchReconciler:
             return answers
         finally:
             self.service.release(plan)
-
-    def _install_plan(self, plan, ahead: Ahead | None, look_ahead: bool) -> Failure | None:
-        """The plan's flows installed (streamed already if it was made ready ahead); None
-        when the switch confirmed.  Otherwise nothing assumed of them stays: the job made
-        ready on them and the middleboxes known to be held whole."""
-        confirmed = False
-        try:
-            installing = ahead.installing if ahead is not None else self._start_plan(plan)
-            if isinstance(installing, Failure):
-                return installing
-            failure = self._end(installing, (lambda: self._look_ahead(plan)) if look_ahead else None)
-            confirmed = failure is None
-            return failure
-        finally:
-            if not confirmed:
-                self._drop_ahead()
-                self._forget_exact(plan.touched)
-
-    def _start_plan(self, plan) -> Installing | Failure:
-        exact = self._take_exact(plan.before, plan.touched)
-        added = {mac: plan.added[(self.dpid, mac)] for mac in exact if (self.dpid, mac) in plan.added}
-        return self._start(plan.before, plan.after, plan.touched, plan.backends, added)
-
-    def _look_ahead(self, plan) -> None:
-        """While the switch applies ``plan``'s bundle (recorded already), plan the next
-        commands job on the state ``plan`` leaves and stream its bundle, uncommitted.  If
-        this job fails, the next one is dropped (``_drop_ahead``) and planned again.  Not
-        for a job whose idempotency keys are in flight: it waits for their answers."""
-        for mac in plan.touched:  # as the switch will hold them if it confirms
-            if (middlebox := plan.after.find(self.dpid, mac)) is not None:
-                self.exact[mac] = middlebox
-        if self.ahead is not None or not self.jobs or self.jobs[0].kind != "commands":
-            return
-        if not self.service.may_plan_ahead(self.jobs[0].requests):
-            return
-        job = self.jobs.popleft()
-        try:
-            following = self.service.plan(self.dpid, job.requests, base=plan)
-        except Exception:  # a bug: the job runs in turn, and fails there, where it is answered
-            log.exception("switch %016x: planning a job ahead failed", self.dpid)
-            self.jobs.appendleft(job)
-            return
-        try:
-            installing = self._start_plan(following) if following.touched else None
-        except Exception:
-            log.exception("switch %016x: streaming a job ahead failed", self.dpid)
-            self.service.release(following)
-            self.jobs.appendleft(job)
-            return
-        self.ahead = Ahead(job, following, installing)
-
-    def _drop_ahead(self) -> None:
-        """The job made ready on what the job being applied would leave goes back to the
-        front of the queue, its bundle discarded: that job failed."""
-        ahead, self.ahead = self.ahead, None
-        if ahead is None:
-            return
-        if isinstance(ahead.installing, Installing) and ahead.installing.bundle is not None:
-            ahead.installing.link.discard(ahead.installing.bundle)
-        self._forget_exact(ahead.plan.touched)
-        self.service.release(ahead.plan)
-        self.jobs.appendleft(ahead.job)
 
     def _take_exact(self, before, macs) -> set[str]:
         """The ``macs`` the switch is known to hold whole as they are in ``before``; none
@@ -625,11 +537,6 @@ class SwitchReconciler:
         ``added``: by MAC, the filters ``after`` adds to a middlebox it changes no other
         way and whose whole compiled ``before`` the switch holds.  None when the switch
         confirmed; else why not."""
-        installing = self._start(before, after, macs, backends, added)
-        return installing if isinstance(installing, Failure) else self._end(installing)
-
-    def _start(self, before, after, macs, backends, added=None) -> Installing | Failure:
-        """``_install`` up to the commit: the bundle streamed, or why it cannot be."""
         if not self.connected:
             return Failure("UNAVAILABLE", f"switch {self.dpid:016x} is not connected; try again", "switch-down")
         if not self.synced:
@@ -637,26 +544,16 @@ class SwitchReconciler:
         added = added or {}
         try:
             self._resolve(backends)
-            return self._open(self._middlebox_changes(before, after, mac, added.get(mac)) for mac in sorted(macs))
+            errors = self._stream(self._middlebox_changes(before, after, mac, added.get(mac)) for mac in sorted(macs))
         except Abandoned as abandoned:
             return abandoned.failure
         except SwitchUnreachable as error:
-            return self._unreachable(error)
-
-    def _end(self, installing: Installing, meanwhile=None) -> Failure | None:
-        """Commit what ``_start`` streamed; ``meanwhile`` runs while the switch applies it."""
-        try:
-            errors = self._close(installing, meanwhile)
-        except SwitchUnreachable as error:
-            return self._unreachable(error)
+            self.synced = False  # what the switch holds is unknown now: read it again
+            self._retry_sync(self.link)
+            return Failure("UNAVAILABLE", f"{error}; nothing was applied, try again", "switch-down")
         if errors:
             return Failure("REJECTED", "switch refused: " + "; ".join(errors), "switch-error")
         return None
-
-    def _unreachable(self, error: SwitchUnreachable) -> Failure:
-        self.synced = False  # what the switch holds is unknown now: read it again
-        self._retry_sync(self.link)
-        return Failure("UNAVAILABLE", f"{error}; nothing was applied, try again", "switch-down")
 
     def _middlebox_changes(self, before, after, mac: str, added=None) -> Changes:
         """Raises Abandoned if a backend the flows need is not located yet (labs: ARP).
@@ -756,20 +653,15 @@ class SwitchReconciler:
             return [abandoned.failure.text]
 
     def _stream(self, parts) -> list[str]:
-        """The parts' changes as one bundle (``_open``, then ``_close``): the switch's
-        errors; what it confirmed is recorded."""
-        return self._close(self._open(parts))
-
-    def _open(self, parts) -> Installing:
-        """The parts' changes streamed into one bundle, each part in a safe order (groups
-        before the flows that use them, flows before the groups they used; a part is one
-        middlebox, or the whole switch, and no part uses another's groups).  ``parts`` may
-        be a generator that compiles as it goes: each part is encoded and written while
-        the next is compiled.  Raises Abandoned (the bundle discarded) if a part cannot be
-        sent: a meter refused, or a middlebox that cannot be compiled."""
+        """The parts' changes as one bundle, each part in a safe order (groups before the
+        flows that use them, flows before the groups they used; a part is one middlebox,
+        or the whole switch, and no part uses another's groups).  ``parts`` may be a
+        generator that compiles as it goes: each part is encoded and written while the
+        next is compiled.  The switch's errors; what it confirmed is recorded.  Raises
+        Abandoned (the bundle discarded) if a part cannot be sent: a meter refused, or a
+        middlebox that cannot be compiled."""
         sent: list[Changes] = []
-        link = self.link
-        datapath = link.datapath
+        datapath = self.link.datapath
 
         def messages():
             for part in parts:
@@ -792,22 +684,14 @@ class SwitchReconciler:
                 yield from (self._flow_mod(datapath, f, "delete") for f in part.delete_flows)
                 yield from (group_mod(datapath, i, "delete") for i in part.delete_groups)
 
-        return Installing(link, link.stream(messages()), sent)
-
-    def _close(self, installing: Installing, meanwhile=None) -> list[str]:
-        """Commit a streamed bundle: the switch's errors.  Its changes are recorded while
-        the switch applies it (idle time here), then ``meanwhile`` runs; both are taken
-        back if the switch refuses."""
         undo: list = []
 
-        def record() -> None:
-            for part in installing.sent:
+        def record() -> None:  # while the switch applies the bundle: idle time here
+            for part in sent:
                 self._record(part, undo)
-            if meanwhile is not None:
-                meanwhile()
 
         try:
-            errors = installing.link.finish(installing.bundle, record)
+            errors = self.link.commit(messages(), meanwhile=record)
         except BaseException:
             self.installed.undo(undo)
             raise

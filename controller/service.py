@@ -157,7 +157,6 @@ class PlanContext:
     binding: Binding
     ports: dict[int, Binding] = field(default_factory=dict)
     costs: dict = field(default_factory=dict)  # (dpid, mac) -> (filters, addresses, switch entries): this job's counts
-    earlier: dict = field(default_factory=dict)  # ... the counts of the job this one is planned after (Plan.costs)
 
     def at(self, port: int) -> Binding:
         binding = self.ports.get(port)
@@ -284,16 +283,13 @@ class Controller:
     def execute(self, request: CommandRequest) -> Answer:
         return self.submit([request])[0]
 
-    def plan(self, dpid: int, requests: list[CommandRequest], base: Plan | None = None) -> Plan:
+    def plan(self, dpid: int, requests: list[CommandRequest]) -> Plan:
         """Decide every command of a job in order against the current state (pure but for
         the store's look-ups of earlier answers and the claims on keys in flight).  The
-        decisions land in one ``Draft``: one new state per job, not one per command.
-        ``base``: the job before this one on the switch, not committed yet: this one is
-        decided against the state it leaves (the reconciler plans ahead, ``may_plan_ahead``)."""
-        before = self.state if base is None else base.after
+        decisions land in one ``Draft``: one new state per job, not one per command."""
+        before = self.state
         draft = Draft(before, elsewhere=lambda: self.state.zones | self.zones_in_flight, reserve=self.zones_in_flight.add)
-        context = PlanContext(self.surroundings(dpid), Binding(dpid, 0, self.settings.trust, self.inventory_of(dpid)),
-                              earlier=base.costs if base is not None else {})
+        context = PlanContext(self.surroundings(dpid), Binding(dpid, 0, self.settings.trust, self.inventory_of(dpid)))
         answers, touched, pending, backends, keep, independent, claimed = [], set(), [], set(), [], set(), []
         seen: dict[tuple, tuple[str, Answer, int]] = {}
         parsed: dict[int, object] = {}  # index -> its command, parsed while looking for a run of adds
@@ -476,17 +472,10 @@ class Controller:
         if known is not None and known[0] is filters:
             return known[1], known[2]
         addresses = context.surroundings.addresses(middlebox)  # group forms: one per own address
-        known = context.earlier.get(middlebox.key) or self.flow_costs.get(middlebox.key)
+        known = self.flow_costs.get(middlebox.key)
         if known is not None and known[0] is filters and known[1] == addresses:
             return addresses, known[2]
         return addresses, sum(filter_cost(f, addresses) for f in filters)
-
-    def may_plan_ahead(self, requests: list[CommandRequest]) -> bool:
-        """A job may be planned before the one in front of it is answered unless one of its
-        idempotency keys is in flight: a command sent again must replay its answer, not
-        be told to try again."""
-        in_flight = self.in_flight
-        return not any(request.key in in_flight for request in requests if request.key is not None)
 
     def release(self, plan: Plan) -> None:
         """The job's keys are answered (or abandoned): others may use them again; its new

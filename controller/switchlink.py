@@ -46,17 +46,6 @@ class Waiter:
     barrier: int | None = None  # a bundle's conversation ends with this barrier's reply
 
 
-@dataclass(eq=False)
-class OpenBundle:
-    """A bundle streamed to the switch, not committed yet (``SwitchLink.finish`` commits
-    it, ``SwitchLink.discard`` drops it): its id, flags, conversation and message count."""
-
-    id: int
-    flags: int
-    waiter: Waiter
-    count: int = 0
-
-
 def describe_error(message) -> str:
     """An OpenFlow error as text an operator can look up (type/code as in ofp-errors).
     OVS reports bundle errors to OpenFlow 1.3 as ONF experimenter errors, whose code is
@@ -158,81 +147,70 @@ class SwitchLink:
 
     def commit(self, messages: Iterable, meanwhile: Callable[[], None] | None = None) -> list[str]:
         """Send ``messages`` (pre-packed bytes or os-ken messages) as one atomic, ordered
-        bundle, then a barrier (``stream``, then ``finish``).  Returns the switch's
-        errors: empty means every message is in effect, otherwise the switch refused the
-        bundle and holds exactly what it held before.  An empty bundle is not sent."""
-        return self.finish(self.stream(messages), meanwhile)
+        bundle, then a barrier.  Returns the switch's errors: empty means every message
+        is in effect, otherwise the switch refused the bundle and holds exactly what it
+        held before.  An empty bundle is not sent.
 
-    def stream(self, messages: Iterable) -> OpenBundle | None:
-        """Open a bundle and send ``messages`` into it, uncommitted; None if there were
-        none.  ``messages`` may be a generator that compiles as it goes: they are written
-        in chunks of ``CHUNK_BYTES`` as they come, so the switch parses the first ones
-        while the rest are still being prepared, and each chunk is one write, not one per
+        ``messages`` may be a generator that compiles as it goes: they are written in
+        chunks of ``CHUNK_BYTES`` as they come, so the switch parses the first ones while
+        the rest are still being prepared, and each chunk is one write, not one per
         message.  If the generator raises, the bundle is discarded and the error goes to
         the caller.  Every message of the bundle carries the bundle's xid (the bundle
         extension wants the inner xid equal to the frame's), which the switch quotes if
-        it refuses one."""
-        datapath = self.datapath
-        parser, ofp = datapath.ofproto_parser, datapath.ofproto
-        flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED
-        bundle = OpenBundle(next(self.bundle_ids) & 0xFFFFFFFF, flags, Waiter(hub.Event()))
-        opening = None
-        chunk = bytearray()
-        pacer = Pacer()
-        try:
-            for message in messages:
-                if opening is None:
-                    opening = parser.ONFBundleCtrlMsg(datapath, bundle.id, ofp.ONF_BCT_OPEN_REQUEST, flags, [])
-                    self._send(opening, bundle.waiter)
-                chunk += wire.bundle_add(bundle.id, flags, opening.xid, wire.with_xid(message, opening.xid))
-                bundle.count += 1
-                if len(chunk) >= CHUNK_BYTES or pacer.due():
-                    self._write(bytes(chunk))
-                    chunk.clear()
-                    pacer.rest()  # the send loop writes it; echo replies, other switches and REST run
-            if opening is not None and chunk:
-                self._write(bytes(chunk))
-        except Exception:
-            if opening is not None:
-                self.discard(bundle)
-            raise
-        return bundle if opening is not None else None
-
-    def finish(self, bundle: OpenBundle | None, meanwhile: Callable[[], None] | None = None) -> list[str]:
-        """Commit a streamed bundle and wait for the switch's answer: its errors (see
-        ``commit``).  A bundle the switch refused while it streamed is discarded instead.
+        it refuses one.
 
         ``meanwhile`` is called once the commit is sent, before its answer is awaited: the
         caller's work that does not depend on the answer (and that it can take back if the
         switch refuses) runs while the switch applies the bundle."""
-        if bundle is None:
-            return []
-        waiter = bundle.waiter
-        if waiter.errors:  # refused while streaming: the commit would only fail too
-            self.discard(bundle)
-            return waiter.errors
         datapath = self.datapath
         parser, ofp = datapath.ofproto_parser, datapath.ofproto
-        self._send(parser.ONFBundleCtrlMsg(datapath, bundle.id, ofp.ONF_BCT_COMMIT_REQUEST, bundle.flags, []), waiter)
+        flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED
+        bundle = next(self.bundle_ids) & 0xFFFFFFFF
+        waiter = Waiter(hub.Event())
+        opening = None
+        chunk = bytearray()
+        count = 0
+        pacer = Pacer()
+        try:
+            for message in messages:
+                if opening is None:
+                    opening = parser.ONFBundleCtrlMsg(datapath, bundle, ofp.ONF_BCT_OPEN_REQUEST, flags, [])
+                    self._send(opening, waiter)
+                chunk += wire.bundle_add(bundle, flags, opening.xid, wire.with_xid(message, opening.xid))
+                count += 1
+                if len(chunk) >= CHUNK_BYTES or pacer.due():
+                    self._write(bytes(chunk))
+                    chunk.clear()
+                    pacer.rest()  # the send loop writes it; echo replies, other switches and REST run
+        except Exception:
+            if opening is not None and not self.closed:
+                self._discard(bundle, flags, waiter)
+            raise
+        if opening is None:
+            return []
+        if chunk:
+            self._write(bytes(chunk))
+        if waiter.errors:  # refused while streaming: the commit would only fail too
+            self._discard(bundle, flags, waiter)
+            return waiter.errors
+        self._send(parser.ONFBundleCtrlMsg(datapath, bundle, ofp.ONF_BCT_COMMIT_REQUEST, flags, []), waiter)
         barrier = parser.OFPBarrierRequest(datapath)
         self._send(barrier, waiter)
         waiter.barrier = barrier.xid
         if meanwhile is not None:
             meanwhile()
-        self._wait(waiter, BASE_TIMEOUT + bundle.count * PER_MESSAGE_TIMEOUT, f"a bundle of {bundle.count} message(s)")
+        self._wait(waiter, BASE_TIMEOUT + count * PER_MESSAGE_TIMEOUT, f"a bundle of {count} message(s)")
         return waiter.errors
 
-    def discard(self, bundle: OpenBundle) -> None:
+    def _discard(self, bundle: int, flags: int, waiter: Waiter) -> None:
         """An abandoned bundle goes at once, not at the switch's idle timeout; its
         conversation ends here (nobody waits for the reply)."""
-        if self.closed:
-            return
         parser, ofp = self.datapath.ofproto_parser, self.datapath.ofproto
         try:
-            self._send(parser.ONFBundleCtrlMsg(self.datapath, bundle.id, ofp.ONF_BCT_DISCARD_REQUEST, bundle.flags, []))
+            self._send(parser.ONFBundleCtrlMsg(self.datapath, bundle, ofp.ONF_BCT_DISCARD_REQUEST, flags, []))
         except SwitchUnreachable:
             pass
-        for xid in [xid for xid, owner in self.waiters.items() if owner is bundle.waiter]:
+        for xid in [xid for xid, owner in self.waiters.items() if owner is waiter]:
             del self.waiters[xid]
 
     def _write(self, data: bytes) -> None:
