@@ -119,13 +119,21 @@ def controller(args: argparse.Namespace) -> int:
     os.environ["MBVISOR_REST_PORT"] = str(args.rest_port)
     if args.token_file:
         os.environ["MBVISOR_TOKEN_FILE"] = str(args.token_file)  # read (and refused if empty) by the app
+    from mbvisor.controller.placement import placement_from
+
+    offset, next_table = str(args.table_offset), "" if args.next_table is None else str(args.next_table)
+    try:
+        placement_from(offset, next_table)
+    except ValueError as error:
+        raise SystemExit(f"mbvisor controller: {error}") from None
+    os.environ["MBVISOR_TABLE_OFFSET"], os.environ["MBVISOR_NEXT_TABLE"] = offset, next_table
     from os_ken.cmd import manager
 
     for handler in logging.root.handlers[:]:  # the manager installs its own: one line per record
         logging.root.removeHandler(handler)
 
     manager.main(["--ofp-listen-host", args.ofp_host, "--ofp-tcp-listen-port", str(args.ofp_port),
-                  "mbvisor.controller.app"])
+                  "mbvisor.controller.app", *args.app])
     return 0
 
 
@@ -266,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_argument("--rest-port", type=int, default=8181, help="REST port (default 8181)")
     control.add_argument("--db", default="/var/lib/mbvisor/controller.sqlite", help="desired-state database")
     control.add_argument("--token-file", help="file holding the bearer token required for writes")
+    control.add_argument("--table-offset", type=int, default=0, metavar="N",
+                         help="mbvisor's tables are N..N+4 (default 0; docs/controller.md, 'Beside other apps')")
+    control.add_argument("--next-table", type=int, metavar="T",
+                         help="hand what mbvisor lets through to table T (another app's) instead of NORMAL "
+                              "(default: NORMAL)")
+    control.add_argument("--app", action="append", default=[], metavar="MODULE",
+                         help="another OS-Ken app to run in the same process, e.g. os_ken.app.ofctl_rest "
+                              "(repeatable)")
     control.set_defaults(handler=controller)
 
     agent_parser = sub.add_parser("agent", help="serve every VM channel on this host (forwards to the controller)")

@@ -64,7 +64,10 @@ class MbvisorController(OSKenApp):
         self.rest_server = start_server(self.service, settings)
         self.service.start()
         quiet_collector()
-        log.info("mbvisor controller running on %s", FRAMEWORK)
+        placement = settings.placement
+        log.info("mbvisor controller running on %s; tables %d..%d, the rest to %s", FRAMEWORK,
+                 placement.tables.start, placement.tables.stop - 1,
+                 "NORMAL" if placement.next_table is None else f"table {placement.next_table}")
 
     @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
     def _switch_features(self, ev):

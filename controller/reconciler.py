@@ -602,6 +602,9 @@ class SwitchReconciler:
         middlebox holds its identity already; then modified if its actions differ."""
         add, modify = [], []
         held_at = self.installed.held_at
+        placement = self.service.settings.placement
+        if not placement.is_default:
+            added = map(placement.flow, added)
         for flow in added:
             held = held_at(flow)
             if held is None or held[0] != cookie:
@@ -611,6 +614,12 @@ class SwitchReconciler:
         return Changes(add_flows=tuple(add), modify_flows=tuple(modify))
 
     def _diff(self, desired: SwitchConfig, installed, managed_groups: set[int]) -> Changes:
+        """What turns ``installed`` into ``desired`` (as compiled: placed here among the
+        switch's tables, see placement.py)."""
+        placement = self.service.settings.placement
+        if not placement.is_default:
+            desired = SwitchConfig(frozenset(map(placement.flow, desired.flows)),
+                                   frozenset(map(placement.group, desired.groups)), desired.unresolved)
         def same_flow(want: Flow, have: Flow) -> bool:
             return want.cookie == have.cookie and self._wire(want.actions) == self._actions_wire(have.actions)
 

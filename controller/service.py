@@ -37,6 +37,7 @@ from .pacing import Pacer
 from .model import (ApplyError, Binding, Draft, Limits, Middlebox, State, added_answer_text, adding_to,
                     check_destination_mac, decide, present_answer_text, unique_zones)
 from .pipeline import COOKIE_TAG, COOKIE_TAG_MASK, cookie_of
+from .placement import Placement, placement_from
 from .trust import Inventory, PortIdentity, TrustMode, build_inventory
 from .ofmessages import normal_match
 from .reconciler import Failure, Job, SwitchReconciler
@@ -65,6 +66,7 @@ class Settings:
     backend_check_interval: float = 1.0  # seconds between health checks of each backend in use
     backend_down_after: float = 3.0      # seconds without an answer before a backend is down
     controller_pps: int = 200            # packets per second each switch may send the controller
+    placement: Placement = Placement()   # mbvisor's tables among the switch's (placement.py)
 
     @classmethod
     def from_environment(cls, environ=os.environ) -> "Settings":
@@ -95,6 +97,7 @@ class Settings:
             backend_check_interval=float(environ.get("MBVISOR_BACKEND_CHECK_INTERVAL", "1")),
             backend_down_after=float(environ.get("MBVISOR_BACKEND_DOWN_AFTER", "3")),
             controller_pps=int(environ.get("MBVISOR_CONTROLLER_PPS", "200")),
+            placement=placement_from(environ.get("MBVISOR_TABLE_OFFSET"), environ.get("MBVISOR_NEXT_TABLE")),
         )
 
 
@@ -761,7 +764,8 @@ class Controller:
         """Packets (and bytes) the middlebox would otherwise have received: each counted
         once, where the flow that decided it counts it (see flows.counts_as_handled)."""
         stats = self._flow_stats(dpid, cookie_of(mac), 0xFFFFFFFFFFFFFFFF)
-        decided = [s for s in stats if counts_as_handled(s.table_id, s.priority, not s.instructions)]
+        logical = self.settings.placement.logical_table
+        decided = [s for s in stats if counts_as_handled(logical(s.table_id), s.priority, not s.instructions)]
         return {"packets": sum(s.packet_count for s in decided), "bytes": sum(s.byte_count for s in decided)}
 
     def backend_states(self, dpid: int, mac: str) -> dict[str, str]:
@@ -785,8 +789,9 @@ class Controller:
             except SwitchUnavailable:
                 continue
             handled: Counter = Counter()
+            logical = self.settings.placement.logical_table
             for s in stats:
-                if counts_as_handled(s.table_id, s.priority, not s.instructions):
+                if counts_as_handled(logical(s.table_id), s.priority, not s.instructions):
                     handled[s.cookie] += s.packet_count
             for middlebox in self.state.on(dpid):
                 rows[(dpid, middlebox.mac)] = handled.get(cookie_of(middlebox.mac), 0)

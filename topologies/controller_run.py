@@ -31,13 +31,17 @@ class Controller:
 
     def __init__(self, state_dir: Path, token: str = "test-token", launcher: str = "mbvisor",
                  environment: dict[str, str] | None = None, ofp_port: int | None = None,
-                 rest_port: int | None = None, trust: str = "lab"):
+                 rest_port: int | None = None, trust: str = "lab", apps: tuple[str, ...] = (),
+                 arguments: tuple[str, ...] = ()):
         """``trust``: ``"lab"`` (default here) lets tests drive unannotated namespace hosts
         through REST; the trust model's own tests, the demo and the agent's end-to-end
-        tests run the product default, ``"annotations"``."""
+        tests run the product default, ``"annotations"``.  ``apps``: other apps to run in
+        the same process; ``arguments``: more for the launcher (``--next-table 10``,
+        ``--wsapi-port 8080``)."""
         self.state_dir = state_dir
         self.extra_environment = {"MBVISOR_TRUST": trust, **(environment or {})}
         self.launcher = launcher
+        self.apps, self.arguments = apps, arguments
         self.token = token
         self.ofp_port = ofp_port or free_port()
         self.rest_port = rest_port or free_port()
@@ -53,9 +57,10 @@ class Controller:
         if self.launcher == "mbvisor":
             return [sys.executable, "-m", "mbvisor.agents.cli", "controller", "--ofp-port", str(self.ofp_port),
                     "--rest-port", str(self.rest_port), "--db", str(self.state_dir / "controller.sqlite"),
-                    "--token-file", str(token_file)]
+                    "--token-file", str(token_file), *self.arguments, *(f"--app={app}" for app in self.apps)]
         manager = Path(sys.executable).parent / self.launcher
-        return [str(manager), "--ofp-tcp-listen-port", str(self.ofp_port), "mbvisor.controller.app"]
+        return [str(manager), "--ofp-tcp-listen-port", str(self.ofp_port), *self.arguments, "mbvisor.controller.app",
+                *self.apps]
 
     def start(self) -> "Controller":
         token_file = self.state_dir / "token"
