@@ -40,6 +40,7 @@ from .pipeline import COOKIE_TAG, COOKIE_TAG_MASK, cookie_of
 from .placement import Placement, placement_from
 from .trust import Inventory, PortIdentity, TrustMode, build_inventory
 from .ofmessages import normal_match
+from .ovstext import actions_text, flow_text
 from .reconciler import Failure, Job, SwitchReconciler
 from .requests import Answer, CommandRequest, SwitchUnavailable, clip, read_token_file
 from .store import Store, command_text
@@ -754,10 +755,11 @@ class Controller:
             raise SwitchUnavailable(str(error)) from None
 
     def flow_statistics(self, dpid: int, cookie: int) -> list[dict]:
-        """The switch's own view of a middlebox's flows, with counters."""
+        """The switch's own view of a middlebox's flows, with counters; actions and the
+        whole flow also in ``ovs-ofctl``'s syntax (ovstext.py)."""
         return [{"table": s.table_id, "priority": s.priority, "match": _match_body(s.match),
                  "packets": s.packet_count, "bytes": s.byte_count, "cookie": f"{s.cookie:#018x}",
-                 "actions": [str(i) for i in s.instructions]}
+                 "actions": actions_text(s.instructions), "text": flow_text(s)}
                 for s in self._flow_stats(dpid, cookie, 0xFFFFFFFFFFFFFFFF)]
 
     def handled_packets(self, dpid: int, mac: str) -> dict:

@@ -87,8 +87,9 @@ class FakeService:
     def flow_statistics(self, dpid: int, cookie: int) -> list[dict]:
         self._connected(dpid)
         self.calls.append(("flow_statistics", dpid, cookie))
-        return [{"table": 0, "priority": 3000, "match": {"eth_dst": MAC}, "actions": ["drop"], "packets": 7,
-                 "bytes": 420, "cookie": f"{cookie:#018x}"}]
+        return [{"table": 0, "priority": 3000, "match": {"eth_dst": MAC}, "actions": "drop", "packets": 7,
+                 "bytes": 420, "cookie": f"{cookie:#018x}",
+                 "text": f"cookie={cookie:#x}, table=0, priority=3000,dl_dst={MAC} actions=drop"}]
 
     def backend_states(self, dpid: int, mac: str) -> dict:
         return {"10.0.0.11": "up", "10.0.0.12": "down"}
@@ -364,7 +365,7 @@ def test_a_middlebox_is_described_with_its_filters_and_redirects_as_canonical_te
 
 def test_flows_are_the_switch_view_and_503_when_it_is_disconnected(api, service):
     flows = call(api, "GET", f"/v1/middleboxes/a1/{MAC}/flows").json["flows"]
-    assert flows[0]["actions"] == ["drop"] and service.calls == [("flow_statistics", DPID, cookie_of(MAC))]
+    assert flows[0]["actions"] == "drop" and service.calls == [("flow_statistics", DPID, cookie_of(MAC))]
     service.connected.clear()
     for path in (f"/v1/middleboxes/a1/{MAC}/flows", f"/v1/middleboxes/a1/{MAC}"):
         response = call(api, "GET", path)
