@@ -41,7 +41,7 @@ from mbvisor.guest.commands import Filter, Layer
 
 from .filters import _address_match, compile_filters, compile_plain_filters
 from .ingress import compile_ingress
-from .model import Middlebox, State
+from .model import MAX_ZONE, Middlebox, State
 from .pipeline import (ARP_CAPTURE, BACKEND_ANSWER, BACKEND_TABLE, BASE_COOKIE, CONTROLLER_METER, ENTERED, FILTER,
                        FILTER_CONJUNCTION, FRAGMENT_TABLE,
                        MISS, NEIGHBOUR_DISCOVERY, OFFLOAD_TABLE, REDIRECT, REDIRECT_FROM_SOURCE, REDIRECT_REPLY,
@@ -262,6 +262,10 @@ def counts_as_handled(table: int, priority: int, drops: bool) -> bool:
     if table == OFFLOAD_TABLE:
         return priority in HANDLED_PRIORITIES or (drops and priority == FILTER_CONJUNCTION)
     return drops and table == FRAGMENT_TABLE
+
+
+# Every group id mbvisor may give: a block of 256 per conntrack zone (``group_id``).
+GROUP_IDS = range(1 << 8, (MAX_ZONE + 1) << 8)
 
 
 def owned_groups(middlebox: Middlebox) -> range:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 from .pipeline import FRAGMENT_TABLE, Flow, Group
 
 LAST_TABLE = FRAGMENT_TABLE  # the highest logical table mbvisor uses
-MAX_TABLE = 254              # OpenFlow's tables are 0..254 (255 means "all")
+MAX_TABLE = 253              # OpenFlow's tables are 0..254, and OVS keeps 254 for itself (no app may write it)
 _TABLE_AT = {"goto": 1, "resubmit": 1, "ct_nat": 2, "ct_commit": 2}  # action -> index of its table
 
 
@@ -39,9 +39,9 @@ class Placement(NamedTuple):
     def check(self) -> "Placement":
         """Itself, or ValueError saying what is wrong: the tables must exist, and the next
         table must come after mbvisor's (a goto only goes forward)."""
-        if not 0 <= self.offset <= MAX_TABLE - LAST_TABLE - 1:
-            raise ValueError(f"the table offset must be 0..{MAX_TABLE - LAST_TABLE - 1} (mbvisor uses "
-                             f"{LAST_TABLE + 1} tables and the next one needs a table after them), not {self.offset}")
+        if not 0 <= self.offset <= MAX_TABLE - LAST_TABLE:
+            raise ValueError(f"the table offset must be 0..{MAX_TABLE - LAST_TABLE} (mbvisor uses "
+                             f"{LAST_TABLE + 1} tables, up to table {MAX_TABLE}), not {self.offset}")
         if self.next_table is not None and not self.tables.stop <= self.next_table <= MAX_TABLE:
             raise ValueError(f"the next table must be {self.tables.stop}..{MAX_TABLE}: after mbvisor's tables "
                              f"{self.tables.start}..{self.tables.stop - 1}, not {self.next_table}")

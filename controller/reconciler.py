@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from .compat import hub
-from .flows import SwitchConfig, base_config, compile_added_filters, compile_middlebox, compile_switch, owned_groups
+from .flows import GROUP_IDS, SwitchConfig, base_config, compile_added_filters, compile_middlebox, compile_switch, owned_groups
 from . import wire
 from .pacing import Pacer
 from .ofmessages import encode_action, encoded_actions, group_mod, instructions, normal_match
@@ -79,6 +79,13 @@ def _wire_buckets(buckets) -> bytes:
             out += buf
         out += b"|"
     return bytes(out)
+
+
+def _our_groups(descriptions) -> dict[int, bytes]:
+    """mbvisor's groups among the switch's (group descriptions), by id: groups carry no
+    cookie, so the ids mbvisor gives are its mark (``flows.GROUP_IDS``).  Another app's
+    groups are never compared, changed or deleted (OVS would delete their flows too)."""
+    return {d.group_id: _wire_buckets([b.actions for b in d.buckets]) for d in descriptions if d.group_id in GROUP_IDS}
 
 
 @dataclass
@@ -444,7 +451,7 @@ class SwitchReconciler:
         if self.link.flow_count(COOKIE_TAG, COOKIE_TAG_MASK) != self.installed.flow_count():
             return False
         descriptions = self.link.request(self.link.datapath.ofproto_parser.OFPGroupDescStatsRequest(self.link.datapath, 0))
-        return {d.group_id: _wire_buckets([b.actions for b in d.buckets]) for d in descriptions} == self.installed.groups
+        return _our_groups(descriptions) == self.installed.groups
 
     def _sync_failed(self, reason: str) -> None:
         """Not synced until a later attempt succeeds; commands meanwhile answer UNAVAILABLE."""
@@ -563,6 +570,8 @@ class SwitchReconciler:
         ``before``): anything it lacks (refused at a reconnection, a redirect whose backend
         was not located then, a change confirmed but not committed) is repaired by
         compiling the middlebox whole."""
+        if self.link is None or self.link.closed:  # disconnected while the bundle before this part was sent
+            raise SwitchUnreachable(f"switch {self.dpid:016x} disconnected while its bundle was sent")
         wanted = after.find(self.dpid, mac)
         surroundings = self._surroundings()
         flows = compile_added_filters(before.find(self.dpid, mac), wanted, added, surroundings)
@@ -591,7 +600,7 @@ class SwitchReconciler:
                                  (("wire", encoded_actions(datapath, stat.instructions)),), stat.cookie))
             pace()
         descriptions = self.link.request(datapath.ofproto_parser.OFPGroupDescStatsRequest(datapath, 0))
-        installed.groups = {d.group_id: _wire_buckets([b.actions for b in d.buckets]) for d in descriptions}
+        installed.groups = _our_groups(descriptions)
         self.installed = installed
         self.exact.clear()
 
@@ -624,7 +633,7 @@ class SwitchReconciler:
             return want.cookie == have.cookie and self._wire(want.actions) == self._actions_wire(have.actions)
 
         def same_group(want: Group, have: Group) -> bool:
-            return self._group_wire(want) == self.installed.groups.get(have.group_id)
+            return self._group_wire(want, self.link.datapath) == self.installed.groups.get(have.group_id)
 
         present_groups = [Group(i, ()) for i in self.installed.groups if i in managed_groups]
         return reconcile(desired, installed, present_groups, managed_groups, same_flow, same_group)
@@ -636,22 +645,22 @@ class SwitchReconciler:
             return actions[0][1]
         return self._wire(actions)
 
-    def _wire(self, actions: tuple) -> bytes:
+    def _wire(self, actions: tuple, datapath=None) -> bytes:
         """Actions as the switch reports them (its wire bytes).  Few distinct action lists
-        exist (every filter drops), so they are encoded once per connection."""
+        exist (every filter drops), so they are encoded once per connection.  ``datapath``:
+        the connection a bundle is streamed on (the reconciler's may be gone meanwhile)."""
         wire = self.wire_cache.get(actions)
         if wire is None:
-            datapath = self.link.datapath
+            datapath = datapath or self.link.datapath
             wire = self.wire_cache[actions] = encoded_actions(datapath, instructions(datapath, actions))
         return wire
 
     def _flow_mod(self, datapath, flow: Flow, command: str) -> bytes:
         """Packed from cached pieces (``wire``): a bulk install encodes each MAC, address
         and action list once, not once per flow."""
-        return wire.flow_mod(datapath, flow, command, b"" if command == "delete" else self._wire(flow.actions))
+        return wire.flow_mod(datapath, flow, command, b"" if command == "delete" else self._wire(flow.actions, datapath))
 
-    def _group_wire(self, group: Group) -> bytes:
-        datapath = self.link.datapath
+    def _group_wire(self, group: Group, datapath) -> bytes:
         return _wire_buckets([[encode_action(datapath, a) for a in bucket] for bucket in group.buckets])
 
     def _send(self, changes: Changes) -> list[str]:
@@ -670,12 +679,15 @@ class SwitchReconciler:
         Abandoned (the bundle discarded) if a part cannot be sent: a meter refused, or a
         middlebox that cannot be compiled."""
         sent: list[Changes] = []
-        datapath = self.link.datapath
+        link = self.link  # this bundle's connection: a disconnection handled meanwhile drops self.link
+        datapath = link.datapath
 
         def messages():
             for part in parts:
                 if part.empty:
                     continue
+                if self.link is not link:
+                    raise SwitchUnreachable(f"switch {self.dpid:016x} disconnected while its bundle was sent")
                 meters = sorted({a[1] for f in part.add_flows + part.modify_flows for a in f.actions
                                  if a[0] == "meter"})
                 for meter_id in meters:
@@ -697,10 +709,10 @@ class SwitchReconciler:
 
         def record() -> None:  # while the switch applies the bundle: idle time here
             for part in sent:
-                self._record(part, undo)
+                self._record(part, undo, datapath)
 
         try:
-            errors = self.link.commit(messages(), meanwhile=record)
+            errors = link.commit(messages(), meanwhile=record)
         except BaseException:
             self.installed.undo(undo)
             raise
@@ -710,7 +722,7 @@ class SwitchReconciler:
         self.service.metrics.flows_installed(self.dpid, self.installed.flow_count())
         return errors
 
-    def _record(self, changes: Changes, undo: list) -> None:
+    def _record(self, changes: Changes, undo: list, datapath) -> None:
         """The sent flows, kept as compiled (their wire bytes are cached by action list),
         with what ``Installed.undo`` needs if the switch refuses them."""
         pace = Pacer()
@@ -724,7 +736,7 @@ class SwitchReconciler:
         for flow in changes.delete_flows:
             self.installed.lost(flow, undo)
         for group in changes.add_groups + changes.modify_groups:
-            self.installed.holds_group(group.group_id, self._group_wire(group), undo)
+            self.installed.holds_group(group.group_id, self._group_wire(group, datapath), undo)
         for group_id in changes.delete_groups:
             self.installed.holds_group(group_id, None, undo)
 

@@ -122,5 +122,5 @@ def test_mbvisor_controller_at_a_table_offset_with_another_app_in_its_process(la
 
 def test_a_placement_a_switch_could_not_take_stops_the_controller_with_the_reason(tmp_path):
     controller = Controller(tmp_path, arguments=("--next-table", "3"))
-    with pytest.raises(Exception, match="next table must be 5..254"):
+    with pytest.raises(Exception, match="next table must be 5..253"):
         controller.start()
