@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo mininet test test-fast coverage bench bench-quick bench-components clean
+.PHONY: setup demo mininet test test-fast test-container container coverage bench bench-quick bench-components clean
 
 setup:
 	@VENV=$(VENV) bash topologies/host-setup.sh
@@ -20,6 +20,14 @@ mininet: setup
 
 test: setup
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The container image (docs/container.md): podman, a debootstrapped Debian 12 base, a wheelhouse.
+container: setup
+	VENV=$(VENV) topologies/container-build.sh
+
+# Builds both images and runs the demo and the fast tests inside (minutes; CI runs it too).
+test-container: setup
+	$(PYTHON) -m pytest -m container $(PYTEST_ARGS)
 
 # Pure logic only (grammar, ring, channel): seconds, no root, no OVS.
 test-fast:

@@ -19,6 +19,17 @@ from mbvisor.guest.region import open_file
 from mbvisor.guest.writer import ChannelWriter
 
 
+def pytest_collection_modifyitems(config, items):
+    """Container builds take minutes: they run when asked for (``-m container``, which
+    ``make test-container`` and CI do), and are deselected, not skipped, otherwise."""
+    if "container" in (config.getoption("markexpr") or ""):
+        return
+    kept = [item for item in items if item.get_closest_marker("container") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("container")])
+        items[:] = kept
+
+
 @pytest.fixture
 def region_path():
     """A unique /dev/shm file (what QEMU's memory backend uses), deleted afterwards."""

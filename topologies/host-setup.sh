@@ -2,11 +2,7 @@
 # Prepare this machine for mbvisor: Debian packages, the project's virtual environment and
 # a running Open vSwitch.  Idempotent: a second run installs nothing and starts nothing
 # that already runs.  Used by `make demo` and `make test`; safe to run by hand.
-#   --install-only   packages and venv, start nothing (the Dockerfile's build step)
 set -euo pipefail
-
-INSTALL_ONLY=0
-[ "${1:-}" = "--install-only" ] && INSTALL_ONLY=1
 
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -82,5 +78,5 @@ start_open_vswitch() {
 
 install_debian_packages
 create_virtualenv
-[ "$INSTALL_ONLY" = 1 ] || start_open_vswitch
+start_open_vswitch
 say "ready"
