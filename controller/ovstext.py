@@ -23,6 +23,7 @@ _FRAGMENTS = {(0, 1): "no", (1, 1): "yes", (1, 3): "first", (3, 3): "later", (0,
 _PORTS = {0xFFFFFFF8: "IN_PORT", 0xFFFFFFF9: "TABLE", 0xFFFFFFFA: "NORMAL", 0xFFFFFFFB: "FLOOD",
           0xFFFFFFFC: "ALL", 0xFFFFFFFE: "LOCAL"}
 _CONTROLLER = 0xFFFFFFFD
+_WRITE_ACTIONS, _APPLY_ACTIONS, _CLEAR_ACTIONS = 3, 4, 5  # OpenFlow 1.3 instruction types
 _NX_IN_PORT = 0xFFF8
 _NX_CT_RECIRC_NONE = 0xFF
 _NX_NAT_F_SOURCE, _NX_NAT_F_DESTINATION = 1, 2
@@ -59,8 +60,12 @@ def actions_text(instructions) -> str:
         kind = type(instruction).__name__
         if kind == "OFPInstructionMeter":
             parts.append(f"meter:{instruction.meter_id}")
-        elif kind == "OFPInstructionActions":
+        elif kind == "OFPInstructionActions" and instruction.type == _APPLY_ACTIONS:
             parts.extend(_action(action) for action in instruction.actions)
+        elif kind == "OFPInstructionActions" and instruction.type == _WRITE_ACTIONS:
+            parts.append(f"write_actions({','.join(_action(action) for action in instruction.actions)})")
+        elif kind == "OFPInstructionActions" and instruction.type == _CLEAR_ACTIONS:
+            parts.append("clear_actions")
         elif kind == "OFPInstructionGotoTable":
             parts.append(f"goto_table:{instruction.table_id}")
         else:

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.container, pytest.mark.host]
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["podman", "run", "--rm", "--runtime", "runc", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768"]
 BUILD_TIMEOUT = 1800
+BASE = "localhost/mbvisor-base:bookworm"  # what container-build.sh bootstraps
 
 
 def build(context: Path, tag: str, target: str = "runtime") -> str:
@@ -126,3 +127,77 @@ def test_the_hosts_open_vswitch_or_the_containers_own_without_a_kernel_module(im
                           image, "ovs-vsctl", "--timeout=10", "add-br", "br-check", "--", "set", "bridge", "br-check",
                           "datapath_type=netdev"], capture_output=True, text=True, timeout=60)
     assert own.returncode == 0, own.stderr
+
+
+def shim(directory: Path, name: str, body: str) -> None:
+    """An executable ``name`` in ``directory`` (put first on PATH) standing in for a tool."""
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+
+
+def test_dockerignore_keeps_out_every_database_and_cache_a_checkout_holds(image, tmp_path):
+    """docs/container.md: .dockerignore keeps out caches, token files and SQLite databases
+    a lab left behind, wherever they are: a checkout after ``make coverage`` and a lab run
+    in a sub-directory (found by a review: the patterns once matched at the top only)."""
+    context = tmp_path / "context"
+    context.mkdir()
+    shutil.copy2(ROOT / ".dockerignore", context / ".dockerignore")
+    (context / "Dockerfile").write_text(f"FROM {BASE}\nCOPY . /ctx\n")
+    leaks = {
+        ".coverage": b"SQLite format 3\0",            # make coverage's database (with the host's paths)
+        ".ruff_cache/0.17.6/1": b"cache",             # a linter's cache
+        "lab/controller.sqlite-wal": b"\x37\x7f\x06\x82",  # the store runs in WAL mode: its latest state
+        "lab/controller.sqlite-shm": b"\0",
+        "lab/agent.token": b"s3cret\n",               # *.token only at the top
+    }
+    for name, data in leaks.items():
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        (context / name).write_bytes(data)
+    tag = f"localhost/mbvisor-check-ignore-{uuid.uuid4().hex[:8]}:latest"
+    try:
+        built = subprocess.run(["podman", "build", "-q", "-t", tag, str(context)], capture_output=True, text=True,
+                               timeout=300)
+        assert built.returncode == 0, built.stderr
+        found = subprocess.run([*RUN, "--entrypoint", "find", tag, "/ctx", "-type", "f"], capture_output=True,
+                               text=True, timeout=60, check=True).stdout.split()
+        inside = sorted(name for name in leaks if f"/ctx/{name}" in found)
+        assert inside == [], f"in the image: {inside}"
+    finally:
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)
+
+
+def test_the_build_script_says_why_the_base_could_not_be_bootstrapped(tmp_path):
+    """An unreachable mirror ends the build saying so, with debootstrap's own last lines
+    (it writes its errors to standard output; the script once sent that to /dev/null)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # No base image yet, so the script bootstraps one; nothing else of podman is reached.
+    shim(bin_dir, "podman", '[ "$1 $2" = "image exists" ] && exit 1; echo "unexpected podman $*" >&2; exit 99')
+    done = subprocess.run([str(ROOT / "topologies/container-build.sh")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                               "MIRROR": "http://127.0.0.1:9/debian", "TAG": "localhost/mbvisor-check-never:latest"})
+    assert done.returncode != 0
+    after = done.stderr.split("(about 30 s)\n", 1)[1]  # what follows the progress line
+    assert "debootstrap failed" in after and "E:" in after, f"the build failed without saying why:\n{done.stderr}"
+
+
+def test_a_rebuild_without_network_uses_the_wheelhouse_it_already_has(image, tmp_path):
+    """The wheelhouse the first build made (the ``image`` fixture) serves a rebuild without
+    network: what it has is used offline (it was once resolved against the index again)."""
+    wheels = ROOT / ".container" / "wheels"
+    assert any(wheels.glob("*.whl"))
+    checkout = tmp_path / "checkout"
+    (checkout / "topologies").mkdir(parents=True)
+    shutil.copy2(ROOT / "pyproject.toml", checkout / "pyproject.toml")
+    shutil.copy2(ROOT / "topologies/container-build.sh", checkout / "topologies/container-build.sh")
+    shutil.copytree(wheels, checkout / ".container" / "wheels")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # The base exists and podman's build is cached: only the wheelhouse step is real here.
+    shim(bin_dir, "podman", 'case "$1" in image) [ "$2" = inspect ] && echo 1; exit 0;; build) exit 0;; esac; exit 99')
+    done = subprocess.run(["unshare", "-n", str(checkout / "topologies/container-build.sh")], cwd=checkout,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(ROOT / ".venv"),
+                               "TAG": "localhost/mbvisor-check-never:latest"})
+    assert done.returncode == 0, done.stderr[-2000:]

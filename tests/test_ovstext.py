@@ -58,3 +58,12 @@ def test_what_mbvisor_never_writes_is_named_not_hidden():
     assert actions_text([parser.OFPInstructionWriteMetadata(1, 1)]) == "OFPInstructionWriteMetadata"
     odd = parser.OFPInstructionActions(ofp.OFPIT_APPLY_ACTIONS, [parser.OFPActionPopVlan()])
     assert actions_text([odd]) == "OFPActionPopVlan"
+
+
+def test_write_and_clear_actions_are_not_written_as_applied_actions():
+    """Write-actions and clear-actions are not applied actions: written as ovs-ofctl writes
+    them (a review found them written as applied actions, which reads as another flow)."""
+    write = parser.OFPInstructionActions(ofp.OFPIT_WRITE_ACTIONS, [parser.OFPActionOutput(1)])
+    clear = parser.OFPInstructionActions(ofp.OFPIT_CLEAR_ACTIONS, [])
+    assert actions_text([write]) == "write_actions(output:1)"
+    assert actions_text([clear, parser.OFPInstructionGotoTable(3)]) == "clear_actions,goto_table:3"

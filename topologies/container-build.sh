@@ -21,6 +21,8 @@ PODMAN_FLAGS=(--runtime runc --ulimit nofile=20000:20000 --ulimit nproc=32768:32
 
 say() { printf '[container] %s\n' "$*" >&2; }
 
+[ "$(id -u)" = 0 ] || { say "run as root: podman's system storage and debootstrap need it"; exit 1; }
+
 missing=()
 for package in podman debootstrap runc; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -34,13 +36,22 @@ fi
 
 if [ -z "$BASE" ]; then
   BASE=$LOCAL_BASE
-  if ! podman image exists "$BASE"; then
+  status=0
+  podman image exists "$BASE" || status=$?
+  if [ "$status" = 1 ]; then  # not there (any other status is podman failing: set -e stops)
     root=$(mktemp -d /var/tmp/mbvisor-base.XXXXXX)
-    trap 'rm -rf "$root"' EXIT
+    trap 'rm -rf "$root" "$root.log"' EXIT
     say "bootstrapping a minimal Debian 12 from $MIRROR (about 30 s)"
-    debootstrap --variant=minbase bookworm "$root" "$MIRROR" >/dev/null
+    if ! debootstrap --variant=minbase bookworm "$root" "$MIRROR" >"$root.log" 2>&1; then
+      say "debootstrap failed (network, or MIRROR=$MIRROR unreachable?); its last lines:"
+      tail -n 15 "$root.log" >&2
+      exit 1
+    fi
     tar -C "$root" -c . | podman import -q - "$BASE" >/dev/null
     say "base image $BASE"
+  elif [ "$status" != 0 ]; then
+    say "podman image exists $BASE failed with status $status"
+    exit 1
   fi
 fi
 
@@ -51,7 +62,11 @@ import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"] + ["setuptools>=68", "wheel"]))
 PY
-"$VENV/bin/python" -m pip wheel -q --disable-pip-version-check -w .container/wheels -r .container/requirements.txt
+# What the wheelhouse has already is used offline; only what it lacks is fetched.
+"$VENV/bin/python" -m pip wheel -q --disable-pip-version-check --no-index --find-links .container/wheels \
+    -w .container/wheels -r .container/requirements.txt 2>/dev/null \
+  || "$VENV/bin/python" -m pip wheel -q --disable-pip-version-check --find-links .container/wheels \
+    -w .container/wheels -r .container/requirements.txt
 
 say "building $TAG (target $TARGET) from $BASE"
 podman build "${PODMAN_FLAGS[@]}" --build-arg BASE="$BASE" --build-context wheels=.container/wheels \
