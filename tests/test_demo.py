@@ -27,6 +27,7 @@ def test_demo_offloads_the_attack_and_the_redirect(tmp_path):
     result = json.loads(output.read_text())
     before, after = result["before"], result["after"]
     assert result["ok"] and all(result["checks"].values())
+    assert set(result["checks"]) == {"attack_stopped_in_switch", "client_still_served", "middlebox_bypassed"}
     assert before["attack_reached_middlebox"] >= 0.8 * before["attack_sent"] > 0
     assert after["attack_reached_middlebox"] == 0
     assert after["client_ok"] == after["client_requests"] and after["client_peer"] == "10.0.0.5"
