@@ -67,6 +67,14 @@ BACKEND_PPS = 20    # a backend's answers per second: health checks ask once a s
 FULL_AUDIT_COST = 100     # a full audit (listing every flow) at most once per this many times its cost ...
 FULL_AUDIT_FLOOR = 600.0  # ... and never sooner than this many seconds after the last listing
 MAX_SHARED = 1 << 16      # (cookie, actions) pairs the record of installed flows shares
+FLOWS_PER_WRITE = 256     # flow mods packed together while a bundle streams: the switch starts on the first
+
+
+def _in_slices(frame: wire.BundleFrame, parser, flows, command: str, actions_wire):
+    """``flows`` as flow mods of ``frame``'s bundle, FLOWS_PER_WRITE at a time: packed
+    together, but not a whole switch's before the first is written."""
+    for start in range(0, len(flows), FLOWS_PER_WRITE):
+        yield frame.flow_mods(parser, flows[start:start + FLOWS_PER_WRITE], command, actions_wire)
 
 
 def _wire_buckets(buckets) -> bytes:
@@ -655,11 +663,6 @@ class SwitchReconciler:
             wire = self.wire_cache[actions] = encoded_actions(datapath, instructions(datapath, actions))
         return wire
 
-    def _flow_mod(self, datapath, flow: Flow, command: str) -> bytes:
-        """Packed from cached pieces (``wire``): a bulk install encodes each MAC, address
-        and action list once, not once per flow."""
-        return wire.flow_mod(datapath, flow, command, b"" if command == "delete" else self._wire(flow.actions, datapath))
-
     def _group_wire(self, group: Group, datapath) -> bytes:
         return _wire_buckets([[encode_action(datapath, a) for a in bucket] for bucket in group.buckets])
 
@@ -682,7 +685,9 @@ class SwitchReconciler:
         link = self.link  # this bundle's connection: a disconnection handled meanwhile drops self.link
         datapath = link.datapath
 
-        def messages():
+        def messages(frame: wire.BundleFrame):
+            parser = datapath.ofproto_parser
+            actions_wire = lambda actions: self._wire(actions, datapath)
             for part in parts:
                 if part.empty:
                     continue
@@ -696,14 +701,17 @@ class SwitchReconciler:
                         raise Abandoned(Failure("REJECTED", f"switch refused meter {meter_id}: " + "; ".join(errors),
                                                 "switch-error"))
                 sent.append(part)
-                yield from (group_mod(datapath, g, "add") for g in part.add_groups)
-                yield from (group_mod(datapath, g, "modify") for g in part.modify_groups)
-                yield from (self._flow_mod(datapath, f, "add") for f in part.add_flows)
+                yield from (frame.wrap(group_mod(datapath, g, "add")) for g in part.add_groups)
+                yield from (frame.wrap(group_mod(datapath, g, "modify")) for g in part.modify_groups)
+                yield from _in_slices(frame, parser, part.add_flows, "add", actions_wire)
                 # A modify keeps the flow's cookie; one that another cookie held is replaced whole.
-                yield from (self._flow_mod(datapath, f, "modify" if self.installed.cookie_at(f) == f.cookie else "add")
-                            for f in part.modify_flows)
-                yield from (self._flow_mod(datapath, f, "delete") for f in part.delete_flows)
-                yield from (group_mod(datapath, i, "delete") for i in part.delete_groups)
+                cookie_at = self.installed.cookie_at
+                modified = [f for f in part.modify_flows if cookie_at(f) == f.cookie]
+                yield from _in_slices(frame, parser, modified, "modify", actions_wire)
+                yield from _in_slices(frame, parser, [f for f in part.modify_flows if cookie_at(f) != f.cookie], "add",
+                                      actions_wire)
+                yield from _in_slices(frame, parser, part.delete_flows, "delete", actions_wire)
+                yield from (frame.wrap(group_mod(datapath, i, "delete")) for i in part.delete_groups)
 
         undo: list = []
 
@@ -712,7 +720,7 @@ class SwitchReconciler:
                 self._record(part, undo, datapath)
 
         try:
-            errors = link.commit(messages(), meanwhile=record)
+            errors = link.commit(messages, meanwhile=record)
         except BaseException:
             self.installed.undo(undo)
             raise

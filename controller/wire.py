@@ -6,8 +6,8 @@ objects, and serialises them.  A flow mod is a fixed header, a match of OXM TLVs
 instructions' bytes; the same (field, value) TLVs recur in thousands of flows (one MAC per
 middlebox, a few ether types), and the reconciler already keeps each action list's wire
 bytes.  So each TLV is encoded once, by os-ken itself (so the bytes are its own), and a
-flow mod is packed from cached pieces.  A bundle's messages are then framed here too
-(``bundle_add``) and written to the switch many at a time (``SwitchLink.commit``): one
+flow mod is packed from cached pieces, framed for its bundle in the same pack
+(``BundleFrame``), and a bundle's messages are written to the switch many at a time (``SwitchLink.commit``): one
 queue item and one ``sendall`` per 80-byte message cost the controller and the switch
 more than the flows themselves.  tests/test_wire.py checks byte equality with os-ken's
 ``ofmessages.flow_mod`` and ``ONFBundleAddMsg`` for every shape the compilers emit.
@@ -19,13 +19,14 @@ import operator
 import socket
 import struct
 from functools import lru_cache
+from typing import NamedTuple
 
 from .compat import ofproto_v1_3 as ofp
 from .ofmessages import AFTER_PREREQUISITES
-from .pipeline import Flow
 
 _HEADER_AND_FIELDS = struct.Struct("!BBHI QQ BBHHHIII H2x")  # ofp_header + ofp_flow_mod up to the match
 _BUNDLE_ADD = struct.Struct("!BBHI II I2xH")  # ofp_header + ONF experimenter header + bundle id and flags
+_BUNDLED_FLOW_MOD = struct.Struct(_BUNDLE_ADD.format + _HEADER_AND_FIELDS.format[1:])
 _XID = struct.Struct("!I")
 _TLV_HEADER = struct.Struct("!I")
 _COMMANDS = {"add": ofp.OFPFC_ADD, "modify": ofp.OFPFC_MODIFY_STRICT, "delete": ofp.OFPFC_DELETE_STRICT}
@@ -121,15 +122,44 @@ _MATCH_HEADER = struct.Struct("!HH")
 _first = operator.itemgetter(0)
 
 
-def flow_mod(datapath, flow: Flow, command: str, instructions: bytes) -> bytes:
-    """``ofmessages.flow_mod`` as bytes (xid 0: ``with_xid`` sets it); ``instructions``
-    are the flow's encoded instructions (the reconciler's cache), none for a delete."""
-    body = match_bytes(datapath.ofproto_parser, flow.match) + (b"" if command == "delete" else instructions)
-    length = _HEADER_AND_FIELDS.size + len(body)
-    head = _HEADER_AND_FIELDS.pack(ofp.OFP_VERSION, ofp.OFPT_FLOW_MOD, length, 0, flow.cookie,
-                                   0 if command == "add" else ALL_ONES, flow.table, _COMMANDS[command], 0, 0,
-                                   flow.priority, ofp.OFP_NO_BUFFER, ofp.OFPP_ANY, ofp.OFPG_ANY, 0)
-    return head + body
+class BundleFrame(NamedTuple):
+    """What frames a message for one bundle: its id and flags, and the xid that every
+    message of it carries (the bundle extension wants the inner xid equal to the frame's,
+    and the switch quotes it if it refuses one)."""
+
+    bundle_id: int
+    flags: int
+    xid: int
+
+    def wrap(self, message) -> bytes:
+        """Any message (pre-packed bytes or os-ken's) as this bundle's."""
+        return bundle_add(self.bundle_id, self.flags, self.xid, with_xid(message, self.xid))
+
+    def flow_mods(self, parser, flows, command: str, instructions_of) -> bytes:
+        """``ofmessages.flow_mod`` of each of ``flows`` (``command``: add, modify or
+        delete), framed for this bundle, packed in one go: a bulk install frames 200,000
+        of them, and packing the frame and the flow mod's header together costs a third
+        less than one after the other.  ``instructions_of(actions)``: the encoded
+        instructions (the reconciler's cache), asked once per run of flows with the same
+        actions (every filter drops), never for a delete."""
+        pack, frame_size, head_size = _BUNDLED_FLOW_MOD.pack, _BUNDLE_ADD.size, _HEADER_AND_FIELDS.size
+        bundle_id, flags, xid = self
+        code, cookie_mask = _COMMANDS[command], 0 if command == "add" else ALL_ONES
+        actions = instructions = None
+        messages = []
+        for flow in flows:
+            body = match_bytes(parser, flow.match)
+            if command != "delete":
+                if flow.actions is not actions:
+                    actions, instructions = flow.actions, instructions_of(flow.actions)
+                body += instructions
+            inner = head_size + len(body)
+            messages.append(pack(ofp.OFP_VERSION, ofp.OFPT_EXPERIMENTER, frame_size + inner, xid, ONF_EXPERIMENTER_ID,
+                                 ofp.ONF_ET_BUNDLE_ADD_MESSAGE, bundle_id, flags,
+                                 ofp.OFP_VERSION, ofp.OFPT_FLOW_MOD, inner, xid, flow.cookie, cookie_mask, flow.table,
+                                 code, 0, 0, flow.priority, ofp.OFP_NO_BUFFER, ofp.OFPP_ANY, ofp.OFPG_ANY, 0))
+            messages.append(body)
+        return b"".join(messages)
 
 
 def with_xid(message, xid: int) -> bytes:

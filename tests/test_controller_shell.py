@@ -956,12 +956,13 @@ def test_a_bundle_refused_while_it_streams_is_discarded_not_committed(monkeypatc
     link = switchlink.SwitchLink(fake.datapath)
     flow = Flow(1, 3000, (("eth_dst", MAC),), (), 0x4D42 << 48)
 
-    def messages():
-        yield wire.flow_mod(fake.datapath, flow, "add", b"")
+    def messages(frame):
+        parser = fake.datapath.ofproto_parser
+        yield frame.flow_mods(parser, [flow], "add", lambda actions: b"")
         link.receive(OFPErrorMsg(fake.datapath, next(iter(link.waiters))))  # the switch refuses the first
-        yield wire.flow_mod(fake.datapath, flow, "delete", b"")
+        yield frame.flow_mods(parser, [flow], "delete", lambda actions: b"")
 
-    errors = link.commit(messages())
+    errors = link.commit(messages)
     controls = [m.type for m in fake.received if type(m).__name__ == "ONFBundleCtrlMsg"]
     assert errors and "OpenFlow error" in errors[0]
     assert controls == [fake.datapath.ofproto.ONF_BCT_OPEN_REQUEST, fake.datapath.ofproto.ONF_BCT_DISCARD_REQUEST]

@@ -40,43 +40,51 @@ def state(mode: TrustMode) -> tuple[State, Surroundings]:
     return result, Surroundings(mode, inventory, {"10.0.0.9": Neighbour("02:00:00:00:00:09", 9)})
 
 
+FLAGS = 3  # ONF_BF_ATOMIC | ONF_BF_ORDERED
+FRAME = wire.BundleFrame(0x01020304, FLAGS, 4242)
+
+
+def _theirs(datapath, message) -> bytes:
+    """``message`` in a bundle as os-ken frames it."""
+    framed = datapath.ofproto_parser.ONFBundleAddMsg(datapath, FRAME.bundle_id, FRAME.flags, message, [])
+    framed.set_xid(FRAME.xid)
+    framed.serialize()
+    return bytes(framed.buf)
+
+
 @pytest.mark.parametrize("mode", list(TrustMode))
 def test_every_compiled_flow_packs_to_os_kens_bytes(mode):
+    """Framed for a bundle, added, modified and deleted, one at a time and many packed
+    together."""
     config = compile_switch(*((lambda s, r: (s, DPID, r))(*state(mode))))
     shapes = {tuple(name for name, _ in flow.match) for flow in config.flows}
     assert len(shapes) > 40  # the test covers many shapes, not a few
     with FakeSwitch(DPID) as switch:
         datapath = switch.datapath
-        for flow in sorted(config.flows, key=repr):
-            wired = encoded_actions(datapath, instructions(datapath, flow.actions))
-            for command in ("add", "modify", "delete"):
-                theirs = flow_mod(datapath, flow, command)
-                theirs.set_xid(77)
-                theirs.serialize()
-                ours = wire.with_xid(wire.flow_mod(datapath, flow, command, wired), 77)
-                assert ours == bytes(theirs.buf), (command, flow)
+        flows = sorted(config.flows, key=repr)
+        wired = lambda actions: encoded_actions(datapath, instructions(datapath, actions))
+        for command in ("add", "modify", "delete"):
+            theirs = [_theirs(datapath, flow_mod(datapath, flow, command)) for flow in flows]
+            for flow, expected in zip(flows, theirs):
+                assert FRAME.flow_mods(datapath.ofproto_parser, [flow], command, wired) == expected
+            assert FRAME.flow_mods(datapath.ofproto_parser, flows, command, wired) == b"".join(theirs)
 
 
-@pytest.mark.parametrize("inner", ["flow", "group"])
-def test_a_bundle_frame_is_os_kens_own(inner):
-    """Bundle messages are framed here and written many at a time; the frame (ONF
-    experimenter header, bundle id, flags, the inner message with the frame's xid) is
-    byte for byte what os-ken's ONFBundleAddMsg writes."""
+def test_a_bundle_frame_is_os_kens_own():
+    """Any message (here a group mod) framed for a bundle (ONF experimenter header, bundle
+    id, flags, the inner message with the frame's xid) is byte for byte what os-ken's
+    ONFBundleAddMsg writes, as an os-ken message and as pre-packed bytes."""
     with FakeSwitch(DPID) as switch:
         datapath = switch.datapath
         parser, ofp = datapath.ofproto_parser, datapath.ofproto
-        flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED
-        flow = next(iter(compile_switch(*((lambda s, r: (s, DPID, r))(*state(TrustMode.LAB)))).flows))
-        if inner == "flow":
-            message = flow_mod(datapath, flow, "add")
-            ours = wire.flow_mod(datapath, flow, "add", encoded_actions(datapath, instructions(datapath, flow.actions)))
-        else:
-            message = ours = parser.OFPGroupMod(datapath, ofp.OFPGC_ADD, ofp.OFPGT_SELECT, 7,
-                                                [parser.OFPBucket(actions=[parser.OFPActionOutput(3)])])
-        theirs = parser.ONFBundleAddMsg(datapath, 0x01020304, flags, message, [])
-        theirs.set_xid(4242)
-        theirs.serialize()
-        assert wire.bundle_add(0x01020304, flags, 4242, wire.with_xid(ours, 4242)) == bytes(theirs.buf)
+        group = lambda: parser.OFPGroupMod(datapath, ofp.OFPGC_ADD, ofp.OFPGT_SELECT, 7,
+                                           [parser.OFPBucket(actions=[parser.OFPActionOutput(3)])])
+        theirs = _theirs(datapath, group())
+        packed = group()
+        packed.set_xid(9)
+        packed.serialize()
+        assert FRAME.wrap(group()) == theirs
+        assert FRAME.wrap(bytes(packed.buf)) == theirs
 
 
 def _networks(version: int):
