@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Callable, ClassVar, Union
+from typing import Callable, ClassVar, NamedTuple, Union
 
 from . import fields as kinds
 from .errors import (
@@ -79,9 +79,12 @@ def mask_letters(mask: int) -> list[str]:
     return [spec.letter for spec in sorted(FILTER_FIELDS, key=lambda spec: -spec.bit) if mask & spec.bit]
 
 
-@dataclass(frozen=True, slots=True)
-class Filter:
-    """A deny rule: packets to the MB matching every given (non-None) field are dropped."""
+class Filter(NamedTuple):
+    """A deny rule: packets to the MB matching every given (non-None) field are dropped.
+
+    A named tuple, not a frozen dataclass: a bulk install makes 100,000 of them and keeps
+    them in sets, and a tuple is built in a quarter of the time and hashed and compared
+    without a Python call."""
 
     layer: Layer
     source: Value = None
@@ -232,6 +235,8 @@ def command_to_dict(command: Command) -> dict:
 
 
 def _to_json(value: object) -> object:
+    if isinstance(value, Filter):
+        return _to_json(value._asdict())
     if isinstance(value, dict):
         return {key: _to_json(item) for key, item in value.items()}
     if isinstance(value, tuple):
