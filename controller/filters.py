@@ -41,7 +41,7 @@ import ipaddress
 from collections import defaultdict
 from itertools import product
 
-from mbvisor.guest.commands import Filter, Layer
+from mbvisor.guest.commands import IP_LAYER, MAC_LAYER, TRANSPORT_LAYER, Filter, Layer
 
 from .model import Middlebox
 from .pipeline import (FILTER, FILTER_CONJUNCTION, FRAGMENT_TABLE, MISS, OFFLOAD_TABLE, Action, Flow, Match,
@@ -116,13 +116,13 @@ def compile_plain_filters(middlebox: Middlebox, addresses: frozenset[str]) -> se
     stencils: dict[tuple, list[tuple[Match, Match]]] = {}
     flows: set[Flow] = set()
     for filter in middlebox.filters:
-        if filter.layer is Layer.TRANSPORT:
+        if filter.layer is TRANSPORT_LAYER:
             raise ValueError(f"a port filter needs compile_filters: {filter}")
         if filter.source is None:
             flows.update(Flow(OFFLOAD_TABLE, FILTER, match_of(fields), (), cookie)
                          for fields in _receiving(middlebox.mac, own, filter))
             continue
-        mac_layer = filter.layer is Layer.MAC
+        mac_layer = filter.layer is MAC_LAYER
         name = "eth_src" if mac_layer else "ipv6_src" if ":" in filter.source else "ipv4_src"
         shape = (filter.layer, name, filter.destination, filter.tos, filter.protocol)
         around = stencils.get(shape)
@@ -130,7 +130,7 @@ def compile_plain_filters(middlebox: Middlebox, addresses: frozenset[str]) -> se
             around = stencils[shape] = _stencil(middlebox.mac, own, shape)
         source = shared_pair(name, filter.source if mac_layer else _address_match(filter.source))
         flows.update(Flow(OFFLOAD_TABLE, FILTER, (*before, source, *after), (), cookie) for before, after in around)
-    if any(f.layer is Layer.IP for f in middlebox.filters):
+    if any(f.layer is IP_LAYER for f in middlebox.filters):
         flows.update(Flow(OFFLOAD_TABLE, FILTER, match(eth_dst=middlebox.mac, eth_type=tpid), (), cookie)
                      for tpid in VLAN_TPIDS)
     return flows

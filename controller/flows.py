@@ -37,7 +37,7 @@ import weakref
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
-from mbvisor.guest.commands import Filter, Layer
+from mbvisor.guest.commands import MAC_LAYER, TRANSPORT_LAYER, Filter, Layer
 
 from .filters import _address_match, compile_filters, compile_plain_filters
 from .ingress import compile_ingress
@@ -203,7 +203,7 @@ def _plain(filters) -> bool:
     known = _PLAIN.get(id(filters))
     if known is not None and known() is filters:
         return True
-    if any(f.layer is Layer.TRANSPORT for f in filters):
+    if any(f.layer is TRANSPORT_LAYER for f in filters):
         return False
     _remember_plain(filters)
     return True
@@ -234,9 +234,9 @@ def filter_cost(filter: Filter, addresses: frozenset[str]) -> int:
     whose filters may share conjunctive clauses): what the per-middlebox limit counts.
     The count does not depend on the value of a MAC or IP source, only on its family, so
     10,000 filters of one shape are compiled once."""
-    if filter.source is None or filter.layer is Layer.TRANSPORT:
+    if filter.source is None or filter.layer is TRANSPORT_LAYER:
         return _cost(filter, addresses)
-    family = "mac" if filter.layer is Layer.MAC else "ipv6" if ":" in filter.source else "ipv4"
+    family = "mac" if filter.layer is MAC_LAYER else "ipv6" if ":" in filter.source else "ipv4"
     return _cost_of_shape(filter.layer, family, filter.destination, filter.tos, filter.protocol, addresses)
 
 

@@ -18,7 +18,7 @@ from functools import cached_property, lru_cache
 from typing import Mapping, NamedTuple
 
 from mbvisor.guest.commands import (AddFilter, Cancel, Command, DeleteFilter, DeleteFilters, Filter,
-                                    Layer, Query, RegisterFirewall, RegisterLoadBalancer)
+                                    Layer, MAC_LAYER, Query, RegisterFirewall, RegisterLoadBalancer)
 from mbvisor.guest.grammar import format_command
 
 from .trust import Inventory, TrustMode, check_backends, check_registration
@@ -500,7 +500,7 @@ def _with_filters(middlebox: Middlebox, filters: frozenset[Filter]) -> Middlebox
 def check_destination_mac(middlebox: Middlebox, filter: Filter) -> None:
     """Offloaded filters only see traffic addressed to the middlebox, so a MAC-layer
     destination other than its own could never match (and must never touch others)."""
-    if filter.layer is Layer.MAC and filter.destination not in (None, middlebox.mac):
+    if filter.layer is MAC_LAYER and filter.destination not in (None, middlebox.mac):
         raise ApplyError("foreign-destination", f"a MAC filter's destination must be the middlebox's own "
                                                 f"MAC {middlebox.mac}, not {filter.destination}")
 

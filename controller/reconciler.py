@@ -618,12 +618,15 @@ class SwitchReconciler:
         cost a bulk install more than compiling the flows.  Each is added unless the
         middlebox holds its identity already; then modified if its actions differ."""
         add, modify = [], []
-        held_at = self.installed.held_at
+        held_by_place, place, held_here = self.installed.flows, None, {}
         placement = self.service.settings.placement
         if not placement.is_default:
             added = map(placement.flow, added)
-        for flow in added:
-            held = held_at(flow)
+        for flow in added:  # Installed.held_at, each place's dictionary found once per run of flows there
+            if place != (flow.table, flow.priority):
+                place = (flow.table, flow.priority)
+                held_here = held_by_place.get(place, {})
+            held = held_here.get(flow.match)
             if held is None or held[0] != cookie:
                 add.append(flow)
             elif self._wire(flow.actions) != self._actions_wire(held[1]):
