@@ -127,14 +127,31 @@ def controller(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"mbvisor controller: {error}") from None
     os.environ["MBVISOR_TABLE_OFFSET"], os.environ["MBVISOR_NEXT_TABLE"] = offset, next_table
+    listening = _openflow_listening(args)
     from os_ken.cmd import manager
 
     for handler in logging.root.handlers[:]:  # the manager installs its own: one line per record
         logging.root.removeHandler(handler)
 
-    manager.main(["--ofp-listen-host", args.ofp_host, "--ofp-tcp-listen-port", str(args.ofp_port),
-                  "mbvisor.controller.app", *args.app])
+    manager.main(["--ofp-listen-host", args.ofp_host, *listening, "mbvisor.controller.app", *args.app])
     return 0
+
+
+def _openflow_listening(args: argparse.Namespace) -> list[str]:
+    """The manager's OpenFlow options; with a certificate, TLS only, on the same port
+    (the REST API reads the same files from the environment)."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("mbvisor controller: --tls-cert and --tls-key go together")
+    if args.tls_switch_ca and not args.tls_cert:
+        raise SystemExit("mbvisor controller: --tls-switch-ca needs --tls-cert and --tls-key")
+    if args.tls_cert is None:
+        return ["--ofp-tcp-listen-port", str(args.ofp_port)]
+    for path in filter(None, (args.tls_cert, args.tls_key, args.tls_switch_ca)):
+        if not os.access(path, os.R_OK):
+            raise SystemExit(f"mbvisor controller: cannot read {path}")
+    os.environ["MBVISOR_TLS_CERT"], os.environ["MBVISOR_TLS_KEY"] = str(args.tls_cert), str(args.tls_key)
+    return ["--ofp-ssl-listen-port", str(args.ofp_port), "--ctl-cert", str(args.tls_cert),
+            "--ctl-privkey", str(args.tls_key), *(["--ca-certs", str(args.tls_switch_ca)] if args.tls_switch_ca else [])]
 
 
 def agent(args: argparse.Namespace) -> int:
@@ -161,7 +178,7 @@ def agent(args: argparse.Namespace) -> int:
         follower = OvsdbFollower(bridges=bridges).start()
         discover, changes = follower.scan, follower.changes
         follower.changes.wait(5)  # the first replica, so the first round finds the VMs already there
-    the_agent = Agent(discover, ControllerClient(args.controller, token), settings, changes,
+    the_agent = Agent(discover, ControllerClient(args.controller, token, ca_file=args.controller_ca), settings, changes,
                       follower.status if follower is not None else None)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: the_agent.stop.set())
@@ -279,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_argument("--next-table", type=int, metavar="T",
                          help="hand what mbvisor lets through to table T (another app's) instead of NORMAL "
                               "(default: NORMAL)")
+    control.add_argument("--tls-cert", metavar="PEM",
+                         help="serve REST over HTTPS and OpenFlow over TLS (only) with this certificate (chain); "
+                              "with --tls-key (default: plain TCP; docs/datacentre.md)")
+    control.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    control.add_argument("--tls-switch-ca", metavar="PEM",
+                         help="accept only switches whose TLS certificate this CA signed (default: any switch "
+                              "that completes the handshake)")
     control.add_argument("--app", action="append", default=[], metavar="MODULE",
                          help="another OS-Ken app to run in the same process, e.g. os_ken.app.ofctl_rest "
                               "(repeatable)")
@@ -287,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent_parser = sub.add_parser("agent", help="serve every VM channel on this host (forwards to the controller)")
     agent_parser.add_argument("--controller", default="http://127.0.0.1:8181", help="controller REST URL")
     agent_parser.add_argument("--token-file", help="file holding the controller's bearer token")
+    agent_parser.add_argument("--controller-ca", metavar="PEM",
+                              help="verify an https:// controller with this CA (default: the system's CAs)")
     agent_parser.add_argument("--static", metavar="FILE", help="channels from a JSON file instead of Open vSwitch")
     agent_parser.add_argument("--bridge", action="append", metavar="NAME",
                               help="serve only VMs on this bridge (repeatable; default: every bridge)")

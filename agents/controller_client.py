@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
@@ -89,14 +90,20 @@ class ControllerClient:
     url: str = "http://127.0.0.1:8181"
     token: str | None = None
     timeout: float = 30.0
+    ca_file: str | None = None  # verifies an https:// controller (None: the system's CAs)
     _kept: threading.local = field(default_factory=threading.local, compare=False, repr=False)
 
     def _connection(self) -> http.client.HTTPConnection:
         connection = getattr(self._kept, "connection", None)
         if connection is None:
             parts = urllib.parse.urlsplit(self.url)
-            kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-            connection = self._kept.connection = kind(parts.hostname or "127.0.0.1", parts.port, timeout=self.timeout)
+            host = parts.hostname or "127.0.0.1"
+            if parts.scheme == "https":
+                context = ssl.create_default_context(cafile=self.ca_file)  # the name and the chain are checked
+                connection = http.client.HTTPSConnection(host, parts.port, timeout=self.timeout, context=context)
+            else:
+                connection = http.client.HTTPConnection(host, parts.port, timeout=self.timeout)
+            self._kept.connection = connection
         return connection
 
     def _drop_connection(self) -> None:

@@ -15,7 +15,7 @@ import socket
 
 from .compat import (CONF, CONFIG_DISPATCHER, DEAD_DISPATCHER, FRAMEWORK, MAIN_DISPATCHER, OSKenApp, ofp_event,
                      ofproto_v1_3, set_ev_cls)
-from .rest import start_server
+from .rest import PortInUse, TlsSetupError, start_server
 from .service import Controller, Settings
 
 log = logging.getLogger("mbvisor.controller")
@@ -58,10 +58,15 @@ class MbvisorController(OSKenApp):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        refuse_taken_port(CONF.ofp_listen_host or "", CONF.ofp_tcp_listen_port, "OpenFlow")
-        settings = Settings.from_environment()
-        self.service = Controller(settings)
-        self.rest_server = start_server(self.service, settings)
+        tls = CONF.ctl_cert is not None and CONF.ctl_privkey is not None  # then the manager listens with TLS only
+        refuse_taken_port(CONF.ofp_listen_host or "", CONF.ofp_ssl_listen_port if tls else CONF.ofp_tcp_listen_port,
+                          "OpenFlow TLS" if tls else "OpenFlow")
+        try:
+            settings = Settings.from_environment()
+            self.service = Controller(settings)
+            self.rest_server = start_server(self.service, settings)
+        except (ValueError, PortInUse, TlsSetupError) as error:
+            raise SystemExit(f"mbvisor controller: {error}") from None
         self.service.start()
         quiet_collector()
         placement = settings.placement

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import errno
 import hmac
+import ipaddress
 import json
 import logging
 import socket
+import ssl
 import traceback
 from json.encoder import encode_basestring_ascii
 
 import eventlet.wsgi
 from eventlet import greenio
+from eventlet.green import ssl as green_ssl
 from routes import Mapper
 from webob import Request, Response
 
@@ -315,7 +318,44 @@ class _HeadersInTime(eventlet.wsgi.HttpProtocol):
     clients every slot.  Bodies are read by the API and bounded by the socket time-out."""
 
     header_timeout = IDLE_TIMEOUT
+    tls = None  # a green ssl.SSLContext: HTTPS, the handshake done here (see setup)
     _deadline = None
+
+    def setup(self):
+        """With TLS, the handshake happens in this connection's own green thread and
+        within ``header_timeout``, not in the accept loop: a client that connects and
+        never finishes its handshake (or speaks plain HTTP) costs only its own
+        connection, for a bounded time, and every other client is served meanwhile.
+        A failed handshake closes the connection (``request`` None: nothing to do)."""
+        if self.tls is not None:
+            self.request = self._handshake(self.request)
+            if self.request is None:
+                return
+        super().setup()
+
+    def _handshake(self, plain):
+        secure = self.tls.wrap_socket(plain, server_side=True, do_handshake_on_connect=False)  # owns the socket now
+        deadline = eventlet.Timeout(self.header_timeout)
+        try:
+            secure.do_handshake()
+            return secure
+        except (eventlet.Timeout, OSError) as error:  # ssl.SSLError is an OSError
+            if isinstance(error, eventlet.Timeout) and error is not deadline:
+                raise
+            log.info("REST: TLS handshake with %s failed: %s", self.client_address[0],
+                     "timed out" if error is deadline else clip(str(error)))
+            secure.close()
+            return None
+        finally:
+            deadline.cancel()
+
+    def handle(self):
+        if self.request is not None:
+            super().handle()
+
+    def finish(self):
+        if self.request is not None:
+            super().finish()
 
     def _read_request_line(self):
         self._deadline = eventlet.Timeout(self.header_timeout)
@@ -343,15 +383,48 @@ def serve(sock, api: RestApi, settings) -> None:
     without a complete request line and headers, so idle or dripping connections cannot
     hold every slot (or every file descriptor) for long."""
     timeout = getattr(settings, "rest_idle_timeout", IDLE_TIMEOUT)
-    protocol = type("HeadersInTime", (_HeadersInTime,), {"header_timeout": timeout})
+    protocol = type("HeadersInTime", (_HeadersInTime,), {"header_timeout": timeout, "tls": tls_context(settings)})
     eventlet.wsgi.server(sock, api, log=_ServerLog(log), debug=False, protocol=protocol,
                          max_size=getattr(settings, "rest_max_connections", MAX_CONNECTIONS),
                          socket_timeout=timeout)
 
 
+def tls_context(settings):
+    """The server's TLS context (TLS 1.2 at least) if a certificate is configured, else
+    None.  A certificate or key that cannot be loaded stops the start with the reason."""
+    cert, key = getattr(settings, "tls_cert", None), getattr(settings, "tls_key", None)
+    if cert is None:
+        return None
+    context = green_ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        raise TlsSetupError(f"cannot load the TLS certificate {cert} with key {key}: {error}") from None
+    return context
+
+
+class TlsSetupError(RuntimeError):
+    pass
+
+
 def start_server(service, settings):
-    """Bind the REST port (``PortInUse`` if taken) and serve it in a green thread."""
+    """Bind the REST port (``PortInUse`` if taken) and serve it in a green thread.  Served
+    on a non-loopback address without TLS, bearer tokens cross the network in clear:
+    said loudly at start."""
     api = RestApi(service, settings)
+    tls = tls_context(settings)
     sock = listen(settings.rest_host, settings.rest_port)
-    log.info("REST API on http://%s:%d/v1", settings.rest_host, settings.rest_port)
+    scheme = "https" if tls else "http"
+    log.info("REST API on %s://%s:%d/v1", scheme, settings.rest_host, settings.rest_port)
+    if tls is None and not _loopback(settings.rest_host):
+        log.warning("REST API on %s without TLS: tokens and commands cross the network in clear "
+                    "(give --tls-cert/--tls-key; docs/datacentre.md)", settings.rest_host)
     return hub.spawn(serve, sock, api, settings)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -68,6 +68,8 @@ class Settings:
     backend_down_after: float = 3.0      # seconds without an answer before a backend is down
     controller_pps: int = 200            # packets per second each switch may send the controller
     placement: Placement = Placement()   # mbvisor's tables among the switch's (placement.py)
+    tls_cert: str | None = None          # PEM certificate (chain) and key: REST over HTTPS ...
+    tls_key: str | None = None           # ... (OpenFlow's TLS is the manager's: --ctl-cert/--ctl-privkey)
 
     @classmethod
     def from_environment(cls, environ=os.environ) -> "Settings":
@@ -79,6 +81,9 @@ class Settings:
             raise ValueError("MBVISOR_TOKEN is set but empty; give a secret or unset it")
         if environ.get("MBVISOR_TOKEN_FILE"):
             token = read_token_file(environ["MBVISOR_TOKEN_FILE"])
+        tls_cert, tls_key = environ.get("MBVISOR_TLS_CERT") or None, environ.get("MBVISOR_TLS_KEY") or None
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("MBVISOR_TLS_CERT and MBVISOR_TLS_KEY go together: give both or neither")
         trust = environ.get("MBVISOR_TRUST", TrustMode.ANNOTATIONS.value)
         if trust not in {mode.value for mode in TrustMode}:
             raise ValueError(f"MBVISOR_TRUST must be 'annotations' or 'lab', not {trust!r}")
@@ -99,6 +104,7 @@ class Settings:
             backend_down_after=float(environ.get("MBVISOR_BACKEND_DOWN_AFTER", "3")),
             controller_pps=int(environ.get("MBVISOR_CONTROLLER_PPS", "200")),
             placement=placement_from(environ.get("MBVISOR_TABLE_OFFSET"), environ.get("MBVISOR_NEXT_TABLE")),
+            tls_cert=tls_cert, tls_key=tls_key,
         )
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -32,16 +33,19 @@ class Controller:
     def __init__(self, state_dir: Path, token: str = "test-token", launcher: str = "mbvisor",
                  environment: dict[str, str] | None = None, ofp_port: int | None = None,
                  rest_port: int | None = None, trust: str = "lab", apps: tuple[str, ...] = (),
-                 arguments: tuple[str, ...] = ()):
+                 arguments: tuple[str, ...] = (), tls_ca: Path | None = None):
         """``trust``: ``"lab"`` (default here) lets tests drive unannotated namespace hosts
         through REST; the trust model's own tests, the demo and the agent's end-to-end
         tests run the product default, ``"annotations"``.  ``apps``: other apps to run in
         the same process; ``arguments``: more for the launcher (``--next-table 10``,
-        ``--wsapi-port 8080``)."""
+        ``--wsapi-port 8080``); ``tls_ca``: the controller was given a certificate (in
+        ``arguments``) that this CA signed: REST is spoken over HTTPS verified with it, and
+        switches connect with ``ssl:``."""
         self.state_dir = state_dir
         self.extra_environment = {"MBVISOR_TRUST": trust, **(environment or {})}
         self.launcher = launcher
         self.apps, self.arguments = apps, arguments
+        self.tls = None if tls_ca is None else ssl.create_default_context(cafile=str(tls_ca))
         self.token = token
         self.ofp_port = ofp_port or free_port()
         self.rest_port = rest_port or free_port()
@@ -50,7 +54,11 @@ class Controller:
 
     @property
     def target(self) -> str:
-        return f"tcp:127.0.0.1:{self.ofp_port}"
+        return f"{'ssl' if self.tls else 'tcp'}:127.0.0.1:{self.ofp_port}"
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.rest_port}"
 
     def _argv(self, token_file: Path) -> list[str]:
         """The same app three ways: ``mbvisor controller``, ``osken-manager``, ``ryu-manager``."""
@@ -98,9 +106,9 @@ class Controller:
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {self.token if token == 'default' else token}"
-        request = urllib.request.Request(f"http://127.0.0.1:{self.rest_port}{path}", data, headers, method=method)
+        request = urllib.request.Request(f"{self.url}{path}", data, headers, method=method)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout, context=self.tls) as response:
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"null")
@@ -109,7 +117,7 @@ class Controller:
         return self.request("GET", path)
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.rest_port}/metrics", timeout=30) as response:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=30, context=self.tls) as response:
             return response.read().decode()
 
     def command(self, dpid: int, port: int, text: str, key: tuple | None = None, token: str | None = "default"):

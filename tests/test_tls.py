@@ -1,0 +1,202 @@
+"""TLS between the parts of a data centre (docs/datacentre.md): the REST API over HTTPS,
+OpenFlow over TLS with switches that must show a certificate of the operator's CA, and the
+agent's client verifying the controller.  Real ``openssl`` certificates, the real
+controller process, a private ``ovs-vswitchd`` configured with ``ovs-vsctl set-ssl``.
+
+Each promise is tried from the side that would break it: a client without the CA, plain
+HTTP on the HTTPS port, connections that never finish their handshake, a switch whose
+certificate another CA signed, and a controller started with half a configuration."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mbvisor.agents.controller_client import ControllerClient, ControllerUnavailable
+from mbvisor.topologies import netlab
+from mbvisor.topologies.controller_run import Controller
+from mbvisor.topologies.netlab import wait_until
+from mbvisor.topologies.private_switch import PrivateSwitch
+
+MB_MAC, MB_IP = "02:00:00:00:0c:01", "10.12.0.1"
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _authority(directory, name: str):
+    key, cert = directory / f"{name}.key", directory / f"{name}.pem"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+             "-subj", f"/CN={name}")
+    return key, cert
+
+
+def _signed(directory, name: str, authority, names: str | None = None):
+    """A certificate for ``name`` signed by ``authority`` (key, cert); ``names``: its
+    subjectAltName (what a client checks against the host it dialled)."""
+    key, csr, cert = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.pem"
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
+    extensions = directory / f"{name}.ext"
+    extensions.write_text(f"subjectAltName={names}\n" if names else "basicConstraints=CA:FALSE\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(authority[1]), "-CAkey", str(authority[0]),
+             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(extensions))
+    return key, cert
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """The operator's CA, the controller's certificate (for 127.0.0.1), a switch's, and a
+    switch certificate from a CA the controller does not trust."""
+    directory = tmp_path_factory.mktemp("pki")
+    ca = _authority(directory, "operator-ca")
+    return {"ca": ca, "controller": _signed(directory, "controller", ca, "IP:127.0.0.1,DNS:localhost"),
+            "switch": _signed(directory, "switch", ca),
+            "rogue": _signed(directory, "rogue-switch", _authority(directory, "rogue-ca"))}
+
+
+@pytest.fixture(scope="module")
+def controller(pki, tmp_path_factory):
+    key, cert = pki["controller"]
+    running = Controller(tmp_path_factory.mktemp("tls-controller"), tls_ca=pki["ca"][1],
+                         environment={"MBVISOR_REST_IDLE_TIMEOUT": "2"},
+                         arguments=("--tls-cert", str(cert), "--tls-key", str(key),
+                                    "--tls-switch-ca", str(pki["ca"][1])))
+    running.start()
+    yield running
+    running.stop()
+
+
+def test_rest_is_served_over_https_and_verified_with_the_operators_ca(controller):
+    status, body = controller.get("/v1/health")
+    assert status == 200 and body["status"] == "ok"
+    assert controller.url.startswith("https://")
+    assert "REST API on https://" in controller.log.read_text()
+
+
+def test_an_agent_verifies_the_controller_with_the_given_ca_and_refuses_it_without(controller, pki):
+    trusting = ControllerClient(controller.url, controller.token, timeout=5, ca_file=str(pki["ca"][1]))
+    (answer,) = trusting.execute([{"dpid": "00000000000000c1", "port": 1, "command": f"I {MB_MAC}"}])
+    assert answer["status"] == "REJECTED" and MB_MAC in answer["text"]  # the controller's own answer: no such MB
+    doubting = ControllerClient(controller.url, controller.token, timeout=5)  # the system's CAs only
+    with pytest.raises(ControllerUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        doubting.execute([{"dpid": "00000000000000c1", "port": 1, "command": f"I {MB_MAC}"}])
+
+
+def test_plain_http_and_stalled_handshakes_cost_only_their_own_connections(controller):
+    """Five connections that never start a handshake and one speaking plain HTTP: an HTTPS
+    client is served meanwhile (handshakes are not done in the accept loop), and each of
+    them is closed after the idle time-out (2 s here)."""
+    stalled = [socket.create_connection(("127.0.0.1", controller.rest_port), timeout=10) for _ in range(5)]
+    plain = socket.create_connection(("127.0.0.1", controller.rest_port), timeout=10)
+    plain.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        started = time.monotonic()
+        assert controller.request("GET", "/v1/health", timeout=1.5)[0] == 200
+        assert time.monotonic() - started < 1.5
+        assert _reply(plain)[:4] != b"HTTP"  # never answered in clear (a TLS alert, a reset or nothing)
+        for connection in stalled:
+            connection.settimeout(10)
+            assert connection.recv(1) == b""  # closed by the server, within its time-out
+    finally:
+        for connection in [*stalled, plain]:
+            connection.close()
+    assert "TLS handshake with 127.0.0.1 failed" in controller.log.read_text()
+
+
+def _reply(connection) -> bytes:
+    try:
+        return connection.recv(4096)
+    except ConnectionResetError:
+        return b""
+
+
+def _use_certificate(key, cert, ca) -> None:
+    netlab.run(["ovs-vsctl", "set-ssl", str(key), str(cert), str(ca)])
+
+
+def _connected_dpids(controller) -> set[str]:
+    return {s["dpid"] for s in controller.get("/v1/switches")[1]["switches"] if s["connected"]}
+
+
+def _ssl_errors(bridge) -> str:
+    return bridge.vsctl("--columns=status", "list", "controller")
+
+
+def test_a_switch_connects_over_tls_only_with_a_certificate_of_the_operators_ca(controller, pki):
+    """First with a certificate another CA signed: the switch reports the handshake
+    failing and the controller never lists it.  Then, with the operator's certificate,
+    the same switch connects and a command's flow is installed through the TLS session."""
+    with PrivateSwitch(), netlab.Lab() as lab:
+        _use_certificate(*pki["rogue"], pki["ca"][1])
+        bridge = lab.bridge(controller=controller.target, fail_mode="secure")
+        dpid = f"{bridge.dpid:016x}"
+        wait_until(lambda: "last_error" in _ssl_errors(bridge), timeout=20,
+                   what="the switch to report its refused TLS session")
+        assert dpid not in _connected_dpids(controller)
+        _use_certificate(*pki["switch"], pki["ca"][1])
+        bridge.set_controller(None)
+        bridge.set_controller(controller.target)
+        controller.wait_switch(bridge.dpid)
+        vm = lab.host("vm")
+        port = bridge.ofport(vm.port_name)
+        controller.ok(bridge.dpid, port, f"R F {MB_MAC} {MB_IP}")
+        controller.ok(bridge.dpid, port, f"A {MB_MAC} I 4 s 10.66.0.9")
+        wait_until(lambda: any("nw_src=10.66.0.9" in line for line in bridge.dump_flows()), timeout=10,
+                   what="the filter's flow on the switch")
+        assert bridge.vsctl("get", "controller", ".", "target").strip('"\n') == controller.target
+
+
+@pytest.mark.parametrize("arguments, reason", [
+    (("--tls-cert", "/etc/hostname"), "--tls-cert and --tls-key go together"),
+    (("--tls-switch-ca", "/etc/hostname"), "--tls-switch-ca needs --tls-cert and --tls-key"),
+    (("--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"), "cannot read /nonexistent.pem"),
+])
+def test_half_a_tls_configuration_stops_the_start_with_the_reason(arguments, reason, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mbvisor.agents.cli", "controller", "--db",
+                             str(tmp_path / "c.sqlite"), "--rest-port", "0", *arguments],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and reason in result.stderr
+
+
+def test_a_certificate_that_does_not_load_stops_the_start_with_the_reason(pki, tmp_path):
+    """A key that is not the certificate's: refused at start, not at the first client."""
+    key, cert = pki["switch"][0], pki["controller"][1]
+    result = subprocess.run([sys.executable, "-m", "mbvisor.agents.cli", "controller", "--db",
+                             str(tmp_path / "c.sqlite"), "--ofp-port", str(_free_port()),
+                             "--rest-port", str(_free_port()), "--tls-cert", str(cert), "--tls-key", str(key)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert f"cannot load the TLS certificate {cert}" in result.stdout + result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("::1", False), ("0.0.0.0", True)])
+def test_rest_beyond_loopback_without_tls_is_said_loudly(host, warned, tmp_path):
+    """Tokens would cross the network in clear: the start says so (only listening here,
+    no traffic leaves the machine)."""
+    log = tmp_path / "controller.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen([sys.executable, "-m", "mbvisor.agents.cli", "controller", "--db",
+                                    str(tmp_path / "c.sqlite"), "--ofp-port", str(_free_port()),
+                                    "--rest-host", host, "--rest-port", str(_free_port())],
+                                   stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "mbvisor controller running" in log.read_text() or process.poll() is not None,
+                   timeout=30, what="the controller's start")
+    finally:
+        process.kill()
+        process.wait(10)
+    text = log.read_text()
+    assert "REST API on http://" in text
+    assert ("without TLS: tokens and commands cross the network in clear" in text) is warned
