@@ -1,8 +1,12 @@
 """Desired state on disk (SQLite), so a restarted controller restores every offload, and
 the first answer to each idempotency key, so a command forwarded twice applies once.
 
-A middlebox is one row; each of its filters is a row of its own, so a job that adds one
-filter to a middlebox with 10,000 writes one row, not the middlebox's 10,000 again.
+A middlebox is one row; its filters are rows of their own, one per job that added to it
+(``filter_texts``: the canonical texts of what the job added, one per line), so a job that
+adds one filter to a middlebox with 1,000 writes one short row, not the middlebox's 1,000
+again, and a bulk job that adds 100 writes one row, not 100 (each row is a b-tree insert,
+about 1.5 us).  A job that removes filters rewrites that middlebox's rows as one (at most
+``MBVISOR_MAX_FILTERS`` texts); a middlebox never has more rows than filters.
 
 Answers are kept for replay only as long as a retry can come: per channel, the newest
 ``KEEP_PER_CHANNEL`` and none older than ``KEEP_SECONDS``, so a guest cannot grow the
@@ -28,12 +32,11 @@ KEEP_PER_CHANNEL = 4096
 KEEP_SECONDS = 24 * 3600.0
 PRUNE_EVERY = 256  # answers stored for a channel between two prunings of it
 
-FILTERS_TABLE = """CREATE TABLE IF NOT EXISTS filters (
-    dpid INTEGER NOT NULL, mac TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (dpid, mac, text)) WITHOUT ROWID"""
-SCHEMA = f"""
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS middleboxes (
     dpid INTEGER NOT NULL, mac TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (dpid, mac));
-{FILTERS_TABLE};
+CREATE TABLE IF NOT EXISTS filter_texts (dpid INTEGER NOT NULL, mac TEXT NOT NULL, texts TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS filter_texts_of_middlebox ON filter_texts (dpid, mac);
 CREATE TABLE IF NOT EXISTS ports (dpid INTEGER PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS answers (
     channel TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
@@ -100,45 +103,36 @@ class Store:
                 self.db.execute(f"ALTER TABLE answers ADD COLUMN {column} {declaration}")
         if "stored" not in present:  # older rows start their retention now, not in 1970
             self.db.execute("UPDATE answers SET stored = ?", (time.time(),))
-        self._cluster_filters_by_key()
         self._move_filters_to_their_rows()
         self.stored_since_prune: dict[str, int] = {}
 
-    def _cluster_filters_by_key(self) -> None:
-        """Filter rows live in their primary key's own b-tree (``WITHOUT ROWID``): a rowid
-        table also keeps an index of that key, so each row cost two b-tree inserts (a bulk
-        install's filters 2.5 -> 2.0 us each).  Databases written before keep their rows,
-        moved once, in one transaction."""
-        (declared,) = self.db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'filters'"
-                                      ).fetchone()
-        if "WITHOUT ROWID" in declared.upper():
-            return
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.execute("ALTER TABLE filters RENAME TO filters_with_rowid")
-            self.db.execute(FILTERS_TABLE)
-            self.db.execute("INSERT INTO filters SELECT dpid, mac, text FROM filters_with_rowid")
-            self.db.execute("DROP TABLE filters_with_rowid")
-
     def _move_filters_to_their_rows(self) -> None:
-        """Databases written before filters had rows of their own kept them in the
-        middlebox's body: move them, once, in one transaction."""
-        rows = self.db.execute("SELECT dpid, mac, body FROM middleboxes WHERE body LIKE '%\"filters\"%'").fetchall()
-        if not rows:
+        """Databases written before kept filters in the middlebox's body, or in a
+        ``filters`` table of one row per filter: move them, once, in one transaction."""
+        tables = {name for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        in_bodies = self.db.execute("SELECT dpid, mac, body FROM middleboxes WHERE body LIKE '%\"filters\"%'"
+                                    ).fetchall()
+        if "filters" not in tables and not in_bodies:
             return
+        texts = defaultdict(list)
+        if "filters" in tables:
+            for dpid, mac, text in self.db.execute("SELECT dpid, mac, text FROM filters"):
+                texts[(dpid, mac)].append(text)
         with self.db:
             self.db.execute("BEGIN")
-            for dpid, mac, body in rows:
+            for dpid, mac, body in in_bodies:
                 data = json.loads(body)
-                self.db.executemany("INSERT OR IGNORE INTO filters VALUES (?, ?, ?)",
-                                    [(dpid, mac, text) for text in data.pop("filters", [])])
+                texts[(dpid, mac)].extend(data.pop("filters", []))
                 self.db.execute("UPDATE middleboxes SET body = ? WHERE dpid = ? AND mac = ?",
                                 (json.dumps(data), dpid, mac))
+            self.db.executemany("INSERT INTO filter_texts VALUES (?, ?, ?)",
+                                [(*key, "\n".join(dict.fromkeys(found))) for key, found in texts.items() if found])
+            self.db.execute("DROP TABLE IF EXISTS filters")
 
     def load(self, limits: Limits) -> State:
         filters = defaultdict(list)
-        for dpid, mac, text in self.db.execute("SELECT dpid, mac, text FROM filters"):
-            filters[(dpid, mac)].append(text)
+        for dpid, mac, texts in self.db.execute("SELECT dpid, mac, texts FROM filter_texts"):
+            filters[(dpid, mac)].extend(texts.split("\n"))
         rows = self.db.execute("SELECT dpid, mac, body FROM middleboxes ORDER BY dpid, mac").fetchall()
         return State.of((decode_middlebox(loaded_dpid(dpid), mac, body, filters.get((dpid, mac), ()))
                          for dpid, mac, body in rows), limits)
@@ -182,18 +176,21 @@ class Store:
         key = (stored_dpid(key[0]), key[1])
         if new is None:
             self.db.execute("DELETE FROM middleboxes WHERE dpid = ? AND mac = ?", key)
-            self.db.execute("DELETE FROM filters WHERE dpid = ? AND mac = ?", key)
+            self.db.execute("DELETE FROM filter_texts WHERE dpid = ? AND mac = ?", key)
             return
         self.db.execute("INSERT OR REPLACE INTO middleboxes VALUES (?, ?, ?)", (*key, encode_middlebox(new)))
         if added is None:
             had = old.filters if old is not None else frozenset()
             if new.filters is had:
                 return
-            self.db.executemany("DELETE FROM filters WHERE dpid = ? AND mac = ? AND text = ?",
-                                [(*key, filter_text(new.mac, f)) for f in had - new.filters])
-            added = new.filters - had
-        self.db.executemany("INSERT OR IGNORE INTO filters VALUES (?, ?, ?)",
-                            [(*key, filter_text(new.mac, f)) for f in added])
+            if not had <= new.filters:  # some went: the middlebox's rows become one
+                self.db.execute("DELETE FROM filter_texts WHERE dpid = ? AND mac = ?", key)
+                added = new.filters
+            else:
+                added = new.filters - had
+        if added:
+            self.db.execute("INSERT INTO filter_texts VALUES (?, ?, ?)",
+                            (*key, "\n".join([filter_text(new.mac, f) for f in added])))
 
     def _count_and_prune(self, channel: str, stored: int, now: float) -> None:
         count = self.stored_since_prune.get(channel, 0) + stored

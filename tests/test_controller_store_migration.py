@@ -1,8 +1,11 @@
-"""Filters in rows of their own (store.py) and the migration of databases written before them."""
+"""Filters in rows of their own, one per job that added to a middlebox (store.py), and the
+migration of databases written before them."""
 from __future__ import annotations
 
 import json
 import sqlite3
+
+import pytest
 
 from mbvisor.controller.model import Limits, Middlebox, State
 from mbvisor.controller.store import Store
@@ -54,15 +57,23 @@ def test_a_cancel_and_register_again_in_one_save_keeps_only_the_new_filters(tmp_
     assert store.load(Limits()).find(1, MAC).filters == frozenset(f[1:])
     removed = State()
     store.save(again, removed, [])
-    assert store.db.execute("SELECT COUNT(*) FROM filters").fetchone()[0] == 0
+    assert store.db.execute("SELECT COUNT(*) FROM filter_texts").fetchone()[0] == 0
 
 
-def rowid_database(path, texts):
-    """A database as the release before ``WITHOUT ROWID`` filter rows wrote it."""
+FILTERS_TABLES = {
+    "rowid": "CREATE TABLE filters (dpid INTEGER NOT NULL, mac TEXT NOT NULL, text TEXT NOT NULL, "
+             "PRIMARY KEY (dpid, mac, text))",
+    "without rowid": "CREATE TABLE filters (dpid INTEGER NOT NULL, mac TEXT NOT NULL, text TEXT NOT NULL, "
+                     "PRIMARY KEY (dpid, mac, text)) WITHOUT ROWID",
+}
+
+
+def filters_table_database(path, texts, declaration):
+    """A database as the releases with one ``filters`` row per filter wrote it."""
     db = sqlite3.connect(str(path))
-    db.executescript("""
+    db.executescript(f"""
 CREATE TABLE middleboxes (dpid INTEGER NOT NULL, mac TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (dpid, mac));
-CREATE TABLE filters (dpid INTEGER NOT NULL, mac TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (dpid, mac, text));
+{declaration};
 CREATE TABLE ports (dpid INTEGER PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE answers (channel TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
     status TEXT NOT NULL, text TEXT NOT NULL, code TEXT NOT NULL DEFAULT 'ok', command TEXT,
@@ -74,23 +85,33 @@ CREATE TABLE answers (channel TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER
     db.close()
 
 
-def filters_declaration(store) -> str:
-    return store.db.execute("SELECT sql FROM sqlite_master WHERE name = 'filters'").fetchone()[0]
+def tables(store) -> set[str]:
+    return {name for (name,) in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
-def test_filter_rows_of_a_rowid_table_move_to_a_table_clustered_by_their_key(tmp_path):
+@pytest.mark.parametrize("form", sorted(FILTERS_TABLES))
+def test_a_filters_table_of_one_row_per_filter_moves_to_one_row_per_middlebox(tmp_path, form):
     path = tmp_path / "c.sqlite"
     texts = [format_command(parse_command(f"A {MAC} I 4 s 10.{n}.0.0/16")) for n in range(3)]
-    rowid_database(path, texts)
+    filters_table_database(path, texts, FILTERS_TABLES[form])
     store = Store(path)
-    assert "WITHOUT ROWID" in filters_declaration(store)
-    assert "filters_with_rowid" not in {name for (name,) in store.db.execute("SELECT name FROM sqlite_master")}
+    assert "filters" not in tables(store)
+    assert store.db.execute("SELECT COUNT(*) FROM filter_texts").fetchone()[0] == 1
     assert store.load(Limits()).find(1, MAC).filters == frozenset(parse_command(t).filter for t in texts)
     store.db.close()
     again = Store(path)  # once: opening it again finds nothing to move
-    assert "WITHOUT ROWID" in filters_declaration(again)
+    assert again.db.execute("SELECT COUNT(*) FROM filter_texts").fetchone()[0] == 1
     assert len(again.load(Limits()).find(1, MAC).filters) == 3
 
 
-def test_a_new_database_clusters_filter_rows_by_their_key(tmp_path):
-    assert "WITHOUT ROWID" in filters_declaration(Store(tmp_path / "c.sqlite"))
+def test_a_bulk_job_writes_one_row_per_middlebox_and_a_removal_folds_its_rows_into_one(tmp_path):
+    store = Store(tmp_path / "c.sqlite")
+    f = [parse_command(f"A {MAC} I 4 s 10.{n}.0.0/16").filter for n in range(5)]
+    states = [State.of([Middlebox(1, 2, MAC, 1, "10.0.0.5", None, frozenset(f[:n]))]) for n in (0, 3, 4, 5)]
+    for before, after in zip(states, states[1:]):
+        store.save(before, after, [])
+    rows = lambda: store.db.execute("SELECT COUNT(*) FROM filter_texts").fetchone()[0]
+    assert rows() == 3 and store.load(Limits()).find(1, MAC).filters == frozenset(f)
+    fewer = State.of([Middlebox(1, 2, MAC, 1, "10.0.0.5", None, frozenset(f[1:]))])
+    store.save(states[-1], fewer, [])
+    assert rows() == 1 and store.load(Limits()).find(1, MAC).filters == frozenset(f[1:])
