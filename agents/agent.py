@@ -594,7 +594,7 @@ class Agent:
             return verdict.status, list(verdict.answers)
         vm = channel.vm
         key = (incoming.seq % KEY_SEQ_SPACE) * FRAME_KEY_SPACE
-        requests = [{"dpid": f"{vm.dpid:016x}", "port": vm.port, "command": text, "channel": vm.name,
+        requests = [{"dpid": f"{vm.dpid:016x}", "port": vm.port, "command": text, "channel": vm.key,
                      "epoch": incoming.epoch, "seq": key + k} for k, text in enumerate(verdict.forward)]
         return self._forward(channel, requests)
 

@@ -56,14 +56,26 @@ class VmChannel:
 
     @property
     def name(self) -> str:
-        """The channel's name in idempotency keys: stable across agent restarts, and short
-        enough for the controller's bound on channel names whatever the operator wrote into
-        ``vm-id`` (a long one is cut and made unique again with a digest of the whole)."""
-        name = f"{self.vm_id}/{self.interface}"
-        if len(name) <= MAX_CHANNEL_NAME:
-            return name
-        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        return f"{name[:MAX_CHANNEL_NAME - 17]}~{digest}"
+        """The channel's name on this host (status, logs): stable across agent restarts."""
+        return _bounded(f"{self.vm_id}/{self.interface}")
+
+    @property
+    def key(self) -> str:
+        """The channel in idempotency keys: the VM and its NIC's MAC, not this host's
+        interface name, so it is the same on every host the VM lives on: a command the
+        source's agent forwarded just before a live migration, and the destination's agent
+        forwards again from the migrated ring, is answered once (docs/datacentre.md).  The
+        interface stands in for a port without a MAC."""
+        return _bounded(f"{self.vm_id}/{self.macs[0] if self.macs else self.interface}")
+
+
+def _bounded(name: str) -> str:
+    """Short enough for the controller's bound on channel names whatever the operator
+    wrote into ``vm-id``: a long one is cut and made unique again with a digest of the whole."""
+    if len(name) <= MAX_CHANNEL_NAME:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{name[:MAX_CHANNEL_NAME - 17]}~{digest}"
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,7 @@ class Installed:
 @dataclass
 class Job:
     """``kind``: sync (full reconciliation), audit, commands, retire (ports gone),
+    adopt (hold a copy of another switch's middlebox: its VM is migrating here),
     refresh (re-install the flows of some middleboxes, e.g. a backend went down),
     converge (the annotated ports changed: everything compiled again, sent as a difference
     from what the switch is known to hold, without reading it)."""
@@ -230,6 +231,7 @@ class Job:
     requests: list = field(default_factory=list)
     ports: frozenset = frozenset()
     macs: frozenset = frozenset()
+    origin: tuple | None = None  # adopt: the (dpid, MAC) whose twin this switch holds (migration.py)
     done: object = field(default_factory=hub.Event)
     answers: list | None = None
 
@@ -512,6 +514,7 @@ class SwitchReconciler:
                 for mac in plan.touched:
                     if (middlebox := plan.after.find(self.dpid, mac)) is not None:
                         self.exact[mac] = middlebox
+                self.service.mirror(self.dpid, plan.before, plan.after, plan.touched)
             return answers
         finally:
             self.service.release(plan)
@@ -539,6 +542,22 @@ class SwitchReconciler:
             self.applied = self.generation
         else:
             self.synced = False  # the next reconciliation removes them
+            self._retry_sync(self.link)
+
+    def _adopt(self, job: Job) -> None:
+        """This switch's copy of ``job.origin`` made equal to it, as it is when the job
+        runs (or removed if it is gone); checked then, after any job in flight here."""
+        before = self.service.state
+        if not self.service.adopt(self.dpid, job.origin):
+            return
+        mac = job.origin[1]
+        self._forget_exact({mac})
+        wanted = self.service.state.find(self.dpid, mac)
+        backends = {b for r in wanted.redirects for b in r.backends} if wanted else set()
+        if self._install(before, self.service.state, {mac}, backends) is None:
+            self.applied = self.generation
+        else:  # stored: the next reconciliation installs it
+            self.synced = False
             self._retry_sync(self.link)
 
     def _refresh(self, job: Job) -> None:

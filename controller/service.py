@@ -33,6 +33,7 @@ from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, fil
 from .health import BackendHealth
 from .ingress import link_local
 from .metrics import Metrics
+from .migration import adopted, arrivals, identity_of, twin_ports
 from .pacing import Pacer
 from .model import (ApplyError, Binding, Draft, Limits, Middlebox, State, added_answer_text, adding_to,
                     check_destination_mac, decide, present_answer_text, unique_zones)
@@ -560,6 +561,49 @@ class Controller:
         for middlebox in gone:
             log.info("switch %016x: port %d is gone; offloads of %s removed", dpid, middlebox.port, middlebox.mac)
 
+    # --- a middlebox on two switches while its VM migrates (migration.py) --------------
+
+    def mirror(self, dpid: int, before: State, after: State, macs) -> None:
+        """After a job on ``dpid`` changed ``macs``: each twin elsewhere (another switch
+        whose annotations show the same VM) is made equal to it, in that switch's queue."""
+        inventory = self.inventory_of(dpid)
+        for mac in sorted(macs):
+            middlebox = after.find(dpid, mac) or before.find(dpid, mac)
+            identity = identity_of(middlebox, inventory) if middlebox is not None else None
+            if identity is None:
+                continue
+            for other, _ in twin_ports(identity, dpid, self.inventories):
+                self._adopt_soon(other, (dpid, mac))
+
+    def _adopt_soon(self, dpid: int, origin: tuple[int, str]) -> None:
+        """In the switch's queue, after any job in flight there; a switch that never
+        connected has none, nothing in flight, and takes the copy at once (installed
+        when it connects)."""
+        if dpid in self.reconcilers:
+            self.reconcilers[dpid].submit(Job("adopt", origin=origin))
+        else:
+            self.adopt(dpid, origin)
+
+    def adopt(self, dpid: int, origin: tuple[int, str]) -> bool:
+        """Switch ``dpid``'s copy of ``origin`` made equal to it, durably; whether anything
+        changed.  Only the shell of ``migration.adopted``."""
+        try:
+            after = adopted(self.state, self.inventories, dpid, origin, self.state.zones | self.zones_in_flight)
+        except ValueError as error:
+            log.error("switch %016x: no copy of %s from %016x: %s", dpid, origin[1], origin[0], error)
+            return False
+        if after is self.state:
+            return False
+        key = (dpid, origin[1])
+        self.store.save(self.state, after, [], {key})
+        self.flow_costs.pop(key, None)
+        self.state = after
+        if dpid in self.reconcilers:
+            self.reconcilers[dpid].generation += 1
+        log.info("switch %016x: %s %s, the twin of %016x's (its VM is annotated on both)", dpid,
+                 "holds a copy of" if after.find(*key) else "dropped its copy of", origin[1], origin[0])
+        return True
+
     # --- switches (called by the app shell) ---------------------------------------------
 
     def switch_connected(self, datapath) -> None:
@@ -618,6 +662,8 @@ class Controller:
         self.metrics.annotated_ports(dpid, len(inventory.ports), len(inventory.refused))
         if dpid in self.reconcilers:
             self.reconcilers[dpid].converge_soon()
+        for origin in arrivals(self.state, self.inventories, dpid):
+            self._adopt_soon(dpid, origin)
         return inventory
 
     def surroundings(self, dpid: int, metered: bool = True) -> Surroundings:

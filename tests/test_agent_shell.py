@@ -592,9 +592,9 @@ def test_frames_of_several_channels_share_one_request_and_each_gets_its_own_answ
         ("REJECTED", f"REJECTED not-registered refused X {mac}") if mac == REFUSED_MAC else ("OK", f"OK ok X {mac}")
         for mac in MACS]
     assert [len(request) for request in client.requests] == [1] * IN_FLIGHT + [2]
-    for request in client.requests[-1]:  # each command with its own channel's place and key
+    for request in client.requests[-1]:  # each command with its own channel's place and key (the VM and its MAC)
         own = vms[MACS.index(request["command"].split()[1])]
-        assert (request["channel"], request["port"], request["seq"]) == (own.name, own.port, 0)
+        assert (request["channel"], request["port"], request["seq"]) == (own.key, own.port, 0)
         assert request["epoch"] == writers[vms.index(own)].header().guest_epoch
 
 

@@ -87,6 +87,17 @@ def test_real_sample_channel_name_is_vm_id_slash_interface():
     assert VmChannel("tap0", "/dev/shm/r", 1, 3, (), "web-1").name == "web-1/tap0"
 
 
+def test_the_channels_key_is_the_vm_and_its_mac_the_same_on_every_host():
+    """A live-migrated VM's destination agent forwards with the keys its source agent
+    used: a command both forward is answered once (docs/datacentre.md)."""
+    [channel] = vm_channels(*tables())
+    assert channel.key == f"vm-7/{channel.macs[0]}"
+    elsewhere = VmChannel("tap-on-b", "/dev/shm/other", 2, 9, channel.macs, "vm-7")
+    assert elsewhere.key == channel.key and elsewhere.name != channel.name
+    assert VmChannel("tap0", "/dev/shm/r", 1, 3, (), "web-1").key == "web-1/tap0"  # no MAC: the interface
+    assert len(VmChannel("tap0", "/r", 1, 3, ("02:00:00:00:00:01",), "v" * 500).key) <= 200
+
+
 def test_unannotated_interfaces_are_ignored():
     bridges, ports, interfaces = tables()
     annotate(interfaces, ANNOTATED, attached_mac="52:54:00:ab:cd:ef", vm_id="vm-7")  # no channel key

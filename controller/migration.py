@@ -1,0 +1,100 @@
+"""A middlebox that follows its VM from one hypervisor to another (live migration).
+
+The desired state is kept per switch, (dpid, MAC), as the switch's flows are.  What makes
+two entries on two switches the same middlebox is the operator's word: both ports are
+annotated with the same VM (``vm-id``), tenant and MAC.  Such entries are *twins*, and
+mbvisor keeps them equal:
+
+* When a switch's annotations show a VM whose middlebox lives on another switch (QEMU's
+  paused destination is plugged in while the source still runs), the middlebox is copied
+  there: the destination's flows are in place before the guest resumes on it.
+* While both exist, a command from either side changes both (the other by a copy, made
+  as soon as the first side confirmed).
+* When the source's port goes (QEMU's source ends), the source's entry is retired as any
+  departed VM's is; the destination's stays, and with it the offloads.
+
+Nothing here trusts a guest: only annotations on both switches pair two entries, a copy
+has the destination's port and a zone of its own, and an unannotated (lab) port never
+has a twin.  Everything here is pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .model import MAX_ZONE, Middlebox, State
+from .trust import Inventory, PortIdentity
+
+
+def identity_of(middlebox: Middlebox, inventory: Inventory) -> PortIdentity | None:
+    """The annotated VM behind a middlebox's port, if its annotations name its MAC and a
+    VM (``vm-id``): only such a middlebox can have a twin."""
+    identity = inventory.at(middlebox.port)
+    if identity is None or identity.mac != middlebox.mac or not identity.vm_id:
+        return None
+    return identity
+
+
+def same_vm(one: PortIdentity, other: PortIdentity) -> bool:
+    return (one.vm_id, one.tenant, one.mac) == (other.vm_id, other.tenant, other.mac)
+
+
+def twin_ports(identity: PortIdentity, home: int, inventories: dict[int, Inventory]) -> list[tuple[int, int]]:
+    """(dpid, port) of every other switch whose annotations show the same VM."""
+    homes = []
+    for dpid in sorted(inventories):
+        if dpid == home:
+            continue
+        there = inventories[dpid].with_mac(identity.mac)
+        if there is not None and same_vm(there, identity):
+            homes.append((dpid, there.port))
+    return homes
+
+
+def arrivals(state: State, inventories: dict[int, Inventory], dpid: int) -> list[tuple[int, str]]:
+    """The middleboxes, (dpid, MAC) on other switches, whose VM switch ``dpid``'s
+    annotations now show and that ``dpid`` does not hold yet: to be copied there."""
+    here = inventories.get(dpid, Inventory())
+    found = []
+    for middlebox in state.middleboxes:
+        if middlebox.dpid == dpid or state.find(dpid, middlebox.mac) is not None:
+            continue
+        identity = identity_of(middlebox, inventories.get(middlebox.dpid, Inventory()))
+        there = here.with_mac(middlebox.mac)
+        if identity is not None and there is not None and same_vm(there, identity):
+            found.append(middlebox.key)
+    return found
+
+
+def twin(source: Middlebox, dpid: int, port: int, current: Middlebox | None, zones_taken) -> Middlebox:
+    """``source`` on switch ``dpid``'s ``port``: the same offloads, with the zone the twin
+    already has, or a free one (a conntrack zone is one switch's; connections tracked on
+    the source's host do not move with the VM)."""
+    zone = current.zone if current is not None else next(
+        (zone for zone in range(1, MAX_ZONE + 1) if zone not in zones_taken), None)
+    if zone is None:
+        raise ValueError(f"every one of the {MAX_ZONE} conntrack zones is in use")
+    return replace(source, dpid=dpid, port=port, zone=zone)
+
+
+def adopted(state: State, inventories: dict[int, Inventory], dpid: int, origin: tuple[int, str],
+            zones_taken) -> State:
+    """The state once switch ``dpid`` holds what its twin ``origin`` holds now: a copy,
+    or none if the origin is gone (cancelled) while ``dpid``'s annotations still show the
+    same VM.  Unchanged when they no longer pair the two (the VM left, or the ports were
+    re-annotated meanwhile), so a late copy never lands on another VM's port."""
+    source = state.find(*origin)
+    mac = origin[1]
+    here = inventories.get(dpid, Inventory()).with_mac(mac)
+    current = state.find(dpid, mac)
+    if source is None:
+        if current is None or here is None or identity_of(current, inventories.get(dpid, Inventory())) is None:
+            return state
+        return state.remove(dpid, mac)
+    identity = identity_of(source, inventories.get(origin[0], Inventory()))
+    if identity is None or here is None or not same_vm(here, identity):
+        return state
+    copy = twin(source, dpid, here.port, current, zones_taken)
+    if current == copy:
+        return state
+    return state.put(copy)
