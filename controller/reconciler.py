@@ -514,7 +514,7 @@ class SwitchReconciler:
                 for mac in plan.touched:
                     if (middlebox := plan.after.find(self.dpid, mac)) is not None:
                         self.exact[mac] = middlebox
-                self.service.mirror(self.dpid, plan.before, plan.after, plan.touched)
+                self.service.mirror(self.dpid, plan)
             return answers
         finally:
             self.service.release(plan)

@@ -563,12 +563,19 @@ class Controller:
 
     # --- a middlebox on two switches while its VM migrates (migration.py) --------------
 
-    def mirror(self, dpid: int, before: State, after: State, macs) -> None:
-        """After a job on ``dpid`` changed ``macs``: each twin elsewhere (another switch
-        whose annotations show the same VM) is made equal to it, in that switch's queue."""
+    def mirror(self, dpid: int, plan: Plan) -> None:
+        """After a job on ``dpid`` changed middleboxes: each twin elsewhere (another switch
+        whose annotations show the same VM) is made equal to it, in that switch's queue.
+        A removal is copied only when guests' commands made it (every request carries a
+        channel's key): the source agent's delete of a VM that left (no key) must not take
+        the offloads away from the host the VM went to."""
         inventory = self.inventory_of(dpid)
-        for mac in sorted(macs):
-            middlebox = after.find(dpid, mac) or before.find(dpid, mac)
+        by_guests = all(request.key is not None for request in plan.requests)
+        for mac in sorted(plan.touched):
+            middlebox = plan.after.find(dpid, mac)
+            if middlebox is None and not by_guests:
+                continue
+            middlebox = middlebox or plan.before.find(dpid, mac)
             identity = identity_of(middlebox, inventory) if middlebox is not None else None
             if identity is None:
                 continue

@@ -189,17 +189,33 @@ def test_the_offloads_follow_the_vm_and_are_in_place_before_it_resumes(hyperviso
     assert stored.find(DESTINATION, MAC) == service.state.find(DESTINATION, MAC)
 
 
-def test_a_cancel_on_either_side_removes_both(hypervisors):
+def test_a_guests_cancel_on_either_side_removes_both(hypervisors):
     service, fakes = hypervisors
     service.set_inventory(SOURCE, [ON_SOURCE])
     service.set_inventory(DESTINATION, [ON_DESTINATION])
     _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
     _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
     wait_until(lambda: _drops(fakes[DESTINATION]), what="the copy")
-    _ok(service, DESTINATION, 7, f"X {MAC}")
+    cancel = service.execute(CommandRequest(DESTINATION, 7, f"X {MAC}", f"fw-1/{MAC}", 1, 1024))
+    assert cancel.status == "OK"
     wait_until(lambda: service.state.find(SOURCE, MAC) is None and not _offloads(fakes[SOURCE]),
                what="the cancel to reach the source")
     assert not _offloads(fakes[DESTINATION])
+
+
+def test_the_source_agents_delete_of_the_departed_vm_leaves_the_destination_its_offloads(hypervisors):
+    """The agent on the source deletes the offloads of a VM that left its host (a request
+    without a guest's key); it may come before the port-status: only the source's go."""
+    service, fakes = hypervisors
+    service.set_inventory(SOURCE, [ON_SOURCE])
+    service.set_inventory(DESTINATION, [ON_DESTINATION])
+    _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
+    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
+    wait_until(lambda: _drops(fakes[DESTINATION]), what="the copy")
+    assert service.delete_middlebox(SOURCE, MAC).status == "OK"
+    reconciler = service.reconcilers[DESTINATION]
+    wait_until(lambda: not reconciler.jobs and not _offloads(fakes[SOURCE]), what="the source's removal")
+    assert service.state.find(DESTINATION, MAC) is not None and _drops(fakes[DESTINATION])
 
 
 def test_another_tenants_port_with_the_same_mac_gets_nothing(hypervisors):
