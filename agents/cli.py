@@ -3,7 +3,7 @@
 Sub-commands: ``controller`` (the OS-Ken app with its REST API), ``agent`` and
 ``agent-status`` (the per-host agent), ``channel`` (create a region, show its state,
 serve it with the echo responder), ``ivshmem-server`` (what ``ivshmem-doorbell`` QEMU
-devices connect to) and ``demo`` (the lab story).
+devices connect to), ``demo`` (the lab story) and ``lab`` (a data centre of hypervisors).
 """
 
 from __future__ import annotations
@@ -241,6 +241,12 @@ def demo(args: argparse.Namespace) -> int:
     return run_demo(args.output)
 
 
+def lab(args: argparse.Namespace) -> int:
+    from mbvisor.topologies.datacentre import run_lab
+
+    return run_lab(args.hypervisors, args.hosts_per_hypervisor)
+
+
 BENCHMARKS = ("wakeups", "latency", "throughput", "control", "scale", "all", "report",
               "channel", "controller", "agent")
 
@@ -342,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = sub.add_parser("demo", help="the lab demo: mbctl -> channel -> host reader -> answer")
     demo_parser.add_argument("--output", default="results/demo.json", help="machine-readable result")
     demo_parser.set_defaults(handler=demo)
+
+    lab_parser = sub.add_parser("lab", help="a data centre on this machine: hypervisors in namespaces, each with "
+                                            "its own Open vSwitch and agent, one controller (docs/datacentre.md)")
+    lab_parser.add_argument("--hypervisors", type=int, default=2, metavar="N", help="default 2")
+    lab_parser.add_argument("--hosts-per-hypervisor", type=int, default=2, metavar="M",
+                            help="VMs (namespaces, annotated, each with a channel) per hypervisor (default 2)")
+    lab_parser.set_defaults(handler=lab)
 
     bench_parser = sub.add_parser(
         "bench", help="benchmarks: " + ", ".join(BENCHMARKS) + " (docs/benchmarks.md)",

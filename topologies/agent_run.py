@@ -20,9 +20,13 @@ class AgentProcess:
     """``mbvisor agent`` in its own process group, pointed at a :class:`Controller`."""
 
     def __init__(self, controller: Controller, state_dir, bridges: tuple[str, ...] = (),
-                 inventory_refresh: float | None = None, options: tuple[str, ...] = ()):
-        """``options``: more of ``mbvisor agent``'s own (e.g. ``--doorbell-dir``)."""
+                 inventory_refresh: float | None = None, options: tuple[str, ...] = (),
+                 environment: dict[str, str] | None = None):
+        """``options``: more of ``mbvisor agent``'s own (e.g. ``--doorbell-dir``);
+        ``environment``: more variables for its process (``OVS_RUNDIR``: which Open
+        vSwitch it follows, a data centre's hypervisor's own)."""
         self.controller = controller
+        self.environment = environment or {}
         self.bridges = bridges
         self.inventory_refresh = inventory_refresh
         self.options = options
@@ -39,7 +43,8 @@ class AgentProcess:
                  "--discovery-interval", "0.3", *[f"--bridge={name}" for name in self.bridges],
                  *([f"--inventory-refresh={self.inventory_refresh}"] if self.inventory_refresh else []),
                  *self.options],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **self.environment}, preexec_fn=die_with_parent)
         return self
 
     def stop(self, sig=signal.SIGTERM) -> int | None:

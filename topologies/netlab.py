@@ -289,11 +289,19 @@ _FLOW_STATS = {"cookie", "duration", "table", "n_packets", "n_bytes", "idle_time
 
 
 class Bridge:
-    """An OVS bridge (``datapath_type=netdev``).  ``owned`` bridges are deleted at lab close."""
+    """An OVS bridge (``datapath_type=netdev``).  ``owned`` bridges are deleted at lab close.
 
-    def __init__(self, lab: "Lab", name: str, dpid: int | None, protocols: str, owned: bool):
+    ``db`` and ``ofctl_target`` point the commands at a switch other than the one
+    ``OVS_RUNDIR`` names (a data centre's hypervisors each have their own): ``ovs-vsctl
+    --db=<db>`` and ``ovs-ofctl ... <ofctl_target>`` (``unix:<rundir>/<bridge>.mgmt``).
+    """
+
+    def __init__(self, lab: "Lab", name: str, dpid: int | None, protocols: str, owned: bool,
+                 db: str | None = None, ofctl_target: str | None = None):
         self.lab = lab
         self.name = name
+        self.db = db
+        self.ofctl_target = ofctl_target or name
         self.dpid = dpid
         self.protocols = protocols
         self.owned = owned
@@ -307,7 +315,9 @@ class Bridge:
 
     # -- ovs-vsctl
     def vsctl(self, *args: str, check: bool = True) -> str:
-        return run(["ovs-vsctl", "--timeout=10", *args], check=check, where=f" (bridge {self.name})").stdout.strip()
+        database = [f"--db={self.db}"] if self.db else []
+        return run(["ovs-vsctl", *database, "--timeout=10", *args], check=check,
+                   where=f" (bridge {self.name})").stdout.strip()
 
     def read_dpid(self) -> int | None:
         value = self.vsctl("get", "bridge", self.name, "datapath_id").strip('"')
@@ -418,13 +428,13 @@ class Bridge:
     # -- ovs-ofctl
     def ofctl(self, command: str, *args: str, check: bool = True, input: str | None = None) -> str:
         """Run ``ovs-ofctl -O <protocols> <command> <bridge> <args...>``; return stdout."""
-        return run(["ovs-ofctl", "-O", self.protocols, command, self.name, *args], check=check,
+        return run(["ovs-ofctl", "-O", self.protocols, command, self.ofctl_target, *args], check=check,
                    input=input, where=f" (bridge {self.name})").stdout
 
     def dump_flows(self, match: str | None = None, no_stats: bool = False) -> list[str]:
         """The flow table as ``ovs-ofctl dump-flows`` lines (header line removed)."""
         options = ["--no-names"] + (["--no-stats"] if no_stats else [])
-        argv = ["ovs-ofctl", "-O", self.protocols, *options, "dump-flows", self.name]
+        argv = ["ovs-ofctl", "-O", self.protocols, *options, "dump-flows", self.ofctl_target]
         if match:
             argv.append(match)
         out = run(argv, where=f" (bridge {self.name})").stdout
@@ -449,7 +459,7 @@ class Bridge:
     def del_flows(self, match: str | None = None, strict: bool = False) -> None:
         """Delete every flow, or those matching ``match`` (``--strict``: exactly that match+priority)."""
         argv = ["ovs-ofctl", "-O", self.protocols] + (["--strict"] if strict else [])
-        argv += ["del-flows", self.name] + ([match] if match else [])
+        argv += ["del-flows", self.ofctl_target] + ([match] if match else [])
         run(argv, where=f" (bridge {self.name})")
 
     def port_stats(self, ofport: int | None = None) -> str:
@@ -1192,6 +1202,14 @@ class Lab:
     def popen(self, argv: Sequence[str], **kwargs) -> Process:
         """A background process in the root namespace (e.g. a controller), killed at close."""
         return self._spawn([str(a) for a in argv], **kwargs)
+
+    def adopt(self, namespaces: Iterable[str] = (), links: Iterable[str] = ()) -> None:
+        """Namespaces and root-namespace links made under this lab's prefix by someone else
+        (a data centre's hypervisors): :meth:`close` kills what runs in them and removes
+        them with the lab's own, so they go even when their maker fails halfway."""
+        self._check_open()
+        self._namespaces.extend(namespaces)
+        self._links.extend(links)
 
     # -- inspection and teardown
     def leftovers(self) -> dict[str, list[str]]:
