@@ -52,7 +52,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -61,8 +60,8 @@ from pathlib import Path
 
 from .agent_run import AgentProcess, make_region
 from .controller_run import Controller, ControllerError
-from .netlab import (Bridge, Host, HostToolsMissing, Lab, NetlabError, datapath_id_for, die_with_parent, run,
-                     wait_until)
+from .netlab import (Bridge, Host, HostToolsMissing, Lab, NetlabError, accepting, datapath_id_for, die_with_parent,
+                     run, wait_until)
 
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 MANAGEMENT = ipaddress.IPv4Network("10.254.0.0/16")  # a /24 of it per data centre
@@ -112,17 +111,6 @@ def free_management_network(prefix: str) -> ipaddress.IPv4Network:
     raise NetlabError(f"every /24 of {MANAGEMENT} is in use in the root namespace")
 
 
-def _listening(path: Path) -> bool:
-    """Whether a UNIX socket accepts connections: its file exists a moment before (bind,
-    then listen), and a client then is refused."""
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def _daemon(name: str, argv: list, directory: Path, ready: Path, environment: dict | None = None) -> subprocess.Popen:
     """A daemon in the foreground, in its own session (a terminal's Ctrl-C is ours to
     handle), SIGTERMed if we die; returned once its socket ``ready`` accepts connections,
@@ -133,7 +121,7 @@ def _daemon(name: str, argv: list, directory: Path, ready: Path, environment: di
                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
                                    env={**os.environ, **(environment or {})})
     try:
-        wait_until(lambda: _listening(ready) or process.poll() is not None, timeout=10, what=f"{name} to start")
+        wait_until(lambda: accepting(ready) or process.poll() is not None, timeout=10, what=f"{name} to start")
         if process.poll() is not None:
             raise NetlabError(f"{name} exited with {process.returncode}: {output.read_text()[-500:]}")
     except BaseException:

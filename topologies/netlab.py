@@ -43,6 +43,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,17 @@ def die_with_parent() -> None:
     import ctypes
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def accepting(path) -> bool:
+    """Whether a UNIX socket accepts connections: a daemon's socket file exists a moment
+    before it listens (bind, then listen), and a client is refused meanwhile."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 5.0, what: str = "condition",

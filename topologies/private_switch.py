@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .netlab import die_with_parent, run, wait_until
+from .netlab import accepting, die_with_parent, run, wait_until
 
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 _VARIABLES = ("OVS_RUNDIR", "OVS_DBDIR", "OVS_LOGDIR")
@@ -96,13 +96,14 @@ class PrivateSwitch:
                     d / "db.sock")
 
     def _spawn(self, argv: list, ready: Path) -> None:
-        """A daemon in the foreground (it dies with us), ready once its socket exists."""
+        """A daemon in the foreground (it dies with us), ready once its socket accepts
+        connections (the file exists a moment before: a client would be refused)."""
         log = open(self.directory / f"{Path(str(argv[0])).name}.out", "wb")
         with log:
             process = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         self._processes.append(process)
-        wait_until(lambda: ready.exists() or process.poll() is not None, timeout=10, what=f"{argv[0]} to start")
+        wait_until(lambda: accepting(ready) or process.poll() is not None, timeout=10, what=f"{argv[0]} to start")
         if process.poll() is not None:
             raise RuntimeError(f"{argv[0]} exited with {process.returncode}: "
                                f"{(self.directory / f'{Path(str(argv[0])).name}.out').read_text()[-500:]}")
