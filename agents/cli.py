@@ -175,7 +175,7 @@ def agent(args: argparse.Namespace) -> int:
         discover, changes = (lambda: load_static(args.static)), None
     else:
         from .ovsdb_follow import OvsdbFollower
-        follower = OvsdbFollower(bridges=bridges).start()
+        follower = OvsdbFollower(remote=args.ovsdb, bridges=bridges).start()
         discover, changes = follower.scan, follower.changes
         follower.changes.wait(5)  # the first replica, so the first round finds the VMs already there
     the_agent = Agent(discover, ControllerClient(args.controller, token, ca_file=args.controller_ca), settings, changes,
@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent_parser.add_argument("--controller-ca", metavar="PEM",
                               help="verify an https:// controller with this CA (default: the system's CAs)")
     agent_parser.add_argument("--static", metavar="FILE", help="channels from a JSON file instead of Open vSwitch")
+    agent_parser.add_argument("--ovsdb", metavar="REMOTE",
+                              help="the Open vSwitch database to follow, e.g. unix:/run/openvswitch/db.sock "
+                                   "(default: where ovs-vsctl looks, $OVS_RUNDIR/db.sock)")
     agent_parser.add_argument("--bridge", action="append", metavar="NAME",
                               help="serve only VMs on this bridge (repeatable; default: every bridge)")
     agent_parser.add_argument("--status-file", default=DEFAULT_AGENT_STATUS, help="where the agent writes its status")

@@ -20,13 +20,10 @@ class AgentProcess:
     """``mbvisor agent`` in its own process group, pointed at a :class:`Controller`."""
 
     def __init__(self, controller: Controller, state_dir, bridges: tuple[str, ...] = (),
-                 inventory_refresh: float | None = None, options: tuple[str, ...] = (),
-                 environment: dict[str, str] | None = None):
-        """``options``: more of ``mbvisor agent``'s own (e.g. ``--doorbell-dir``);
-        ``environment``: more variables for its process (``OVS_RUNDIR``: which Open
-        vSwitch it follows, a data centre's hypervisor's own)."""
+                 inventory_refresh: float | None = None, options: tuple[str, ...] = ()):
+        """``options``: more of ``mbvisor agent``'s own (e.g. ``--doorbell-dir``,
+        ``--ovsdb``)."""
         self.controller = controller
-        self.environment = environment or {}
         self.bridges = bridges
         self.inventory_refresh = inventory_refresh
         self.options = options
@@ -37,14 +34,14 @@ class AgentProcess:
     def start(self) -> "AgentProcess":
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "mbvisor.agents.cli", "agent", "--controller",
-                 f"http://127.0.0.1:{self.controller.rest_port}", "--token-file",
+                [sys.executable, "-m", "mbvisor.agents.cli", "agent", "--controller", self.controller.url,
+                 "--token-file",
                  str(self.controller.state_dir / "token"), "--status-file", str(self.status_file),
                  "--discovery-interval", "0.3", *[f"--bridge={name}" for name in self.bridges],
                  *([f"--inventory-refresh={self.inventory_refresh}"] if self.inventory_refresh else []),
                  *self.options],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, **self.environment}, preexec_fn=die_with_parent)
+                preexec_fn=die_with_parent)
         return self
 
     def stop(self, sig=signal.SIGTERM) -> int | None:

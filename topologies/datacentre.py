@@ -20,8 +20,7 @@ Each hypervisor is what a KVM host running mbvisor has, in miniature:
   :class:`~netlab.Bridge` runs ``ovs-vsctl --db=unix:<dir>/db.sock`` and ``ovs-ofctl ...
   unix:<dir>/<bridge>.mgmt``, never the machine's switch; one bridge ``<prefix>b<i>``,
   ``fail-mode=secure``, datapath id :func:`~netlab.datapath_id_for` (prefix, i);
-* its own agent (``mbvisor agent``, ``OVS_RUNDIR`` at the hypervisor's directory: the
-  agent has no option naming the OVSDB socket);
+* its own agent (``mbvisor agent --ovsdb unix:<dir>/db.sock``);
 * a management link over which its vswitchd reaches the controller by TCP: a veth from
   its ``mgmt`` (``10.254.X.<i+2>/24``) to a port ``<prefix>m<i>`` of a Linux bridge
   ``<prefix>ctl`` in the root namespace, the management network, whose own address
@@ -202,7 +201,7 @@ class Hypervisor:
         wait_until(lambda: self.bridge.read_dpid() == self.dpid, 10, f"{self.bridge.name} to take its datapath id")
         self.bridge.set_controller(target)
         self.agent = AgentProcess(controller, self.directory, bridges=(self.bridge.name,),
-                                  environment={"OVS_RUNDIR": str(self.directory)})
+                                  options=("--ovsdb", f"unix:{self.directory / 'db.sock'}"))
         self.agent.start()
         wait_until(lambda: self.agent.status().get("ovsdb", {}).get("connected") or not self.agent.alive(),
                    20, f"the agent of hypervisor {self.index} to follow its ovsdb-server (log {self.agent.log})")
