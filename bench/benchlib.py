@@ -223,13 +223,14 @@ def _target_text(row: Row) -> str:
 
 
 def render_table(title: str, rows: list[Row]) -> str:
-    """The stable text table: same columns every run, one row per Row."""
+    """The stable text table: same columns every run, one row per Row (baselines get 22
+    characters: "through-vm tcg +flood" is the longest name)."""
     header = (f"{'metric':34} {'unit':8} {'subject':20} {'median [min-max]':24} "
-              f"{'baseline':20} {'median [min-max]':24} {'ratio [min-max]':20} {'target':11} result")
+              f"{'baseline':22} {'median [min-max]':24} {'ratio [min-max]':20} {'target':11} result")
     lines = [title, header]
     for row in rows:
         lines.append(f"{row.metric:34} {row.unit:8} {row.subject:20} {row.value.text():24} "
-                     f"{row.baseline_name or '-':20} {row.baseline.text() if row.baseline else '-':24} "
+                     f"{row.baseline_name or '-':22} {row.baseline.text() if row.baseline else '-':24} "
                      f"{row.ratio.text() if row.ratio else '-':20} {_target_text(row):11} {row.verdict or '-'}")
     return "\n".join(lines)
 

@@ -9,9 +9,14 @@ controller, the real agent serving the middlebox's channel, and four hosts in na
 * ``backend`` (10.0.0.11) runs the servers (iperf3, a request/response echo server);
 * ``attacker`` (10.0.0.66) floods the middlebox's address with UDP (mausezahn).
 
-The three paths compared:
+The paths compared:
 
 * ``through-mb``: no offload; client -> 10.0.0.5 -> middlebox kernel -> backend;
+* ``through-vm`` (with ``Dataplane(vm=True)``: latency and throughput): the same work done by
+  a real QEMU middlebox (``topologies/qemu``), 10.0.0.6 on a tap of the bridge: its guest
+  kernel runs the same 51 raw rules and DNATs (with SNAT) its address to the backend; client
+  -> 10.0.0.6 -> tap -> virtio -> guest kernel -> virtio -> tap -> backend.  KVM when the
+  launcher finds a guest runs fast on it, else TCG (``Dataplane.vm_info["accel"]`` says which);
 * ``offloaded``: the middlebox wrote ``filter add --src <attacker>`` and ``redirect --to
   <backend>`` through its channel (``mbctl`` in its namespace); the switch drops the attack
   and rewrites the client's connections to the backend (conntrack NAT), the middlebox sees
@@ -20,7 +25,7 @@ The three paths compared:
   the only difference from ``offloaded`` is the redirect's NAT).
 
 Used by ``wakeups``, ``latency``, ``throughput`` and ``scale``.  Everything created
-(namespaces, bridge, processes, region) is removed on exit, error or Ctrl-C.
+(namespaces, bridge, processes, region, VM and its tap) is removed on exit, error or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -38,11 +43,15 @@ from mbvisor.controller.pipeline import cookie_of
 from mbvisor.topologies.agent_run import AgentProcess, annotate, make_region
 from mbvisor.topologies.controller_run import Controller
 from mbvisor.topologies.netlab import HostToolsMissing, Lab, NetlabError, require_host_tools, settle
+from mbvisor.topologies.qemu.vm import MiddleboxVM, VMError, build_image, requirements
 from mbvisor.topologies.traffic import Flood, flood
 
 MB_MAC = "52:34:56:00:12:22"
 MB_IP, CLIENT_IP, ATTACKER_IP, BACKEND_IP = "10.0.0.5", "10.0.0.1", "10.0.0.66", "10.0.0.11"
+VM_IP, VM_MAC = "10.0.0.6", "52:54:00:4d:42:06"
 PATHS = ("through-mb", "offloaded", "direct")
+VM_PATH = "through-vm"
+VM_READY_TIMEOUT = 150.0     # s: the launcher's probe (its first KVM instruction: up to 30 s) and a ~3 s boot
 IPERF_PORT, ECHO_PORT = 5201, 7000
 NON_MATCHING_RULES = 50      # the middlebox firewall's other rules (plus one for the attacker)
 BENCH_TOOLS = {"iperf3": "iperf3", "mausezahn": "netsniff-ng", "iptables-restore": "iptables"}
@@ -84,18 +93,37 @@ print(json.dumps({"count": len(samples), "p50_us": pick(0.5), "p99_us": pick(0.9
 """
 
 
-class Dataplane:
-    """The lab described in the module docstring, as a context manager."""
+def middlebox_rules(service_ip: str) -> str:
+    """The middlebox's iptables-restore input: 51 raw rules (50 that match nothing, one
+    dropping the attacker), DNAT of ``service_ip`` to the backend and SNAT back to it.  The
+    same for the namespace and the VM, so the two middleboxes do the same work."""
+    rules = [f"-A PREROUTING -s 192.0.2.{n} -j DROP" for n in range(1, NON_MATCHING_RULES + 1)]
+    rules.append(f"-A PREROUTING -s {ATTACKER_IP} -j DROP")
+    return "\n".join([
+        "*raw", *rules, "COMMIT",
+        "*nat",
+        f"-A PREROUTING -d {service_ip} -p tcp -j DNAT --to-destination {BACKEND_IP}",
+        f"-A PREROUTING -d {service_ip} -p udp -j DNAT --to-destination {BACKEND_IP}",
+        f"-A POSTROUTING -d {BACKEND_IP} -j SNAT --to-source {service_ip}",
+        "COMMIT", ""])
 
-    def __init__(self, progress=print):
+
+class Dataplane:
+    """The lab described in the module docstring, as a context manager.  ``vm``: also the
+    QEMU middlebox of the through-vm path."""
+
+    def __init__(self, progress=print, vm: bool = False):
         self.progress = progress
         self.offloaded = False
+        self.with_vm = vm
         self._work = tempfile.TemporaryDirectory(prefix="mbvisor-bench-")
         self.workdir = Path(self._work.name)
         self.lab = Lab()
         self.controller = Controller(self.workdir)
         self.agent: AgentProcess | None = None
         self.region: str | None = None
+        self.vm: MiddleboxVM | None = None
+        self.vm_info: dict | None = None
 
     # -- life cycle
     def __enter__(self) -> "Dataplane":
@@ -134,26 +162,61 @@ class Dataplane:
         self.backend.annotate("bench", vm_id="vm-backend")  # a backend is a VM of the middlebox's tenant
         self.agent = AgentProcess(self.controller, self.workdir, bridges=(self.bridge.name,)).start()
         self.agent.wait_serving(f"vm-mb/{self.mb.port_name}")
+        if self.with_vm:
+            try:
+                self._start_vm()
+            except VMError as error:
+                raise VMError(f"the through-vm path's QEMU middlebox could not be built or started: {error}") from None
 
     def _middlebox_kernel(self) -> None:
         """The middlebox doing the work itself: forwarding, firewall rules, DNAT + SNAT."""
-        rules = [f"-A PREROUTING -s 192.0.2.{n} -j DROP" for n in range(1, NON_MATCHING_RULES + 1)]
-        rules.append(f"-A PREROUTING -s {ATTACKER_IP} -j DROP")
-        ruleset = "\n".join([
-            "*raw", *rules, "COMMIT",
-            "*nat",
-            f"-A PREROUTING -d {MB_IP} -p tcp -j DNAT --to-destination {BACKEND_IP}",
-            f"-A PREROUTING -d {MB_IP} -p udp -j DNAT --to-destination {BACKEND_IP}",
-            f"-A POSTROUTING -d {BACKEND_IP} -j SNAT --to-source {MB_IP}",
-            "COMMIT", ""])
         self.mb.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-        self.mb.run(["iptables-restore"], input=ruleset)
+        self.mb.run(["iptables-restore"], input=middlebox_rules(MB_IP))
+
+    def _start_vm(self) -> None:
+        """The through-vm middlebox: boot the guest (the launcher picks the accelerator), give
+        its kernel the namespace middlebox's rules, and check one request goes through it, so
+        that a guest that does not forward fails here, not as a row of nonsense figures."""
+        missing = requirements()
+        if missing:
+            raise VMError("this machine lacks " + "; ".join(missing))
+        self.progress("through-vm: building the guest image and booting the QEMU middlebox")
+        started = time.monotonic()
+        image = build_image()
+        neighbours = f"{CLIENT_IP},{self.client.mac};{BACKEND_IP},{self.backend.mac}"
+        self.vm = MiddleboxVM(self.bridge.name, f"{self.lab.prefix}-vm", VM_MAC, image, self.workdir / "vm",
+                              tap=f"{self.lab.prefix}t", tenant="bench",
+                              append=f"mbv.ip={VM_IP}/24 mbv.arp={neighbours}").start()
+        self.vm.wait_ready(timeout=VM_READY_TIMEOUT)
+        ready = time.monotonic() - started
+        script = ("netfilter-up && sysctl -q -w net.ipv4.ip_forward=1 && iptables-restore <<'RULES'\n"
+                  + middlebox_rules(VM_IP) + "RULES\n")
+        code, output = self.vm.run(script)
+        if code != 0:
+            raise VMError(f"the guest's netfilter setup failed ({code}): {output}")
+        for host in (self.client, self.backend, self.attacker):
+            host.set_arp(VM_IP, VM_MAC)
+        self.agent.wait_serving(f"{self.vm.name}/{self.vm.tap}")   # its port is published: port security in place
+        self.vm_info = {"accel": self.vm.accel, "accel_reason": self.vm.accel_reason, "ready_seconds": round(ready, 1),
+                        "image_cached": image["cached"], "ip": VM_IP, "mac": VM_MAC}
+        try:
+            self.request_response(VM_IP, 20, warmup=0)
+        except NetlabError as error:
+            raise VMError(f"a request to {VM_IP} did not come back through the guest: {error}") from None
+        self.progress(f"through-vm: the QEMU middlebox runs under {self.vm.accel} ({self.vm.accel_reason}); "
+                      f"ready {ready:.1f} s after its start")
 
     def close(self) -> None:
         try:
+            leftovers = []
+            if self.vm is not None:
+                self.vm.stop()
+                leftovers = self.vm.leftovers()
             if self.agent is not None:
                 self.agent.stop()
             self.controller.stop()
+            if leftovers:
+                raise VMError(f"the through-vm middlebox left {leftovers} behind")
         finally:
             self.lab.close()
             if self.region and os.path.exists(self.region):
@@ -190,10 +253,19 @@ class Dataplane:
         if leftover:
             raise BenchError(f"flows of the middlebox left after cancel: {leftover[:2]}")
 
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The paths this lab can measure."""
+        return PATHS + ((VM_PATH,) if self.with_vm else ())
+
     def use(self, path: str) -> str:
-        """Put the lab in ``path``'s state; the address the client should talk to."""
-        if path not in PATHS:
-            raise ValueError(f"unknown path {path!r}; one of {PATHS}")
+        """Put the lab in ``path``'s state; the address the client should talk to.  The
+        through-vm path leaves the namespace middlebox's offloads as they are: they concern
+        another address."""
+        if path not in self.paths:
+            raise ValueError(f"unknown path {path!r}; one of {self.paths}")
+        if path == VM_PATH:
+            return VM_IP
         if path == "through-mb":
             self.withdraw()
         else:
@@ -206,6 +278,14 @@ class Dataplane:
 
     def mb_rx(self) -> int:
         return self.mb.rx_packets()
+
+    def vm_rx(self) -> int:
+        """Packets the host handed to the guest: its tap's tx counter (in the root namespace)."""
+        return int(Path(f"/sys/class/net/{self.vm.tap}/statistics/tx_packets").read_text())
+
+    def middlebox_rx(self, path: str) -> int:
+        """What reached the middlebox of ``path``: the VM's for through-vm, else the namespace's."""
+        return self.vm_rx() if path == VM_PATH else self.mb_rx()
 
     # -- measurements
     def attack(self, packets: int) -> dict:
@@ -241,31 +321,46 @@ class Dataplane:
         return {"gbps": end["sum_received"]["bits_per_second"] / 1e9,
                 "retransmits": end["sum_sent"].get("retransmits", 0)}
 
-    def under_flood(self) -> Flood:
-        """A background flood of the middlebox for the length of a ``with`` block."""
-        return Flood(self.attacker, MB_IP, MB_MAC)
+    def under_flood(self, path: str = "through-mb") -> Flood:
+        """A background flood, for the length of a ``with`` block, of the middlebox ``path``
+        goes through: the VM on through-vm, else the namespace (offloaded: the switch drops it)."""
+        return Flood(self.attacker, VM_IP, VM_MAC) if path == VM_PATH else Flood(self.attacker, MB_IP, MB_MAC)
 
 
-def schedule(rounds: int):
+def path_label(path: str, results: dict[str, list[dict]]) -> str:
+    """A path's name in the tables: through-vm carries its accelerator ("through-vm tcg"),
+    recorded in each of its results, so the page says what the VM ran on."""
+    if path != VM_PATH:
+        return path
+    accelerators = sorted({result["accel"] for result in results[VM_PATH]})
+    return f"{VM_PATH} {'/'.join(accelerators)}"
+
+
+def schedule(rounds: int, paths: tuple[str, ...] = PATHS):
     """(round, path) pairs: every path once per round, in alternating order, so that a
     machine slowly warming up or cooling down does not favour one path."""
     for number in range(rounds):
-        for path in (PATHS if number % 2 == 0 else tuple(reversed(PATHS))):
+        for path in (paths if number % 2 == 0 else tuple(reversed(paths))):
             yield number, path
 
 
-def run_in_lab(benchmark: str, args, mode: str, when: str, progress, measure, make_rows, **extra) -> int:
-    """The body of a data-path benchmark's main(): build the lab, ``measure(dataplane)``,
-    tear the lab down (also on Ctrl-C), print and write ``make_rows(results)``."""
+def run_in_lab(benchmark: str, args, mode: str, when: str, progress, measure, make_rows, vm: bool = False,
+               **extra) -> int:
+    """The body of a data-path benchmark's main(): build the lab (with the through-vm
+    middlebox when ``vm``), ``measure(dataplane)``, tear the lab down (also on Ctrl-C), print
+    and write ``make_rows(results)`` (and the VM's accelerator, in the JSON's ``vm``)."""
     started = time.monotonic()
 
     def body():
-        with Dataplane(progress) as dataplane:
-            return measure(dataplane)
+        with Dataplane(progress, vm=vm) as dataplane:
+            return measure(dataplane), dataplane.vm_info
 
-    status, results = measured(progress, body, failures=(NetlabError,))
+    status, outcome = measured(progress, body, failures=(NetlabError, VMError))
     if status is not None:
         return status
+    results, vm_info = outcome
     progress(f"done in {time.monotonic() - started:.0f} s")
+    if vm_info is not None:
+        extra["vm"] = vm_info
     return finish(benchmark, mode, when, args.rounds, make_rows(results), args.json, progress,
                   results=results, **extra)

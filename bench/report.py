@@ -44,14 +44,16 @@ DESCRIPTIONS = {
         "attack packets before the offload (baseline) and after it."),
     "latency": (
         "TCP request/response ping-pong latency, p50 and p99, for traffic the middlebox "
-        "redirects to a backend: through the middlebox (kernel DNAT in its namespace), with the "
-        "redirect offloaded to the switch, and sent directly to the backend. The baselines are "
-        "the path through the middlebox and the direct path."),
+        "redirects to a backend: through the middlebox (kernel DNAT in its namespace: "
+        "through-mb; in a real QEMU middlebox VM on a tap of the bridge: through-vm, named with "
+        "its accelerator), with the redirect offloaded to the switch, and sent directly to the "
+        "backend. The baselines are the two paths through a middlebox and the direct path."),
     "throughput": (
-        "Client TCP throughput and 64-byte UDP packet rate through the middlebox, with the "
+        "Client TCP throughput and 64-byte UDP packet rate through the middlebox (a namespace: "
+        "through-mb; a real QEMU middlebox VM: through-vm, named with its accelerator), with the "
         "middlebox's work offloaded to the switch, and directly to the backend, each without "
-        "and with an attack flood running. The baselines are the path through the middlebox "
-        "and the direct path."),
+        "and with an attack flood of the path's middlebox running. The baselines are the two "
+        "paths through a middlebox and the direct path."),
     "control": (
         "The control path: guest command to flow confirmed latency, p50 and p99, through the "
         "shared-memory channel, the host agent and the controller; commands per second; bulk "
@@ -199,6 +201,14 @@ def _machine(info: dict) -> str:
             f"load {load if load is not None else '?'}, kernel {info.get('kernel', '?')}")
 
 
+def _vm(info) -> list[str]:
+    """The through-vm middlebox's line: which accelerator the launcher chose, and why."""
+    if not isinstance(info, dict):
+        return []
+    return [f"The through-vm middlebox ran under {str(info.get('accel', '?')).upper()} (the launcher: "
+            f"{info.get('accel_reason', '?')}), ready {info.get('ready_seconds', '?')} s after its start.", ""]
+
+
 def _seconds(value) -> str:
     return f"{value:.0f} s" if isinstance(value, (int, float)) else "-"
 
@@ -258,6 +268,7 @@ def render_markdown(results: dict[str, dict], suite: dict | None, notes: str | N
         doc = results[name]
         lines += [f"Mode {doc.get('mode', '-')}, {doc.get('rounds', '-')} rounds, run {doc.get('when', '-')}; "
                   f"machine: {_machine(doc.get('machine'))}.", ""]
+        lines += _vm(doc.get("vm"))
         if not doc["rows"]:
             lines.append("No rows.")
             continue

@@ -13,14 +13,15 @@ def by_key(rows):
 
 
 def test_throughput_rows_compare_offloaded_with_both_baselines_and_the_issue_targets():
-    def results(gbps, kpps):
-        return [{"gbps": gbps, "kpps": kpps}, {"gbps": gbps * 1.1, "kpps": kpps * 1.1}]
+    def results(gbps, kpps, **extra):
+        return [{"gbps": gbps, "kpps": kpps, **extra}, {"gbps": gbps * 1.1, "kpps": kpps * 1.1, **extra}]
 
     figures = {"through-mb": results(0.6, 80), "through-mb +flood": results(0.4, 30),
                "offloaded": results(0.9, 100), "offloaded +flood": results(0.8, 50),
-               "direct": results(0.95, 100), "direct +flood": results(0.8, 50)}
+               "direct": results(0.95, 100), "direct +flood": results(0.8, 50),
+               "through-vm": results(0.3, 30, accel="tcg"), "through-vm +flood": results(0.1, 10, accel="tcg")}
     rows = by_key(throughput.rows(figures))
-    assert len(rows) == 8
+    assert len(rows) == 12
     tcp = rows[("client TCP throughput", "offloaded", "through-mb")]
     assert tcp.ratio.median == pytest.approx(1.5) and tcp.target == (">=", 1.25) and tcp.verdict == "PASS"
     flood = rows[("client TCP throughput, flood", "offloaded +flood", "through-mb +flood")]
@@ -35,15 +36,16 @@ def test_latency_rows_targets_on_p50_ratio_and_on_packets_through_the_middlebox(
     def results(p50, mb_rx):
         return [{"p50_us": p50, "p99_us": 3 * p50, "mb_rx": mb_rx}] * 3
 
+    vm = [dict(result, accel="tcg") for result in results(300, 2400)]
     rows = by_key(latency.rows({"through-mb": results(200, 2400), "offloaded": results(120, 0),
-                                "direct": results(110, 0)}))
+                                "direct": results(110, 0), "through-vm": vm}))
     assert rows[("request/response p50", "offloaded", "through-mb")].verdict == "PASS"     # 0.6 <= 0.7
     assert rows[("request/response p50", "offloaded", "direct")].verdict == "PASS"         # 1.09 <= 1.1
     assert rows[("request/response p99", "offloaded", "direct")].verdict is None
     leak = rows[("packets through the middlebox", "offloaded", "through-mb")]
     assert leak.target_on == "value" and leak.verdict == "PASS"
     assert by_key(latency.rows({"through-mb": results(200, 2400), "offloaded": results(120, 1),
-                                "direct": results(110, 0)}))[
+                                "direct": results(110, 0), "through-vm": vm}))[
         ("packets through the middlebox", "offloaded", "through-mb")].verdict == "MISS"
 
 

@@ -17,13 +17,19 @@ Inputs (all from this Debian 12 machine; nothing is downloaded):
   library modules ``mbctl`` imports (found by running mbctl's commands against a scratch
   region on this machine and recording ``sys.modules``), byte-compiled as unchecked-hash
   ``.pyc`` files so that the guest, under TCG emulation, never compiles anything;
-* ``guest/*.py``, installed as the package ``mbvisor.guest`` under ``/opt/mbvisor``.
+* ``guest/*.py``, installed as the package ``mbvisor.guest`` under ``/opt/mbvisor``;
+* for a middlebox that forwards and NATs in its own kernel (``bench/dataplane.py``'s
+  through-vm path): the netfilter modules of ``iptable_raw``, ``iptable_nat`` and ``xt_nat``
+  with their dependencies (from ``modules.dep``), which ``/usr/bin/netfilter-up`` loads on
+  demand (not at boot: the plain guest's packets pass no conntrack hook), and
+  ``iptables``/``iptables-restore``/``iptables-save`` (package ``iptables``'s
+  ``xtables-legacy-multi``, with the ``standard``, ``NAT``, ``tcp`` and ``udp`` extensions).
 
 The image is cached in ``$MBVISOR_CACHE`` (default ``/var/cache/mbvisor/initramfs`` for root,
 else ``~/.cache/mbvisor/initramfs``) under a SHA-256 of every input (this script, the init
 script, the guest package, busybox, the Python binary, the kernel's modules, and the sizes
 and mtimes of the standard library's files), so a second run costs a few hashes (~0.1 s);
-a change to any input builds a new image (~2 s, ~9 MB) and the three newest are kept.
+a change to any input builds a new image (~2.5 s, ~9.3 MB) and the three newest are kept.
 
 The guest (see ``/init`` below and docs/qemu.md) reads its settings from the kernel command
 line: ``mbv.ip=10.0.0.5/24`` (eth0's address), optional ``mbv.arp=IP,MAC;IP,MAC`` (permanent
@@ -59,6 +65,12 @@ MODULES = ["kernel/drivers/virtio/virtio_ring.ko", "kernel/drivers/virtio/virtio
            "kernel/drivers/virtio/virtio_pci_modern_dev.ko", "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
            "kernel/drivers/virtio/virtio_pci.ko", "kernel/net/core/failover.ko",
            "kernel/drivers/net/net_failover.ko", "kernel/drivers/net/virtio_net.ko"]
+NETFILTER = ["kernel/net/ipv4/netfilter/iptable_raw.ko", "kernel/net/ipv4/netfilter/iptable_nat.ko",
+             "kernel/net/netfilter/xt_nat.ko"]          # plus their dependencies, loaded first
+XTABLES = Path("/usr/sbin/xtables-legacy-multi")        # package iptables
+XTABLES_LIBDIR = Path("/usr/lib/x86_64-linux-gnu/xtables")
+XTABLES_EXTENSIONS = ["libxt_standard.so", "libxt_NAT.so", "libxt_DNAT.so", "libxt_SNAT.so", "libxt_tcp.so",
+                      "libxt_udp.so"]
 FORMAT = 1          # bump to invalidate every cached image
 
 INIT = r"""#!/bin/sh
@@ -114,6 +126,16 @@ done
 fatal "control loop ended"
 """
 
+NETFILTER_UP = r"""#!/bin/sh
+# Load the netfilter modules iptables' raw and nat tables need, dependencies first (generated
+# by topologies/qemu/build-initramfs.py).  Idempotent.
+for module in @NETFILTER@; do
+  name=${module##*/}; name=${name%.ko}
+  [ -d "/sys/module/$name" ] && continue
+  insmod "/lib/modules/$module" || { echo "netfilter-up: insmod $module failed" >&2; exit 1; }
+done
+"""
+
 
 class BuildError(RuntimeError):
     pass
@@ -141,9 +163,34 @@ def kernel_version(wanted: str | None) -> str:
                      "apt-get install linux-image-cloud-amd64")
 
 
+def module_order(version: str, wanted: list[str]) -> list[str]:
+    """``wanted`` with every module they depend on (``modules.dep``), each after its
+    dependencies: the order ``insmod`` needs, since the guest has no ``modprobe`` database."""
+    root = Path("/lib/modules") / version
+    depends = {}
+    for line in (root / "modules.dep").read_text().splitlines():
+        module, _, needs = line.partition(":")
+        depends[module] = needs.split()
+    order: list[str] = []
+
+    def visit(module: str) -> None:
+        if module in order:
+            return
+        if module not in depends:
+            raise BuildError(f"{module} is not in {root / 'modules.dep'}")
+        for dependency in depends[module]:
+            visit(dependency)
+        order.append(module)
+
+    for module in wanted:
+        visit(module)
+    return order
+
+
 def check_inputs() -> None:
     missing = [f"{path} (Debian package {package})" for path, package in
-               ((BUSYBOX, "busybox-static"), (PYTHON, "python3.11"), (STDLIB / "os.py", "libpython3.11-stdlib"))
+               ((BUSYBOX, "busybox-static"), (PYTHON, "python3.11"), (STDLIB / "os.py", "libpython3.11-stdlib"),
+                (XTABLES, "iptables"), *((XTABLES_LIBDIR / name, "iptables") for name in XTABLES_EXTENSIONS))
                if not path.exists()]
     if missing:
         raise BuildError("cannot build the guest image, missing: " + ", ".join(missing))
@@ -163,9 +210,9 @@ def cache_key(version: str) -> str:
     sha_file(h, Path(__file__).resolve())
     for path in sorted(GUEST_DIR.glob("*.py")):
         sha_file(h, path)
-    for path in (BUSYBOX, PYTHON):
+    for path in (BUSYBOX, PYTHON, XTABLES, *(XTABLES_LIBDIR / name for name in XTABLES_EXTENSIONS)):
         sha_file(h, path)
-    for module in MODULES:
+    for module in MODULES + module_order(version, NETFILTER):
         sha_file(h, Path("/lib/modules") / version / module)
     for path in sorted([*STDLIB.glob("*.py"), *STDLIB.glob("*/*.py"), *(STDLIB / "lib-dynload").glob("*.so")]):
         info = path.stat()                      # a stdlib update changes sizes and mtimes
@@ -301,6 +348,20 @@ def add_python_source(archive: Cpio, source: Path, guest_path: str) -> None:
     archive.file(str(stem.parent / "__pycache__" / f"{stem.stem}.{tag}.pyc"), pyc_for(source, guest_path))
 
 
+def add_xtables(archive: Cpio) -> None:
+    """iptables (legacy: the guest kernel's ip_tables, no nf_tables) under its usual names,
+    and the extensions the through-vm middlebox's rules use (their symlinks kept)."""
+    archive.file(str(XTABLES), XTABLES.read_bytes(), 0o755)
+    for name in ("iptables", "iptables-restore", "iptables-save"):
+        archive.symlink(f"usr/bin/{name}", str(XTABLES))
+    for name in XTABLES_EXTENSIONS:
+        path = XTABLES_LIBDIR / name
+        if path.is_symlink():
+            archive.symlink(str(path), os.readlink(path))
+        else:
+            archive.file(str(path), path.read_bytes(), 0o644)
+
+
 def build(version: str, output: Path) -> None:
     if sys.version_info[:2] != (3, 11):
         raise BuildError("run the builder with Python 3.11 (its .pyc files must match the guest's)")
@@ -318,8 +379,11 @@ def build(version: str, output: Path) -> None:
             archive.symlink(f"bin/{applet}", "busybox")
     archive.file("init", INIT.replace("@MODULES@", " ".join(MODULES)).encode(), 0o755)
     archive.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
-    for module in MODULES:
+    netfilter = module_order(version, NETFILTER)
+    for module in MODULES + netfilter:
         archive.file(f"lib/modules/{module}", (Path("/lib/modules") / version / module).read_bytes())
+    archive.file("usr/bin/netfilter-up", NETFILTER_UP.replace("@NETFILTER@", " ".join(netfilter)).encode(), 0o755)
+    add_xtables(archive)
 
     # the guest package, as mbvisor.guest
     with tempfile.TemporaryDirectory() as scratch:
@@ -341,7 +405,8 @@ def build(version: str, output: Path) -> None:
         else:
             archive.file(str(source), source.read_bytes(), 0o755)
             extensions.append(source)
-    for library in sorted(shared_libraries([PYTHON, BUSYBOX, *extensions])):
+    xtables = [XTABLES, *(XTABLES_LIBDIR / name for name in XTABLES_EXTENSIONS)]
+    for library in sorted(shared_libraries([PYTHON, BUSYBOX, *extensions, *xtables])):
         archive.file(str(library), library.resolve().read_bytes(), 0o755)
     data = gzip.compress(archive.finish(), compresslevel=6, mtime=0)
     output.parent.mkdir(parents=True, exist_ok=True)

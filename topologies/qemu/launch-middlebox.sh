@@ -20,8 +20,9 @@
 #         external_ids:vm-id=NAME
 #      and the operator's trust annotations (docs/agent.md):
 #         external_ids:mbvisor-tenant=$MB_TENANT  external_ids:mbvisor-ips=$MB_IPS
-#   3. runs QEMU with KVM when a guest runs on it here (a probe of at most 2 s), else TCG
-#      (MB_ACCEL=kvm|tcg chooses; the choice is printed and written to STATE/accel), with
+#   3. runs QEMU with KVM when guest code runs on it here at least at a tenth of TCG's speed,
+#      else TCG (the probe below; MB_ACCEL=kvm|tcg chooses without it; the choice and why, with
+#      the probe's times, are printed and written to STATE/accel and STATE/accel-reason), with
 #         -object memory-backend-file,id=mb,share=on,mem-path=/dev/shm/NAME,size=1M
 #         -device ivshmem-plain,memdev=mb                       (PCI 1af4:1110, BAR2 = region)
 #      or, with MB_DOORBELL=1, a device the guest rings the host through (docs/protocol.md §12):
@@ -52,7 +53,10 @@
 #   MB_IPS (the VM's own addresses, comma separated; default the address of mbv.ip= in
 #   EXTRA_APPEND, else none), MB_TAP (tap name; default "mbt" + the last 12 characters of NAME),
 #   MB_STATE_DIR, MB_MEM (MiB, default 256), MB_REGION_SIZE (default 1M), MB_ACCEL (auto: kvm
-#   when a guest runs on /dev/kvm, else tcg), MB_QEMU (qemu-system-x86_64), MB_KEEP_REGION, MB_DOORBELL (1: an
+#   when guest code runs on /dev/kvm fast enough, else tcg), MB_KVM_PROBE_TIMEOUT (s, default
+#   30: for a first guest instruction on KVM), MB_KVM_MAX_SLOWDOWN (default 10: KVM's probe loop
+#   may take that many times TCG's, and at least 1 s),
+#   MB_QEMU (qemu-system-x86_64), MB_KEEP_REGION, MB_DOORBELL (1: an
 #   ivshmem-doorbell device), MB_DOORBELL_DIR, MB_MBVISOR (the mbvisor command; default mbvisor).
 # Needs root, qemu-system-x86 and openvswitch-switch; see docs/qemu.md.
 set -euo pipefail
@@ -79,6 +83,9 @@ DOORBELL_SOCKET=${MB_DOORBELL_DIR:-/run/mbvisor/ivshmem}/$NAME.sock
 read -r -a MBVISOR <<< "${MB_MBVISOR:-mbvisor}"
 ACCEL=${MB_ACCEL:-auto}
 [[ $ACCEL =~ ^(auto|kvm|tcg)$ ]] || { echo "launch-middlebox: MB_ACCEL must be auto, kvm or tcg, not '$ACCEL'" >&2; exit 2; }
+PROBE_TIMEOUT=${MB_KVM_PROBE_TIMEOUT:-30} MAX_SLOWDOWN=${MB_KVM_MAX_SLOWDOWN:-10}
+[[ $PROBE_TIMEOUT =~ ^[0-9]+$ && $PROBE_TIMEOUT -gt 0 ]] || { echo "launch-middlebox: MB_KVM_PROBE_TIMEOUT must be whole seconds, not '$PROBE_TIMEOUT'" >&2; exit 2; }
+[[ $MAX_SLOWDOWN =~ ^[0-9]+$ && $MAX_SLOWDOWN -gt 0 ]] || { echo "launch-middlebox: MB_KVM_MAX_SLOWDOWN must be a whole number, not '$MAX_SLOWDOWN'" >&2; exit 2; }
 for file in "$KERNEL" "$INITRAMFS"; do
   [ -r "$file" ] || { echo "launch-middlebox: cannot read $file" >&2; exit 2; }
 done
@@ -89,7 +96,7 @@ if [ -e "$REGION" ] || [ -e "/sys/class/net/$TAP" ]; then
   echo "launch-middlebox: $REGION or tap $TAP already exists; is $NAME running?" >&2; exit 2
 fi
 
-QEMU_PID= SERVER_PID=
+QEMU_PID= SERVER_PID= PROBE_PID=
 created_region= created_tap= added_port=
 cleanup() {
   local status=$?
@@ -101,6 +108,7 @@ cleanup() {
     kill -KILL "$QEMU_PID" 2>/dev/null || true
     wait "$QEMU_PID" 2>/dev/null || true
   fi
+  [ -n "$PROBE_PID" ] && { kill -TERM "$PROBE_PID" 2>/dev/null; wait "$PROBE_PID" 2>/dev/null; } || true
   if [ -n "$SERVER_PID" ]; then
     kill -TERM "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
@@ -108,7 +116,7 @@ cleanup() {
   [ -n "$added_port" ] && ovs-vsctl --timeout=10 --if-exists del-port "$BRIDGE" "$TAP" || true
   [ -n "$created_tap" ] && ip link del "$TAP" 2>/dev/null || true
   if [ -n "$created_region" ] && [ -z "${MB_KEEP_REGION:-}" ]; then rm -f "$REGION"; fi
-  rm -f "$STATE/control.sock" "$STATE/qemu.pid" "${probe_image:-}"
+  rm -rf "$STATE/control.sock" "$STATE/qemu.pid" "${probe_dir:-}"
   echo "launch-middlebox: $NAME stopped and cleaned up (exit $status)" >&2
   exit "$status"
 }
@@ -154,24 +162,61 @@ ovs-vsctl --timeout=10 add-port "$BRIDGE" "$TAP" -- set Interface "$TAP" \
 # machines refuses to set it and QEMU aborts ("failed to set MSR 0x10a"); qemu64 asks for
 # features such a host lacks.
 KVM_CPU=host,arch-capabilities=off
-if [ "$ACCEL" = auto ]; then
-  # KVM works if a guest runs on it: a boot sector that writes 0x10 to QEMU's debug-exit
-  # port makes QEMU exit with 33 at once (~0.1 s). Where /dev/kvm exists but its vCPUs
-  # never run (seen on nested hosts: QEMU starts, the guest prints nothing), it times out.
-  ACCEL=tcg
-  if [ -c /dev/kvm ]; then
-    probe_image=$(mktemp)
-    { printf '\xb0\x10\xe6\xf4\xf4'; head -c 505 /dev/zero; printf '\x55\xaa'; } > "$probe_image"
-    probe=0
-    timeout 2 "$QEMU" -machine pc,accel=kvm -cpu "$KVM_CPU" -m 16 -nodefaults -no-user-config -display none \
-      -device isa-debug-exit,iobase=0xf4,iosize=0x04 -drive "file=$probe_image,format=raw,if=floppy" -boot a \
-      >/dev/null 2>&1 || probe=$?
-    rm -f "$probe_image"
-    [ "$probe" -eq 33 ] && ACCEL=kvm
+# The probe's guest is a 64 KiB firmware whose reset vector runs "mov ecx, N; dec ecx; jnz;
+# mov al, 0x10; out 0xf4, al": the write to QEMU's debug-exit port makes QEMU exit with 33.
+# firmware FILE N writes it.  With N = 1 it tells whether a guest instruction runs on KVM at
+# all (0.05-0.17 s with KVM or TCG here); with N = 4M how fast guest code runs: TCG ~0.1 s,
+# and a KVM that emulates its guests (kvm_pvm on the nested host this was built on: ~0.65 us
+# per instruction) 5.5-7.5 s.  SeaBIOS is not used: under such a KVM it took 5-8 s to boot,
+# or more than 60 s with the vCPU halted waiting for an interrupt (docs/qemu.md, section 7).
+LOOP=4194304
+firmware() {
+  { head -c 65520 /dev/zero | tr '\0' '\364'
+    printf '\x66\xb9'; printf "\\x$(printf %02x $(( $2 & 255 )))\\x$(printf %02x $(( $2 >> 8 & 255 )))"
+    printf "\\x$(printf %02x $(( $2 >> 16 & 255 )))\\x$(printf %02x $(( $2 >> 24 & 255 )))"
+    printf '\x66\x49\x75\xfc\xb0\x10\xe6\xf4\xf4\xf4'; } > "$1"
+}
+# probe ACCEL CPU FIRMWARE TIMEOUT: run it; sets PROBE_EXIT (33: done; 124: not within TIMEOUT
+# seconds) and PROBE_US (microseconds).  In the background, so that a signal ends the wait and
+# cleanup stops the probe.
+probe() {
+  local started=${EPOCHREALTIME/./}
+  PROBE_EXIT=0
+  timeout "$4" "$QEMU" -machine "pc,accel=$1" -cpu "$2" -m 16 -nodefaults -no-user-config -display none \
+    -device isa-debug-exit,iobase=0xf4,iosize=0x04 -bios "$3" >/dev/null 2>&1 &
+  PROBE_PID=$!
+  wait "$PROBE_PID" || PROBE_EXIT=$?
+  PROBE_PID=
+  PROBE_US=$(( ${EPOCHREALTIME/./} - started ))
+}
+seconds() { printf '%d.%02d s' $(( $1 / 1000000 )) $(( $1 % 1000000 / 10000 )); }
+if [ "$ACCEL" != auto ]; then
+  REASON="MB_ACCEL=$ACCEL (no probe)"
+elif [ ! -c /dev/kvm ]; then
+  ACCEL=tcg REASON="no /dev/kvm"
+else
+  probe_dir=$(mktemp -d)
+  firmware "$probe_dir/first" 1
+  firmware "$probe_dir/loop" "$LOOP"
+  probe kvm "$KVM_CPU" "$probe_dir/first" "$PROBE_TIMEOUT"; first_exit=$PROBE_EXIT first_us=$PROBE_US
+  if [ "$first_exit" -ne 33 ]; then
+    ACCEL=tcg REASON="no guest instruction ran on KVM: its probe exited with $first_exit after $(seconds "$first_us") (124: the ${PROBE_TIMEOUT} s timeout)"
+  else
+    probe tcg qemu64 "$probe_dir/loop" "$PROBE_TIMEOUT"; tcg_us=$PROBE_US
+    limit=$(( MAX_SLOWDOWN * tcg_us > 1000000 ? MAX_SLOWDOWN * tcg_us : 1000000 ))
+    probe kvm "$KVM_CPU" "$probe_dir/loop" "$(( limit / 1000000 )).$(printf %06d $(( limit % 1000000 )))"
+    if [ "$PROBE_EXIT" -eq 33 ]; then
+      ACCEL=kvm REASON="KVM runs guests: its probe's first instruction exited QEMU after $(seconds "$first_us"), $LOOP loop iterations after $(seconds "$PROBE_US") (TCG: $(seconds "$tcg_us"))"
+    else
+      ACCEL=tcg REASON="KVM works (its probe's first instruction exited QEMU after $(seconds "$first_us")) but is too slow: $LOOP loop iterations did not finish in $(seconds "$limit") (${MAX_SLOWDOWN}x TCG's $(seconds "$tcg_us"), at least 1 s)"
+    fi
   fi
+  rm -rf "$probe_dir"
 fi
+echo "launch-middlebox: accelerator $ACCEL: $REASON" >&2
 CPU=$([ "$ACCEL" = kvm ] && echo "$KVM_CPU" || echo qemu64)
 echo "$ACCEL" > "$STATE/accel"
+echo "$REASON" > "$STATE/accel-reason"
 "$QEMU" -name "$NAME" -machine pc,accel="$ACCEL" -cpu "$CPU" -smp 1 -m "${MB_MEM:-256}" \
   -nodefaults -no-user-config -display none -no-reboot \
   -kernel "$KERNEL" -initrd "$INITRAMFS" \

@@ -35,7 +35,7 @@ from .vm import MiddleboxVM, VMError, build_image, requirements
 
 GUEST_IP, GUEST_MAC = "10.0.0.5", "52:54:00:4d:42:05"
 ATTACKER_IP = "10.0.0.66"
-PACKAGES = "qemu-system-x86 linux-image-cloud-amd64 busybox-static"
+PACKAGES = "qemu-system-x86 linux-image-cloud-amd64 busybox-static iptables"
 
 
 class RequirementsMissing(VMError):

@@ -50,6 +50,8 @@ def requirements() -> list[str]:
         missing.append("/bin/busybox (Debian package busybox-static)")
     if not Path("/usr/bin/python3.11").exists():
         missing.append("/usr/bin/python3.11 (Debian package python3.11)")
+    if not Path("/usr/sbin/xtables-legacy-multi").exists():
+        missing.append("/usr/sbin/xtables-legacy-multi (Debian package iptables: the image's netfilter tools)")
     return missing
 
 
@@ -177,6 +179,14 @@ class MiddleboxVM:
         """The accelerator the launch script chose ("kvm" or "tcg"), once it has."""
         try:
             return (self.state_dir / "accel").read_text().strip()
+        except FileNotFoundError:
+            return None
+
+    @property
+    def accel_reason(self) -> str | None:
+        """Why the launch script chose it: its probe's figures, or MB_ACCEL (docs/qemu.md)."""
+        try:
+            return (self.state_dir / "accel-reason").read_text().strip()
         except FileNotFoundError:
             return None
 
