@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .model import MAX_ZONE, Middlebox, State
+from .model import MAX_ZONE, Middlebox, State, check_can_hold
 from .trust import Inventory, PortIdentity
 
 
@@ -77,24 +77,48 @@ def twin(source: Middlebox, dpid: int, port: int, current: Middlebox | None, zon
     return replace(source, dpid=dpid, port=port, zone=zone)
 
 
+def with_change(current: Middlebox, before: Middlebox, after: Middlebox) -> Middlebox:
+    """``current`` (a twin) with the change from ``before`` to ``after`` (one job on the
+    other side) applied, not overwritten by ``after``: the filters that job added and
+    removed, and its registrations if it changed them.  Around a switchover both sides
+    may each confirm a command before seeing the other's copy; each side's change then
+    reaches the other, and neither is lost."""
+    filters = (current.filters - (before.filters - after.filters)) | (after.filters - before.filters)
+    changed = {name: getattr(after, name) for name in ("firewall_ip", "balancer_ip", "redirects")
+               if getattr(after, name) != getattr(before, name)}
+    return replace(current, filters=frozenset(filters), **changed)
+
+
 def adopted(state: State, inventories: dict[int, Inventory], dpid: int, origin: tuple[int, str],
-            zones_taken) -> State:
+            zones_taken, cancelled: bool = False, change: tuple[Middlebox, Middlebox] | None = None) -> State:
     """The state once switch ``dpid`` holds what its twin ``origin`` holds now: a copy,
-    or none if the origin is gone (cancelled) while ``dpid``'s annotations still show the
-    same VM.  Unchanged when they no longer pair the two (the VM left, or the ports were
-    re-annotated meanwhile), so a late copy never lands on another VM's port."""
+    refused (ApplyError) where a registration there would be (an address or a backend
+    another middlebox of that switch has, the port's limit).  ``change``: the (before,
+    after) of the job at the origin that asked for it; a twin that exists gets only that
+    change (``with_change``), a new one the whole origin.
+    If the origin is gone, the copy goes only when the guest ``cancelled`` it there (and
+    ``dpid``'s annotations still show the same VM): an origin gone because its port went
+    or its agent deleted the VM that left is exactly a migration's source, and the copy
+    is what stays.  Unchanged when the annotations no longer pair the two (the VM left,
+    or the ports were re-annotated meanwhile), so a late copy never lands on another VM's
+    port."""
     source = state.find(*origin)
     mac = origin[1]
     here = inventories.get(dpid, Inventory()).with_mac(mac)
     current = state.find(dpid, mac)
     if source is None:
-        if current is None or here is None or identity_of(current, inventories.get(dpid, Inventory())) is None:
+        if not cancelled or current is None or here is None:
+            return state
+        if identity_of(current, inventories.get(dpid, Inventory())) is None:
             return state
         return state.remove(dpid, mac)
     identity = identity_of(source, inventories.get(origin[0], Inventory()))
     if identity is None or here is None or not same_vm(here, identity):
         return state
+    if change is not None and current is not None and change[0] is not None:
+        source = with_change(current, *change)  # only what that job changed
     copy = twin(source, dpid, here.port, current, zones_taken)
     if current == copy:
         return state
+    check_can_hold(state, copy, inventories.get(dpid, Inventory()))  # as a registration there would be
     return state.put(copy)

@@ -398,6 +398,23 @@ def unique_zones(state: State) -> State:
     return state
 
 
+def check_can_hold(state: State, middlebox: Middlebox, inventory: Inventory) -> None:
+    """What registering ``middlebox`` on its switch would have to pass there, checked for
+    a copy made without its commands (a migration's destination, migration.py): its
+    addresses and backends not another middlebox's of that switch, and its port within
+    the per-port limit.  Raises ApplyError."""
+    for other in state.on(middlebox.dpid):
+        if other.mac == middlebox.mac:
+            continue
+        for ip in filter(None, (middlebox.firewall_ip, middlebox.balancer_ip)):
+            if ip in (other.firewall_ip, other.balancer_ip):
+                raise ApplyError("address-in-use", f"{ip} is the address of another middlebox on this switch")
+    _check_backends_unique(state, middlebox, tuple(b for r in middlebox.redirects for b in r.backends), inventory)
+    on_port = sum(1 for mb in state.on(middlebox.dpid) if mb.port == middlebox.port and mb.mac != middlebox.mac)
+    if on_port >= state.limits.per_port:
+        raise ApplyError("limit", f"port {middlebox.port} has {on_port} middleboxes, the limit is {state.limits.per_port}")
+
+
 def _check_address_free(state: State, binding: Binding, command) -> None:
     """A middlebox's address is its own on its switch: filters drop group frames that
     carry it, and two middleboxes compiling the same flow would take it from each other

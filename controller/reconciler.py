@@ -249,7 +249,9 @@ class Job:
     requests: list = field(default_factory=list)
     ports: frozenset = frozenset()
     macs: frozenset = frozenset()
-    origin: tuple | None = None  # adopt: the (dpid, MAC) whose twin this switch holds (migration.py)
+    origin: tuple | None = None  # adopt: the (dpid, MAC) whose twin this switch holds (migration.py) ...
+    cancelled: bool = False      # ... whether its guest cancelled it there ...
+    change: tuple | None = None  # ... and the (before, after) of the job there (migration.with_change)
     done: object = field(default_factory=hub.Event)
     answers: list | None = None
 
@@ -580,7 +582,7 @@ class SwitchReconciler:
         """This switch's copy of ``job.origin`` made equal to it, as it is when the job
         runs (or removed if it is gone); checked then, after any job in flight here."""
         before = self.service.state
-        if not self.service.adopt(self.dpid, job.origin):
+        if not self.service.adopt(self.dpid, job.origin, job.cancelled, job.change):
             return
         mac = job.origin[1]
         self._forget_exact({mac})

@@ -205,6 +205,8 @@ class Controller:
             self.store.save(loaded, self.state, [])
         self.inventories = {dpid: build_inventory(entries) for dpid, entries in self.store.load_inventories().items()}
         self.metrics = Metrics()
+        for dpid in sorted(self.inventories):
+            self._adopt_arrivals(dpid)
         self.store.prune_old(time.time())
         log.info("loaded %d middlebox(es) and the annotated ports of %d switch(es) from %s (trust: %s)",
                  len(self.state.middleboxes), len(self.inventories), self.settings.database,
@@ -575,30 +577,40 @@ class Controller:
         by_guests = all(request.key is not None for request in plan.requests)
         for mac in sorted(plan.touched):
             middlebox = plan.after.find(dpid, mac)
-            if middlebox is None and not by_guests:
+            cancelled = middlebox is None
+            if cancelled and not by_guests:
                 continue
             middlebox = middlebox or plan.before.find(dpid, mac)
             identity = identity_of(middlebox, inventory) if middlebox is not None else None
             if identity is None:
                 continue
+            change = (plan.before.find(dpid, mac), plan.after.find(dpid, mac))
             for other, _ in twin_ports(identity, dpid, self.inventories):
-                self._adopt_soon(other, (dpid, mac))
+                self._adopt_soon(other, (dpid, mac), cancelled, change)
 
-    def _adopt_soon(self, dpid: int, origin: tuple[int, str]) -> None:
+    def _adopt_soon(self, dpid: int, origin: tuple[int, str], cancelled: bool = False, change=None) -> None:
         """In the switch's queue, after any job in flight there; a switch that never
         connected has none, nothing in flight, and takes the copy at once (installed
         when it connects)."""
         if dpid in self.reconcilers:
-            self.reconcilers[dpid].submit(Job("adopt", origin=origin))
+            self.reconcilers[dpid].submit(Job("adopt", origin=origin, cancelled=cancelled, change=change))
         else:
-            self.adopt(dpid, origin)
+            self.adopt(dpid, origin, cancelled, change)
 
-    def adopt(self, dpid: int, origin: tuple[int, str]) -> bool:
-        """Switch ``dpid``'s copy of ``origin`` made equal to it, durably; whether anything
-        changed.  Only the shell of ``migration.adopted``."""
+    def _adopt_arrivals(self, dpid: int) -> None:
+        """Copies of middleboxes elsewhere whose VM switch ``dpid``'s annotations show and
+        that it lacks: asked at every publication of its annotations (changed or not) and
+        at start, so a copy queued when the controller stopped is made again."""
+        for origin in arrivals(self.state, self.inventories, dpid):
+            self._adopt_soon(dpid, origin)
+
+    def adopt(self, dpid: int, origin: tuple[int, str], cancelled: bool = False, change=None) -> bool:
+        """Switch ``dpid``'s copy of ``origin`` brought to it (or given ``change``),
+        durably; whether anything changed.  Only the shell of ``migration.adopted``."""
         try:
-            after = adopted(self.state, self.inventories, dpid, origin, self.state.zones | self.zones_in_flight)
-        except ValueError as error:
+            after = adopted(self.state, self.inventories, dpid, origin, self.state.zones | self.zones_in_flight,
+                            cancelled, change)
+        except (ValueError, ApplyError) as error:
             log.error("switch %016x: no copy of %s from %016x: %s", dpid, origin[1], origin[0], error)
             return False
         if after is self.state:
@@ -661,6 +673,7 @@ class Controller:
         inventory = build_inventory(entries)
         previous = self.inventories.get(dpid)
         if previous is not None and previous.identities == inventory.identities and previous.refused == inventory.refused:
+            self._adopt_arrivals(dpid)
             return previous
         self.store.save_inventory(dpid, entries)
         self.inventories[dpid] = inventory
@@ -671,8 +684,7 @@ class Controller:
         self.metrics.annotated_ports(dpid, len(inventory.ports), len(inventory.refused))
         if dpid in self.reconcilers:
             self.reconcilers[dpid].converge_soon()
-        for origin in arrivals(self.state, self.inventories, dpid):
-            self._adopt_soon(dpid, origin)
+        self._adopt_arrivals(dpid)
         return inventory
 
     def surroundings(self, dpid: int, metered: bool = True) -> Surroundings:

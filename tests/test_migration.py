@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from fakeswitch import FakeSwitch, wait_until
 from mbvisor.controller.flows import cookie_of
-from mbvisor.controller.migration import adopted, arrivals, identity_of, twin_ports
+from mbvisor.controller.migration import adopted, arrivals, identity_of, twin_ports, with_change
 from mbvisor.controller.model import Middlebox, State
 from mbvisor.controller.pipeline import OFFLOAD_TABLE
 from mbvisor.controller.requests import CommandRequest
@@ -83,11 +83,12 @@ def test_a_copy_has_the_destinations_port_and_a_zone_of_its_own_and_keeps_it():
     assert adopted(again, seen, DESTINATION, (SOURCE, MAC), again.zones) is again  # nothing to do twice
 
 
-def test_a_cancelled_origin_takes_the_copy_away_and_a_departed_vm_keeps_nobodys():
+def test_a_cancelled_origin_takes_the_copy_away_one_that_left_does_not():
     seen = {SOURCE: build_inventory([ON_SOURCE]), DESTINATION: build_inventory([ON_DESTINATION])}
     state = adopted(State.of([firewall()]), seen, DESTINATION, (SOURCE, MAC), {1})
-    cancelled = state.remove(SOURCE, MAC)
-    assert adopted(cancelled, seen, DESTINATION, (SOURCE, MAC), set()).find(DESTINATION, MAC) is None
+    gone = state.remove(SOURCE, MAC)
+    assert adopted(gone, seen, DESTINATION, (SOURCE, MAC), set(), cancelled=True).find(DESTINATION, MAC) is None
+    assert adopted(gone, seen, DESTINATION, (SOURCE, MAC), set()) is gone  # its port went: the copy stays
     left = {SOURCE: build_inventory([ON_SOURCE]), DESTINATION: build_inventory([])}  # the VM went meanwhile
     assert adopted(State.of([firewall()]), left, DESTINATION, (SOURCE, MAC), set()).find(DESTINATION, MAC) is None
 
@@ -109,7 +110,7 @@ def test_after_any_changes_at_the_origin_one_adoption_makes_the_copy_equal(chang
             state = state.remove(SOURCE, MAC)
         else:
             state = state.put(firewall(sources=tuple(sources)))
-        state = adopted(state, seen, DESTINATION, (SOURCE, MAC), state.zones)
+        state = adopted(state, seen, DESTINATION, (SOURCE, MAC), state.zones, cancelled=change == "cancel")
         source, copy = state.find(SOURCE, MAC), state.find(DESTINATION, MAC)
         if source is None:
             assert copy is None
@@ -248,3 +249,25 @@ def test_a_destination_that_never_connected_gets_the_copy_when_it_connects(tmp_p
     finally:
         service.close()
         source.close()
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sets(st.integers(0, 20), max_size=8), st.sets(st.integers(0, 20), max_size=8),
+       st.sets(st.integers(0, 20), max_size=8), st.sets(st.integers(0, 20), max_size=8))
+def test_changes_confirmed_on_both_sides_each_reach_the_other_and_neither_is_lost(base, mine, theirs, gone):
+    """Around a switchover each side may confirm a job before the other's copy arrives:
+    each side then applies the other's change (with_change), and both end equal, holding
+    what either job added (an add of a filter present already changed nothing) and
+    neither removed."""
+    def mb(numbers, dpid=SOURCE, port=2, zone=1):
+        return firewall(dpid, port, zone, tuple(f"10.{n}.0.0/16" for n in sorted(numbers)))
+
+    start = base | gone
+    source_before, source_after = mb(start), mb((start - gone) | mine)  # the source's job
+    twin_before, twin_after = mb(start, DESTINATION, 7, 2), mb(start | theirs, DESTINATION, 7, 2)  # the destination's
+    source_final = with_change(source_after, twin_before, twin_after)
+    twin_final = with_change(twin_after, source_before, source_after)
+    assert source_final.filters == twin_final.filters
+    expected = mb((start - gone) | mine | (theirs - start)).filters
+    assert source_final.filters == expected
+    assert (twin_final.port, twin_final.zone) == (7, 2)
