@@ -161,6 +161,8 @@ def agent(args: argparse.Namespace) -> int:
     from .discovery import load_static
 
     token = Path(args.token_file).read_text().strip() if args.token_file else None
+    if args.controller_ca and not os.access(args.controller_ca, os.R_OK):
+        raise SystemExit(f"mbvisor agent: cannot read the controller's CA {args.controller_ca}")
     status_file = Path(args.status_file)
     status_file.parent.mkdir(parents=True, exist_ok=True)
     settings = AgentSettings(rate=args.rate, burst=args.burst, discovery_interval=args.discovery_interval,

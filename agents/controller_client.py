@@ -99,7 +99,10 @@ class ControllerClient:
             parts = urllib.parse.urlsplit(self.url)
             host = parts.hostname or "127.0.0.1"
             if parts.scheme == "https":
-                context = ssl.create_default_context(cafile=self.ca_file)  # the name and the chain are checked
+                try:
+                    context = ssl.create_default_context(cafile=self.ca_file)  # the name and the chain are checked
+                except (OSError, ssl.SSLError) as error:
+                    raise ControllerUnavailable(f"cannot use the controller's CA {self.ca_file}: {error}") from None
                 connection = http.client.HTTPSConnection(host, parts.port, timeout=self.timeout, context=context)
             else:
                 connection = http.client.HTTPConnection(host, parts.port, timeout=self.timeout)

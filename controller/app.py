@@ -15,10 +15,12 @@ import socket
 
 from .compat import (CONF, CONFIG_DISPATCHER, DEAD_DISPATCHER, FRAMEWORK, MAIN_DISPATCHER, OSKenApp, ofp_event,
                      ofproto_v1_3, set_ev_cls)
+from .handshakes import install_openflow_server
 from .rest import PortInUse, TlsSetupError, start_server
 from .service import Controller, Settings
 
 log = logging.getLogger("mbvisor.controller")
+OFP_PORT = 6653  # where the managers listen (and 6633) when given no port
 GC_YOUNG, GC_OLDER = 50_000, 20  # container allocations per young collection; collections per older one
 REPLIES = [ofp_event.EventOFPFlowStatsReply, ofp_event.EventOFPAggregateStatsReply, ofp_event.EventOFPGroupDescStatsReply,
            ofp_event.EventOFPPortDescStatsReply, ofp_event.EventOFPBarrierReply, ofp_event.EventOFPErrorMsg]
@@ -59,8 +61,9 @@ class MbvisorController(OSKenApp):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         tls = CONF.ctl_cert is not None and CONF.ctl_privkey is not None  # then the manager listens with TLS only
-        refuse_taken_port(CONF.ofp_listen_host or "", CONF.ofp_ssl_listen_port if tls else CONF.ofp_tcp_listen_port,
-                          "OpenFlow TLS" if tls else "OpenFlow")
+        port = (CONF.ofp_ssl_listen_port if tls else CONF.ofp_tcp_listen_port) or OFP_PORT  # the manager's default
+        refuse_taken_port(CONF.ofp_listen_host or "", port, "OpenFlow TLS" if tls else "OpenFlow")
+        install_openflow_server()
         try:
             settings = Settings.from_environment()
             self.service = Controller(settings)

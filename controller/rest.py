@@ -29,6 +29,7 @@ from webob import Request, Response
 from mbvisor.guest.reader import FaultLog
 
 from .compat import hub
+from .handshakes import HandshakingListener
 from .flows import cookie_of
 from .pacing import Pacer
 from .requests import (BadRequest, SwitchUnavailable, clip, dpid_from, inventory_from_body, is_batch, mac_from,
@@ -318,44 +319,7 @@ class _HeadersInTime(eventlet.wsgi.HttpProtocol):
     clients every slot.  Bodies are read by the API and bounded by the socket time-out."""
 
     header_timeout = IDLE_TIMEOUT
-    tls = None  # a green ssl.SSLContext: HTTPS, the handshake done here (see setup)
     _deadline = None
-
-    def setup(self):
-        """With TLS, the handshake happens in this connection's own green thread and
-        within ``header_timeout``, not in the accept loop: a client that connects and
-        never finishes its handshake (or speaks plain HTTP) costs only its own
-        connection, for a bounded time, and every other client is served meanwhile.
-        A failed handshake closes the connection (``request`` None: nothing to do)."""
-        if self.tls is not None:
-            self.request = self._handshake(self.request)
-            if self.request is None:
-                return
-        super().setup()
-
-    def _handshake(self, plain):
-        secure = self.tls.wrap_socket(plain, server_side=True, do_handshake_on_connect=False)  # owns the socket now
-        deadline = eventlet.Timeout(self.header_timeout)
-        try:
-            secure.do_handshake()
-            return secure
-        except (eventlet.Timeout, OSError) as error:  # ssl.SSLError is an OSError
-            if isinstance(error, eventlet.Timeout) and error is not deadline:
-                raise
-            log.info("REST: TLS handshake with %s failed: %s", self.client_address[0],
-                     "timed out" if error is deadline else clip(str(error)))
-            secure.close()
-            return None
-        finally:
-            deadline.cancel()
-
-    def handle(self):
-        if self.request is not None:
-            super().handle()
-
-    def finish(self):
-        if self.request is not None:
-            super().finish()
 
     def _read_request_line(self):
         self._deadline = eventlet.Timeout(self.header_timeout)
@@ -383,7 +347,7 @@ def serve(sock, api: RestApi, settings) -> None:
     without a complete request line and headers, so idle or dripping connections cannot
     hold every slot (or every file descriptor) for long."""
     timeout = getattr(settings, "rest_idle_timeout", IDLE_TIMEOUT)
-    protocol = type("HeadersInTime", (_HeadersInTime,), {"header_timeout": timeout, "tls": tls_context(settings)})
+    protocol = type("HeadersInTime", (_HeadersInTime,), {"header_timeout": timeout})
     eventlet.wsgi.server(sock, api, log=_ServerLog(log), debug=False, protocol=protocol,
                          max_size=getattr(settings, "rest_max_connections", MAX_CONNECTIONS),
                          socket_timeout=timeout)
@@ -415,6 +379,8 @@ def start_server(service, settings):
     api = RestApi(service, settings)
     tls = tls_context(settings)
     sock = listen(settings.rest_host, settings.rest_port)
+    if tls is not None:  # the server gets connections whose handshake is done (handshakes.py)
+        sock = HandshakingListener(sock, tls, "REST")
     scheme = "https" if tls else "http"
     log.info("REST API on %s://%s:%d/v1", scheme, settings.rest_host, settings.rest_port)
     if tls is None and not _loopback(settings.rest_host):

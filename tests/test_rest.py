@@ -395,7 +395,7 @@ def test_the_rest_edge_imports_nothing_of_the_service_or_the_app():
     def local_imports(name):
         tree = ast.parse((CONTROLLER / name).read_text())
         return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
-    assert local_imports("rest.py") == {"compat", "flows", "pacing", "requests", "store"}
+    assert local_imports("rest.py") == {"compat", "flows", "handshakes", "pacing", "requests", "store"}
     assert local_imports("requests.py") == {"trust"}  # pure, like requests.py
 
 
