@@ -244,6 +244,7 @@ def run_demo(output: str) -> int:
     started = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="mbvisor-demo-") as work, Lab() as lab:
+            lab_prefix = lab.prefix  # the lab's namespaces and bridges are named after it
             demo = Demo(lab, Path(work))
             try:
                 demo.build()
@@ -269,7 +270,8 @@ def run_demo(output: str) -> int:
     print(f"  (speed, one sample each: {after['client_requests_per_s']} req/s redirected in the switch, "
           f"{before['client_requests_per_s']} through the middlebox; mbvisor bench latency measures it)")
     result = {"ok": all(checks.values()), "checks": checks, "before": before, "after": after,
-              "commands": commands, "rest_view": view, "seconds": round(time.monotonic() - started, 1)}
+              "commands": commands, "rest_view": view, "seconds": round(time.monotonic() - started, 1),
+              "lab": lab_prefix}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(result, indent=1) + "\n")
     say(f"result written to {output} ({result['seconds']} s); the lab was removed")

@@ -122,7 +122,9 @@ def test_mbvisor_controller_at_a_table_offset_with_another_app_in_its_process(la
         assert {f.table for f in mbvisor_flows(bridge)} <= set(range(2, 7))
         assert len([f for f in bridge.flows() if f.cookie == 7]) == 2  # the others' stay
         described = controller.get(f"/v1/middleboxes/{bridge.dpid:016x}/{MB_MAC}")[1]
-        assert described["handled_in_switch"]["packets"] == 20, described  # counted at the placed tables
+        # Counted at the placed tables: the 20 dropped, and maybe some of the attacker's 20 sent
+        # before the filter (OVS attributes a datapath flow's packets when it pulls them).
+        assert 20 <= described["handled_in_switch"]["packets"] <= 40, described
     finally:
         controller.stop()
 
