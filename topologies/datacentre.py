@@ -59,8 +59,8 @@ from pathlib import Path
 
 from .agent_run import AgentProcess, make_region
 from .controller_run import Controller, ControllerError
-from .netlab import (Bridge, Host, HostToolsMissing, Lab, NetlabError, accepting, datapath_id_for, die_with_parent,
-                     run, wait_until)
+from .netlab import (Bridge, Host, HostToolsMissing, Lab, NetlabError, datapath_id_for, run, start_daemon,
+                     stop_daemon, wait_until)
 
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 MANAGEMENT = ipaddress.IPv4Network("10.254.0.0/16")  # a /24 of it per data centre
@@ -108,35 +108,6 @@ def free_management_network(prefix: str) -> ipaddress.IPv4Network:
         if not any(network.overlaps(other) for other in used):
             return network
     raise NetlabError(f"every /24 of {MANAGEMENT} is in use in the root namespace")
-
-
-def _daemon(name: str, argv: list, directory: Path, ready: Path, environment: dict | None = None) -> subprocess.Popen:
-    """A daemon in the foreground, in its own session (a terminal's Ctrl-C is ours to
-    handle), SIGTERMed if we die; returned once its socket ``ready`` accepts connections,
-    stopped if it never does (nobody else holds it to stop it)."""
-    output = directory / f"{name}.out"
-    with open(output, "ab") as log:
-        process = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
-                                   env={**os.environ, **(environment or {})})
-    try:
-        wait_until(lambda: accepting(ready) or process.poll() is not None, timeout=10, what=f"{name} to start")
-        if process.poll() is not None:
-            raise NetlabError(f"{name} exited with {process.returncode}: {output.read_text()[-500:]}")
-    except BaseException:
-        _stop(process)
-        raise
-    return process
-
-
-def _stop(process: subprocess.Popen | None) -> None:
-    if process is not None and process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
 
 
 class VM(Host):
@@ -226,7 +197,7 @@ class Hypervisor:
     def _start_ovsdb(self) -> None:
         d = self.directory
         run(["ovsdb-tool", "create", d / "conf.db", SCHEMA])
-        self._ovsdb = _daemon("ovsdb-server", ["ovsdb-server", d / "conf.db", f"--remote=punix:{d / 'db.sock'}",
+        self._ovsdb = start_daemon("ovsdb-server", ["ovsdb-server", d / "conf.db", f"--remote=punix:{d / 'db.sock'}",
                                                f"--unixctl={d / 'ovsdb-server.ctl'}",
                                                f"--log-file={d / 'ovsdb-server.log'}"], d, d / "db.sock")
         self.bridge.vsctl("--no-wait", "init")
@@ -235,7 +206,7 @@ class Hypervisor:
         """ovs-vswitchd in the hypervisor's namespace (its ``.mgmt`` sockets in its
         directory); its bridge and ports come from the database, its flows from the controller."""
         d = self.directory
-        self._vswitchd = _daemon(
+        self._vswitchd = start_daemon(
             "ovs-vswitchd", ["ip", "netns", "exec", self.namespace, "ovs-vswitchd", self.db, "--disable-system",
                              f"--unixctl={d / 'ovs-vswitchd.ctl'}", f"--log-file={d / 'ovs-vswitchd.log'}"],
             d, d / "ovs-vswitchd.ctl", environment={"OVS_RUNDIR": str(d)})
@@ -293,9 +264,9 @@ class Hypervisor:
             self._stop_agent()
         finally:
             try:
-                _stop(self._vswitchd)
+                stop_daemon(self._vswitchd)
             finally:
-                _stop(self._ovsdb)
+                stop_daemon(self._ovsdb)
 
     def _stop_agent(self) -> None:
         if self.agent is None:

@@ -142,6 +142,35 @@ def accepting(path) -> bool:
     return True
 
 
+def start_daemon(name: str, argv: list, directory: Path, ready: Path, environment: dict | None = None) -> subprocess.Popen:
+    """A daemon in the foreground, in its own session (a terminal's Ctrl-C is ours to
+    handle), SIGTERMed if we die; returned once its socket ``ready`` accepts connections,
+    stopped if it never does (nobody else holds it to stop it)."""
+    output = directory / f"{name}.out"
+    with open(output, "ab") as log:
+        process = subprocess.Popen([str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
+                                   env={**os.environ, **(environment or {})})
+    try:
+        wait_until(lambda: accepting(ready) or process.poll() is not None, timeout=10, what=f"{name} to start")
+        if process.poll() is not None:
+            raise NetlabError(f"{name} exited with {process.returncode}: {output.read_text()[-500:]}")
+    except BaseException:
+        stop_daemon(process)
+        raise
+    return process
+
+
+def stop_daemon(process: subprocess.Popen | None) -> None:
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 def wait_until(predicate: Callable[[], T], timeout: float = 5.0, what: str = "condition",
                interval: float = 0.02) -> T:
     """Poll ``predicate`` until it returns something truthy and return that value.
