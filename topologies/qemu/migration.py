@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from ..netlab import run, wait_until
-from .vm import GuestConsole, VMError
+from .vm import GuestConsole, VMError, connect_unix
 
 REGION_SIZE = 1 << 20
 MEMORY_MIB = 256
@@ -51,17 +51,7 @@ class QMP:
     as :func:`time.time`), with ``received`` (our :func:`time.time`) added."""
 
     def __init__(self, path: Path, timeout: float = 10.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError as error:
-                self.sock.close()
-                if time.monotonic() >= deadline:
-                    raise QMPError(f"cannot connect to QMP socket {path}: {error}") from None
-                time.sleep(0.02)
+        self.sock = connect_unix(path, timeout, "the QMP socket")
         self.buffer = b""
         self.events: list[dict] = []
         greeting = self._read(timeout)

@@ -64,21 +64,27 @@ def build_image(cache_dir: Path | None = None) -> dict:
     return json.loads(done.stdout)
 
 
+def connect_unix(path: Path, timeout: float, what: str) -> socket.socket:
+    """A connection to QEMU's UNIX socket ``path``, which it creates a moment after it
+    starts: tried again until ``timeout`` s have passed (VMError then, naming ``what``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except OSError as error:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise VMError(f"cannot connect to {what} {path}: {error}") from None
+            time.sleep(0.05)
+
+
 class GuestConsole:
     """A client of the guest's control loop on ttyS1 (``control.sock``)."""
 
     def __init__(self, path: Path, timeout: float = 10.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError as error:
-                self.sock.close()
-                if time.monotonic() >= deadline:
-                    raise VMError(f"cannot connect to the guest's control socket {path}: {error}") from None
-                time.sleep(0.05)
+        self.sock = connect_unix(path, timeout, "the guest's control socket")
         self.buffer = b""
         self.counter = 0
 
