@@ -220,24 +220,6 @@ class Installed:
 
 
 @dataclass
-class StagedChanges:
-    """Changes streamed into a bundle on ``link`` (``SwitchLink.stage``), to be committed."""
-
-    link: SwitchLink
-    bundle: object  # switchlink.Bundle
-    sent: list
-
-
-@dataclass
-class Staged:
-    """A commands job planned and streamed while the job before it was applied."""
-
-    job: "Job"
-    plan: object  # service.Plan
-    bundle: StagedChanges | None
-
-
-@dataclass
 class Job:
     """``kind``: sync (full reconciliation), audit, commands, retire (ports gone),
     adopt (hold a copy of another switch's middlebox: its VM is migrating here),
@@ -277,7 +259,6 @@ class SwitchReconciler:
         self.last_error: str | None = None
         self.wire_cache: dict[tuple, bytes] = {}
         self.jobs: collections.deque[Job] = collections.deque()
-        self.staged: Staged | None = None  # the next commands job, streamed while this one is applied
         self.wake = hub.Event()
         self.resync_pause = RESYNC_FLOOR
         self.listed_at = 0.0       # monotonic time of the last listing of every flow (a sync or full audit)
@@ -342,18 +323,14 @@ class SwitchReconciler:
 
     def _run(self) -> None:
         while True:
-            if self.staged is not None:  # taken from the queue while the job before it was applied
-                job = self.staged.job
-            else:
-                while not self.jobs:
-                    self.wake.wait()
-                    self.wake.clear()
-                job = self.jobs.popleft()
+            while not self.jobs:
+                self.wake.wait()
+                self.wake.clear()
+            job = self.jobs.popleft()
             try:
                 getattr(self, f"_{job.kind}")(job)
             except Exception as error:  # a bug costs this job, never the switch's reconciler
                 log.exception("switch %016x: %s job failed", self.dpid, job.kind)
-                self._abandon_staged()
                 if job.kind == "commands" and job.answers is None:
                     job.answers = self.service.internal_error(job.requests, error)
             finally:
@@ -503,8 +480,7 @@ class SwitchReconciler:
             self._push(Job("sync"), first=True)
 
     def _commands(self, job: Job) -> None:
-        staged, self.staged = (self.staged, None) if self.staged is not None and self.staged.job is job else (None, None)
-        answers = self._apply(job.requests, staged)
+        answers = self._apply(job.requests)
         if answers is None:
             answers = [None] * len(job.requests)
             for indices in _by_channel(job.requests).values():
@@ -518,28 +494,20 @@ class SwitchReconciler:
                     answers[index] = answer
         job.answers = answers
 
-    def _apply(self, requests: list, staged: "Staged | None" = None) -> list | None:
+    def _apply(self, requests: list) -> list | None:
         """Plan, install as one bundle, commit; the answers, or None when they are to be
         split by channel: the agent puts several guests' commands in one request, and if
         the switch refuses that bundle each channel's commands are tried again on their
         own, so only the guest whose flows the switch refuses is answered (and stores) the
-        refusal.  ``staged``: planned and streamed already, while the job before it was
-        being applied (``_stage_next``), only its commit is left.  While the switch
-        applies this job's bundle, the next job is staged in turn."""
-        plan = staged.plan if staged is not None else self.service.plan(self.dpid, requests)
+        refusal."""
+        plan = self.service.plan(self.dpid, requests)
         try:
             failure = None
             if plan.touched:
-                then = lambda: self._stage_next(plan)  # noqa: E731 (after this job's flows are recorded)
-                if staged is not None:
-                    failure = self._complete(staged.bundle, then)
-                else:
-                    exact = self._take_exact(plan.before, plan.touched)
-                    added = {mac: plan.added[(self.dpid, mac)] for mac in exact if (self.dpid, mac) in plan.added}
-                    failure = self._install(plan.before, plan.after, plan.touched, plan.backends, added, then)
+                exact = self._take_exact(plan.before, plan.touched)
+                added = {mac: plan.added[(self.dpid, mac)] for mac in exact if (self.dpid, mac) in plan.added}
+                failure = self._install(plan.before, plan.after, plan.touched, plan.backends, added)
                 if failure is not None:
-                    self._abandon_staged()  # it assumed this job's flows
-                    self._forget_exact(plan.touched)
                     if failure.code == "switch-error" and len(_by_channel(requests)) > 1:
                         return None  # after the release below: each channel alone
                     plan = plan.failed(failure)
@@ -599,88 +567,29 @@ class SwitchReconciler:
         self._forget_exact(job.macs)
         self._install(state, state, set(job.macs), set())
 
-    def _install(self, before, after, macs, backends, added=None, then=None) -> Failure | None:
+    def _install(self, before, after, macs, backends, added=None) -> Failure | None:
         """Flows of the ``macs`` middleboxes from ``before`` to ``after`` as one bundle,
         compiled one middlebox at a time while the earlier ones are already on their way.
         ``added``: by MAC, the filters ``after`` adds to a middlebox it changes no other
-        way and whose whole compiled ``before`` the switch holds.  ``then``: called while
-        the switch applies it, once its flows are recorded.  None when the switch
+        way and whose whole compiled ``before`` the switch holds.  None when the switch
         confirmed; else why not."""
         if not self.connected:
             return Failure("UNAVAILABLE", f"switch {self.dpid:016x} is not connected; try again", "switch-down")
         if not self.synced:
             return Failure("UNAVAILABLE", f"switch {self.dpid:016x} is being reconciled; try again", "switch-down")
+        added = added or {}
         try:
             self._resolve(backends)
-            bundle = self._stage(self._changes_of(before, after, macs, added or {}))
+            errors = self._stream(self._middlebox_changes(before, after, mac, added.get(mac)) for mac in sorted(macs))
         except Abandoned as abandoned:
             return abandoned.failure
         except SwitchUnreachable as error:
-            return self._lost(error)
-        return self._complete(bundle, then)
-
-    def _changes_of(self, before, after, macs, added: dict):
-        return (self._middlebox_changes(before, after, mac, added.get(mac)) for mac in sorted(macs))
-
-    def _complete(self, bundle: "StagedChanges | None", then=None) -> Failure | None:
-        """Commit a staged bundle of changes; None when the switch confirmed."""
-        try:
-            errors = self._finish(bundle, then)
-        except SwitchUnreachable as error:
-            return self._lost(error)
+            self.synced = False  # what the switch holds is unknown now: read it again
+            self._retry_sync(self.link)
+            return Failure("UNAVAILABLE", f"{error}; nothing was applied, try again", "switch-down")
         if errors:
             return Failure("REJECTED", "switch refused: " + "; ".join(errors), "switch-error")
         return None
-
-    def _lost(self, error: SwitchUnreachable) -> Failure:
-        self.synced = False  # what the switch holds is unknown now: read it again
-        self._retry_sync(self.link)
-        return Failure("UNAVAILABLE", f"{error}; nothing was applied, try again", "switch-down")
-
-    def _stage_next(self, current) -> None:
-        """While the switch applies ``current``'s bundle (its flows recorded already), the
-        next job in the queue is planned on ``current``'s outcome and streamed into a bundle
-        of its own, committed only once the switch has confirmed ``current`` (``_apply``):
-        the switch parses one job while it applies the one before, and the controller
-        prepares instead of waiting.  If ``current`` fails, the staged job is discarded and
-        runs again from scratch.  Only commands jobs, and not those whose backends must be
-        located first; anything that cannot be staged runs as before."""
-        if self.staged is not None or not self.jobs or self.jobs[0].kind != "commands" or not self.synced:
-            return
-        job = self.jobs.popleft()
-        for mac in current.touched:  # as the switch will hold them if it confirms (forgotten if not)
-            if (middlebox := current.after.find(self.dpid, mac)) is not None:
-                self.exact[mac] = middlebox
-        try:
-            plan = self.service.plan(self.dpid, job.requests, base=current.after)
-        except Exception:  # planned again, and reported, when it runs
-            self.jobs.appendleft(job)
-            return
-        if not plan.touched or plan.backends:
-            self.service.release(plan)
-            self.jobs.appendleft(job)
-            return
-        exact = self._take_exact(plan.before, plan.touched)
-        added = {mac: plan.added[(self.dpid, mac)] for mac in exact if (self.dpid, mac) in plan.added}
-        try:
-            bundle = self._stage(self._changes_of(plan.before, plan.after, plan.touched, added))
-        except (Abandoned, SwitchUnreachable):
-            self.service.release(plan)
-            self._forget_exact(plan.touched)
-            self.jobs.appendleft(job)
-            return
-        self.staged = Staged(job, plan, bundle)
-
-    def _abandon_staged(self) -> None:
-        """The staged job goes back to the head of the queue, its bundle discarded."""
-        staged, self.staged = self.staged, None
-        if staged is None:
-            return
-        if staged.bundle is not None:
-            staged.bundle.link.abandon(staged.bundle.bundle)
-        self.service.release(staged.plan)
-        self._forget_exact(staged.plan.touched)
-        self.jobs.appendleft(staged.job)
 
     def _middlebox_changes(self, before, after, mac: str, added=None) -> Changes:
         """Raises Abandoned if a backend the flows need is not located yet (labs: ARP).
@@ -796,10 +705,6 @@ class SwitchReconciler:
         next is compiled.  The switch's errors; what it confirmed is recorded.  Raises
         Abandoned (the bundle discarded) if a part cannot be sent: a meter refused, or a
         middlebox that cannot be compiled."""
-        return self._finish(self._stage(parts))
-
-    def _stage(self, parts) -> "StagedChanges | None":
-        """``_stream``'s first half: the bundle opened and streamed, not committed."""
         sent: list[Changes] = []
         link = self.link  # this bundle's connection: a disconnection handled meanwhile drops self.link
         datapath = link.datapath
@@ -832,24 +737,14 @@ class SwitchReconciler:
                 yield from _in_slices(frame, parser, part.delete_flows, "delete", actions_wire)
                 yield from (frame.wrap(group_mod(datapath, i, "delete")) for i in part.delete_groups)
 
-        bundle = link.stage(messages)
-        return None if bundle is None else StagedChanges(link, bundle, sent)
-
-    def _finish(self, staged: "StagedChanges | None", then=None) -> list[str]:
-        """``_stream``'s second half: commit, and while the switch applies the bundle,
-        record what it will hold (undone if it refuses), then ``then()``."""
-        if staged is None:
-            return []
         undo: list = []
 
-        def meanwhile() -> None:  # idle time here otherwise
-            for part in staged.sent:
-                self._record(part, undo, staged.link.datapath)
-            if then is not None:
-                then()
+        def record() -> None:  # while the switch applies the bundle: idle time here
+            for part in sent:
+                self._record(part, undo, datapath)
 
         try:
-            errors = staged.link.finish(staged.bundle, meanwhile)
+            errors = link.commit(messages, meanwhile=record)
         except BaseException:
             self.installed.undo(undo)
             raise

@@ -296,13 +296,11 @@ class Controller:
     def execute(self, request: CommandRequest) -> Answer:
         return self.submit([request])[0]
 
-    def plan(self, dpid: int, requests: list[CommandRequest], base: State | None = None) -> Plan:
+    def plan(self, dpid: int, requests: list[CommandRequest]) -> Plan:
         """Decide every command of a job in order against the current state (pure but for
-        the store's look-ups of earlier answers and the claims on keys in flight), or
-        against ``base``: the state the job before it on this switch will leave if the
-        switch confirms it (a staged job, reconciler._stage_next).  The decisions land in
-        one ``Draft``: one new state per job, not one per command."""
-        before = self.state if base is None else base
+        the store's look-ups of earlier answers and the claims on keys in flight).  The
+        decisions land in one ``Draft``: one new state per job, not one per command."""
+        before = self.state
         draft = Draft(before, elsewhere=lambda: self.state.zones | self.zones_in_flight, reserve=self.zones_in_flight.add)
         context = PlanContext(self.surroundings(dpid), Binding(dpid, 0, self.settings.trust, self.inventory_of(dpid)))
         answers, touched, pending, backends, keep, independent, claimed = [], set(), [], set(), [], set(), []

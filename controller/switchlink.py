@@ -46,16 +46,6 @@ class Waiter:
     barrier: int | None = None  # a bundle's conversation ends with this barrier's reply
 
 
-@dataclass(eq=False)
-class Bundle:
-    """A bundle opened and streamed (``SwitchLink.stage``), not committed yet."""
-
-    id: int
-    flags: int
-    waiter: Waiter
-    size: int = 0  # bytes streamed into it: the switch's time to apply it grows with them
-
-
 def describe_error(message) -> str:
     """An OpenFlow error as text an operator can look up (type/code as in ofp-errors).
     OVS reports bundle errors to OpenFlow 1.3 as ONF experimenter errors, whose code is
@@ -159,78 +149,62 @@ class SwitchLink:
     def commit(self, messages: Callable[[wire.BundleFrame], Iterable[bytes]],
                meanwhile: Callable[[], None] | None = None) -> list[str]:
         """Send the messages of ``messages(frame)`` as one atomic, ordered bundle, then a
-        barrier: ``finish(stage(messages))``.  Returns the switch's errors: empty means
-        every message is in effect, otherwise the switch refused the bundle and holds
-        exactly what it held before.  An empty bundle is not sent."""
-        return self.finish(self.stage(messages), meanwhile)
-
-    def stage(self, messages: Callable[[wire.BundleFrame], Iterable[bytes]]) -> "Bundle | None":
-        """Open a bundle and stream ``messages(frame)`` into it, without committing: the
-        switch parses and checks them meanwhile, and applies none until ``finish``.  Each
-        item ``messages`` yields is one or more messages framed for this bundle by
+        barrier.  Each item it yields is one or more messages framed for this bundle by
         ``frame`` (``frame.wrap`` for any message, ``frame.flow_mods`` for many flows at
-        once).  None when it yields nothing (nothing is sent).
+        once).  Returns the switch's errors: empty means every message is in effect,
+        otherwise the switch refused the bundle and holds exactly what it held before.
+        An empty bundle is not sent.
 
         ``messages`` may be a generator that compiles as it goes: what it yields is
         written in chunks of ``CHUNK_BYTES``, so the switch parses the first messages
         while the rest are still being prepared, and each chunk is one write, not one per
         message.  If the generator raises, the bundle is discarded and the error goes to
-        the caller."""
-        datapath = self.datapath
-        parser, ofp = datapath.ofproto_parser, datapath.ofproto
-        flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED
-        bundle = Bundle(next(self.bundle_ids) & 0xFFFFFFFF, flags, Waiter(hub.Event()))
-        opening = parser.ONFBundleCtrlMsg(datapath, bundle.id, ofp.ONF_BCT_OPEN_REQUEST, flags, [])
-        datapath.set_xid(opening)  # the frame needs its xid now; it is sent with the first message
-        opened = False
-        chunk = bytearray()
-        pacer = Pacer()
-        try:
-            for framed in messages(wire.BundleFrame(bundle.id, flags, opening.xid)):
-                if not opened:
-                    self._send(opening, bundle.waiter)
-                    opened = True
-                chunk += framed
-                bundle.size += len(framed)
-                if len(chunk) >= CHUNK_BYTES or pacer.due():
-                    self._write(bytes(chunk))
-                    chunk.clear()
-                    pacer.rest()  # the send loop writes it; echo replies, other switches and REST run
-            if chunk:
-                self._write(bytes(chunk))
-        except Exception:
-            if opened and not self.closed:
-                self._discard(bundle.id, flags, bundle.waiter)
-            raise
-        return bundle if opened else None
-
-    def finish(self, bundle: "Bundle | None", meanwhile: Callable[[], None] | None = None) -> list[str]:
-        """Commit a staged bundle, then a barrier; the switch's errors (see ``commit``).
+        the caller.
 
         ``meanwhile`` is called once the commit is sent, before its answer is awaited: the
         caller's work that does not depend on the answer (and that it can take back if the
         switch refuses) runs while the switch applies the bundle."""
-        if bundle is None:
+        datapath = self.datapath
+        parser, ofp = datapath.ofproto_parser, datapath.ofproto
+        flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED
+        bundle = next(self.bundle_ids) & 0xFFFFFFFF
+        waiter = Waiter(hub.Event())
+        opening = parser.ONFBundleCtrlMsg(datapath, bundle, ofp.ONF_BCT_OPEN_REQUEST, flags, [])
+        datapath.set_xid(opening)  # the frame needs its xid now; it is sent with the first message
+        opened = False
+        chunk = bytearray()
+        size = 0
+        pacer = Pacer()
+        try:
+            for framed in messages(wire.BundleFrame(bundle, flags, opening.xid)):
+                if not opened:
+                    self._send(opening, waiter)
+                    opened = True
+                chunk += framed
+                size += len(framed)
+                if len(chunk) >= CHUNK_BYTES or pacer.due():
+                    self._write(bytes(chunk))
+                    chunk.clear()
+                    pacer.rest()  # the send loop writes it; echo replies, other switches and REST run
+        except Exception:
+            if opened and not self.closed:
+                self._discard(bundle, flags, waiter)
+            raise
+        if not opened:
             return []
-        parser, ofp = self.datapath.ofproto_parser, self.datapath.ofproto
-        waiter = bundle.waiter
+        if chunk:
+            self._write(bytes(chunk))
         if waiter.errors:  # refused while streaming: the commit would only fail too
-            self._discard(bundle.id, bundle.flags, waiter)
+            self._discard(bundle, flags, waiter)
             return waiter.errors
-        self._send(parser.ONFBundleCtrlMsg(self.datapath, bundle.id, ofp.ONF_BCT_COMMIT_REQUEST, bundle.flags, []),
-                   waiter)
-        barrier = parser.OFPBarrierRequest(self.datapath)
+        self._send(parser.ONFBundleCtrlMsg(datapath, bundle, ofp.ONF_BCT_COMMIT_REQUEST, flags, []), waiter)
+        barrier = parser.OFPBarrierRequest(datapath)
         self._send(barrier, waiter)
         waiter.barrier = barrier.xid
         if meanwhile is not None:
             meanwhile()
-        self._wait(waiter, BASE_TIMEOUT + bundle.size * PER_BYTE_TIMEOUT, f"a bundle of {bundle.size} bytes")
+        self._wait(waiter, BASE_TIMEOUT + size * PER_BYTE_TIMEOUT, f"a bundle of {size} bytes")
         return waiter.errors
-
-    def abandon(self, bundle: "Bundle | None") -> None:
-        """A staged bundle that will not be committed: the switch drops it at once."""
-        if bundle is not None and not self.closed:
-            self._discard(bundle.id, bundle.flags, bundle.waiter)
 
     def _discard(self, bundle: int, flags: int, waiter: Waiter) -> None:
         """An abandoned bundle goes at once, not at the switch's idle timeout; its
