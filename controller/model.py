@@ -18,7 +18,7 @@ from functools import cached_property, lru_cache
 from typing import Mapping, NamedTuple
 
 from mbvisor.guest.commands import (AddFilter, Cancel, Command, DeleteFilter, DeleteFilters, Filter,
-                                    Layer, MAC_LAYER, Query, RegisterFirewall, RegisterLoadBalancer)
+                                    MAC_LAYER, Query, RegisterFirewall, RegisterLoadBalancer)
 from mbvisor.guest.grammar import format_command
 
 from .trust import Inventory, TrustMode, check_backends, check_registration
