@@ -6,9 +6,11 @@ no deadline at all (each stalled connection a descriptor for ever, until the pro
 out of them and its accept loop ended the controller), and the REST pool gave each one a
 connection slot for its whole idle time-out.  Here a listening socket hands its server
 only connections whose handshake is complete: each handshake runs in a green thread of
-its own, within ``HANDSHAKE_TIMEOUT``; at most ``MAX_HANDSHAKES`` run at once, at most
-``PER_PEER`` of them from one address (the rest are closed at once), and an accept that
-fails for want of descriptors is retried after a pause instead of ending the server.
+its own, within ``HANDSHAKE_TIMEOUT``; at most ``MAX_HANDSHAKES`` connections are
+handshaking or waiting for the server to take them, at most ``PER_PEER`` of them from one
+address (more from it are closed at once; more in all wait in the kernel's backlog), and an
+accept that fails for want of descriptors is retried after a pause instead of ending the
+server.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .compat import FRAMEWORK, hub
 log = logging.getLogger("mbvisor.controller")
 
 HANDSHAKE_TIMEOUT = 5.0  # seconds a client has to complete its handshake
-MAX_HANDSHAKES = 256     # handshakes in progress at once; more connections wait in the backlog
+MAX_HANDSHAKES = 256     # connections handshaking or handed over but not taken yet; more wait in the backlog
 PER_PEER = 16            # ... of which from one address
 SHORT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -48,7 +50,18 @@ class HandshakingListener:
         self.thread = hub.spawn(self._accept_loop)
 
     def accept(self):
-        return self.ready.get()
+        """A connection whose handshake is done; its slot (and its address's share) is
+        given back only now, so connections that wait for a busy server count against
+        the caps as handshakes do: the descriptors held here stay bounded."""
+        secure, address = self.ready.get()
+        self._release(address)
+        return secure, address
+
+    def _release(self, address) -> None:
+        self.slots.release()
+        self.peers[address[0]] -= 1
+        if not self.peers[address[0]]:
+            del self.peers[address[0]]
 
     def getsockname(self):
         return self.sock.getsockname()
@@ -96,10 +109,7 @@ class HandshakingListener:
             deadline.cancel()
             if not handed:
                 (secure if secure is not None else connection).close()  # the TLS socket owns it once wrapped
-            self.slots.release()
-            self.peers[address[0]] -= 1
-            if not self.peers[address[0]]:
-                del self.peers[address[0]]
+                self._release(address)
 
 
 class HandshakingStreamServer(hub.StreamServer):

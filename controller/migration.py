@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .model import MAX_ZONE, Middlebox, State, check_can_hold
+from .model import MAX_ZONE, Middlebox, State, check_can_hold, redirect_order
 from .trust import Inventory, PortIdentity
 
 
@@ -79,14 +79,20 @@ def twin(source: Middlebox, dpid: int, port: int, current: Middlebox | None, zon
 
 def with_change(current: Middlebox, before: Middlebox, after: Middlebox) -> Middlebox:
     """``current`` (a twin) with the change from ``before`` to ``after`` (one job on the
-    other side) applied, not overwritten by ``after``: the filters that job added and
-    removed, and its registrations if it changed them.  Around a switchover both sides
+    other side) applied, not overwritten by ``after``: the filters and redirects that job
+    added and removed, and its addresses if it changed them.  Around a switchover both sides
     may each confirm a command before seeing the other's copy; each side's change then
     reaches the other, and neither is lost."""
     filters = (current.filters - (before.filters - after.filters)) | (after.filters - before.filters)
-    changed = {name: getattr(after, name) for name in ("firewall_ip", "balancer_ip", "redirects")
+    gone = set(before.redirects) - set(after.redirects)
+    redirects = [r for r in current.redirects if r not in gone]
+    for redirect in after.redirects:
+        if redirect not in before.redirects:  # added there: it replaces any of its source here
+            redirects = [r for r in redirects if r.source != redirect.source] + [redirect]
+    changed = {name: getattr(after, name) for name in ("firewall_ip", "balancer_ip")
                if getattr(after, name) != getattr(before, name)}
-    return replace(current, filters=frozenset(filters), **changed)
+    return replace(current, filters=frozenset(filters), redirects=tuple(sorted(redirects, key=redirect_order)),
+                   **changed)
 
 
 def adopted(state: State, inventories: dict[int, Inventory], dpid: int, origin: tuple[int, str],
@@ -115,8 +121,8 @@ def adopted(state: State, inventories: dict[int, Inventory], dpid: int, origin: 
     identity = identity_of(source, inventories.get(origin[0], Inventory()))
     if identity is None or here is None or not same_vm(here, identity):
         return state
-    if change is not None and current is not None and change[0] is not None:
-        source = with_change(current, *change)  # only what that job changed
+    if change is not None and current is not None and None not in change:
+        source = with_change(current, *change)  # only what that job changed (else: the origin as it is)
     copy = twin(source, dpid, here.port, current, zones_taken)
     if current == copy:
         return state

@@ -398,6 +398,12 @@ def unique_zones(state: State) -> State:
     return state
 
 
+def redirect_order(redirect: Redirect) -> tuple:
+    """A middlebox's redirects are kept in this order, one per source: specific sources
+    first (by text), the catch-all last."""
+    return redirect.source is None, redirect.source or ""
+
+
 def check_can_hold(state: State, middlebox: Middlebox, inventory: Inventory) -> None:
     """What registering ``middlebox`` on its switch would have to pass there, checked for
     a copy made without its commands (a migration's destination, migration.py): its
@@ -444,7 +450,7 @@ def _register_balancer(state, binding, current, command: RegisterLoadBalancer) -
     kept = tuple(r for r in middlebox.redirects if r.source != command.source)
     if len(kept) >= state.limits.redirects:
         raise ApplyError("limit", f"{command.mac} has {len(kept)} redirects, the limit is {state.limits.redirects}")
-    redirects = tuple(sorted(kept + (redirect,), key=lambda r: (r.source is None, r.source or "")))
+    redirects = tuple(sorted(kept + (redirect,), key=redirect_order))
     scope = f"from {command.source}" if command.source else "from any source"
     return _becomes(replace(middlebox, balancer_ip=command.ip, redirects=redirects),
                     f"redirecting {command.ip} {scope} to {','.join(command.backends)}")

@@ -597,8 +597,10 @@ class Controller:
 
     def _adopt_arrivals(self, dpid: int) -> None:
         """Copies of middleboxes elsewhere whose VM switch ``dpid``'s annotations show and
-        that it lacks: asked at every publication of its annotations (changed or not) and
-        at start, so a copy queued when the controller stopped is made again."""
+        that it lacks: asked when its annotations change and at start (a copy queued when
+        the controller stopped is made again).  Not at a publication that changes
+        nothing: a twin deleted without a key (an operator's DELETE) or a guest's cancel
+        whose copy is still queued would come back from the other side."""
         for origin in arrivals(self.state, self.inventories, dpid):
             self._adopt_soon(dpid, origin)
 
@@ -671,7 +673,6 @@ class Controller:
         inventory = build_inventory(entries)
         previous = self.inventories.get(dpid)
         if previous is not None and previous.identities == inventory.identities and previous.refused == inventory.refused:
-            self._adopt_arrivals(dpid)
             return previous
         self.store.save_inventory(dpid, entries)
         self.inventories[dpid] = inventory

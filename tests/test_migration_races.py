@@ -10,14 +10,18 @@ from __future__ import annotations
 from fakeswitch import FakeSwitch, wait_until
 from mbvisor.controller.compat import hub
 from mbvisor.controller.flows import cookie_of
+from dataclasses import replace
+
+from mbvisor.controller.migration import adopted, with_change
+from mbvisor.controller.model import Redirect, State
 from mbvisor.controller.reconciler import Job
 from mbvisor.controller.requests import CommandRequest
 from mbvisor.controller.service import Controller, Settings
-from mbvisor.controller.trust import PortIdentity
+from mbvisor.controller.trust import PortIdentity, build_inventory
 from mbvisor.guest.grammar import parse_command
 
 from test_migration import (DESTINATION, MAC, ON_DESTINATION, ON_SOURCE, SOURCE, _deliver, _drops, _ok,
-                            hypervisors)  # noqa: F401 - the fixture
+                            firewall, hypervisors)  # noqa: F401 - the fixture
 
 OTHER_MAC = "02:00:00:00:00:09"
 OTHER_VM = PortIdentity(1, OTHER_MAC, "blue", "fw-9", ("10.0.0.9",), "tap-fw9")
@@ -202,3 +206,70 @@ def test_a_copy_cannot_take_a_backend_another_middlebox_of_the_destination_uses(
         service.close()
         for fake in fakes.values():
             fake.close()
+
+
+def test_a_queued_cancel_that_finds_the_origin_registered_again_does_not_crash():
+    """Guest cancels at the source (its copy queued on a busy destination), then the origin
+    exists again before that copy runs (the guest registered again, or a copy back from
+    the destination).  change = (before, None) with the source present."""
+    seen = {SOURCE: build_inventory([ON_SOURCE]), DESTINATION: build_inventory([ON_DESTINATION])}
+    old = firewall()
+    twin = replace(old, dpid=DESTINATION, port=7, zone=2)
+    again = replace(old, filters=frozenset())  # registered again at the source
+    state = State.of([again, twin])
+    after = adopted(state, seen, DESTINATION, (SOURCE, MAC), state.zones, cancelled=True, change=(old, None))
+    assert after.find(DESTINATION, MAC).filters == frozenset()  # the origin as it is now (it crashed before)
+
+
+def test_a_guests_cancel_is_not_undone_by_a_publication_while_its_copy_is_queued(hypervisors):
+    """The guest cancels at the source; the cancel's copy is queued behind a slow job on
+    the destination; meanwhile the source's agent publishes its (unchanged) annotations,
+    which must not copy the destination's twin (not yet cancelled) back to the source: a
+    review found both sides keeping the offloads the guest cancelled."""
+    service, fakes = hypervisors
+    service.set_inventory(SOURCE, [ON_SOURCE])
+    service.set_inventory(DESTINATION, [ON_DESTINATION])
+    _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
+    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
+    wait_until(lambda: service.state.find(DESTINATION, MAC) is not None, what="the copy")
+    blocker = _blocked_job_on_destination(service, fakes)
+    cancel = service.execute(CommandRequest(SOURCE, 2, f"X {MAC}", f"fw-1/{MAC}", 1, 1024))
+    assert cancel.status == "OK"
+    service.set_inventory(SOURCE, [ON_SOURCE])  # the agent's periodic publication, unchanged
+    _idle(service, SOURCE)
+    fakes[DESTINATION].release()
+    assert blocker.wait().status == "OK"
+    _idle(service, DESTINATION, SOURCE)
+    assert service.state.find(SOURCE, MAC) is None, "the guest's cancel was undone on the source"
+    assert service.state.find(DESTINATION, MAC) is None, "the guest's cancel never reached the destination"
+
+
+def test_an_operators_delete_of_one_twin_is_not_undone_by_the_next_publication(hypervisors):
+    """docs/controller.md: a delete without a key (an operator's DELETE) "removes that
+    switch's entry only", also past the next (unchanged) publication of that switch's
+    annotations (a review found it copied back)."""
+    service, fakes = hypervisors
+    service.set_inventory(SOURCE, [ON_SOURCE])
+    service.set_inventory(DESTINATION, [ON_DESTINATION])
+    _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
+    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
+    wait_until(lambda: service.state.find(DESTINATION, MAC) is not None, what="the copy")
+    _idle(service, SOURCE, DESTINATION)
+    assert service.delete_middlebox(DESTINATION, MAC).status == "OK"
+    _idle(service, DESTINATION)
+    assert service.state.find(DESTINATION, MAC) is None
+    service.set_inventory(DESTINATION, [ON_DESTINATION])  # periodic, unchanged
+    _idle(service, DESTINATION)
+    assert service.state.find(DESTINATION, MAC) is None, "the operator's DELETE was undone by a publication"
+
+
+def test_redirects_changed_on_both_sides_around_the_switchover_converge():
+    """The docs: "each change reaches the other side and neither is lost": redirects too
+    (a review found each side ending with the other's redirect only)."""
+    base = replace(firewall(), balancer_ip="10.0.0.2")
+    a_before, b_before = base, replace(base, dpid=DESTINATION, port=7, zone=2)
+    a_after = replace(a_before, redirects=(Redirect(None, ("10.0.0.5",)),))
+    b_after = replace(b_before, redirects=(Redirect("10.1.0.0/16", ("10.0.0.6",)),))
+    a_final = with_change(a_after, b_before, b_after)  # B's copy reaches A
+    b_final = with_change(b_after, a_before, a_after)  # A's copy reaches B
+    assert a_final.redirects == b_final.redirects, (a_final.redirects, b_final.redirects)
