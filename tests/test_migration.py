@@ -121,15 +121,21 @@ def test_after_any_changes_at_the_origin_one_adoption_makes_the_copy_equal(chang
 
 # --- the shell: one controller, two hypervisors ------------------------------------------
 
-@pytest.fixture
-def hypervisors(tmp_path):
-    service = Controller(Settings(database=tmp_path / "controller.sqlite", audit_interval=0,
-                                  backend_check_interval=0))
+def two_hypervisors(database, ports=(1, 2, 7)):
+    """A controller on ``database`` and the source's and destination's fake switches,
+    connected and reconciled."""
+    service = Controller(Settings(database=database, audit_interval=0, backend_check_interval=0))
     fakes = {}
     for dpid in (SOURCE, DESTINATION):
-        fakes[dpid] = FakeSwitch(dpid, ports=(1, 2, 7), sink=lambda m, s=service: _deliver(s, m))
+        fakes[dpid] = FakeSwitch(dpid, ports=ports, sink=lambda m, s=service: _deliver(s, m))
         service.switch_connected(fakes[dpid].datapath)
         wait_until(lambda d=dpid: service.reconcilers[d].synced, what=f"switch {dpid:x} reconciled")
+    return service, fakes
+
+
+@pytest.fixture
+def hypervisors(tmp_path):
+    service, fakes = two_hypervisors(tmp_path / "controller.sqlite")
     yield service, fakes
     service.close()
     for fake in fakes.values():

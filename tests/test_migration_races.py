@@ -7,7 +7,7 @@ a review (each test failed before its fix)."""
 
 from __future__ import annotations
 
-from fakeswitch import FakeSwitch, wait_until
+from fakeswitch import wait_until
 from mbvisor.controller.compat import hub
 from mbvisor.controller.flows import cookie_of
 from dataclasses import replace
@@ -16,12 +16,11 @@ from mbvisor.controller.migration import adopted, with_change
 from mbvisor.controller.model import Redirect, State
 from mbvisor.controller.reconciler import Job
 from mbvisor.controller.requests import CommandRequest
-from mbvisor.controller.service import Controller, Settings
 from mbvisor.controller.trust import PortIdentity, build_inventory
 from mbvisor.guest.grammar import parse_command
 
-from test_migration import (DESTINATION, MAC, ON_DESTINATION, ON_SOURCE, SOURCE, _deliver, _drops, _ok,
-                            firewall, hypervisors)  # noqa: F401 - the fixture
+from test_migration import (DESTINATION, MAC, ON_DESTINATION, ON_SOURCE, SOURCE, _drops, _ok, firewall,
+                            hypervisors, two_hypervisors)  # noqa: F401 - the fixture
 
 OTHER_MAC = "02:00:00:00:00:09"
 OTHER_VM = PortIdentity(1, OTHER_MAC, "blue", "fw-9", ("10.0.0.9",), "tap-fw9")
@@ -139,16 +138,7 @@ def test_an_arrival_survives_a_controller_restart(tmp_path):
     queued."""
     database = tmp_path / "controller.sqlite"
 
-    def start():
-        service = Controller(Settings(database=database, audit_interval=0, backend_check_interval=0))
-        fakes = {}
-        for dpid in (SOURCE, DESTINATION):
-            fakes[dpid] = FakeSwitch(dpid, ports=(1, 2, 7), sink=lambda m, s=service: _deliver(s, m))
-            service.switch_connected(fakes[dpid].datapath)
-            wait_until(lambda d=dpid: service.reconcilers[d].synced, what=f"switch {dpid:x} reconciled")
-        return service, fakes
-
-    service, fakes = start()
+    service, fakes = two_hypervisors(database)
     try:
         service.set_inventory(SOURCE, [ON_SOURCE])
         _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
@@ -158,7 +148,7 @@ def test_an_arrival_survives_a_controller_restart(tmp_path):
         service.close()  # killed before the destination's queue ran (kill -9)
         for fake in fakes.values():
             fake.close()
-    service, fakes = start()
+    service, fakes = two_hypervisors(database)
     try:
         service.set_inventory(SOURCE, [ON_SOURCE])  # the agents publish again, as they do after a restart
         service.set_inventory(DESTINATION, [ON_DESTINATION])
@@ -178,13 +168,8 @@ def test_a_copy_cannot_take_a_backend_another_middlebox_of_the_destination_uses(
     """docs/controller.md: "A backend serves one middlebox per switch" (a second
     registration is refused backend-in-use: replies are recognised by the backend's port
     and address, one flow per switch)."""
-    service = Controller(Settings(database=tmp_path / "c.sqlite", audit_interval=0, backend_check_interval=0))
-    fakes = {}
+    service, fakes = two_hypervisors(tmp_path / "c.sqlite", ports=(1, 2, 3, 7))
     try:
-        for dpid in (SOURCE, DESTINATION):
-            fakes[dpid] = FakeSwitch(dpid, ports=(1, 2, 3, 7), sink=lambda m, s=service: _deliver(s, m))
-            service.switch_connected(fakes[dpid].datapath)
-            wait_until(lambda d=dpid: service.reconcilers[d].synced, what=f"switch {dpid:x} reconciled")
         service.set_inventory(SOURCE, [ON_SOURCE, BACKEND])
         service.set_inventory(DESTINATION, [OTHER_BALANCER, BACKEND])
         _ok(service, DESTINATION, 1, f"R L {OTHER_BALANCER.mac} 10.0.0.21 0 * 10.0.0.11")
