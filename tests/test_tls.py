@@ -128,6 +128,7 @@ def _ssl_errors(bridge) -> str:
     return bridge.vsctl("--columns=status", "list", "controller")
 
 
+@pytest.mark.host  # a private ovs-vswitchd and a namespace host
 def test_a_switch_connects_over_tls_only_with_a_certificate_of_the_operators_ca(controller, pki):
     """First with a certificate another CA signed: the switch reports the handshake
     failing and the controller never lists it.  Then, with the operator's certificate,
