@@ -390,9 +390,10 @@ class Agent:
         channel.bell_problem = problem
 
     def _lose_bell(self, channel: Channel, problem: str) -> None:
-        """The worker's own: the bell is gone (its server ended); polled from now on."""
-        self._close_bell(channel)
+        """The worker's own: the bell is gone (its server ended); polled from now on.  The
+        reason is recorded (and logged) first, so a status that says polled has it."""
         self._polled_because(channel, problem)
+        self._close_bell(channel)
         self.bells.interrupt()
 
     def _close_bell(self, channel: Channel) -> None:
