@@ -110,10 +110,37 @@ def requests_from_body(body, pause: Callable[[], None] = lambda: None) -> list[C
     if not isinstance(commands, list) or len(commands) > MAX_BATCH:
         raise BadRequest(BATCH_FIELD, f"must be a list of at most {MAX_BATCH} command objects")
     requests = []
+    same = None  # (dpid, port, request) of the last item read in full
     for index, item in enumerate(commands):
-        requests.append(request_from_json(item, f"{BATCH_FIELD}[{index}]"))
+        if same is not None and _names_same_place(item, same):
+            requests.append(_with_command(same[2], item["command"]))
+        else:
+            request = request_from_json(item, f"{BATCH_FIELD}[{index}]")
+            requests.append(request)
+            same = (item["dpid"], item["port"], request)
         pause()
     return requests
+
+
+def _names_same_place(item, same: tuple) -> bool:
+    """Whether ``item`` is exactly ``{"dpid", "port", "command"}`` with the dpid and port
+    (equal and of the same JSON type) of the item read in full before it, and command
+    text within bounds: then it needs no other check."""
+    dpid, port, _ = same
+    return (type(item) is dict and len(item) == 3 and type(command := item.get("command")) is str
+            and len(command) <= MAX_COMMAND_CHARS
+            and type(item.get("dpid")) is type(dpid) and item["dpid"] == dpid
+            and type(item.get("port")) is type(port) and item["port"] == port)
+
+
+def _with_command(request: CommandRequest, command: str) -> CommandRequest:
+    """``request`` with another command text and no key: a batch item that names the same
+    switch and port as the one before, with nothing else, checked without reading those
+    again (a bulk loader's batch is 1,000 of them; reading each in full cost 1.5 us)."""
+    return _new_request(CommandRequest, (request.dpid, request.port, command, None, None, None))
+
+
+_new_request = tuple.__new__
 
 
 def request_from_json(body, where: str = "") -> CommandRequest:

@@ -21,6 +21,7 @@ import eventlet
 import eventlet.hubs
 import pytest
 from hypothesis import given
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from webob import Request
 
@@ -530,3 +531,48 @@ def test_an_inventory_address_that_is_no_text_is_refused():
     for address in (False, 0, 167772165):  # ipaddress would read each as an IPv4 address
         with pytest.raises(BadRequest, match="is not an IP address text"):
             inventory_from_body({"ports": [{"port": 3, "mac": MAC, "tenant": "blue", "ips": [address]}]})
+
+
+# Batch items as a client might write them: each like the first, which names a switch
+# and port, with at most one change: that switch and port spelt otherwise or of another
+# JSON type, another command form, a key, a field left out or one too many.  A batch of
+# them is read by requests_from_body, which checks an item naming the same place as the
+# one before with a shortcut (requests.py, _names_same_place).
+_FIRST = {"dpid": "a1", "port": 5, "command": f"X {MAC}"}
+_CHANGES = st.one_of(
+    st.just({}),
+    st.builds(dict, dpid=st.sampled_from(["a1", "A1", "0xa1", 0xA1, 0xA2, 161.0, True, "zz", None])),
+    st.builds(dict, port=st.sampled_from([5, 6, 5.0, True, "5", None])),
+    st.builds(dict, command=st.sampled_from(["I " + MAC, "x" * 4097, {"op": "cancel", "mac": MAC}, 7, None])),
+    st.builds(dict, channel=st.just("c"), epoch=st.just(1), seq=st.just(2)),
+    st.builds(dict, extra=st.just(1)),
+    st.sampled_from(["dpid", "port", "command"]))  # left out
+
+
+def _changed(first: dict, change) -> dict:
+    if isinstance(change, str):
+        return {name: value for name, value in first.items() if name != change}
+    return {**first, **change}
+
+
+def _read_one_by_one(items):
+    return [requests_from_body({"commands": [item]})[0] for item in items]
+
+
+@hypothesis_settings(max_examples=1000)
+@given(st.sampled_from(["a1", 0xA1]), st.lists(_CHANGES, max_size=4))
+def test_a_batch_is_read_as_its_items_one_by_one(dpid, changes):
+    """The shortcut for items naming the same switch and port as the one before reads
+    exactly what reading each item alone reads, and refuses what it refuses."""
+    items = [_changed({**_FIRST, "dpid": dpid}, change) for change in changes]
+    try:
+        expected = _read_one_by_one(items)
+    except BadRequest as error:
+        with pytest.raises(BadRequest) as raised:
+            requests_from_body({"commands": items})
+        assert raised.value.message == error.message
+        return
+    got = requests_from_body({"commands": items})
+    assert got == expected
+    assert [type(request) for request in got] == [CommandRequest] * len(items)
+    assert [request.key for request in got] == [request.key for request in expected]
