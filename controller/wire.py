@@ -15,7 +15,6 @@ more than the flows themselves.  tests/test_wire.py checks byte equality with os
 
 from __future__ import annotations
 
-import operator
 import socket
 import struct
 from functools import lru_cache
@@ -95,31 +94,59 @@ def _order_key(parser, name: str, value):
 
 def match_bytes(parser, match) -> bytes:
     """An ofp_match (OXM, padded to 8 bytes) with fields in os-ken's order, and those with
-    prerequisites after them (``ofmessages.ofp_match``)."""
+    prerequisites after them (``ofmessages.ofp_match``).  A bulk's matches differ in their
+    last pair (a filter's source, which the compiler sorts last or nearly), so the TLVs of
+    the others are joined once per shape, around the gap where the last one goes: a
+    flow's match is then two look-ups and a concatenation, not a sort."""
+    if not match:
+        return _EMPTY_MATCH
     tlvs = _TLVS.get(parser)
     if tlvs is None:
         tlvs = _TLVS[parser] = {}
-    fields = []
-    for pair in match:
-        field = tlvs.get(pair)
-        if field is None:
-            if len(tlvs) >= MAX_CACHED_TLVS:
-                tlvs.clear()
-            field = tlvs[pair] = _field(parser, *pair)
-        fields.append(field)
-    fields.sort(key=_first)
-    body = b"".join([tlv for _, tlv in fields])
-    length = 4 + len(body)
-    return _MATCH_HEADER.pack(ofp.OFPMT_OXM, length) + body + bytes(-length % 8)
+        _SHAPES[parser] = {}
+    last = match[-1]
+    field = tlvs.get(last)
+    if field is None:
+        field = _cached_field(parser, tlvs, last)
+    shapes = _SHAPES[parser]
+    shape = (match[:-1], last[0])
+    around = shapes.get(shape)
+    if around is None:
+        if len(shapes) >= MAX_CACHED_SHAPES:
+            shapes.clear()
+        around = shapes[shape] = _around(parser, tlvs, match[:-1], field[0])
+    before, after, others = around
+    length = 4 + others + len(field[1])
+    return _MATCH_HEADER.pack(ofp.OFPMT_OXM, length) + before + field[1] + after + _PADS[length % 8]
+
+
+def _cached_field(parser, tlvs: dict, pair: tuple) -> tuple[tuple, bytes]:
+    if len(tlvs) >= MAX_CACHED_TLVS:
+        tlvs.clear()
+    field = tlvs[pair] = _field(parser, *pair)
+    return field
+
+
+def _around(parser, tlvs: dict, others: tuple, order: tuple) -> tuple[bytes, bytes, int]:
+    """The TLVs of ``others`` in os-ken's order, joined into those before and those after
+    a field of ``order``, and their length."""
+    fields = sorted(tlvs.get(pair) or _cached_field(parser, tlvs, pair) for pair in others)
+    before = b"".join(tlv for place, tlv in fields if place < order)
+    after = b"".join(tlv for place, tlv in fields if place > order)
+    return before, after, len(before) + len(after)
 
 
 # Each match field's TLV by its (name, value) pair, per parser: a middlebox's MAC, ether
 # types and masks recur in every flow, and a filter's address in its two flows one after
-# the other, so a bounded table (cleared when full) encodes most pairs once.
+# the other, so a bounded table (cleared when full) encodes most pairs once.  And the
+# joined TLVs of every pair but the last, by those pairs and the last one's name.
 _TLVS: dict = {}
+_SHAPES: dict = {}
 MAX_CACHED_TLVS = 4096
+MAX_CACHED_SHAPES = 4096
 _MATCH_HEADER = struct.Struct("!HH")
-_first = operator.itemgetter(0)
+_EMPTY_MATCH = _MATCH_HEADER.pack(ofp.OFPMT_OXM, 4) + bytes(4)
+_PADS = tuple(bytes(-length % 8) for length in range(8))
 
 
 class BundleFrame(NamedTuple):

@@ -121,8 +121,9 @@ def test_fields_packed_without_os_ken_are_os_kens_bytes(field):
 @given(st.lists(st.tuples(st.sampled_from(["ipv4_src", "ipv4_dst"]), _networks(4).map(_value)),
                 min_size=1, max_size=3, unique_by=lambda pair: pair[0]))
 def test_a_match_encodes_the_same_from_the_field_cache_and_after_it_is_cleared(fields):
-    """match_bytes keeps each pair's TLV in a bounded table: a hit, a miss and a miss
-    right after the table was cleared (it is full) give os-ken's own bytes."""
+    """match_bytes keeps each pair's TLV, and the joined TLVs of a match's shape, in
+    bounded tables: hits, misses, and misses right after a full table was cleared give
+    os-ken's own bytes."""
     match = tuple(sorted([("eth_type", 2048), *fields]))
     with FakeSwitch(DPID) as switch:
         parser = switch.datapath.ofproto_parser
@@ -131,6 +132,7 @@ def test_a_match_encodes_the_same_from_the_field_cache_and_after_it_is_cleared(f
         wire._TLVS.clear()
         assert wire.match_bytes(parser, match) == bytes(expected)  # misses
         assert wire.match_bytes(parser, match) == bytes(expected)  # hits
-        wire._TLVS[parser] = {("filler", n): None for n in range(wire.MAX_CACHED_TLVS)}
-        assert wire.match_bytes(parser, match) == bytes(expected)  # a full table is cleared first
-        assert len(wire._TLVS[parser]) == len(match)
+        for table, size in ((wire._TLVS, wire.MAX_CACHED_TLVS), (wire._SHAPES, wire.MAX_CACHED_SHAPES)):
+            table[parser] = {("filler", n): None for n in range(size)}
+            assert wire.match_bytes(parser, match) == bytes(expected)  # a full table is cleared first
+            assert ("filler", 0) not in table[parser] and 0 < len(table[parser]) <= len(match)
