@@ -84,6 +84,8 @@ def _record(reply: dict, command: str) -> Answer:
     status = reply["status"] if reply["status"] in Status.__members__ else "INTERNAL"
     code = reply.get("code") or reply["status"].lower()
     if status == "OK" and is_query(command):
+        if is_paged_query(command):  # the controller counted them all and left out the first skip
+            return answer("OK", "ok", reply["text"], result=True)
         return query_result(reply["text"].splitlines() if reply["text"] != NO_FILTERS else [])
     return answer(status, code, reply["text"])
 
@@ -93,6 +95,12 @@ def is_query(canonical: str) -> bool:
     are the grammar's query letters and no other command starts with them (no second
     parse per answer)."""
     return canonical[:2] in ("I ", "M ", "T ")
+
+
+def is_paged_query(canonical: str) -> bool:
+    """Whether a query's canonical text carries a skip count (``I <mac> <skip>``; a skip
+    of 0 is written as no skip), whose answer the controller already words as a record."""
+    return canonical.count(" ") == 2
 
 
 NO_FILTERS = "no filters"  # the controller's answer to a query of a layer without filters

@@ -10,6 +10,7 @@ parser, because a dict from the network is no more trusted than text.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Callable, ClassVar, NamedTuple, Union
@@ -47,6 +48,21 @@ def _parse_layer(text: str) -> Layer:
 
 
 LAYER = ValueKind("a filter layer", "I, M or T", _parse_layer)
+
+# A query's skip count: at most what a 32-bit signed integer holds, so a guest library in C
+# reads it into an int; no middlebox has that many filters.
+MAX_SKIP = 2**31 - 1
+_SKIP = re.compile(r"[0-9]{1,10}")
+
+
+def _parse_skip(text: str) -> int:
+    if not _SKIP.fullmatch(text) or int(text) > MAX_SKIP:
+        raise QUERY_SKIP.rejection(text)
+    return int(text)
+
+
+QUERY_SKIP = ValueKind("a skip count", f"a number 0-{MAX_SKIP} (how many of the sorted filters to leave out)",
+                       _parse_skip)
 
 
 @dataclass(frozen=True)
@@ -165,9 +181,13 @@ class Cancel:
 
 @dataclass(frozen=True)
 class Query:
+    """The MB's filters of `layer`, sorted; the answer leaves out the first `skip` of them
+    (and still counts them), so a list longer than one answer slot is read page by page."""
+
     op: ClassVar[str] = "query"
     mac: str
     layer: Layer
+    skip: int = 0
 
 
 Command = Union[RegisterFirewall, RegisterLoadBalancer, AddFilter, DeleteFilter, DeleteFilters, Cancel, Query]
@@ -235,8 +255,12 @@ def _check_same_family(value: str, reference: str, field: str, reference_name: s
 
 
 def command_to_dict(command: Command) -> dict:
-    """A dict of plain JSON types with an "op" discriminator."""
-    return {"op": command.op, **_to_json(dataclasses.asdict(command))}
+    """A dict of plain JSON types with an "op" discriminator.  A query of the whole list
+    has no "skip" key: its form from before paging existed."""
+    data = {"op": command.op, **_to_json(dataclasses.asdict(command))}
+    if isinstance(command, Query) and command.skip == 0:
+        del data["skip"]
+    return data
 
 
 def _to_json(value: object) -> object:
@@ -304,8 +328,10 @@ _DECODERS: dict[str, tuple[type, dict[str, Decoder]]] = {
         {"mac": _MAC, "layer": _required(LAYER), "mask": _required(kinds.FILTER_MASK)},
     ),
     Cancel.op: (Cancel, {"mac": _MAC}),
-    Query.op: (Query, {"mac": _MAC, "layer": _required(LAYER)}),
+    Query.op: (Query, {"mac": _MAC, "layer": _required(LAYER), "skip": _required(QUERY_SKIP)}),
 }
+# Keys that may be left out, with the value they then have.
+_DEFAULTS: dict[str, dict[str, object]] = {Query.op: {"skip": 0}}
 
 
 def _decode_object(value: object, decoders: dict[str, Decoder], path: str) -> dict:
@@ -339,7 +365,7 @@ def command_from_dict(data: object) -> Command:
             f"{op!r} is not a command op; expected one of {', '.join(_DECODERS)}", field="op"
         )
     command_class, decoders = _DECODERS[op]
-    body = {key: value for key, value in data.items() if key != "op"}
+    body = {**_DEFAULTS.get(op, {}), **{key: value for key, value in data.items() if key != "op"}}
     command = command_class(**_decode_object(body, decoders, ""))
     if isinstance(command, RegisterLoadBalancer):
         check_load_balancer(command)

@@ -25,6 +25,7 @@ from .commands import (
     FIELD_KINDS,
     FILTER_FIELDS,
     LAYER,
+    QUERY_SKIP,
     AddFilter,
     Cancel,
     Command,
@@ -276,7 +277,14 @@ def _parse_cancel(tokens: _Tokens) -> Cancel:
 
 
 def _parse_query(layer: Layer) -> Callable[[_Tokens], Query]:
-    return lambda tokens: Query(_take_mac(tokens)[1], layer)
+    """``I <mac>``, or ``I <mac> <skip>`` for the page of the list after its first skip filters."""
+
+    def parse(tokens: _Tokens) -> Query:
+        _, mac = _take_mac(tokens)
+        skip = tokens.take_value(QUERY_SKIP, "skip count")[1] if tokens.peek() is not None else 0
+        return Query(mac, layer, skip)
+
+    return parse
 
 
 @dataclass(frozen=True)
@@ -415,8 +423,9 @@ def _parse_well_formed(text: str | bytes) -> Command | None:
             return _well_formed_load_balancer(tokens)
         if letter == "X" and count == 2:
             return Cancel(_parse_mac(tokens[1]))
-        if letter in _LAYER_BY_LETTER and count == 2:
-            return Query(_parse_mac(tokens[1]), _LAYER_BY_LETTER[letter])
+        if letter in _LAYER_BY_LETTER and (count == 2 or count == 3):
+            skip = _parse_skip(tokens[2]) if count == 3 else 0
+            return Query(_parse_mac(tokens[1]), _LAYER_BY_LETTER[letter], skip)
     except CommandError:
         return None
     return None
@@ -496,6 +505,7 @@ def _cached(kind: ValueKind) -> Callable[[str], object]:
 
 _parse_mac = _cached(kinds.MAC_ADDRESS)
 _parse_mask = _cached(kinds.FILTER_MASK)
+_parse_skip = QUERY_SKIP.parse  # a follower's pages: few, and each skip differs
 
 _IPV4_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _CANONICAL_IPV4 = rf"{_IPV4_OCTET}(?:\.{_IPV4_OCTET}){{3}}"
@@ -576,6 +586,6 @@ def format_command(command: Command) -> str:
             return f"D {mac} {layer.value} {mask} {letters}"
         case Cancel(mac=mac):
             return f"X {mac}"
-        case Query(mac=mac, layer=layer):
-            return f"{layer.value} {mac}"
+        case Query(mac=mac, layer=layer, skip=skip):
+            return f"{layer.value} {mac} {skip}" if skip else f"{layer.value} {mac}"
     raise TypeError(f"not a command: {command!r}")

@@ -364,6 +364,7 @@ def test_arbitrary_bytes_never_raise(payload, macs):
 PIECES = st.sampled_from([
     f"R F {OWN} 10.0.0.1", "R F 52-54-00-AB-CD-EF ::1", f"X {OTHER}", "X 52:54:00:AB:CD:EF",
     f"A {OWN} I 4 s 10.0.0.0/8", f"D {OWN} M 4 s", f"I {OWN}", f"T {OTHER}", f"A {OWN} T 3 t 4 p tcp",
+    f"I {OWN} 100", f"M {OWN} 0", " 7",
     f"R L {OWN} 10.0.0.1 1 10.1.0.0/16 10.0.0.5,10.0.0.6", "@", "@", " ", "\t", "Z", OWN, "s", "\n", "\xff",
 ]).map(lambda text: text.encode("latin-1"))
 
@@ -415,6 +416,18 @@ def test_combine_takes_the_first_non_ok_status(statuses, expected):
 
 def test_combine_of_nothing_is_ok_and_empty():
     assert combine([]) == (Status.OK, [])
+
+
+def test_a_query_answers_as_a_result_counting_its_filters_and_a_paged_one_keeps_the_controllers_total():
+    lines = [f"A {OWN} I 4 s 10.0.{i}.0/24" for i in range(3)]
+    whole = {"status": "OK", "code": "ok", "text": "\n".join(lines)}
+    page = {"status": "OK", "code": "ok", "text": "\n".join(["3 filter(s)", lines[2]])}
+    past_the_end = {"status": "OK", "code": "ok", "text": "3 filter(s)"}
+    none = {"status": "OK", "code": "ok", "text": "no filters"}
+    _, records = combine([whole, page, past_the_end, none], [f"I {OWN}", f"I {OWN} 2", f"I {OWN} 9", f"T {OWN}"])
+    assert [r.lines for r in records] == [("3 filter(s)", *lines), ("3 filter(s)", lines[2]), ("3 filter(s)",),
+                                          ("0 filter(s)",)]
+    assert all(r.result for r in records)  # cut only with a note saying how many lines were left out
 
 
 # ---- token bucket ----------------------------------------------------------------------
@@ -744,8 +757,12 @@ def test_controller_keeps_an_environment_the_caller_chose(monkeypatch):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(PIECES, min_size=1, max_size=4).map(b"".join))
 def test_a_forwarded_command_is_a_query_exactly_when_the_grammar_says_so(payload):
-    """The agent tells queries by their letter (no second parse per answer)."""
-    from mbvisor.agents.vetting import is_query
+    """The agent tells queries by their letter, and paged ones by their skip (no second
+    parse per answer)."""
+    from mbvisor.agents.vetting import is_paged_query, is_query
     from mbvisor.guest.commands import Query
     for text in vet(payload, (OWN, OTHER)).forward:
-        assert is_query(text) == isinstance(parse_command(text), Query)
+        command = parse_command(text)
+        assert is_query(text) == isinstance(command, Query)
+        if is_query(text):
+            assert is_paged_query(text) == (command.skip > 0)

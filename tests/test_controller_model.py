@@ -236,6 +236,15 @@ def test_query_answers_the_layer_in_canonical_sorted_text_and_changes_nothing(la
     assert outcome.state == FILTERED
 
 
+def test_a_paged_query_counts_every_filter_and_answers_those_from_its_skip_on():
+    whole = run(FILTERED, f"I {MAC}").text.split("\n")
+    assert run(FILTERED, f"I {MAC} 1").text.split("\n") == ["3 filter(s)", *whole[1:]]
+    assert run(FILTERED, f"I {MAC} 3").text == "3 filter(s)"
+    assert run(FILTERED, f"I {MAC} 2147483647").text == "3 filter(s)"
+    assert run(FIREWALL, f"T {MAC} 1").text == "0 filter(s)"
+    assert run(FILTERED, f"I {MAC} 0").text.split("\n") == whole  # skip 0 is the query of before
+
+
 def test_query_without_filters_answers_no_filters():
     for layer in "IMT":
         outcome = run(FIREWALL, f"{layer} {MAC}")

@@ -82,6 +82,10 @@ VALID = [
     (f"I {MAC}", Query(MAC, Layer.IP), None),
     (f"M {MAC}", Query(MAC, Layer.MAC), None),
     (f"T {MAC}", Query(MAC, Layer.TRANSPORT), None),
+    (f"I {MAC} 100", Query(MAC, Layer.IP, 100), None),
+    (f"M {MAC} 2147483647", Query(MAC, Layer.MAC, 2147483647), None),
+    (f"T {MAC} 0", Query(MAC, Layer.TRANSPORT), f"T {MAC}"),  # skip 0 is the whole list, written as before
+    (f"I {MAC}\t007 ", Query(MAC, Layer.IP, 7), f"I {MAC} 7"),
     (f" \tX   {MAC}\t ", Cancel(MAC), f"X {MAC}"),
 ]
 
@@ -99,6 +103,13 @@ def test_dict_form_round_trips_through_json(text, command, canonical):
     data = command_to_dict(command)
     assert command_from_dict(json.loads(json.dumps(data))) == command
     assert command_from_dict(data) == command
+
+
+def test_a_query_of_the_whole_list_keeps_its_json_form_from_before_paging():
+    assert command_to_dict(Query(MAC, Layer.IP)) == {"op": "query", "mac": MAC, "layer": "I"}
+    assert command_to_dict(Query(MAC, Layer.IP, 200)) == {"op": "query", "mac": MAC, "layer": "I", "skip": 200}
+    assert command_from_dict({"op": "query", "mac": MAC, "layer": "T"}) == Query(MAC, Layer.TRANSPORT, 0)
+    assert command_from_dict({"op": "query", "mac": MAC, "layer": "T", "skip": "12"}) == Query(MAC, Layer.TRANSPORT, 12)
 
 
 def test_dict_form_is_plain_json_with_op():
@@ -130,6 +141,18 @@ ERRORS = [
      "'52:34-56:00:12:22' is not a MAC address; expected six hex pairs like 52:34:56:00:12:22"),
     (f"X {MAC} extra", UnexpectedTokenError, 21, "unexpected 'extra' after the end of the command"),
     ("I", MissingTokenError, 2, "missing MB MAC address; expected six hex pairs like 52:34:56:00:12:22"),
+    (f"I {MAC} -1", InvalidValueError, 21,
+     "'-1' is not a skip count; expected a number 0-2147483647 (how many of the sorted filters to leave out)"),
+    (f"M {MAC} ten", InvalidValueError, 21,
+     "'ten' is not a skip count; expected a number 0-2147483647 (how many of the sorted filters to leave out)"),
+    (f"T {MAC} 2147483648", InvalidValueError, 21,
+     "'2147483648' is not a skip count; expected a number 0-2147483647 (how many of the sorted filters to leave out)"),
+    (f"I {MAC} 99999999999999999999", InvalidValueError, 21,
+     "'99999999999999999999' is not a skip count; expected a number 0-2147483647 (how many of the sorted filters "
+     "to leave out)"),
+    (f"I {MAC} 1.5", InvalidValueError, 21,
+     "'1.5' is not a skip count; expected a number 0-2147483647 (how many of the sorted filters to leave out)"),
+    (f"I {MAC} 5 5", UnexpectedTokenError, 23, "unexpected '5' after the end of the command"),
     (f"R F {MAC}", MissingTokenError, 22,
      "missing MB IP address; expected an IPv4 or IPv6 address like 10.0.0.5 or 2001:db8::5"),
     (f"R F {MAC} 10.0.0.0/8", InvalidValueError, 23,
@@ -350,6 +373,15 @@ DICT_ERRORS = [
       "backends": []}, MissingTokenError, "backends: missing backend address; expected at least one"),
     ({"op": "register_load_balancer", "mac": MAC, "ip": "10.0.0.1", "redirect_type": 0, "source": None,
       "backends": "10.0.0.5"}, InvalidValueError, "backends: '10.0.0.5' is not a list of backend addresses"),
+    ({"op": "query", "mac": MAC, "layer": "I", "skip": -3}, InvalidValueError,
+     "skip: '-3' is not a skip count; expected a number 0-2147483647 (how many of the sorted filters to leave out)"),
+    ({"op": "query", "mac": MAC, "layer": "I", "skip": 2**31}, InvalidValueError,
+     "skip: '2147483648' is not a skip count; expected a number 0-2147483647 (how many of the sorted filters to "
+     "leave out)"),
+    ({"op": "query", "mac": MAC, "layer": "I", "skip": True}, InvalidValueError,
+     "skip: True is not a skip count; expected a number 0-2147483647 (how many of the sorted filters to leave out)"),
+    ({"op": "query", "mac": MAC, "layer": "I", "skip": 1.0}, InvalidValueError,
+     "skip: 1.0 is not a skip count; expected a number 0-2147483647 (how many of the sorted filters to leave out)"),
 ]
 
 

@@ -100,6 +100,7 @@ commands = st.one_of(
     st.builds(DeleteFilters, macs, layers, masks),
     st.builds(Cancel, macs),
     st.builds(Query, macs, layers),
+    st.builds(Query, macs, layers, st.integers(0, 2**31 - 1)),
 )
 
 
@@ -247,6 +248,7 @@ def other_spellings(token):
         token + ",",
         f"{token},{token}",
         f"0x{int(token):x}" if token.isdigit() else token + "x",
+        "-1", "2147483647", "2147483648", "0", "00", "1e3", "+5", "\u0661",  # skip counts at their edges
         *["*", "any", "0.0.0.0", "::", "tcp", "ef", "cs7", "ipv6", "s", "d", "t", "p", "L", "I"],
     ]
 
@@ -300,6 +302,9 @@ def ipv4_command_text(draw):
 @example(f"D {MAC} I 12 s d 10.0.0.1", 1)
 @example(f"D {MAC} I 4 s s", 1)
 @example(f"A {MAC} T 3 t p p 6", 1)
+@example(f"I {MAC} 2147483648", 1)
+@example(f"I {MAC} 0007", 1)
+@example(f"T {MAC} 12 s", 1)
 def test_fast_path_agrees_with_the_full_parser(text, first_column):
     assert_fast_path_agrees(text, first_column)
 
