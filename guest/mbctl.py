@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 from . import answers, ring
 from .channel_errors import AnswerLost, ChannelBusy, ChannelError, CommandTooLong, ResponseTimeout, RingFull
 from .errors import CommandError
+from .follow.follower import DEFAULT_LOCK_DIR, DEFAULT_RESYNC_EVERY, Follower, FollowError, LockError
+from .follow.source import NotOffloadable, SourceError
 from .grammar import format_frame, parse_frame
 from .region import open_region
 from .writer import ChannelWriter
@@ -30,6 +33,7 @@ EXIT_INVALID_COMMAND = 3
 EXIT_TIMEOUT = 4
 EXIT_CHANNEL = 5
 EXIT_RING_FULL = 6
+EXIT_NOT_FOLLOWED = 7
 EXIT_CODES = {
     EXIT_OK: "the host applied the command(s)",
     EXIT_HOST_ERROR: "the host answered with an error (refused, rejected, corrupt, ...)",
@@ -38,6 +42,8 @@ EXIT_CODES = {
     EXIT_TIMEOUT: "no answer in time (the command stays pending in the ring), or its answer was lost",
     EXIT_CHANNEL: "no usable channel: device missing, foreign or too small region, re-initialised",
     EXIT_RING_FULL: "no slot (or the channel's lock) came free before the timeout; nothing was sent",
+    EXIT_NOT_FOLLOWED: "follow: the list may not be offloaded, cannot be read, or is followed already; "
+                       "nothing was sent",
 }
 
 LAYERS = {"ip": "I", "mac": "M", "transport": "T"}
@@ -89,7 +95,7 @@ def command_text(args: argparse.Namespace) -> str:
     if action == "filter":
         return filter_text(args, "A" if args.filter_action == "add" else "D")
     if action == "show":
-        return f"{LAYERS[args.layer]} {args.mac}"
+        return f"{LAYERS[args.layer]} {args.mac}" + (f" {args.skip}" if args.skip is not None else "")
     if action == "cancel":
         return f"X {args.mac}"
     raise AssertionError(action)
@@ -145,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="action", metavar="COMMAND")
     shared = _global_options(defaults=False)
 
-    def command(parent, name: str, help: str, mac: bool = True) -> argparse.ArgumentParser:
-        made = parent.add_parser(name, help=help, parents=[shared], allow_abbrev=False)
+    def command(parent, name: str, help: str, mac: bool = True, **options) -> argparse.ArgumentParser:
+        made = parent.add_parser(name, help=help, parents=[shared], allow_abbrev=False, **options)
         if mac:
             made.add_argument("--mac", default=default_mac(),
                               help="the middlebox's MAC (default: $MBCTL_MAC or the VM's only NIC)")
@@ -178,10 +184,82 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = command(sub, "show", "ask for the current filters of a layer")
     show.add_argument("layer", choices=sorted(LAYERS))
+    show.add_argument("--skip", metavar="K",
+                      help="leave out the first K filters of the sorted list (the answer still counts them): "
+                           "an answer holds about 100 filters, so read a longer list page by page")
     command(sub, "cancel", "cancel the registration; every offload goes (X)")
+    _follow_commands(sub, command, shared)
     command(sub, "status", "same as -r", mac=False)
     command(sub, "init", "re-initialise the channel (new epoch; pending commands are dropped)", mac=False)
     return parser
+
+
+FOLLOW_DESCRIPTION = """\
+Keep the host's filters equal to a blocklist the middlebox already keeps: every element of
+the followed sets becomes an IP filter (A <mac> I 4 s <network> for a set the drop rule
+matches on the source, I 8 d on the destination), added and deleted as the set changes,
+removed when an element times out.  The sets are read with the guest's own tool, and only
+a set whose drop rule makes offloading safe is followed (else nothing is sent, exit 7).
+
+The follower owns every IP filter of the middlebox with exactly one address field (mask 4
+or 8): one added by hand is deleted if no followed set holds it.  Other filters are never
+touched.  It checks the host's list every --resync-every seconds and repairs what someone
+else changed.  On SIGTERM or SIGINT it stops; the filters stay on the host (the switch
+keeps dropping what the middlebox would drop) unless --remove-on-exit.  One follower per
+middlebox.  See docs/adapters.md."""
+
+
+def _follow_commands(sub, command, shared) -> None:
+    """``follow nft`` and ``follow ipset`` with the options they share."""
+    described = {"description": FOLLOW_DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    follow = sub.add_parser("follow", help="keep the host's filters equal to an nftables set or an ipset",
+                            parents=[shared], allow_abbrev=False, **described)
+    tools = follow.add_subparsers(dest="tool", required=True, metavar="nft|ipset")
+    nft = command(tools, "nft", "follow nftables sets", **described)
+    nft.add_argument("--set", dest="sets", nargs=3, action="append", required=True,
+                     metavar=("FAMILY", "TABLE", "SET"), help="an nftables set, e.g. --set inet filter blocklist; "
+                                                              "give --set again to follow several")
+    ipset = command(tools, "ipset", "follow ipsets (hash:ip, hash:net)", **described)
+    ipset.add_argument("--set", dest="sets", action="append", required=True, metavar="NAME",
+                       help="an ipset; give --set again to follow several")
+    for tool in (nft, ipset):
+        tool.add_argument("--resync-every", type=float, default=DEFAULT_RESYNC_EVERY, metavar="S",
+                          help=f"compare with the host's whole list this often (default {DEFAULT_RESYNC_EVERY:g})")
+        tool.add_argument("--once", action="store_true", help="sync once and exit (exit 1 if the host refused "
+                                                              "an element)")
+        tool.add_argument("--remove-on-exit", action="store_true",
+                          help="delete the follower's filters from the host when it stops (default: they stay)")
+        tool.add_argument("--verbose", action="store_true", help="a status line for every frame sent")
+        tool.add_argument("--lock-dir", default=DEFAULT_LOCK_DIR, metavar="DIR",
+                          help=f"where the one-follower-per-middlebox lock is (default {DEFAULT_LOCK_DIR})")
+
+
+def follow_sources(args: argparse.Namespace) -> list:
+    """The adapters, imported only when followed: each needs its own tool in the guest."""
+    if args.tool == "nft":
+        from .follow.nft import NftSetSource
+        return [NftSetSource(family, table, name) for family, table, name in args.sets]
+    from .follow.ipset import IpsetSource
+    return [IpsetSource(name) for name in args.sets]
+
+
+def follow(writer: ChannelWriter, args: argparse.Namespace) -> int:
+    """Run a follower until SIGTERM or SIGINT (or one sync, with --once)."""
+    follower = Follower(writer, args.mac, follow_sources(args), resync_every=args.resync_every,
+                        timeout=args.timeout, verbose=args.verbose, remove_on_exit=args.remove_on_exit,
+                        lock_dir=args.lock_dir)
+    previous = {sig: signal.signal(sig, lambda *_: follower.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with follower:
+            not_offloaded = follower.run(once=args.once)
+    except (NotOffloadable, SourceError, LockError) as error:
+        return fail(f"follow: {error}", EXIT_NOT_FOLLOWED, args)
+    except FollowError as error:
+        return fail(f"follow: {error}", EXIT_HOST_ERROR, args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_HOST_ERROR if args.once and not_offloaded else EXIT_OK
 
 
 def send(writer: ChannelWriter, text: str, args: argparse.Namespace) -> int:
@@ -250,6 +328,10 @@ def run(args: argparse.Namespace) -> int:
         return fail("nothing to do; give -w TEXT, -r or a command (see --help)", EXIT_USAGE, args)
     if args.shm and args.device:  # one given before the command, the other after it
         return fail("--device and --shm name two channels; give one", EXIT_USAGE, args)
+    if args.action == "follow" and args.json:
+        return fail("follow writes status lines on stderr; --json is not for it", EXIT_USAGE, args)
+    if args.action == "follow" and not args.resync_every > 0:
+        return fail("--resync-every must be a number of seconds above 0", EXIT_USAGE, args)
     if args.action not in ("write", "status", "init") and not args.mac:
         return fail("no --mac given and the VM's MAC could not be guessed (set MBCTL_MAC)", EXIT_USAGE, args)
     try:
@@ -259,6 +341,8 @@ def run(args: argparse.Namespace) -> int:
             if args.action == "status":
                 return show_status(region, args)
             writer = ChannelWriter(region)
+            if args.action == "follow":
+                return follow(writer, args)
             if args.action == "init":
                 epoch = writer.initialise(timeout=args.timeout)
                 print(json.dumps({"epoch": f"{epoch:#010x}"}) if args.json else

@@ -49,6 +49,7 @@ def run(capsys, *arguments) -> tuple[int, str, str]:
      f"D {MAC} M 4 s 52:34:56:00:66:66"),
     (["filter", "del", "--mac", MAC, "--layer", "transport", "--fields", "dst,proto"], f"D {MAC} T 9 d p"),
     (["show", "mac", "--mac", MAC], f"M {MAC}"),
+    (["show", "ip", "--mac", MAC, "--skip", "200"], f"I {MAC} 200"),
     (["cancel", "--mac", MAC], f"X {MAC}"),
     (["-w", f"@X {MAC}@"], f"X {MAC}"),
 ])
@@ -66,6 +67,16 @@ def test_json_answer(served, capsys):
         {"status": "OK", "code": "ok", "text": f"R F {MAC} 10.0.0.5"},
         {"status": "OK", "code": "ok", "text": "0 filter(s)"}]
     assert answer["text"].splitlines() == [f"OK ok R F {MAC} 10.0.0.5", "OK ok 0 filter(s)"]
+
+
+def test_show_sends_its_skip_and_a_bad_skip_is_refused_locally(served, capsys):
+    assert mbctl.command_text(mbctl.build_parser().parse_args(["show", "ip", "--mac", MAC, "--skip", "3"])) \
+        == f"I {MAC} 3"
+    code, out, err = run(capsys, "--shm", served, "show", "ip", "--mac", MAC, "--skip", "-1")
+    assert (code, out) == (mbctl.EXIT_INVALID_COMMAND, "")
+    assert "'-1' is not a skip count" in err
+    with open_file(served) as region:
+        assert ring.read_header(region.buf).publish == 0  # nothing was sent
 
 
 def test_invalid_command_is_refused_locally_and_not_sent(served, capsys):
@@ -207,3 +218,58 @@ def test_options_are_never_abbreviated(capsys):
     with pytest.raises(SystemExit) as ended:
         mbctl.main(["filter", "add", "--mac", MAC, "--layer", "ip", "--t", "5"])
     assert ended.value.code == mbctl.EXIT_USAGE and "unrecognized arguments: --t" in capsys.readouterr().err
+
+
+class StaticList:
+    """A followed list that never changes (its watch has no descriptor and is never polled)."""
+
+    description = "static list"
+
+    def __init__(self, networks):
+        self.networks = networks
+        self.closed = False
+
+    def verdict(self):
+        from mbvisor.guest.follow.source import SOURCE, Verdict
+        return Verdict(frozenset({SOURCE}))
+
+    def snapshot(self):
+        return dict.fromkeys(self.networks)
+
+    def watch(self):
+        return self
+
+    poll_interval = None
+
+    def fileno(self):
+        return None
+
+    def changes(self):
+        return []
+
+    def close(self):
+        self.closed = True
+
+
+def test_follow_once_syncs_through_the_channel_and_says_what_it_followed(served, capsys, monkeypatch, tmp_path):
+    followed = StaticList(["10.0.0.0/24", "10.0.1.0/24"])
+    monkeypatch.setattr(mbctl, "follow_sources", lambda args: [followed])
+    code, out, err = run(capsys, "--shm", served, "follow", "ipset", "--set", "blocklist", "--mac", MAC, "--once",
+                         "--lock-dir", str(tmp_path))
+    assert code == mbctl.EXIT_OK and out == "" and followed.closed
+    assert f"following static list (source) for {MAC}: 2 element(s); sent 2 add(s) and 0 delete(s)" in err
+
+
+def test_follow_refuses_json_a_bad_resync_and_an_unusable_lock_directory(served, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(mbctl, "follow_sources", lambda args: [StaticList([])])
+    code, _, err = run(capsys, "--shm", served, "--json", "follow", "nft", "--set", "inet", "filter", "x", "--mac", MAC)
+    assert code == mbctl.EXIT_USAGE and "--json is not for it" in err
+    code, _, err = run(capsys, "--shm", served, "follow", "ipset", "--set", "x", "--mac", MAC, "--resync-every", "0")
+    assert code == mbctl.EXIT_USAGE and "--resync-every must be" in err
+    (tmp_path / "file").write_text("")
+    code, _, err = run(capsys, "--shm", served, "follow", "ipset", "--set", "x", "--mac", MAC, "--once",
+                       "--lock-dir", str(tmp_path / "file"))
+    assert code == mbctl.EXIT_NOT_FOLLOWED and "cannot take the follower's lock" in err
+    with open_file(served) as region:
+        assert ring.read_header(region.buf).publish == 0  # nothing was sent
+
