@@ -9,6 +9,7 @@ VENV=${VENV:-.venv}
 DEBIAN_PACKAGES=(openvswitch-switch iproute2 iputils-ping ethtool procps python3 python3-venv
                  qemu-system-x86 linux-image-cloud-amd64 busybox-static mininet
                  iperf3 iptables netsniff-ng
+                 nftables ipset ipvsadm fail2ban   # mbctl follow's adapters and their tests
                  gcc libc6-dev make   # the C guest library (guest/c) and its tests
                  systemd)             # systemd-analyze: the units' verify and security tests
 OVS_CTL=/usr/share/openvswitch/scripts/ovs-ctl
