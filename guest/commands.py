@@ -201,7 +201,12 @@ def check_filter(filter: Filter) -> None:
     text parser can point at its token."""
     if filter.mask == 0:
         raise InvalidValueError("a filter must match at least one field (s, d, t or p)")
-    if filter.layer is Layer.IP and filter.source is not None and filter.destination is not None:
+    check_fields_agree(filter)
+
+
+def check_fields_agree(filter: Filter) -> None:
+    """`check_filter` for a filter known to have a field (the parser read its mask)."""
+    if filter.layer is IP_LAYER and filter.source is not None and filter.destination is not None:
         _check_same_family(filter.destination, filter.source, "destination", "source")
 
 

@@ -36,6 +36,8 @@ from .commands import (
     Query,
     RegisterFirewall,
     RegisterLoadBalancer,
+    TRANSPORT_LAYER,
+    check_fields_agree,
     check_filter,
     check_load_balancer,
     mask_letters,
@@ -471,7 +473,7 @@ def _well_formed_filter_command(tokens: list[str], adding: bool) -> Command | No
     for letter, value in zip(letters, values):
         fields[_FIELD_POSITION[letter]] = parsers[letter](value)
     filter = Filter(layer, *fields)
-    check_filter(filter)
+    check_fields_agree(filter)  # the mask has a field: _MASK_BY_LETTERS has no empty one
     return AddFilter(mac, filter) if adding else DeleteFilter(mac, filter)
 
 
@@ -556,7 +558,17 @@ _FIELD_PARSERS: dict[Layer, dict[str, Callable[[str], object]]] = {
 
 def _filter_fields_and_mask(filter: Filter) -> tuple[str, int]:
     """The filter's letters and values, in s d t p order, and its mask: a bulk request's
-    answers quote 100,000 filters, so each field is read once, here."""
+    answers quote 100,000 filters, so each field is read once, here.  Addresses (IP and
+    MAC layers' s and d) are their own canonical text, so a filter of addresses alone,
+    a bulk's usual shape, is written without looking its fields up."""
+    if filter.tos is None and filter.protocol is None and filter.layer is not TRANSPORT_LAYER:
+        source, destination = filter.source, filter.destination
+        if destination is None and source is not None:
+            return f"s {source}", 4
+        if source is None and destination is not None:
+            return f"d {destination}", 8
+        if source is not None:
+            return f"s {source} d {destination}", 12
     kinds_of_layer = FIELD_KINDS[filter.layer]
     parts = []
     mask = 0

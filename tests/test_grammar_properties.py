@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from mbvisor.guest import fields as kinds
 from mbvisor.guest.commands import (
     FIELD_BY_LETTER,
+    FIELD_KINDS,
+    FILTER_FIELDS,
     AddFilter,
     Cancel,
     DeleteFilter,
@@ -110,6 +112,18 @@ def test_text_round_trip(command):
     text = format_command(command)
     assert parse_command(text) == command
     assert format_command(parse_command(text)) == text
+
+
+@FAST
+@given(st.builds(AddFilter, macs, filters()))
+def test_a_filter_is_written_as_its_fields_each_in_its_canonical_text(command):
+    """The canonical text, spelt out from the grammar's tables (letters in s d t p order,
+    each value in its kind's format), whatever shortcut format_command takes."""
+    filter = command.filter
+    given = [(spec.letter, getattr(filter, spec.attribute)) for spec in FILTER_FIELDS
+             if getattr(filter, spec.attribute) is not None]
+    fields = " ".join(f"{letter} {FIELD_KINDS[filter.layer][letter].format(value)}" for letter, value in given)
+    assert format_command(command) == f"A {command.mac} {filter.layer.value} {filter.mask} {fields}"
 
 
 @FAST
