@@ -32,8 +32,8 @@ from .compat import hub
 from .handshakes import HandshakingListener
 from .flows import cookie_of
 from .pacing import Pacer
-from .requests import (BadRequest, SwitchUnavailable, clip, dpid_from, inventory_from_body, is_batch, mac_from,
-                       port_identity_body, requests_from_body)
+from .requests import (BadRequest, SwitchUnavailable, answers_wanted, clip, dpid_from, inventory_from_body, is_batch,
+                       mac_from, port_identity_body, requests_from_body)
 from .store import encode_middlebox, filter_text
 
 log = logging.getLogger("mbvisor.rest")
@@ -110,6 +110,14 @@ def _answers_json(answers) -> str:
                                      '"text": ', f', "replayed": {json.dumps(answer.replayed)}}}')
         parts.append(frame[0] + encode_basestring_ascii(answer.text) + frame[1])
     return '{"answers": [' + ", ".join(parts) + "]}"
+
+
+def _failures_json(answers) -> str:
+    """A batch's answers when only its failures were asked for: how many commands, how
+    many OK, and each answer that is not OK with its command's index."""
+    failures = [{"index": index, **_answer_body(answer)} for index, answer in enumerate(answers)
+                if answer.status != "OK"]
+    return json.dumps({"count": len(answers), "ok": len(answers) - len(failures), "failures": failures})
 
 
 def _describe(middlebox) -> dict:
@@ -251,6 +259,8 @@ class RestApi:
         requests = requests_from_body(body, pause=Pacer())
         answers = self.service.submit(requests)
         if is_batch(body):
+            if answers_wanted(body) == "failures":
+                return _json_text(_failures_json(answers))
             return _json_text(_answers_json(answers))
         return _json(_answer_body(answers[0]), http_status(answers[0]))
 

@@ -190,6 +190,18 @@ def test_batch_applies_in_order_and_answers_each(net, controller):
     expect_dropped(bridge, h["client"], mb, 5000)
 
 
+def test_a_load_asking_for_failures_is_applied_whole_and_names_only_the_failures(net, controller):
+    bridge, h = net
+    mb = h["mb"]
+    failures = controller.load(bridge.dpid, mb.ofport, [
+        f"R F {MB_MAC} 10.0.0.5", f"A {MB_MAC} I 4 s 10.0.0.66", f"A {MB_MAC} q 4 s 10.0.0.1",
+        f"A {MB_MAC} T 9 d 5000 p udp", f"D {MB_MAC} I 4 s 10.9.9.9"])
+    assert [(f["index"], f["status"], f["code"]) for f in failures] == [(2, "SYNTAX", "syntax"),
+                                                                       (4, "REJECTED", "no-such-filter")]
+    expect_dropped(bridge, h["attacker"], mb, 9)
+    expect_dropped(bridge, h["client"], mb, 5000)
+
+
 def test_each_middlebox_is_bound_to_its_own_bridge(lab, controller):
     """Two hypervisors' bridges on one controller: the same MAC on both is two middleboxes."""
     bridges = [lab.bridge(controller=controller.target, fail_mode="secure") for _ in range(2)]

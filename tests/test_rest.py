@@ -254,6 +254,26 @@ def test_a_valid_batch_is_200_with_an_answer_per_command_in_order(api, service):
     assert call(api, "POST", "/v1/commands", {"commands": []}, AUTH).json == {"answers": []}
 
 
+def test_a_batch_asking_for_failures_gets_only_those_with_their_index_and_the_counts(api, service):
+    answers = iter([Answer("OK", "one"), Answer("SYNTAX", "two", "syntax"), Answer("OK", "three"),
+                    Answer("REJECTED", "four", "limit")])
+    service.answer = lambda request: next(answers)
+    response = call(api, "POST", "/v1/commands", {"commands": [COMMAND] * 4, "answers": "failures"}, AUTH)
+    assert response.status_int == 200
+    assert response.json == {"count": 4, "ok": 2, "failures": [
+        {"index": 1, "status": "SYNTAX", "code": "syntax", "text": "two", "replayed": False},
+        {"index": 3, "status": "REJECTED", "code": "limit", "text": "four", "replayed": False}]}
+    assert [len(requests) for requests in service.submitted] == [4]
+
+
+@pytest.mark.parametrize("mode", ["none", "", None, 1, ["failures"], "FAILURES"])
+def test_a_batch_asking_for_unknown_answers_is_refused_whole(api, service, mode):
+    response = call(api, "POST", "/v1/commands", {"commands": [COMMAND], "answers": mode}, AUTH)
+    assert response.status_int == 400
+    assert response.json["error"]["message"].startswith("answers: must be one of all, failures")
+    assert service.submitted == []
+
+
 @given(st.lists(st.builds(Answer, st.sampled_from(["OK", "SYNTAX", "REJECTED", "UNAVAILABLE"]), st.text(),
                           st.sampled_from(["ok", "syntax", "limit", "key-reused"]), st.booleans()), max_size=20))
 def test_a_batch_s_answers_are_the_json_of_their_bodies(answers):
