@@ -14,8 +14,8 @@ baseline measured in the same round:
 * commands/s sustained: 32 channels at once, one writer process per channel pipelining;
   baseline: the same commands posted directly from 32 REST clients.
 * bulk install of 1k / 10k / 100k IP filters over 1,000 middleboxes through the batch
-  endpoint (asking for failures only, as a bulk loader does), each size on a fresh bridge of a fresh switch with a fresh controller every
-  round; baseline: ``ovs-ofctl --bundle add-flows`` of exactly the flows the controller
+  endpoint (asking for failures only, as a bulk loader does), each size on a fresh bridge
+  of a fresh switch with a fresh controller every round; baseline: ``ovs-ofctl --bundle add-flows`` of exactly the flows the controller
   installed, into the emptied bridge (``bench/controller.py``'s install).  The two tables
   (sorted ``dump-flows --no-stats``) must be identical, or the run fails: "flows
   identical" says they were.  ovs-vswitchd's CPU (utime+stime) for the install beside its
