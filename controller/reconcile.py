@@ -9,9 +9,10 @@ mbvisor's cookie tag are considered, so other applications' flows are never touc
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from .flows import SwitchConfig
 from .pipeline import COOKIE_TAG, COOKIE_TAG_MASK, Flow, Group
@@ -51,10 +52,22 @@ def same_flow(desired: Flow, installed: Flow) -> bool:
     return (desired.actions, desired.cookie) == (installed.actions, installed.cookie)
 
 
+PAUSE_EVERY = 1024
+
+
+def _pausing(items: Iterable, pause: Callable[[], None]) -> Iterator:
+    """``items``, with ``pause()`` after every PAUSE_EVERY of them."""
+    iterator = iter(items)
+    while batch := tuple(itertools.islice(iterator, PAUSE_EVERY)):
+        yield from batch
+        pause()
+
+
 def reconcile(desired: SwitchConfig, flows: Iterable[Flow], groups: Iterable[Group],
               managed_groups: set[int] | None = None,
               same: Callable[[Flow, Flow], bool] = same_flow,
-              same_group: Callable[[Group, Group], bool] = operator.eq) -> Changes:
+              same_group: Callable[[Group, Group], bool] = operator.eq,
+              pause: Callable[[], None] = lambda: None) -> Changes:
     """Messages that turn the installed ``flows``/``groups`` into ``desired``.
 
     ``managed_groups`` are the group ids mbvisor may delete (groups carry no cookie); by
@@ -62,9 +75,10 @@ def reconcile(desired: SwitchConfig, flows: Iterable[Flow], groups: Iterable[Gro
     compare a desired item with an installed one (the shell compares wire encodings).
     Flows come in no particular order: the changes of one job go to the switch in one
     bundle, and no two of them share an identity, so their order changes nothing there
-    (sorting 200,000 matches cost more than encoding them).  Groups are few: sorted."""
-    wanted = {_identity(f): f for f in desired.flows}
-    present = {_identity(f): f for f in flows if ours(f)}
+    (sorting 200,000 matches cost more than encoding them).  Groups are few: sorted.
+    ``pause`` is called every PAUSE_EVERY flows read (see ``compile_switch``)."""
+    wanted = {_identity(f): f for f in _pausing(desired.flows, pause)}
+    present = {_identity(f): f for f in _pausing(flows, pause) if ours(f)}
     add = tuple(f for key, f in wanted.items() if key not in present)
     modify = tuple(f for key, f in wanted.items() if key in present and not same(f, present[key]))
     delete = tuple(f for key, f in present.items() if key not in wanted)

@@ -16,6 +16,7 @@ only moves their results to the switch and records what it then holds.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -352,8 +353,9 @@ class SwitchReconciler:
             self.listing_cost = (self.listed_at - started) / max(1, self.installed.flow_count())
             self._resolve_backends(self.service.state.on(self.dpid))
             state = self.service.state
-            desired = compile_switch(state, self.dpid, self._surroundings())
-            changes = self._diff(desired, self.installed.all_flows(), set(self.installed.groups))
+            pace = Pacer()
+            desired = compile_switch(state, self.dpid, self._surroundings(), pace)
+            changes = self._diff(desired, self.installed.all_flows(), set(self.installed.groups), pace)
             errors = self._send(changes)
             if errors:
                 log.warning("switch %016x: the reconciliation was refused (%s); again middlebox by middlebox",
@@ -402,8 +404,9 @@ class SwitchReconciler:
         if not (self.connected and self.synced):
             return  # the reconciliation still to come compiles the new annotations
         try:
-            errors = self._send(self._diff(compile_switch(self.service.state, self.dpid, self._surroundings()),
-                                           self.installed.all_flows(), set(self.installed.groups)))
+            pace = Pacer()
+            errors = self._send(self._diff(compile_switch(self.service.state, self.dpid, self._surroundings(), pace),
+                                           self.installed.all_flows(), set(self.installed.groups), pace))
         except SwitchUnreachable as error:
             errors = [str(error)]
         if errors:
@@ -654,9 +657,10 @@ class SwitchReconciler:
                 modify.append(flow)
         return Changes(add_flows=tuple(add), modify_flows=tuple(modify))
 
-    def _diff(self, desired: SwitchConfig, installed, managed_groups: set[int]) -> Changes:
+    def _diff(self, desired: SwitchConfig, installed, managed_groups: set[int],
+              pause: collections.abc.Callable[[], None] = lambda: None) -> Changes:
         """What turns ``installed`` into ``desired`` (as compiled: placed here among the
-        switch's tables, see placement.py)."""
+        switch's tables, see placement.py); ``pause`` as ``reconcile``'s."""
         placement = self.service.settings.placement
         if not placement.is_default:
             desired = SwitchConfig(frozenset(map(placement.flow, desired.flows)),
@@ -668,7 +672,7 @@ class SwitchReconciler:
             return self._group_wire(want, self.link.datapath) == self.installed.groups.get(have.group_id)
 
         present_groups = [Group(i, ()) for i in self.installed.groups if i in managed_groups]
-        return reconcile(desired, installed, present_groups, managed_groups, same_flow, same_group)
+        return reconcile(desired, installed, present_groups, managed_groups, same_flow, same_group, pause)
 
     def _actions_wire(self, actions: tuple) -> bytes:
         """An installed flow's actions as wire bytes: read from the switch they are

@@ -225,3 +225,29 @@ def test_a_compiled_switch_reconciles_to_nothing_against_itself():
     gone = reconcile(base_config(), desired.flows, desired.groups)
     assert set(gone.delete_flows) == desired.flows - base_config().flows
     assert set(gone.delete_groups) == {g.group_id for g in desired.groups}
+
+
+def test_reconcile_pauses_every_so_many_flows_read_and_answers_the_same():
+    """The shell yields to other switches' work at each pause while it reconciles a
+    reconnected switch; the answer is the one without pauses."""
+    desired = [flow(3000, eth_dst=MAC, ipv4_src=f"10.0.{i // 250}.{i % 250}") for i in range(2500)]
+    installed = [flow(3000, eth_dst=MAC, ipv6_src=f"fd00::{i:x}") for i in range(700)]
+    pauses = []
+    changes = reconcile(config(desired), installed, [], pause=lambda: pauses.append(1))
+    assert changes == reconcile(config(desired), installed, [])
+    assert len(changes.add_flows) == 2500 and len(changes.delete_flows) == 700
+    assert len(pauses) >= (2500 + 700) // 1024
+
+
+def test_compile_switch_pauses_after_each_middlebox_and_answers_the_same():
+    state = State()
+    for n in range(5):
+        mac = f"52:34:56:00:13:{n:02x}"
+        binding = Binding(0xA1, 10 + n)
+        state = apply(state, binding, parse_command(f"R F {mac} 10.0.1.{n + 1}")).state
+        state = apply(state, binding, parse_command(f"A {mac} I 4 s 10.9.{n}.0/24")).state
+    pauses = []
+    surroundings = Surroundings()
+    assert compile_switch(state, 0xA1, surroundings, lambda: pauses.append(1)) == compile_switch(state, 0xA1,
+                                                                                               surroundings)
+    assert len(pauses) == 5
