@@ -20,6 +20,7 @@ from pathlib import Path
 from . import answers, ring
 from .channel_errors import AnswerLost, ChannelBusy, ChannelError, CommandTooLong, ResponseTimeout, RingFull
 from .errors import CommandError
+from .follow.balancer import DEFAULT_RESEND_EVERY, BalancerFollower
 from .follow.follower import DEFAULT_LOCK_DIR, DEFAULT_RESYNC_EVERY, Follower, FollowError, LockError
 from .follow.source import NotOffloadable, SourceError
 from .grammar import format_frame, parse_frame
@@ -212,9 +213,9 @@ middlebox.  See docs/adapters.md."""
 def _follow_commands(sub, command, shared) -> None:
     """``follow nft`` and ``follow ipset`` with the options they share."""
     described = {"description": FOLLOW_DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter}
-    follow = sub.add_parser("follow", help="keep the host's filters equal to an nftables set or an ipset",
+    follow = sub.add_parser("follow", help="keep the host's filters equal to an nftables set or an ipset, or its redirect to IPVS",
                             parents=[shared], allow_abbrev=False, **described)
-    tools = follow.add_subparsers(dest="tool", required=True, metavar="nft|ipset")
+    tools = follow.add_subparsers(dest="tool", required=True, metavar="nft|ipset|ipvs")
     nft = command(tools, "nft", "follow nftables sets", **described)
     nft.add_argument("--set", dest="sets", nargs=3, action="append", required=True,
                      metavar=("FAMILY", "TABLE", "SET"), help="an nftables set, e.g. --set inet filter blocklist; "
@@ -232,6 +233,67 @@ def _follow_commands(sub, command, shared) -> None:
         tool.add_argument("--verbose", action="store_true", help="a status line for every frame sent")
         tool.add_argument("--lock-dir", default=DEFAULT_LOCK_DIR, metavar="DIR",
                           help=f"where the one-follower-per-middlebox lock is (default {DEFAULT_LOCK_DIR})")
+    _follow_ipvs_command(tools, command)
+
+
+FOLLOW_IPVS_DESCRIPTION = """\
+Keep the host's redirect of the middlebox's address equal to the IPVS services on it: when
+every service on --ip can be offloaded (masquerading, equal shares, no persistence, the
+port unchanged, one pool; see docs/adapters.md) the pool is registered with
+R L <mac> <ip> 0 * <pool>, and registered again when the pool changes.  Every other service
+is reported once, with the reason, and left to IPVS.  Nothing else is ever sent, except with
+--withdraw-by-cancel: the grammar cannot remove one redirect, so when IPVS may no longer be
+offloaded the follower then cancels the middlebox (X), only after the host has said that it
+is not registered for firewall offload.  Without it the redirect stays and that is reported.
+--ip states that the balanced services are all the address serves: the redirect takes every
+packet to it."""
+
+
+def _follow_ipvs_command(tools, command) -> None:
+    """``follow ipvs``: its own options (a redirect is no list of filters)."""
+    ipvs = command(tools, "ipvs", "follow IPVS virtual services (a load-balancer redirect)",
+                   description=FOLLOW_IPVS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ipvs.add_argument("--ip", required=True, help="the middlebox's address, the one its IPVS services are on")
+    ipvs.add_argument("--poll-interval", type=float, metavar="S",
+                      help="read IPVS this often (IPVS has no change events; default: the adapter's, 4 s)")
+    ipvs.add_argument("--resync-every", type=float, default=DEFAULT_RESEND_EVERY, metavar="S",
+                      help="register the redirect again this often, which repairs a host that lost it (default "
+                           f"{DEFAULT_RESEND_EVERY:g}; the host cannot be asked for its redirects)")
+    ipvs.add_argument("--withdraw-by-cancel", action="store_true",
+                      help="the redirect is the middlebox's only offload: withdraw it with X when IPVS may no "
+                           "longer be offloaded")
+    ipvs.add_argument("--once", action="store_true", help="sync once and exit (exit 1 if a service is not "
+                                                          "offloaded or the redirect could not be withdrawn)")
+    ipvs.add_argument("--verbose", action="store_true", help="a status line for every frame sent")
+    ipvs.add_argument("--lock-dir", default=DEFAULT_LOCK_DIR, metavar="DIR",
+                      help=f"where the one-follower-per-middlebox lock is (default {DEFAULT_LOCK_DIR})")
+
+
+def follow_ipvs(writer: ChannelWriter, args: argparse.Namespace) -> int:
+    """Run the IPVS follower until SIGTERM or SIGINT (or one sync, with --once).  The adapter
+    is imported only here: it needs ipvsadm in the guest."""
+    from .follow.ipvs import IpvsSource
+
+    if args.poll_interval is not None and not args.poll_interval > 0:
+        return fail("--poll-interval must be a number of seconds above 0", EXIT_USAGE, args)
+    try:
+        polling = {} if args.poll_interval is None else {"poll_interval": args.poll_interval}
+        source = IpvsSource(args.ip, **polling)
+        follower = BalancerFollower(writer, args.mac, source, resend_every=args.resync_every, timeout=args.timeout,
+                                    verbose=args.verbose, withdraw_by_cancel=args.withdraw_by_cancel,
+                                    lock_dir=args.lock_dir)
+    except CommandError as error:
+        return fail(f"follow: --ip: {error.detail}", EXIT_USAGE, args)
+    previous = {sig: signal.signal(sig, lambda *_: follower.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with follower:
+            problems = follower.run(once=args.once)
+    except (SourceError, LockError) as error:
+        return fail(f"follow: {error}", EXIT_NOT_FOLLOWED, args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_HOST_ERROR if args.once and problems else EXIT_OK
 
 
 def follow_sources(args: argparse.Namespace) -> list:
@@ -342,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
                 return show_status(region, args)
             writer = ChannelWriter(region)
             if args.action == "follow":
-                return follow(writer, args)
+                return (follow_ipvs if args.tool == "ipvs" else follow)(writer, args)
             if args.action == "init":
                 epoch = writer.initialise(timeout=args.timeout)
                 print(json.dumps({"epoch": f"{epoch:#010x}"}) if args.json else
