@@ -213,8 +213,8 @@ middlebox.  See docs/adapters.md."""
 def _follow_commands(sub, command, shared) -> None:
     """``follow nft`` and ``follow ipset`` with the options they share."""
     described = {"description": FOLLOW_DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter}
-    follow = sub.add_parser("follow", help="keep the host's filters equal to an nftables set or an ipset, or its redirect to IPVS",
-                            parents=[shared], allow_abbrev=False, **described)
+    follow = sub.add_parser("follow", parents=[shared], allow_abbrev=False, **described,
+                            help="keep the host's filters equal to an nftables set or an ipset, or its redirect to IPVS")
     tools = follow.add_subparsers(dest="tool", required=True, metavar="nft|ipset|ipvs")
     nft = command(tools, "nft", "follow nftables sets", **described)
     nft.add_argument("--set", dest="sets", nargs=3, action="append", required=True,
