@@ -210,6 +210,9 @@ keeps dropping what the middlebox would drop) unless --remove-on-exit.  One foll
 middlebox.  See docs/adapters.md."""
 
 
+FORWARDING = {"auto": None, "yes": True, "no": False}  # follow nft --forwarding: NftSetSource's forwarding
+
+
 def _follow_commands(sub, command, shared) -> None:
     """``follow nft`` and ``follow ipset`` with the options they share."""
     described = {"description": FOLLOW_DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter}
@@ -220,6 +223,10 @@ def _follow_commands(sub, command, shared) -> None:
     nft.add_argument("--set", dest="sets", nargs=3, action="append", required=True,
                      metavar=("FAMILY", "TABLE", "SET"), help="an nftables set, e.g. --set inet filter blocklist; "
                                                               "give --set again to follow several")
+    nft.add_argument("--forwarding", choices=sorted(FORWARDING), default="auto",
+                     help="whether the guest routes packets, so that the set must be dropped on the forward "
+                          "path as well as the input path: auto (default) reads the kernel's switch "
+                          "(net.ipv4.ip_forward, net.ipv6.conf.all.forwarding) at each verdict")
     ipset = command(tools, "ipset", "follow ipsets (hash:ip, hash:net)", **described)
     ipset.add_argument("--set", dest="sets", action="append", required=True, metavar="NAME",
                        help="an ipset; give --set again to follow several")
@@ -300,7 +307,8 @@ def follow_sources(args: argparse.Namespace) -> list:
     """The adapters, imported only when followed: each needs its own tool in the guest."""
     if args.tool == "nft":
         from .follow.nft import NftSetSource
-        return [NftSetSource(family, table, name) for family, table, name in args.sets]
+        return [NftSetSource(family, table, name, forwarding=FORWARDING[args.forwarding])
+                for family, table, name in args.sets]
     from .follow.ipset import IpsetSource
     return [IpsetSource(name) for name in args.sets]
 

@@ -9,6 +9,7 @@ import json
 import os
 import select
 import subprocess
+import sys
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from mbvisor.guest.follow.nft import (
     NftMonitorWatch,
     NftSetSource,
     elements,
+    guest_forwards,
     parse_monitor_line,
     verdict_for,
 )
@@ -149,6 +151,34 @@ def test_a_guest_that_forwards_nothing_needs_the_drop_on_input_only(netns):
     netns.nft("flush", "ruleset")
     netns.load(table(f"{FORWARD}; ip saddr @s drop"))
     assert "addressed to it" in refusal(netns.ruleset(), "inet", "t", "s", forwarding=False)
+
+
+def _verdict_inside(netns, forwarding: str) -> str:
+    """``mbctl follow nft``'s source judged inside the namespace with the guest's
+    ip_forward set to ``forwarding``, as the follower judges it there (None: read it)."""
+    subprocess.run(["ip", "netns", "exec", netns.name, "sysctl", "-qw", f"net.ipv4.ip_forward={forwarding}"],
+                   check=True, timeout=30)
+    program = ("from mbvisor.guest.follow.nft import NftSetSource\n"
+               "from mbvisor.guest.follow.source import NotOffloadable\n"
+               "try:\n    print(NftSetSource('inet', 't', 's', forwarding=None).verdict())\n"
+               "except NotOffloadable as refusal:\n    print('refused:', refusal)\n")
+    done = subprocess.run(["ip", "netns", "exec", netns.name, sys.executable, "-c", program], check=True,
+                          capture_output=True, text=True, timeout=60)
+    return done.stdout.strip()
+
+
+@pytest.mark.host
+def test_the_guest_s_own_forwarding_switch_decides_whether_the_forward_path_must_drop(netns):
+    netns.load(table(f"{INPUT}; ip saddr @s drop"))
+    assert _verdict_inside(netns, "0") == str(Verdict(frozenset({SOURCE})))
+    assert "not on the forward path" in _verdict_inside(netns, "1")
+
+
+def test_an_unreadable_forwarding_switch_counts_as_forwarding(tmp_path):
+    (tmp_path / "proc/sys/net/ipv4").mkdir(parents=True)
+    (tmp_path / "proc/sys/net/ipv4/ip_forward").write_text("0\n")
+    assert guest_forwards("ipv4_addr", str(tmp_path)) is False
+    assert guest_forwards("ipv6_addr", str(tmp_path)) is True  # no such file: the stricter verdict
 
 
 REFUSALS = {

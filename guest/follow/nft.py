@@ -410,13 +410,29 @@ class NftMonitorWatch:
         self._process.stdout.close()
 
 
+# Whether the guest routes packets of an address type: its kernel's forwarding switch.
+_FORWARDING_SWITCHES = {"ipv4_addr": "/proc/sys/net/ipv4/ip_forward",
+                        "ipv6_addr": "/proc/sys/net/ipv6/conf/all/forwarding"}
+
+
+def guest_forwards(address_type: str, root: str = "") -> bool:
+    """Whether this network namespace forwards packets of ``address_type`` (unreadable:
+    taken as yes, the stricter verdict)."""
+    try:
+        with open(root + _FORWARDING_SWITCHES[address_type]) as switch:
+            return switch.read().strip() != "0"
+    except OSError:
+        return True
+
+
 class NftSetSource:
     """A set of the guest's nftables, read with the real ``nft``.  `nft` is its path or an
     argument prefix (``["ip", "netns", "exec", NS, "nft"]``) that must exec nft in place,
-    so the monitor's process is nft itself; `forwarding`: see `verdict_for`."""
+    so the monitor's process is nft itself; `forwarding`: see `verdict_for`, None to read
+    this namespace's forwarding switch for the set's type at each verdict."""
 
     def __init__(self, family: str, table: str, set_name: str, *, nft: str | list[str] = "nft",
-                 forwarding: bool = True):
+                 forwarding: bool | None = True):
         self.family, self.table, self.set_name = family, table, set_name
         self.description = f"nft set {family} {table} {set_name}"
         self._nft = [nft] if isinstance(nft, str) else list(nft)
@@ -437,8 +453,11 @@ class NftSetSource:
             raise SourceError(f"{self.description}: nft -j {' '.join(arguments)} printed no JSON") from None
 
     def verdict(self) -> Verdict:
-        return verdict_for(self._json("list", "ruleset"), self.family, self.table, self.set_name,
-                           forwarding=self._forwarding)
+        ruleset = self._json("list", "ruleset")
+        forwarding = self._forwarding
+        if forwarding is None:
+            forwarding = guest_forwards(_address_type(ruleset, self.family, self.table, self.set_name))
+        return verdict_for(ruleset, self.family, self.table, self.set_name, forwarding=forwarding)
 
     def snapshot(self) -> dict[str, float | None]:
         return elements(self._json("list", "set", self.family, self.table, self.set_name))
