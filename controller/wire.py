@@ -15,6 +15,7 @@ more than the flows themselves.  tests/test_wire.py checks byte equality with os
 
 from __future__ import annotations
 
+import operator
 import socket
 import struct
 from functools import lru_cache
@@ -115,9 +116,20 @@ def match_bytes(parser, match) -> bytes:
         if len(shapes) >= MAX_CACHED_SHAPES:
             shapes.clear()
         around = shapes[shape] = _around(parser, tlvs, match[:-1], field[0])
+    if around is _NO_GAP:
+        return _sorted_match(parser, tlvs, match)
     before, after, others = around
     length = 4 + others + len(field[1])
     return _MATCH_HEADER.pack(ofp.OFPMT_OXM, length) + before + field[1] + after + _PADS[length % 8]
+
+
+def _sorted_match(parser, tlvs: dict, match) -> bytes:
+    """The match's TLVs sorted into os-ken's order one by one (a stable sort: fields of
+    the same place, the experimenter ones, keep the match's order, as os-ken keeps them)."""
+    fields = sorted((tlvs.get(pair) or _cached_field(parser, tlvs, pair) for pair in match), key=_place)
+    body = b"".join([tlv for _, tlv in fields])
+    length = 4 + len(body)
+    return _MATCH_HEADER.pack(ofp.OFPMT_OXM, length) + body + _PADS[length % 8]
 
 
 def _cached_field(parser, tlvs: dict, pair: tuple) -> tuple[tuple, bytes]:
@@ -127,10 +139,13 @@ def _cached_field(parser, tlvs: dict, pair: tuple) -> tuple[tuple, bytes]:
     return field
 
 
-def _around(parser, tlvs: dict, others: tuple, order: tuple) -> tuple[bytes, bytes, int]:
+def _around(parser, tlvs: dict, others: tuple, order: tuple) -> tuple[bytes, bytes, int] | object:
     """The TLVs of ``others`` in os-ken's order, joined into those before and those after
-    a field of ``order``, and their length."""
-    fields = sorted(tlvs.get(pair) or _cached_field(parser, tlvs, pair) for pair in others)
+    a field of ``order``, and their length; _NO_GAP if one of them shares that place (two
+    experimenter fields): then the order is the match's, not a gap's."""
+    fields = sorted((tlvs.get(pair) or _cached_field(parser, tlvs, pair) for pair in others), key=_place)
+    if any(place == order for place, _ in fields):
+        return _NO_GAP
     before = b"".join(tlv for place, tlv in fields if place < order)
     after = b"".join(tlv for place, tlv in fields if place > order)
     return before, after, len(before) + len(after)
@@ -147,6 +162,8 @@ MAX_CACHED_SHAPES = 4096
 _MATCH_HEADER = struct.Struct("!HH")
 _EMPTY_MATCH = _MATCH_HEADER.pack(ofp.OFPMT_OXM, 4) + bytes(4)
 _PADS = tuple(bytes(-length % 8) for length in range(8))
+_NO_GAP = object()
+_place = operator.itemgetter(0)
 
 
 class BundleFrame(NamedTuple):

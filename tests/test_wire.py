@@ -136,3 +136,17 @@ def test_a_match_encodes_the_same_from_the_field_cache_and_after_it_is_cleared(f
             table[parser] = {("filler", n): None for n in range(size)}
             assert wire.match_bytes(parser, match) == bytes(expected)  # a full table is cleared first
             assert ("filler", 0) not in table[parser] and 0 < len(table[parser]) <= len(match)
+
+
+def test_match_bytes_keeps_every_field_when_two_share_os_ken_s_order():
+    """Every experimenter OXM field (tcp_flags and pbb_uca in OpenFlow 1.3) has the
+    experimenter id as its os-ken order key: ``_around`` keeps only the fields strictly
+    before or after the last one's place, so a field tied with it vanishes from the match
+    (and its length), and the tie is broken by TLV bytes rather than os-ken's stable order."""
+    from os_ken.ofproto import ofproto_v1_3_parser as parser
+    from mbvisor.controller.ofmessages import ofp_match
+
+    for match in ((("pbb_uca", 1), ("tcp_flags", 2)), (("eth_type", 2048), ("tcp_flags", 2), ("pbb_uca", 1))):
+        expected = bytearray()
+        ofp_match(parser, match).serialize(expected, 0)
+        assert wire.match_bytes(parser, match) == bytes(expected), match
