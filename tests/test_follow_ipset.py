@@ -317,3 +317,32 @@ def test_a_set_used_only_by_ip6tables_is_judged_there_whatever_iptables_says():
     assert verdict_for(accepting, dropping, "v6", forwarding=False) == Verdict(frozenset({DESTINATION}))
     with pytest.raises(NotOffloadable, match="^no iptables or ip6tables rule uses set v6$"):
         verdict_for(accepting, accepting, "v6")
+
+
+# --- 4. ipset verdict: address rewriting and set refreshing are not read ----------------------
+
+IPTABLES_HEAD = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+
+
+def test_ipset_a_dnat_before_the_filter_refuses_a_set_dropped_by_destination():
+    """nat PREROUTING runs before the filter: 203.0.113.10 DNATed to an internal server is
+    matched by the destination set as 10.1.0.10, so the switch, which sees 203.0.113.10,
+    must not drop by destination (as the nft adapter refuses any dnat)."""
+    save = ("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n"
+            "-A PREROUTING -d 203.0.113.10/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.1.0.10\n"
+            "COMMIT\n" + IPTABLES_HEAD +
+            "-A INPUT -m set --match-set bl dst -j DROP\n-A FORWARD -m set --match-set bl dst -j DROP\nCOMMIT\n")
+    with pytest.raises(NotOffloadable, match="rewrites destination addresses before the filter"):
+        verdict_for(save, "", "bl", forwarding=True)
+    assert verdict_for(save.replace(" dst ", " src "), "", "bl") == Verdict(frozenset({SOURCE}))
+
+
+def test_ipset_a_rule_that_refreshes_the_set_from_the_packet_path_is_refused():
+    """``-j SET --add-set bl src --exist`` renews a ban while the attacker keeps sending:
+    offloaded, its packets would never reach the guest to renew it, the ban would expire
+    and the attacker be back (the nft adapter refuses ``update @set`` alike)."""
+    save = (IPTABLES_HEAD +
+            "-A INPUT -m set --match-set bl src -j SET --add-set bl src --exist --timeout 600\n"
+            "-A INPUT -m set --match-set bl src -j DROP\nCOMMIT\n")
+    with pytest.raises(NotOffloadable, match="changes set bl from the packet path"):
+        verdict_for(save, "", "bl", forwarding=False)

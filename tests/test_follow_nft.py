@@ -453,3 +453,34 @@ def test_fail2ban_rulesets(netns, case):
     if options.get("type") == "custom":  # on the input hook: offloadable where the guest forwards nothing
         offloaded = verdict_for(ruleset, "inet", "f2b-table", "addr-set-sshd", forwarding=False)
         assert offloaded == Verdict(frozenset({SOURCE}))
+
+
+# --- rulesets whose drops the guest does not make as the switch would --------------------------
+
+@pytest.mark.host
+def test_nft_a_dormant_table_drops_nothing_so_its_set_is_not_offloaded(netns):
+    """``flags dormant``: the table's chains are on no hook and the guest drops nothing, so
+    the switch must not drop the set either.  (nft 1.0.6's JSON prints the table's flags
+    wrongly: the text listing is read for them.)"""
+    netns.load("""table inet filter {
+        flags dormant
+        set bl { type ipv4_addr; flags interval; }
+        chain prerouting { type filter hook prerouting priority -150; policy accept; ip saddr @bl drop; }
+    }""")
+    source = netns.source("inet", "filter", "bl", forwarding=True)
+    with pytest.raises(NotOffloadable, match="is dormant"):
+        source.verdict()
+
+
+@pytest.mark.host
+def test_nft_an_address_rewritten_by_an_earlier_chain_is_not_offloaded(netns):
+    """Stateless NAT (``ip saddr set``) in a chain before the drop's changes the address the
+    drop looks up: the guest lets 10.66.0.1 through as 192.0.2.1, so the switch, which sees
+    10.66.0.1, must not drop it."""
+    netns.load("""table ip t {
+        set bl { type ipv4_addr; flags interval; elements = { 10.66.0.1 } }
+        chain early { type filter hook prerouting priority -300; policy accept; ip saddr 10.66.0.1 ip saddr set 192.0.2.1; }
+        chain prerouting { type filter hook prerouting priority -150; policy accept; ip saddr @bl drop; }
+    }""")
+    with pytest.raises(NotOffloadable, match="rewrites source addresses"):
+        verdict_for(netns.ruleset(), "ip", "t", "bl", forwarding=True)

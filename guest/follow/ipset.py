@@ -139,6 +139,7 @@ class _Rule(NamedTuple):
     matches: list[str]
     target: str | None
     uses_set: bool
+    updates_set: bool  # -j SET --add-set/--del-set of the set: changed from the packet path
 
 
 def _read_rules(save_text: str, set_name: str) -> tuple[dict[str, str], dict[tuple[str, str], list[_Rule]]]:
@@ -159,8 +160,10 @@ def _read_rules(save_text: str, set_name: str) -> tuple[dict[str, str], dict[tup
                               and (i == 0 or body[i - 1] != "--comment")), len(body))
             target = body[target_at + 1] if target_at < len(body) - 1 else None
             uses_set = any(word == "--match-set" and body[i + 1] == set_name for i, word in enumerate(body[:-1]))
+            updates_set = any(word in ("--add-set", "--del-set") and body[i + 1] == set_name
+                              for i, word in enumerate(body[:-1]))
             chain_rules = rules.setdefault((table, words[1]), [])
-            chain_rules.append(_Rule(len(chain_rules) + 1, line, body[:target_at], target, uses_set))
+            chain_rules.append(_Rule(len(chain_rules) + 1, line, body[:target_at], target, uses_set, updates_set))
     return policies, rules
 
 
@@ -226,20 +229,41 @@ def _chain_direction(where: str, policy: str | None, rules: list[_Rule], set_nam
                          + elsewhere)
 
 
+# nat PREROUTING runs before the filter table: what these targets rewrite, the filter sees rewritten.
+_REWRITES_BEFORE_FILTER = {"DNAT": DESTINATION, "REDIRECT": DESTINATION, "NETMAP": DESTINATION}
+
+
+def _check_packet_path(tool: str, rules: dict[tuple[str, str], list[_Rule]], set_name: str) -> set[str]:
+    """NotOffloadable if a rule changes the set from the packet path; else the fields that
+    NAT rewrites before the filter sees them."""
+    rewritten = set()
+    for (table, chain), chain_rules in rules.items():
+        for rule in chain_rules:
+            if rule.updates_set:
+                raise NotOffloadable(f"{tool} {table} {chain} rule {rule.number} ({rule.text}) changes set {set_name}"
+                                     " from the packet path, and the packets the switch drops would no longer "
+                                     "refresh it")
+            if table == "nat" and chain == "PREROUTING" and rule.target in _REWRITES_BEFORE_FILTER:
+                rewritten.add(_REWRITES_BEFORE_FILTER[rule.target])
+    return rewritten
+
+
 def verdict_for(iptables_save_text: str, ip6tables_save_text: str, set_name: str, forwarding: bool = True) -> Verdict:
     """Whether dropping the set's members at the switch keeps what the rules do (the module
     docstring has the rules).  ``forwarding``: the guest routes packets of the set's family,
     so its FORWARD chain counts too."""
     chains = ("INPUT", "FORWARD") if forwarding else ("INPUT",)
     directions: set[str] = set()
+    rewritten: set[str] = set()
     used = False
     for tool, text in (("iptables", iptables_save_text), ("ip6tables", ip6tables_save_text)):
         policies, rules = _read_rules(text, set_name)
         places = [f"{table} {chain}" for (table, chain), chain_rules in rules.items()
-                  if any(rule.uses_set for rule in chain_rules)]
+                  if any(rule.uses_set or rule.updates_set for rule in chain_rules)]
         if not places:
             continue  # a set of the other family: the kernel refuses it in these rules
         used = True
+        rewritten |= _check_packet_path(tool, rules, set_name)
         others = [place for place in places if place not in {f"filter {chain}" for chain in chains}]
         elsewhere = f" (the set is used in {', '.join(others)} instead)" if others else ""
         for chain in chains:
@@ -255,6 +279,10 @@ def verdict_for(iptables_save_text: str, ip6tables_save_text: str, set_name: str
     if len(directions) > 1:
         raise NotOffloadable(f"INPUT matches set {set_name} by one address and FORWARD by the other;"
                              " one switch filter cannot tell the two paths apart")
+    if directions & rewritten:
+        raise NotOffloadable(f"a nat PREROUTING rule ({', '.join(sorted(t for t in _REWRITES_BEFORE_FILTER))}) rewrites "
+                             f"destination addresses before the filter matches set {set_name} by them, so the switch, "
+                             "which sees them unrewritten, would drop other packets")
     return Verdict(frozenset(directions))
 
 

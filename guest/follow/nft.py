@@ -186,8 +186,18 @@ def _chain_fields(chain: str, rules: list[dict], reference: str, other_family: t
 
 
 def _address_rewrites(expressions: list) -> set[str]:
-    """The NAT statements of a rule (they change the addresses later rules see)."""
-    return {_key(node) for node in _walk(expressions) if len(node) == 1} & {"dnat", "redirect", "snat"}
+    """The NAT statements of a rule (they change the addresses later rules see), a payload
+    rewrite of an address (stateless NAT: ``ip saddr set ...``) counted as its kind."""
+    keys = {_key(node) for node in _walk(expressions) if len(node) == 1} & {"dnat", "redirect", "snat"}
+    for node in _walk(expressions):
+        payload = node.get("mangle", {}).get("key", {}).get("payload", {}) if isinstance(node.get("mangle"), dict) \
+            else {}
+        if payload.get("protocol") in ("ip", "ip6") and payload.get("field") in _MANGLED_AS:
+            keys.add(_MANGLED_AS[payload["field"]])
+    return keys
+
+
+_MANGLED_AS = {"daddr": "dnat", "saddr": "saddr set"}
 
 
 def _nat_refusals(ruleset: dict) -> dict[str, str]:
@@ -204,6 +214,9 @@ def _nat_refusals(ruleset: dict) -> dict[str, str]:
         if "snat" in keys and hooks.get((rule["family"], rule["table"], rule["chain"])) == "input":
             refusals[SOURCE] = (f"an snat rule on the input hook ({where}) rewrites source addresses before the "
                                 "filter, so the switch, which sees them unrewritten, would drop other packets")
+        if "saddr set" in keys:
+            refusals[SOURCE] = (f"a rule ({where}) rewrites source addresses (ip saddr set), so the switch, which "
+                                "sees them unrewritten, would drop other packets")
     return refusals
 
 
@@ -410,6 +423,13 @@ class NftMonitorWatch:
         self._process.stdout.close()
 
 
+def is_dormant(table_listing: str) -> bool:
+    """Whether ``nft list table`` shows the table dormant (its chains on no hook).  Read
+    from the text: nftables 1.0.6's JSON prints a table's flags wrongly."""
+    return any(line.split()[:1] == ["flags"] and "dormant" in line.replace(",", " ").split()
+               for line in table_listing.splitlines())
+
+
 # Whether the guest routes packets of an address type: its kernel's forwarding switch.
 _FORWARDING_SWITCHES = {"ipv4_addr": "/proc/sys/net/ipv4/ip_forward",
                         "ipv6_addr": "/proc/sys/net/ipv6/conf/all/forwarding"}
@@ -439,20 +459,27 @@ class NftSetSource:
         self._forwarding = forwarding
 
     def _json(self, *arguments: str) -> dict:
-        command = [*self._nft, "-j", *arguments]
+        text = self._text("-j", *arguments)
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise SourceError(f"{self.description}: nft {' '.join(arguments)} printed no JSON") from None
+
+    def _text(self, *arguments: str) -> str:
+        command = [*self._nft, *arguments]
         try:
             done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as error:
             raise SourceError(f"{self.description}: cannot run {command[0]}: {error}") from None
         if done.returncode != 0:
             message = (done.stderr.strip() or f"exit status {done.returncode}").splitlines()[0]
-            raise SourceError(f"{self.description}: nft -j {' '.join(arguments)} failed: {message}")
-        try:
-            return json.loads(done.stdout)
-        except ValueError:
-            raise SourceError(f"{self.description}: nft -j {' '.join(arguments)} printed no JSON") from None
+            raise SourceError(f"{self.description}: nft {' '.join(arguments)} failed: {message}")
+        return done.stdout
 
     def verdict(self) -> Verdict:
+        if is_dormant(self._text("list", "table", self.family, self.table)):
+            raise NotOffloadable(f"table {self.family} {self.table} is dormant: its chains drop nothing, while the "
+                                 "switch would drop the set")
         ruleset = self._json("list", "ruleset")
         forwarding = self._forwarding
         if forwarding is None:
