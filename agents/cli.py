@@ -249,7 +249,7 @@ def lab(args: argparse.Namespace) -> int:
     return run_lab(args.hypervisors, args.hosts_per_hypervisor)
 
 
-BENCHMARKS = ("wakeups", "latency", "throughput", "control", "scale", "datacentre", "all", "report",
+BENCHMARKS = ("wakeups", "latency", "throughput", "control", "scale", "datacentre", "follow", "all", "report",
               "channel", "controller", "agent")
 
 

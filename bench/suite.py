@@ -1,5 +1,5 @@
 """mbvisor bench all: the report's three experiments and the control plane's limits, one
-benchmark after the other (wakeups, latency, throughput, control, scale, datacentre), each writing
+benchmark after the other (wakeups, latency, throughput, control, scale, datacentre, follow), each writing
 ``results/bench/<name>.json``; then docs/benchmarks.md and its plot are written from them.
 
 Each benchmark runs as its own process (a failure or Ctrl-C in one cleans up after itself
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mbvisor.bench.report import write_report
 
-BENCHMARKS = ("wakeups", "latency", "throughput", "control", "scale", "datacentre")
+BENCHMARKS = ("wakeups", "latency", "throughput", "control", "scale", "datacentre", "follow")
 BUDGET_S = 20 * 60
 
 

@@ -73,7 +73,7 @@ def test_summary_lists_every_target_with_its_verdict(generated):
     assert "| control | controller memory | controller | 212 [210–215] MB | ≤ 300 MB | **PASS** |" in summary
     assert "direct" not in summary  # a row without target is only in its benchmark's table
     assert "2 PASS, 3 MISS of 5 targets." in summary
-    assert "Not run: wakeups, throughput, scale, datacentre." in summary
+    assert "Not run: wakeups, throughput, scale, datacentre, follow." in summary
 
 
 def test_each_benchmark_has_a_section(generated):
@@ -174,7 +174,7 @@ def test_empty_results_directory_lists_everything_as_not_run(tmp_path):
     (tmp_path / "results").mkdir()
     report.write_report(tmp_path / "results", tmp_path / "benchmarks.md", tmp_path / "benchmarks.png")
     page = (tmp_path / "benchmarks.md").read_text()
-    assert "No target measured." in page and "Not run: wakeups, latency, throughput, control, scale, datacentre." in page
+    assert "No target measured." in page and "Not run: wakeups, latency, throughput, control, scale, datacentre, follow." in page
     assert (tmp_path / "benchmarks.png").read_bytes().startswith(PNG_MAGIC)
 
 

@@ -202,3 +202,12 @@ DELETE = sync.Step(False, (SOURCE, "10.0.0.1"))
 ])
 def test_each_answer_means_done_retry_soon_or_failed_until_the_next_resync(step, record, expected):
     assert sync.outcome(step, answers.parse(record)[0]) == expected
+
+
+def test_a_large_lists_resync_is_spaced_by_its_cost():
+    """A cheap re-sync keeps the configured period; one that costs 0.1 s of CPU (10,000
+    filters read in pages) comes no more often than 0.05 % of a core allows."""
+    assert sync.next_resync_after(60.0, 0.002) == 60.0
+    assert sync.next_resync_after(60.0, 0.1) == pytest.approx(200.0)
+    assert sync.next_resync_after(60.0, 0.1, share=0.01) == 60.0
+    assert sync.next_resync_after(60.0, 0.0) == 60.0
