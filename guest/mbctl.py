@@ -290,7 +290,7 @@ def follow_ipvs(writer: ChannelWriter, args: argparse.Namespace) -> int:
                                     verbose=args.verbose, withdraw_by_cancel=args.withdraw_by_cancel,
                                     lock_dir=args.lock_dir)
     except CommandError as error:
-        return fail(f"follow: --ip: {error.detail}", EXIT_USAGE, args)
+        return fail(f"follow: {error.detail}", EXIT_USAGE, args)
     previous = {sig: signal.signal(sig, lambda *_: follower.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with follower:
@@ -315,9 +315,12 @@ def follow_sources(args: argparse.Namespace) -> list:
 
 def follow(writer: ChannelWriter, args: argparse.Namespace) -> int:
     """Run a follower until SIGTERM or SIGINT (or one sync, with --once)."""
-    follower = Follower(writer, args.mac, follow_sources(args), resync_every=args.resync_every,
-                        timeout=args.timeout, verbose=args.verbose, remove_on_exit=args.remove_on_exit,
-                        lock_dir=args.lock_dir)
+    try:
+        follower = Follower(writer, args.mac, follow_sources(args), resync_every=args.resync_every,
+                            timeout=args.timeout, verbose=args.verbose, remove_on_exit=args.remove_on_exit,
+                            lock_dir=args.lock_dir)
+    except CommandError as error:
+        return fail(f"follow: {error.detail}", EXIT_USAGE, args)
     previous = {sig: signal.signal(sig, lambda *_: follower.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with follower:

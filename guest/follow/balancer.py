@@ -91,7 +91,7 @@ class BalancerFollower:
     def __init__(self, writer, mac: str, source: BalancerSource, *, resend_every: float = DEFAULT_RESEND_EVERY,
                  timeout: float = 5.0, verbose: bool = False, withdraw_by_cancel: bool = False,
                  lock_dir: str = DEFAULT_LOCK_DIR, report: Callable[[str], None] = _to_stderr):
-        self.writer, self.mac, self.source = writer, mac, source
+        self.writer, self.mac, self.source = writer, kinds.MAC_ADDRESS.parse(mac), source
         self.address = kinds.IP_ADDRESS.parse(source.middlebox_ip)
         self.resend_every, self.timeout, self.verbose = resend_every, timeout, verbose
         self.withdraw_by_cancel, self.lock_dir, self.report = withdraw_by_cancel, lock_dir, report

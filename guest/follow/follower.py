@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import IO, Callable, Iterable
 
 from .. import answers
+from .. import fields as kinds
 from ..backoff import Backoff
 from ..channel_errors import ChannelBusy, ChannelError, CommandTooLong, RingFull
 from ..commands import Layer, Query
@@ -84,7 +85,9 @@ class _Retry(Exception):
 def hold_lock(mac: str, directory: str) -> IO[str]:
     """One follower per middlebox: an exclusive flock on ``<directory>/follow-<mac>.lock``
     that holds the owner's pid.  The kernel drops it when the process ends, however it ends,
-    so a crashed follower never blocks the next one."""
+    so a crashed follower never blocks the next one.  Named by the MAC's canonical text, so
+    ``52:54:00:AB:CD:EF`` and ``52-54-00-ab-cd-ef`` are one middlebox."""
+    mac = kinds.MAC_ADDRESS.parse(mac)
     path = os.path.join(directory, f"follow-{mac.replace(':', '-')}.lock")
     try:
         os.makedirs(directory, exist_ok=True)
@@ -161,7 +164,7 @@ class Follower:
                  resync_every: float = DEFAULT_RESYNC_EVERY, timeout: float = 5.0, verbose: bool = False,
                  remove_on_exit: bool = False, lock_dir: str = DEFAULT_LOCK_DIR,
                  report: Callable[[str], None] = _to_stderr, resync_cpu_share: float = sync.RESYNC_CPU_SHARE):
-        self.writer, self.mac = writer, mac
+        self.writer, self.mac = writer, kinds.MAC_ADDRESS.parse(mac)  # as the host answers it, and locks it
         self.followed = [_Followed(source) for source in sources]
         self.resync_every, self.timeout, self.verbose = resync_every, timeout, verbose
         self.resync_cpu_share = resync_cpu_share  # re-syncs of a large list are spaced to cost at most this
@@ -542,20 +545,28 @@ class Follower:
         self.dirty |= self._desired() | self.on_host
 
     def _paged_read(self) -> set[sync.Entry]:
+        """The host's filters of the follower's shape, page by page.  Each page after the
+        first starts one line early: that line must be the one the last page ended with,
+        or the list changed between the pages (a filter deleted before the page and another
+        added after it keeps the count but moves every line) and it is read again."""
         found: set[sync.Entry] = set()
         for _ in range(PAGED_READ_ATTEMPTS):
-            found, skip, total = set(), 0, None
+            found, seen, total, last = set(), 0, None, None
             while True:
-                page = self._page(skip)
-                if total is not None and page.total != total:
-                    break  # the list changed between pages: read it again
+                page = self._page(max(0, seen - 1))
+                lines = page.lines
+                if total is not None:
+                    if page.total != total or not lines or lines[0] != last:
+                        break  # the list changed between pages: read it again
+                    lines = lines[1:]
                 total = page.total
-                found.update(entry for entry in (sync.owned_entry(line, self.mac) for line in page.lines) if entry)
-                skip += len(page.lines)
-                if skip >= total:
+                found.update(entry for entry in (sync.owned_entry(line, self.mac) for line in lines) if entry)
+                seen += len(lines)
+                if seen >= total:
                     return found
-                if not page.lines:
-                    raise HostRefused("the host's answer slots are too small to hold one filter line")
+                if not lines:
+                    raise HostRefused("the host's answer slots are too small to hold two filter lines")
+                last = lines[-1]
                 self._yield_to_changes()
         return found
 
