@@ -603,3 +603,23 @@ def test_the_mbvisor_action_offloads_a_ban_and_withdraws_it_at_the_unban(fresh, 
     site.wait_filters(set(), timeout=10, what=f"the unban on the host ({jail.log})")
     reaches_mb(site, site.attacker)
     assert "ERROR" not in jail.logged(), jail.logged()
+
+
+def test_an_unban_whose_filter_the_host_no_longer_holds_is_done_without_an_error(fresh, fail2ban):
+    """An operator deleted the ban's filter meanwhile: the host answers no-such-filter,
+    which for an unban means done (fail2ban never repeats a failed unban, so an error here
+    would only be noise)."""
+    site = fresh
+    jail = fail2ban(f'nftables[actionstart_on_demand=false]\n'
+                    f'         mbvisor[shm="{site.region}", mac="{MAC}", mbctl="{MBCTL}"]')
+    for attempt in range(3):
+        assert login(site, site.attacker, "root", f"guess{attempt}") == "denied"
+    wait_until(lambda: jail.banned() == [ATTACKER_IP], timeout=30, what=f"fail2ban to ban ({jail.log})")
+    site.wait_filters({source_filter(ATTACKER_IP)}, timeout=10, what=f"the ban on the host ({jail.log})")
+    site.mb.run([sys.executable, "-m", "mbvisor.guest.mbctl", "--shm", site.region, "filter", "del", "--mac", MAC,
+                 "--layer", "ip", "--src", ATTACKER_IP])
+    site.wait_filters(set(), timeout=10, what="the operator's delete")
+    jail.client("set", JAIL, "unbanip", ATTACKER_IP)
+    wait_until(lambda: jail.banned() == [], timeout=30, what="fail2ban to unban")
+    wait_until(lambda: "Unban" in jail.logged(), timeout=10, what=f"the unban logged ({jail.log})")
+    assert "ERROR" not in jail.logged(), jail.logged()
