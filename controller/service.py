@@ -29,7 +29,7 @@ from mbvisor.guest.errors import CommandError
 from mbvisor.guest.grammar import parse_command
 
 from .compat import arp, ether, ethernet, hub, icmpv6, ipv6, ipv6_protocol, packet
-from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, filter_cost
+from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, filter_cost, filters_cost
 from .health import BackendHealth
 from .ingress import link_local
 from .metrics import Metrics
@@ -43,7 +43,7 @@ from .trust import Inventory, PortIdentity, TrustMode, build_inventory
 from .ofmessages import normal_match
 from .ovstext import actions_text, flow_text
 from .reconciler import Failure, Job, SwitchReconciler
-from .requests import Answer, CommandRequest, SwitchUnavailable, clip, read_token_file
+from .requests import Answer, CommandRequest, SwitchUnavailable, clip, ok_answer, read_token_file
 from .store import Store, command_text
 from .switchlink import SwitchUnreachable
 
@@ -402,14 +402,14 @@ class Controller:
             if command.filter not in filters:
                 new.add(command.filter)
             if len(new) == known:  # the middlebox or the run has it already (hashing a filter is not cheap)
-                answers.append(Answer("OK", present_answer_text(command)))
+                answers.append(ok_answer(present_answer_text(command)))
                 continue
-            answers.append(Answer("OK", added_answer_text(command.mac, command.filter)))
+            answers.append(ok_answer(added_answer_text(command.mac, command.filter)))
             added.append(offset)
         if len(filters) + len(new) > draft.limits.filters:
             return None
         addresses, spent = self._flows_spent(middlebox, filters, context)
-        total = spent + sum(filter_cost(f, addresses) for f in new)
+        total = spent + filters_cost(new, addresses)
         if total > draft.limits.flows:
             return None
         if new:
@@ -488,7 +488,7 @@ class Controller:
         known = self.flow_costs.get(middlebox.key)
         if known is not None and known[0] is filters and known[1] == addresses:
             return addresses, known[2]
-        return addresses, sum(filter_cost(f, addresses) for f in filters)
+        return addresses, filters_cost(filters, addresses)
 
     def release(self, plan: Plan) -> None:
         """The job's keys are answered (or abandoned): others may use them again; its new

@@ -321,6 +321,19 @@ def test_a_filters_cost_is_its_own_compiled_flows_whatever_its_source(text):
         assert flows_module.filter_cost(filter, addresses) == len(compile_filters(alone, addresses))
 
 
+COST_SHAPES = ["I 4 s 10.66.0.0/16", "I 4 s 10.1.2.3", "I 12 s 10.0.0.0/8 d 10.0.0.5", "I 4 s 2001:db8::/32",
+               "I 5 s 2001:db8::1 p 58", "M 4 s aa:bb:cc:dd:ee:ff", "M 5 s 11:22:33:44:55:66 p ipv4",
+               "T 12 s 1000-1999 d 80", "I 1 p tcp", "I 8 d 10.0.0.5", "M 12 s aa:bb:cc:dd:ee:01 d " + MAC]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(COST_SHAPES), max_size=12), st.sampled_from([frozenset(), OWN]))
+def test_filters_cost_is_the_sum_of_their_costs(texts, addresses):
+    filters = [parse_command(f"A {MAC} {text}").filter for text in texts]
+    assert flows_module.filters_cost(filters, addresses) == sum(flows_module.filter_cost(f, addresses)
+                                                                for f in filters)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.tuples(st.ip_addresses(v=4), st.integers(0, 32)), st.tuples(st.ip_addresses(v=6), st.integers(0, 128))))
 def test_an_address_is_matched_as_ipaddress_reads_it(endpoint):

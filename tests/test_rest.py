@@ -596,3 +596,11 @@ def test_a_batch_is_read_as_its_items_one_by_one(dpid, changes):
     assert got == expected
     assert [type(request) for request in got] == [CommandRequest] * len(items)
     assert [request.key for request in got] == [request.key for request in expected]
+
+
+def test_an_ok_answer_made_in_bulk_is_the_named_tuple_s_own():
+    from mbvisor.controller.requests import ok_answer
+
+    made = ok_answer("added: A 52:34:56:00:12:22 I 4 s 10.0.0.1")
+    assert made == Answer("OK", "added: A 52:34:56:00:12:22 I 4 s 10.0.0.1")
+    assert type(made) is Answer and made.ok and made.code == "ok" and made.replayed is False
