@@ -291,16 +291,7 @@ def follow_ipvs(writer: ChannelWriter, args: argparse.Namespace) -> int:
                                     lock_dir=args.lock_dir)
     except CommandError as error:
         return fail(f"follow: {error.detail}", EXIT_USAGE, args)
-    previous = {sig: signal.signal(sig, lambda *_: follower.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with follower:
-            problems = follower.run(once=args.once)
-    except (SourceError, LockError) as error:
-        return fail(f"follow: {error}", EXIT_NOT_FOLLOWED, args)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return EXIT_HOST_ERROR if args.once and problems else EXIT_OK
+    return run_follower(follower, args)
 
 
 def follow_sources(args: argparse.Namespace) -> list:
@@ -314,17 +305,24 @@ def follow_sources(args: argparse.Namespace) -> list:
 
 
 def follow(writer: ChannelWriter, args: argparse.Namespace) -> int:
-    """Run a follower until SIGTERM or SIGINT (or one sync, with --once)."""
+    """Run a follower of nftables sets or ipsets."""
     try:
         follower = Follower(writer, args.mac, follow_sources(args), resync_every=args.resync_every,
                             timeout=args.timeout, verbose=args.verbose, remove_on_exit=args.remove_on_exit,
                             lock_dir=args.lock_dir)
     except CommandError as error:
         return fail(f"follow: {error.detail}", EXIT_USAGE, args)
+    return run_follower(follower, args)
+
+
+def run_follower(follower: Follower | BalancerFollower, args: argparse.Namespace) -> int:
+    """Run ``follower`` until SIGTERM or SIGINT (or one sync, with --once): exit 7 if what
+    it follows may not be offloaded, cannot be read or is followed already; 1 if the host
+    refused it (or, with --once, something was left out)."""
     previous = {sig: signal.signal(sig, lambda *_: follower.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with follower:
-            not_offloaded = follower.run(once=args.once)
+            left_out = follower.run(once=args.once)
     except (NotOffloadable, SourceError, LockError) as error:
         return fail(f"follow: {error}", EXIT_NOT_FOLLOWED, args)
     except FollowError as error:
@@ -332,7 +330,7 @@ def follow(writer: ChannelWriter, args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return EXIT_HOST_ERROR if args.once and not_offloaded else EXIT_OK
+    return EXIT_HOST_ERROR if args.once and left_out else EXIT_OK
 
 
 def send(writer: ChannelWriter, text: str, args: argparse.Namespace) -> int:

@@ -588,15 +588,22 @@ def test_d_the_default_fail2ban_nftables_action_is_refused_and_nothing_is_sent(f
 # --- the mbvisor fail2ban action ------------------------------------------------------------------
 
 
-def test_the_mbvisor_action_offloads_a_ban_and_withdraws_it_at_the_unban(fresh, fail2ban):
-    site = fresh
-    # As its header says: beside the usual banaction (the guest still drops on its own).
+def banned_with_the_mbvisor_action(site: Site, fail2ban) -> Fail2ban:
+    """A jail with the mbvisor action beside the usual banaction (as its header says: the
+    guest still drops on its own), after the attacker's three failed logins: banned, and
+    the ban on the host."""
     jail = fail2ban(f'nftables[actionstart_on_demand=false]\n'
                     f'         mbvisor[shm="{site.region}", mac="{MAC}", mbctl="{MBCTL}"]')
     for attempt in range(3):
         assert login(site, site.attacker, "root", f"guess{attempt}") == "denied"
     wait_until(lambda: jail.banned() == [ATTACKER_IP], timeout=30, what=f"fail2ban to ban ({jail.log})")
     site.wait_filters({source_filter(ATTACKER_IP)}, timeout=10, what=f"the ban on the host ({jail.log})")
+    return jail
+
+
+def test_the_mbvisor_action_offloads_a_ban_and_withdraws_it_at_the_unban(fresh, fail2ban):
+    site = fresh
+    jail = banned_with_the_mbvisor_action(site, fail2ban)
     assert listed_elements(site, "inet", F2B_TABLE, F2B_SET) == {ATTACKER_IP}  # the guest's own ban too
     dropped_in_switch(site, site.attacker)
     wait_until(lambda: jail.banned() == [], timeout=BANTIME + 30, what="fail2ban to unban")
@@ -610,12 +617,7 @@ def test_an_unban_whose_filter_the_host_no_longer_holds_is_done_without_an_error
     which for an unban means done (fail2ban never repeats a failed unban, so an error here
     would only be noise)."""
     site = fresh
-    jail = fail2ban(f'nftables[actionstart_on_demand=false]\n'
-                    f'         mbvisor[shm="{site.region}", mac="{MAC}", mbctl="{MBCTL}"]')
-    for attempt in range(3):
-        assert login(site, site.attacker, "root", f"guess{attempt}") == "denied"
-    wait_until(lambda: jail.banned() == [ATTACKER_IP], timeout=30, what=f"fail2ban to ban ({jail.log})")
-    site.wait_filters({source_filter(ATTACKER_IP)}, timeout=10, what=f"the ban on the host ({jail.log})")
+    jail = banned_with_the_mbvisor_action(site, fail2ban)
     site.mb.run([sys.executable, "-m", "mbvisor.guest.mbctl", "--shm", site.region, "filter", "del", "--mac", MAC,
                  "--layer", "ip", "--src", ATTACKER_IP])
     site.wait_filters(set(), timeout=10, what="the operator's delete")

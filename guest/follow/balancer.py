@@ -23,7 +23,6 @@ one-follower-per-middlebox lock this follower shares.  Standard library only.
 
 from __future__ import annotations
 
-import os
 import select
 import sys
 import time
@@ -36,7 +35,7 @@ from ..backoff import Backoff
 from ..channel_errors import ChannelError, CommandTooLong
 from ..commands import Cancel, Layer, Query, RegisterLoadBalancer, check_load_balancer
 from ..grammar import format_command, format_frame
-from .follower import DEFAULT_LOCK_DIR, hold_lock
+from .follower import DEFAULT_LOCK_DIR, Stopper, hold_lock
 from .source import SourceError, Watch
 from .sync import passing
 
@@ -112,8 +111,7 @@ class BalancerFollower:
         self._lock: IO[str] | None = None
         self._synced = False
         self._started_at = 0.0
-        self._stop_read, self._stop_write = os.pipe()
-        os.set_blocking(self._stop_write, False)
+        self._stopper = Stopper()
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -155,10 +153,7 @@ class BalancerFollower:
 
     def stop(self) -> None:
         """End ``run`` at its next wake-up (at once: it wakes for this)."""
-        try:
-            os.write(self._stop_write, b".")
-        except OSError:  # already asked (the pipe is full) or closed
-            pass
+        self._stopper.stop()
 
     def close(self) -> None:
         """Stop the watch and release the lock (the redirect stays on the host).  Idempotent."""
@@ -168,11 +163,7 @@ class BalancerFollower:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
-        descriptors = (self._stop_read, self._stop_write)
-        self._stop_read = self._stop_write = -1  # first: a late stop() must not write to a reused number
-        for descriptor in descriptors:
-            if descriptor >= 0:
-                os.close(descriptor)
+        self._stopper.close()
 
     def problems(self) -> int:
         """Services IPVS keeps for itself (refused), plus one if the host refused the redirect
@@ -317,7 +308,7 @@ class BalancerFollower:
         if self._step() is not None:
             due = min(due, self._channel_ready_at)
         timeout = max(0.0, due - time.monotonic())
-        ready, _, _ = select.select([self._stop_read], [], [], min(timeout, 3600.0))
+        ready, _, _ = select.select([self._stopper.fileno()], [], [], min(timeout, 3600.0))
         return not ready
 
     def _do_what_is_due(self, now: float) -> None:

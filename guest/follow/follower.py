@@ -152,6 +152,31 @@ def _element(entry: sync.Entry) -> str:
     return f"{network} ({_field_names([field])})"
 
 
+class Stopper:
+    """A self-pipe: ``stop()``, from a signal handler or another thread, makes ``fileno()``
+    readable, so a follower asleep in ``select`` wakes at once."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def stop(self) -> None:
+        try:
+            os.write(self._write, b".")
+        except OSError:  # already asked (the pipe is full) or closed
+            pass
+
+    def close(self) -> None:
+        descriptors = (self._read, self._write)
+        self._read = self._write = -1  # first: a late stop() must not write to a reused number
+        for descriptor in descriptors:
+            if descriptor >= 0:
+                os.close(descriptor)
+
+
 class Follower:
     """Follows ``sources`` for the middlebox ``mac`` through ``writer``'s channel.
 
@@ -188,8 +213,7 @@ class Follower:
         self._started = False  # start() finished: only then may remove_on_exit touch the host
         self._synced = False
         self._started_at = 0.0
-        self._stop_read, self._stop_write = os.pipe()
-        os.set_blocking(self._stop_write, False)
+        self._stopper = Stopper()
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -241,10 +265,7 @@ class Follower:
 
     def stop(self) -> None:
         """End ``run`` at its next wake-up (at once: it wakes for this)."""
-        try:
-            os.write(self._stop_write, b".")
-        except OSError:  # already asked (the pipe is full) or closed
-            pass
+        self._stopper.stop()
 
     def close(self) -> None:
         """Stop every watch and release the lock; with ``remove_on_exit`` first delete the
@@ -256,11 +277,7 @@ class Follower:
                 self._remove_everything()
             self._lock.close()
             self._lock = None
-        descriptors = (self._stop_read, self._stop_write)
-        self._stop_read = self._stop_write = -1  # first: a late stop() must not write to a reused number
-        for descriptor in descriptors:
-            if descriptor >= 0:
-                os.close(descriptor)
+        self._stopper.close()
 
     def not_offloaded(self) -> int:
         """Elements the lists hold that the host refused (until the next re-sync tries again)."""
@@ -431,16 +448,16 @@ class Follower:
         those that follow within COALESCE.  False once stopped."""
         watched = self._watched()
         timeout = max(0.0, self._next_due() - time.monotonic())
-        ready, _, _ = select.select([self._stop_read, *watched], [], [], min(timeout, 3600.0))
+        ready, _, _ = select.select([self._stopper.fileno(), *watched], [], [], min(timeout, 3600.0))
         until = time.monotonic() + COALESCE_AT_MOST
-        while ready and self._stop_read not in ready:
+        while ready and self._stopper.fileno() not in ready:
             for descriptor in ready:
                 self._take_changes(watched[descriptor])
             if time.monotonic() >= until or len(self.dirty) >= self._frame_commands:
                 break
             watched = self._watched()  # a source that broke closed its watch
-            ready, _, _ = select.select([self._stop_read, *watched], [], [], COALESCE)
-        return self._stop_read not in ready
+            ready, _, _ = select.select([self._stopper.fileno(), *watched], [], [], COALESCE)
+        return self._stopper.fileno() not in ready
 
     def _do_what_is_due(self, now: float) -> None:
         for index, followed in enumerate(self.followed):
