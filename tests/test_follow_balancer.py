@@ -11,7 +11,6 @@ import fcntl
 import os
 import signal
 import threading
-import time
 
 import pytest
 from mbvisor.guest import mbctl, ring
@@ -22,6 +21,7 @@ from mbvisor.guest.follow.ipset import PolledWatch
 from mbvisor.guest.follow.ipvs import Balancing, Refusal
 from mbvisor.guest.follow.source import SourceError
 from mbvisor.guest.grammar import format_frame, parse_frame
+from mbvisor.topologies.netlab import wait_until
 
 MAC = "52:34:56:00:12:22"
 VIP = "10.0.0.5"
@@ -29,13 +29,6 @@ POOL = ("10.0.0.11", "10.0.0.12")
 PERSISTENT = Refusal(f"TCP {VIP}:80", "is persistent (-p): IPVS keeps a client on one real server")
 
 
-def wait_for(condition, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-    return result
 
 
 class Source:
@@ -167,12 +160,12 @@ def test_only_a_changed_pool_is_sent_again(make, reports):
     source, host = Source(), Host()
     follower = make(source, host)
     with running(follower):
-        wait_for(lambda: host.pool == POOL, what="the first registration")
+        wait_until(lambda: host.pool == POOL, what="the first registration")
         polls = source.snapshots
-        wait_for(lambda: source.snapshots >= polls + 5, what="five more polls")
+        wait_until(lambda: source.snapshots >= polls + 5, what="five more polls")
         assert len(host.commands("R")) == 1, host.sent       # unchanged: nothing sent
         source.pool = ("10.0.0.11", "10.0.0.13")
-        wait_for(lambda: host.pool == source.pool, what="the new pool on the host")
+        wait_until(lambda: host.pool == source.pool, what="the new pool on the host")
     assert host.commands("R") == [f"R L {MAC} {VIP} 0 * 10.0.0.11,10.0.0.12", f"R L {MAC} {VIP} 0 * 10.0.0.11,10.0.0.13"]
     assert len(announced(reports)) == 2
 
@@ -181,9 +174,9 @@ def test_the_pool_is_registered_again_every_resend_interval_to_repair_a_host_tha
     host = Host()
     follower = make(Source(), host, resend_every=0.05)
     with running(follower):
-        wait_for(lambda: host.pool == POOL, what="the first registration")
+        wait_until(lambda: host.pool == POOL, what="the first registration")
         host.pool = None                                       # a restarted host, an operator's X
-        wait_for(lambda: host.pool == POOL, what="the registration repaired")
+        wait_until(lambda: host.pool == POOL, what="the registration repaired")
     assert len(announced(reports)) == 1                     # a repair is no news
 
 
@@ -194,15 +187,15 @@ def test_each_refusal_is_reported_once_and_again_only_after_it_went_away(make, r
     source, host = Source(pool=None, refusals=[PERSISTENT]), Host()
     follower = make(source, host)
     with running(follower):
-        wait_for(lambda: said(reports, "following"), what="the start line")
+        wait_until(lambda: said(reports, "following"), what="the start line")
         polls = source.snapshots
-        wait_for(lambda: source.snapshots >= polls + 5, what="five more polls")
+        wait_until(lambda: source.snapshots >= polls + 5, what="five more polls")
         assert said(reports, "not offloaded:") == [f"not offloaded: {PERSISTENT}"]
         assert follower.problems() == 1
         source.refusals = ()
-        wait_for(lambda: follower.problems() == 0, what="the refusal gone")
+        wait_until(lambda: follower.problems() == 0, what="the refusal gone")
         source.refusals = (PERSISTENT,)
-        wait_for(lambda: len(said(reports, "not offloaded:")) == 2, what="the refusal reported again")
+        wait_until(lambda: len(said(reports, "not offloaded:")) == 2, what="the refusal reported again")
     assert host.sent == []                                     # nothing to offload, nothing to withdraw
 
 
@@ -211,7 +204,7 @@ def test_a_redirect_the_host_refuses_is_reported_once_and_tried_again_at_the_res
     host.faults = [("REJECTED", "backend-in-use")] * 2
     follower = make(Source(), host, resend_every=0.3)
     with running(follower):
-        wait_for(lambda: host.pool == POOL, timeout=5, what="the registration after two refusals")
+        wait_until(lambda: host.pool == POOL, timeout=5, what="the registration after two refusals")
     assert len(host.commands("R")) == 3
     refused = said(reports, "not offloaded: the redirect of")
     assert len(refused) == 1 and "REJECTED backend-in-use" in refused[0]
@@ -231,11 +224,11 @@ def test_without_withdraw_by_cancel_a_gone_service_leaves_the_redirect_and_says_
     source, host = Source(), Host()
     follower = make(source, host)
     with running(follower):
-        wait_for(lambda: host.pool == POOL, what="the registration")
+        wait_until(lambda: host.pool == POOL, what="the registration")
         source.pool, source.refusals = None, (PERSISTENT,)
-        wait_for(lambda: said(reports, "cannot withdraw"), what="the report that it cannot be withdrawn")
+        wait_until(lambda: said(reports, "cannot withdraw"), what="the report that it cannot be withdrawn")
         polls = source.snapshots
-        wait_for(lambda: source.snapshots >= polls + 5, what="five more polls")
+        wait_until(lambda: source.snapshots >= polls + 5, what="five more polls")
         assert follower.problems() == 2                        # the refusal and the redirect left behind
     assert host.pool == POOL and not host.commands("X") and not host.commands("I")
     (line,) = said(reports, "cannot withdraw")
@@ -246,11 +239,11 @@ def test_withdraw_by_cancel_asks_the_host_first_then_cancels(make, reports):
     source, host = Source(), Host()
     follower = make(source, host, withdraw_by_cancel=True)
     with running(follower):
-        wait_for(lambda: host.pool == POOL, what="the registration")
+        wait_until(lambda: host.pool == POOL, what="the registration")
         source.pool, source.refusals = None, (PERSISTENT,)
-        wait_for(lambda: host.pool is None, what="the redirect withdrawn")
+        wait_until(lambda: host.pool is None, what="the redirect withdrawn")
         source.pool, source.refusals = POOL, ()
-        wait_for(lambda: host.pool == POOL, what="the redirect registered again")
+        wait_until(lambda: host.pool == POOL, what="the redirect registered again")
     assert [text.split()[0] for text in host.sent] == ["R", "I", "X", "R"]
     assert said(reports, f"withdrew the redirect of {VIP} (X {MAC})")
 
@@ -277,7 +270,7 @@ def test_channel_errors_and_a_busy_host_are_retried_with_a_back_off(make, report
                    RingFull("ring full (test)")]
     follower = make(Source(), host)
     with running(follower):
-        wait_for(lambda: host.pool == POOL, what="the registration after the trouble")
+        wait_until(lambda: host.pool == POOL, what="the registration after the trouble")
     assert len(host.commands("R")) == 5
     assert said(reports, "channel: ring full (test); trying again")
     assert said(reports, "channel: no answer (test); trying again")
@@ -294,12 +287,12 @@ def test_a_broken_source_keeps_its_last_pool_and_is_read_again(make, reports):
     source, host = Source(), Host()
     follower = make(source, host, withdraw_by_cancel=True)
     with running(follower):
-        wait_for(lambda: host.pool == POOL, what="the registration")
+        wait_until(lambda: host.pool == POOL, what="the registration")
         source.broken = "'ipvsadm -Sn' failed with exit status 2 (test)"
-        wait_for(lambda: said(reports, "reading it again in 1 s"), what="the source's failure reported")
+        wait_until(lambda: said(reports, "reading it again in 1 s"), what="the source's failure reported")
         source.broken = None
         source.pool = ("10.0.0.13",)
-        wait_for(lambda: host.pool == ("10.0.0.13",), what="the source followed again")
+        wait_until(lambda: host.pool == ("10.0.0.13",), what="the source followed again")
     assert host.commands("X") == []                            # a failed read withdraws nothing
 
 
@@ -351,7 +344,7 @@ def test_mbctl_follow_ipvs_once_exit_codes(mbctl_host, tmp_path):
 
 def test_mbctl_follow_ipvs_stops_cleanly_on_sigterm(mbctl_host, tmp_path, capsys):
     host, _ = mbctl_host
-    killer = threading.Thread(target=lambda: (wait_for(lambda: host.pool == POOL, what="the registration"),
+    killer = threading.Thread(target=lambda: (wait_until(lambda: host.pool == POOL, what="the registration"),
                                               os.kill(os.getpid(), signal.SIGTERM)), daemon=True)
     killer.start()
     previous = signal.getsignal(signal.SIGTERM)
