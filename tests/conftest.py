@@ -10,6 +10,7 @@ import eventlet.wsgi  # noqa: F401
 
 import multiprocessing
 import os
+import subprocess
 import uuid
 
 import pytest
@@ -87,3 +88,15 @@ def spawn():
         if process.is_alive():
             process.kill()
         process.join(timeout=5)
+
+
+@pytest.fixture
+def netns_name():
+    """The name of a network namespace of the test's own (with its own, empty, nftables
+    ruleset, ipsets and iptables rules), deleted afterwards even if the test fails."""
+    name = f"mbf-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False, timeout=30)

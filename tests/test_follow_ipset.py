@@ -4,7 +4,6 @@ the parts that need no tool: the save-text parser's corners and the polled watch
 
 from __future__ import annotations
 
-import itertools
 import os
 import shlex
 import subprocess
@@ -14,7 +13,6 @@ import pytest
 from mbvisor.guest.follow.ipset import IpsetSource, PolledWatch, parse_save, verdict_for
 from mbvisor.guest.follow.source import DESTINATION, SOURCE, NotOffloadable, Resync, SourceError, Verdict
 
-_numbers = itertools.count()
 
 
 class Namespace:
@@ -36,13 +34,8 @@ class Namespace:
 
 
 @pytest.fixture
-def namespace():
-    name = f"mbf-ips-{os.getpid()}-{next(_numbers)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
-    try:
-        yield Namespace(name)
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False, timeout=30)
+def namespace(netns_name):
+    return Namespace(netns_name)
 
 
 BLOCKLIST = "ipset create blocklist hash:ip"

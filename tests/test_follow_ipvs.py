@@ -5,9 +5,7 @@ named on each); the real ipvsadm is run only to see how its failure is reported.
 
 from __future__ import annotations
 
-import itertools
 import os
-import subprocess
 
 import pytest
 
@@ -219,7 +217,6 @@ def test_the_source_reads_either_format_and_polls(tmp_path):
         assert (watch.fileno(), watch.poll_interval, watch.changes()) == (None, 3.0, [])
 
 
-_numbers = itertools.count()
 
 
 @pytest.mark.host
@@ -233,19 +230,14 @@ def test_ipvsadm_that_cannot_reach_the_kernel_is_a_clear_source_error():
 
 
 @pytest.mark.host
-def test_ipvsadm_as_root_in_a_fresh_namespace_reads_nothing_or_says_ipvs_is_missing():
-    namespace = f"mbf-ipvs-{os.getpid()}-{next(_numbers)}"
-    subprocess.run(["ip", "netns", "add", namespace], check=True, timeout=30)
-    try:
-        source = IpvsSource(MB, argv_prefix=("ip", "netns", "exec", namespace))
-        if _kernel_has_ipvs():
-            assert source.snapshot() == Balancing({}, ())
-        else:
-            with pytest.raises(SourceError, match="Can't initialize ipvs: Protocol not available; Are you sure that"
-                                                  " IP Virtual Server is built in the kernel or as module"):
-                source.snapshot()
-    finally:
-        subprocess.run(["ip", "netns", "delete", namespace], check=False, timeout=30)
+def test_ipvsadm_as_root_in_a_fresh_namespace_reads_nothing_or_says_ipvs_is_missing(netns_name):
+    source = IpvsSource(MB, argv_prefix=("ip", "netns", "exec", netns_name))
+    if _kernel_has_ipvs():
+        assert source.snapshot() == Balancing({}, ())
+    else:
+        with pytest.raises(SourceError, match="Can't initialize ipvs: Protocol not available; Are you sure that"
+                                              " IP Virtual Server is built in the kernel or as module"):
+            source.snapshot()
 
 
 def _kernel_has_ipvs() -> bool:

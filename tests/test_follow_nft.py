@@ -4,9 +4,7 @@ and the fail2ban rulesets by fail2ban's own action code (the system Python's fai
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 import select
 import subprocess
 import sys
@@ -32,7 +30,6 @@ from mbvisor.guest.follow.source import (
     Verdict,
 )
 
-_numbers = itertools.count()
 
 
 class Namespace:
@@ -59,13 +56,8 @@ class Namespace:
 
 
 @pytest.fixture
-def netns():
-    name = f"mbf-nft-{os.getpid()}-{next(_numbers)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
-    try:
-        yield Namespace(name)
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=True, timeout=30)
+def netns(netns_name):
+    return Namespace(netns_name)
 
 
 def collect(watch, count: int, timeout: float = 10.0) -> list:
