@@ -83,7 +83,7 @@ def balancer(lab, tmp_path):
                 process = server.popen([sys.executable, "-I", "-c", SERVE, name, str(PORT)])
                 server.wait_listening(PORT, process=process)
                 servers[name] = server
-            # the image's other follower tool runs too (mbctl follow nft), though not followed here
+            # nft works in the image too (tests/test_follow_nft_qemu.py follows a set there)
             assert "table inet probe" in guest(scenario, "nftables-up && nft add table inet probe && nft list tables")
             guest(scenario, "ipvs-up && netfilter-up && sysctl -w net.ipv4.ip_forward=1 net.ipv4.vs.conntrack=1",
                   *(f"arp -i eth0 -s {address} {servers[name].mac}" for name, address in SERVERS.items()),

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from mbvisor.controller.flows import cookie_of
+
 from ..agent_run import AgentProcess
 from ..controller_run import Controller
 from ..netlab import Bridge, Host, Lab, wait_until
@@ -104,8 +106,11 @@ class Scenario:
         return answer
 
     def filter_flows(self) -> list[str]:
-        """The bridge's drop flows for the attacker's source address."""
-        return [line for line in self.bridge.dump_flows() if f"nw_src={ATTACKER_IP}" in line and "drop" in line]
+        """The bridge's drop flows for the attacker's source address with the guest's cookie
+        (port security drops that address arriving from other ports, with the base cookie)."""
+        cookie = f"cookie={cookie_of(GUEST_MAC):#x},"
+        return [line for line in self.bridge.dump_flows()
+                if cookie in line and f"nw_src={ATTACKER_IP}" in line and "actions=drop" in line]
 
     def offload(self) -> None:
         """The guest registers as a firewall (once) and filters the attacker's address with its
