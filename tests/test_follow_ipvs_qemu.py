@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 from mbvisor.topologies.netlab import settle, wait_until
@@ -84,8 +83,8 @@ def balancer(lab, tmp_path):
                 server.wait_listening(PORT, process=process)
                 servers[name] = server
             # nft works in the image too (tests/test_follow_nft_qemu.py follows a set there)
-            assert "table inet probe" in guest(scenario, "nftables-up && nft add table inet probe && nft list tables")
-            guest(scenario, "ipvs-up && netfilter-up && sysctl -w net.ipv4.ip_forward=1 net.ipv4.vs.conntrack=1",
+            assert "table inet probe" in scenario.guest("nftables-up && nft add table inet probe && nft list tables")
+            scenario.guest("ipvs-up && netfilter-up && sysctl -w net.ipv4.ip_forward=1 net.ipv4.vs.conntrack=1",
                   *(f"arp -i eth0 -s {address} {servers[name].mac}" for name, address in SERVERS.items()),
                   f"iptables -t raw -A PREROUTING -s {scenario.attacker.ip}",   # counts the client's packets
                   *(f"iptables -t nat -A POSTROUTING -d {address} -j SNAT --to-source {GUEST_IP}"
@@ -93,30 +92,15 @@ def balancer(lab, tmp_path):
                   f"ipvsadm -A -t {GUEST_IP}:{PORT} -s rr",
                   *(f"ipvsadm -a -t {GUEST_IP}:{PORT} -r {address}:{PORT} -m" for address in SERVERS.values()))
             yield scenario
-            guest(scenario, "kill $(cat /tmp/follow.pid) 2>/dev/null; true")
+            scenario.guest("kill $(cat /tmp/follow.pid) 2>/dev/null; true")
     except RequirementsMissing as missing:
         pytest.fail(str(missing))
 
 
-def guest(scenario, *commands: str) -> str:
-    """Run each command in the guest; fail with its output unless it exits 0."""
-    output = []
-    for command in commands:
-        code, out = scenario.vm.run(command, timeout=60)
-        assert code == 0, f"{command!r} in the guest exited {code}:\n{out}"
-        output.append(out)
-    return "\n".join(output)
-
-
 def client_packets_in_guest(scenario) -> int:
     """Packets from the client that reached the guest's IP stack (its raw PREROUTING rule)."""
-    out = guest(scenario, "iptables -t raw -L PREROUTING -v -n -x")
+    out = scenario.guest("iptables -t raw -L PREROUTING -v -n -x")
     return sum(int(line.split()[0]) for line in out.splitlines() if scenario.attacker.ip in line.split())
-
-
-def tap_to_guest(scenario) -> int:
-    """Packets the host handed to the guest: its tap's tx counter."""
-    return int(Path(f"/sys/class/net/{scenario.vm.tap}/statistics/tx_packets").read_text())
 
 
 def ask(scenario) -> list[str]:
@@ -144,7 +128,7 @@ def test_the_guests_ipvs_is_offloaded_and_withdrawn_when_it_may_not_be(balancer,
     assert set(ask(scenario)) == set(SERVERS), "the guest's own IPVS does not balance over both servers"
     assert client_packets_in_guest(scenario) - before_offload >= CONNECTIONS * 3
 
-    guest(scenario, f"(mbctl follow ipvs --ip {GUEST_IP} --poll-interval 1 --withdraw-by-cancel > {FOLLOW_LOG} 2>&1"
+    scenario.guest(f"(mbctl follow ipvs --ip {GUEST_IP} --poll-interval 1 --withdraw-by-cancel > {FOLLOW_LOG} 2>&1"
                     " & echo $! > /tmp/follow.pid)")
     pool = ",".join(SERVERS.values())
     wait_until(lambda: redirects(scenario) == [f"R L {GUEST_MAC} {GUEST_IP} 0 * {pool}"], timeout=60, interval=0.5,
@@ -152,16 +136,16 @@ def test_the_guests_ipvs_is_offloaded_and_withdrawn_when_it_may_not_be(balancer,
     wait_until(lambda: redirect_flows(scenario), timeout=30, interval=0.2, what="the redirect's flows on the bridge")
     assert f"redirecting {GUEST_IP} to {pool}" in follow_log(scenario)
 
-    guest_before, tap_before = client_packets_in_guest(scenario), tap_to_guest(scenario)
+    guest_before, tap_before = client_packets_in_guest(scenario), scenario.tap_to_guest()
     offloaded = ask(scenario)
-    tap_after = settle(lambda: tap_to_guest(scenario), quiet=1.0, what="the guest's tap")
+    tap_after = settle(scenario.tap_to_guest, quiet=1.0, what="the guest's tap")
     guest_after = client_packets_in_guest(scenario)
     assert offloaded.count("rs1") + offloaded.count("rs2") == CONNECTIONS, offloaded
     assert min(offloaded.count("rs1"), offloaded.count("rs2")) >= 1, f"the switch did not spread: {offloaded}"
     assert guest_after == guest_before, "client packets still reach the guest after the offload"
     assert tap_after == tap_before, f"{tap_after - tap_before} packets reached the guest's tap after the offload"
 
-    guest(scenario, f"ipvsadm -E -t {GUEST_IP}:{PORT} -s rr -p 60")
+    scenario.guest(f"ipvsadm -E -t {GUEST_IP}:{PORT} -s rr -p 60")
     wait_until(lambda: not redirects(scenario) and not redirect_flows(scenario), timeout=60, interval=0.5,
                what="the redirect withdrawn from the host")
     log = follow_log(scenario)
@@ -173,7 +157,7 @@ def test_the_guests_ipvs_is_offloaded_and_withdrawn_when_it_may_not_be(balancer,
     assert len(set(persistent)) == 1 and persistent[0] in SERVERS, f"IPVS persistence not in force: {persistent}"
     assert client_packets_in_guest(scenario) - guest_before >= CONNECTIONS * 3, "the guest does not balance again"
 
-    guest(scenario, "kill $(cat /tmp/follow.pid)")
+    scenario.guest("kill $(cat /tmp/follow.pid)")
     wait_until(lambda: scenario.vm.run("kill -0 $(cat /tmp/follow.pid)")[0] != 0, timeout=30, interval=0.2,
                what="the follower to stop on SIGTERM")
     assert "Traceback" not in follow_log(scenario)

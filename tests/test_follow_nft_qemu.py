@@ -28,32 +28,16 @@ def middlebox(lab, tmp_path):
     try:
         with attacked_middlebox(lab, tmp_path) as scenario:
             scenario.mbctl_ok(f"register firewall --ip {GUEST_IP}")
-            guest(scenario, "nftables-up", *BLOCKLIST)
+            scenario.guest("nftables-up", *BLOCKLIST)
             yield scenario
             scenario.vm.run("kill $(cat /tmp/follow.pid) 2>/dev/null; true")
     except RequirementsMissing as missing:
         pytest.fail(str(missing))
 
 
-def guest(scenario, *commands: str) -> str:
-    """Run each command in the guest; fail with its output unless it exits 0."""
-    output = []
-    for command in commands:
-        code, out = scenario.vm.run(command, timeout=60)
-        assert code == 0, f"{command!r} in the guest exited {code}:\n{out}"
-        output.append(out)
-    return "\n".join(output)
-
-
 def host_filters(scenario) -> list[str]:
     status, view = scenario.controller.get(f"/v1/middleboxes/{scenario.bridge.dpid:016x}/{GUEST_MAC}")
     return view["filters"] if status == 200 else []
-
-
-def tap_to_guest(scenario) -> int:
-    """Packets the host handed to the guest: its tap's tx counter."""
-    with open(f"/sys/class/net/{scenario.vm.tap}/statistics/tx_packets") as counter:
-        return int(counter.read())
 
 
 def follow_log(scenario) -> str:
@@ -63,29 +47,29 @@ def follow_log(scenario) -> str:
 
 def test_the_guests_own_nft_set_is_followed_onto_the_switch(middlebox):
     scenario = middlebox
-    guest(scenario, f"(mbctl follow nft --set inet filter blocklist4 > {FOLLOW_LOG} 2>&1 & echo $! > /tmp/follow.pid)")
+    scenario.guest(f"(mbctl follow nft --set inet filter blocklist4 > {FOLLOW_LOG} 2>&1 & echo $! > /tmp/follow.pid)")
     wait_until(lambda: "following nft set inet filter blocklist4" in follow_log(scenario), timeout=60, interval=0.5,
                what="the follower's start line")
 
-    guest(scenario, f"nft add element inet filter blocklist4 {{ {ATTACKER_IP} }}")
+    scenario.guest(f"nft add element inet filter blocklist4 {{ {ATTACKER_IP} }}")
     wanted = f"A {GUEST_MAC} I 4 s {ATTACKER_IP}"
     wait_until(lambda: host_filters(scenario) == [wanted], timeout=30, interval=0.2, what="the element offloaded")
     wait_until(scenario.filter_flows, timeout=10, interval=0.2, what="the drop flow on the bridge")
 
-    tap_before, drops_before = tap_to_guest(scenario), scenario.counters().switch_drops
+    tap_before, drops_before = scenario.tap_to_guest(), scenario.counters().switch_drops
     assert scenario.attacker.send_udp(GUEST_IP, 9, count=50) == 50
     wait_until(lambda: scenario.counters().switch_drops - drops_before >= 50, timeout=30, interval=0.2,
                what="the attack dropped in the switch")
-    assert settle(lambda: tap_to_guest(scenario), quiet=1.0, what="the guest's tap") == tap_before
+    assert settle(scenario.tap_to_guest, quiet=1.0, what="the guest's tap") == tap_before
 
-    guest(scenario, f"nft delete element inet filter blocklist4 {{ {ATTACKER_IP} }}")
+    scenario.guest(f"nft delete element inet filter blocklist4 {{ {ATTACKER_IP} }}")
     wait_until(lambda: host_filters(scenario) == [] and not scenario.filter_flows(), timeout=30, interval=0.2,
                what="the element withdrawn")
     assert scenario.attacker.send_udp(GUEST_IP, 9, count=20) == 20
-    wait_until(lambda: tap_to_guest(scenario) - tap_before >= 20, timeout=30, interval=0.2,
+    wait_until(lambda: scenario.tap_to_guest() - tap_before >= 20, timeout=30, interval=0.2,
                what="the attacker reaching the guest again")
 
-    guest(scenario, "kill $(cat /tmp/follow.pid)")
+    scenario.guest("kill $(cat /tmp/follow.pid)")
     wait_until(lambda: scenario.vm.run("kill -0 $(cat /tmp/follow.pid)")[0] != 0, timeout=30, interval=0.2,
                what="the follower to stop on SIGTERM")
     assert "Traceback" not in follow_log(scenario), follow_log(scenario)

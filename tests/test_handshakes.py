@@ -55,8 +55,10 @@ def test_handshaken_connections_waiting_for_a_busy_server_are_bounded(pki):
 
     thread = threading.Thread(target=clients)
     thread.start()
-    while thread.is_alive():
-        eventlet.sleep(0.01)
+    deadline = time.monotonic() + 60
+    while thread.is_alive() and time.monotonic() < deadline:
+        eventlet.sleep(0.01)  # the clients' thread connects while this green thread lets the server run
+    assert not thread.is_alive(), "the clients did not finish connecting within 60 s"
     deadline = time.monotonic() + 10
     while sum(listener.peers.values()) > listener.ready.qsize() and time.monotonic() < deadline:
         eventlet.sleep(0.01)  # the server's side of the last handshakes (yielding to the hub, bounded)

@@ -98,6 +98,20 @@ class Scenario:
     def counters(self) -> Counters:
         return Counters(*interrupts_and_rx(self.vm), drops(self.bridge))
 
+    def guest(self, *commands: str) -> str:
+        """Run each command in the guest; VMError with its output unless it exits 0."""
+        output = []
+        for command in commands:
+            code, out = self.vm.run(command, timeout=60)
+            if code != 0:
+                raise VMError(f"{command!r} in the guest exited {code}:\n{out}")
+            output.append(out)
+        return "\n".join(output)
+
+    def tap_to_guest(self) -> int:
+        """Packets the host handed to the guest: its tap's tx counter."""
+        return int(Path(f"/sys/class/net/{self.vm.tap}/statistics/tx_packets").read_text())
+
     def mbctl_ok(self, arguments: str) -> dict:
         """Run mbctl in the guest; its answer, or VMError unless the host applied it."""
         code, answer = mbctl(self.vm, arguments)
