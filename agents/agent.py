@@ -180,6 +180,7 @@ class Agent:
         self.refused: tuple[Refusal, ...] = ()
         self.faults = FaultLog(log)
         self.bells = Bells()
+        self._answered = threading.Event()  # a polled channel's worker answered: its next frame is near
         self._offering = threading.Lock()  # guards every channel's offered_bell
         self.stop = _Stop(self.bells.interrupt)
         self._written: tuple[dict | None, float] = (None, 0.0)  # the status last written, and when
@@ -200,7 +201,9 @@ class Agent:
             sweep = now >= next_sweep
             if sweep:
                 next_sweep = now + self.settings.bell_sweep
-            if self.poll_once(sweep):
+            answered = self._answered.is_set()
+            self._answered.clear()
+            if self.poll_once(sweep) or answered:
                 backoff.reset()
             channels = list(self.channels.values())
             if any(c.bell is None and c.reader is not None for c in channels):
@@ -519,13 +522,24 @@ class Agent:
                 finally:
                     self._publish(channel)
                     channel.working = False
-                if channel.bell is not None:
+                if channel.bell is None:
+                    if channel.reader.consume != answered:
+                        self._hurry_poller()
+                else:
                     if channel.reader.consume == answered:  # woken for nothing: a guest ringing on and
                         channel.stop.wait(SPURIOUS_RING_PAUSE)  # on, or a server that never stops talking
                     self.bells.rearm(channel.bell)
         finally:
             self._close_bells(channel)
             channel.reader.region.close()
+
+    def _hurry_poller(self) -> None:
+        """A polled guest that just had its answer usually sends its next frame within a
+        millisecond (a loader, a follower's first sync), while the poller, idle since the
+        frame was taken, may be asleep for up to ``idle_ceiling``: wake it now and have it
+        start its backoff again, so that frame is found in microseconds, not milliseconds."""
+        self._answered.set()
+        self.bells.interrupt()
 
     def _hear_bell(self, channel: Channel) -> None:
         """Clear the bell before looking (a ring after this wakes the worker again) and

@@ -314,6 +314,7 @@ class Controller:
                 pace()
                 if index >= alone_until:
                     run = self._run_of_adds(requests, index, parsed, pace)
+                    run = self._fresh_keys_only(run, requests, index, parsed)  # no pace() until claimed
                     decided_run = self._plan_adds(requests[index].port, run, draft, context) if run else None
                     if decided_run is not None:
                         run_answers, added = decided_run
@@ -321,6 +322,12 @@ class Controller:
                         pending.extend(index + offset for offset in added)
                         if added:
                             touched.add(run[0].mac)
+                        for at in range(index, index + len(run)):
+                            if (key := requests[at].key) is not None:  # each fresh and stored, as _plan_one's
+                                seen[key] = (command_text(requests[at].command), answers[at], at)
+                                self.in_flight.add(key)
+                                claimed.append(key)
+                                keep.append(at)
                         index += len(run)
                         continue
                     parsed.update(zip(range(index, index + len(run)), run))
@@ -356,16 +363,16 @@ class Controller:
 
     @staticmethod
     def _run_of_adds(requests: list[CommandRequest], start: int, parsed: dict, pace) -> list[AddFilter]:
-        """The adds from ``start`` on that ``_plan_adds`` may decide together: without an
-        idempotency key (no replay or claim among them, nothing stored), from one port, of
-        filters to one MAC.  Each command looked at is parsed once: the one that ends the
-        run is kept in ``parsed`` (for the next run, or ``_plan_one``); one the grammar
-        refuses ends the run (``_plan_one`` answers it)."""
+        """The adds from ``start`` on that ``_plan_adds`` may decide together: from one
+        port, of filters to one MAC (``_fresh_keys_only`` then cuts it at the first key that
+        is not new).  Each command looked at is parsed once: the one that ends the run is
+        kept in ``parsed`` (for the next run, or ``_plan_one``); one the grammar refuses
+        ends the run (``_plan_one`` answers it)."""
         run: list[AddFilter] = []
         port = requests[start].port
         for index in range(start, len(requests)):
             request = requests[index]
-            if request.key is not None or request.port != port:
+            if request.port != port:
                 break
             if index > start:
                 pace()
@@ -379,6 +386,29 @@ class Controller:
                 parsed[index] = command
                 break
             run.append(command)
+        return run
+
+    def _fresh_keys_only(self, run: list[AddFilter], requests: list[CommandRequest], start: int,
+                         parsed: dict) -> list[AddFilter]:
+        """The part of ``run`` before its first idempotency key that is not new: one the
+        store answered, one in flight (claimed by another job, or earlier in this one), or
+        one used earlier in this run (those are ``_plan_one``'s: a replay, a wait or a
+        refusal).  The store is
+        asked once for the whole run (a guest's frame of 100 adds is 100 keys), and its
+        answer holds until the keys are claimed because nothing yields in between.  The
+        commands cut off stay in ``parsed``."""
+        keys = [requests[at].key for at in range(start, start + len(run))]
+        wanted = [key for key in keys if key is not None]
+        if not wanted:
+            return run
+        stored = self.store.stored_keys(wanted)
+        taken: set = set()
+        for offset, key in enumerate(keys):
+            if key is not None:
+                if key in stored or key in self.in_flight or key in taken:
+                    parsed.update(zip(range(start + offset, start + len(run)), run[offset:]))
+                    return run[:offset]
+                taken.add(key)
         return run
 
     def _plan_adds(self, port: int, run: list[AddFilter], draft: Draft,

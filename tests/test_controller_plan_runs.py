@@ -11,6 +11,7 @@ from mbvisor.controller.service import Controller, Settings
 from mbvisor.controller.trust import TrustMode
 
 DPID = 1
+STORED_SEQ, IN_FLIGHT_SEQ = 1, 2  # keys of the channel "c", epoch 1, that are not new (see controller())
 MAC, MAC2, UNREGISTERED, ELSEWHERE = "52:34:56:00:12:22", "52:34:56:00:12:33", "52:34:56:00:12:44", "52:34:56:00:12:55"
 
 
@@ -24,6 +25,11 @@ def controller(tmp_path) -> Controller:
     plan = service.plan(DPID, registrations)
     service.commit(DPID, plan)
     service.release(plan)
+    # Keys a run must not take as new: one the store answered, one another job holds.
+    plan = service.plan(DPID, [CommandRequest(DPID, 1, f"A {MAC} I 4 s 10.9.0.7", "c", 1, STORED_SEQ)])
+    service.commit(DPID, plan)
+    service.release(plan)
+    service.in_flight.add(("c", 1, IN_FLIGHT_SEQ))
     return service
 
 
@@ -45,7 +51,7 @@ def block(mac: str) -> st.SearchStrategy[list[tuple[str, int, int | None]]]:
         lambda n: f"A {mac} M 4 s 02:00:00:00:00:0{n}")
     return st.tuples(st.lists(st.one_of(adds, adds, commands_for(mac)), min_size=1, max_size=8),
                      st.sampled_from([1, 1, 1, 2]),
-                     st.one_of(st.none(), st.none(), st.none(), st.integers(0, 3))).map(
+                     st.one_of(st.none(), st.integers(0, 5), st.integers(0, 5))).map(
         lambda drawn: [(text, drawn[1], drawn[2] if keyed else None)
                        for text, keyed in zip(drawn[0], [True, False] * 4)])
 
@@ -85,12 +91,38 @@ def test_a_bulk_of_adds_is_decided_without_deciding_each_alone(tmp_path, monkeyp
     assert [a.text for a in plan.answers] == [f"added: {texts[0]}", f"added: {texts[1]}",
                                               f"filter already present: {texts[2]}", f"added: {texts[3]}"]
     assert plan.pending == (0, 1, 3)
-    assert {f.source for f in plan.after.find(DPID, MAC).filters} == {"10.9.0.1", "10.9.0.2"}
+    assert {f.source for f in plan.after.find(DPID, MAC).filters} == {"10.9.0.1", "10.9.0.2", "10.9.0.7"}
+
+
+def test_a_frame_of_keyed_adds_is_one_run_and_its_keys_are_claimed_and_kept(tmp_path, monkeypatch):
+    """A guest's frame: every command has its own new key.  Decided as one run, each key
+    claimed and its answer kept for replay, as deciding each alone would."""
+    service = controller(tmp_path)
+    alone = []
+    original = service._plan_one
+    monkeypatch.setattr(service, "_plan_one", lambda *args: alone.append(args) or original(*args))
+    requests = [CommandRequest(DPID, 1, f"A {MAC} I 4 s 10.9.0.{n}", "c", 2, n) for n in range(3)]
+    plan = service.plan(DPID, requests)
+    assert alone == []
+    assert plan.claimed == tuple(r.key for r in requests) and plan.keep == (0, 1, 2)
+    service.release(plan)
+
+
+def test_a_run_stops_at_a_key_that_is_not_new(tmp_path):
+    """The store's key replays, the key in flight waits, a key used twice replays: each
+    decided alone, and the adds before them still as one run."""
+    service = controller(tmp_path)
+    texts = [f"A {MAC} I 4 s 10.9.0.{n}" for n in range(6)]
+    keys = [9, STORED_SEQ, 10, 10, IN_FLIGHT_SEQ, 9]
+    plan = service.plan(DPID, [CommandRequest(DPID, 1, text, "c", 1, seq) for text, seq in zip(texts, keys)])
+    service.release(plan)
+    assert [a.code for a in plan.answers] == ["ok", "key-reused", "ok", "key-reused", "key-in-flight", "key-reused"]
+    assert plan.claimed == (("c", 1, 9), ("c", 1, 10))
 
 
 def test_a_run_that_reaches_a_limit_is_decided_command_by_command(tmp_path):
     service = controller(tmp_path)
-    plan = service.plan(DPID, [CommandRequest(DPID, 1, f"A {MAC} I 4 s 10.9.0.{n}") for n in range(8)])
+    plan = service.plan(DPID, [CommandRequest(DPID, 1, f"A {MAC} I 4 s 10.8.0.{n}") for n in range(8)])
     added = len(plan.pending)
     assert 0 < added < 8
     assert [a.code for a in plan.answers] == ["ok"] * added + ["limit"] * (8 - added)

@@ -792,7 +792,7 @@ def test_a_bug_while_planning_gives_the_jobs_keys_and_zones_back(host, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(Controller, "_check_flow_budget", broken)
+    monkeypatch.setattr(Controller, "_flows_spent", broken)  # both ways an add is decided count flows
     answers = host.service.submit([CommandRequest(DPID, MB_PORT, f"R F {MAC} 10.0.0.5", "vm", 1, 1),
                                    CommandRequest(DPID, MB_PORT, f"A {MAC} I 4 s 10.66.0.0/16", "vm", 1, 2)])
     assert {a.status for a in answers} == {"INTERNAL"}

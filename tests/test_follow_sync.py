@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mbvisor.guest import answers
+from mbvisor.guest import fields as kinds
 from mbvisor.guest.commands import AddFilter, Filter, Layer
 from mbvisor.guest.errors import InvalidValueError
 from mbvisor.guest.follow import sync
@@ -57,6 +58,25 @@ def test_every_entry_is_a_canonical_filter_the_host_quotes_back_as_the_same_entr
 ])
 def test_elements_are_spelled_as_the_host_spells_them(spelled, canonical):
     assert sync.canonical_network(spelled) == canonical
+
+
+quads = st.lists(st.one_of(st.integers(0, 300).map(str), st.sampled_from(["00", "01", "007", "-1", "", " 1", "1 "])),
+                 min_size=3, max_size=5).map(".".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(quads, st.ip_addresses(v=4).map(str)))
+def test_the_plain_ipv4_shortcut_spells_as_the_grammar_does(text):
+    """The shortcut takes only what the grammar spells the same way."""
+    try:
+        parsed = kinds.IP_ENDPOINT.parse(text)
+    except InvalidValueError:
+        assert not sync.PLAIN_IPV4.fullmatch(text)
+        with pytest.raises(InvalidValueError):
+            sync.canonical_network(text)
+    else:
+        assert sync.canonical_network(text) == parsed
+        assert not sync.PLAIN_IPV4.fullmatch(text) or parsed == text
 
 
 @pytest.mark.parametrize("bad", ["10.0.0.1/8", "example.org", "", "10.0.0.0/33"])

@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from .sync import PLAIN_IPV4
 from .source import (
     DESTINATION,
     SOURCE,
@@ -306,6 +307,8 @@ def _networks(element: Any) -> list[tuple[str, float | None]]:
     if isinstance(element, dict) and "elem" in element:
         expires = element["elem"].get("expires")
         element = element["elem"]["val"]
+    if isinstance(element, str) and PLAIN_IPV4.fullmatch(element):  # most elements: no parsing needed
+        return [(element, None if expires is None else float(expires))]
     try:
         if isinstance(element, str):
             networks = [ipaddress.ip_network(element)]
