@@ -328,6 +328,13 @@ class ChannelWriter:
             ring.write_u32(self.region.buf, geometry.command_offset(ticket.seq) + ring.OFFSET_SLOT_STATE,
                            state)
 
+    def abandon(self, ticket: Ticket) -> None:
+        """Nobody will read ``ticket``'s answer (its waiter gave up on an earlier one): its
+        slot may be reused once answered, without waiting for the promise to pass."""
+        header = ring.read_header(self.region.buf)
+        if header.guest_epoch == ticket.epoch and not header.problem(self.region.size):
+            self._mark(header.geometry, ticket, ring.SlotState.ABANDONED)
+
     def request(self, payload: bytes, timeout: float = 5.0) -> ring.Response:
         """Submit and wait, sharing one deadline (also the promise to read the answer)."""
         deadline = time.monotonic() + timeout

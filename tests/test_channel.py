@@ -226,6 +226,28 @@ def test_timeout_leaves_command_pending_and_its_slot_reusable(make_channel):
         writer.submit(b"more", timeout=0.1)
 
 
+def test_an_abandoned_ticket_frees_its_slot_before_its_promise(make_channel):
+    """A writer that gives up on frames in flight (an earlier one failed) abandons them:
+    once answered, their slots are reused at once, not after the promise (60 s here)."""
+    writer = make_channel(SMALL)
+    reader = reader_for(writer)
+    tickets = [writer.submit(b"in flight", collect_within=60.0) for _ in range(SMALL.slot_count)]
+    for ticket in tickets:
+        writer.abandon(ticket)
+    assert ring.read_command_owner(writer.region.buf, SMALL, 0).state == ring.SlotState.ABANDONED
+    answer_all(reader)
+    assert writer.submit(b"next", timeout=0.5).seq == SMALL.slot_count
+
+
+def test_abandoning_a_ticket_of_an_earlier_epoch_changes_nothing(make_channel):
+    writer = make_channel(SMALL)
+    old = writer.submit(b"old")
+    writer.initialise(SMALL)
+    writer.submit(b"new")
+    writer.abandon(old)
+    assert ring.read_command_owner(writer.region.buf, SMALL, 0).state == ring.SlotState.PUBLISHED
+
+
 def test_restarted_reader_resumes_without_replaying(make_channel):
     writer = make_channel(SMALL)
     first = reader_for(writer)

@@ -261,21 +261,35 @@ class CountingWriter(ChannelWriter):
         self.unanswered: list[str] = []
         self.frames = 0
         self.lose = lose or {}
+        self.sent: dict = {}  # ticket -> (frame number, its commands), until waited for or abandoned
 
-    def request(self, payload: bytes, timeout: float = 5.0):
+    def submit(self, payload: bytes, timeout: float = 5.0, **promise):
         self.frames += 1
-        commands = [body for _, body in split_frame(payload)]
-        if self.lose.get(self.frames) == "pending":
-            ticket = self.submit(payload, timeout)
+        ticket = super().submit(payload, timeout, **promise)
+        self.sent[ticket] = (self.frames, [body for _, body in split_frame(payload)])
+        return ticket
+
+    def wait(self, ticket, timeout: float = 5.0):
+        number, commands = self.sent.pop(ticket)
+        if self.lose.get(number) == "pending":
             self.unanswered += commands
             raise ResponseTimeout(f"no answer to command {ticket.seq} (test)", ticket.seq)
-        response = super().request(payload, timeout)
+        response = super().wait(ticket, timeout)
+        self._count(commands, response)
+        if self.lose.get(number) == "answered":
+            raise AnswerLost(f"the answer to command {response.seq} was lost (test)", response.seq)
+        return response
+
+    def _count(self, commands: list[str], response) -> None:
         records = answers.parse(response.text)
         records = records if len(records) == len(commands) else records[:1] * len(commands)
         self.answered += [command for command, record in zip(commands, records) if not sync.passing(record)]
-        if self.lose.get(self.frames) == "answered":
-            raise AnswerLost(f"the answer to command {response.seq} was lost (test)", response.seq)
-        return response
+
+    def abandon(self, ticket) -> None:
+        """The follower gave up on a frame in flight (an earlier one failed).  The test
+        still reads its answer, to know which of its commands the host applied."""
+        _, commands = self.sent.pop(ticket)
+        self._count(commands, super().wait(ticket, 5.0))
 
     def adds(self) -> list[str]:
         return [command for command in self.answered if command.startswith("A ")]

@@ -28,6 +28,7 @@ import os
 import select
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import IO, Callable, Iterable
 
@@ -39,7 +40,7 @@ from ..commands import Layer, Query
 from ..errors import CommandError
 from ..grammar import format_frame
 from ..ring import Response
-from ..writer import ChannelWriter
+from ..writer import ChannelWriter, Ticket
 from . import sync
 from .source import SOURCE, Change, NotOffloadable, Resync, Source, SourceError, Verdict, Watch
 
@@ -48,6 +49,7 @@ DEFAULT_LOCK_DIR = "/run/mbctl"
 COALESCE = 0.005          # a change this soon after the previous one joins its frame
 COALESCE_AT_MOST = 0.05   # ... but a steady stream is still sent this often
 PAGED_READ_ATTEMPTS = 3   # a list that changes under every read is taken as last read; the next re-sync repairs
+IN_FLIGHT = 4             # frames published before the first is answered (at most half the ring)
 FAILURES_SHOWN = 10       # elements of one kind of failure named one by one per batch; the others counted
 REMOVE_WITHIN = 30.0      # remove_on_exit tries this long (the rate limit may ask it to wait)
 DEFER_RESYNC_AT_MOST = 30.0  # a periodic re-sync gives way to waiting changes for this long, then runs
@@ -209,6 +211,7 @@ class Follower:
         self._last_problem: str | None = None
         self._max_commands = self._frame_commands = 1
         self._max_bytes = 0
+        self._in_flight = 1  # frames published at once (start() reads the ring)
         self._lock: IO[str] | None = None
         self._started = False  # start() finished: only then may remove_on_exit touch the host
         self._synced = False
@@ -229,7 +232,9 @@ class Follower:
         self._started_at = time.monotonic()
         self._lock = hold_lock(self.mac, self.lock_dir)
         try:
-            self._max_commands, self._max_bytes = sync.frame_limits(self.writer.header(self.timeout).geometry)
+            geometry = self.writer.header(self.timeout).geometry
+            self._max_commands, self._max_bytes = sync.frame_limits(geometry)
+            self._in_flight = max(1, min(IN_FLIGHT, geometry.slot_count // 2))  # the other half for other writers
             self._frame_commands = self._max_commands
             for followed in self.followed:
                 followed.watch = followed.source.watch()
@@ -530,7 +535,9 @@ class Follower:
 
     def _request(self, text: str, count: int) -> list[answers.Answer]:
         """Send one frame of ``count`` commands; one record per command."""
-        response = self.writer.request(text.encode(), self.timeout)
+        return self._answer_records(self.writer.request(text.encode(), self.timeout), count)
+
+    def _answer_records(self, response: Response, count: int) -> list[answers.Answer]:
         records = self._records(response)
         return records if len(records) == count else records[:1] * count  # one record spoke for the frame
 
@@ -614,27 +621,62 @@ class Follower:
                           f"{record.message}")
 
     def _send_dirty(self) -> None:
-        """Send the difference for every entry touched since the last flush, in frames."""
+        """Send the difference for every entry touched since the last flush, in frames,
+        up to ``IN_FLIGHT`` of them published at once: the host takes the next frame as
+        soon as it answered one, instead of waiting for this process to notice the answer
+        and write the next (a 10,000-element first sync is 100 frames).  Answers are read
+        in order.  When a frame fails, no more are sent; those in flight are still read
+        (what they did is known) unless the channel failed, and every frame from the
+        failed one on is sent again at the next flush (the plan skips what is done)."""
         scope = self.dirty if self._retry_failed else self.dirty - self.failed.keys()
         self.dirty = set()
         adds, deletes = sync.plan({entry for entry in scope if self._wants(entry)}, scope & self.on_host)
         batch = sync.frames(self.mac, adds, deletes, self._frame_commands, self._max_bytes)
         refused: list[tuple[sync.Entry, answers.Answer]] = []
+        in_flight: deque[tuple[int, Ticket, float]] = deque()  # (its number in batch, its ticket, when sent)
+        failure: BaseException | None = None
+        failed_at = len(batch)
         try:
             for number, frame in enumerate(batch):
+                if len(in_flight) == self._in_flight:
+                    oldest, ticket, submitted = in_flight.popleft()
+                    failure = self._settle(batch[oldest], ticket, submitted, refused)
+                    if failure is not None:
+                        failed_at = oldest
+                        break
                 try:
-                    self._send(frame, refused)
-                except BaseException:
-                    for unsent in batch[number:]:
-                        self.dirty.update(step.entry for step in unsent.steps)
-                    raise
+                    ticket = self.writer.submit(frame.text.encode(), self.timeout,
+                                                collect_within=self._in_flight * self.timeout)
+                except BaseException as error:
+                    failure, failed_at = error, number
+                    break
+                in_flight.append((number, ticket, time.monotonic()))
+            while in_flight:
+                number, ticket, submitted = in_flight.popleft()
+                if failure is not None and not isinstance(failure, _Retry):
+                    self.writer.abandon(ticket)  # the channel failed: what it did is asked of the host
+                    continue
+                error = self._settle(batch[number], ticket, submitted, refused)
+                if error is not None and failure is None:
+                    failure, failed_at = error, number
+            if failure is not None:
+                for unsent in batch[failed_at:]:
+                    self.dirty.update(step.entry for step in unsent.steps)
+                raise failure
         finally:
             self._report_refused(refused)
         self._retry_failed = False
 
-    def _send(self, frame: sync.Frame, refused: list) -> None:
-        started = time.monotonic()
-        records = self._request(frame.text, len(frame.steps))
+    def _settle(self, frame: sync.Frame, ticket: Ticket, submitted: float, refused: list) -> BaseException | None:
+        """Read ``frame``'s answer and take its outcome; the error instead of raising it."""
+        try:
+            response = self.writer.wait(ticket, max(0.0, submitted + self._in_flight * self.timeout - time.monotonic()))
+            self._take_outcome(frame, self._answer_records(response, len(frame.steps)), submitted, refused)
+        except BaseException as error:
+            return error
+        return None
+
+    def _take_outcome(self, frame: sync.Frame, records: list[answers.Answer], started: float, refused: list) -> None:
         adds = sum(step.adding for step in frame.steps)
         self.stats.frames += 1
         self.stats.adds += adds
