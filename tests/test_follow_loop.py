@@ -557,3 +557,55 @@ def test_a_list_that_may_not_be_offloaded_sends_nothing(host, writer, tmp_path, 
     assert code == mbctl.EXIT_NOT_FOLLOWED
     assert "the set is matched by an accept rule" in capsys.readouterr().err
     assert writer.header().publish == published and host.filters() == set()
+
+
+# --- 6. a process killed in the middle of the first sync -----------------------------------
+
+
+@pytest.mark.parametrize("victim", ["agent", "controller"])
+def test_a_first_sync_survives_kill_9_of_the_agent_or_controller_and_sends_nothing_twice(tmp_path, victim):
+    """3,000 elements, four frames in flight, and the agent (or the controller) SIGKILLed
+    after the sixth frame and started again: the new agent resumes the ring from its
+    counters and forwards with the same idempotency keys, the restarted controller
+    replays what it stored: the follower's frames are all answered (none lost, none sent
+    again) and the host ends equal to the list."""
+    netlab.require_host_tools()
+    state = tmp_path / "state"
+    state.mkdir()
+    region = make_region()
+    with netlab.Lab() as lab:
+        controller = Controller(state, environment={"MBVISOR_MAX_FILTERS": "5000", "MBVISOR_MAX_FLOWS": "25000"})
+        agent = None
+        try:
+            controller.start()
+            bridge = lab.bridge(controller=controller.target, fail_mode="secure")
+            middlebox = lab.host("mb", ip="10.0.0.5/24", mac=MAC)
+            controller.wait_switch(bridge.dpid)
+            annotate(middlebox, region, "vm-crash")
+            agent = AgentProcess(controller, state, bridges=(bridge.name,), options=("--rate", "5000", "--burst", "10000"))
+            agent.start().wait_serving(f"vm-crash/{middlebox.port_name}")
+            host = Host(controller, bridge.dpid, middlebox.ofport, region)
+            host.put([f"R F {MAC} 10.0.0.5"])
+            source = ListSource(networks(3000))
+            with open_file(region) as channel:
+                counting = CountingWriter(channel)
+                with following(counting, [source], tmp_path, timeout=30.0) as (follower, reports):
+                    wait_until(lambda: counting.frames >= 6, timeout=60, interval=0.001, what="six frames sent")
+                    assert not reports.having("following test list")  # mid-stream: the first sync goes on
+                    if victim == "agent":
+                        agent.stop(signal.SIGKILL)
+                        agent.start()
+                    else:
+                        controller.stop(signal.SIGKILL)
+                        controller.start()
+                    wait_until(lambda: reports.having("following test list"), timeout=120, what="the first sync")
+                    host.wait_for(expected(source), timeout=60)
+                    assert not reports.having("not offloaded: "), reports
+            adds = counting.adds()
+            assert len(adds) == len(set(adds)) and set(adds) == expected(source), (len(adds), len(set(adds)))
+            assert counting.frames > 6 and not counting.unanswered
+        finally:
+            if agent is not None:
+                agent.stop()
+            controller.stop()
+            os.unlink(region)
