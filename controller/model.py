@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 from typing import Mapping, NamedTuple
 
-from mbvisor.guest.commands import (AddFilter, Cancel, Command, DeleteFilter, DeleteFilters, Filter,
+from mbvisor.guest.commands import (AddFilter, Cancel, CancelRedirect, Command, DeleteFilter, DeleteFilters, Filter,
                                     Layer, MAC_LAYER, Query, RegisterFirewall, RegisterLoadBalancer)
 from mbvisor.guest.grammar import format_command
 
@@ -359,7 +359,7 @@ def _check_trust(binding: Binding, command: Command) -> None:
     """Registrations and filter changes speak for a MAC and its addresses: only the port
     annotated with them may (``trust``).  A cancel or a query touches only what the
     middlebox on this port already has, so it needs no annotation."""
-    if isinstance(command, (Cancel, Query)):
+    if isinstance(command, (Cancel, CancelRedirect, Query)):
         return
     address = command.ip if isinstance(command, (RegisterFirewall, RegisterLoadBalancer)) else None
     problem = check_registration(binding.mode, binding.inventory, binding.port, command.mac, address)
@@ -548,6 +548,19 @@ def _cancel(state, binding, current, command: Cancel) -> Outcome:
     return Outcome(f"cancelled {command.mac}: every offload removed", current.key, None)
 
 
+def _cancel_redirect(state, binding, current, command: CancelRedirect) -> Outcome:
+    """One redirect goes; the balancer address with the last of them, and the middlebox
+    with it when it is no firewall (as ``X`` would)."""
+    scope = f"from {command.source}" if command.source else "from any source"
+    if current is None or not any(r.source == command.source for r in current.redirects):
+        raise ApplyError("not-registered", f"{command.mac} has no redirect {scope}")
+    redirects = tuple(r for r in current.redirects if r.source != command.source)
+    if not redirects and current.firewall_ip is None:
+        return Outcome(f"cancelled {command.mac}'s redirect {scope}: it was its last offload", current.key, None)
+    return _becomes(replace(current, redirects=redirects, balancer_ip=current.balancer_ip if redirects else None),
+                    f"cancelled {command.mac}'s redirect of {current.balancer_ip} {scope}")
+
+
 def _query(state, binding, current, command: Query) -> Outcome:
     """The layer's filters, sorted.  A paged query (skip given) answers as the channel's
     record does (docs/protocol.md §6): the total first, ``N filter(s)``, then the filters
@@ -578,5 +591,6 @@ _HANDLERS = {
     DeleteFilter: _delete_filter,
     DeleteFilters: _delete_filters,
     Cancel: _cancel,
+    CancelRedirect: _cancel_redirect,
     Query: _query,
 }

@@ -180,6 +180,16 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class CancelRedirect:
+    """One load-balancer redirect withdrawn (the one ``R L`` made for ``source``; None:
+    the any-source redirect), the MB's other redirects and its firewall kept."""
+
+    op: ClassVar[str] = "cancel_redirect"
+    mac: str
+    source: str | None
+
+
+@dataclass(frozen=True)
 class Query:
     """The MB's filters of `layer`, sorted; the answer leaves out the first `skip` of them
     (and still counts them), so a list longer than one answer slot is read page by page."""
@@ -190,7 +200,8 @@ class Query:
     skip: int = 0
 
 
-Command = Union[RegisterFirewall, RegisterLoadBalancer, AddFilter, DeleteFilter, DeleteFilters, Cancel, Query]
+Command = Union[RegisterFirewall, RegisterLoadBalancer, AddFilter, DeleteFilter, DeleteFilters, Cancel, CancelRedirect,
+                Query]
 
 
 # ---- cross-field rules, shared by the text parser and the dict decoder ----
@@ -333,6 +344,7 @@ _DECODERS: dict[str, tuple[type, dict[str, Decoder]]] = {
         {"mac": _MAC, "layer": _required(LAYER), "mask": _required(kinds.FILTER_MASK)},
     ),
     Cancel.op: (Cancel, {"mac": _MAC}),
+    CancelRedirect.op: (CancelRedirect, {"mac": _MAC, "source": _optional(kinds.REDIRECT_SOURCE)}),
     Query.op: (Query, {"mac": _MAC, "layer": _required(LAYER), "skip": _required(QUERY_SKIP)}),
 }
 # Keys that may be left out, with the value they then have.

@@ -28,6 +28,7 @@ from .commands import (
     QUERY_SKIP,
     AddFilter,
     Cancel,
+    CancelRedirect,
     Command,
     DeleteFilter,
     DeleteFilters,
@@ -274,8 +275,22 @@ def _parse_backends(token: Token) -> tuple[str, ...]:
     return tuple(backends)
 
 
-def _parse_cancel(tokens: _Tokens) -> Cancel:
-    return Cancel(_take_mac(tokens)[1])
+def _parse_cancel(tokens: _Tokens) -> Cancel | CancelRedirect:
+    """``X <mac>``: everything; ``X <mac> L <srcip>``: the redirect ``R L`` made for that
+    source (``*``: the any-source one)."""
+    _, mac = _take_mac(tokens)
+    if tokens.peek() is None:
+        return Cancel(mac)
+    service = tokens.take("service", "L (one load-balancer redirect) or nothing (the whole registration)")
+    if service.text != "L":
+        raise UnknownCommandError(
+            f"'{service.text}' is not what X cancels; expected L <srcip> (one load-balancer redirect) "
+            "or nothing (the whole registration)",
+            column=service.column,
+            token=service.text,
+        )
+    _, source = tokens.take_value(kinds.REDIRECT_SOURCE, "redirect source")
+    return CancelRedirect(mac, source)
 
 
 def _parse_query(layer: Layer) -> Callable[[_Tokens], Query]:
@@ -425,6 +440,8 @@ def _parse_well_formed(text: str | bytes) -> Command | None:
             return _well_formed_load_balancer(tokens)
         if letter == "X" and count == 2:
             return Cancel(_parse_mac(tokens[1]))
+        if letter == "X" and count == 4 and tokens[2] == "L":
+            return CancelRedirect(_parse_mac(tokens[1]), kinds.REDIRECT_SOURCE.parse(tokens[3]))
         if letter in _LAYER_BY_LETTER and (count == 2 or count == 3):
             skip = _parse_skip(tokens[2]) if count == 3 else 0
             return Query(_parse_mac(tokens[1]), _LAYER_BY_LETTER[letter], skip)
@@ -598,6 +615,8 @@ def format_command(command: Command) -> str:
             return f"D {mac} {layer.value} {mask} {letters}"
         case Cancel(mac=mac):
             return f"X {mac}"
+        case CancelRedirect(mac=mac, source=source):
+            return f"X {mac} L {kinds.REDIRECT_SOURCE.format(source)}"
         case Query(mac=mac, layer=layer, skip=skip):
             return f"{layer.value} {mac} {skip}" if skip else f"{layer.value} {mac}"
     raise TypeError(f"not a command: {command!r}")

@@ -98,7 +98,7 @@ def command_text(args: argparse.Namespace) -> str:
     if action == "show":
         return f"{LAYERS[args.layer]} {args.mac}" + (f" {args.skip}" if args.skip is not None else "")
     if action == "cancel":
-        return f"X {args.mac}"
+        return f"X {args.mac}" + (f" L {args.redirect}" if args.redirect else "")
     raise AssertionError(action)
 
 
@@ -188,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--skip", metavar="K",
                       help="leave out the first K filters of the sorted list (the answer still counts them): "
                            "an answer holds about 100 filters, so read a longer list page by page")
-    command(sub, "cancel", "cancel the registration; every offload goes (X)")
+    cancel = command(sub, "cancel", "cancel the registration; every offload goes (X)")
+    cancel.add_argument("--redirect", nargs="?", const="*", metavar="SRC",
+                        help="withdraw only the redirect made for SRC (without SRC: the one for all traffic, "
+                             "type 0); the firewall and other redirects stay (X <mac> L <src>)")
     _follow_commands(sub, command, shared)
     command(sub, "status", "same as -r", mac=False)
     command(sub, "init", "re-initialise the channel (new epoch; pending commands are dropped)", mac=False)
@@ -248,10 +251,9 @@ Keep the host's redirect of the middlebox's address equal to the IPVS services o
 every service on --ip can be offloaded (masquerading, equal shares, no persistence, the
 port unchanged, one pool; see docs/adapters.md) the pool is registered with
 R L <mac> <ip> 0 * <pool>, and registered again when the pool changes.  Every other service
-is reported once, with the reason, and left to IPVS.  Nothing else is ever sent, except with
---withdraw-by-cancel: the grammar cannot remove one redirect, so when IPVS may no longer be
-offloaded the follower then cancels the middlebox (X), only after the host has said that it
-is not registered for firewall offload.  Without it the redirect stays and that is reported.
+is reported once, with the reason, and left to IPVS.  When IPVS may no longer be offloaded
+(or has no service on --ip), the redirect is withdrawn with X <mac> L *, which keeps the
+middlebox's firewall registration and filters; nothing else is ever sent.
 --ip states that the balanced services are all the address serves: the redirect takes every
 packet to it."""
 
@@ -266,9 +268,6 @@ def _follow_ipvs_command(tools, command) -> None:
     ipvs.add_argument("--resync-every", type=float, default=DEFAULT_RESEND_EVERY, metavar="S",
                       help="register the redirect again this often, which repairs a host that lost it (default "
                            f"{DEFAULT_RESEND_EVERY:g}; the host cannot be asked for its redirects)")
-    ipvs.add_argument("--withdraw-by-cancel", action="store_true",
-                      help="the redirect is the middlebox's only offload: withdraw it with X when IPVS may no "
-                           "longer be offloaded")
     ipvs.add_argument("--once", action="store_true", help="sync once and exit (exit 1 if a service is not "
                                                           "offloaded or the redirect could not be withdrawn)")
     ipvs.add_argument("--verbose", action="store_true", help="a status line for every frame sent")
@@ -287,8 +286,7 @@ def follow_ipvs(writer: ChannelWriter, args: argparse.Namespace) -> int:
         polling = {} if args.poll_interval is None else {"poll_interval": args.poll_interval}
         source = IpvsSource(args.ip, **polling)
         follower = BalancerFollower(writer, args.mac, source, resend_every=args.resync_every, timeout=args.timeout,
-                                    verbose=args.verbose, withdraw_by_cancel=args.withdraw_by_cancel,
-                                    lock_dir=args.lock_dir)
+                                    verbose=args.verbose, lock_dir=args.lock_dir)
     except CommandError as error:
         return fail(f"follow: {error.detail}", EXIT_USAGE, args)
     return run_follower(follower, args)

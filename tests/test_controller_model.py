@@ -223,6 +223,33 @@ def test_cancel_of_an_unknown_middlebox_is_not_registered():
     rejected(FIREWALL, f"X {MAC}", "not-registered", ELSEWHERE)
 
 
+def test_cancelling_one_redirect_keeps_the_others_and_the_firewall():
+    state = run_all(f"R L {MAC} 10.0.0.1 0 * 10.0.0.5", f"R L {MAC} 10.0.0.1 1 10.9.0.0/16 10.0.0.6", state=FILTERED)
+    outcome = run(state, f"X {MAC} L *")
+    assert outcome.text == f"cancelled {MAC}'s redirect of 10.0.0.1 from any source"
+    kept = outcome.state.find(1, MAC)
+    assert kept.redirects == (Redirect("10.9.0.0/16", ("10.0.0.6",)),) and kept.balancer_ip == "10.0.0.1"
+    assert kept.filters == state.find(1, MAC).filters and kept.firewall_ip == state.find(1, MAC).firewall_ip
+    last = run(outcome.state, f"X {MAC} L 10.9.0.0/16").state.find(1, MAC)
+    assert last.redirects == () and last.balancer_ip is None and last.filters == kept.filters
+
+
+def test_cancelling_the_last_redirect_of_a_balancer_only_middlebox_removes_it():
+    state = run_all(f"R L {MAC} 10.0.0.1 0 * 10.0.0.5", f"R F {MAC2} 10.0.0.2")
+    outcome = run(state, f"X {MAC} L any")
+    assert outcome.state.find(1, MAC) is None and outcome.state.find(1, MAC2) is not None
+    assert "it was its last offload" in outcome.text
+
+
+def test_cancelling_a_redirect_that_is_not_there_changes_nothing():
+    state = run_all(f"R L {MAC} 10.0.0.1 0 * 10.0.0.5", state=FILTERED)
+    rejected(state, f"X {MAC} L 10.9.0.0/16", "not-registered")
+    rejected(FIREWALL, f"X {MAC} L *", "not-registered")
+    rejected(state, f"X {MAC2} L *", "not-registered")
+    rejected(state, f"X {MAC} L *", "not-registered", ELSEWHERE)
+    rejected(state, f"X {MAC} L *", "port-conflict", Binding(dpid=1, port=6))
+
+
 # --- queries ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layer, expected", [
@@ -421,6 +448,8 @@ def commands(draw):
         f"D {mac} I 4 s 10.{draw(st.integers(0, 3))}.0.0/16",
         f"D {mac} I 4 s",
         f"X {mac}",
+        f"X {mac} L *",
+        f"X {mac} L 10.{draw(st.integers(1, 3))}.0.0/16",
         f"I {mac}",
         f"T {mac}",
         f"M {mac}",
@@ -437,7 +466,8 @@ def check_invariants(state: State) -> None:
             assert len(mb.filters) <= state.limits.filters
             assert len(mb.redirects) <= state.limits.redirects
             assert not mb.filters or mb.firewall_ip is not None
-            assert not mb.redirects or mb.balancer_ip is not None
+            assert (mb.balancer_ip is None) == (not mb.redirects)  # the address goes with the last redirect
+            assert mb.firewall_ip is not None or mb.redirects  # a middlebox offloads something
             assert len({r.source for r in mb.redirects}) == len(mb.redirects)
             for f in mb.filters:
                 assert f.layer is not Layer.MAC or f.destination in (None, mb.mac)

@@ -1,7 +1,7 @@
 """guest/follow/balancer.py, the IPVS follower's loop, and ``mbctl follow ipvs``: an in-test
 IPVS source (its snapshots set by the test) and an in-test host that answers the commands as
-the controller does (controller/model.py: ``R L`` replaces the catch-all pool, ``X`` cancels
-everything, ``I`` answers ``not-registered`` without a firewall registration).  Every wait
+the controller does (controller/model.py: ``R L`` replaces the catch-all pool, ``X <mac> L *``
+withdraws it and keeps the firewall, ``X`` cancels everything).  Every wait
 is on a condition with a deadline."""
 
 from __future__ import annotations
@@ -78,6 +78,11 @@ class Host:
         if words[0] == "R":
             self.pool = tuple(words[6].split(","))
             return "OK", "ok", text
+        if words[0] == "X" and words[2:] == ["L", "*"]:
+            if self.pool is None:
+                return "REJECTED", "not-registered", f"{MAC} has no redirect from any source"
+            self.pool = None
+            return "OK", "ok", f"cancelled {MAC}'s redirect of {VIP} from any source"
         if words[0] == "X":
             if not registered:
                 return "REJECTED", "not-registered", f"{MAC} is not registered"
@@ -196,7 +201,7 @@ def test_each_refusal_is_reported_once_and_again_only_after_it_went_away(make, r
         wait_until(lambda: follower.problems() == 0, what="the refusal gone")
         source.refusals = (PERSISTENT,)
         wait_until(lambda: len(said(reports, "not offloaded:")) == 2, what="the refusal reported again")
-    assert host.sent == []                                     # nothing to offload, nothing to withdraw
+    assert host.sent == [f"X {MAC} L *"]  # at start, whatever an earlier follower left; then nothing
 
 
 def test_a_redirect_the_host_refuses_is_reported_once_and_tried_again_at_the_resend(make, reports):
@@ -220,45 +225,35 @@ def test_once_exits_with_problems_when_the_host_refuses(make):
 # --- withdrawing ---------------------------------------------------------------------------
 
 
-def test_without_withdraw_by_cancel_a_gone_service_leaves_the_redirect_and_says_why(make, reports):
-    source, host = Source(), Host()
+def test_a_gone_service_withdraws_the_redirect_alone_and_an_offloadable_one_registers_it_again(make, reports):
+    source, host = Source(), Host(firewall=True)
     follower = make(source, host)
     with running(follower):
         wait_until(lambda: host.pool == POOL, what="the registration")
         source.pool, source.refusals = None, (PERSISTENT,)
-        wait_until(lambda: said(reports, "cannot withdraw"), what="the report that it cannot be withdrawn")
-        polls = source.snapshots
-        wait_until(lambda: source.snapshots >= polls + 5, what="five more polls")
-        assert follower.problems() == 2                        # the refusal and the redirect left behind
-    assert host.pool == POOL and not host.commands("X") and not host.commands("I")
-    (line,) = said(reports, "cannot withdraw")
-    assert "no command that removes one redirect" in line and "--withdraw-by-cancel" in line
-
-
-def test_withdraw_by_cancel_asks_the_host_first_then_cancels(make, reports):
-    source, host = Source(), Host()
-    follower = make(source, host, withdraw_by_cancel=True)
-    with running(follower):
-        wait_until(lambda: host.pool == POOL, what="the registration")
-        source.pool, source.refusals = None, (PERSISTENT,)
         wait_until(lambda: host.pool is None, what="the redirect withdrawn")
+        assert follower.problems() == 1  # the refusal; the redirect is not left behind
         source.pool, source.refusals = POOL, ()
         wait_until(lambda: host.pool == POOL, what="the redirect registered again")
-    assert [text.split()[0] for text in host.sent] == ["R", "I", "X", "R"]
-    assert said(reports, f"withdrew the redirect of {VIP} (X {MAC})")
+    assert [text.split()[0] for text in host.sent] == ["R", "X", "R"]
+    assert host.commands("X") == [f"X {MAC} L *"] and host.firewall  # the firewall registration stays
+    assert said(reports, f"withdrew the redirect of {VIP} (X {MAC} L *)")
 
 
-def test_withdraw_by_cancel_never_cancels_a_middlebox_registered_as_a_firewall(make, reports):
-    source, host = Source(pool=None), Host(firewall=True, pool=POOL)
-    assert make(source, host, withdraw_by_cancel=True).run(once=True) == 1
-    assert host.commands("X") == [] and host.pool == POOL and host.firewall
-    assert said(reports, "is registered for firewall offload, and X would cancel its filters too")
+def test_a_redirect_the_host_will_not_withdraw_is_reported_and_asked_again_at_the_resend(make, reports):
+    source, host = Source(pool=None), Host(pool=POOL)
+    host.faults = [("REJECTED", "port-conflict")]
+    assert make(source, host).run(once=True) == 1
+    assert said(reports, f"cannot withdraw the redirect of {VIP}: X {MAC} L * answered REJECTED port-conflict")
 
 
-def test_withdraw_by_cancel_at_start_clears_what_an_earlier_follower_left(make):
+def test_at_start_what_an_earlier_follower_left_is_withdrawn(make):
     host = Host(pool=POOL)
-    assert make(Source(pool=None), host, withdraw_by_cancel=True).run(once=True) == 0
-    assert host.pool is None and [text.split()[0] for text in host.sent] == ["I", "X"]
+    first = make(Source(pool=None), host)
+    assert first.run(once=True) == 0
+    first.close()
+    assert host.pool is None and host.sent == [f"X {MAC} L *"]
+    assert make(Source(pool=None), host).run(once=True) == 0  # nothing there: answered not-registered, done
 
 
 # --- trouble -------------------------------------------------------------------------------
@@ -285,7 +280,7 @@ def test_once_gives_up_on_channel_trouble(make):
 
 def test_a_broken_source_keeps_its_last_pool_and_is_read_again(make, reports):
     source, host = Source(), Host()
-    follower = make(source, host, withdraw_by_cancel=True)
+    follower = make(source, host)
     with running(follower):
         wait_until(lambda: host.pool == POOL, what="the registration")
         source.broken = "'ipvsadm -Sn' failed with exit status 2 (test)"

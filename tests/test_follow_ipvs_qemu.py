@@ -9,8 +9,8 @@ kube-proxy's IPVS mode does), so the servers answer through it while it balances
 to the client once the switch does.  The test checks that the redirect is registered, that the
 client's connections are answered by both servers and that none of the client's packets reach
 the guest any more (the guest's own count of them, and its tap's), then makes the service
-persistent: the follower reports it refused and withdraws the redirect (``X``, with
-``--withdraw-by-cancel``), and the guest balances again, keeping the client on one server.
+persistent: the follower reports it refused and withdraws the redirect (``X <mac> L *``),
+and the guest balances again, keeping the client on one server.
 
 Needs root, Open vSwitch and the QEMU packages (docs/qemu.md), plus ipvsadm and nftables for
 the image: fails, never skips, without them."""
@@ -128,7 +128,7 @@ def test_the_guests_ipvs_is_offloaded_and_withdrawn_when_it_may_not_be(balancer,
     assert set(ask(scenario)) == set(SERVERS), "the guest's own IPVS does not balance over both servers"
     assert client_packets_in_guest(scenario) - before_offload >= CONNECTIONS * 3
 
-    scenario.guest(f"(mbctl follow ipvs --ip {GUEST_IP} --poll-interval 1 --withdraw-by-cancel > {FOLLOW_LOG} 2>&1"
+    scenario.guest(f"(mbctl follow ipvs --ip {GUEST_IP} --poll-interval 1 > {FOLLOW_LOG} 2>&1"
                     " & echo $! > /tmp/follow.pid)")
     pool = ",".join(SERVERS.values())
     wait_until(lambda: redirects(scenario) == [f"R L {GUEST_MAC} {GUEST_IP} 0 * {pool}"], timeout=60, interval=0.5,
@@ -150,7 +150,7 @@ def test_the_guests_ipvs_is_offloaded_and_withdrawn_when_it_may_not_be(balancer,
                what="the redirect withdrawn from the host")
     log = follow_log(scenario)
     assert f"not offloaded: TCP {GUEST_IP}:{PORT} is persistent (-p)" in log, log
-    assert f"withdrew the redirect of {GUEST_IP} (X {GUEST_MAC})" in log, log
+    assert f"withdrew the redirect of {GUEST_IP} (X {GUEST_MAC} L *)" in log, log
 
     guest_before = client_packets_in_guest(scenario)
     persistent = ask(scenario)

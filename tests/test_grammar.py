@@ -130,6 +130,10 @@ def test_filter_mask_is_the_sum_of_its_field_bits():
 
 # (text, error class, column, message without the "column N: " prefix)
 ERRORS = [
+    (f"X {MAC} F", UnknownCommandError, 21, "'F' is not what X cancels; expected L <srcip> (one load-balancer "
+     "redirect) or nothing (the whole registration)"),
+    (f"X {MAC} L", MissingTokenError, 22, "missing redirect source; expected * (any source) or an IPv4/IPv6 "
+     "address or CIDR like 10.0.0.0/8"),
     ("", MissingTokenError, 1, "missing command; expected R, A, D, X, I, M or T"),
     ("Q", UnknownCommandError, 1, "'Q' is not a command; expected R, A, D, X, I, M or T"),
     ("x " + MAC, UnknownCommandError, 1, "'x' is not a command; expected R, A, D, X, I, M or T"),
@@ -139,7 +143,9 @@ ERRORS = [
      "'52:34:56:00:12' is not a MAC address; expected six hex pairs like 52:34:56:00:12:22"),
     ("X 52:34-56:00:12:22", InvalidValueError, 3,
      "'52:34-56:00:12:22' is not a MAC address; expected six hex pairs like 52:34:56:00:12:22"),
-    (f"X {MAC} extra", UnexpectedTokenError, 21, "unexpected 'extra' after the end of the command"),
+    (f"X {MAC} extra", UnknownCommandError, 21, "'extra' is not what X cancels; expected L <srcip> (one "
+     "load-balancer redirect) or nothing (the whole registration)"),
+    (f"X {MAC} L * extra", UnexpectedTokenError, 25, "unexpected 'extra' after the end of the command"),
     ("I", MissingTokenError, 2, "missing MB MAC address; expected six hex pairs like 52:34:56:00:12:22"),
     (f"I {MAC} -1", InvalidValueError, 21,
      "'-1' is not a skip count; expected a number 0-2147483647 (how many of the sorted filters to leave out)"),
@@ -351,7 +357,7 @@ DICT_ERRORS = [
     ([], InvalidValueError, "[] is not an object"),
     ({"mac": MAC}, UnknownCommandError,
      "op: None is not a command op; expected one of register_firewall, register_load_balancer,"
-     " add_filter, delete_filter, delete_filters, cancel, query"),
+     " add_filter, delete_filter, delete_filters, cancel, cancel_redirect, query"),
     ({"op": "cancel"}, MissingTokenError, "missing key 'mac'"),
     ({"op": "cancel", "mac": MAC, "ip": "10.0.0.1"}, UnexpectedTokenError, "unexpected key 'ip'"),
     ({"op": "cancel", "mac": True}, InvalidValueError,

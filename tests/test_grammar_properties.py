@@ -15,6 +15,7 @@ from mbvisor.guest.commands import (
     FILTER_FIELDS,
     AddFilter,
     Cancel,
+    CancelRedirect,
     DeleteFilter,
     DeleteFilters,
     Filter,
@@ -101,6 +102,8 @@ commands = st.one_of(
     st.builds(DeleteFilter, macs, filters()),
     st.builds(DeleteFilters, macs, layers, masks),
     st.builds(Cancel, macs),
+    st.builds(CancelRedirect, macs, st.one_of(st.none(), families.flatmap(endpoints).filter(
+        lambda text: text not in ("0.0.0.0", "::")))),
     st.builds(Query, macs, layers),
     st.builds(Query, macs, layers, st.integers(0, 2**31 - 1)),
 )

@@ -51,6 +51,8 @@ def run(capsys, *arguments) -> tuple[int, str, str]:
     (["show", "mac", "--mac", MAC], f"M {MAC}"),
     (["show", "ip", "--mac", MAC, "--skip", "200"], f"I {MAC} 200"),
     (["cancel", "--mac", MAC], f"X {MAC}"),
+    (["cancel", "--redirect", "--mac", MAC], f"X {MAC} L *"),
+    (["cancel", "--mac", MAC, "--redirect", "10.1.0.0/16"], f"X {MAC} L 10.1.0.0/16"),
     (["-w", f"@X {MAC}@"], f"X {MAC}"),
 ])
 def test_sub_commands_send_the_grammar_and_print_the_answer(served, capsys, arguments, command):

@@ -674,6 +674,29 @@ def test_7_cancelling_a_redirect_hands_its_open_connection_to_the_middlebox_only
         assert {name: len(f) for name, f in two.items() if f} == {}
 
 
+def test_7_withdrawing_one_redirect_keeps_the_firewall_and_hands_the_connection_back(net):
+    """``X <mac> L *`` withdraws the any-source redirect alone: its open connection goes
+    back to the middlebox, as with X, while the middlebox's firewall registration and its
+    filter stay on the switch untouched; withdrawing it again is refused, changing nothing."""
+    rb1, mba, client = net["rb1"], net["mba"], net["client"]
+    net.ok(mba, f"R F {MB_A} {mba.ip}")
+    net.ok(mba, f"A {MB_A} I 4 s 10.99.0.0/16")
+    filter_flows = [line for line in dump(net.b1) if "10.99.0.0/16" in line]
+    assert filter_flows
+    with redirect_changed(net, 8083, (rb1, mba), f"X {MB_A} L *") as (reply, local_port, marks):
+        assert reply != {"reply": "rb1:two"}  # the old backend never answers
+        seen = net.barrier(client, marks)
+        two = {name: [f for f in frames if TCP in f and f[TCP].sport == local_port and bytes(f[TCP].payload) == b"two"]
+               for name, frames in seen.items()}
+        assert two.pop("mba"), "the withdrawn redirect's connection did not go back to the middlebox"
+        assert {name: len(f) for name, f in two.items() if f} == {}
+    assert [line for line in dump(net.b1) if "10.99.0.0/16" in line] == filter_flows
+    assert not [line for line in dump(net.b1) if rb1.ip in line and "set_field" in line]  # no rewrite to rb1 left
+    flows = dump(net.b1)
+    net.rejected(mba, f"X {MB_A} L *", "not-registered")
+    assert dump(net.b1) == flows
+
+
 def test_7_ipv6_redirect_serves_a_real_tcp_connection_as_the_middlebox(net):
     """Issue 11 items 7 and 11: a redirect of the middlebox's IPv6 address installs, and a
     real TCP connection to it is served by the IPv6 backend while the client sees the

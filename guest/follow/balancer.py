@@ -6,13 +6,11 @@ sends only a change.  A pool that is new or differs is registered with ``R L <ma
 <pool>``: the host keeps one redirect per source (controller/model.py), so registering again
 *replaces* the pool, and that is also how a pool changes.
 
-Withdrawing is another matter: the grammar has no command that removes one redirect, and
-``X <mac>`` cancels the middlebox's whole registration (every redirect, the firewall
-registration, every filter).  So the follower withdraws only when told it may
-(``withdraw_by_cancel``: the operator states that the follower's redirect is the middlebox's
-only offload), and even then only after the host has said that the middlebox is not registered
-for firewall offload (``I <mac>`` answers ``not-registered``), so that no filter is ever
-cancelled with it.  Otherwise it reports, once, that the redirect stays on the host.
+When IPVS may no longer be offloaded (or has no service left on the address), the redirect
+is withdrawn with ``X <mac> L *``, which removes that one redirect and keeps the middlebox's
+firewall registration, its filters and any redirect made for a particular source.  At start
+what the host holds is unknown, so a follower that finds nothing to offload withdraws once
+(a host without the redirect answers not-registered), clearing what an earlier one left.
 
 The host cannot list redirects, so the follower cannot compare with it; instead it registers
 the pool again every ``resend_every`` seconds (the host answers OK and changes nothing), which
@@ -33,7 +31,7 @@ from .. import answers
 from .. import fields as kinds
 from ..backoff import Backoff
 from ..channel_errors import ChannelError, CommandTooLong
-from ..commands import Cancel, Layer, Query, RegisterLoadBalancer, check_load_balancer
+from ..commands import CancelRedirect, RegisterLoadBalancer, check_load_balancer
 from ..grammar import format_command, format_frame
 from .follower import DEFAULT_LOCK_DIR, Stopper, hold_lock
 from .source import SourceError, Watch
@@ -58,8 +56,8 @@ class BalancerSource(Protocol):
 
 
 class _Unknown:
-    """What the host holds is not known (at start with ``withdraw_by_cancel``, and at each
-    re-send): the next step sends whatever IPVS asks for."""
+    """What the host holds is not known (at start, and at each re-send): the next step
+    sends whatever IPVS asks for."""
 
     def __repr__(self) -> str:
         return "unknown"
@@ -88,16 +86,13 @@ class BalancerFollower:
     the redirect stays on the host.  Use as a context manager to close in any case."""
 
     def __init__(self, writer, mac: str, source: BalancerSource, *, resend_every: float = DEFAULT_RESEND_EVERY,
-                 timeout: float = 5.0, verbose: bool = False, withdraw_by_cancel: bool = False,
-                 lock_dir: str = DEFAULT_LOCK_DIR, report: Callable[[str], None] = _to_stderr):
+                 timeout: float = 5.0, verbose: bool = False, lock_dir: str = DEFAULT_LOCK_DIR, report: Callable[[str], None] = _to_stderr):
         self.writer, self.mac, self.source = writer, kinds.MAC_ADDRESS.parse(mac), source
         self.address = kinds.IP_ADDRESS.parse(source.middlebox_ip)
         self.resend_every, self.timeout, self.verbose = resend_every, timeout, verbose
-        self.withdraw_by_cancel, self.lock_dir, self.report = withdraw_by_cancel, lock_dir, report
+        self.lock_dir, self.report = lock_dir, report
         self.wanted: tuple[str, ...] | None = None   # the pool IPVS asks for; None: no redirect
-        # What the host holds: a pool, None, or UNKNOWN.  Without withdraw_by_cancel nothing
-        # could be withdrawn anyway, so an unknown start is taken as "nothing".
-        self.on_host: tuple[str, ...] | None | _Unknown = UNKNOWN if withdraw_by_cancel else None
+        self.on_host: tuple[str, ...] | None | _Unknown = UNKNOWN  # what the host holds: a pool, None, or unknown
         self.refusals: tuple[Refusal, ...] = ()
         self._held: tuple[str, tuple[str, ...] | None] | None = None  # (step, wanted) refused until the re-send
         self._reported_held: tuple | None = None
@@ -259,38 +254,22 @@ class BalancerFollower:
                                  f"{record.code}: {record.message}; trying again in {self.resend_every:g} s")
 
     def _withdraw(self) -> None:
-        kept = _pool(self.on_host) if self.on_host is not UNKNOWN else "its earlier pool, if any"
-        if not self.withdraw_by_cancel:
-            self._hold(WITHDRAW, f"cannot withdraw the redirect of {self.address} to {kept}: the grammar has no "
-                                 f"command that removes one redirect, and X would cancel every offload of {self.mac}; "
-                                 "it stays on the host until IPVS may be offloaded again or the middlebox is "
-                                 "cancelled (mbctl cancel; --withdraw-by-cancel lets the follower do it)")
-            return
-        check = self._request(Query(self.mac, Layer.IP))
-        if check.ok:
-            self._hold(WITHDRAW, f"cannot withdraw the redirect of {self.address} to {kept}: {self.mac} is "
-                                 "registered for firewall offload, and X would cancel its filters too; asking again "
-                                 f"in {self.resend_every:g} s")
-            return
-        if passing(check):
-            raise _Retry()
-        if check.code != "not-registered":
-            self._hold(WITHDRAW, f"cannot withdraw the redirect of {self.address}: asked whether {self.mac} has "
-                                 f"filters, the host answered {check.status} {check.code}: {check.message}; asking "
-                                 f"again in {self.resend_every:g} s")
-            return
-        record = self._request(Cancel(self.mac))
+        """``X <mac> L *``: the any-source redirect goes, the middlebox's firewall and
+        filters (and any redirect an operator made for a source) stay.  A host that holds
+        none answers not-registered: nothing left to withdraw."""
+        command = CancelRedirect(self.mac, None)
+        record = self._request(command)
         if record.ok or record.code == "not-registered":
             self.on_host = self._held = None
             if self._announced is not None or record.ok or self.verbose:
                 self._announced = None
-                self.report(f"withdrew the redirect of {self.address} (X {self.mac}): the middlebox handles its "
-                            "traffic again")
+                self.report(f"withdrew the redirect of {self.address} ({format_command(command)}): the middlebox "
+                            "handles its traffic again")
         elif passing(record):
             raise _Retry()
         else:
-            self._hold(WITHDRAW, f"cannot withdraw the redirect of {self.address}: X {self.mac} answered "
-                                 f"{record.status} {record.code}: {record.message}; trying again in "
+            self._hold(WITHDRAW, f"cannot withdraw the redirect of {self.address}: {format_command(command)} "
+                                 f"answered {record.status} {record.code}: {record.message}; trying again in "
                                  f"{self.resend_every:g} s")
 
     def _hold(self, step: str, message: str) -> None:
