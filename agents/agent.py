@@ -297,6 +297,10 @@ class Agent:
                 # no channel until it is fixed, and its offloads stay, withheld by the controller
                 # while the annotations do not vouch for it (a port deleted retires them there).
                 self._close(name)
+            elif vm is not None and vm != channel.vm and dataclasses.replace(
+                    vm, rate=channel.vm.rate, burst=channel.vm.burst) == channel.vm:
+                channel.vm, channel.bucket = vm, self._bucket(vm)  # only its rate limit changed: it goes on
+                log.info("channel %s: rate limit now %s", vm.name, self._limit_text(vm))
             elif vm != channel.vm:
                 self._forget(self._close(name), vm)
             elif self._stale(channel):
@@ -330,7 +334,7 @@ class Agent:
     def _open(self, vm: VmChannel, previous_problem: str | None = None) -> Channel:
         """A channel for ``vm``: served by a new worker, or with the reason it cannot be
         (logged once, not every round it stays so)."""
-        channel = Channel(vm, TokenBucket(self.settings.rate, self.settings.burst))
+        channel = Channel(vm, self._bucket(vm))
         try:
             region = open_channel_region(vm.region, self.settings.channel_dirs)
         except Exception as error:  # any path or file a VM's record names costs that VM alone
@@ -595,7 +599,7 @@ class Agent:
             channel.stats.rate_limited += count
             records = count if fits(count, incoming.answer_limit) else 1  # else one says it for all
             return ring.Status.RATE_LIMITED, frame_wide(ring.Status.RATE_LIMITED, "rate-limited",
-                                                        self._rate_text(count), records)
+                                                        self._rate_text(channel.bucket, count), records)
         if not fits(count, incoming.answer_limit):
             channel.stats.answered_locally += 1
             return ring.Status.REFUSED, [too_many(count, incoming.answer_limit)]
@@ -613,11 +617,20 @@ class Agent:
                      "epoch": incoming.epoch, "seq": key + k} for k, text in enumerate(verdict.forward)]
         return self._forward(channel, requests)
 
-    def _rate_text(self, count: int) -> str:
-        if count > self.settings.burst:
-            return (f"a frame of {count} commands is more than this VM's burst of {self.settings.burst:g}; "
+    def _bucket(self, vm: VmChannel) -> TokenBucket:
+        """The VM's own rate limit (its annotations, docs/agent.md), else the agent's."""
+        return TokenBucket(vm.rate or self.settings.rate, vm.burst or self.settings.burst)
+
+    def _limit_text(self, vm: VmChannel) -> str:
+        bucket = self._bucket(vm)
+        return f"{bucket.rate:g} commands/s, burst {bucket.burst:g}"
+
+    @staticmethod
+    def _rate_text(bucket: TokenBucket, count: int) -> str:
+        if count > bucket.burst:
+            return (f"a frame of {count} commands is more than this VM's burst of {bucket.burst:g}; "
                     "split it into smaller frames; nothing was applied")
-        return (f"more than {self.settings.rate:g} commands/s from this VM; this frame of {count} command(s) "
+        return (f"more than {bucket.rate:g} commands/s from this VM; this frame of {count} command(s) "
                 "was not applied, slow down")
 
     def _forward(self, channel: Channel, requests: list[dict]) -> tuple[int, list[Answer]] | None:

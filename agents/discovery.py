@@ -37,6 +37,8 @@ MAC_KEY = "attached-mac"
 VM_ID_KEY = "vm-id"
 TENANT_KEY = "mbvisor-tenant"
 IPS_KEY = "mbvisor-ips"
+RATE_KEY, BURST_KEY = "mbvisor-rate", "mbvisor-burst"  # this VM's own rate limit (the agent's otherwise)
+MAX_RATE = 1_000_000.0  # commands per second, or a burst: more is no limit at all, so a typo
 MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 MAX_CHANNEL_NAME = 200  # the controller accepts 256 (controller/requests.py)
 
@@ -53,6 +55,8 @@ class VmChannel:
     vm_id: str
     bridge: str = ""
     doorbell: str = ""  # the ivshmem server's socket of a VM whose guest rings; "" for a polled one
+    rate: float | None = None   # the operator's rate limit for this VM (None: the agent's)
+    burst: float | None = None
 
     @property
     def name(self) -> str:
@@ -234,6 +238,26 @@ def _entry(interface: _Interface) -> PortIdentity:
     return entry
 
 
+def rate_limit(ids: dict) -> tuple[float | None, float | None]:
+    """``mbvisor-rate`` and ``mbvisor-burst`` (commands per second, commands at once), each
+    optional; ValueError naming the one that is not a number in (0, MAX_RATE]."""
+    limits = []
+    for key in (RATE_KEY, BURST_KEY):
+        text = ids.get(key)
+        if text is None:
+            limits.append(None)
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value <= MAX_RATE:  # NaN and inf fail too
+            raise ValueError(f"{key} {clip(text, 40)!r} is not a number of commands above 0 and at most "
+                             f"{MAX_RATE:,.0f}")
+        limits.append(value)
+    return limits[0], limits[1]
+
+
 def _check_mac(interface: _Interface) -> None:
     if not MAC.fullmatch(interface.mac):
         raise ValueError(f"attached-mac {clip(str(interface.ids.get(MAC_KEY, '')), 60)!r} is not a MAC address")
@@ -263,13 +287,17 @@ def scan_ovsdb(bridges: dict, ports: dict, interfaces: dict) -> Scan:
                 _check_mac(interface)
             except ValueError as error:
                 problems.append(f"channel of {interface.name} (port {interface.port}) refused: {error}")
+        try:
+            limits = rate_limit(interface.ids)
+        except ValueError as error:
+            problems.append(f"channel of {interface.name} (port {interface.port}) refused: {error}")
         if problems:
             refused.append(Refusal(interface.bridge, interface.name, "; ".join(problems)))
         elif interface.ids.get(CHANNEL_KEY):
             channels.append(VmChannel(interface.name, interface.ids[CHANNEL_KEY], interface.dpid, interface.port,
                                       tuple(m for m in [interface.mac] if m),
                                       interface.ids.get(VM_ID_KEY, interface.name), interface.bridge,
-                                      interface.ids.get(DOORBELL_KEY, "")))
+                                      interface.ids.get(DOORBELL_KEY, ""), *limits))
     return Scan(channels, {dpid: tuple(sorted(entries, key=lambda e: (e.port, e.interface)))
                            for dpid, entries in inventories.items()}, names, tuple(refused),
                 {dpid: frozenset(uuids) for dpid, uuids in incarnations.items()})

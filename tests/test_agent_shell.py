@@ -6,6 +6,7 @@ limits counting commands, bounded work and logging.  No OVS, no controller proce
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.server
 import json
 import logging
@@ -493,6 +494,26 @@ def test_rate_limit_counts_commands_not_frames(shm):
         assert limited.status_name == "RATE_LIMITED" and "frame of 3 command(s)" in limited.text
         assert sum(len(r) for r in client.requests) == 3
         wait_for(lambda: status_of(agent)["rate_limited"] == 103)
+
+
+def test_a_vm_annotated_with_its_own_rate_limit_gets_it_and_the_others_keep_the_agents(shm):
+    """``mbvisor-rate``/``mbvisor-burst``: a VM following a long list gets a burst that
+    holds it; another VM keeps the agent's small one.  Changing the annotation changes the
+    limit of the running channel, without closing it (its offloads stay)."""
+    big, small = shm.region(), shm.region()
+    big_writer, small_writer = guest(big), guest(small)
+    vms = [dataclasses.replace(vm(big, "big"), burst=50.0), vm(small, "small", port=6, mac="52:34:56:00:12:33")]
+    frame = "@".join([f"I {MAC}@"] * 29 + [f"I {MAC}"])
+    with serving(vms, FakeController(), rate=0.001, burst=5) as agent:
+        assert request(big_writer, frame).ok  # 30 of its 50
+        limited = request(small_writer, frame.replace(MAC, "52:34:56:00:12:33"))
+        assert limited.status_name == "RATE_LIMITED" and "burst of 5" in limited.text
+        opened = agent.channels["big/tap-big"]
+        vms[0] = dataclasses.replace(vms[0], burst=10.0)
+        wait_for(lambda: agent.channels["big/tap-big"].bucket.burst == 10.0, what="the new limit")
+        assert agent.channels["big/tap-big"] is opened and opened.reader is not None  # not reopened
+        again = request(big_writer, frame)
+        assert again.status_name == "RATE_LIMITED" and "burst of 10" in again.text
 
 
 # ---- 7. bounded work and logging -----------------------------------------------------------
