@@ -649,3 +649,41 @@ table inet filter {
     site.wait_filters({source_filter("10.0.0.67")}, timeout=10, what="the expired element to leave the host")
     reaches_mb(site, site.attacker)
     assert follower.process.alive(), follower.output()
+
+
+# --- e. an ipset followed through the real agent ------------------------------------------------
+
+
+def test_an_ipset_ban_is_dropped_in_the_switch_and_its_removal_lets_the_attacker_back(fresh, tmp_path):
+    """``mbctl follow ipset`` as a process in mb's namespace, its set matched by mb's own
+    iptables drops (INPUT and FORWARD): an address added with ``ipset add`` is dropped in the switch (the
+    packets never reach mb), and ``ipset del`` lets it back, both within a poll or two."""
+    site = fresh
+    name = "mbban"
+    site.mb.run(["ipset", "create", name, "hash:net"])
+    try:
+        for chain in ("INPUT", "FORWARD"):  # the lab's mb forwards: both paths drop the members
+            site.mb.run(["iptables", "-I", chain, "-m", "set", "--match-set", name, "src", "-j", "DROP"])
+        process = site.mb.popen([sys.executable, "-m", "mbvisor.guest.mbctl", "follow", "ipset", "--set", name,
+                                 "--shm", site.region, "--mac", MAC, "--lock-dir", str(tmp_path / "lock"),
+                                 "--verbose"])
+        try:
+            wait_until(lambda: process.check_alive() or "mbctl follow: following " in process.output(), timeout=60,
+                       what="the ipset follower's first sync")
+            reaches_mb(site, site.attacker)
+            site.mb.run(["ipset", "add", name, ATTACKER_IP])
+            site.mb.run(["ipset", "add", name, "10.99.0.0/16"])
+            site.wait_filters({source_filter(ATTACKER_IP), source_filter("10.99.0.0/16")}, timeout=15,
+                              what="the ipset's members offloaded")
+            dropped_in_switch(site, site.attacker)
+            reaches_mb(site, site.client)
+            site.mb.run(["ipset", "del", name, ATTACKER_IP])
+            site.wait_filters({source_filter("10.99.0.0/16")}, timeout=15, what="the removed member withdrawn")
+            reaches_mb(site, site.attacker)
+            assert process.alive(), process.output()
+        finally:
+            process.stop()
+    finally:
+        site.mb.run(["iptables", "-F", "INPUT"])
+        site.mb.run(["iptables", "-F", "FORWARD"])
+        site.mb.run(["ipset", "destroy", name])
