@@ -91,6 +91,10 @@ def with_change(current: Middlebox, before: Middlebox, after: Middlebox) -> Midd
             redirects = [r for r in redirects if r.source != redirect.source] + [redirect]
     changed = {name: getattr(after, name) for name in ("firewall_ip", "balancer_ip")
                if getattr(after, name) != getattr(before, name)}
+    if redirects:  # a balancer address lasts while a redirect does: one side's last withdrawn, the other's added
+        changed["balancer_ip"] = changed.get("balancer_ip") or current.balancer_ip or before.balancer_ip
+    else:
+        changed["balancer_ip"] = None
     return replace(current, filters=frozenset(filters), redirects=tuple(sorted(redirects, key=redirect_order)),
                    **changed)
 

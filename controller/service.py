@@ -314,7 +314,8 @@ class Controller:
                 pace()
                 if index >= alone_until:
                     run = self._run_of_adds(requests, index, parsed, pace)
-                    run = self._fresh_keys_only(run, requests, index, parsed)  # no pace() until claimed
+                    run, not_new = self._fresh_keys_only(run, requests, index, parsed)  # no pace() until claimed
+                    alone_until = index + len(run) + not_new  # those replay, wait or are refused alone
                     decided_run = self._plan_adds(requests[index].port, run, draft, context) if run else None
                     if decided_run is not None:
                         run_answers, added = decided_run
@@ -331,7 +332,7 @@ class Controller:
                         index += len(run)
                         continue
                     parsed.update(zip(range(index, index + len(run)), run))
-                    alone_until = index + len(run)
+                    alone_until = max(alone_until, index + len(run))
                 request = requests[index]
                 decided = self._plan_one(request, draft, context, seen, pending[0] if pending else None,
                                          parsed.pop(index, None))
@@ -389,27 +390,34 @@ class Controller:
         return run
 
     def _fresh_keys_only(self, run: list[AddFilter], requests: list[CommandRequest], start: int,
-                         parsed: dict) -> list[AddFilter]:
-        """The part of ``run`` before its first idempotency key that is not new: one the
-        store answered, one in flight (claimed by another job, or earlier in this one), or
-        one used earlier in this run (those are ``_plan_one``'s: a replay, a wait or a
-        refusal).  The store is
-        asked once for the whole run (a guest's frame of 100 adds is 100 keys), and its
+                         parsed: dict) -> tuple[list[AddFilter], int]:
+        """The part of ``run`` before its first idempotency key that is not new (one the
+        store answered, one in flight, claimed by another job or earlier in this one, or one
+        used earlier in this run: those are ``_plan_one``'s, a replay, a wait or a
+        refusal), and how many commands from there on have keys that are not new either
+        (decided alone without looking for a run at each: a replayed frame of 4,096 would
+        otherwise cost 4,096 looks).  The store is asked once for the whole run, and its
         answer holds until the keys are claimed because nothing yields in between.  The
         commands cut off stay in ``parsed``."""
         keys = [requests[at].key for at in range(start, start + len(run))]
         wanted = [key for key in keys if key is not None]
         if not wanted:
-            return run
+            return run, 0
         stored = self.store.stored_keys(wanted)
         taken: set = set()
+        cut, end = None, len(keys)
         for offset, key in enumerate(keys):
-            if key is not None:
-                if key in stored or key in self.in_flight or key in taken:
-                    parsed.update(zip(range(start + offset, start + len(run)), run[offset:]))
-                    return run[:offset]
-                taken.add(key)
-        return run
+            not_new = key is not None and (key in stored or key in self.in_flight or key in taken)
+            if cut is None and not_new:
+                cut = offset
+            elif cut is not None and not not_new:
+                end = offset
+                break
+            taken.add(key)
+        if cut is None:
+            return run, 0
+        parsed.update(zip(range(start + cut, start + len(run)), run[cut:]))
+        return run[:cut], end - cut
 
     def _plan_adds(self, port: int, run: list[AddFilter], draft: Draft,
                    context: "PlanContext") -> tuple[list[Answer], list[int]] | None:

@@ -127,3 +127,21 @@ def test_a_run_that_reaches_a_limit_is_decided_command_by_command(tmp_path):
     assert 0 < added < 8
     assert [a.code for a in plan.answers] == ["ok"] * added + ["limit"] * (8 - added)
     assert plan.pending == tuple(range(added))
+
+
+def test_a_replayed_frame_is_looked_at_for_a_run_once_not_at_every_command(tmp_path, monkeypatch):
+    """A frame sent again (a retry after a restart) has every key stored: its commands are
+    replayed one at a time, found in one look for a run, not one look per command (a
+    review measured 7.4 s for a replayed batch of 4,096)."""
+    service = controller(tmp_path)
+    requests = [CommandRequest(DPID, 1, f"A {MAC} I 4 s 10.8.0.{n}", "c", 3, n) for n in range(4)]
+    plan = service.plan(DPID, requests)
+    service.commit(DPID, plan)
+    service.release(plan)
+    looks = []
+    original = service._run_of_adds
+    monkeypatch.setattr(service, "_run_of_adds", lambda *args: looks.append(args[1]) or original(*args))
+    again = service.plan(DPID, requests * 50)  # 200 commands, every key stored
+    service.release(again)
+    assert all(a.replayed for a in again.answers) and len(again.answers) == 200
+    assert len(looks) == 1, looks

@@ -258,3 +258,20 @@ def test_redirects_changed_on_both_sides_around_the_switchover_converge():
     a_final = with_change(a_after, b_before, b_after)  # B's copy reaches A
     b_final = with_change(b_after, a_before, a_after)  # A's copy reaches B
     assert a_final.redirects == b_final.redirects, (a_final.redirects, b_final.redirects)
+
+
+def test_one_sides_last_redirect_withdrawn_while_the_other_adds_one_keeps_the_balancer_address():
+    """``X <mac> L`` of the last redirect clears the balancer address; the other side adding
+    one meanwhile keeps it: the result must be a middlebox the store can read back (a review
+    found ``R L <mac> None ...`` written, and the controller unable to restart)."""
+    from mbvisor.controller.store import decode_middlebox, encode_middlebox
+    old = Redirect(None, ("10.0.0.5",))
+    base = replace(firewall(), balancer_ip="10.0.0.2", redirects=(old,))
+    a_before, b_before = base, replace(base, dpid=DESTINATION, port=7, zone=2)
+    a_after = replace(a_before, redirects=(), balancer_ip=None)  # A: X <mac> L *
+    b_after = replace(b_before, redirects=(old, Redirect("10.1.0.0/16", ("10.0.0.6",))))  # B: R L ... 1 10.1.0.0/16
+    a_final = with_change(a_after, b_before, b_after)
+    b_final = with_change(b_after, a_before, a_after)
+    for final in (a_final, b_final):
+        assert final.redirects == (Redirect("10.1.0.0/16", ("10.0.0.6",)),) and final.balancer_ip == "10.0.0.2"
+        assert decode_middlebox(final.dpid, final.mac, encode_middlebox(final)) == replace(final, filters=frozenset())
