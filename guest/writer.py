@@ -330,7 +330,9 @@ class ChannelWriter:
 
     def abandon(self, ticket: Ticket) -> None:
         """Nobody will read ``ticket``'s answer (its waiter gave up on an earlier one): its
-        slot may be reused once answered, without waiting for the promise to pass."""
+        slot may be reused once answered, without waiting for the promise to pass (and an
+        answer another thread of this process already read for it is dropped)."""
+        self._stashed(ticket)
         header = ring.read_header(self.region.buf)
         if header.guest_epoch == ticket.epoch and not header.problem(self.region.size):
             self._mark(header.geometry, ticket, ring.SlotState.ABANDONED)

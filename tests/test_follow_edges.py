@@ -5,12 +5,14 @@ them fails."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from mbvisor.agents.vetting import combine, vet
 from mbvisor.controller.model import ApplyError, Binding, State, apply
 from mbvisor.guest import answers, ring
 from mbvisor.guest.answers import answer
-from mbvisor.guest.channel_errors import AnswerLost
+from mbvisor.guest.channel_errors import AnswerLost, RingFull
 from mbvisor.guest.commands import AddFilter
 from mbvisor.guest.follow import sync
 from mbvisor.guest.follow.follower import AlreadyFollowed, Follower, hold_lock
@@ -163,55 +165,66 @@ def test_a_paged_read_misses_no_filter_when_the_list_changes_but_keeps_its_count
 # --- frames in flight when one of them fails ----------------------------------------------
 
 
-class ShakyHost(FakeHost):
-    """Answers the frame numbered ``declined`` (1: the first page) with ``status`` for
-    every command, applying none of them; or, with ``status=None``, raises ``error`` when
-    it is waited for (its commands applied: the answer is what went missing)."""
+class ScriptedHost(FakeHost):
+    """The n-th frame submitted (page reads are requests, not counted) goes as ``plan[n]`` says: ``"declined"``
+    (answered RATE_LIMITED for every command, none applied), ``"ring-full"`` (its submit
+    raises RingFull: nothing published) or ``"lost"`` (applied, and waiting for its answer
+    raises AnswerLost); a frame the plan does not name is applied and answered."""
 
-    def __init__(self, declined: int, status: str | None = "RATE_LIMITED", error: Exception | None = None):
-        super().__init__(Geometry(16))
-        self.declined, self.status, self.error = declined, status, error
-        self.frames = 0
+    def __init__(self, plan: dict[int, str], geometry: Geometry = Geometry(16)):
+        super().__init__(geometry)
+        self.plan = plan
         self.frame_commands: list[list[str]] = []
         self.lost: set[int] = set()
+        self.uncovered: list[int] = []  # frames after which a watched address was in no filter
+        self.watched: str | None = None
 
     def submit(self, payload: bytes, timeout, collect_within=None):
-        self.frames += 1
         commands = [body for _, body in split_frame(payload)]
+        number = len(self.frame_commands) + 1
         self.frame_commands.append(commands)
-        if self.frames == self.declined and self.status is not None:
+        what = self.plan.get(number)
+        if what == "ring-full":
+            raise RingFull("ring full (test)")
+        if what == "declined":
             ticket = len(self.answers_kept) + len(self.waited)
-            records = [answer(self.status, self.status.lower().replace("_", "-"), "declined (test)")] * len(commands)
-            self.answers_kept[ticket] = Response(1, 1, int(ring.Status[self.status]),
+            records = [answer("RATE_LIMITED", "rate-limited", "declined (test)")] * len(commands)
+            self.answers_kept[ticket] = Response(1, 1, int(ring.Status.RATE_LIMITED),
                                                  answers.render(records, self.geometry.max_response_length), False)
             return ticket
         ticket = super().submit(payload, timeout)
-        if self.frames == self.declined:
+        if what == "lost":
             self.lost.add(ticket)
+        if self.watched and not any(ipaddress.ip_address(self.watched) in ipaddress.ip_network(network)
+                                    for _, network in self.owned()):
+            self.uncovered.append(number)
         return ticket
 
     def wait(self, ticket, timeout):
         response = super().wait(ticket, timeout)
         if ticket in self.lost:
-            raise self.error
+            raise AnswerLost("lost (test)", ticket)
         return response
 
 
-def adds_sent(host: ShakyHost) -> list[str]:
+LIST = [f"10.{i // 250}.{i % 250}.0/24" for i in range(1000)]
+
+
+def adds_sent(host: ScriptedHost) -> list[str]:
     return [command for commands in host.frame_commands for command in commands if command.startswith("A ")]
 
 
 def test_a_rate_limited_frame_among_those_in_flight_is_sent_again_and_the_others_are_not(tmp_path):
     """Four frames in flight, the second declined: the others were applied and their
     answers are taken; only the declined frame's commands are sent again."""
-    host = ShakyHost(declined=3)  # 1: the page read, 2..: the adds
-    source = ListSource([f"10.{i // 250}.{i % 250}.0/24" for i in range(1000)])
+    host = ScriptedHost({2: "declined"})
+    source = ListSource(LIST)
     with Follower(host, MAC, [source], lock_dir=str(tmp_path), report=_quiet) as follower:
         follower.run(once=True)
     assert host.owned() == {(SOURCE, network) for network in source.elements}
     sent = adds_sent(host)
     again = [command for command in set(sent) if sent.count(command) > 1]
-    assert sorted(again) == sorted(host.frame_commands[2]) and len(sent) == 1000 + len(again)
+    assert sorted(again) == sorted(host.frame_commands[1]) and len(sent) == 1000 + len(again)
     assert not host.answers_kept  # every frame's answer read
 
 
@@ -219,14 +232,62 @@ def test_a_lost_answer_among_frames_in_flight_abandons_the_rest_and_asks_the_hos
     """The second frame's answer is lost: what the frames after it did is unknown, so their
     answers are abandoned (``--once`` ends there) and the host's own list decides what the
     next run sends (only what no frame applied: none is sent twice)."""
-    host = ShakyHost(declined=3, status=None, error=AnswerLost("lost (test)", 2))
-    source = ListSource([f"10.{i // 250}.{i % 250}.0/24" for i in range(1000)])
+    host = ScriptedHost({3: "lost"})
+    source = ListSource(LIST)
     with Follower(host, MAC, [source], lock_dir=str(tmp_path), report=_quiet) as follower:
         with pytest.raises(AnswerLost):
             follower.run(once=True)
-    # the page, then frames 2-5 in flight; 2 answered, 6 sent; 3 lost: 4, 5 and 6 abandoned, no more sent
+    # frames 1-4 in flight; 1 answered, 5 sent; 2 answered, 6 sent; 3 lost: 4, 5 and 6 abandoned, no more sent
     assert not host.answers_kept and len(host.frame_commands) == 6
     with Follower(host, MAC, [source], lock_dir=str(tmp_path), report=_quiet) as follower:
         follower.run(once=True)
     assert host.owned() == {(SOURCE, network) for network in source.elements}
     assert sorted(adds_sent(host)) == sorted(set(adds_sent(host)))  # nothing sent twice
+
+
+def test_a_ring_full_behind_frames_in_flight_reads_them_and_sends_the_rest_later(tmp_path):
+    """Two frames declined, then the ring is full for the third: the frames in flight are
+    still read (their elements are not believed on the host), so the next flush sends
+    every element the host does not hold (a review found 189 of 400 never sent)."""
+    host = ScriptedHost({1: "declined", 2: "declined", 3: "ring-full"})
+    source = ListSource(LIST[:400])
+    with Follower(host, MAC, [source], lock_dir=str(tmp_path), report=_quiet) as follower:
+        with pytest.raises(RingFull):
+            follower.run(once=True)
+        assert not host.answers_kept
+        follower.run(once=True)
+    assert host.owned() == {(SOURCE, network) for network in source.elements}
+
+
+def test_deletes_wait_until_every_add_before_them_is_applied(tmp_path):
+    """An address replaced by its network: the delete of the address is published only
+    after the add of the network was answered and applied, so a declined frame of adds
+    never leaves the address uncovered (a review found it deleted while its network's add
+    was declined)."""
+    narrow, wide = "1.2.3.4", "1.0.0.0/8"  # sorted first: in the first frame of adds, the declined one
+    host = ScriptedHost({1: "declined"})
+    host.execute(f"A {MAC} I 4 s {narrow}")
+    host.watched = narrow
+    source = ListSource([wide, *LIST[:300]])
+    with Follower(host, MAC, [source], lock_dir=str(tmp_path), report=_quiet) as follower:
+        follower.run(once=True)  # the declined frame is sent again after a back-off
+    assert host.uncovered == [] and any(f"D {MAC} I 4 s {narrow}" in c for c in host.frame_commands)
+    assert host.owned() == {(SOURCE, network) for network in source.elements}
+
+
+def test_a_lost_answer_after_a_declined_frame_makes_the_follower_read_the_host(tmp_path):
+    """A frame declined, the next one's answer lost: the channel error wins and the host's
+    list is read, so the elements the lost frame applied are believed on the host (a
+    review found them neither believed nor read again: a later delete of one from the
+    list would never have been sent)."""
+    host = ScriptedHost({1: "declined", 2: "lost"})
+    source = ListSource(LIST[:400])
+    reports = []
+    with Follower(host, MAC, [source], lock_dir=str(tmp_path), report=reports.append) as follower:
+        follower.start()
+        follower._flush(strict=False)
+        assert follower._must_read_host and any("lost (test)" in line for line in reports), reports
+        follower._channel_ready_at = 0.0
+        follower._flush(strict=False)
+        wanted = {(SOURCE, network) for network in source.elements}
+        assert host.owned() == wanted and follower.on_host == wanted

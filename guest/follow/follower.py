@@ -84,6 +84,15 @@ class _Retry(Exception):
         self.rate_limited = rate_limited
 
 
+def _gravity(error: BaseException | None) -> int:
+    """Which of a batch's failures ``_flush`` must hear of: a declined frame (send again
+    later) < a frame not sent (the ring full, the lock busy) < anything else (the channel
+    failed after sending: what the host did must be read from it)."""
+    if error is None:
+        return 0
+    return 1 if isinstance(error, _Retry) else 2 if isinstance(error, (RingFull, ChannelBusy)) else 3
+
+
 def hold_lock(mac: str, directory: str) -> IO[str]:
     """One follower per middlebox: an exclusive flock on ``<directory>/follow-<mac>.lock``
     that holds the owner's pid.  The kernel drops it when the process ends, however it ends,
@@ -625,55 +634,70 @@ class Follower:
         up to ``IN_FLIGHT`` of them published at once: the host takes the next frame as
         soon as it answered one, instead of waiting for this process to notice the answer
         and write the next (a 10,000-element first sync is 100 frames).  Answers are read
-        in order.  When a frame fails, no more are sent; those in flight are still read
-        (what they did is known) unless the channel failed, and every frame from the
-        failed one on is sent again at the next flush (the plan skips what is done)."""
+        in order.  A frame holding deletes is published only once every frame before it
+        was answered and applied: adds first, so a network replaced by a wider or narrower
+        one is never uncovered, even when a frame of adds is declined.  After the first
+        failure nothing more is published; the frames in flight are still read, unless the
+        channel failed (an answer lost or late: what they did is then the host's to say,
+        ``_flush`` reads its list).  Every frame whose outcome was not taken in full is
+        sent again at the next flush (the plan skips what is done)."""
         scope = self.dirty if self._retry_failed else self.dirty - self.failed.keys()
         self.dirty = set()
         adds, deletes = sync.plan({entry for entry in scope if self._wants(entry)}, scope & self.on_host)
         batch = sync.frames(self.mac, adds, deletes, self._frame_commands, self._max_bytes)
+        frame_commands = self._frame_commands
         refused: list[tuple[sync.Entry, answers.Answer]] = []
         in_flight: deque[tuple[int, Ticket, float]] = deque()  # (its number in batch, its ticket, when sent)
+        taken: set[int] = set()  # frames whose every outcome was taken
         failure: BaseException | None = None
-        failed_at = len(batch)
         try:
             for number, frame in enumerate(batch):
-                if len(in_flight) == self._in_flight:
-                    oldest, ticket, submitted = in_flight.popleft()
-                    failure = self._settle(batch[oldest], ticket, submitted, refused)
-                    if failure is not None:
-                        failed_at = oldest
-                        break
+                deleting = not all(step.adding for step in frame.steps)
+                while in_flight and failure is None and (deleting or len(in_flight) == self._in_flight):
+                    failure = self._settle_first(batch, in_flight, taken, refused)
+                if failure is not None:
+                    break
                 try:
                     ticket = self.writer.submit(frame.text.encode(), self.timeout,
                                                 collect_within=self._in_flight * self.timeout)
-                except BaseException as error:
-                    failure, failed_at = error, number
+                except ChannelError as error:  # this frame was not sent; those in flight were
+                    failure = error
                     break
                 in_flight.append((number, ticket, time.monotonic()))
             while in_flight:
-                number, ticket, submitted = in_flight.popleft()
-                if failure is not None and not isinstance(failure, _Retry):
-                    self.writer.abandon(ticket)  # the channel failed: what it did is asked of the host
+                if failure is not None and not isinstance(failure, (_Retry, RingFull, ChannelBusy)):
+                    self.writer.abandon(in_flight.popleft()[1])  # the channel failed: ask the host
                     continue
-                error = self._settle(batch[number], ticket, submitted, refused)
-                if error is not None and failure is None:
-                    failure, failed_at = error, number
+                error = self._settle_first(batch, in_flight, taken, refused)
+                if _gravity(error) > _gravity(failure):
+                    failure = error  # a failed channel outranks a declined frame: the host must be read
             if failure is not None:
-                for unsent in batch[failed_at:]:
-                    self.dirty.update(step.entry for step in unsent.steps)
+                if isinstance(failure, _Retry):
+                    self._frame_commands = min(self._frame_commands, frame_commands)  # not doubled meanwhile
                 raise failure
+        except BaseException:
+            for ticket in (entry[1] for entry in in_flight):
+                self.writer.abandon(ticket)
+            raise
         finally:
+            for number, frame in enumerate(batch):
+                if number not in taken:
+                    self.dirty.update(step.entry for step in frame.steps)
             self._report_refused(refused)
         self._retry_failed = False
 
-    def _settle(self, frame: sync.Frame, ticket: Ticket, submitted: float, refused: list) -> BaseException | None:
-        """Read ``frame``'s answer and take its outcome; the error instead of raising it."""
+    def _settle_first(self, batch: list[sync.Frame], in_flight: deque, taken: set[int],
+                      refused: list) -> BaseException | None:
+        """Read the oldest frame in flight and take its outcome; the error instead of
+        raising it (but one that is no Exception, e.g. KeyboardInterrupt, is raised)."""
+        number, ticket, submitted = in_flight.popleft()
+        frame = batch[number]
         try:
             response = self.writer.wait(ticket, max(0.0, submitted + self._in_flight * self.timeout - time.monotonic()))
             self._take_outcome(frame, self._answer_records(response, len(frame.steps)), submitted, refused)
-        except BaseException as error:
+        except Exception as error:
             return error
+        taken.add(number)
         return None
 
     def _take_outcome(self, frame: sync.Frame, records: list[answers.Answer], started: float, refused: list) -> None:
