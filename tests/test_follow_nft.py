@@ -476,3 +476,47 @@ def test_nft_an_address_rewritten_by_an_earlier_chain_is_not_offloaded(netns):
     }""")
     with pytest.raises(NotOffloadable, match="rewrites source addresses"):
         verdict_for(netns.ruleset(), "ip", "t", "bl", forwarding=True)
+
+
+# --- CrowdSec's firewall bouncer (nftables mode) ---------------------------------------------
+
+CROWDSEC_PREROUTING = """
+table ip crowdsec {
+    set crowdsec-blacklists { type ipv4_addr; flags timeout; }
+    chain mbvisor-prerouting { type filter hook prerouting priority -150; policy accept;
+        ip saddr @crowdsec-blacklists drop
+    }
+}
+table ip6 crowdsec6 {
+    set crowdsec6-blacklists { type ipv6_addr; flags timeout; }
+    chain mbvisor-prerouting { type filter hook prerouting priority -150; policy accept;
+        ip6 saddr @crowdsec6-blacklists drop
+    }
+}
+"""
+CROWDSEC_OWN = """
+table ip crowdsec {
+    set crowdsec-blacklists { type ipv4_addr; flags timeout; }
+    chain crowdsec-chain { type filter hook input priority 0; policy accept; ip saddr @crowdsec-blacklists drop; }
+}
+"""
+
+
+@pytest.mark.host
+def test_crowdsecs_sets_with_the_documented_prerouting_drops_are_offloaded_with_their_timeouts(netns):
+    """docs/adapters.md's CrowdSec recipe (``set-only: true``, drops on prerouting in the
+    sets' own tables): both families offloaded, a decision's timeout carried as expiry."""
+    netns.load(CROWDSEC_PREROUTING)
+    assert verdict_for(netns.ruleset(), "ip", "crowdsec", "crowdsec-blacklists") == Verdict(frozenset({SOURCE}))
+    assert verdict_for(netns.ruleset(), "ip6", "crowdsec6", "crowdsec6-blacklists") == Verdict(frozenset({SOURCE}))
+    netns.nft("add", "element", "ip", "crowdsec", "crowdsec-blacklists", "{ 192.0.2.66 timeout 4h }")
+    (address, expires_at), = netns.source("ip", "crowdsec", "crowdsec-blacklists").snapshot().items()
+    assert address == "192.0.2.66" and 3 * 3600 < expires_at - time.monotonic() <= 4 * 3600
+
+
+@pytest.mark.host
+def test_the_bouncers_own_input_chain_is_offloaded_only_in_a_guest_that_forwards_nothing(netns):
+    netns.load(CROWDSEC_OWN)
+    assert "not on the forward path" in refusal(netns.ruleset(), "ip", "crowdsec", "crowdsec-blacklists")
+    assert verdict_for(netns.ruleset(), "ip", "crowdsec", "crowdsec-blacklists",
+                       forwarding=False) == Verdict(frozenset({SOURCE}))
