@@ -595,11 +595,12 @@ class Agent:
     def _handle(self, channel: Channel, incoming: Incoming) -> tuple[int, list[Answer]] | None:
         verdict = vet(incoming.payload, channel.vm.macs)
         count = len(verdict.forward) or len(verdict.answers) or 1
-        if not channel.bucket.take(time.monotonic(), count):
+        bucket = channel.bucket  # discovery may give the channel a new one meanwhile
+        if not bucket.take(time.monotonic(), count):
             channel.stats.rate_limited += count
             records = count if fits(count, incoming.answer_limit) else 1  # else one says it for all
             return ring.Status.RATE_LIMITED, frame_wide(ring.Status.RATE_LIMITED, "rate-limited",
-                                                        self._rate_text(channel.bucket, count), records)
+                                                        self._rate_text(bucket, count), records)
         if not fits(count, incoming.answer_limit):
             channel.stats.answered_locally += 1
             return ring.Status.REFUSED, [too_many(count, incoming.answer_limit)]

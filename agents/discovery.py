@@ -240,9 +240,10 @@ def _entry(interface: _Interface) -> PortIdentity:
 
 def rate_limit(ids: dict) -> tuple[float | None, float | None]:
     """``mbvisor-rate`` and ``mbvisor-burst`` (commands per second, commands at once), each
-    optional; ValueError naming the one that is not a number in (0, MAX_RATE]."""
+    optional; ValueError naming the one that is not a number in (0, MAX_RATE], or a burst
+    below 1 (a bucket that never holds one command refuses every frame)."""
     limits = []
-    for key in (RATE_KEY, BURST_KEY):
+    for key, least in ((RATE_KEY, 0.0), (BURST_KEY, 1.0)):
         text = ids.get(key)
         if text is None:
             limits.append(None)
@@ -251,8 +252,9 @@ def rate_limit(ids: dict) -> tuple[float | None, float | None]:
             value = float(text)
         except ValueError:
             value = float("nan")
-        if not 0 < value <= MAX_RATE:  # NaN and inf fail too
-            raise ValueError(f"{key} {clip(text, 40)!r} is not a number of commands above 0 and at most "
+        if not (0 < value <= MAX_RATE and value >= least):  # NaN and inf fail too
+            floor = "at least 1" if least else "above 0"
+            raise ValueError(f"{key} {clip(text, 40)!r} is not a number of commands {floor} and at most "
                              f"{MAX_RATE:,.0f}")
         limits.append(value)
     return limits[0], limits[1]

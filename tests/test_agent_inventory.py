@@ -118,14 +118,16 @@ def test_a_vms_own_rate_limit_is_read_and_a_bad_one_refuses_its_channel_only():
         ("vm2", 4, {**ids(MAC2, channel="/dev/shm/r2"), "mbvisor-burst": "2.5e3"}, ""),
         ("vm3", 5, {**ids(MAC3, channel="/dev/shm/r3"), "mbvisor-rate": "fast"}, ""),
         ("vm4", 6, {**ids("02:00:00:00:00:06", channel="/dev/shm/r4"), "mbvisor-burst": "inf"}, ""),
-        ("vm5", 7, {**ids("02:00:00:00:00:07", channel="/dev/shm/r5"), "mbvisor-rate": "0"}, "")])))
+        ("vm5", 7, {**ids("02:00:00:00:00:07", channel="/dev/shm/r5"), "mbvisor-rate": "0"}, ""),
+        ("vm6", 8, {**ids("02:00:00:00:00:08", channel="/dev/shm/r6"), "mbvisor-burst": "0.5"}, "")])))
     assert [(c.interface, c.rate, c.burst) for c in found.channels] == [("vm1", 1000.0, 12000.0),
                                                                          ("vm2", None, 2500.0)]
     reasons = {r.interface: r.reason for r in found.refused}
-    assert reasons.keys() == {"vm3", "vm4", "vm5"}
+    assert reasons.keys() == {"vm3", "vm4", "vm5", "vm6"}
     assert "mbvisor-rate 'fast' is not a number of commands above 0 and at most 1,000,000" in reasons["vm3"]
     assert "mbvisor-burst 'inf'" in reasons["vm4"] and "mbvisor-rate '0'" in reasons["vm5"]
-    assert len(found.inventories[DPID]) == 5  # who owns the ports is still published
+    assert "mbvisor-burst '0.5' is not a number of commands at least 1" in reasons["vm6"]  # it would refuse all
+    assert len(found.inventories[DPID]) == 6  # who owns the ports is still published
 
 
 def test_a_channel_without_trust_annotations_is_still_served():

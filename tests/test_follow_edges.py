@@ -178,6 +178,7 @@ class ScriptedHost(FakeHost):
         self.lost: set[int] = set()
         self.uncovered: list[int] = []  # frames after which a watched address was in no filter
         self.watched: str | None = None
+        self.most_in_flight = {"A": 0, "D": 0}  # frames published and not yet waited for, by the first's kind
 
     def submit(self, payload: bytes, timeout, collect_within=None):
         commands = [body for _, body in split_frame(payload)]
@@ -193,6 +194,8 @@ class ScriptedHost(FakeHost):
                                                  answers.render(records, self.geometry.max_response_length), False)
             return ticket
         ticket = super().submit(payload, timeout)
+        kind = commands[0][0]
+        self.most_in_flight[kind] = max(self.most_in_flight[kind], len(self.answers_kept))
         if what == "lost":
             self.lost.add(ticket)
         if self.watched and not any(ipaddress.ip_address(self.watched) in ipaddress.ip_network(network)
@@ -291,3 +294,17 @@ def test_a_lost_answer_after_a_declined_frame_makes_the_follower_read_the_host(t
         follower._flush(strict=False)
         wanted = {(SOURCE, network) for network in source.elements}
         assert host.owned() == wanted and follower.on_host == wanted
+
+
+def test_frames_of_deletes_go_in_flight_together_once_the_adds_are_applied(tmp_path):
+    """Only adds must be applied before a delete: a list that empties is withdrawn with
+    its delete frames in flight together, not one round trip each (a review found them
+    sent one at a time)."""
+    host = ScriptedHost({})
+    source = ListSource(LIST[:800])
+    with Follower(host, MAC, [source], lock_dir=str(tmp_path), report=_quiet) as follower:
+        follower.run(once=True)
+        follower._replace(0, {})  # the list emptied (as a snapshot of its source says)
+        follower._flush(strict=True)
+    assert host.owned() == set()
+    assert host.most_in_flight == {"A": 4, "D": 4}

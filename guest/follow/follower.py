@@ -634,8 +634,8 @@ class Follower:
         up to ``IN_FLIGHT`` of them published at once: the host takes the next frame as
         soon as it answered one, instead of waiting for this process to notice the answer
         and write the next (a 10,000-element first sync is 100 frames).  Answers are read
-        in order.  A frame holding deletes is published only once every frame before it
-        was answered and applied: adds first, so a network replaced by a wider or narrower
+        in order.  A frame holding deletes is published only once every frame of adds
+        before it was answered and applied (deletes go on in flight together): adds first, so a network replaced by a wider or narrower
         one is never uncovered, even when a frame of adds is declined.  After the first
         failure nothing more is published; the frames in flight are still read, unless the
         channel failed (an answer lost or late: what they did is then the host's to say,
@@ -653,7 +653,8 @@ class Follower:
         try:
             for number, frame in enumerate(batch):
                 deleting = not all(step.adding for step in frame.steps)
-                while in_flight and failure is None and (deleting or len(in_flight) == self._in_flight):
+                while in_flight and failure is None and (len(in_flight) == self._in_flight or (
+                        deleting and any(step.adding for n, _, _ in in_flight for step in batch[n].steps))):
                     failure = self._settle_first(batch, in_flight, taken, refused)
                 if failure is not None:
                     break
@@ -694,6 +695,12 @@ class Follower:
         frame = batch[number]
         try:
             response = self.writer.wait(ticket, max(0.0, submitted + self._in_flight * self.timeout - time.monotonic()))
+        except Exception as error:
+            return error
+        except BaseException:  # stopped while waiting: nobody will read it
+            self.writer.abandon(ticket)
+            raise
+        try:
             self._take_outcome(frame, self._answer_records(response, len(frame.steps)), submitted, refused)
         except Exception as error:
             return error
