@@ -660,36 +660,36 @@ def test_7_replacing_the_backend_drops_the_old_connection_and_moves_new_ones(net
             assert old == [], f"{name} received {len(old)} segment(s) of the old connection: {old[0].summary()}"
 
 
-def test_7_cancelling_a_redirect_hands_its_open_connection_to_the_middlebox_only(net):
-    """Issue 11 item 7, defined: when the middlebox cancels its offloads (X), a connection
-    the switch redirected goes back to the middlebox itself: its next segment reaches the
-    middlebox (whose stack answers it with a reset), never the old backend or anyone else."""
+def handed_back_to_the_middlebox(net, port: int, change: str) -> None:
+    """``change`` ends the redirect of a connection held open to rb1: its next segment
+    reaches the middlebox (whose stack answers it with a reset), never the old backend or
+    anyone else."""
     rb1, mba, client = net["rb1"], net["mba"], net["client"]
-    with redirect_changed(net, 8082, (rb1, mba), f"X {MB_A}") as (reply, local_port, marks):
+    with redirect_changed(net, port, (rb1, mba), change) as (reply, local_port, marks):
         assert reply != {"reply": "rb1:two"}  # the old backend never answers
         seen = net.barrier(client, marks)
         two = {name: [f for f in frames if TCP in f and f[TCP].sport == local_port and bytes(f[TCP].payload) == b"two"]
                for name, frames in seen.items()}
-        assert two.pop("mba"), "the cancelled redirect's connection did not go back to the middlebox"
+        assert two.pop("mba"), f"after {change!r} the redirected connection did not go back to the middlebox"
         assert {name: len(f) for name, f in two.items() if f} == {}
+
+
+def test_7_cancelling_a_redirect_hands_its_open_connection_to_the_middlebox_only(net):
+    """Issue 11 item 7, defined: when the middlebox cancels its offloads (X), a connection
+    the switch redirected goes back to the middlebox itself."""
+    handed_back_to_the_middlebox(net, 8082, f"X {MB_A}")
 
 
 def test_7_withdrawing_one_redirect_keeps_the_firewall_and_hands_the_connection_back(net):
     """``X <mac> L *`` withdraws the any-source redirect alone: its open connection goes
     back to the middlebox, as with X, while the middlebox's firewall registration and its
     filter stay on the switch untouched; withdrawing it again is refused, changing nothing."""
-    rb1, mba, client = net["rb1"], net["mba"], net["client"]
+    rb1, mba = net["rb1"], net["mba"]
     net.ok(mba, f"R F {MB_A} {mba.ip}")
     net.ok(mba, f"A {MB_A} I 4 s 10.99.0.0/16")
     filter_flows = [line for line in dump(net.b1) if "10.99.0.0/16" in line]
     assert filter_flows
-    with redirect_changed(net, 8083, (rb1, mba), f"X {MB_A} L *") as (reply, local_port, marks):
-        assert reply != {"reply": "rb1:two"}  # the old backend never answers
-        seen = net.barrier(client, marks)
-        two = {name: [f for f in frames if TCP in f and f[TCP].sport == local_port and bytes(f[TCP].payload) == b"two"]
-               for name, frames in seen.items()}
-        assert two.pop("mba"), "the withdrawn redirect's connection did not go back to the middlebox"
-        assert {name: len(f) for name, f in two.items() if f} == {}
+    handed_back_to_the_middlebox(net, 8083, f"X {MB_A} L *")
     assert [line for line in dump(net.b1) if "10.99.0.0/16" in line] == filter_flows
     assert not [line for line in dump(net.b1) if rb1.ip in line and "set_field" in line]  # no rewrite to rb1 left
     flows = dump(net.b1)
