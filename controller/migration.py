@@ -127,6 +127,8 @@ def adopted(state: State, inventories: dict[int, Inventory], dpid: int, origin: 
         return state
     if change is not None and current is not None and None not in change:
         source = with_change(current, *change)  # only what that job changed (else: the origin as it is)
+        if source.firewall_ip is None and not source.redirects:  # each side withdrew what the other kept
+            return state.remove(dpid, mac)  # nothing left to offload: gone, as after X (the origin does the same)
     copy = twin(source, dpid, here.port, current, zones_taken)
     if current == copy:
         return state

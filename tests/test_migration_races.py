@@ -275,3 +275,19 @@ def test_one_sides_last_redirect_withdrawn_while_the_other_adds_one_keeps_the_ba
     for final in (a_final, b_final):
         assert final.redirects == (Redirect("10.1.0.0/16", ("10.0.0.6",)),) and final.balancer_ip == "10.0.0.2"
         assert decode_middlebox(final.dpid, final.mac, encode_middlebox(final)) == replace(final, filters=frozenset())
+
+
+def test_each_twin_withdrawing_the_redirect_the_other_kept_leaves_no_empty_middlebox():
+    """A balancer only, two redirects; around the switchover each side withdraws one
+    (``X <mac> L``): applying the other's change leaves nothing to offload, so the twin
+    goes, as after X, holding no zone or port slot (a review found an empty one kept)."""
+    seen = {SOURCE: build_inventory([ON_SOURCE]), DESTINATION: build_inventory([ON_DESTINATION])}
+    catch_all, from_net = Redirect(None, ("10.0.0.6",)), Redirect("10.1.0.0/16", ("10.0.0.5",))
+    base = replace(firewall(), firewall_ip=None, filters=frozenset(), balancer_ip="10.0.0.2",
+                   redirects=(from_net, catch_all))
+    here_before = replace(base, dpid=DESTINATION, port=7, zone=2)
+    source_after = replace(base, redirects=(catch_all,))        # the source withdrew the one from 10.1/16
+    here_after = replace(here_before, redirects=(from_net,))    # the destination withdrew the catch-all
+    state = State.of([source_after, here_after])
+    after = adopted(state, seen, DESTINATION, (SOURCE, MAC), state.zones, change=(base, source_after))
+    assert after.find(DESTINATION, MAC) is None and after.find(SOURCE, MAC) == source_after
