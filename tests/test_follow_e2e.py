@@ -238,9 +238,9 @@ class Fail2ban:
             f"maxretry = 3\nfindtime = 60\nbantime = {BANTIME}\naction = {action}\n")
         self.process = host.popen(["fail2ban-server", "-c", self.conf, "-s", self.socket,
                                    "-p", directory / "fail2ban.pid", "-x", "-f"])
-        try:
-            wait_until(lambda: self.client("status", JAIL, check=False).returncode == 0, timeout=30,
-                       what=f"fail2ban's jail {JAIL} started ({self.log})")
+        try:  # the jail list, not the jail's status: asking for a jail not made yet logs an ERROR
+            wait_until(lambda: re.search(rf"Jail list:.*\b{JAIL}\b", self.client("status", check=False).stdout or ""),
+                       timeout=30, what=f"fail2ban's jail {JAIL} started ({self.log})")
         except BaseException:
             self.stop()
             raise
