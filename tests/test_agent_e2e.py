@@ -7,7 +7,6 @@ import json
 import multiprocessing
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from mbvisor.guest import ring
 from mbvisor.guest.region import open_file
 from mbvisor.guest.writer import ChannelWriter
-from mbvisor.topologies.agent_run import AgentProcess, annotate, make_region
+from mbvisor.topologies.agent_run import AgentProcess, annotate, kill_9_and_restart, make_region
 from mbvisor.topologies.controller_run import Controller
 from mbvisor.topologies.netlab import wait_until
 
@@ -159,12 +158,7 @@ def test_killed_mid_stream_nothing_lost_nothing_twice(setup, victim):
     try:
         with open_file(region) as view:
             wait_until(lambda: ring.read_header(view.buf).consume >= 300, timeout=60, what="300 commands answered")
-        if victim == "controller":
-            controller.stop(signal.SIGKILL)
-            controller.start()
-        else:
-            agent.stop(signal.SIGKILL)
-            agent.start()
+        kill_9_and_restart(controller if victim == "controller" else agent)
         answers = results.get(timeout=120)
         guest.join(timeout=30)
     finally:

@@ -31,7 +31,7 @@ from mbvisor.guest.grammar import split_frame
 from mbvisor.guest.region import open_file
 from mbvisor.guest.writer import ChannelWriter
 from mbvisor.topologies import netlab
-from mbvisor.topologies.agent_run import AgentProcess, annotate, make_region
+from mbvisor.topologies.agent_run import AgentProcess, annotate, kill_9_and_restart, make_region
 from mbvisor.topologies.controller_run import Controller
 from mbvisor.topologies.netlab import wait_until
 
@@ -592,12 +592,7 @@ def test_a_first_sync_survives_kill_9_of_the_agent_or_controller_and_sends_nothi
                 with following(counting, [source], tmp_path, timeout=30.0) as (follower, reports):
                     wait_until(lambda: counting.frames >= 6, timeout=60, interval=0.001, what="six frames sent")
                     assert not reports.having("following test list")  # mid-stream: the first sync goes on
-                    if victim == "agent":
-                        agent.stop(signal.SIGKILL)
-                        agent.start()
-                    else:
-                        controller.stop(signal.SIGKILL)
-                        controller.start()
+                    kill_9_and_restart(agent if victim == "agent" else controller)
                     wait_until(lambda: reports.having("following test list"), timeout=120, what="the first sync")
                     host.wait_for(expected(source), timeout=60)
                     assert not reports.having("not offloaded: "), reports

@@ -72,6 +72,13 @@ class AgentProcess:
                    what=f"agent serving {names} (log {self.log})")
 
 
+def kill_9_and_restart(part: "AgentProcess | Controller") -> None:
+    """SIGKILL the agent or the controller (its whole process group) and start it again
+    with the same settings, ports and state: a crash in the middle of whatever it did."""
+    part.stop(signal.SIGKILL)
+    part.start()
+
+
 def make_region(prefix: str = "mbvisor-test") -> str:
     """A fresh 1 MiB region in /dev/shm with a unique name (the caller removes it)."""
     path = f"/dev/shm/{prefix}-{uuid.uuid4().hex[:12]}"
