@@ -226,13 +226,15 @@ def compile_switch(state: State, dpid: int, surroundings: Surroundings,
     """Everything switch ``dpid`` should hold.  ``pause`` is called after each middlebox:
     the shell passes a ``pacing.Pacer``, so that compiling a reconnected switch's 100
     middleboxes (40 ms) does not hold every other switch's commands meanwhile."""
-    parts = [base_config(surroundings)]
+    base = base_config(surroundings)
+    flows, groups, unresolved = set(base.flows), set(base.groups), set(base.unresolved)
     for middlebox in state.on(dpid):
-        parts.append(compile_middlebox(middlebox, surroundings))
+        part = compile_middlebox(middlebox, surroundings)
+        flows.update(part.flows)  # as it goes: one union of 25,000 flows at the end took 5 ms
+        groups.update(part.groups)
+        unresolved.update(part.unresolved)
         pause()
-    return SwitchConfig(frozenset().union(*(p.flows for p in parts)),
-                        frozenset().union(*(p.groups for p in parts)),
-                        tuple(sorted({b for p in parts for b in p.unresolved})))
+    return SwitchConfig(frozenset(flows), frozenset(groups), tuple(sorted(unresolved)))
 
 
 def filter_cost(filter: Filter, addresses: frozenset[str]) -> int:

@@ -76,12 +76,17 @@ def reconcile(desired: SwitchConfig, flows: Iterable[Flow], groups: Iterable[Gro
     Flows come in no particular order: the changes of one job go to the switch in one
     bundle, and no two of them share an identity, so their order changes nothing there
     (sorting 200,000 matches cost more than encoding them).  Groups are few: sorted.
-    ``pause`` is called every PAUSE_EVERY flows read (see ``compile_switch``)."""
+    ``pause`` is called every PAUSE_EVERY flows read or compared (see ``compile_switch``)."""
     wanted = {_identity(f): f for f in _pausing(desired.flows, pause)}
     present = {_identity(f): f for f in _pausing(flows, pause) if ours(f)}
-    add = tuple(f for key, f in wanted.items() if key not in present)
-    modify = tuple(f for key, f in wanted.items() if key in present and not same(f, present[key]))
-    delete = tuple(f for key, f in present.items() if key not in wanted)
+    add, modify = [], []
+    for key, flow in _pausing(wanted.items(), pause):
+        had = present.get(key)
+        if had is None:
+            add.append(flow)
+        elif not same(flow, had):
+            modify.append(flow)
+    delete = tuple(f for key, f in _pausing(present.items(), pause) if key not in wanted)
     wanted_groups = {g.group_id: g for g in desired.groups}
     present_groups = {g.group_id: g for g in groups}
     removable = set(present_groups) if managed_groups is None else managed_groups & set(present_groups)
@@ -89,8 +94,8 @@ def reconcile(desired: SwitchConfig, flows: Iterable[Flow], groups: Iterable[Gro
         add_groups=tuple(sorted(g for i, g in wanted_groups.items() if i not in present_groups)),
         modify_groups=tuple(sorted(g for i, g in wanted_groups.items()
                                    if i in present_groups and not same_group(g, present_groups[i]))),
-        add_flows=add,
-        modify_flows=modify,
+        add_flows=tuple(add),
+        modify_flows=tuple(modify),
         delete_flows=delete,
         delete_groups=tuple(sorted(i for i in removable if i not in wanted_groups)),
     )

@@ -89,6 +89,7 @@ def host(tmp_path):
     made = Host(tmp_path)
     yield made
     made.close()
+    assert pacing.COMMANDS.running == 0, "a command still counted: every reconciliation would step aside"
 
 
 @pytest.fixture
@@ -358,6 +359,81 @@ def test_a_large_request_yields_to_others_while_it_is_worked_on(host):
     assert len(filter_flows(fake)) == sum(len(compile_filters(mb, frozenset({mb.firewall_ip})))
                                           for mb in host.service.state.middleboxes) >= 20 * 999 * 2
     assert len(ticks) > 100
+
+
+def _watch_background(monkeypatch, at_first_step=lambda: None) -> tuple[list, list]:
+    """Lists of the commands running as each slice of background work starts, and of its
+    waits for them; ``at_first_step`` is called at its first yield."""
+    steps, waits = [], []
+    rest, wait = pacing.Pacer.rest, pacing.COMMANDS.idle.wait
+
+    def watched(pacer):
+        background = pacing.hub.getcurrent() in pacing._background
+        if background and not steps:
+            at_first_step()
+        rest(pacer)
+        if background:
+            steps.append(pacing.COMMANDS.running)
+
+    def waiting(timeout=None):
+        waits.append(timeout)
+        return wait(timeout)
+
+    monkeypatch.setattr(pacing.Pacer, "rest", watched)
+    monkeypatch.setattr(pacing.COMMANDS.idle, "wait", waiting)
+    return steps, waits
+
+
+def test_a_reconnected_switch_steps_aside_for_another_switchs_command(host, monkeypatch):
+    """A restarted switch's reconciliation (thousands of flows) yields every slice; each of
+    another switch's commands passes between green threads several times and waited
+    behind one slice each time.  While a command is carried out the reconciliation waits
+    (here: as long as it takes), and the command is answered before it ends."""
+    monkeypatch.setattr(pacing, "STEP_ASIDE", 10_000)  # no cap: any slice taken meanwhile is seen
+    fake, other = host.switch(), host.switch(OTHER)
+    for m in range(16):
+        mac = f"52:34:56:01:00:{m:02x}"
+        host.ok(f"R F {mac} 10.9.0.{m + 1}", *[f"A {mac} I 4 s 10.{m}.{n // 250}.{n % 250 + 1}" for n in range(250)],
+                port=10 + m)
+    host.ok(f"R F {MAC2} 10.8.0.1", dpid=OTHER)
+    held = sorted(f.identity for f in fake.flows())
+    reconciler = host.service.reconcilers[DPID]
+    answers, synced_before = [], []
+
+    def command():
+        answers.extend(host.run(f"A {MAC2} I 4 s 10.77.0.1", dpid=OTHER))
+        synced_before.append(reconciler.synced)
+
+    steps, waits = _watch_background(monkeypatch, at_first_step=lambda: hub.spawn(command))
+    fake.tables.flows.clear()  # ovs-vswitchd restarted: it holds nothing
+    host.service.switch_disconnected(fake.datapath)
+    fake.reconnect()
+    wait_until(lambda: answers, what="the other switch's command")
+    assert answers[0].status == "OK"
+    assert synced_before == [False], "the reconciliation ended before the command: too little work to test"
+    assert waits, "the reconciliation never met the command"
+    assert steps and not any(steps), "a background slice started during the command"
+    wait_until(lambda: reconciler.synced, timeout=30, what="the reconciliation")
+    assert sorted(f.identity for f in fake.flows()) == held and len(held) > 8000
+
+
+def test_a_command_queued_behind_its_own_switchs_reconciliation_does_not_slow_it(host, monkeypatch):
+    """Only commands being carried out count: one waiting for the reconciliation of its
+    own switch must not make that reconciliation step aside for it."""
+    monkeypatch.setattr(pacing, "STEP_ASIDE", 50)  # a wait would be seen; a bug must not take minutes
+    fake = host.switch()
+    for m in range(8):
+        mac = f"52:34:56:01:00:{m:02x}"
+        host.ok(f"R F {mac} 10.9.0.{m + 1}", *[f"A {mac} I 4 s 10.{m}.{n // 250}.{n % 250 + 1}" for n in range(250)],
+                port=10 + m)
+    steps, waits = _watch_background(monkeypatch)
+    fake.tables.flows.clear()
+    host.service.switch_disconnected(fake.datapath)
+    fake.reconnect()
+    wait_until(lambda: steps, what="the reconciliation under way")
+    answers = host.run(f"A 52:34:56:01:00:00 I 4 s 10.77.0.1", port=10)
+    assert answers[0].status == "OK" and host.service.reconcilers[DPID].synced
+    assert steps and not waits
 
 
 # --- counters and views ---------------------------------------------------------------------

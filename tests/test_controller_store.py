@@ -6,6 +6,9 @@ import json
 import sqlite3
 
 import pytest
+from pathlib import Path
+
+from fakeswitch import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -336,3 +339,54 @@ def test_a_database_that_kept_filters_in_the_middlebox_row_is_moved_once(tmp_pat
     body = store.db.execute("SELECT body FROM middleboxes").fetchone()[0]
     assert "filters" not in json.loads(body)
     assert Store(path).load(LIMITS).find(1, MAC) == middlebox  # moved once, not twice
+
+
+def _fill(store: Store, answers: int) -> None:
+    """Many answers (each a row of a few hundred bytes): pages in the write-ahead log."""
+    state = State(limits=LIMITS)
+    for n in range(answers):
+        store.save(state, state, [(("fill", 1, n), Answer("OK", "x" * 400), f"R F {MAC} 10.0.0.1")])
+
+
+def test_commits_never_copy_the_log_into_the_database(tmp_path, monkeypatch):
+    """SQLite's own checkpoint ran inside whichever commit filled 1,000 pages and synced
+    the file while the event loop waited: the store's connection never checkpoints."""
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 3600)
+    path = tmp_path / "controller.sqlite"
+    store = Store(path)
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    size = path.stat().st_size
+    _fill(store, 3000)  # ~1.2 MB: past the 1,000 pages that set SQLite's off
+    assert path.stat().st_size == size
+    assert Path(f"{path}-wal").stat().st_size > 1_000_000
+    assert not store.checkpointing
+
+
+def test_the_log_is_copied_into_the_database_off_the_event_loop(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0)
+    calls = []
+    execute = store_module.tpool.execute
+    monkeypatch.setattr(store_module.tpool, "execute", lambda fn, *args: calls.append(fn) or execute(fn, *args))
+    path = tmp_path / "controller.sqlite"
+    store = Store(path)
+    size = path.stat().st_size
+    _fill(store, 300)
+    wait_until(lambda: not store.checkpointing, what="the checkpoint")
+    _fill(store, 1)
+    wait_until(lambda: not store.checkpointing, what="the checkpoint")
+    assert calls and set(calls) == {store_module.checkpoint}  # in a thread of tpool's, never the loop's
+    assert path.stat().st_size > size + 100_000
+    store.db.close()
+    assert Store(path).answer(("fill", 1, 299))[1] == Answer("OK", "x" * 400)
+
+
+def test_a_failed_checkpoint_is_logged_and_loses_nothing(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0)
+    path = tmp_path / "controller.sqlite"
+    store = Store(path)
+    store.path = tmp_path / "gone" / "controller.sqlite"  # where no database is
+    _fill(store, 5)
+    wait_until(lambda: not store.checkpointing and "checkpoint" in caplog.text, what="the failed checkpoint")
+    assert "failed" in caplog.text
+    assert not (tmp_path / "gone").exists()  # nothing created where it looked
+    assert store.answer(("fill", 1, 4))[1] == Answer("OK", "x" * 400)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fakeswitch import wait_until
 from mbvisor.controller import pacing
 
 
@@ -34,3 +35,74 @@ def test_due_then_rest_lets_a_caller_flush_before_it_yields(monkeypatch):
     assert pace.due() and slept == []  # due() only tells
     pace.rest()
     assert slept == [0] and not pace.due()
+
+
+def _background_loop(progress: list, slice_seconds: float, stop: list) -> None:
+    """Background work: one step per rest."""
+    with pacing.background():
+        pace = pacing.Pacer(slice_seconds)
+        while not stop:
+            pace.rest()
+            progress.append(1)
+
+
+def test_background_work_steps_aside_while_a_command_is_on_its_way():
+    progress, stop = [], []
+    worker = pacing.hub.spawn(_background_loop, progress, 0.5, stop)  # waits up to 1 s per step
+    pacing.hub.sleep(0)
+    try:
+        pacing.COMMANDS.begin()
+        before = len(progress)
+        for _ in range(50):  # the command's hand-offs between green threads
+            pacing.hub.sleep(0)
+        assert len(progress) - before <= 1  # at most the step it was taking
+        pacing.COMMANDS.end()
+        wait_until(lambda: len(progress) > before + 10, what="the background work to resume")
+    finally:
+        stop.append(True)
+        pacing.hub.kill(worker)
+
+
+def test_a_long_command_does_not_starve_background_work():
+    progress, stop = [], []
+    worker = pacing.hub.spawn(_background_loop, progress, 0.01, stop)  # waits up to 20 ms per step
+    pacing.COMMANDS.begin()
+    try:
+        wait_until(lambda: len(progress) >= 3, what="background steps while a command lasts")
+    finally:
+        pacing.COMMANDS.end()
+        stop.append(True)
+        pacing.hub.kill(worker)
+
+
+def test_work_that_is_not_background_never_waits_for_commands():
+    progress, stop = [], []
+
+    def foreground():
+        pace = pacing.Pacer(0.5)
+        while not stop:
+            pace.rest()
+            progress.append(1)
+
+    worker = pacing.hub.spawn(foreground)
+    pacing.COMMANDS.begin()
+    try:
+        for _ in range(50):
+            pacing.hub.sleep(0)
+        assert len(progress) >= 40
+    finally:
+        pacing.COMMANDS.end()
+        stop.append(True)
+        pacing.hub.kill(worker)
+
+
+def test_commands_are_counted_until_the_last_one_ends():
+    commands = pacing.Commands()
+    assert commands.idle.is_set()
+    commands.begin()
+    commands.begin()
+    assert commands.running == 2 and not commands.idle.is_set()
+    commands.end()
+    assert not commands.idle.is_set()
+    commands.end()
+    assert commands.running == 0 and commands.idle.is_set()

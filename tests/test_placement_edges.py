@@ -65,22 +65,29 @@ def test_another_apps_group_and_the_flows_using_it_survive_mbvisors_reconciliati
 
 # --- a disconnection while the bundle's flows are recorded is UNAVAILABLE, not INTERNAL -----
 
-def test_a_switch_that_disconnects_while_its_bundle_is_recorded_answers_unavailable(tmp_path, monkeypatch, caplog):
-    """``_record`` runs while the switch applies the bundle (``meanwhile``) and yields to
-    the loop every 1 ms (``Pacer``): a disconnection handled meanwhile drops
-    ``reconciler.link``.  The recording encodes with the bundle's own connection, so the
-    commands are answered UNAVAILABLE ("try again"), not INTERNAL, and nothing crashes."""
+@pytest.mark.parametrize("at_yield", [1, 2], ids=["looking-for-meters", "recording"])
+def test_a_switch_that_disconnects_while_its_bundle_is_made_answers_unavailable(tmp_path, monkeypatch, caplog,
+                                                                                  at_yield):
+    """Making a bundle yields to the loop (``Pacer``): while the meters its flows use are
+    looked for, and while ``_record`` runs as the switch applies it (``meanwhile``).  A
+    disconnection handled meanwhile drops ``reconciler.link``: the bundle is abandoned or
+    recorded with its own connection, so the commands are answered UNAVAILABLE ("try
+    again"), not INTERNAL, and nothing crashes."""
     host = Host(tmp_path)
     try:
         fake = host.switch()
         fake.add_host("10.0.0.11", "02:00:00:00:00:11", BACKEND_PORT)
         armed = {"on": False}
+        yields = []
 
         class DisconnectingPacer(Pacer):
-            """One slice of recording ends, and the loop handles the switch's disconnection."""
+            """At the chosen yield, the loop handles the switch's disconnection."""
 
             def __call__(self) -> None:
-                if armed["on"]:
+                if not armed["on"]:
+                    return
+                yields.append(1)
+                if len(yields) == at_yield:
                     armed["on"] = False
                     datapath = fake.datapath
                     fake.disconnect()
@@ -90,7 +97,7 @@ def test_a_switch_that_disconnects_while_its_bundle_is_recorded_answers_unavaila
         armed["on"] = True
         with caplog.at_level(logging.ERROR, logger="mbvisor.controller"):
             answers = host.run(f"R F {MAC} 10.0.0.5", f"R L {MAC} 10.0.0.5 0 * 10.0.0.11")
-        assert not armed["on"], "the disconnection happened while recording"
+        assert not armed["on"], "the disconnection happened while the bundle was made"
         assert [a.status for a in answers] == ["UNAVAILABLE", "UNAVAILABLE"], answers
         assert not [r for r in caplog.records if "job failed" in r.getMessage()]
     finally:
