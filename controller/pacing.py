@@ -14,8 +14,8 @@ green threads (its reconciler, the switch connection's sender and receiver, the 
 server), and each hand-off waited behind one slice of the background work: a restarted
 switch's 25,000 flows put 8 ms on every other switch's commands for as long as they took.
 A command counts from the moment it reaches its reconciler (queued behind nothing but
-other commands) until it is answered; its answer goes out before the background work
-resumes.  What it cannot skip is the background slice under way when its request
+other commands) until it is answered, except while it waits on its switch or for an ARP
+reply; its answer goes out before the background work resumes.  What it cannot skip is the background slice under way when its request
 arrived: background slices are shorter (0.3 ms: p50 of the others' commands while a
 restarted switch reconverged 4.3-4.9 -> 2.7-3.3 ms; the reconciliation took 0.45 -> 0.65 s
 with a command always on its way, as in the data-centre benchmark).
@@ -30,7 +30,7 @@ from .compat import hub
 
 SLICE = 0.001  # seconds of work between two yields
 BACKGROUND_SLICE = 0.0003  # ... of background work: what a command that arrives meanwhile waits
-STEP_ASIDE = 2  # background work waits up to this many SLICEs for commands on their way
+STEP_ASIDE = 2  # background work waits up to this many of its slices for commands: it keeps a third
 
 
 class Commands:
@@ -55,6 +55,7 @@ class Commands:
 
 COMMANDS = Commands()
 _background: set = set()  # green threads doing background work now
+_carrying: set = set()    # green threads carrying out a counted command now
 
 
 @contextlib.contextmanager
@@ -66,6 +67,32 @@ def background():
         yield
     finally:
         _background.discard(me)
+
+
+@contextlib.contextmanager
+def carrying():
+    """The calling green thread carries out a command counted in COMMANDS meanwhile."""
+    me = hub.getcurrent()
+    _carrying.add(me)
+    try:
+        yield
+    finally:
+        _carrying.discard(me)
+
+
+@contextlib.contextmanager
+def elsewhere():
+    """The calling green thread waits on a switch or the network: the command it carries
+    out (if any) does not hold background work back meanwhile (a hung switch's 5 s would
+    slow every reconciliation threefold)."""
+    if hub.getcurrent() not in _carrying:
+        yield
+        return
+    COMMANDS.end()
+    try:
+        yield
+    finally:
+        COMMANDS.begin()
 
 
 class Pacer:
@@ -84,9 +111,10 @@ class Pacer:
         if hub.getcurrent() not in _background:
             self.deadline = time.monotonic() + self.slice
             return
+        background_slice = min(self.slice, BACKGROUND_SLICE)
         if COMMANDS.running:
-            COMMANDS.idle.wait(self.slice * STEP_ASIDE)  # commands get at least 2/3 of the loop
-        self.deadline = time.monotonic() + min(self.slice, BACKGROUND_SLICE)
+            COMMANDS.idle.wait(background_slice * STEP_ASIDE)
+        self.deadline = time.monotonic() + background_slice
 
     def __call__(self) -> None:
         if time.monotonic() >= self.deadline:

@@ -80,6 +80,14 @@ def _in_slices(frame: wire.BundleFrame, parser, flows, command: str, actions_wir
         yield frame.flow_mods(parser, flows[start:start + FLOWS_PER_WRITE], command, actions_wire)
 
 
+def _pacing_of(job: "Job"):
+    """How the job's green thread shares the loop (pacing.py): reconciliations step aside
+    for the commands being carried out."""
+    if job.kind == "commands":
+        return pacing.carrying()
+    return pacing.background() if job.background else contextlib.nullcontext()
+
+
 def _meters(flows, pace) -> set[int]:
     """The meters ``flows`` use, looked up once per distinct action list (a reconnected
     switch's 25,000 flows have a handful), with ``pace()`` between slices of them."""
@@ -325,8 +333,10 @@ class SwitchReconciler:
         if self.link is not None:
             self.link.close("controller stopping")
         hub.kill(self.thread)
-        for job in self.jobs:  # never carried out: no reconciliation may wait for them
+        for job in self.jobs:  # never carried out: no reconciliation may wait for them, nobody for their answer
             self._uncount(job)
+            job.done.set()
+        self.jobs.clear()
 
     def submit(self, job: Job) -> Job:
         self._push(job)
@@ -339,6 +349,9 @@ class SwitchReconciler:
             self._push(Job("converge"))
 
     def _push(self, job: Job, first: bool = False) -> None:
+        if self.stopped:  # nothing will carry it out: its submitter is told at once (no answer)
+            job.done.set()
+            return
         if first:
             self.jobs.appendleft(job)
             if job.background:  # the commands queued now wait on it: they no longer count
@@ -379,7 +392,7 @@ class SwitchReconciler:
             if job.kind == "commands":
                 self._count(job)
             try:
-                with pacing.background() if job.background else contextlib.nullcontext():
+                with _pacing_of(job):
                     getattr(self, f"_{job.kind}")(job)
             except Exception as error:  # a bug costs this job, never the switch's reconciler
                 log.exception("switch %016x: %s job failed", self.dpid, job.kind)
@@ -718,21 +731,27 @@ class SwitchReconciler:
         if not placement.is_default:
             desired = SwitchConfig(frozenset(map(placement.flow, desired.flows)),
                                    frozenset(map(placement.group, desired.groups)), desired.unresolved)
+        link = self.link  # a disconnection handled during the comparison's pauses drops self.link
+        if link is None:
+            raise SwitchUnreachable(f"switch {self.dpid:016x} disconnected")
+        datapath = link.datapath
+
         def same_flow(want: Flow, have: Flow) -> bool:
-            return want.cookie == have.cookie and self._wire(want.actions) == self._actions_wire(have.actions)
+            return (want.cookie == have.cookie
+                    and self._wire(want.actions, datapath) == self._actions_wire(have.actions, datapath))
 
         def same_group(want: Group, have: Group) -> bool:
-            return self._group_wire(want, self.link.datapath) == self.installed.groups.get(have.group_id)
+            return self._group_wire(want, datapath) == self.installed.groups.get(have.group_id)
 
         present_groups = [Group(i, ()) for i in self.installed.groups if i in managed_groups]
         return reconcile(desired, installed, present_groups, managed_groups, same_flow, same_group, pause)
 
-    def _actions_wire(self, actions: tuple) -> bytes:
+    def _actions_wire(self, actions: tuple, datapath=None) -> bytes:
         """An installed flow's actions as wire bytes: read from the switch they are
         already; recorded after an install they are the flow as compiled."""
         if actions and actions[0][0] == "wire":
             return actions[0][1]
-        return self._wire(actions)
+        return self._wire(actions, datapath)
 
     def _wire(self, actions: tuple, datapath=None) -> bytes:
         """Actions as the switch reports them (its wire bytes).  Few distinct action lists
@@ -764,6 +783,8 @@ class SwitchReconciler:
         middlebox that cannot be compiled."""
         sent: list[Changes] = []
         link = self.link  # this bundle's connection: a disconnection handled meanwhile drops self.link
+        if link is None:
+            raise SwitchUnreachable(f"switch {self.dpid:016x} disconnected")
         datapath = link.datapath
 
         def messages(frame: wire.BundleFrame):
@@ -846,7 +867,8 @@ class SwitchReconciler:
             for address in sorted(missing):
                 self.link.send_unconfirmed(self.service.arp_probe(self.link.datapath, address))
             for _ in range(20):
-                hub.sleep(0.025)
+                with pacing.elsewhere():
+                    hub.sleep(0.025)
                 missing = {a for a in missing if a not in known}
                 if not missing:
                     return

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 from mbvisor.guest.reader import FaultLog
 
 from . import wire
+from . import pacing
 from .pacing import Pacer
 from .compat import hub
 
@@ -95,7 +96,9 @@ class SwitchLink:
         try:
             while True:
                 parts = len(waiter.body)
-                if waiter.done.wait(timeout=timeout):
+                with pacing.elsewhere():
+                    answered = waiter.done.wait(timeout=timeout)
+                if answered:
                     break
                 if not (progressing and len(waiter.body) > parts):
                     raise SwitchUnreachable(f"switch {self.dpid:016x} did not answer {what} within {timeout:.1f} s")

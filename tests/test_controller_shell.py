@@ -436,6 +436,71 @@ def test_a_command_queued_behind_its_own_switchs_reconciliation_does_not_slow_it
     assert steps and not waits
 
 
+def test_a_command_waiting_on_a_hung_switch_holds_no_reconciliation_back(host, monkeypatch):
+    """A command counts while it needs the loop, not while it waits on its switch (up to
+    5 s when that hangs): meanwhile another switch's reconciliation never steps aside."""
+    monkeypatch.setattr(pacing, "STEP_ASIDE", 50)
+    fake, hung = host.switch(), host.switch(OTHER)
+    for m in range(8):
+        mac = f"52:34:56:01:00:{m:02x}"
+        host.ok(f"R F {mac} 10.9.0.{m + 1}", *[f"A {mac} I 4 s 10.{m}.{n // 250}.{n % 250 + 1}" for n in range(250)],
+                port=10 + m)
+    host.ok(f"R F {MAC2} 10.8.0.1", dpid=OTHER)
+    hung.hold()
+    stuck = []
+    hub.spawn(lambda: stuck.extend(host.run(f"A {MAC2} I 4 s 10.77.0.1", dpid=OTHER)))
+    wait_until(lambda: host.service.reconcilers[OTHER].current is not None, what="the command under way")
+    steps, waits = _watch_background(monkeypatch)
+    fake.tables.flows.clear()
+    host.service.switch_disconnected(fake.datapath)
+    fake.reconnect()
+    wait_until(lambda: host.service.reconcilers[DPID].synced, timeout=10, what="the reconciliation")
+    assert not stuck, "the command was to wait on its switch all along"
+    assert steps and not waits
+    hung.release()
+    wait_until(lambda: stuck, timeout=10, what="the held switch's answer")
+
+
+def test_a_disconnection_during_the_comparison_of_a_sync_is_not_a_crash(host, monkeypatch, caplog):
+    """A sync compares in paced steps: a disconnection handled in a pause ends it as the
+    switch's going (retried at the next connection), not as a crash of the job."""
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.9.0.1", *[f"A {MAC} I 4 s 10.0.{n // 250}.{n % 250 + 1}" for n in range(50)])
+    real, armed = reconciler_module.reconcile, {"on": False}
+
+    def reconcile(desired, flows, groups, managed, same, same_group, pause):
+        def disconnecting():
+            if armed["on"]:
+                armed["on"] = False
+                host.service.switch_disconnected(fake.datapath)
+            pause()
+        return real(desired, flows, groups, managed, same, same_group, disconnecting)
+
+    monkeypatch.setattr(reconciler_module, "reconcile", reconcile)
+    host.service.switch_disconnected(fake.datapath)
+    armed["on"] = True
+    reconciler = host.service.reconcilers[DPID]
+    with caplog.at_level(logging.ERROR, logger="mbvisor.controller"):
+        fake.reconnect()
+        wait_until(lambda: not armed["on"], what="the disconnection during the comparison")
+        wait_until(lambda: reconciler.current is None and not reconciler.jobs, what="the sync over")
+    assert not [r for r in caplog.records if "job failed" in r.getMessage()], caplog.text[-600:]
+    assert not reconciler.synced
+    fake.reconnect()
+    wait_until(lambda: reconciler.synced, what="the next connection's sync")
+
+
+def test_a_command_for_a_stopped_controller_is_answered_at_once_and_not_counted(tmp_path):
+    made = Host(tmp_path)
+    made.switch()
+    made.close()
+    answers = []
+    hub.spawn(lambda: answers.extend(made.run(f"R F {MAC} 10.0.0.5")))
+    wait_until(lambda: answers, what="the answer (not after the hour a job may take)")
+    assert answers[0].status == "UNAVAILABLE"
+    assert pacing.COMMANDS.running == 0
+
+
 # --- counters and views ---------------------------------------------------------------------
 
 def test_handled_packets_count_each_packet_once_at_the_table_0_decision(host):

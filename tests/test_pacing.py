@@ -106,3 +106,17 @@ def test_commands_are_counted_until_the_last_one_ends():
     assert not commands.idle.is_set()
     commands.end()
     assert commands.running == 0 and commands.idle.is_set()
+
+
+def test_a_command_waiting_elsewhere_does_not_count_meanwhile():
+    pacing.COMMANDS.begin()
+    try:
+        with pacing.carrying():
+            with pacing.elsewhere():
+                assert pacing.COMMANDS.running == 0 and pacing.COMMANDS.idle.is_set()
+            assert pacing.COMMANDS.running == 1
+        with pacing.elsewhere():  # a green thread carrying nothing: nothing to take off
+            assert pacing.COMMANDS.running == 1
+    finally:
+        pacing.COMMANDS.end()
+    assert pacing.COMMANDS.running == 0
