@@ -96,8 +96,10 @@ class SwitchLink:
         try:
             while True:
                 parts = len(waiter.body)
-                with pacing.elsewhere():
-                    answered = waiter.done.wait(timeout=timeout)
+                answered = waiter.done.wait(timeout=min(timeout, pacing.ANSWER_GRACE))
+                if not answered and timeout > pacing.ANSWER_GRACE:
+                    with pacing.elsewhere():  # a hung switch holds no reconciliation back
+                        answered = waiter.done.wait(timeout=timeout - pacing.ANSWER_GRACE)
                 if answered:
                     break
                 if not (progressing and len(waiter.body) > parts):
