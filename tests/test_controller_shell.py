@@ -403,11 +403,12 @@ def test_a_reconnected_switch_steps_aside_for_another_switchs_command(host, monk
     host.ok(f"R F {MAC2} 10.8.0.1", dpid=OTHER)
     held = sorted(f.identity for f in fake.flows())
     reconciler = host.service.reconcilers[DPID]
-    answers, synced_before = [], []
+    answers, synced_before, steps_when_answered = [], [], []
 
     def command():
         answers.extend(host.run(f"A {MAC2} I 4 s 10.77.0.1", dpid=OTHER))
         synced_before.append(reconciler.synced)
+        steps_when_answered.append(len(steps))
 
     steps, waits = _watch_background(monkeypatch, at_first_step=lambda: hub.spawn(command))
     fake.tables.flows.clear()  # ovs-vswitchd restarted: it holds nothing
@@ -418,6 +419,7 @@ def test_a_reconnected_switch_steps_aside_for_another_switchs_command(host, monk
     assert synced_before == [False], "the reconciliation ended before the command: too little work to test"
     assert waits, "the reconciliation never met the command"
     assert steps and not any(steps), "a background slice started during the command"
+    assert steps_when_answered == [0], "the reconciliation went on before the answer went out"
     wait_until(lambda: reconciler.synced, timeout=30, what="the reconciliation")
     assert sorted(f.identity for f in fake.flows()) == held and len(held) > 8000
 
