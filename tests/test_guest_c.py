@@ -844,22 +844,25 @@ def test_hostile_host_under_sanitizers(c_sanitized, make_channel, case):
 
 
 class WatchedBell:
-    """A bell whose ``when_asleep(action)`` runs ``action`` once, as the responder goes to
-    sleep on it (``serve`` asks for its descriptor last, after its final look at the
-    region): what is published after that, without a ring, is not seen."""
+    """A bell whose ``when_asleep(action, rings)`` runs ``action`` once, as the responder
+    goes to sleep on it (``serve`` asks for its descriptor last, after its final look at
+    the region) having taken ``rings`` rings in all off it: what is published after that,
+    without a ring, is not seen."""
 
     def __init__(self, bell: HostBell):
-        self.bell, self.eventfd, self.action = bell, bell.eventfd, None
+        self.bell, self.eventfd, self.action, self.rings_taken, self.after = bell, bell.eventfd, None, 0, 0
 
-    def when_asleep(self, action) -> None:
-        self.action = action
+    def when_asleep(self, action, rings: int = 0) -> None:
+        self.action, self.after = action, rings
 
     def clear(self):
-        return self.bell.clear()
+        rung = self.bell.clear()
+        self.rings_taken += rung
+        return rung
 
     def fileno(self) -> int:
-        action, self.action = self.action, None
-        if action is not None:
+        if self.action is not None and self.rings_taken >= self.after:
+            action, self.action = self.action, None
             action()
         return self.bell.fileno()
 
@@ -906,8 +909,11 @@ def test_doorbell_wakes_a_responder_that_only_a_ring_wakes(cli, make_channel, so
             started.set()
             unrung.append(cli(path, "--timeout", "0.3", "-w", f"@X {MAC}@"))
 
-        bell.when_asleep(threading.Thread(target=send_unrung).start)
-        ivshmem.ring_eventfd(bell.eventfd)  # a spurious ring: the responder looks, finds nothing, sleeps again
+        # The command goes once the responder has taken every ring off its bell (one per
+        # command above, and a spurious one now: it looks, finds nothing) and sleeps again:
+        # sent as it still looked at the region after the spurious ring, it was answered.
+        bell.when_asleep(threading.Thread(target=send_unrung).start, rings=5 + 1)
+        ivshmem.ring_eventfd(bell.eventfd)
         assert started.wait(DEADLINE), "the responder never went back to sleep"
         wait_until(lambda: unrung, timeout=DEADLINE, what="the unrung command's end")
         assert unrung[0].code == EXIT_TIMEOUT, unrung
