@@ -129,13 +129,15 @@ def compile_plain_filters(middlebox: Middlebox, addresses: frozenset[str]) -> se
         if around is None:
             around = stencils[shape] = _stencil(middlebox.mac, own, shape)
         source = shared_pair(name, filter.source if mac_layer else _address_match(filter.source))
-        flows.update(Flow(OFFLOAD_TABLE, FILTER, (*before, source, *after), (), cookie) for before, after in around)
+        for before, after in around:  # Flow(...) without the named tuple's argument handling: 200,000 of them
+            flows.add(_new_tuple(Flow, (OFFLOAD_TABLE, FILTER, (*before, source, *after), (), cookie)))
     if any(f.layer is IP_LAYER for f in middlebox.filters):
         flows.update(Flow(OFFLOAD_TABLE, FILTER, match(eth_dst=middlebox.mac, eth_type=tpid), (), cookie)
                      for tpid in VLAN_TPIDS)
     return flows
 
 
+_new_tuple = tuple.__new__
 _STAND_IN_SOURCES = {"eth_src": "00:00:00:00:00:00", "ipv4_src": "0.0.0.0/0", "ipv6_src": "::/0"}
 
 

@@ -19,7 +19,7 @@ from typing import Mapping, NamedTuple
 
 from mbvisor.guest.commands import (AddFilter, Cancel, CancelRedirect, Command, DeleteFilter, DeleteFilters, Filter,
                                     Layer, MAC_LAYER, Query, RegisterFirewall, RegisterLoadBalancer)
-from mbvisor.guest.grammar import format_command
+from mbvisor.guest.grammar import filter_command_text, format_command
 
 from .trust import Inventory, TrustMode, check_backends, check_registration
 
@@ -510,7 +510,7 @@ def added_text(mac: str, filter: Filter) -> str:
     """The canonical text of adding ``filter`` to ``mac``: its answer quotes it and the
     store keeps it, so a job formats each filter once, not twice.  Keyed by the two, not
     by an ``AddFilter``: the store has no command, and making one cost it half the time."""
-    return format_command(AddFilter(mac, filter))
+    return filter_command_text("A", mac, filter)
 
 
 def _with_filters(middlebox: Middlebox, filters: frozenset[Filter]) -> Middlebox:

@@ -191,17 +191,23 @@ class BundleFrame(NamedTuple):
         code, cookie_mask = _COMMANDS[command], 0 if command == "add" else ALL_ONES
         actions = instructions = None
         messages = []
+        heads: dict = {}  # the frame and header differ only by length, cookie, table and priority
         for flow in flows:
             body = match_bytes(parser, flow.match)
             if command != "delete":
                 if flow.actions is not actions:
                     actions, instructions = flow.actions, instructions_of(flow.actions)
                 body += instructions
-            inner = head_size + len(body)
-            messages.append(pack(ofp.OFP_VERSION, ofp.OFPT_EXPERIMENTER, frame_size + inner, xid, ONF_EXPERIMENTER_ID,
-                                 ofp.ONF_ET_BUNDLE_ADD_MESSAGE, bundle_id, flags,
-                                 ofp.OFP_VERSION, ofp.OFPT_FLOW_MOD, inner, xid, flow.cookie, cookie_mask, flow.table,
-                                 code, 0, 0, flow.priority, ofp.OFP_NO_BUFFER, ofp.OFPP_ANY, ofp.OFPG_ANY, 0))
+            key = (len(body), flow.cookie, flow.table, flow.priority)
+            head = heads.get(key)
+            if head is None:
+                inner = head_size + len(body)
+                head = heads[key] = pack(ofp.OFP_VERSION, ofp.OFPT_EXPERIMENTER, frame_size + inner, xid,
+                                         ONF_EXPERIMENTER_ID, ofp.ONF_ET_BUNDLE_ADD_MESSAGE, bundle_id, flags,
+                                         ofp.OFP_VERSION, ofp.OFPT_FLOW_MOD, inner, xid, flow.cookie, cookie_mask,
+                                         flow.table, code, 0, 0, flow.priority, ofp.OFP_NO_BUFFER, ofp.OFPP_ANY,
+                                         ofp.OFPG_ANY, 0)
+            messages.append(head)
             messages.append(body)
         return b"".join(messages)
 

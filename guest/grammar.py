@@ -477,11 +477,19 @@ def _well_formed_filter_command(tokens: list[str], adding: bool) -> Command | No
         return None
     if not adding and _MASK_BY_LETTERS.get(tuple(tokens[4:])) == mask:
         return DeleteFilters(mac, layer, mask)
+    if len(tokens) == 6:  # one field, a bulk's usual shape: no slicing and pairing
+        letter, value = tokens[4], tokens[5]
+        # The full parser would pair a value that is itself a field letter differently.
+        if _MASK_BY_LETTERS.get((letter,)) != mask or value in FIELD_BY_LETTER:
+            return None
+        fields = [layer, None, None, None, None]  # Filter's own order, built without its argument handling
+        fields[_FIELD_POSITION[letter] + 1] = _FIELD_PARSERS[layer][letter](value)
+        filter = _new_tuple(Filter, fields)  # one field: nothing for check_fields_agree to compare
+        return AddFilter(mac, filter) if adding else DeleteFilter(mac, filter)
     letters, values = tokens[4::2], tokens[5::2]
     if (
         len(letters) != len(values)
         or _MASK_BY_LETTERS.get(tuple(letters)) != mask
-        # The full parser would pair a value that is itself a field letter differently.
         or not FIELD_BY_LETTER.keys().isdisjoint(values)
     ):
         return None
@@ -494,6 +502,7 @@ def _well_formed_filter_command(tokens: list[str], adding: bool) -> Command | No
     return AddFilter(mac, filter) if adding else DeleteFilter(mac, filter)
 
 
+_new_tuple = tuple.__new__
 _FIELD_POSITION = {spec.letter: Filter.__match_args__.index(spec.attribute) - 1 for spec in FILTER_FIELDS}
 
 
@@ -597,12 +606,19 @@ def _filter_fields_and_mask(filter: Filter) -> tuple[str, int]:
     return " ".join(parts), mask
 
 
+def filter_command_text(letter: str, mac: str, filter: Filter) -> str:
+    """``format_command`` of ``AddFilter(mac, filter)`` (letter A) or ``DeleteFilter``
+    (D), without making the command: a bulk install's answers and stored rows quote
+    100,000 filters.  The layer, a ``StrEnum``, formats as its letter."""
+    fields, mask = _filter_fields_and_mask(filter)
+    return f"{letter} {mac} {filter.layer} {mask} {fields}"
+
+
 def format_command(command: Command) -> str:
     """The canonical text of a command: single spaces, canonical values, fields in s d t p order."""
     kind = type(command)
     if kind is AddFilter or kind is DeleteFilter:  # first: bulk requests are filters
-        fields, mask = _filter_fields_and_mask(command.filter)
-        return f"{'A' if kind is AddFilter else 'D'} {command.mac} {command.filter.layer.value} {mask} {fields}"
+        return filter_command_text("A" if kind is AddFilter else "D", command.mac, command.filter)
     match command:
         case RegisterFirewall(mac=mac, ip=ip):
             return f"R F {mac} {ip}"

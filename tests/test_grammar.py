@@ -287,6 +287,20 @@ def test_fast_path_takes_bulk_shapes(text, command):
     assert parse_command(text) == command
 
 
+# One field, the fast path's own shortcut: its edges go to the full parser, which decides.
+@pytest.mark.parametrize("text", [f"A {MAC} I 4 s s", f"A {MAC} I 4 d 10.0.0.1", f"A {MAC} I 8 s 10.0.0.1",
+                                  f"A {MAC} I 12 s 10.0.0.1", f"A {MAC} I 4 x 10.0.0.1", f"D {MAC} I 4 s t",
+                                  f"A {MAC} M 4 s 10.0.0.1", f"A {MAC} T 4 s 10.0.0.1"])
+def test_one_field_edges_are_decided_by_the_full_parser(text):
+    assert _parse_well_formed(text) is None
+
+
+def test_a_one_field_filter_is_the_full_parsers_filter():
+    fast = _parse_well_formed(f"A {MAC} M 4 s 02:00:00:00:00:09")
+    assert fast == AddFilter(MAC, Filter(Layer.MAC, source="02:00:00:00:00:09"))
+    assert type(fast.filter) is Filter and repr(fast) == repr(parse_command(f"A {MAC}  M 4 s 02:00:00:00:00:09"))
+
+
 @pytest.mark.parametrize(("text", "error_class", "column", "detail"), ERRORS)
 def test_fast_path_leaves_every_error_to_the_full_parser(text, error_class, column, detail):
     assert _parse_well_formed(text) is None
