@@ -245,6 +245,8 @@ def filter_cost(filter: Filter, addresses: frozenset[str]) -> int:
     if filter.source is None or filter.layer is TRANSPORT_LAYER:
         return _cost(filter, addresses)
     family = "mac" if filter.layer is MAC_LAYER else "ipv6" if ":" in filter.source else "ipv4"
+    if filter.destination is None:  # its group forms name every own address of the family: only their number counts
+        addresses = _stand_ins(addresses)
     return _cost_of_shape(filter.layer, family, filter.destination, filter.tos, filter.protocol, addresses)
 
 
@@ -263,6 +265,19 @@ def filters_cost(filters, addresses: frozenset[str]) -> int:
             cost = by_shape[shape] = filter_cost(filter, addresses)
         total += cost
     return total
+
+
+@functools.lru_cache(maxsize=4096)
+def _stand_ins(addresses: frozenset[str]) -> frozenset[str]:
+    """As many addresses of each family as ``addresses`` holds distinct ones: a filter with
+    no destination costs the same for both, and a bulk install's 1,000 middleboxes, each
+    with an address of its own, then share one count (compiling it took 60 us each)."""
+    own = {4: set(), 6: set()}
+    for text in addresses:
+        address = ipaddress.ip_address(text)
+        own[address.version].add(address)
+    return frozenset([str(ipaddress.IPv4Address(1 + n)) for n in range(len(own[4]))]
+                     + [str(ipaddress.IPv6Address(1 + n)) for n in range(len(own[6]))])
 
 
 @functools.lru_cache(maxsize=4096)

@@ -321,6 +321,18 @@ def test_a_filters_cost_is_its_own_compiled_flows_whatever_its_source(text):
         assert flows_module.filter_cost(filter, addresses) == len(compile_filters(alone, addresses))
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(["I 4 s 10.1.2.3", "I 4 s 2001:db8::/32", "I 5 s 10.0.0.0/8 p 6", "M 4 s aa:bb:cc:dd:ee:ff",
+                        "M 5 s 11:22:33:44:55:66 p ipv6", "I 12 s 10.0.0.0/8 d 10.0.0.0/16", "I 8 d 10.0.0.5"]),
+       st.frozensets(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str), max_size=5))
+def test_a_filters_cost_is_its_compiled_flows_whatever_the_middleboxs_addresses(text, addresses):
+    """Without a destination only the number of own addresses of each family counts (the
+    cost is shared between middleboxes); with one, which of them it holds."""
+    filter = parse_command(f"A {MAC} {text}").filter
+    alone = Middlebox(1, 5, MAC, 1, filters=frozenset({filter}))
+    assert flows_module.filter_cost(filter, addresses) == len(compile_filters(alone, addresses))
+
+
 COST_SHAPES = ["I 4 s 10.66.0.0/16", "I 4 s 10.1.2.3", "I 12 s 10.0.0.0/8 d 10.0.0.5", "I 4 s 2001:db8::/32",
                "I 5 s 2001:db8::1 p 58", "M 4 s aa:bb:cc:dd:ee:ff", "M 5 s 11:22:33:44:55:66 p ipv4",
                "T 12 s 1000-1999 d 80", "I 1 p tcp", "I 8 d 10.0.0.5", "M 12 s aa:bb:cc:dd:ee:01 d " + MAC]
