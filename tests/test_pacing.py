@@ -37,6 +37,23 @@ def test_due_then_rest_lets_a_caller_flush_before_it_yields(monkeypatch):
     assert slept == [0] and not pace.due()
 
 
+def test_background_slices_are_shorter_than_a_commands_wait(monkeypatch):
+    """What a command that arrives during background work waits for is the slice under way:
+    after each rest a background pacer runs BACKGROUND_SLICE, not its own longer slice;
+    a foreground pacer keeps its own."""
+    now = [50.0]
+    monkeypatch.setattr(pacing.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(pacing.hub, "sleep", lambda seconds: None)
+    foreground, background = pacing.Pacer(0.001), None
+    with pacing.background():
+        background = pacing.Pacer(0.001)
+        background.rest()
+    foreground.rest()
+    now[0] += pacing.BACKGROUND_SLICE
+    assert background.due() and not foreground.due()
+    assert pacing.BACKGROUND_SLICE <= pacing.SLICE / 3
+
+
 def _background_loop(progress: list, slice_seconds: float, stop: list) -> None:
     """Background work: one step per rest."""
     with pacing.background():
