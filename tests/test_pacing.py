@@ -49,9 +49,15 @@ def test_background_slices_are_shorter_than_a_commands_wait(monkeypatch):
         background = pacing.Pacer(0.001)
         background.rest()
     foreground.rest()
-    now[0] += pacing.BACKGROUND_SLICE
-    assert background.due() and not foreground.due()
-    assert pacing.BACKGROUND_SLICE <= pacing.SLICE / 3
+    start, tick = now[0], 1e-6
+    now[0] = start + pacing.BACKGROUND_SLICE - tick
+    assert not background.due() and not foreground.due()
+    now[0] = start + pacing.BACKGROUND_SLICE
+    assert background.due() and not foreground.due()  # a command arriving now has waited 0.3 ms at most
+    now[0] = start + 0.001 - tick
+    assert not foreground.due()
+    now[0] = start + 0.001
+    assert foreground.due()
 
 
 def _background_loop(progress: list, slice_seconds: float, stop: list) -> None:
