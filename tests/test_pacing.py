@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from fakeswitch import wait_until
 from mbvisor.controller import pacing
 
@@ -58,6 +60,42 @@ def test_background_slices_are_shorter_than_a_commands_wait(monkeypatch):
     assert not foreground.due()
     now[0] = start + 0.001
     assert foreground.due()
+
+
+def test_background_work_collects_garbage_at_its_own_rests_while_no_command_runs():
+    """Past half the young generation's threshold a background rest collects it (and the
+    middle one), so that the collection does not fall in a command's slice; with a command
+    on its way, and for foreground work, collections are left to their threshold."""
+    collections = []
+
+    def seen(phase: str, info: dict) -> None:
+        if phase == "stop":
+            collections.append(info["generation"])
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(100_000, *threshold[1:])  # no collection of its own during the test
+    gc.callbacks.append(seen)
+    try:
+        young = [[] for _ in range(60_000)]  # past half the threshold
+        pacing.Pacer(1.0).rest()
+        assert collections == [], "foreground work collected"
+        pacing.COMMANDS.begin()
+        try:
+            with pacing.background():
+                pacing.Pacer(0.0001).rest()  # waits 0.2 ms for the command, still on its way
+        finally:
+            pacing.COMMANDS.end()
+        assert collections == [], "collected while a command was on its way"
+        with pacing.background():
+            pacing.Pacer(0.0001).rest()
+        assert collections == [1]
+        with pacing.background():
+            pacing.Pacer(0.0001).rest()
+        assert collections == [1], "collected again with the young generation nearly empty"
+        assert young
+    finally:
+        gc.callbacks.remove(seen)
+        gc.set_threshold(*threshold)
 
 
 def _background_loop(progress: list, slice_seconds: float, stop: list) -> None:
