@@ -49,12 +49,14 @@ def quiet_collector() -> None:
     large (~250k objects at 100k filters) and is freed by reference counting: measured
     through the control and data-centre benchmarks, its commands, bulk installs and
     reconciliations leave no garbage in cycles.  So what was loaded at start, and every
-    object that outlives two collections of the young (a held flow, a middlebox), is
-    frozen out of collections: no collection ever walks the state, and the longest is
-    ~30k young objects (a few ms).  Before, the young generation was let grow to 50,000
-    objects and the middle one to a million: a restarted switch's reconciliation set off
-    20-40 ms and 280 ms pauses that every other switch's commands waited out.  The price:
-    garbage in cycles that outlived two collections is never freed.  Measured (every
+    object alive at a collection of the middle generation (every third collection: a held
+    flow, a middlebox), is frozen out of collections: no collection ever walks the state,
+    and the longest is ~30k young objects (a few ms).  Before, the young generation was
+    let grow to 50,000 objects and the middle one to a million: a restarted switch's
+    reconciliation set off 20-40 ms and 280 ms pauses that every other switch's commands
+    waited out (background work also makes these collections early, at its own rests:
+    pacing.collect_ahead).  The price: garbage in cycles alive at a middle collection is
+    never freed.  Measured (every
     collection logged through a bench run): none from commands and bulk installs; one
     data-centre run of two left 75 objects (an eventlet timeout's traceback and frames)
     while a switch was down."""

@@ -62,37 +62,61 @@ def test_background_slices_are_shorter_than_a_commands_wait(monkeypatch):
     assert foreground.due()
 
 
-def test_background_work_collects_garbage_at_its_own_rests_while_no_command_runs():
-    """Past half the young generation's threshold a background rest collects it (and the
-    middle one), so that the collection does not fall in a command's slice; with a command
-    on its way, and for foreground work, collections are left to their threshold."""
+def test_background_work_collects_garbage_at_its_own_rests_while_no_command_runs(monkeypatch):
+    """Past half the young generation's threshold a background rest makes the
+    collection the collector would make (young, or middle when that is past its own
+    threshold), so that it does not fall in a command's slice; with a command on its way,
+    for foreground work, below that mark or with automatic collection off, it makes none.
+    No other green thread runs meanwhile (their collections would count here)."""
+    monkeypatch.setattr(pacing.hub, "sleep", lambda seconds: None)
+    monkeypatch.setattr(pacing.COMMANDS.idle, "wait", lambda timeout=None: False)
+    assert pacing.COMMANDS.running == 0, "an earlier test left a command counted"
     collections = []
 
     def seen(phase: str, info: dict) -> None:
         if phase == "stop":
             collections.append(info["generation"])
 
+    def background_rest() -> None:
+        with pacing.background():
+            pacing.Pacer(0.0001).rest()
+
     threshold = gc.get_threshold()
-    gc.set_threshold(100_000, *threshold[1:])  # no collection of its own during the test
+    gc.collect(1)  # the young and middle counts start at 0
+    gc.set_threshold(80_000, 1, threshold[2])  # no collection of its own during the test
     gc.callbacks.append(seen)
     try:
-        young = [[] for _ in range(60_000)]  # past half the threshold
+        kept = [[] for _ in range(30_000)]  # below half the threshold
+        background_rest()
+        assert collections == [], "collected below the mark"
+        kept += [[] for _ in range(20_000)]  # past it
         pacing.Pacer(1.0).rest()
         assert collections == [], "foreground work collected"
         pacing.COMMANDS.begin()
         try:
-            with pacing.background():
-                pacing.Pacer(0.0001).rest()  # waits 0.2 ms for the command, still on its way
+            background_rest()
         finally:
             pacing.COMMANDS.end()
         assert collections == [], "collected while a command was on its way"
-        with pacing.background():
-            pacing.Pacer(0.0001).rest()
-        assert collections == [1]
-        with pacing.background():
-            pacing.Pacer(0.0001).rest()
-        assert collections == [1], "collected again with the young generation nearly empty"
-        assert young
+        gc.disable()
+        try:
+            background_rest()
+        finally:
+            gc.enable()
+        gc.set_threshold(0)
+        try:
+            background_rest()
+        finally:
+            gc.set_threshold(80_000, 1, threshold[2])
+        assert collections == [], "collected with automatic collection off"
+        background_rest()
+        assert collections == [0]
+        for _ in range(2):
+            kept += [[] for _ in range(50_000)]
+            background_rest()
+        assert collections == [0, 0, 1], "not the generation the collector would choose"
+        background_rest()
+        assert collections == [0, 0, 1], "collected again with the young generation nearly empty"
     finally:
         gc.callbacks.remove(seen)
         gc.set_threshold(*threshold)
