@@ -109,10 +109,10 @@ def collect_ahead() -> None:
     command's slice stops that command for its length; made at a background rest, while no
     command is on its way, it does not.  Once the young generation is half way to its
     threshold (at three quarters, a command's allocations still set off 13 of 94 collections
-    of a crash phase), the generation the collector itself would choose: the middle one when
-    it is past its own threshold, so what survives is frozen after as many collections as
-    before (app.quiet_collector), made twice as often.  Nothing when automatic collection is
-    off."""
+    of a crash phase), the generation the collector itself would choose under
+    app.quiet_collector: the middle one when it is past its own threshold (never the oldest,
+    which freezing keeps empty), so what survives is frozen after as many collections as
+    before, made twice as often.  Nothing when automatic collection is off."""
     young, middle, _ = gc.get_count()
     threshold = gc.get_threshold()
     if gc.isenabled() and threshold[0] and young * 2 >= threshold[0]:

@@ -81,7 +81,8 @@ def test_background_work_collects_garbage_at_its_own_rests_while_no_command_runs
         with pacing.background():
             pacing.Pacer(0.0001).rest()
 
-    threshold = gc.get_threshold()
+    threshold, enabled = gc.get_threshold(), gc.isenabled()
+    gc.enable()
     gc.collect(1)  # the young and middle counts start at 0
     gc.set_threshold(80_000, 1, threshold[2])  # no collection of its own during the test
     gc.callbacks.append(seen)
@@ -120,6 +121,8 @@ def test_background_work_collects_garbage_at_its_own_rests_while_no_command_runs
     finally:
         gc.callbacks.remove(seen)
         gc.set_threshold(*threshold)
+        if not enabled:
+            gc.disable()
 
 
 def _background_loop(progress: list, slice_seconds: float, stop: list) -> None:
