@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 
@@ -24,6 +26,11 @@ class Metrics:
                               ["dpid", "backend"], registry=self.registry)
         self.inventory = Gauge("mbvisor_annotated_ports", "Annotated VM ports the controller enforces, "
                                "and those refused for a duplicated identity", ["dpid", "state"], registry=self.registry)
+        # The collector's frozen objects (app.quiet_collector): the state grows them as it
+        # grows; growth while the state does not is garbage in cycles frozen for good.
+        self.frozen = Gauge("mbvisor_gc_frozen_objects", "Objects frozen out of Python's cyclic garbage collector",
+                            registry=self.registry)
+        self.frozen.set_function(gc.get_freeze_count)
 
     def backend_up(self, dpid: int, backend: str, up: bool) -> None:
         self.backends.labels(f"{dpid:016x}", backend).set(1 if up else 0)
