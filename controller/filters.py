@@ -46,6 +46,7 @@ from mbvisor.guest.commands import IP_LAYER, MAC_LAYER, TRANSPORT_LAYER, Filter,
 from .model import Middlebox
 from .pipeline import (FILTER, FILTER_CONJUNCTION, FRAGMENT_TABLE, MISS, OFFLOAD_TABLE, Action, Flow, Match,
                        cookie_of, match, match_of, shared_pair)
+from .stepping import Pause, pausing
 
 ETH_IPV4 = 0x0800
 ETH_IPV6 = 0x86DD
@@ -79,15 +80,16 @@ def conjunction_id(middlebox: Middlebox, index: int) -> int:
     return (middlebox.zone << CONJUNCTION_INDEX_BITS) | index
 
 
-def compile_filters(middlebox: Middlebox, addresses: frozenset[str]) -> set[Flow]:
+def compile_filters(middlebox: Middlebox, addresses: frozenset[str], pause: Pause | None = None) -> set[Flow]:
     """Every flow the middlebox's filters need, all with its cookie.  ``addresses`` are the
-    middlebox's own IP addresses: the only ones its group-frame forms may match."""
+    middlebox's own IP addresses: the only ones its group-frame forms may match.
+    ``pause`` is called every few filters (stepping.py): a middlebox may have 1,000."""
     own = _by_family(addresses)
     rules: dict[tuple, set[Action]] = defaultdict(set)  # (table, priority, match) -> actions
     conjunctive = sorted((f for f in middlebox.filters if _is_conjunctive(f)), key=repr)
     ids = {f: conjunction_id(middlebox, i) for i, f in enumerate(conjunctive)}
     protocols: set[int] = set()
-    for filter in middlebox.filters:
+    for filter in _in_steps(middlebox.filters, pause):
         if filter.layer is Layer.TRANSPORT:
             protocols.update(_protocols(filter))
             _transport(rules, middlebox, filter, own, ids.get(filter))
@@ -104,18 +106,18 @@ def compile_filters(middlebox: Middlebox, addresses: frozenset[str]) -> set[Flow
             for (table, priority, fields), actions in rules.items()}
 
 
-def compile_plain_filters(middlebox: Middlebox, addresses: frozenset[str]) -> set[Flow]:
+def compile_plain_filters(middlebox: Middlebox, addresses: frozenset[str], pause: Pause | None = None) -> set[Flow]:
     """``compile_filters`` for a middlebox with IP and MAC filters only (property-tested
     equal), about twice as fast: a bulk install compiles 100,000 such filters.  Filters
     that differ only in their source have the same matches but for the source's pair, so
     each shape's matches are built once, as ``compile_filters`` builds them
     (``_receiving``), and each filter of that shape only puts its own source pair in.
-    Every flow drops: no actions to merge."""
+    Every flow drops: no actions to merge.  ``pause``: as ``compile_filters``'s."""
     own = _by_family(addresses)
     cookie = cookie_of(middlebox.mac)
     stencils: dict[tuple, list[tuple[Match, Match]]] = {}
     flows: set[Flow] = set()
-    for filter in middlebox.filters:
+    for filter in _in_steps(middlebox.filters, pause):
         if filter.layer is TRANSPORT_LAYER:
             raise ValueError(f"a port filter needs compile_filters: {filter}")
         if filter.source is None:
@@ -135,6 +137,11 @@ def compile_plain_filters(middlebox: Middlebox, addresses: frozenset[str]) -> se
         flows.update(Flow(OFFLOAD_TABLE, FILTER, match(eth_dst=middlebox.mac, eth_type=tpid), (), cookie)
                      for tpid in VLAN_TPIDS)
     return flows
+
+
+def _in_steps(filters, pause: Pause | None):
+    """The filters, paused between steps if asked (a bulk install's are not: no pause)."""
+    return filters if pause is None else pausing(filters, pause)
 
 
 _new_tuple = tuple.__new__

@@ -30,6 +30,7 @@ from .pacing import Pacer
 from .ofmessages import encode_action, encoded_actions, group_mod, instructions, normal_match
 from .pipeline import CONTROLLER_METER, COOKIE_TAG, COOKIE_TAG_MASK, PORT_METERS, Flow, Group, cookie_of
 from .reconcile import Changes, reconcile
+from .stepping import let_go
 from .switchlink import SwitchLink, SwitchUnreachable
 from .trust import TrustMode
 
@@ -70,7 +71,7 @@ BACKEND_PPS = 20    # a backend's answers per second: health checks ask once a s
 FULL_AUDIT_COST = 100     # a full audit (listing every flow) at most once per this many times its cost ...
 FULL_AUDIT_FLOOR = 600.0  # ... and never sooner than this many seconds after the last listing
 MAX_SHARED = 1 << 16      # (cookie, actions) pairs the record of installed flows shares
-FLOWS_PER_WRITE = 256     # flow mods packed together while a bundle streams: the switch starts on the first
+FLOWS_PER_WRITE = 64     # flow mods packed together while a bundle streams: the switch starts on the first
 
 
 def _in_slices(frame: wire.BundleFrame, parser, flows, command: str, actions_wire):
@@ -147,6 +148,19 @@ class Installed:
 
     def flow_count(self) -> int:
         return self.count
+
+    def let_go(self, pause) -> None:
+        """Empty the record a step at a time (stepping.let_go), ``pause()`` between steps:
+        a restarted switch's old record of 25,000 flows dropped at once held the loop for
+        milliseconds.  The index goes first (what it holds, the flows' dictionaries hold
+        too), then each place's flows."""
+        let_go(self.by_cookie, pause)
+        for by_match in self.flows.values():
+            let_go(by_match, pause)
+        self.flows.clear()
+        self.shared.clear()
+        self.groups.clear()
+        self.count = 0
 
     def held_at(self, flow: Flow) -> tuple | None:
         """(cookie, actions) of the flow the switch holds with ``flow``'s identity, if any
@@ -419,10 +433,7 @@ class SwitchReconciler:
             self.listing_cost = (self.listed_at - started) / max(1, self.installed.flow_count())
             self._resolve_backends(self.service.state.on(self.dpid))
             state = self.service.state
-            pace = Pacer()
-            desired = compile_switch(state, self.dpid, self._surroundings(), pace)
-            changes = self._diff(desired, self.installed.all_flows(), set(self.installed.groups), pace)
-            errors = self._send(changes)
+            errors, changes = self._send_whole()
             if errors:
                 log.warning("switch %016x: the reconciliation was refused (%s); again middlebox by middlebox",
                             self.dpid, "; ".join(errors))
@@ -437,11 +448,26 @@ class SwitchReconciler:
         self.applied = self.generation
         self.last_error = f"the switch refused the flows of {', '.join(refused)}" if refused else None
         self.resync_pause = RESYNC_FLOOR
-        if audit and not changes.empty:
-            log.warning("switch %016x: flows changed by someone else; repaired: %s", self.dpid, changes.summary())
+        if audit and changes:
+            log.warning("switch %016x: flows changed by someone else; repaired: %s", self.dpid, changes)
         elif not audit:
             log.info("switch %016x reconciled %.3f s after connecting: %s", self.dpid,
-                     time.monotonic() - self.connected_clock, changes.summary())
+                     time.monotonic() - self.connected_clock, changes or Changes().summary())
+
+    def _send_whole(self) -> tuple[list[str], str | None]:
+        """The switch's whole desired state compiled and the difference to what it holds
+        sent as one bundle: (the switch's errors, a summary of the changes, None if none).
+        The compiled flows are then freed a step at a time (stepping.let_go): all of a
+        reconnected switch's 25,000 at the end of the job held the loop 6 ms."""
+        pace = Pacer()
+        desired = compile_switch(self.service.state, self.dpid, self._surroundings(), pace)
+        changes = self._diff(desired, self.installed.all_flows(), set(self.installed.groups), pace)
+        errors = self._send(changes)
+        summary = None if changes.empty else changes.summary()
+        compiled = list(desired.flows)  # their last holder once these two go
+        del desired, changes
+        let_go(compiled, pace)
+        return errors, summary
 
     def _sync_in_parts(self, state) -> tuple[list[str], list[str]]:
         """One middlebox the switch refuses must not keep every other tenant (and the base
@@ -470,9 +496,7 @@ class SwitchReconciler:
         if not (self.connected and self.synced):
             return  # the reconciliation still to come compiles the new annotations
         try:
-            pace = Pacer()
-            errors = self._send(self._diff(compile_switch(self.service.state, self.dpid, self._surroundings(), pace),
-                                           self.installed.all_flows(), set(self.installed.groups), pace))
+            errors, _ = self._send_whole()
         except SwitchUnreachable as error:
             errors = [str(error)]
         if errors:
@@ -699,8 +723,9 @@ class SwitchReconciler:
             pace()
         descriptions = self.link.request(datapath.ofproto_parser.OFPGroupDescStatsRequest(datapath, 0))
         installed.groups = _our_groups(descriptions)
-        self.installed = installed
+        before, self.installed = self.installed, installed
         self.exact.clear()
+        before.let_go(pace)
 
     def _added_changes(self, added, cookie: int) -> Changes:
         """``_diff`` of flows that only add to what the middlebox has (no groups, nothing
@@ -828,6 +853,7 @@ class SwitchReconciler:
             raise
         if errors:
             self.installed.undo(undo)
+        let_go(undo, Pacer())  # a reconnected switch's: 25,000 entries
         self.service.metrics.openflow_errors(len(errors))
         self.service.metrics.flows_installed(self.dpid, self.installed.flow_count())
         return errors
