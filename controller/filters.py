@@ -46,7 +46,7 @@ from mbvisor.guest.commands import IP_LAYER, MAC_LAYER, TRANSPORT_LAYER, Filter,
 from .model import Middlebox
 from .pipeline import (FILTER, FILTER_CONJUNCTION, FRAGMENT_TABLE, MISS, OFFLOAD_TABLE, Action, Flow, Match,
                        cookie_of, match, match_of, shared_pair)
-from .stepping import Pause, pausing
+from .stepping import STEP, Pause, pausing
 
 ETH_IPV4 = 0x0800
 ETH_IPV6 = 0x86DD
@@ -83,13 +83,14 @@ def conjunction_id(middlebox: Middlebox, index: int) -> int:
 def compile_filters(middlebox: Middlebox, addresses: frozenset[str], pause: Pause | None = None) -> set[Flow]:
     """Every flow the middlebox's filters need, all with its cookie.  ``addresses`` are the
     middlebox's own IP addresses: the only ones its group-frame forms may match.
-    ``pause`` is called every few filters (stepping.py): a middlebox may have 1,000."""
+    ``pause`` is called after each filter (a port range makes ~30 flows, 250 of them
+    7,600) and every few flows made (stepping.py): a middlebox may have 1,000 filters."""
     own = _by_family(addresses)
     rules: dict[tuple, set[Action]] = defaultdict(set)  # (table, priority, match) -> actions
     conjunctive = sorted((f for f in middlebox.filters if _is_conjunctive(f)), key=repr)
     ids = {f: conjunction_id(middlebox, i) for i, f in enumerate(conjunctive)}
     protocols: set[int] = set()
-    for filter in _in_steps(middlebox.filters, pause):
+    for filter in _in_steps(middlebox.filters, pause, 1):
         if filter.layer is Layer.TRANSPORT:
             protocols.update(_protocols(filter))
             _transport(rules, middlebox, filter, own, ids.get(filter))
@@ -103,7 +104,7 @@ def compile_filters(middlebox: Middlebox, addresses: frozenset[str], pause: Paus
         _fragment_path(rules, middlebox, own, protocols)
     cookie = cookie_of(middlebox.mac)
     return {Flow(table, priority, fields, tuple(sorted(actions)) if actions else (), cookie)
-            for (table, priority, fields), actions in rules.items()}
+            for (table, priority, fields), actions in _in_steps(rules.items(), pause)}
 
 
 def compile_plain_filters(middlebox: Middlebox, addresses: frozenset[str], pause: Pause | None = None) -> set[Flow]:
@@ -112,7 +113,8 @@ def compile_plain_filters(middlebox: Middlebox, addresses: frozenset[str], pause
     that differ only in their source have the same matches but for the source's pair, so
     each shape's matches are built once, as ``compile_filters`` builds them
     (``_receiving``), and each filter of that shape only puts its own source pair in.
-    Every flow drops: no actions to merge.  ``pause``: as ``compile_filters``'s."""
+    Every flow drops: no actions to merge.  ``pause`` is called every few filters
+    (stepping.py): each makes two flows."""
     own = _by_family(addresses)
     cookie = cookie_of(middlebox.mac)
     stencils: dict[tuple, list[tuple[Match, Match]]] = {}
@@ -139,9 +141,9 @@ def compile_plain_filters(middlebox: Middlebox, addresses: frozenset[str], pause
     return flows
 
 
-def _in_steps(filters, pause: Pause | None):
-    """The filters, paused between steps if asked (a bulk install's are not: no pause)."""
-    return filters if pause is None else pausing(filters, pause)
+def _in_steps(items, pause: Pause | None, step: int = STEP):
+    """The items, paused between steps if asked (a bulk install's are not: no pause)."""
+    return items if pause is None else pausing(items, pause, step)
 
 
 _new_tuple = tuple.__new__

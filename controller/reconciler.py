@@ -428,9 +428,11 @@ class SwitchReconciler:
             if not audit:
                 self._set_up_meter()
             started = time.monotonic()
-            self._read_switch()
+            before = self._read_switch()
             self.listed_at = time.monotonic()
             self.listing_cost = (self.listed_at - started) / max(1, self.installed.flow_count())
+            before.let_go(Pacer())
+            del before
             self._resolve_backends(self.service.state.on(self.dpid))
             state = self.service.state
             errors, changes = self._send_whole()
@@ -709,8 +711,9 @@ class SwitchReconciler:
 
     # --- talking to the switch ----------------------------------------------------------
 
-    def _read_switch(self) -> None:
-        """Record the switch's flows and groups.  (Its ports are not compared with the
+    def _read_switch(self) -> Installed:
+        """Record the switch's flows and groups; the record it replaces (for the caller to
+        let go of, once the listing is timed).  (Its ports are not compared with the
         middleboxes' here: a restarting ovs-vswitchd may connect before it has re-added
         them.  Departures come as port-status messages and as the agent's deletes.)"""
         datapath = self.link.datapath
@@ -725,7 +728,7 @@ class SwitchReconciler:
         installed.groups = _our_groups(descriptions)
         before, self.installed = self.installed, installed
         self.exact.clear()
-        before.let_go(pace)
+        return before
 
     def _added_changes(self, added, cookie: int) -> Changes:
         """``_diff`` of flows that only add to what the middlebox has (no groups, nothing

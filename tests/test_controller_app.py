@@ -91,7 +91,7 @@ def test_the_frozen_objects_are_counted_at_most_every_few_minutes(app, monkeypat
     monkeypatch.setattr(metrics_module, "get_freeze_count", lambda: counts.append(1) or 1000 + len(counts))
     clock = [1000.0]
     monkeypatch.setattr(metrics_module, "monotonic", lambda: clock[0])
-    app.service.metrics._frozen = (float("-inf"), 0)
+    app.service.metrics = metrics_module.Metrics()  # as started: its first scrape counts
     assert frozen_metric(app.service) == 1001
     clock[0] += metrics_module.FROZEN_COUNT_AGE - 0.001
     assert frozen_metric(app.service) == 1001 and len(counts) == 1

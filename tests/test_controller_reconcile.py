@@ -10,6 +10,7 @@ from mbvisor.controller.flows import (Flow, Group, Neighbour, Surroundings, Swit
 from mbvisor.controller.pipeline import COOKIE_TAG
 from mbvisor.controller.model import Binding, State, apply
 from mbvisor.controller.reconcile import Changes, ours, reconcile, same_flow
+from mbvisor.controller.filters import compile_filters
 from mbvisor.controller.stepping import STEP
 from mbvisor.guest.grammar import parse_command
 
@@ -247,13 +248,14 @@ def test_reconcile_pauses_every_few_flows_read_and_answers_the_same():
     assert len(changes.add_flows) == 2500 and len(changes.delete_flows) == 700 and read[0] == 700
     marks = sorted(set(read_at_pauses))
     assert marks[-1] == 700 and max(b - a for a, b in zip([0] + marks, marks)) <= STEP
-    assert len(read_at_pauses) >= 2 * (2500 + 700) // STEP  # each side read, then compared
+    # Each side read, compared, then its identities freed a step at a time.
+    assert len(read_at_pauses) == 3 * (-(-2500 // STEP) + -(-700 // STEP))
 
 
 def test_compile_switch_pauses_every_few_filters_and_answers_the_same():
     """A middlebox has up to 1,000 filters: pausing only between middleboxes held the loop
-    8 ms for one of 250.  Both compilers (IP and MAC filters only; with a port filter)
-    pause every STEP filters."""
+    8 ms for one of 250.  The compiler of IP and MAC filters pauses every STEP filters;
+    the one for a middlebox with port filters after every filter and every STEP flows."""
     state = State()
     for n in range(4):
         mac = f"52:34:56:00:13:{n:02x}"
@@ -268,4 +270,21 @@ def test_compile_switch_pauses_every_few_filters_and_answers_the_same():
     surroundings = Surroundings()
     assert compile_switch(state, 0xA1, surroundings, lambda: pauses.append(1)) == compile_switch(state, 0xA1,
                                                                                                surroundings)
-    assert len(pauses) >= 4 * -(-100 // STEP) + 4  # and one after each middlebox
+    ported = compile_filters(state.find(0xA1, "52:34:56:00:13:03"), frozenset(["10.0.1.4"]))
+    assert len(pauses) == 3 * -(-100 // STEP) + 100 + -(-len(ported) // STEP) + 4  # and one after each middlebox
+
+
+def test_port_ranges_are_compiled_with_a_pause_every_few_flows():
+    """One port range makes tens of flows (250 of them 7,600, held 16-31 ms between two
+    pauses of every 32 filters): compile_filters pauses after each filter, and every STEP
+    flows it makes of them."""
+    state = State()
+    mac = "52:34:56:00:14:01"
+    state = apply(state, Binding(0xA1, 10), parse_command(f"R F {mac} 10.0.1.1")).state
+    for k in range(12):
+        state = apply(state, Binding(0xA1, 10), parse_command(f"A {mac} T 12 s {1000 + k}-{1999 + k} d 80")).state
+    middlebox = state.find(0xA1, mac)
+    made = []
+    flows = compile_filters(middlebox, frozenset(["10.0.1.1"]), lambda: made.append(1))
+    assert flows == compile_filters(middlebox, frozenset(["10.0.1.1"]))
+    assert len(flows) > 12 * STEP // 2 and len(made) == 12 + -(-len(flows) // STEP)

@@ -326,6 +326,23 @@ def test_an_audit_of_an_unchanged_switch_counts_its_flows_without_listing_them(h
     assert victim.identity in {f.identity for f in fake.flows()}
 
 
+def test_a_full_audit_warns_of_repairs_only_when_it_made_some(host, monkeypatch, caplog):
+    """An operator reads "repaired" as someone else changing the switch: an audit that
+    found it as installed says nothing; one that put back removed flows says how many."""
+    monkeypatch.setattr(reconciler_module, "FULL_AUDIT_FLOOR", 0)
+    monkeypatch.setattr(reconciler_module, "FULL_AUDIT_COST", 0)
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5", f"A {MAC} I 4 s 10.66.0.0/16")
+    ours = len(fake.flows())
+    with caplog.at_level(logging.WARNING, logger="mbvisor.controller"):
+        assert audit(host) == 1
+        assert not [r for r in caplog.records if "repaired" in r.getMessage()]
+        fake.clear_flows()
+        assert audit(host) == 1
+    repaired = [r.getMessage() for r in caplog.records if "repaired" in r.getMessage()]
+    assert len(repaired) == 1 and f"repaired: +{ours} ~0 -0 flows" in repaired[0], repaired
+
+
 def test_a_flow_changed_in_place_is_repaired_by_the_next_full_audit(host, monkeypatch):
     monkeypatch.setattr(reconciler_module, "FULL_AUDIT_FLOOR", 0)  # a full audit is due at every audit
     monkeypatch.setattr(reconciler_module, "FULL_AUDIT_COST", 0)

@@ -49,3 +49,14 @@ def test_let_go_of_nothing_pauses_never():
     let_go([], lambda: taken.append(1))
     let_go({}, lambda: taken.append(1))
     assert taken == []
+
+
+@pytest.mark.parametrize("step", [0, -1])
+def test_a_step_of_no_item_is_refused(step):
+    """A step of 0 would drop every item (pausing) or never end (let_go)."""
+    with pytest.raises(ValueError, match="at least one item"):
+        list(pausing([1, 2], lambda: None, step))
+    for items in ([1, 2], {1: 2, 3: 4}):
+        with pytest.raises(ValueError, match="at least one item"):
+            let_go(items, lambda: None, step)
+        assert len(items) == 2  # nothing let go of
