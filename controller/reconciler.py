@@ -30,7 +30,7 @@ from .pacing import Pacer
 from .ofmessages import encode_action, encoded_actions, group_mod, instructions, normal_match
 from .pipeline import CONTROLLER_METER, COOKIE_TAG, COOKIE_TAG_MASK, PORT_METERS, Flow, Group, cookie_of
 from .reconcile import Changes, reconcile
-from .stepping import let_go
+from .stepping import let_go, pausing
 from .switchlink import SwitchLink, SwitchUnreachable
 from .trust import TrustMode
 
@@ -93,12 +93,10 @@ def _meters(flows, pace) -> set[int]:
     """The meters ``flows`` use, looked up once per distinct action list (a reconnected
     switch's 25,000 flows have a handful), with ``pace()`` between slices of them."""
     seen, meters = set(), set()
-    for start in range(0, len(flows), FLOWS_PER_WRITE):
-        for flow in flows[start:start + FLOWS_PER_WRITE]:
-            if flow.actions not in seen:
-                seen.add(flow.actions)
-                meters.update(a[1] for a in flow.actions if a[0] == "meter")
-        pace()
+    for flow in pausing(flows, pace):
+        if flow.actions not in seen:
+            seen.add(flow.actions)
+            meters.update(a[1] for a in flow.actions if a[0] == "meter")
     return meters
 
 
@@ -432,7 +430,6 @@ class SwitchReconciler:
             self.listed_at = time.monotonic()
             self.listing_cost = (self.listed_at - started) / max(1, self.installed.flow_count())
             before.let_go(Pacer())
-            del before
             self._resolve_backends(self.service.state.on(self.dpid))
             state = self.service.state
             errors, changes = self._send_whole()
@@ -864,14 +861,7 @@ class SwitchReconciler:
     def _record(self, changes: Changes, undo: list, datapath) -> None:
         """The sent flows, kept as compiled (their wire bytes are cached by action list),
         with what ``Installed.undo`` needs if the switch refuses them."""
-        pace = Pacer()
-
-        def paced(flows):
-            for flow in flows:
-                yield flow
-                pace()
-
-        self.installed.holds_all(paced(changes.add_flows + changes.modify_flows), undo)
+        self.installed.holds_all(pausing(changes.add_flows + changes.modify_flows, Pacer()), undo)
         for flow in changes.delete_flows:
             self.installed.lost(flow, undo)
         for group in changes.add_groups + changes.modify_groups:
