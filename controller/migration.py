@@ -13,6 +13,10 @@ mbvisor keeps them equal:
 * When the source's port goes (QEMU's source ends), the source's entry is retired as any
   departed VM's is; the destination's stays, and with it the offloads.
 
+A copy to make is a :class:`Copy`; the shell stores it in the transaction that stores the
+change asking for it (or the annotations that show the arrival) and forgets it in the one
+that stores the copy, so a controller stopped in between makes it at its next start.
+
 Nothing here trusts a guest: only annotations on both switches pair two entries, a copy
 has the destination's port and a zone of its own, and an unannotated (lab) port never
 has a twin.  Everything here is pure.
@@ -21,6 +25,7 @@ has a twin.  Everything here is pure.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 from .model import MAX_ZONE, Middlebox, State, check_can_hold, redirect_order
 from .trust import Inventory, PortIdentity
@@ -64,6 +69,52 @@ def arrivals(state: State, inventories: dict[int, Inventory], dpid: int) -> list
         if identity is not None and there is not None and same_vm(there, identity):
             found.append(middlebox.key)
     return found
+
+
+class Copy(NamedTuple):
+    """Switch ``dpid``'s twin of ``origin`` (dpid, MAC) to be made equal to it: given only
+    ``change`` (the (before, after) of the origin's job, ``compact``), or whole (None); a
+    copy whose origin is gone removes the twin only if the guest ``cancelled`` it there."""
+
+    dpid: int
+    origin: tuple[int, str]
+    cancelled: bool = False
+    change: tuple[Middlebox | None, Middlebox | None] | None = None
+
+
+def copies_after(dpid: int, before: State, after: State, touched, by_guests: bool,
+                 inventories: dict[int, Inventory]) -> list[Copy]:
+    """The copies a confirmed job on ``dpid`` asks for: each middlebox it ``touched`` whose VM
+    another switch's annotations show, to that switch, with the job's change.  A removal is
+    copied only when guests' commands made it (``by_guests``: every request carried a
+    channel's key): the source agent's delete of a VM that left (no key) must not take the
+    offloads away from the host the VM went to."""
+    inventory = inventories.get(dpid, Inventory())
+    copies = []
+    for mac in sorted(touched):
+        now, was = after.find(dpid, mac), before.find(dpid, mac)
+        cancelled = now is None
+        if cancelled and not by_guests:
+            continue
+        middlebox = now or was
+        identity = identity_of(middlebox, inventory) if middlebox is not None else None
+        if identity is None:
+            continue
+        change = compact((was, now))
+        copies += [Copy(other, (dpid, mac), cancelled, change) for other, _ in twin_ports(identity, dpid, inventories)]
+    return copies
+
+
+def compact(change: tuple[Middlebox | None, Middlebox | None]) -> tuple[Middlebox | None, Middlebox | None]:
+    """``change`` with only what ``adopted`` reads of it: when both sides exist, the filters
+    the job removed (before's) and added (after's), its redirects and addresses whole; when
+    one is None, that it is (a new middlebox or a cancel is copied whole, or removed).  So a
+    stored copy of a job that added one filter to a thousand is one filter long."""
+    before, after = change
+    if before is None or after is None:
+        return (None if before is None else replace(before, filters=frozenset()),
+                None if after is None else replace(after, filters=frozenset()))
+    return replace(before, filters=before.filters - after.filters), replace(after, filters=after.filters - before.filters)
 
 
 def twin(source: Middlebox, dpid: int, port: int, current: Middlebox | None, zones_taken) -> Middlebox:

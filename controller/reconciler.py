@@ -271,7 +271,8 @@ class Job:
     macs: frozenset = frozenset()
     origin: tuple | None = None  # adopt: the (dpid, MAC) whose twin this switch holds (migration.py) ...
     cancelled: bool = False      # ... whether its guest cancelled it there ...
-    change: tuple | None = None  # ... and the (before, after) of the job there (migration.with_change)
+    change: tuple | None = None  # ... and the (before, after) of the job there (migration.with_change) ...
+    copy: int | None = None      # ... stored as this copy (its id; Store.load_copies)
     done: object = field(default_factory=hub.Event)
     answers: list | None = None
     counted: bool = False  # among pacing.COMMANDS
@@ -608,7 +609,6 @@ class SwitchReconciler:
                 for mac in plan.touched:
                     if (middlebox := plan.after.find(self.dpid, mac)) is not None:
                         self.exact[mac] = middlebox
-                self.service.mirror(self.dpid, plan)
             return answers
         finally:
             self.service.release(plan)
@@ -642,7 +642,7 @@ class SwitchReconciler:
         """This switch's copy of ``job.origin`` made equal to it, as it is when the job
         runs (or removed if it is gone); checked then, after any job in flight here."""
         before = self.service.state
-        if not self.service.adopt(self.dpid, job.origin, job.cancelled, job.change):
+        if not self.service.adopt(self.dpid, job.origin, job.cancelled, job.change, job.copy):
             return
         mac = job.origin[1]
         self._forget_exact({mac})

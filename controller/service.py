@@ -33,7 +33,7 @@ from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, fil
 from .health import BackendHealth
 from .ingress import link_local
 from .metrics import Metrics
-from .migration import adopted, arrivals, identity_of, twin_ports
+from .migration import Copy, adopted, arrivals, copies_after
 from .pacing import Pacer
 from .model import (ApplyError, Binding, Draft, Limits, Middlebox, State, added_answer_text, adding_to,
                     check_destination_mac, decide, present_answer_text, unique_zones)
@@ -205,8 +205,12 @@ class Controller:
             self.store.save(loaded, self.state, [])
         self.inventories = {dpid: build_inventory(entries) for dpid, entries in self.store.load_inventories().items()}
         self.metrics = Metrics()
-        for dpid in sorted(self.inventories):
-            self._adopt_arrivals(dpid)
+        for copy_id, copy in self.store.load_copies():  # queued when the controller stopped
+            self.adopt(*copy, made=copy_id)
+        if not self.store.copies_were_stored:  # a database from before they were
+            for dpid in sorted(self.inventories):
+                for origin in arrivals(self.state, self.inventories, dpid):
+                    self.adopt(dpid, origin)
         self.store.prune_old(time.time())
         log.info("loaded %d middlebox(es) and the annotated ports of %d switch(es) from %s (trust: %s)",
                  len(self.state.middleboxes), len(self.inventories), self.settings.database,
@@ -539,7 +543,9 @@ class Controller:
         changed = plan.before.changed_keys(plan.after, {(dpid, mac) for mac in plan.touched})
         stored = [(plan.requests[i].key, plan.answers[i], command_text(plan.requests[i].command))
                   for i in plan.keep]
-        self.store.save(plan.before, plan.after, stored, changed, plan.added)
+        copies = copies_after(dpid, plan.before, plan.after, plan.touched,
+                              all(request.key is not None for request in plan.requests), self.inventories)
+        copy_ids = self.store.save(plan.before, plan.after, stored, changed, plan.added, copies)
         for key in changed:  # counts of filter sets that are current now; none of gone ones
             middlebox, counted = plan.after.by_key.get(key), plan.costs.get(key)
             if middlebox is not None and counted is not None and counted[0] is middlebox.filters:
@@ -552,6 +558,7 @@ class Controller:
             reconciler.generation += 1
             reconciler.applied = reconciler.generation
         self._log(dpid, plan)
+        self._copy_soon(zip(copy_ids, copies))
         return list(plan.answers)
 
     def _log(self, dpid: int, plan: Plan) -> None:
@@ -603,58 +610,34 @@ class Controller:
 
     # --- a middlebox on two switches while its VM migrates (migration.py) --------------
 
-    def mirror(self, dpid: int, plan: Plan) -> None:
-        """After a job on ``dpid`` changed middleboxes: each twin elsewhere (another switch
-        whose annotations show the same VM) is made equal to it, in that switch's queue.
-        A removal is copied only when guests' commands made it (every request carries a
-        channel's key): the source agent's delete of a VM that left (no key) must not take
-        the offloads away from the host the VM went to."""
-        inventory = self.inventory_of(dpid)
-        by_guests = all(request.key is not None for request in plan.requests)
-        for mac in sorted(plan.touched):
-            middlebox = plan.after.find(dpid, mac)
-            cancelled = middlebox is None
-            if cancelled and not by_guests:
-                continue
-            middlebox = middlebox or plan.before.find(dpid, mac)
-            identity = identity_of(middlebox, inventory) if middlebox is not None else None
-            if identity is None:
-                continue
-            change = (plan.before.find(dpid, mac), plan.after.find(dpid, mac))
-            for other, _ in twin_ports(identity, dpid, self.inventories):
-                self._adopt_soon(other, (dpid, mac), cancelled, change)
+    def _copy_soon(self, copies) -> None:
+        """Each stored copy (id, ``Copy``) in its switch's queue, after any job in flight
+        there; a switch that never connected has none, nothing in flight, and takes the copy
+        at once (installed when it connects)."""
+        for copy_id, copy in copies:
+            if copy.dpid in self.reconcilers:
+                self.reconcilers[copy.dpid].submit(Job("adopt", origin=copy.origin, cancelled=copy.cancelled,
+                                                       change=copy.change, copy=copy_id))
+            else:
+                self.adopt(*copy, made=copy_id)
 
-    def _adopt_soon(self, dpid: int, origin: tuple[int, str], cancelled: bool = False, change=None) -> None:
-        """In the switch's queue, after any job in flight there; a switch that never
-        connected has none, nothing in flight, and takes the copy at once (installed
-        when it connects)."""
-        if dpid in self.reconcilers:
-            self.reconcilers[dpid].submit(Job("adopt", origin=origin, cancelled=cancelled, change=change))
-        else:
-            self.adopt(dpid, origin, cancelled, change)
-
-    def _adopt_arrivals(self, dpid: int) -> None:
-        """Copies of middleboxes elsewhere whose VM switch ``dpid``'s annotations show and
-        that it lacks: asked when its annotations change and at start (a copy queued when
-        the controller stopped is made again).  Not at a publication that changes
-        nothing: a twin deleted without a key (an operator's DELETE) or a guest's cancel
-        whose copy is still queued would come back from the other side."""
-        for origin in arrivals(self.state, self.inventories, dpid):
-            self._adopt_soon(dpid, origin)
-
-    def adopt(self, dpid: int, origin: tuple[int, str], cancelled: bool = False, change=None) -> bool:
+    def adopt(self, dpid: int, origin: tuple[int, str], cancelled: bool = False, change=None,
+              made: int | None = None) -> bool:
         """Switch ``dpid``'s copy of ``origin`` brought to it (or given ``change``),
-        durably; whether anything changed.  Only the shell of ``migration.adopted``."""
+        durably, and the stored copy it ``made`` forgotten; whether anything changed.  Only
+        the shell of ``migration.adopted``."""
         try:
             after = adopted(self.state, self.inventories, dpid, origin, self.state.zones | self.zones_in_flight,
                             cancelled, change)
         except (ValueError, ApplyError) as error:
             log.error("switch %016x: no copy of %s from %016x: %s", dpid, origin[1], origin[0], error)
+            self.store.forget_copy(made)
             return False
         if after is self.state:
+            self.store.forget_copy(made)
             return False
         key = (dpid, origin[1])
-        self.store.save(self.state, after, [], {key})
+        self.store.save(self.state, after, [], {key}, made=made)
         self.flow_costs.pop(key, None)
         self.state = after
         if dpid in self.reconcilers:
@@ -712,7 +695,8 @@ class Controller:
         previous = self.inventories.get(dpid)
         if previous is not None and previous.identities == inventory.identities and previous.refused == inventory.refused:
             return previous
-        self.store.save_inventory(dpid, entries)
+        copies = [Copy(dpid, origin) for origin in arrivals(self.state, {**self.inventories, dpid: inventory}, dpid)]
+        copy_ids = self.store.save_inventory(dpid, entries, copies)
         self.inventories[dpid] = inventory
         for refused in inventory.refused:
             log.warning("switch %016x: annotations of %s (port %d) refused: %s", dpid, refused.interface or "?",
@@ -721,7 +705,7 @@ class Controller:
         self.metrics.annotated_ports(dpid, len(inventory.ports), len(inventory.refused))
         if dpid in self.reconcilers:
             self.reconcilers[dpid].converge_soon()
-        self._adopt_arrivals(dpid)
+        self._copy_soon(zip(copy_ids, copies))
         return inventory
 
     def surroundings(self, dpid: int, metered: bool = True) -> Surroundings:

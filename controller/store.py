@@ -13,6 +13,11 @@ Answers are kept for replay only as long as a retry can come: per channel, the n
 database without bound.  Each answer remembers its command, so a key reused for another
 command is recognised (and refused) instead of answered with the first command's result.
 
+A copy to a migrating VM's twin (``migration.Copy``) is a row of ``copies`` from the
+transaction that stores the change asking for it (a confirmed job, or the annotations that
+show an arrival) to the one that stores the copy: a controller stopped in between makes it
+at its next start, so the twins never stay different.
+
 The write-ahead log is copied into the database (a checkpoint) by an OS thread, at most
 once a second: SQLite's automatic checkpoint ran in whichever commit filled 1,000 pages,
 wrote them back and synced the file, and every switch's commands and the REST API waited
@@ -37,6 +42,7 @@ from eventlet import tpool
 from mbvisor.guest.commands import RegisterLoadBalancer
 from mbvisor.guest.grammar import format_command, parse_command
 
+from .migration import Copy
 from .model import Limits, Middlebox, Redirect, State, added_text
 from .trust import PortIdentity
 from .requests import Answer
@@ -59,6 +65,9 @@ CREATE TABLE IF NOT EXISTS ports (dpid INTEGER PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS answers (
     channel TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
     status TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (channel, epoch, seq));
+CREATE TABLE IF NOT EXISTS copies (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, dpid INTEGER NOT NULL, origin_dpid INTEGER NOT NULL, mac TEXT NOT NULL,
+    cancelled INTEGER NOT NULL, change TEXT);
 """
 # Columns added since the first release; an older database gains them on open.
 ANSWER_COLUMNS = {"code": "TEXT NOT NULL DEFAULT 'ok'", "command": "TEXT", "stored": "REAL NOT NULL DEFAULT 0"}
@@ -103,6 +112,23 @@ def decode_middlebox(dpid: int, mac: str, body: str, filter_texts=()) -> Middleb
                      frozenset(parse_command(text).filter for text in filter_texts), redirects)
 
 
+def encode_change(change: tuple[Middlebox | None, Middlebox | None] | None) -> str | None:
+    """A copy's change (already ``migration.compact``: the filters it added and removed)."""
+    if change is None:
+        return None
+    return json.dumps([None if side is None else
+                       {"body": encode_middlebox(side), "filters": sorted(filter_text(side.mac, f) for f in side.filters)}
+                       for side in change])
+
+
+def decode_change(dpid: int, mac: str, text: str | None) -> tuple[Middlebox | None, Middlebox | None] | None:
+    if text is None:
+        return None
+    before, after = (None if side is None else decode_middlebox(dpid, mac, side["body"], side["filters"])
+                     for side in json.loads(text))
+    return before, after
+
+
 def checkpoint(path: Path) -> None:
     """Copy what the write-ahead log holds into the database, waiting for nobody (PASSIVE:
     writers go on meanwhile).  On a connection of its own: it runs in another thread."""
@@ -125,6 +151,10 @@ class Store:
         self.path = None if str(path) == ":memory:" else Path(path).absolute()  # whatever the cwd becomes
         self.checkpointing = False
         self.checkpointed_at = time.monotonic()
+        # A database from before copies were stored: the copies its controller had queued
+        # are looked for once, as arrivals (``Controller``).
+        self.copies_were_stored = self.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'copies'").fetchone() is not None
         self.db.executescript(SCHEMA)
         present = {row[1] for row in self.db.execute("PRAGMA table_info(answers)")}
         for column, declaration in ANSWER_COLUMNS.items():
@@ -188,12 +218,33 @@ class Store:
             self.checkpointing = False
             self.checkpointed_at = time.monotonic()
 
-    def save_inventory(self, dpid: int, entries: list[PortIdentity]) -> None:
-        """A switch's annotated ports as published (refusals are recomputed on load)."""
+    def save_inventory(self, dpid: int, entries: list[PortIdentity], copies: list[Copy] = ()) -> list[int]:
+        """A switch's annotated ports as published (refusals are recomputed on load), with
+        the copies (arrivals) they ask for; the copies' ids."""
         body = json.dumps([{"port": e.port, "mac": e.mac, "tenant": e.tenant, "vm_id": e.vm_id, "ips": list(e.ips),
                             "interface": e.interface} for e in entries])
         with self._transaction():
             self.db.execute("INSERT OR REPLACE INTO ports VALUES (?, ?)", (stored_dpid(dpid), body))
+            return self._add_copies(copies)
+
+    def _add_copies(self, copies: list[Copy]) -> list[int]:
+        return [self.db.execute("INSERT INTO copies (dpid, origin_dpid, mac, cancelled, change) VALUES (?, ?, ?, ?, ?)",
+                                (stored_dpid(copy.dpid), stored_dpid(copy.origin[0]), copy.origin[1],
+                                 int(copy.cancelled), encode_change(copy.change))).lastrowid
+                for copy in copies]
+
+    def load_copies(self) -> list[tuple[int, Copy]]:
+        """The copies stored and not made yet, in the order they were asked for."""
+        return [(row_id, Copy(loaded_dpid(dpid), (loaded_dpid(origin), mac), bool(cancelled),
+                              decode_change(loaded_dpid(origin), mac, change)))
+                for row_id, dpid, origin, mac, cancelled, change
+                in self.db.execute("SELECT id, dpid, origin_dpid, mac, cancelled, change FROM copies ORDER BY id")]
+
+    def forget_copy(self, copy_id: int | None) -> None:
+        """A copy that changed nothing (or could not be made): not to be made again."""
+        if copy_id is not None:
+            with self._transaction():
+                self.db.execute("DELETE FROM copies WHERE id = ?", (copy_id,))
 
     def load_inventories(self) -> dict[int, list[PortIdentity]]:
         return {loaded_dpid(dpid): [PortIdentity(e["port"], e["mac"], e["tenant"], e["vm_id"], tuple(e["ips"]),
@@ -201,17 +252,21 @@ class Store:
                 for dpid, body in self.db.execute("SELECT dpid, body FROM ports ORDER BY dpid")}
 
     def save(self, before: State, after: State, answers: list[tuple[tuple[str, int, int], Answer, str]],
-             among=None, added=None) -> None:
+             among=None, added=None, copies: list[Copy] = (), made: int | None = None) -> list[int]:
         """Write the middleboxes that changed (``among`` these keys, if given; their
         filters: only those added or removed) and the (key, answer, command text) rows, in
         one transaction; prune channels that stored many answers since their last pruning.
         ``added``: by key, the filters ``after`` adds to a middlebox it changes no other
-        way (``Draft.added``), written without comparing its whole filter sets."""
+        way (``Draft.added``), written without comparing its whole filter sets.  In the same
+        transaction: the ``copies`` the change asks for (their ids are returned), and the
+        copy this change ``made`` (its id) forgotten."""
         changed = before.changed_keys(after, among)
-        if not changed and not answers:
-            return
+        if not changed and not answers and not copies and made is None:
+            return []
         now = time.time()
         with self._transaction():
+            if made is not None:
+                self.db.execute("DELETE FROM copies WHERE id = ?", (made,))
             for key in sorted(changed):
                 self._save_middlebox(key, before.by_key.get(key), after.by_key.get(key), (added or {}).get(key))
             self.db.executemany(
@@ -220,6 +275,7 @@ class Store:
                 [(*key, answer.status, answer.text, answer.code, command, now) for key, answer, command in answers])
             for channel in {key[0] for key, _, _ in answers}:
                 self._count_and_prune(channel, sum(1 for key, _, _ in answers if key[0] == channel), now)
+            return self._add_copies(copies)
 
     def _save_middlebox(self, key: tuple[int, str], old: Middlebox | None, new: Middlebox | None,
                         added=None) -> None:

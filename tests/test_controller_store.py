@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from mbvisor.controller.model import (ApplyError, Binding, Draft, Limits, Middlebox, Redirect, State, apply,
                                       decide)
 from mbvisor.controller import store as store_module
+from mbvisor.controller.migration import Copy
 from mbvisor.controller.requests import Answer
 from mbvisor.controller.store import Store, decode_middlebox, encode_middlebox, filter_text
 from mbvisor.guest.grammar import parse_command
@@ -413,3 +414,35 @@ def test_a_failed_checkpoint_is_logged_and_loses_nothing(tmp_path, monkeypatch, 
     assert "failed" in caplog.text
     assert not (tmp_path / "gone").exists()  # nothing created where it looked
     assert store.answer(("fill", 1, 4))[1] == Answer("OK", "x" * 400)
+
+
+@pytest.mark.parametrize("change", [
+    None,
+    (None, build(*EVERYTHING).find(1, MAC)),
+    (build(*EVERYTHING).find(1, MAC), None),
+    (build(EVERYTHING[0]).find(1, MAC), build(*EVERYTHING[:3]).find(1, MAC)),
+], ids=["whole", "new", "cancelled", "filters"])
+def test_stored_copies_come_back_in_order_until_made_or_forgotten(tmp_path, change):
+    """A copy is stored with the change that asks for it and forgotten in the transaction
+    that stores the copy made (or alone, when it changed nothing): a restarted controller
+    finds exactly the copies still to make, in the order they were asked for."""
+    path = tmp_path / "c.sqlite"
+    store = Store(path)
+    before, after = build(EVERYTHING[0]), build(*EVERYTHING[:2])
+    copies = [Copy(0xB2, (1, MAC), change is not None and change[1] is None, change), Copy(0xC3, (1, MAC))]
+    ids = store.save(before, after, [], copies=copies)
+    assert store.save(after, after, [], copies=[Copy(2**64 - 1, (2**63, MAC2))]) == [ids[1] + 1]
+    store.db.close()
+    store = Store(path)
+    assert store.load_copies() == [(ids[0], copies[0]), (ids[1], copies[1]), (ids[1] + 1, Copy(2**64 - 1, (2**63, MAC2)))]
+    store.save(after, build(*EVERYTHING[:3]), [], made=ids[0])
+    store.forget_copy(ids[1] + 1)
+    assert store.load_copies() == [(ids[1], copies[1])]
+    assert Store(path).load(LIMITS) == build(*EVERYTHING[:3])
+
+
+def test_an_inventory_is_stored_with_the_arrivals_it_asks_for(tmp_path):
+    store = Store(tmp_path / "c.sqlite")
+    (copy_id,) = store.save_inventory(0xB2, [], [Copy(0xB2, (1, MAC))])
+    assert store.load_copies() == [(copy_id, Copy(0xB2, (1, MAC)))]
+    assert store.save_inventory(0xB2, []) == []

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from fakeswitch import FakeSwitch, wait_until
 from mbvisor.controller.flows import cookie_of
-from mbvisor.controller.migration import adopted, arrivals, identity_of, twin_ports, with_change
+from mbvisor.controller.migration import (Copy, adopted, arrivals, compact, copies_after, identity_of, twin_ports,
+                                          with_change)
 from mbvisor.controller.model import Middlebox, State
 from mbvisor.controller.pipeline import OFFLOAD_TABLE
 from mbvisor.controller.requests import CommandRequest
@@ -277,3 +278,43 @@ def test_changes_confirmed_on_both_sides_each_reach_the_other_and_neither_is_los
     expected = mb((start - gone) | mine | (theirs - start)).filters
     assert source_final.filters == expected
     assert (twin_final.port, twin_final.zone) == (7, 2)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sets(st.integers(0, 20), max_size=8), st.sets(st.integers(0, 20), max_size=8),
+       st.sets(st.integers(0, 20), max_size=8), st.sampled_from(["change", "new", "cancel"]))
+def test_a_compact_change_adopts_exactly_as_the_whole_one(current, before, after, kind):
+    """A stored copy keeps only what ``adopted`` reads of its change (``compact``): the
+    filters the job removed and added, or that a side is None.  Adopting it gives the state
+    the whole change gives, whatever the twin holds meanwhile."""
+    def mb(numbers, dpid=SOURCE, port=2, zone=1):
+        return firewall(dpid, port, zone, tuple(f"10.{n}.0.0/16" for n in sorted(numbers)))
+
+    seen = {SOURCE: build_inventory([ON_SOURCE]), DESTINATION: build_inventory([ON_DESTINATION])}
+    origin = None if kind == "cancel" else mb(after)
+    change = (None if kind == "new" else mb(before), origin)
+    state = State.of([mb(current, DESTINATION, 7, 2)] + ([origin] if origin else []))
+    whole = adopted(state, seen, DESTINATION, (SOURCE, MAC), {1, 2}, kind == "cancel", change)
+    stored = adopted(state, seen, DESTINATION, (SOURCE, MAC), {1, 2}, kind == "cancel", compact(change))
+    assert stored == whole
+    if kind == "change":
+        removed, added = compact(change)
+        assert removed.filters == mb(before).filters - mb(after).filters
+        assert added.filters == mb(after).filters - mb(before).filters
+
+
+def test_a_confirmed_job_asks_for_a_copy_on_every_twin_and_nowhere_else():
+    seen = {SOURCE: build_inventory([ON_SOURCE]), DESTINATION: build_inventory([ON_DESTINATION]),
+            ELSEWHERE: build_inventory([PortIdentity(3, MAC, "red", "fw-2", ("10.0.0.2",), "tap-other")])}
+    before, after = State.of([firewall()]), State.of([firewall(sources=("10.66.0.0/16", "10.77.0.0/16"))])
+    copies = copies_after(SOURCE, before, after, {MAC}, False, seen)
+    assert copies == [Copy(DESTINATION, (SOURCE, MAC), False,
+                           compact((before.find(SOURCE, MAC), after.find(SOURCE, MAC))))]
+    assert copies[0].change[1].filters == {parse_command(f"A {MAC} I 4 s 10.77.0.0/16").filter}
+    # a removal is copied only when guests' commands made it
+    assert copies_after(SOURCE, after, State(), {MAC}, False, seen) == []
+    assert copies_after(SOURCE, after, State(), {MAC}, True, seen) == [
+        Copy(DESTINATION, (SOURCE, MAC), True, compact((after.find(SOURCE, MAC), None)))]
+    # an unannotated source has no twin
+    assert copies_after(SOURCE, before, after, {MAC}, True, {SOURCE: build_inventory([]), **{
+        DESTINATION: seen[DESTINATION]}}) == []

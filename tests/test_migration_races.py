@@ -19,10 +19,11 @@ from mbvisor.controller.requests import CommandRequest
 from mbvisor.controller.trust import PortIdentity, build_inventory
 from mbvisor.guest.grammar import parse_command
 
-from test_migration import (DESTINATION, MAC, ON_DESTINATION, ON_SOURCE, SOURCE, _drops, _ok, firewall,
+from test_migration import (ATTACKER, DESTINATION, MAC, ON_DESTINATION, ON_SOURCE, SOURCE, _drops, _ok, firewall,
                             hypervisors, two_hypervisors)  # noqa: F401 - the fixture
 
 OTHER_MAC = "02:00:00:00:00:09"
+ATTACKER_FROM_77 = {**ATTACKER, "ipv4_src": "10.77.0.1"}
 OTHER_VM = PortIdentity(1, OTHER_MAC, "blue", "fw-9", ("10.0.0.9",), "tap-fw9")
 
 
@@ -291,3 +292,121 @@ def test_each_twin_withdrawing_the_redirect_the_other_kept_leaves_no_empty_middl
     state = State.of([source_after, here_after])
     after = adopted(state, seen, DESTINATION, (SOURCE, MAC), state.zones, change=(base, source_after))
     assert after.find(DESTINATION, MAC) is None and after.find(SOURCE, MAC) == source_after
+
+
+def _restarted(database, service, fakes):
+    """The controller killed (kill -9: nothing queued runs any more) and started again on
+    its database, its switches connected again; the agents publish their annotations
+    again, unchanged."""
+    service.close()
+    for fake in fakes.values():
+        fake.close()
+    service, fakes = two_hypervisors(database)
+    service.set_inventory(SOURCE, [ON_SOURCE])
+    service.set_inventory(DESTINATION, [ON_DESTINATION])
+    _idle(service, SOURCE, DESTINATION)
+    return service, fakes
+
+
+def _twins_with_a_copy_queued(database, last):
+    """Twins on both switches, the destination busy, and the guest's ``last`` command
+    confirmed on the source: its copy is queued on the destination, behind the busy job."""
+    service, fakes = two_hypervisors(database)
+    service.set_inventory(SOURCE, [ON_SOURCE])
+    service.set_inventory(DESTINATION, [ON_DESTINATION])
+    _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
+    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
+    wait_until(lambda: _drops(fakes[DESTINATION]), what="the copy on the destination")
+    _blocked_job_on_destination(service, fakes)
+    answer = service.execute(CommandRequest(SOURCE, 2, last, f"fw-1/{MAC}", 1, 1))
+    assert answer.status == "OK", answer
+    assert len(service.store.load_copies()) == 1, "the copy is not stored with the change"
+    return service, fakes
+
+
+def test_a_change_whose_copy_was_queued_when_the_controller_stopped_reaches_the_twin(tmp_path):
+    """docs/controller.md: a copy is stored with the change that asks for it and made at
+    the next start, so the twins never stay different (before, the change was lost and the
+    twins differed for good)."""
+    database = tmp_path / "controller.sqlite"
+    service, fakes = _twins_with_a_copy_queued(database, f"A {MAC} I 4 s 10.77.0.0/16")
+    service, fakes = _restarted(database, service, fakes)
+    try:
+        source, twin = service.state.find(SOURCE, MAC), service.state.find(DESTINATION, MAC)
+        assert _filter("10.77.0.0/16") in source.filters
+        assert twin.filters == source.filters, sorted(map(str, source.filters ^ twin.filters))
+        assert twin.port == 7 and twin.zone != source.zone
+        assert service.store.load_copies() == [], "a copy made is still stored: it would be made again"
+        assert fakes[DESTINATION].trace(1, **ATTACKER_FROM_77).verdict == "drop", "the twin's switch lacks the flow"
+    finally:
+        service.close()
+        for fake in fakes.values():
+            fake.close()
+
+
+def test_a_guests_cancel_whose_copy_was_queued_when_the_controller_stopped_removes_the_twin(tmp_path):
+    database = tmp_path / "controller.sqlite"
+    service, fakes = _twins_with_a_copy_queued(database, f"X {MAC}")
+    service, fakes = _restarted(database, service, fakes)
+    try:
+        assert service.state.find(SOURCE, MAC) is None
+        assert service.state.find(DESTINATION, MAC) is None, "the guest's cancel never reached the twin"
+        assert not _drops(fakes[DESTINATION]) and service.store.load_copies() == []
+    finally:
+        service.close()
+        for fake in fakes.values():
+            fake.close()
+
+
+def test_an_operators_delete_of_one_twin_is_not_undone_by_a_restart(hypervisors, tmp_path):
+    """A delete without a key removes that switch's entry only, also past a restart (before
+    copies were stored, the start looked for missing twins and brought it back)."""
+    service, fakes = hypervisors
+    database = tmp_path / "controller.sqlite"
+    service.set_inventory(SOURCE, [ON_SOURCE])
+    service.set_inventory(DESTINATION, [ON_DESTINATION])
+    _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
+    wait_until(lambda: service.state.find(DESTINATION, MAC) is not None, what="the copy")
+    _idle(service, SOURCE, DESTINATION)
+    assert service.delete_middlebox(DESTINATION, MAC).status == "OK"
+    _idle(service, DESTINATION)
+    service, fakes = _restarted(database, service, fakes)
+    try:
+        assert service.state.find(SOURCE, MAC) is not None
+        assert service.state.find(DESTINATION, MAC) is None, "the operator's DELETE was undone by the restart"
+    finally:
+        service.close()
+        for fake in fakes.values():
+            fake.close()
+
+
+def test_a_database_from_before_copies_were_stored_looks_for_missing_twins_once(tmp_path):
+    """Its controller's queued copies were not stored: the first start on it makes the
+    missing ones (as arrivals); later starts go by the stored copies only."""
+    database = tmp_path / "controller.sqlite"
+    service, fakes = two_hypervisors(database)
+    service.set_inventory(SOURCE, [ON_SOURCE])
+    _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
+    service.set_inventory(DESTINATION, [ON_DESTINATION])
+    _idle(service, SOURCE, DESTINATION)
+    assert service.delete_middlebox(DESTINATION, MAC).status == "OK"   # as if its copy had been lost
+    _idle(service, DESTINATION)
+    service.store.db.execute("DROP TABLE copies")                       # the older schema
+    service, fakes = _restarted(database, service, fakes)
+    try:
+        assert service.state.find(DESTINATION, MAC) is not None, "the older database's missing twin never made"
+        assert service.store.copies_were_stored is False
+        assert service.delete_middlebox(DESTINATION, MAC).status == "OK"
+        _idle(service, DESTINATION)
+    finally:
+        service.close()
+        for fake in fakes.values():
+            fake.close()
+    service, fakes = two_hypervisors(database)
+    try:
+        assert service.store.copies_were_stored
+        assert service.state.find(DESTINATION, MAC) is None, "a later start looked for missing twins again"
+    finally:
+        service.close()
+        for fake in fakes.values():
+            fake.close()
