@@ -144,6 +144,10 @@ def _openflow_listening(args: argparse.Namespace) -> list[str]:
         raise SystemExit("mbvisor controller: --tls-cert and --tls-key go together")
     if args.tls_switch_ca and not args.tls_cert:
         raise SystemExit("mbvisor controller: --tls-switch-ca needs --tls-cert and --tls-key")
+    if args.tls_any_switch_id and not args.tls_switch_ca:
+        raise SystemExit("mbvisor controller: --tls-any-switch-id needs --tls-switch-ca")
+    if args.tls_any_switch_id:
+        os.environ["MBVISOR_TLS_SWITCH_IDS"] = "any"
     if args.tls_cert is None:
         return ["--ofp-tcp-listen-port", str(args.ofp_port)]
     for path in filter(None, (args.tls_cert, args.tls_key, args.tls_switch_ca)):
@@ -309,8 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "with --tls-key (default: plain TCP; docs/datacentre.md)")
     control.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     control.add_argument("--tls-switch-ca", metavar="PEM",
-                         help="accept only switches whose TLS certificate this CA signed (default: any switch "
-                              "that completes the handshake)")
+                         help="accept only switches whose TLS certificate this CA signed and names the "
+                              "datapath id they announce (a subjectAltName URI urn:mbvisor:dpid:<16 hex digits>; "
+                              "default: any switch that completes the handshake)")
+    control.add_argument("--tls-any-switch-id", action="store_true",
+                         help="with --tls-switch-ca: let a switch announce any datapath id (certificates that "
+                              "name none; any of them can then take another switch's place)")
     control.add_argument("--app", action="append", default=[], metavar="MODULE",
                          help="another OS-Ken app to run in the same process, e.g. os_ken.app.ofctl_rest "
                               "(repeatable)")

@@ -18,6 +18,7 @@ from .compat import (CONF, CONFIG_DISPATCHER, DEAD_DISPATCHER, FRAMEWORK, MAIN_D
 from .handshakes import install_openflow_server
 from .rest import PortInUse, TlsSetupError, start_server
 from .service import Controller, Settings
+from .switchid import CERTIFICATE, refusal
 
 log = logging.getLogger("mbvisor.controller")
 OFP_PORT = 6653  # where the managers listen (and 6633) when given no port
@@ -41,6 +42,15 @@ def refuse_taken_port(host: str, port: int, what: str) -> None:
         raise
     finally:
         probe.close()
+
+
+def peer_certificate(datapath) -> dict | None:
+    """The switch's TLS certificate as ``ssl`` parses it; None on a plain connection."""
+    read = getattr(datapath.socket, "getpeercert", None)
+    try:
+        return read() if read is not None else None
+    except (ValueError, OSError):  # no handshake, or the connection is gone
+        return None
 
 
 def quiet_collector() -> None:
@@ -88,6 +98,13 @@ class MbvisorController(OSKenApp):
         except (ValueError, PortInUse, TlsSetupError) as error:
             raise SystemExit(f"mbvisor controller: {error}") from None
         self.service.start()
+        # With a switch CA, a switch announces only the datapath ids its certificate names
+        # (switchid.py); the manager's TLS options are os-ken's own.
+        switch_ca = tls and CONF.ca_certs is not None
+        self.checks_switch_ids = switch_ca and settings.switch_ids == CERTIFICATE
+        if switch_ca and not self.checks_switch_ids:
+            log.warning("MBVISOR_TLS_SWITCH_IDS=any: any switch the switch CA signed may announce any datapath id, "
+                        "and take another hypervisor's place and its middleboxes' flows")
         quiet_collector()
         placement = settings.placement
         log.info("mbvisor controller running on %s; tables %d..%d, the rest to %s", FRAMEWORK,
@@ -96,7 +113,13 @@ class MbvisorController(OSKenApp):
 
     @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
     def _switch_features(self, ev):
-        self.service.switch_connected(ev.msg.datapath)
+        datapath = ev.msg.datapath
+        if self.checks_switch_ids:
+            reason = refusal(datapath.id, peer_certificate(datapath))
+            if reason is not None:
+                self.service.refuse_switch(datapath, reason)
+                return
+        self.service.switch_connected(datapath)
 
     @set_ev_cls(ofp_event.EventOFPStateChange, DEAD_DISPATCHER)
     def _switch_gone(self, ev):

@@ -28,6 +28,8 @@ class Metrics:
 
         self.backends = Gauge("mbvisor_backend_up", "1 while a backend in use answers health checks",
                               ["dpid", "backend"], registry=self.registry)
+        self.refused_switches = Counter("mbvisor_switches_refused", "Switch connections refused for announcing a "
+                                        "datapath id their TLS certificate does not name", registry=self.registry)
         self.inventory = Gauge("mbvisor_annotated_ports", "Annotated VM ports the controller enforces, "
                                "and those refused for a duplicated identity", ["dpid", "state"], registry=self.registry)
         # The collector's frozen objects (app.quiet_collector): the state grows them as it

@@ -45,6 +45,7 @@ from .ovstext import actions_text, flow_text
 from .reconciler import Failure, Job, SwitchReconciler
 from .requests import Answer, CommandRequest, SwitchUnavailable, clip, ok_answer, read_token_file
 from .store import Store, command_text
+from .switchid import CERTIFICATE, SWITCH_ID_MODES
 from .switchlink import SwitchUnreachable
 
 log = logging.getLogger("mbvisor.controller")
@@ -71,6 +72,7 @@ class Settings:
     placement: Placement = Placement()   # mbvisor's tables among the switch's (placement.py)
     tls_cert: str | None = None          # PEM certificate (chain) and key: REST over HTTPS ...
     tls_key: str | None = None           # ... (OpenFlow's TLS is the manager's: --ctl-cert/--ctl-privkey)
+    switch_ids: str = CERTIFICATE        # with a switch CA: the ids a switch may announce (switchid.py)
 
     @classmethod
     def from_environment(cls, environ=os.environ) -> "Settings":
@@ -85,6 +87,9 @@ class Settings:
         tls_cert, tls_key = environ.get("MBVISOR_TLS_CERT") or None, environ.get("MBVISOR_TLS_KEY") or None
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("MBVISOR_TLS_CERT and MBVISOR_TLS_KEY go together: give both or neither")
+        switch_ids = environ.get("MBVISOR_TLS_SWITCH_IDS", CERTIFICATE)
+        if switch_ids not in SWITCH_ID_MODES:
+            raise ValueError(f"MBVISOR_TLS_SWITCH_IDS must be 'certificate' or 'any', not {switch_ids!r}")
         trust = environ.get("MBVISOR_TRUST", TrustMode.ANNOTATIONS.value)
         if trust not in {mode.value for mode in TrustMode}:
             raise ValueError(f"MBVISOR_TRUST must be 'annotations' or 'lab', not {trust!r}")
@@ -105,7 +110,7 @@ class Settings:
             backend_down_after=float(environ.get("MBVISOR_BACKEND_DOWN_AFTER", "3")),
             controller_pps=int(environ.get("MBVISOR_CONTROLLER_PPS", "200")),
             placement=placement_from(environ.get("MBVISOR_TABLE_OFFSET"), environ.get("MBVISOR_NEXT_TABLE")),
-            tls_cert=tls_cert, tls_key=tls_key,
+            tls_cert=tls_cert, tls_key=tls_key, switch_ids=switch_ids,
         )
 
 
@@ -652,6 +657,15 @@ class Controller:
         self.metrics.switch_connected(datapath.id, True)
         log.info("switch %016x connected", datapath.id)
         self.reconciler(datapath.id).connected_to(datapath)
+
+    def refuse_switch(self, datapath, reason: str) -> None:
+        """A switch that may not be the datapath it announces (``switchid.refusal``): its
+        connection is closed before it is anyone's, and the switch holding that id, if
+        connected, keeps it."""
+        self.metrics.refused_switches.inc()
+        log.error("switch connection from %s refused: it announces datapath id %016x, but %s",
+                  getattr(datapath, "address", "?"), datapath.id, reason)
+        datapath.close()
 
     def switch_disconnected(self, datapath) -> None:
         reconciler = self.reconcilers.get(datapath.id)

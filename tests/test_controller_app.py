@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fakeswitch import FakeSwitch, wait_until
+from fakeswitch import FakeDatapath, FakeSwitch, wait_until
 from mbvisor.controller import app as app_module
 from mbvisor.controller import metrics as metrics_module
 from mbvisor.controller.compat import CONF, hub, ofp_event
@@ -128,3 +128,57 @@ def test_the_handlers_move_switch_events_to_the_service(app):
         fake.disconnect()
         app._switch_gone(SimpleNamespace(datapath=datapath))
         assert service.switch_views()[0]["connected"] is False
+
+
+class _Datapath(SimpleNamespace):
+    """A connection as the features handler sees it: its id, its TLS socket's certificate."""
+
+    def __init__(self, dpid: int, certificate):
+        super().__init__(id=dpid, address=("127.0.0.1", 40000), closed=0,
+                         socket=SimpleNamespace(getpeercert=lambda: certificate))
+
+    def close(self):
+        self.closed += 1
+
+
+@pytest.fixture
+def tls_app(app, monkeypatch):
+    """The app as started with a switch CA (the manager's --ctl-cert, --ctl-privkey,
+    --ca-certs): built again with those options set."""
+    for option, value in (("ctl_cert", "cert.pem"), ("ctl_privkey", "key.pem"), ("ca_certs", "ca.pem"),
+                          ("ofp_ssl_listen_port", free_port())):
+        monkeypatch.setattr(CONF, option, value, raising=False)
+
+    def build(**environment):
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value)
+        hub.kill(app.rest_server)
+        app.service.close()
+        made = app_module.MbvisorController()
+        app.rest_server, app.service = made.rest_server, made.service  # closed by the app fixture
+        return made
+    return build
+
+
+def test_with_a_switch_ca_a_switch_announcing_an_id_its_certificate_does_not_name_is_refused(tls_app, monkeypatch):
+    made = tls_app()
+    assert made.checks_switch_ids
+    impostor = _Datapath(0xA1, {"subjectAltName": (("URI", "urn:mbvisor:dpid:00000000000000b2"),)})
+    made._switch_features(SimpleNamespace(msg=SimpleNamespace(datapath=impostor)))
+    assert impostor.closed == 1 and 0xA1 not in made.service.reconcilers
+    assert b"mbvisor_switches_refused_total 1.0" in made.service.metrics.exposition()
+    monkeypatch.setattr(FakeDatapath, "socket", SimpleNamespace(getpeercert=lambda: {
+        "subjectAltName": (("URI", "urn:mbvisor:dpid:00000000000000a1"),)}), raising=False)
+    with FakeSwitch(0xA1, sink=lambda message: route(made, message)) as fake:
+        fake.reconnect()
+        wait_until(lambda: 0xA1 in made.service.reconcilers and made.service.reconcilers[0xA1].synced,
+                   what="the switch whose certificate names its id")
+
+
+def test_the_operator_may_let_any_switch_announce_any_id(tls_app, caplog):
+    made = tls_app(MBVISOR_TLS_SWITCH_IDS="any")
+    assert not made.checks_switch_ids
+    assert "MBVISOR_TLS_SWITCH_IDS=any: any switch the switch CA signed may announce any datapath id" in caplog.text
+    anyone = _Datapath(0xA1, {})
+    made._switch_features(SimpleNamespace(msg=SimpleNamespace(datapath=anyone)))
+    assert anyone.closed == 0 and 0xA1 in made.service.reconcilers

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from mbvisor.agents.controller_client import ControllerClient, ControllerUnavailable
+from mbvisor.controller.switchid import DPID_URI
 from mbvisor.topologies import netlab
 from mbvisor.topologies.controller_run import Controller
 from mbvisor.topologies.netlab import wait_until
@@ -49,15 +52,25 @@ def _signed(directory, name: str, authority, names: str | None = None):
     return key, cert
 
 
+SWITCH_DPID, OTHER_DPID = 0x00004D42_7E5C_0001, 0x00004D42_7E5C_0002
+
+
+def _names_dpid(dpid: int) -> str:
+    return f"URI:{DPID_URI}{dpid:016x}"
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    """The operator's CA, the controller's certificate (for 127.0.0.1), a switch's, and a
-    switch certificate from a CA the controller does not trust."""
+    """The operator's CA, the controller's certificate (for 127.0.0.1), a switch's (naming
+    the datapath id SWITCH_DPID), one naming OTHER_DPID, one naming none, and a switch
+    certificate from a CA the controller does not trust."""
     directory = tmp_path_factory.mktemp("pki")
     ca = _authority(directory, "operator-ca")
     return {"ca": ca, "controller": _signed(directory, "controller", ca, "IP:127.0.0.1,DNS:localhost"),
-            "switch": _signed(directory, "switch", ca),
-            "rogue": _signed(directory, "rogue-switch", _authority(directory, "rogue-ca"))}
+            "switch": _signed(directory, "switch", ca, f"DNS:hv1.example,{_names_dpid(SWITCH_DPID)}"),
+            "other": _signed(directory, "other-switch", ca, _names_dpid(OTHER_DPID)),
+            "no-id": _signed(directory, "switch-without-id", ca),
+            "rogue": _signed(directory, "rogue-switch", _authority(directory, "rogue-ca"), _names_dpid(SWITCH_DPID))}
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +148,7 @@ def test_a_switch_connects_over_tls_only_with_a_certificate_of_the_operators_ca(
     the same switch connects and a command's flow is installed through the TLS session."""
     with PrivateSwitch(), netlab.Lab() as lab:
         _use_certificate(*pki["rogue"], pki["ca"][1])
-        bridge = lab.bridge(controller=controller.target, fail_mode="secure")
+        bridge = lab.bridge(controller=controller.target, fail_mode="secure", dpid=SWITCH_DPID)
         dpid = f"{bridge.dpid:016x}"
         wait_until(lambda: "last_error" in _ssl_errors(bridge), timeout=20,
                    what="the switch to report its refused TLS session")
@@ -153,9 +166,127 @@ def test_a_switch_connects_over_tls_only_with_a_certificate_of_the_operators_ca(
         assert bridge.vsctl("get", "controller", ".", "target").strip('"\n') == controller.target
 
 
+class OpenFlowPeer:
+    """A TLS client speaking just enough OpenFlow 1.3 to announce ``dpid`` (hello, a
+    features reply, echo replies), reading in a thread until the controller closes the
+    connection (``closed``) or ``stop``: a switch as an impostor would build it."""
+
+    def __init__(self, controller, key, cert, ca, dpid: int):
+        context = ssl.create_default_context(cafile=str(ca))
+        context.load_cert_chain(str(cert), str(key))
+        raw = socket.create_connection(("127.0.0.1", controller.ofp_port), timeout=10)
+        self.connection = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.dpid, self.closed, self.stopping = dpid, threading.Event(), False
+        self.connection.sendall(struct.pack("!BBHI", 4, 0, 8, 1))  # OFPT_HELLO
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        buffer = b""
+        try:
+            while not self.stopping:
+                try:
+                    data = self.connection.recv(65536)
+                except socket.timeout:
+                    continue
+                if not data:
+                    break
+                buffer += data
+                while len(buffer) >= 8:
+                    version, kind, length, xid = struct.unpack_from("!BBHI", buffer)
+                    if len(buffer) < length:
+                        break
+                    body, buffer = buffer[8:length], buffer[length:]
+                    if kind == 5:    # FEATURES_REQUEST -> FEATURES_REPLY
+                        self.connection.sendall(struct.pack("!BBHIQIBB2xII", 4, 6, 32, xid, self.dpid, 0, 254, 0, 0, 0))
+                    elif kind == 2:  # ECHO_REQUEST -> ECHO_REPLY
+                        self.connection.sendall(struct.pack("!BBHI", 4, 3, 8 + len(body), xid) + body)
+        except OSError:
+            pass
+        finally:
+            self.closed.set()
+
+    def stop(self) -> None:
+        self.stopping = True
+        try:
+            self.connection.close()
+        finally:
+            self.thread.join(10)
+
+
+def _refused_count(controller) -> float:
+    return next(float(line.split()[-1]) for line in controller.metrics().splitlines()
+                if line.startswith("mbvisor_switches_refused_total"))
+
+
+@pytest.mark.host  # a private ovs-vswitchd and a namespace host
+def test_a_switch_announcing_a_datapath_id_its_certificate_does_not_name_is_refused(controller, pki):
+    """docs/security.md: with a switch CA, a certificate names the datapath ids its switch
+    may announce.  The real switch (its certificate names its id) holds a middlebox's
+    flows; a peer with another valid certificate of the operator's CA, then one with a
+    certificate naming no id, each announce the real switch's id: each is closed at its
+    features reply, and the real switch stays connected, its flows untouched and its next
+    command confirmed through its own connection."""
+    with PrivateSwitch(), netlab.Lab() as lab:
+        _use_certificate(*pki["switch"], pki["ca"][1])
+        bridge = lab.bridge(controller=controller.target, fail_mode="secure", dpid=SWITCH_DPID)
+        controller.wait_switch(bridge.dpid)
+        vm = lab.host("vm")
+        port = bridge.ofport(vm.port_name)
+        controller.ok(bridge.dpid, port, f"R F {MB_MAC} {MB_IP}")
+        controller.ok(bridge.dpid, port, f"A {MB_MAC} I 4 s 10.66.0.10")
+        wait_until(lambda: any("nw_src=10.66.0.10" in line for line in bridge.dump_flows()), timeout=10,
+                   what="the filter's flow on the switch")
+        flows = sorted(bridge.dump_flows(no_stats=True))
+        refused = _refused_count(controller)
+        connected_at = next(s["connected_at"] for s in controller.get("/v1/switches")[1]["switches"]
+                            if s["dpid"] == f"{SWITCH_DPID:016x}")
+        for impostor in ("other", "no-id"):
+            peer = OpenFlowPeer(controller, *pki[impostor], pki["ca"][1], SWITCH_DPID)
+            try:
+                assert peer.closed.wait(15), f"the controller kept the {impostor} peer's connection"
+            finally:
+                peer.stop()
+        assert _refused_count(controller) == refused + 2
+        log = controller.log.read_text()
+        assert f"announces datapath id {SWITCH_DPID:016x}, but its certificate names {OTHER_DPID:016x} only" in log
+        assert f"announces datapath id {SWITCH_DPID:016x}, but its certificate names no datapath id" in log
+        view = next(s for s in controller.get("/v1/switches")[1]["switches"] if s["dpid"] == f"{SWITCH_DPID:016x}")
+        assert view["connected"] and view["connected_at"] == connected_at, view
+        assert sorted(bridge.dump_flows(no_stats=True)) == flows
+        controller.ok(bridge.dpid, port, f"A {MB_MAC} I 4 s 10.66.0.11")
+        wait_until(lambda: any("nw_src=10.66.0.11" in line for line in bridge.dump_flows()), timeout=10,
+                   what="the next filter's flow through the real switch's connection")
+
+
+def test_any_datapath_id_is_accepted_only_when_the_operator_says_so(pki, tmp_path):
+    """``--tls-any-switch-id``: a certificate naming no id is accepted (as before the
+    check), and the start warns that any switch may take another's place."""
+    key, cert = pki["controller"]
+    loose = Controller(tmp_path, tls_ca=pki["ca"][1],
+                       arguments=("--tls-cert", str(cert), "--tls-key", str(key), "--tls-switch-ca", str(pki["ca"][1]),
+                                  "--tls-any-switch-id"))
+    loose.start()
+    try:
+        assert "MBVISOR_TLS_SWITCH_IDS=any: any switch the switch CA signed may announce any datapath id" in \
+            loose.log.read_text()
+        peer = OpenFlowPeer(loose, *pki["no-id"], pki["ca"][1], OTHER_DPID)
+        try:
+            wait_until(lambda: any(s["dpid"] == f"{OTHER_DPID:016x}" and s["connected"]
+                                   for s in loose.get("/v1/switches")[1]["switches"]), timeout=15,
+                       what="the switch without an id in its certificate to be accepted")
+            assert not peer.closed.is_set() and _refused_count(loose) == 0
+        finally:
+            peer.stop()
+    finally:
+        loose.stop()
+
+
 @pytest.mark.parametrize("arguments, reason", [
     (("--tls-cert", "/etc/hostname"), "--tls-cert and --tls-key go together"),
     (("--tls-switch-ca", "/etc/hostname"), "--tls-switch-ca needs --tls-cert and --tls-key"),
+    (("--tls-cert", "/etc/hostname", "--tls-key", "/etc/hostname", "--tls-any-switch-id"),
+     "--tls-any-switch-id needs --tls-switch-ca"),
     (("--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"), "cannot read /nonexistent.pem"),
 ])
 def test_half_a_tls_configuration_stops_the_start_with_the_reason(arguments, reason, tmp_path):
