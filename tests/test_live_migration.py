@@ -239,19 +239,19 @@ def _migrate_under_attack(dc, image, tmp_path, vms, record_property):
 
 
 def test_a_command_in_flight_at_the_switchover_is_answered_once(image, tmp_path):
-    """docs/datacentre.md: an answer the source's agent writes after the region's pages were
+    """docs/datacentre.md: an answer the source's agent writes once the region's pages were
     sent never reaches the destination; the destination's agent forwards the command again
     and the controller answers it from the stored answer (its key is ``vm-id/MAC``), once.
-    Made deterministic: the source's agent is stopped (SIGSTOP) while the guest's mbctl
-    publishes a command, and continued while QEMU pauses before its switchover (the guest
-    stopped, its last pass not sent), so its answer is exactly such a late host write."""
+    Made deterministic with both agents stopped (SIGSTOP) while the guest's mbctl publishes a
+    command and the VM migrates: then the source's agent goes on (it forwards the command and
+    answers into the source's region, after the migration), then the destination's."""
     vms: list[MigratableVM] = []
     with DataCentre(hypervisors=2) as dc:
-        stopped = []
+        stopped: list[int] = []
         try:
             _command_across_the_switchover(dc, image, tmp_path, vms, stopped)
         finally:
-            for pid in stopped:   # never leave the lab's agent stopped
+            for pid in stopped:   # never leave a lab's agent stopped
                 os.killpg(pid, signal.SIGCONT)
             errors = []
             for vm in vms:
@@ -268,12 +268,13 @@ def _command_across_the_switchover(dc, image, tmp_path, vms, stopped):
     digits = dc.prefix[-4:]
     mac = f"52:54:00:{digits[:2]}:{digits[2:]}:c9"
     vm_id = f"{dc.prefix}-mbf"
+    on_a, on_b = f"{vm_id}/mbfa", f"{vm_id}/mbfb"
     common = dict(vm_id=vm_id, mac=mac, image=image, tenant=TENANT, ips=GUEST_IP, append=f"mbv.ip={GUEST_IP}/16")
     source = MigratableVM(a, **common, state_dir=tmp_path / "a", region=f"/dev/shm/{dc.prefix}-mbf-a", tap="mbfa")
     vms.append(source)
     source.start()
     source.wait_ready()
-    a.agent.wait_serving(f"{vm_id}/mbfa")
+    a.agent.wait_serving(on_a)
     mbctl_ok(source, f"register firewall --ip {GUEST_IP}")
     destination = MigratableVM(b, **common, state_dir=tmp_path / "b", region=f"/dev/shm/{dc.prefix}-mbf-b",
                                tap="mbfb", incoming=True)
@@ -281,49 +282,50 @@ def _command_across_the_switchover(dc, image, tmp_path, vms, stopped):
     destination.start()
     copy_path = f"/v1/middleboxes/{b.dpid:016x}/{mac}"
     wait_until(lambda: dc.controller.get(copy_path)[0] == 200, 20, "the middlebox copied to B")
+    b.agent.wait_serving(on_b)
 
-    # the source's agent stops (its status file counts the registration first); the guest's
-    # mbctl publishes a command and waits for its answer
-    forwarded_by_a = wait_until(lambda: _channel(a.agent, f"{vm_id}/mbfa").get("forwarded"), 10,
+    # both agents stop (A's status file counts the registration first); the guest's mbctl
+    # publishes a command and waits for its answer; the VM migrates meanwhile
+    forwarded_by_a = wait_until(lambda: _channel(a.agent, on_a).get("forwarded"), 10,
                                 "A's agent to count the registration")
-    os.killpg(a.agent.process.pid, signal.SIGSTOP)
-    stopped.append(a.agent.process.pid)
+    forwarded_by_b = _channel(b.agent, on_b).get("forwarded", 0)
+    for agent in (a.agent, b.agent):
+        os.killpg(agent.process.pid, signal.SIGSTOP)
+        stopped.append(agent.process.pid)
     code, out = source.run("python3 -m mbvisor.guest.mbctl --json --timeout 120 filter add --layer ip "
                            "--src 10.55.0.0/16 > /tmp/in-flight.json 2>&1 </dev/null &")
     assert code == 0, out
     wait_until(lambda: ring_state(source)["pending"] == 1, 20, "the guest's command published, unanswered")
     seq = ring_state(source)["published"] - 1
+    migrate(source, destination, tmp_path / "migration.sock")
+    wait_until(lambda: destination.qmp.event("RESUME"), 10, "QEMU's RESUME event on the destination")
+
+    # the source's agent goes on: it forwards the command, the controller applies it, and
+    # the answer lands in the source's region, which the guest left
+    os.killpg(a.agent.process.pid, signal.SIGCONT)
+    stopped.remove(a.agent.process.pid)
 
     def answer_on_a() -> dict | None:
         with open(source.region, "rb") as region:
             found = describe(region.read(), REGION_SIZE, recent=1)
         return next((x for x in found.get("last_answers", []) if x["seq"] == seq), None)
-
-    late = {}
-
-    def source_agent_answers_late() -> None:
-        """The guest is stopped and its last pass not sent: the source's agent goes on,
-        forwards the command and writes its answer into the source's region."""
-        os.killpg(a.agent.process.pid, signal.SIGCONT)
-        stopped.remove(a.agent.process.pid)
-        late["answer"] = wait_until(answer_on_a, 20, "the source's agent to answer in the source's region")
-    migrate(source, destination, tmp_path / "migration.sock", before_switchover=source_agent_answers_late)
-    assert late["answer"]["status"] == "OK", late
-    wait_until(lambda: _channel(a.agent, f"{vm_id}/mbfa")["forwarded"] == forwarded_by_a + 1, 10,
+    late = wait_until(answer_on_a, 20, "the source's agent to answer in the source's region")
+    assert late["status"] == "OK" and "already present" not in late["text"], late
+    wait_until(lambda: _channel(a.agent, on_a)["forwarded"] == forwarded_by_a + 1, 10,
                "A's agent to count the command it forwarded")
+    assert ring_state(destination)["pending"] == 1, "the source's late answer reached the guest"
 
-    # on B: the guest's mbctl gets its answer through B's agent, which read the command
-    # again from the migrated ring (the source's answer did not migrate)
-    b.agent.wait_serving(f"{vm_id}/mbfb")
+    # the destination's agent goes on: it reads the command again from the migrated ring,
+    # and the guest's mbctl gets the stored answer (a second application would have said
+    # "filter already present")
+    os.killpg(b.agent.process.pid, signal.SIGCONT)
+    stopped.remove(b.agent.process.pid)
     output = wait_until(lambda: _json_line(destination.run("cat /tmp/in-flight.json")[1]), 60,
                         "the guest's in-flight mbctl to print its answer")
     assert output["status"] == "OK" and output["seq"] == seq, output
-    assert output["text"] == late["answer"]["text"], (
-        "the destination's answer is not the stored one: the command was applied twice", output, late)
-    channel_b = wait_until(lambda: _channel(b.agent, f"{vm_id}/mbfb") if
-                           _channel(b.agent, f"{vm_id}/mbfb").get("forwarded", 0) >= 1 else None,
-                           10, "B's agent to count the command it forwarded")
-    assert channel_b["forwarded"] == 1, channel_b
+    assert output["text"] == late["text"], ("the command was applied twice", output, late)
+    wait_until(lambda: _channel(b.agent, on_b).get("forwarded") == forwarded_by_b + 1, 10,
+               "B's agent to count the command it forwarded")
     ring = ring_state(destination)
     assert ring["pending"] == 0 and ring["answered"] == ring["published"] == seq + 1, ring
     filters = dc.controller.get(copy_path)[1]["filters"]

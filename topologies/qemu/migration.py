@@ -33,7 +33,6 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
 
 from ..netlab import run, wait_until
 from .vm import GuestConsole, VMError, connect_unix
@@ -316,40 +315,27 @@ class MigratableVM:
         return found
 
 
-def migrate(source: MigratableVM, destination: MigratableVM, address: Path, timeout: float = 120.0,
-            before_switchover: Callable[[], None] | None = None) -> dict:
+def migrate(source: MigratableVM, destination: MigratableVM, address: Path, timeout: float = 120.0) -> dict:
     """Live-migrate (pre-copy) ``source`` into the paused ``destination`` over a UNIX socket
     ``address``: ``migrate-incoming`` on the destination, ``migrate`` on the source, then
     ``query-migrate`` polled until ``completed`` (raise on ``failed``/``cancelled`` or the
     deadline).  ``x-ignore-shared`` must stay off (it would skip the ivshmem region, a
-    shared memory backend): checked on both sides.  ``before_switchover``: called while the
-    source is paused before its switchover (QEMU's ``pause-before-switchover``: the guest
-    stopped, its memory's iterations over, the last pass not sent), then the migration
-    continues.  Returns the source's final ``query-migrate`` with ``started`` and
-    ``completed`` (Unix times)."""
+    shared memory backend): checked on both sides.  Returns the source's final
+    ``query-migrate`` with ``started`` and ``completed`` (Unix times)."""
     for side in (source, destination):
         capabilities = {c["capability"]: c["state"] for c in side.qmp.execute("query-migrate-capabilities")}
         if capabilities.get("x-ignore-shared"):
             raise VMError(f"x-ignore-shared is on in {side.vm_id}'s QEMU: the region would not be migrated")
-    if before_switchover is not None:
-        source.qmp.execute("migrate-set-capabilities",
-                           capabilities=[{"capability": "pause-before-switchover", "state": True}])
     destination.qmp.execute("migrate-incoming", uri=f"unix:{address}")
     wait_until(lambda: address.exists(), 10, "the destination to listen for the migration stream")
     started = time.time()
     source.qmp.execute("migrate", uri=f"unix:{address}")
 
-    def reached(status: str):
-        def check() -> dict | None:
-            info = source.qmp.execute("query-migrate")
-            if info.get("status") in ("failed", "cancelled"):
-                raise VMError(f"migration {info['status']}: {info}")
-            return info if info.get("status") == status else None
-        return check
-    if before_switchover is not None:
-        wait_until(reached("pre-switchover"), timeout, "the source to pause before its switchover", interval=0.05)
-        before_switchover()
-        source.qmp.execute("migrate-continue", state="pre-switchover")
-    info = wait_until(reached("completed"), timeout, "the migration to complete", interval=0.05)
+    def finished() -> dict | None:
+        info = source.qmp.execute("query-migrate")
+        if info.get("status") in ("failed", "cancelled"):
+            raise VMError(f"migration {info['status']}: {info}")
+        return info if info.get("status") == "completed" else None
+    info = wait_until(finished, timeout, "the migration to complete", interval=0.05)
     info["started"], info["completed"] = started, time.time()
     return info
