@@ -100,8 +100,10 @@ def copies_after(dpid: int, before: State, after: State, touched, by_guests: boo
         identity = identity_of(middlebox, inventory) if middlebox is not None else None
         if identity is None:
             continue
-        change = compact((was, now))
-        copies += [Copy(other, (dpid, mac), cancelled, change) for other, _ in twin_ports(identity, dpid, inventories)]
+        twins = twin_ports(identity, dpid, inventories)
+        if twins:
+            change = compact((was, now))
+            copies += [Copy(other, (dpid, mac), cancelled, change) for other, _ in twins]
     return copies
 
 
