@@ -13,6 +13,7 @@ python3.11: the test FAILS, never skips, when one is missing.  The QEMU side is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -90,20 +91,29 @@ def image():
     return build_image()
 
 
-def test_a_qemu_middlebox_live_migrates_with_its_offloads(image, tmp_path, record_property):
+@contextlib.contextmanager
+def two_hypervisors():
+    """(a data centre of two hypervisors, the list its test adds its VMs to): the VMs are
+    stopped before the data centre goes (their ports are in its databases), and none may
+    leave anything behind."""
     vms: list[MigratableVM] = []
     with DataCentre(hypervisors=2) as dc:
         try:
-            _migrate_under_attack(dc, image, tmp_path, vms, record_property)
+            yield dc, vms
         finally:
             errors = []
-            for vm in vms:   # before the data centre goes: their ports are in its databases
+            for vm in vms:
                 try:
                     vm.stop()
                 except Exception as error:
                     errors.append(str(error))
                 errors += vm.leftovers()
             assert not errors, f"the migration's VMs left {errors}"
+
+
+def test_a_qemu_middlebox_live_migrates_with_its_offloads(image, tmp_path, record_property):
+    with two_hypervisors() as (dc, vms):
+        _migrate_under_attack(dc, image, tmp_path, vms, record_property)
 
 
 def _migrate_under_attack(dc, image, tmp_path, vms, record_property):
@@ -245,22 +255,13 @@ def test_a_command_in_flight_at_the_switchover_is_answered_once(image, tmp_path)
     Made deterministic with both agents stopped (SIGSTOP) while the guest's mbctl publishes a
     command and the VM migrates: then the source's agent goes on (it forwards the command and
     answers into the source's region, after the migration), then the destination's."""
-    vms: list[MigratableVM] = []
-    with DataCentre(hypervisors=2) as dc:
+    with two_hypervisors() as (dc, vms):
         stopped: list[int] = []
         try:
             _command_across_the_switchover(dc, image, tmp_path, vms, stopped)
         finally:
             for pid in stopped:   # never leave a lab's agent stopped
                 os.killpg(pid, signal.SIGCONT)
-            errors = []
-            for vm in vms:
-                try:
-                    vm.stop()
-                except Exception as error:
-                    errors.append(str(error))
-                errors += vm.leftovers()
-            assert not errors, f"the migration's VMs left {errors}"
 
 
 def _command_across_the_switchover(dc, image, tmp_path, vms, stopped):

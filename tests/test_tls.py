@@ -141,6 +141,17 @@ def _ssl_errors(bridge) -> str:
     return bridge.vsctl("--columns=status", "list", "controller")
 
 
+def _filtered_middlebox(controller, lab, bridge, source: str) -> int:
+    """A middlebox on a new host's port of ``bridge`` registered and filtering ``source``
+    through the TLS session, its flow on the switch; the port."""
+    port = bridge.ofport(lab.host("vm").port_name)
+    controller.ok(bridge.dpid, port, f"R F {MB_MAC} {MB_IP}")
+    controller.ok(bridge.dpid, port, f"A {MB_MAC} I 4 s {source}")
+    wait_until(lambda: any(f"nw_src={source}" in line for line in bridge.dump_flows()), timeout=10,
+               what="the filter's flow on the switch")
+    return port
+
+
 @pytest.mark.host  # a private ovs-vswitchd and a namespace host
 def test_a_switch_connects_over_tls_only_with_a_certificate_of_the_operators_ca(controller, pki):
     """First with a certificate another CA signed: the switch reports the handshake
@@ -157,12 +168,7 @@ def test_a_switch_connects_over_tls_only_with_a_certificate_of_the_operators_ca(
         bridge.set_controller(None)
         bridge.set_controller(controller.target)
         controller.wait_switch(bridge.dpid)
-        vm = lab.host("vm")
-        port = bridge.ofport(vm.port_name)
-        controller.ok(bridge.dpid, port, f"R F {MB_MAC} {MB_IP}")
-        controller.ok(bridge.dpid, port, f"A {MB_MAC} I 4 s 10.66.0.9")
-        wait_until(lambda: any("nw_src=10.66.0.9" in line for line in bridge.dump_flows()), timeout=10,
-                   what="the filter's flow on the switch")
+        _filtered_middlebox(controller, lab, bridge, "10.66.0.9")
         assert bridge.vsctl("get", "controller", ".", "target").strip('"\n') == controller.target
 
 
@@ -231,12 +237,7 @@ def test_a_switch_announcing_a_datapath_id_its_certificate_does_not_name_is_refu
         _use_certificate(*pki["switch"], pki["ca"][1])
         bridge = lab.bridge(controller=controller.target, fail_mode="secure", dpid=SWITCH_DPID)
         controller.wait_switch(bridge.dpid)
-        vm = lab.host("vm")
-        port = bridge.ofport(vm.port_name)
-        controller.ok(bridge.dpid, port, f"R F {MB_MAC} {MB_IP}")
-        controller.ok(bridge.dpid, port, f"A {MB_MAC} I 4 s 10.66.0.10")
-        wait_until(lambda: any("nw_src=10.66.0.10" in line for line in bridge.dump_flows()), timeout=10,
-                   what="the filter's flow on the switch")
+        port = _filtered_middlebox(controller, lab, bridge, "10.66.0.10")
         flows = sorted(bridge.dump_flows(no_stats=True))
         refused = _refused_count(controller)
         connected_at = next(s["connected_at"] for s in controller.get("/v1/switches")[1]["switches"]
