@@ -12,9 +12,10 @@ import errno
 import gc
 import logging
 import socket
+import weakref
 
-from .compat import (CONF, CONFIG_DISPATCHER, DEAD_DISPATCHER, FRAMEWORK, MAIN_DISPATCHER, OSKenApp, ofp_event,
-                     ofproto_v1_3, set_ev_cls)
+from .compat import (CONF, CONFIG_DISPATCHER, DEAD_DISPATCHER, FRAMEWORK, MAIN_DISPATCHER, OSKenApp,
+                     lookup_service_brick, ofp_event, ofproto_v1_3, set_ev_cls, set_ev_handler)
 from .handshakes import install_openflow_server
 from .rest import PortInUse, TlsSetupError, start_server
 from .service import Controller, Settings
@@ -102,6 +103,7 @@ class MbvisorController(OSKenApp):
         # (switchid.py); the manager's TLS options are os-ken's own.
         switch_ca = tls and CONF.ca_certs is not None
         self.checks_switch_ids = switch_ca and settings.switch_ids == CERTIFICATE
+        self.refused = weakref.WeakSet()  # connections refused for their identity (start)
         if switch_ca and not self.checks_switch_ids:
             log.warning("MBVISOR_TLS_SWITCH_IDS=any: any switch the switch CA signed may announce any datapath id, "
                         "and take another hypervisor's place and its middleboxes' flows")
@@ -111,15 +113,33 @@ class MbvisorController(OSKenApp):
                  placement.tables.start, placement.tables.stop - 1,
                  "NORMAL" if placement.next_table is None else f"table {placement.next_table}")
 
+    def start(self):
+        """With a switch CA, a switch's identity is checked inside os-ken's own receive loop,
+        right after its features handler set the connection's id and before the loop reads
+        the switch's next message: a refused connection is closed there and never reaches
+        MAIN_DISPATCHER, where other apps would see it (os-ken's DPSet, which ofctl_rest
+        loads, closes an older connection announcing the same id: the real switch's) and
+        this app's port-status and packet-in handlers would act on the id it announced.
+        The manager starts its OpenFlow server only after every app's start."""
+        thread = super().start()
+        if self.checks_switch_ids:
+            # not a method with ``callers`` of its own: this app would run it again from its queue
+            handler = set_ev_handler(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)(
+                lambda ev: self._check_identity(ev))
+            lookup_service_brick("ofp_event").register_handler(ofp_event.EventOFPSwitchFeatures, handler)
+        return thread
+
+    def _check_identity(self, ev) -> None:
+        datapath = ev.msg.datapath
+        found = refusal(datapath.id, peer_certificate(datapath))
+        if found is not None:
+            self.refused.add(datapath)
+            self.service.refuse_switch(datapath, found)
+
     @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
     def _switch_features(self, ev):
-        datapath = ev.msg.datapath
-        if self.checks_switch_ids:
-            reason = refusal(datapath.id, peer_certificate(datapath))
-            if reason is not None:
-                self.service.refuse_switch(datapath, reason)
-                return
-        self.service.switch_connected(datapath)
+        if ev.msg.datapath not in self.refused:
+            self.service.switch_connected(ev.msg.datapath)
 
     @set_ev_cls(ofp_event.EventOFPStateChange, DEAD_DISPATCHER)
     def _switch_gone(self, ev):

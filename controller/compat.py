@@ -7,20 +7,20 @@ us has already imported its own, so prefer that one and fall back to the other.
 import sys
 
 if "ryu" in sys.modules and "os_ken" not in sys.modules:
-    from ryu.base.app_manager import RyuApp as OSKenApp
+    from ryu.base.app_manager import RyuApp as OSKenApp, lookup_service_brick
     from ryu.cfg import CONF
     from ryu.controller import ofp_event
-    from ryu.controller.handler import CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, set_ev_cls
+    from ryu.controller.handler import CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, set_ev_cls, set_ev_handler
     from ryu.lib import hub
     from ryu.lib.packet import arp, ethernet, icmpv6, ipv6, packet
     from ryu.lib.packet import in_proto as ipv6_protocol
     from ryu.ofproto import ether, nicira_ext, ofproto_v1_3
     FRAMEWORK = "ryu"
 else:
-    from os_ken.base.app_manager import OSKenApp
+    from os_ken.base.app_manager import OSKenApp, lookup_service_brick
     from os_ken.cfg import CONF
     from os_ken.controller import ofp_event
-    from os_ken.controller.handler import CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, set_ev_cls
+    from os_ken.controller.handler import CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, set_ev_cls, set_ev_handler
     from os_ken.lib import hub
     from os_ken.lib.packet import arp, ethernet, icmpv6, ipv6, packet
     from os_ken.lib.packet import in_proto as ipv6_protocol
@@ -28,6 +28,7 @@ else:
     FRAMEWORK = "os_ken"
 
 __all__ = ["CONF", "OSKenApp", "ofp_event", "CONFIG_DISPATCHER", "DEAD_DISPATCHER", "MAIN_DISPATCHER", "set_ev_cls",
+           "set_ev_handler", "lookup_service_brick",
            "hub", "arp", "ethernet", "icmpv6", "ipv6", "ipv6_protocol", "packet", "ether", "nicira_ext", "ofproto_v1_3", "FRAMEWORK"]
 
 # Conntrack's original-direction tuple (OVS 2.8+, NXM class 1, ovs-fields(7)): the fragment

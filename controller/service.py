@@ -27,6 +27,7 @@ from typing import NamedTuple
 from mbvisor.guest.commands import AddFilter, Query, RegisterLoadBalancer, command_from_dict
 from mbvisor.guest.errors import CommandError
 from mbvisor.guest.grammar import parse_command
+from mbvisor.guest.reader import FaultLog
 
 from .compat import arp, ether, ethernet, hub, icmpv6, ipv6, ipv6_protocol, packet
 from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, filter_cost, filters_cost
@@ -45,7 +46,7 @@ from .ovstext import actions_text, flow_text
 from .reconciler import Failure, Job, SwitchReconciler
 from .requests import Answer, CommandRequest, SwitchUnavailable, clip, ok_answer, read_token_file
 from .store import Store, command_text
-from .switchid import CERTIFICATE, SWITCH_ID_MODES
+from .switchid import CERTIFICATE, SWITCH_ID_MODES, Refusal
 from .switchlink import SwitchUnreachable
 
 log = logging.getLogger("mbvisor.controller")
@@ -200,6 +201,7 @@ class Controller:
     in_flight: set = field(default_factory=set)  # idempotency keys of jobs not yet committed
     zones_in_flight: set = field(default_factory=set)  # conntrack zones given by jobs not yet committed
     flow_costs: dict = field(default_factory=dict)  # (dpid, mac) -> (filters, addresses, switch entries they cost)
+    refusals: FaultLog = field(default_factory=lambda: FaultLog(log))  # switches refused for their identity
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.database)
@@ -658,13 +660,14 @@ class Controller:
         log.info("switch %016x connected", datapath.id)
         self.reconciler(datapath.id).connected_to(datapath)
 
-    def refuse_switch(self, datapath, reason: str) -> None:
+    def refuse_switch(self, datapath, refusal: Refusal) -> None:
         """A switch that may not be the datapath it announces (``switchid.refusal``): its
         connection is closed before it is anyone's, and the switch holding that id, if
-        connected, keeps it."""
+        connected, keeps it.  Logged at most once per 10 s per kind (each refusal costs the
+        peer only a handshake)."""
         self.metrics.refused_switches.inc()
-        log.error("switch connection from %s refused: it announces datapath id %016x, but %s",
-                  getattr(datapath, "address", "?"), datapath.id, reason)
+        self.refusals(refusal.kind, logging.ERROR, "switch connection from %s refused: it announces datapath id "
+                      "%016x, but %s", getattr(datapath, "address", "?"), datapath.id, refusal.text)
         datapath.close()
 
     def switch_disconnected(self, datapath) -> None:

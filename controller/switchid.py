@@ -15,6 +15,7 @@ Pure: the certificate is the dict ``ssl.SSLSocket.getpeercert()`` gives.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 DPID_URI = "urn:mbvisor:dpid:"
 _DPID_URI = re.compile(re.escape(DPID_URI) + "([0-9a-fA-F]{16})")
@@ -30,13 +31,21 @@ def named_datapaths(certificate: dict | None) -> frozenset[int]:
     return frozenset(int(found.group(1), 16) for found in map(_DPID_URI.fullmatch, names) if found)
 
 
-def refusal(dpid: int, certificate: dict | None) -> str | None:
+class Refusal(NamedTuple):
+    """Why a switch may not be the datapath it announces: ``kind`` (one of three, for
+    rate-limited logging) and the reason in words."""
+
+    kind: str
+    text: str
+
+
+def refusal(dpid: int, certificate: dict | None) -> Refusal | None:
     """Why a switch with this certificate may not be ``dpid``; None if it may."""
     if not certificate:
-        return "it presented no certificate"
+        return Refusal("no-certificate", "it presented no certificate")
     named = named_datapaths(certificate)
     if dpid in named:
         return None
     if not named:
-        return f"its certificate names no datapath id (a subjectAltName URI {DPID_URI}<16 hex digits>)"
-    return f"its certificate names {', '.join(f'{d:016x}' for d in sorted(named))} only"
+        return Refusal("no-id", f"its certificate names no datapath id (a subjectAltName URI {DPID_URI}<16 hex digits>)")
+    return Refusal("other-id", f"its certificate names {', '.join(f'{d:016x}' for d in sorted(named))} only")

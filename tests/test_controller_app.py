@@ -130,12 +130,13 @@ def test_the_handlers_move_switch_events_to_the_service(app):
         assert service.switch_views()[0]["connected"] is False
 
 
-class _Datapath(SimpleNamespace):
-    """A connection as the features handler sees it: its id, its TLS socket's certificate."""
+class _Datapath:
+    """A connection as the features handler sees it: its id, its TLS socket's certificate
+    (hashable, as os-ken's datapaths are)."""
 
     def __init__(self, dpid: int, certificate):
-        super().__init__(id=dpid, address=("127.0.0.1", 40000), closed=0,
-                         socket=SimpleNamespace(getpeercert=lambda: certificate))
+        self.id, self.address, self.closed = dpid, ("127.0.0.1", 40000), 0
+        self.socket = SimpleNamespace(getpeercert=lambda: certificate)
 
     def close(self):
         self.closed += 1
@@ -163,22 +164,38 @@ def tls_app(app, monkeypatch):
 def test_with_a_switch_ca_a_switch_announcing_an_id_its_certificate_does_not_name_is_refused(tls_app, monkeypatch):
     made = tls_app()
     assert made.checks_switch_ids
+    brick = SimpleNamespace(handlers=[], register_handler=lambda cls, handler: brick.handlers.append((cls, handler)))
+    monkeypatch.setattr(app_module, "lookup_service_brick", lambda name: brick if name == "ofp_event" else None)
+    made.start()
+    ((event_class, check),) = brick.handlers  # run by os-ken's receive loop, in CONFIG_DISPATCHER only
+    assert event_class is ofp_event.EventOFPSwitchFeatures
+    assert check.callers[event_class].dispatchers == [app_module.CONFIG_DISPATCHER]
     impostor = _Datapath(0xA1, {"subjectAltName": (("URI", "urn:mbvisor:dpid:00000000000000b2"),)})
-    made._switch_features(SimpleNamespace(msg=SimpleNamespace(datapath=impostor)))
+    features = SimpleNamespace(msg=SimpleNamespace(datapath=impostor))
+    check(features)
+    made._switch_features(features)  # then the app's own handler, from its queue
     assert impostor.closed == 1 and 0xA1 not in made.service.reconcilers
     assert b"mbvisor_switches_refused_total 1.0" in made.service.metrics.exposition()
     monkeypatch.setattr(FakeDatapath, "socket", SimpleNamespace(getpeercert=lambda: {
         "subjectAltName": (("URI", "urn:mbvisor:dpid:00000000000000a1"),)}), raising=False)
-    with FakeSwitch(0xA1, sink=lambda message: route(made, message)) as fake:
+
+    def as_os_ken(message):  # the receive loop's handler first, then the app's
+        if type(message).__name__ == "OFPSwitchFeatures":
+            check(SimpleNamespace(msg=message))
+        route(made, message)
+    with FakeSwitch(0xA1, sink=as_os_ken) as fake:
         fake.reconnect()
         wait_until(lambda: 0xA1 in made.service.reconcilers and made.service.reconcilers[0xA1].synced,
                    what="the switch whose certificate names its id")
 
 
-def test_the_operator_may_let_any_switch_announce_any_id(tls_app, caplog):
+def test_the_operator_may_let_any_switch_announce_any_id(tls_app, caplog, monkeypatch):
     made = tls_app(MBVISOR_TLS_SWITCH_IDS="any")
     assert not made.checks_switch_ids
     assert "MBVISOR_TLS_SWITCH_IDS=any: any switch the switch CA signed may announce any datapath id" in caplog.text
+    brick = SimpleNamespace(register_handler=lambda *args: pytest.fail("an identity check was registered"))
+    monkeypatch.setattr(app_module, "lookup_service_brick", lambda name: brick)
+    made.start()
     anyone = _Datapath(0xA1, {})
     made._switch_features(SimpleNamespace(msg=SimpleNamespace(datapath=anyone)))
     assert anyone.closed == 0 and 0xA1 in made.service.reconcilers

@@ -36,17 +36,18 @@ def test_a_certificate_names_the_ids_of_its_subject_alt_name_uris():
 def test_only_an_exact_uri_names_an_id(names, common_name):
     cert = certificate(*names, common_name=common_name)
     assert named_datapaths(cert) == frozenset()
-    assert refusal(DPID, cert) == f"its certificate names no datapath id (a subjectAltName URI {DPID_URI}<16 hex digits>)"
+    assert refusal(DPID, cert) == ("no-id", f"its certificate names no datapath id (a subjectAltName URI "
+                                            f"{DPID_URI}<16 hex digits>)")
 
 
 def test_a_switch_announcing_an_id_its_certificate_does_not_name_is_told_which_it_names():
     cert = certificate(("URI", f"{DPID_URI}00004d42400a0002"))
-    assert refusal(DPID, cert) == "its certificate names 00004d42400a0002 only"
+    assert refusal(DPID, cert) == ("other-id", "its certificate names 00004d42400a0002 only")
 
 
 @pytest.mark.parametrize("cert", [None, {}])
 def test_no_certificate_is_refused(cert):
-    assert refusal(DPID, cert) == "it presented no certificate"
+    assert refusal(DPID, cert) == ("no-certificate", "it presented no certificate")
 
 
 def test_the_check_is_on_unless_the_operator_turns_it_off():

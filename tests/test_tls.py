@@ -22,11 +22,12 @@ import pytest
 from mbvisor.agents.controller_client import ControllerClient, ControllerUnavailable
 from mbvisor.controller.switchid import DPID_URI
 from mbvisor.topologies import netlab
-from mbvisor.topologies.controller_run import Controller
+from mbvisor.topologies.controller_run import Controller, free_port
 from mbvisor.topologies.netlab import wait_until
 from mbvisor.topologies.private_switch import PrivateSwitch
 
 MB_MAC, MB_IP = "02:00:00:00:0c:01", "10.12.0.1"
+CANARY_MAC, CANARY_IP = "02:00:00:00:0c:02", "10.12.0.2"
 
 
 def _openssl(*args: str) -> None:
@@ -175,14 +176,17 @@ def test_a_switch_connects_over_tls_only_with_a_certificate_of_the_operators_ca(
 class OpenFlowPeer:
     """A TLS client speaking just enough OpenFlow 1.3 to announce ``dpid`` (hello, a
     features reply, echo replies), reading in a thread until the controller closes the
-    connection (``closed``) or ``stop``: a switch as an impostor would build it."""
+    connection (``closed``) or ``stop``: a switch as an impostor would build it.  With
+    ``deleting``, its features reply comes in one write with an unsolicited (empty) port
+    description reply, which moves an accepted connection on to MAIN_DISPATCHER, and a
+    port status deleting that port number."""
 
-    def __init__(self, controller, key, cert, ca, dpid: int):
+    def __init__(self, controller, key, cert, ca, dpid: int, deleting: int | None = None):
         context = ssl.create_default_context(cafile=str(ca))
         context.load_cert_chain(str(cert), str(key))
         raw = socket.create_connection(("127.0.0.1", controller.ofp_port), timeout=10)
         self.connection = context.wrap_socket(raw, server_hostname="127.0.0.1")
-        self.dpid, self.closed, self.stopping = dpid, threading.Event(), False
+        self.dpid, self.deleting, self.closed, self.stopping = dpid, deleting, threading.Event(), False
         self.connection.sendall(struct.pack("!BBHI", 4, 0, 8, 1))  # OFPT_HELLO
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -204,13 +208,21 @@ class OpenFlowPeer:
                         break
                     body, buffer = buffer[8:length], buffer[length:]
                     if kind == 5:    # FEATURES_REQUEST -> FEATURES_REPLY
-                        self.connection.sendall(struct.pack("!BBHIQIBB2xII", 4, 6, 32, xid, self.dpid, 0, 254, 0, 0, 0))
+                        self.connection.sendall(struct.pack("!BBHIQIBB2xII", 4, 6, 32, xid, self.dpid, 0, 254, 0, 0, 0)
+                                                + self._port_deleted())
                     elif kind == 2:  # ECHO_REQUEST -> ECHO_REPLY
                         self.connection.sendall(struct.pack("!BBHI", 4, 3, 8 + len(body), xid) + body)
         except OSError:
             pass
         finally:
             self.closed.set()
+
+    def _port_deleted(self) -> bytes:
+        if self.deleting is None:
+            return b""
+        port_description = struct.pack("!BBHIHH4x", 4, 19, 16, 99, 13, 0)   # MULTIPART_REPLY, OFPMP_PORT_DESC
+        port = struct.pack("!I4x6s2x16sIIIIIIII", self.deleting, b"\x02" * 6, b"vm".ljust(16, b"\0"), *[0] * 8)
+        return port_description + struct.pack("!BBHIB7x", 4, 12, 80, 100, 1) + port  # PORT_STATUS, OFPPR_DELETE
 
     def stop(self) -> None:
         self.stopping = True
@@ -225,39 +237,78 @@ def _refused_count(controller) -> float:
                 if line.startswith("mbvisor_switches_refused_total"))
 
 
-@pytest.mark.host  # a private ovs-vswitchd and a namespace host
-def test_a_switch_announcing_a_datapath_id_its_certificate_does_not_name_is_refused(controller, pki):
-    """docs/security.md: with a switch CA, a certificate names the datapath ids its switch
-    may announce.  The real switch (its certificate names its id) holds a middlebox's
-    flows; a peer with another valid certificate of the operator's CA, then one with a
-    certificate naming no id, each announce the real switch's id: each is closed at its
-    features reply, and the real switch stays connected, its flows untouched and its next
-    command confirmed through its own connection."""
+def _impostors_leave_the_real_switch_alone(controller, pki, impostors) -> None:
+    """The real switch (its certificate names its id) holds a middlebox's flows on one
+    host's port and a canary middlebox on another's; each impostor (a valid certificate of
+    the operator's CA) announces the real switch's id and, in the same write, deletes the
+    middlebox's port.  Each is closed; then the canary's port goes from the real bridge and
+    its retirement (an event after the impostors' in the app's queue) is waited for: the
+    middlebox, its flows and the real switch's connection are untouched, and its next
+    command is confirmed through its own connection."""
     with PrivateSwitch(), netlab.Lab() as lab:
         _use_certificate(*pki["switch"], pki["ca"][1])
         bridge = lab.bridge(controller=controller.target, fail_mode="secure", dpid=SWITCH_DPID)
         controller.wait_switch(bridge.dpid)
         port = _filtered_middlebox(controller, lab, bridge, "10.66.0.10")
-        flows = sorted(bridge.dump_flows(no_stats=True))
+        canary = lab.host("canary")
+        controller.ok(bridge.dpid, bridge.ofport(canary.port_name), f"R F {CANARY_MAC} {CANARY_IP}")
+        flows = sorted(line for line in bridge.dump_flows(no_stats=True) if CANARY_MAC not in line)
         refused = _refused_count(controller)
-        connected_at = next(s["connected_at"] for s in controller.get("/v1/switches")[1]["switches"]
-                            if s["dpid"] == f"{SWITCH_DPID:016x}")
-        for impostor in ("other", "no-id"):
-            peer = OpenFlowPeer(controller, *pki[impostor], pki["ca"][1], SWITCH_DPID)
+        connected_at = _switch(controller)["connected_at"]
+        for impostor in impostors:
+            peer = OpenFlowPeer(controller, *pki[impostor], pki["ca"][1], SWITCH_DPID, deleting=port)
             try:
                 assert peer.closed.wait(15), f"the controller kept the {impostor} peer's connection"
             finally:
                 peer.stop()
-        assert _refused_count(controller) == refused + 2
-        log = controller.log.read_text()
-        assert f"announces datapath id {SWITCH_DPID:016x}, but its certificate names {OTHER_DPID:016x} only" in log
-        assert f"announces datapath id {SWITCH_DPID:016x}, but its certificate names no datapath id" in log
-        view = next(s for s in controller.get("/v1/switches")[1]["switches"] if s["dpid"] == f"{SWITCH_DPID:016x}")
+        assert _refused_count(controller) == refused + len(impostors)
+        bridge.vsctl("del-port", bridge.name, canary.port_name)
+        wait_until(lambda: controller.get(f"/v1/middleboxes/{SWITCH_DPID:016x}/{CANARY_MAC}")[0] == 404, timeout=15,
+                   what="the canary's port going, after the impostors' events")
+        status, middlebox = controller.get(f"/v1/middleboxes/{SWITCH_DPID:016x}/{MB_MAC}")
+        assert status == 200, ("an impostor's port status retired the real switch's middlebox", middlebox)
+        view = _switch(controller)
         assert view["connected"] and view["connected_at"] == connected_at, view
-        assert sorted(bridge.dump_flows(no_stats=True)) == flows
+        assert sorted(line for line in bridge.dump_flows(no_stats=True) if CANARY_MAC not in line) == flows
         controller.ok(bridge.dpid, port, f"A {MB_MAC} I 4 s 10.66.0.11")
         wait_until(lambda: any("nw_src=10.66.0.11" in line for line in bridge.dump_flows()), timeout=10,
                    what="the next filter's flow through the real switch's connection")
+
+
+def _switch(controller) -> dict:
+    return next(s for s in controller.get("/v1/switches")[1]["switches"] if s["dpid"] == f"{SWITCH_DPID:016x}")
+
+
+@pytest.mark.host  # a private ovs-vswitchd and namespace hosts
+def test_a_switch_announcing_a_datapath_id_its_certificate_does_not_name_is_refused(controller, pki):
+    """docs/security.md: with a switch CA, a certificate names the datapath ids its switch
+    may announce; a peer with another valid certificate, then one naming no id, are each
+    refused (logged, counted) and change nothing of the real switch's."""
+    _impostors_leave_the_real_switch_alone(controller, pki, ("other", "no-id"))
+    log = controller.log.read_text()
+    assert f"announces datapath id {SWITCH_DPID:016x}, but its certificate names {OTHER_DPID:016x} only" in log
+    assert f"announces datapath id {SWITCH_DPID:016x}, but its certificate names no datapath id" in log
+
+
+@pytest.mark.host
+def test_beside_an_app_that_loads_dpset_an_impostor_does_not_disconnect_the_real_switch(pki, tmp_path):
+    """ofctl_rest loads os-ken's DPSet, which closes an older connection announcing the same
+    id once a newer one reaches MAIN_DISPATCHER (a review found the real switch
+    disconnected by an impostor this way): a refused connection never gets there."""
+    key, cert = pki["controller"]
+    ofp_port = free_port()
+    beside = Controller(tmp_path, tls_ca=pki["ca"][1], launcher="ryu-manager", ofp_port=ofp_port,
+                        apps=("ryu.app.ofctl_rest",),
+                        environment={"MBVISOR_TLS_CERT": str(cert), "MBVISOR_TLS_KEY": str(key)},
+                        arguments=("--ofp-ssl-listen-port", str(ofp_port), "--ctl-cert", str(cert),
+                                   "--ctl-privkey", str(key), "--ca-certs", str(pki["ca"][1]),
+                                   "--wsapi-port", str(free_port())))
+    beside.start()
+    try:
+        _impostors_leave_the_real_switch_alone(beside, pki, ("other",))
+        assert "Multiple connections" not in beside.log.read_text()
+    finally:
+        beside.stop()
 
 
 def test_any_datapath_id_is_accepted_only_when_the_operator_says_so(pki, tmp_path):
@@ -301,17 +352,11 @@ def test_a_certificate_that_does_not_load_stops_the_start_with_the_reason(pki, t
     """A key that is not the certificate's: refused at start, not at the first client."""
     key, cert = pki["switch"][0], pki["controller"][1]
     result = subprocess.run([sys.executable, "-m", "mbvisor.agents.cli", "controller", "--db",
-                             str(tmp_path / "c.sqlite"), "--ofp-port", str(_free_port()),
-                             "--rest-port", str(_free_port()), "--tls-cert", str(cert), "--tls-key", str(key)],
+                             str(tmp_path / "c.sqlite"), "--ofp-port", str(free_port()),
+                             "--rest-port", str(free_port()), "--tls-cert", str(cert), "--tls-key", str(key)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert f"cannot load the TLS certificate {cert}" in result.stdout + result.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("::1", False), ("0.0.0.0", True)])
@@ -321,8 +366,8 @@ def test_rest_beyond_loopback_without_tls_is_said_loudly(host, warned, tmp_path)
     log = tmp_path / "controller.log"
     with open(log, "wb") as output:
         process = subprocess.Popen([sys.executable, "-m", "mbvisor.agents.cli", "controller", "--db",
-                                    str(tmp_path / "c.sqlite"), "--ofp-port", str(_free_port()),
-                                    "--rest-host", host, "--rest-port", str(_free_port())],
+                                    str(tmp_path / "c.sqlite"), "--ofp-port", str(free_port()),
+                                    "--rest-host", host, "--rest-port", str(free_port())],
                                    stdout=output, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: "mbvisor controller running" in log.read_text() or process.poll() is not None,
