@@ -74,12 +74,15 @@ def arrivals(state: State, inventories: dict[int, Inventory], dpid: int) -> list
 class Copy(NamedTuple):
     """Switch ``dpid``'s twin of ``origin`` (dpid, MAC) to be made equal to it: given only
     ``change`` (the (before, after) of the origin's job, ``compact``), or whole (None); a
-    copy whose origin is gone removes the twin only if the guest ``cancelled`` it there."""
+    copy whose origin is gone removes the twin only if the guest ``cancelled`` it there,
+    and otherwise still brings the change to it if ``dpid``'s annotations show the ``vm``
+    (vm-id, tenant) the copy was asked for (``adopted``)."""
 
     dpid: int
     origin: tuple[int, str]
     cancelled: bool = False
     change: tuple[Middlebox | None, Middlebox | None] | None = None
+    vm: tuple[str, str] | None = None
 
 
 def copies_after(dpid: int, before: State, after: State, touched, by_guests: bool,
@@ -103,19 +106,22 @@ def copies_after(dpid: int, before: State, after: State, touched, by_guests: boo
         twins = twin_ports(identity, dpid, inventories)
         if twins:
             change = compact((was, now))
-            copies += [Copy(other, (dpid, mac), cancelled, change) for other, _ in twins]
+            copies += [Copy(other, (dpid, mac), cancelled, change, (identity.vm_id, identity.tenant))
+                       for other, _ in twins]
     return copies
 
 
 def compact(change: tuple[Middlebox | None, Middlebox | None]) -> tuple[Middlebox | None, Middlebox | None]:
     """``change`` with only what ``adopted`` reads of it: when both sides exist, the filters
-    the job removed (before's) and added (after's), its redirects and addresses whole; when
-    one is None, that it is (a new middlebox or a cancel is copied whole, or removed).  So a
-    stored copy of a job that added one filter to a thousand is one filter long."""
+    the job removed (before's) and added (after's), its redirects and addresses whole; a
+    middlebox the job made (before None) whole, all of it that job's doing (the copy if the
+    origin is gone by then); a cancel (after None) only that it is one.  So a stored copy of
+    a job that added one filter to a thousand is one filter long."""
     before, after = change
-    if before is None or after is None:
-        return (None if before is None else replace(before, filters=frozenset()),
-                None if after is None else replace(after, filters=frozenset()))
+    if before is None:
+        return change
+    if after is None:
+        return replace(before, filters=frozenset()), None
     return replace(before, filters=before.filters - after.filters), replace(after, filters=after.filters - before.filters)
 
 
@@ -153,7 +159,8 @@ def with_change(current: Middlebox, before: Middlebox, after: Middlebox) -> Midd
 
 
 def adopted(state: State, inventories: dict[int, Inventory], dpid: int, origin: tuple[int, str],
-            zones_taken, cancelled: bool = False, change: tuple[Middlebox, Middlebox] | None = None) -> State:
+            zones_taken, cancelled: bool = False, change: tuple[Middlebox, Middlebox] | None = None,
+            vm: tuple[str, str] | None = None) -> State:
     """The state once switch ``dpid`` holds what its twin ``origin`` holds now: a copy,
     refused (ApplyError) where a registration there would be (an address or a backend
     another middlebox of that switch has, the port's limit).  ``change``: the (before,
@@ -162,28 +169,46 @@ def adopted(state: State, inventories: dict[int, Inventory], dpid: int, origin: 
     If the origin is gone, the copy goes only when the guest ``cancelled`` it there (and
     ``dpid``'s annotations still show the same VM): an origin gone because its port went
     or its agent deleted the VM that left is exactly a migration's source, and the copy
-    is what stays.  Unchanged when the annotations no longer pair the two (the VM left,
-    or the ports were re-annotated meanwhile), so a late copy never lands on another VM's
-    port."""
+    is what stays, with the change that job made there (``left_behind``).  Unchanged when
+    the annotations no longer pair the two (the VM left, or the ports were re-annotated
+    meanwhile), so a late copy never lands on another VM's port."""
     source = state.find(*origin)
     mac = origin[1]
-    here = inventories.get(dpid, Inventory()).with_mac(mac)
+    inventory = inventories.get(dpid, Inventory())
+    here = inventory.with_mac(mac)
     current = state.find(dpid, mac)
-    if source is None:
-        if not cancelled or current is None or here is None:
-            return state
-        if identity_of(current, inventories.get(dpid, Inventory())) is None:
+    if source is None and cancelled:
+        if current is None or here is None or identity_of(current, inventory) is None:
             return state
         return state.remove(dpid, mac)
-    identity = identity_of(source, inventories.get(origin[0], Inventory()))
-    if identity is None or here is None or not same_vm(here, identity):
-        return state
-    if change is not None and current is not None and None not in change:
-        source = with_change(current, *change)  # only what that job changed (else: the origin as it is)
-        if source.firewall_ip is None and not source.redirects:  # each side withdrew what the other kept
-            return state.remove(dpid, mac)  # nothing left to offload: gone, as after X (the origin does the same)
+    if source is None:
+        source = left_behind(current, here, change, vm)
+        if source is None:
+            return state
+    else:
+        identity = identity_of(source, inventories.get(origin[0], Inventory()))
+        if identity is None or here is None or not same_vm(here, identity):
+            return state
+        if change is not None and current is not None and None not in change:
+            source = with_change(current, *change)  # only what that job changed (else: the origin as it is)
+    if source.firewall_ip is None and not source.redirects:  # each side withdrew what the other kept
+        return state if current is None else state.remove(dpid, mac)  # nothing left to offload: as after X
     copy = twin(source, dpid, here.port, current, zones_taken)
     if current == copy:
         return state
-    check_can_hold(state, copy, inventories.get(dpid, Inventory()))  # as a registration there would be
+    check_can_hold(state, copy, inventory)  # as a registration there would be
     return state.put(copy)
+
+
+def left_behind(current: Middlebox | None, here: PortIdentity | None, change, vm: tuple[str, str] | None
+                ) -> Middlebox | None:
+    """What the twin gets of a job whose origin is gone since it was confirmed (the source's
+    port went while the copy waited: the guest's last commands before the switchover), if
+    ``dpid``'s annotations (``here``) still show the VM the copy was asked for: that job's
+    change, or the middlebox it made whole; None if there is nothing to bring."""
+    if change is None or change[1] is None or vm is None or here is None or (here.vm_id, here.tenant) != vm:
+        return None
+    before, after = change
+    if before is None:
+        return after
+    return None if current is None else with_change(current, before, after)

@@ -269,10 +269,8 @@ class Job:
     requests: list = field(default_factory=list)
     ports: frozenset = frozenset()
     macs: frozenset = frozenset()
-    origin: tuple | None = None  # adopt: the (dpid, MAC) whose twin this switch holds (migration.py) ...
-    cancelled: bool = False      # ... whether its guest cancelled it there ...
-    change: tuple | None = None  # ... and the (before, after) of the job there (migration.with_change) ...
-    copy: int | None = None      # ... stored as this copy (its id; Store.load_copies)
+    copy: object = None          # adopt: the migration.Copy to make here ...
+    copy_id: int | None = None   # ... stored under this id (Store.load_copies)
     done: object = field(default_factory=hub.Event)
     answers: list | None = None
     counted: bool = False  # among pacing.COMMANDS
@@ -639,12 +637,12 @@ class SwitchReconciler:
             self._retry_sync(self.link)
 
     def _adopt(self, job: Job) -> None:
-        """This switch's copy of ``job.origin`` made equal to it, as it is when the job
-        runs (or removed if it is gone); checked then, after any job in flight here."""
+        """This switch's copy of ``job.copy``'s origin made equal to it, as it is when the
+        job runs (or removed if it is gone); checked then, after any job in flight here."""
         before = self.service.state
-        if not self.service.adopt(self.dpid, job.origin, job.cancelled, job.change, job.copy):
+        if not self.service.adopt(job.copy, job.copy_id):
             return
-        mac = job.origin[1]
+        mac = job.copy.origin[1]
         self._forget_exact({mac})
         wanted = self.service.state.find(self.dpid, mac)
         backends = {b for r in wanted.redirects for b in r.backends} if wanted else set()

@@ -213,11 +213,11 @@ class Controller:
         self.inventories = {dpid: build_inventory(entries) for dpid, entries in self.store.load_inventories().items()}
         self.metrics = Metrics()
         for copy_id, copy in self.store.load_copies():  # queued when the controller stopped
-            self.adopt(*copy, made=copy_id)
+            self.adopt(copy, made=copy_id)
         if not self.store.copies_were_stored:  # a database from before they were
             for dpid in sorted(self.inventories):
                 for origin in arrivals(self.state, self.inventories, dpid):
-                    self.adopt(dpid, origin)
+                    self.adopt(Copy(dpid, origin))
         self.store.prune_old(time.time())
         log.info("loaded %d middlebox(es) and the annotated ports of %d switch(es) from %s (trust: %s)",
                  len(self.state.middleboxes), len(self.inventories), self.settings.database,
@@ -623,19 +623,18 @@ class Controller:
         at once (installed when it connects)."""
         for copy_id, copy in copies:
             if copy.dpid in self.reconcilers:
-                self.reconcilers[copy.dpid].submit(Job("adopt", origin=copy.origin, cancelled=copy.cancelled,
-                                                       change=copy.change, copy=copy_id))
+                self.reconcilers[copy.dpid].submit(Job("adopt", copy=copy, copy_id=copy_id))
             else:
-                self.adopt(*copy, made=copy_id)
+                self.adopt(copy, made=copy_id)
 
-    def adopt(self, dpid: int, origin: tuple[int, str], cancelled: bool = False, change=None,
-              made: int | None = None) -> bool:
-        """Switch ``dpid``'s copy of ``origin`` brought to it (or given ``change``),
-        durably, and the stored copy it ``made`` forgotten; whether anything changed.  Only
-        the shell of ``migration.adopted``."""
+    def adopt(self, copy: Copy, made: int | None = None) -> bool:
+        """The ``copy`` made (its switch's twin of its origin brought to it, or given its
+        change), durably, and the stored copy it ``made`` forgotten; whether anything
+        changed.  Only the shell of ``migration.adopted``."""
+        dpid, origin = copy.dpid, copy.origin
         try:
             after = adopted(self.state, self.inventories, dpid, origin, self.state.zones | self.zones_in_flight,
-                            cancelled, change)
+                            copy.cancelled, copy.change, copy.vm)
         except (ValueError, ApplyError) as error:
             log.error("switch %016x: no copy of %s from %016x: %s", dpid, origin[1], origin[0], error)
             self.store.forget_copy(made)

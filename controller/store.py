@@ -67,7 +67,7 @@ CREATE TABLE IF NOT EXISTS answers (
     status TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (channel, epoch, seq));
 CREATE TABLE IF NOT EXISTS copies (
     id INTEGER PRIMARY KEY AUTOINCREMENT, dpid INTEGER NOT NULL, origin_dpid INTEGER NOT NULL, mac TEXT NOT NULL,
-    cancelled INTEGER NOT NULL, change TEXT);
+    cancelled INTEGER NOT NULL, change TEXT, vm TEXT);
 """
 # Columns added since the first release; an older database gains them on open.
 ANSWER_COLUMNS = {"code": "TEXT NOT NULL DEFAULT 'ok'", "command": "TEXT", "stored": "REAL NOT NULL DEFAULT 0"}
@@ -228,17 +228,19 @@ class Store:
             return self._add_copies(copies)
 
     def _add_copies(self, copies: list[Copy]) -> list[int]:
-        return [self.db.execute("INSERT INTO copies (dpid, origin_dpid, mac, cancelled, change) VALUES (?, ?, ?, ?, ?)",
+        return [self.db.execute("INSERT INTO copies (dpid, origin_dpid, mac, cancelled, change, vm) "
+                                "VALUES (?, ?, ?, ?, ?, ?)",
                                 (stored_dpid(copy.dpid), stored_dpid(copy.origin[0]), copy.origin[1],
-                                 int(copy.cancelled), encode_change(copy.change))).lastrowid
+                                 int(copy.cancelled), encode_change(copy.change),
+                                 None if copy.vm is None else json.dumps(copy.vm))).lastrowid
                 for copy in copies]
 
     def load_copies(self) -> list[tuple[int, Copy]]:
         """The copies stored and not made yet, in the order they were asked for."""
         return [(row_id, Copy(loaded_dpid(dpid), (loaded_dpid(origin), mac), bool(cancelled),
-                              decode_change(loaded_dpid(origin), mac, change)))
-                for row_id, dpid, origin, mac, cancelled, change
-                in self.db.execute("SELECT id, dpid, origin_dpid, mac, cancelled, change FROM copies ORDER BY id")]
+                              decode_change(loaded_dpid(origin), mac, change), vm and tuple(json.loads(vm))))
+                for row_id, dpid, origin, mac, cancelled, change, vm
+                in self.db.execute("SELECT id, dpid, origin_dpid, mac, cancelled, change, vm FROM copies ORDER BY id")]
 
     def forget_copy(self, copy_id: int | None) -> None:
         """A copy that changed nothing (or could not be made): not to be made again."""

@@ -429,7 +429,8 @@ def test_stored_copies_come_back_in_order_until_made_or_forgotten(tmp_path, chan
     path = tmp_path / "c.sqlite"
     store = Store(path)
     before, after = build(EVERYTHING[0]), build(*EVERYTHING[:2])
-    copies = [Copy(0xB2, (1, MAC), change is not None and change[1] is None, change), Copy(0xC3, (1, MAC))]
+    copies = [Copy(0xB2, (1, MAC), change is not None and change[1] is None, change, ("vm-7", "blue")),
+              Copy(0xC3, (1, MAC))]
     ids = store.save(before, after, [], copies=copies)
     assert store.save(after, after, [], copies=[Copy(2**64 - 1, (2**63, MAC2))]) == [ids[1] + 1]
     store.db.close()

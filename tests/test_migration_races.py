@@ -324,6 +324,31 @@ def _twins_with_a_copy_queued(database, last):
     return service, fakes
 
 
+def test_the_guests_last_command_reaches_the_destination_when_the_source_port_goes_first(hypervisors):
+    """docs/controller.md, migration step 2: once a switch confirmed a job, its change is
+    applied to the twin, also when the source's port goes (the switchover) while the copy
+    waits behind a slow job on the destination (a review found the change dropped: the
+    origin was gone when the copy ran)."""
+    service, fakes = hypervisors
+    service.set_inventory(SOURCE, [ON_SOURCE])
+    service.set_inventory(DESTINATION, [ON_DESTINATION])
+    _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
+    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
+    wait_until(lambda: _drops(fakes[DESTINATION]), what="the copy on the destination")
+    blocker = _blocked_job_on_destination(service, fakes)
+    answer = service.execute(CommandRequest(SOURCE, 2, f"A {MAC} I 4 s 10.77.0.0/16", f"fw-1/{MAC}", 1, 1))
+    assert answer.status == "OK"
+    fakes[SOURCE].remove_port(2)
+    wait_until(lambda: service.state.find(SOURCE, MAC) is None, what="the source's entry retired")
+    fakes[DESTINATION].release()
+    assert blocker.wait().status == "OK"
+    _idle(service, SOURCE, DESTINATION)
+    twin = service.state.find(DESTINATION, MAC)
+    assert twin is not None and _filter("10.77.0.0/16") in twin.filters, sorted(map(str, twin.filters))
+    assert fakes[DESTINATION].trace(1, **ATTACKER_FROM_77).verdict == "drop"
+    assert service.store.load_copies() == []
+
+
 def test_a_change_whose_copy_was_queued_when_the_controller_stopped_reaches_the_twin(tmp_path):
     """docs/controller.md: a copy is stored with the change that asks for it and made at
     the next start, so the twins never stay different (before, the change was lost and the
