@@ -88,7 +88,7 @@ class Settings:
         tls_cert, tls_key = environ.get("MBVISOR_TLS_CERT") or None, environ.get("MBVISOR_TLS_KEY") or None
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("MBVISOR_TLS_CERT and MBVISOR_TLS_KEY go together: give both or neither")
-        switch_ids = environ.get("MBVISOR_TLS_SWITCH_IDS", CERTIFICATE)
+        switch_ids = environ.get("MBVISOR_TLS_SWITCH_IDS") or CERTIFICATE
         if switch_ids not in SWITCH_ID_MODES:
             raise ValueError(f"MBVISOR_TLS_SWITCH_IDS must be 'certificate' or 'any', not {switch_ids!r}")
         trust = environ.get("MBVISOR_TRUST", TrustMode.ANNOTATIONS.value)

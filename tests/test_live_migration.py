@@ -329,8 +329,7 @@ def _command_across_the_switchover(dc, image, tmp_path, vms, stopped):
                "B's agent to count the command it forwarded")
     ring = ring_state(destination)
     assert ring["pending"] == 0 and ring["answered"] == ring["published"] == seq + 1, ring
-    filters = dc.controller.get(copy_path)[1]["filters"]
-    assert sum("10.55.0.0/16" in f for f in filters) == 1, filters
+    assert any("10.55.0.0/16" in f for f in dc.controller.get(copy_path)[1]["filters"])
     assert b.bridge.dump_flows(f"cookie={cookie_of(mac):#x}/-1,ip,nw_src=10.55.0.0/16")
 
 

@@ -52,6 +52,7 @@ def test_no_certificate_is_refused(cert):
 
 def test_the_check_is_on_unless_the_operator_turns_it_off():
     assert Settings.from_environment({}).switch_ids == "certificate"
+    assert Settings.from_environment({"MBVISOR_TLS_SWITCH_IDS": ""}).switch_ids == "certificate"  # set but empty: unset
     assert Settings.from_environment({"MBVISOR_TLS_SWITCH_IDS": "any"}).switch_ids == "any"
     with pytest.raises(ValueError, match="MBVISOR_TLS_SWITCH_IDS must be 'certificate' or 'any', not 'none'"):
         Settings.from_environment({"MBVISOR_TLS_SWITCH_IDS": "none"})
