@@ -12,7 +12,6 @@ import errno
 import gc
 import logging
 import socket
-import weakref
 
 from .compat import (CONF, CONFIG_DISPATCHER, DEAD_DISPATCHER, FRAMEWORK, MAIN_DISPATCHER, OSKenApp,
                      lookup_service_brick, ofp_event, ofproto_v1_3, set_ev_cls, set_ev_handler)
@@ -103,7 +102,6 @@ class MbvisorController(OSKenApp):
         # (switchid.py); the manager's TLS options are os-ken's own.
         switch_ca = tls and CONF.ca_certs is not None
         self.checks_switch_ids = switch_ca and settings.switch_ids == CERTIFICATE
-        self.refused = weakref.WeakSet()  # connections refused for their identity (start)
         if switch_ca and not self.checks_switch_ids:
             log.warning("MBVISOR_TLS_SWITCH_IDS=any: any switch the switch CA signed may announce any datapath id, "
                         "and take another hypervisor's place and its middleboxes' flows")
@@ -114,32 +112,40 @@ class MbvisorController(OSKenApp):
                  "NORMAL" if placement.next_table is None else f"table {placement.next_table}")
 
     def start(self):
-        """With a switch CA, a switch's identity is checked inside os-ken's own receive loop,
-        right after its features handler set the connection's id and before the loop reads
-        the switch's next message: a refused connection is closed there and never reaches
-        MAIN_DISPATCHER, where other apps would see it (os-ken's DPSet, which ofctl_rest
-        loads, closes an older connection announcing the same id: the real switch's) and
-        this app's port-status and packet-in handlers would act on the id it announced.
-        The manager starts its OpenFlow server only after every app's start."""
+        """A switch is taken on inside os-ken's own receive loop (``_accept``), registered
+        on its ofp_event service: the manager starts its OpenFlow server only after every
+        app's start."""
         thread = super().start()
-        if self.checks_switch_ids:
-            # not a method with ``callers`` of its own: this app would run it again from its queue
-            handler = set_ev_handler(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)(
-                lambda ev: self._check_identity(ev))
-            lookup_service_brick("ofp_event").register_handler(ofp_event.EventOFPSwitchFeatures, handler)
+        brick = lookup_service_brick("ofp_event")
+        if brick is None:
+            raise SystemExit("mbvisor controller: os-ken's OpenFlow handler (ofp_event) is not loaded")
+        # not a method with ``callers`` of its own: this app would run it again from its queue
+        accept = set_ev_handler(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)(lambda ev: self._accept(ev))
+        brick.register_handler(ofp_event.EventOFPSwitchFeatures, accept)
         return thread
 
-    def _check_identity(self, ev) -> None:
+    def _accept(self, ev) -> None:
+        """A switch's features reply, run by os-ken's receive loop right after its own
+        features handler set the connection's datapath id, before the loop reads the
+        switch's next message.  Here, not from this app's queue: there the event could come
+        before the id was set (the loop hands it to every app first, and waits on any app
+        whose queue is full), and a switch refused for its identity (with a switch CA,
+        ``switchid.py``) must be closed before it reaches MAIN_DISPATCHER, where other apps
+        act on it (os-ken's DPSet, loaded by ofctl_rest, closes the older connection with
+        the same id: the real switch's) and this app's port-status and packet-in handlers
+        would act on the id it announced.  Anything unexpected closes the connection (the
+        switch connects again) rather than leave it half taken on."""
         datapath = ev.msg.datapath
-        found = refusal(datapath.id, peer_certificate(datapath))
-        if found is not None:
-            self.refused.add(datapath)
-            self.service.refuse_switch(datapath, found)
-
-    @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
-    def _switch_features(self, ev):
-        if ev.msg.datapath not in self.refused:
-            self.service.switch_connected(ev.msg.datapath)
+        try:
+            if self.checks_switch_ids:
+                found = refusal(datapath.id, peer_certificate(datapath))
+                if found is not None:
+                    self.service.refuse_switch(datapath, found)
+                    return
+            self.service.switch_connected(datapath)
+        except Exception:
+            log.exception("switch %s: taking on its connection failed; closed", getattr(datapath, "address", "?"))
+            datapath.close()
 
     @set_ev_cls(ofp_event.EventOFPStateChange, DEAD_DISPATCHER)
     def _switch_gone(self, ev):

@@ -100,8 +100,12 @@ def test_the_frozen_objects_are_counted_at_most_every_few_minutes(app, monkeypat
 
 
 def route(app, message) -> None:
-    """What os-ken's dispatcher does with a message: the handlers registered for its
-    event class get it; a message nobody registered for is dropped."""
+    """What os-ken's dispatcher does with a message: a features reply goes to the hook the
+    app registered in os-ken's receive loop (``_accept``, see start); any other, to the
+    handlers registered for its event class; a message nobody registered for is dropped."""
+    if type(message).__name__ == "OFPSwitchFeatures":
+        app._accept(SimpleNamespace(msg=message))
+        return
     event_class = ofp_event.ofp_msg_to_ev_cls(type(message))
     handlers = [getattr(app, name) for name in dir(type(app))
                 if event_class in getattr(getattr(type(app), name), "callers", {})]
@@ -113,7 +117,7 @@ def test_the_handlers_move_switch_events_to_the_service(app):
     service = app.service
     with FakeSwitch(0xA1, sink=lambda message: route(app, message)) as fake:
         fake.add_host("10.0.0.11", "02:00:00:00:00:11", 3)
-        fake.reconnect()  # the features reply reaches _switch_features
+        fake.reconnect()  # the features reply reaches _accept
         wait_until(lambda: 0xA1 in service.reconcilers and service.reconcilers[0xA1].synced,
                    what="the first reconciliation through the app")
         answers = service.submit([CommandRequest(0xA1, 2, text) for text in (
@@ -161,29 +165,45 @@ def tls_app(app, monkeypatch):
     return build
 
 
-def test_with_a_switch_ca_a_switch_announcing_an_id_its_certificate_does_not_name_is_refused(tls_app, monkeypatch):
-    made = tls_app()
-    assert made.checks_switch_ids
+def _started(made, monkeypatch) -> object:
+    """``made.start()`` against a stand-in for os-ken's ofp_event service; the hook it
+    registered there (run by os-ken's receive loop, in CONFIG_DISPATCHER only)."""
     brick = SimpleNamespace(handlers=[], register_handler=lambda cls, handler: brick.handlers.append((cls, handler)))
     monkeypatch.setattr(app_module, "lookup_service_brick", lambda name: brick if name == "ofp_event" else None)
     made.start()
-    ((event_class, check),) = brick.handlers  # run by os-ken's receive loop, in CONFIG_DISPATCHER only
+    ((event_class, accept),) = brick.handlers
     assert event_class is ofp_event.EventOFPSwitchFeatures
-    assert check.callers[event_class].dispatchers == [app_module.CONFIG_DISPATCHER]
+    assert accept.callers[event_class].dispatchers == [app_module.CONFIG_DISPATCHER]
+    return accept
+
+
+def test_a_switch_is_taken_on_in_os_kens_receive_loop_not_from_the_apps_queue(app, monkeypatch):
+    """The app's queue can get a features reply before os-ken set the connection's id (a
+    review found a switch never taken on that way: the loop hands the event to every app
+    first and waits on one whose queue is full); the hook runs after os-ken's handler."""
+    accept = _started(app, monkeypatch)
+    assert not any(ofp_event.EventOFPSwitchFeatures in getattr(getattr(type(app), name), "callers", {})
+                   for name in dir(type(app))), "the app still takes switches on from its queue"
+    switch = _Datapath(0xA1, None)
+    accept(SimpleNamespace(msg=SimpleNamespace(datapath=switch)))
+    assert 0xA1 in app.service.reconcilers and switch.closed == 0
+    broken = _Datapath(0xB2, None)
+    monkeypatch.setattr(app.service, "switch_connected", lambda datapath: 1 / 0)
+    accept(SimpleNamespace(msg=SimpleNamespace(datapath=broken)))
+    assert broken.closed == 1  # taken on halfway: closed, the switch connects again
+
+
+def test_with_a_switch_ca_a_switch_announcing_an_id_its_certificate_does_not_name_is_refused(tls_app, monkeypatch):
+    made = tls_app()
+    assert made.checks_switch_ids
+    accept = _started(made, monkeypatch)
     impostor = _Datapath(0xA1, {"subjectAltName": (("URI", "urn:mbvisor:dpid:00000000000000b2"),)})
-    features = SimpleNamespace(msg=SimpleNamespace(datapath=impostor))
-    check(features)
-    made._switch_features(features)  # then the app's own handler, from its queue
+    accept(SimpleNamespace(msg=SimpleNamespace(datapath=impostor)))
     assert impostor.closed == 1 and 0xA1 not in made.service.reconcilers
     assert b"mbvisor_switches_refused_total 1.0" in made.service.metrics.exposition()
     monkeypatch.setattr(FakeDatapath, "socket", SimpleNamespace(getpeercert=lambda: {
         "subjectAltName": (("URI", "urn:mbvisor:dpid:00000000000000a1"),)}), raising=False)
-
-    def as_os_ken(message):  # the receive loop's handler first, then the app's
-        if type(message).__name__ == "OFPSwitchFeatures":
-            check(SimpleNamespace(msg=message))
-        route(made, message)
-    with FakeSwitch(0xA1, sink=as_os_ken) as fake:
+    with FakeSwitch(0xA1, sink=lambda message: route(made, message)) as fake:
         fake.reconnect()
         wait_until(lambda: 0xA1 in made.service.reconcilers and made.service.reconcilers[0xA1].synced,
                    what="the switch whose certificate names its id")
@@ -193,9 +213,6 @@ def test_the_operator_may_let_any_switch_announce_any_id(tls_app, caplog, monkey
     made = tls_app(MBVISOR_TLS_SWITCH_IDS="any")
     assert not made.checks_switch_ids
     assert "MBVISOR_TLS_SWITCH_IDS=any: any switch the switch CA signed may announce any datapath id" in caplog.text
-    brick = SimpleNamespace(register_handler=lambda *args: pytest.fail("an identity check was registered"))
-    monkeypatch.setattr(app_module, "lookup_service_brick", lambda name: brick)
-    made.start()
     anyone = _Datapath(0xA1, {})
-    made._switch_features(SimpleNamespace(msg=SimpleNamespace(datapath=anyone)))
+    _started(made, monkeypatch)(SimpleNamespace(msg=SimpleNamespace(datapath=anyone)))
     assert anyone.closed == 0 and 0xA1 in made.service.reconcilers
