@@ -56,9 +56,12 @@ def twin_ports(identity: PortIdentity, home: int, inventories: dict[int, Invento
     return homes
 
 
-def arrivals(state: State, inventories: dict[int, Inventory], dpid: int) -> list[tuple[int, str]]:
-    """The middleboxes, (dpid, MAC) on other switches, whose VM switch ``dpid``'s
-    annotations now show and that ``dpid`` does not hold yet: to be copied there."""
+def arrivals(state: State, inventories: dict[int, Inventory], dpid: int) -> list["Copy"]:
+    """The copies to switch ``dpid`` of the middleboxes on other switches whose VM its
+    annotations now show and that it does not hold yet.  Each carries its origin whole, as
+    a change that made it, and its VM: if the origin is gone by the time the copy is made
+    (the source's port went while the destination was busy), the copy is still made from
+    it (``left_behind``)."""
     here = inventories.get(dpid, Inventory())
     found = []
     for middlebox in state.middleboxes:
@@ -67,7 +70,7 @@ def arrivals(state: State, inventories: dict[int, Inventory], dpid: int) -> list
         identity = identity_of(middlebox, inventories.get(middlebox.dpid, Inventory()))
         there = here.with_mac(middlebox.mac)
         if identity is not None and there is not None and same_vm(there, identity):
-            found.append(middlebox.key)
+            found.append(Copy(dpid, middlebox.key, False, (None, middlebox), (identity.vm_id, identity.tenant)))
     return found
 
 
@@ -178,7 +181,7 @@ def adopted(state: State, inventories: dict[int, Inventory], dpid: int, origin: 
     here = inventory.with_mac(mac)
     current = state.find(dpid, mac)
     if source is None and cancelled:
-        if current is None or here is None or identity_of(current, inventory) is None:
+        if current is None or here is None or identity_of(current, inventory) is None or not _shows(here, vm):
             return state
         return state.remove(dpid, mac)
     if source is None:
@@ -206,9 +209,15 @@ def left_behind(current: Middlebox | None, here: PortIdentity | None, change, vm
     port went while the copy waited: the guest's last commands before the switchover), if
     ``dpid``'s annotations (``here``) still show the VM the copy was asked for: that job's
     change, or the middlebox it made whole; None if there is nothing to bring."""
-    if change is None or change[1] is None or vm is None or here is None or (here.vm_id, here.tenant) != vm:
+    if change is None or change[1] is None or vm is None or here is None or not _shows(here, vm):
         return None
     before, after = change
     if before is None:
         return after
     return None if current is None else with_change(current, before, after)
+
+
+def _shows(here: PortIdentity, vm: tuple[str, str] | None) -> bool:
+    """Whether a port's annotations show the VM (vm-id, tenant) a copy was asked for (any,
+    for a copy that names none: asked before copies named their VM)."""
+    return vm is None or (here.vm_id, here.tenant) == vm

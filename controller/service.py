@@ -216,8 +216,8 @@ class Controller:
             self.adopt(copy, made=copy_id)
         if not self.store.copies_were_stored:  # a database from before they were
             for dpid in sorted(self.inventories):
-                for origin in arrivals(self.state, self.inventories, dpid):
-                    self.adopt(Copy(dpid, origin))
+                for copy in arrivals(self.state, self.inventories, dpid):
+                    self.adopt(copy)
         self.store.prune_old(time.time())
         log.info("loaded %d middlebox(es) and the annotated ports of %d switch(es) from %s (trust: %s)",
                  len(self.state.middleboxes), len(self.inventories), self.settings.database,
@@ -711,7 +711,7 @@ class Controller:
         previous = self.inventories.get(dpid)
         if previous is not None and previous.identities == inventory.identities and previous.refused == inventory.refused:
             return previous
-        copies = [Copy(dpid, origin) for origin in arrivals(self.state, {**self.inventories, dpid: inventory}, dpid)]
+        copies = arrivals(self.state, {**self.inventories, dpid: inventory}, dpid)
         copy_ids = self.store.save_inventory(dpid, entries, copies)
         self.inventories[dpid] = inventory
         for refused in inventory.refused:

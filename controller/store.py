@@ -67,10 +67,11 @@ CREATE TABLE IF NOT EXISTS answers (
     status TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (channel, epoch, seq));
 CREATE TABLE IF NOT EXISTS copies (
     id INTEGER PRIMARY KEY AUTOINCREMENT, dpid INTEGER NOT NULL, origin_dpid INTEGER NOT NULL, mac TEXT NOT NULL,
-    cancelled INTEGER NOT NULL, change TEXT, vm TEXT);
+    cancelled INTEGER NOT NULL, change TEXT);
 """
 # Columns added since the first release; an older database gains them on open.
 ANSWER_COLUMNS = {"code": "TEXT NOT NULL DEFAULT 'ok'", "command": "TEXT", "stored": "REAL NOT NULL DEFAULT 0"}
+COPY_COLUMNS = {"vm": "TEXT"}
 
 
 def command_text(command: dict | str) -> str:
@@ -156,11 +157,9 @@ class Store:
         self.copies_were_stored = self.db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'copies'").fetchone() is not None
         self.db.executescript(SCHEMA)
-        present = {row[1] for row in self.db.execute("PRAGMA table_info(answers)")}
-        for column, declaration in ANSWER_COLUMNS.items():
-            if column not in present:
-                self.db.execute(f"ALTER TABLE answers ADD COLUMN {column} {declaration}")
-        if "stored" not in present:  # older rows start their retention now, not in 1970
+        answer_columns = self._add_columns("answers", ANSWER_COLUMNS)
+        self._add_columns("copies", COPY_COLUMNS)
+        if "stored" not in answer_columns:  # older rows start their retention now, not in 1970
             self.db.execute("UPDATE answers SET stored = ?", (time.time(),))
         self._move_filters_to_their_rows()
         self.stored_since_prune: dict[str, int] = {}
@@ -186,6 +185,14 @@ class Store:
             self.db.executemany("INSERT INTO filter_texts VALUES (?, ?, ?)",
                                 [(*key, "\n".join(dict.fromkeys(found))) for key, found in texts.items() if found])
             self.db.execute("DROP TABLE IF EXISTS filters")
+
+    def _add_columns(self, table: str, columns: dict[str, str]) -> set[str]:
+        """The ``columns`` an older database's ``table`` lacks, added; the columns it had."""
+        present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+        for column, declaration in columns.items():
+            if column not in present:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        return present
 
     def load(self, limits: Limits) -> State:
         filters = defaultdict(list)

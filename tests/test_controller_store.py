@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 
@@ -447,3 +448,18 @@ def test_an_inventory_is_stored_with_the_arrivals_it_asks_for(tmp_path):
     (copy_id,) = store.save_inventory(0xB2, [], [Copy(0xB2, (1, MAC))])
     assert store.load_copies() == [(copy_id, Copy(0xB2, (1, MAC)))]
     assert store.save_inventory(0xB2, []) == []
+
+
+def test_a_copies_table_from_before_copies_named_their_vm_gains_the_column(tmp_path):
+    """A review found a database whose copies table was made before the ``vm`` column
+    stopping the controller's start (no such column)."""
+    path = tmp_path / "c.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE copies (id INTEGER PRIMARY KEY AUTOINCREMENT, dpid INTEGER NOT NULL, "
+                   "origin_dpid INTEGER NOT NULL, mac TEXT NOT NULL, cancelled INTEGER NOT NULL, change TEXT)")
+        db.execute("INSERT INTO copies (dpid, origin_dpid, mac, cancelled, change) VALUES (178, 161, ?, 0, NULL)",
+                   (MAC,))
+    store = Store(path)
+    assert [copy for _, copy in store.load_copies()] == [Copy(178, (161, MAC))]
+    (made,) = store.save(State(), State(), [], copies=[Copy(178, (161, MAC), False, None, ("fw-1", "red"))])
+    assert store.load_copies()[-1] == (made, Copy(178, (161, MAC), False, None, ("fw-1", "red")))

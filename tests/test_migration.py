@@ -45,7 +45,8 @@ def test_twins_are_the_same_vm_tenant_and_mac_annotated_on_two_switches():
     assert identity_of(firewall(), seen[SOURCE]) == ON_SOURCE
     assert twin_ports(ON_SOURCE, SOURCE, seen) == [(DESTINATION, 7)]
     state = State.of([firewall()])
-    assert arrivals(state, seen, DESTINATION) == [(SOURCE, MAC)]
+    assert arrivals(state, seen, DESTINATION) == [
+        Copy(DESTINATION, (SOURCE, MAC), False, (None, state.find(SOURCE, MAC)), ("fw-1", "red"))]
     assert arrivals(state, seen, SOURCE) == []  # the source holds its own
 
 
@@ -338,3 +339,16 @@ def test_a_change_whose_origin_went_before_its_copy_still_reaches_the_twin(kind)
         assert adopted(state, seen, DESTINATION, (SOURCE, MAC), {1, 2}, False, change, vm) is state
     assert adopted(state, {}, DESTINATION, (SOURCE, MAC), {1, 2}, False, change, ("fw-1", "red")) is state
     assert adopted(state, seen, DESTINATION, (SOURCE, MAC), {1, 2}) is state   # an arrival: nothing to copy
+
+
+def test_a_late_cancel_copy_does_not_remove_the_middlebox_of_a_port_now_annotated_as_another_vm():
+    """A review found fw-1/red's cancel, copied late, removing the middlebox of the port
+    re-annotated meanwhile as blue's VM with the same MAC."""
+    blue = PortIdentity(7, MAC, "blue", "fw-9", ("10.0.0.2",), "tap-fw9")
+    state = State.of([firewall(DESTINATION, 7, 2)])   # the origin is gone (cancelled there)
+    cancel = compact((firewall(), None))
+    assert adopted(state, {DESTINATION: build_inventory([blue])}, DESTINATION, (SOURCE, MAC), {2}, True, cancel,
+                   ("fw-1", "red")) is state
+    removed = adopted(state, {DESTINATION: build_inventory([ON_DESTINATION])}, DESTINATION, (SOURCE, MAC), {2}, True,
+                      cancel, ("fw-1", "red"))
+    assert removed.find(DESTINATION, MAC) is None

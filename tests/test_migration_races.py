@@ -349,6 +349,33 @@ def test_the_guests_last_command_reaches_the_destination_when_the_source_port_go
     assert service.store.load_copies() == []
 
 
+def test_the_arrival_copy_reaches_a_busy_destination_when_the_source_port_goes_first(hypervisors):
+    """The destination's port is annotated (QEMU's paused destination plugged in) while its
+    switch is busy; the guest's last command on the source is confirmed, then the source's
+    port goes, all before the destination's queue runs: the arrival and the change still
+    make the twin (a review found every copy dropped: the origin was gone)."""
+    service, fakes = hypervisors
+    service.set_inventory(SOURCE, [ON_SOURCE])
+    service.set_inventory(DESTINATION, [OTHER_VM])
+    _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
+    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
+    _ok(service, DESTINATION, 1, f"R F {OTHER_MAC} 10.0.0.9")
+    fakes[DESTINATION].hold()
+    blocker = _stuck_in(fakes[DESTINATION],
+                        lambda: service.execute(CommandRequest(DESTINATION, 1, f"A {OTHER_MAC} I 4 s 10.99.0.0/16")))
+    service.set_inventory(DESTINATION, [ON_DESTINATION, OTHER_VM])
+    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.77.0.0/16")
+    fakes[SOURCE].remove_port(2)
+    wait_until(lambda: service.state.find(SOURCE, MAC) is None, what="the source's entry retired")
+    fakes[DESTINATION].release()
+    assert blocker.wait().status == "OK"
+    _idle(service, SOURCE, DESTINATION)
+    twin = service.state.find(DESTINATION, MAC)
+    assert twin is not None, "the migrated VM has no middlebox on the destination: every copy was dropped"
+    assert {_filter("10.66.0.0/16"), _filter("10.77.0.0/16")} <= twin.filters
+    assert fakes[DESTINATION].trace(1, **ATTACKER_FROM_77).verdict == "drop"
+
+
 def test_a_change_whose_copy_was_queued_when_the_controller_stopped_reaches_the_twin(tmp_path):
     """docs/controller.md: a copy is stored with the change that asks for it and made at
     the next start, so the twins never stay different (before, the change was lost and the
@@ -431,6 +458,32 @@ def test_a_database_from_before_copies_were_stored_looks_for_missing_twins_once(
     try:
         assert service.store.copies_were_stored
         assert service.state.find(DESTINATION, MAC) is None, "a later start looked for missing twins again"
+    finally:
+        service.close()
+        for fake in fakes.values():
+            fake.close()
+
+
+def test_a_balancer_whose_backends_stay_on_the_source_keeps_its_filters_and_its_guest_balances(tmp_path):
+    """docs/datacentre.md: the copy holds the redirect, but its backends are the source's
+    VMs, not located on the destination: no redirect flows there (the redirect's traffic
+    reaches the guest, which balances it itself), the filters offloaded as usual."""
+    service, fakes = two_hypervisors(tmp_path / "c.sqlite", ports=(1, 2, 3, 7))
+    try:
+        service.set_inventory(SOURCE, [ON_SOURCE, BACKEND])
+        _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
+        _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
+        _ok(service, SOURCE, 2, f"R L {MAC} 10.0.0.2 0 * 10.0.0.11")
+        client = dict(eth_dst=MAC, eth_src="02:00:00:00:00:44", eth_type=0x0800, ipv4_src="10.0.0.44",
+                      ipv4_dst="10.0.0.2", ip_proto=6, tcp_dst=80)
+        assert fakes[SOURCE].trace(1, ct_state=0x21, **client).verdict == "output"  # redirected on the source
+        service.set_inventory(DESTINATION, [ON_DESTINATION])
+        _idle(service, SOURCE, DESTINATION)
+        twin = service.state.find(DESTINATION, MAC)
+        assert twin is not None and twin.redirects == service.state.find(SOURCE, MAC).redirects
+        assert _drops(fakes[DESTINATION]), "the filters are not offloaded on the destination"
+        assert fakes[DESTINATION].groups == {} and fakes[SOURCE].groups != {}
+        assert fakes[DESTINATION].trace(1, ct_state=0x21, **client).verdict == "normal"  # to the guest's port
     finally:
         service.close()
         for fake in fakes.values():
