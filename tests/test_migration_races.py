@@ -7,6 +7,8 @@ a review (each test failed before its fix)."""
 
 from __future__ import annotations
 
+import contextlib
+
 from fakeswitch import wait_until
 from mbvisor.controller.compat import hub
 from mbvisor.controller.flows import cookie_of
@@ -49,10 +51,11 @@ def _stuck_in(fake, command):
     return running
 
 
-def _blocked_job_on_destination(service, fakes):
+def _blocked_job_on_destination(service, fakes, annotated=(ON_DESTINATION, OTHER_VM)):
     """The destination switch is slow (another tenant's job is waiting for it): what is
-    queued behind that job runs only once it is released."""
-    service.set_inventory(DESTINATION, [ON_DESTINATION, OTHER_VM])
+    queued behind that job runs only once it is released.  ``annotated``: its ports'
+    annotations meanwhile."""
+    service.set_inventory(DESTINATION, list(annotated))
     _idle(service, DESTINATION)
     _ok(service, DESTINATION, 1, f"R F {OTHER_MAC} 10.0.0.9")
     fakes[DESTINATION].hold()
@@ -74,7 +77,18 @@ def test_source_port_going_while_the_destination_is_busy_keeps_the_destinations_
     # The guest's last command on the source, just before the switchover: applied there,
     # its copy queued on the (busy) destination.
     _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.77.0.0/16")
-    # QEMU's source ends: the source's port goes and its entry is retired.
+    copy = _switchover_while_busy(service, fakes, blocker)
+    assert _drops(fakes[DESTINATION])
+    # ... with the guest's last command (a review found it dropped: its origin was gone
+    # when its copy ran)
+    assert _filter("10.77.0.0/16") in copy.filters, sorted(map(str, copy.filters))
+    assert service.store.load_copies() == []
+
+
+def _switchover_while_busy(service, fakes, blocker):
+    """QEMU's source ends: the source's port goes and its entry is retired, while the
+    destination is busy; then the destination's queue runs.  The destination's copy, which
+    must exist and drop what the guest's last command (10.77.0.0/16) filters."""
     fakes[SOURCE].remove_port(2)
     wait_until(lambda: service.state.find(SOURCE, MAC) is None, what="the source's entry retired")
     fakes[DESTINATION].release()
@@ -82,7 +96,8 @@ def test_source_port_going_while_the_destination_is_busy_keeps_the_destinations_
     _idle(service, SOURCE, DESTINATION)
     copy = service.state.find(DESTINATION, MAC)
     assert copy is not None, "the migrated VM lost every offload on its new host"
-    assert _drops(fakes[DESTINATION])
+    assert fakes[DESTINATION].trace(1, **ATTACKER_FROM_77).verdict == "drop"
+    return copy
 
 
 def test_the_source_agents_delete_while_the_destination_is_busy_keeps_the_copy(hypervisors):
@@ -308,6 +323,17 @@ def _restarted(database, service, fakes):
     return service, fakes
 
 
+@contextlib.contextmanager
+def _closed_after(service, fakes):
+    """The controller and its fake switches, closed at the end, whatever happens."""
+    try:
+        yield service, fakes
+    finally:
+        service.close()
+        for fake in fakes.values():
+            fake.close()
+
+
 def _twins_with_a_copy_queued(database, last):
     """Twins on both switches, the destination busy, and the guest's ``last`` command
     confirmed on the source: its copy is queued on the destination, behind the busy job."""
@@ -324,31 +350,6 @@ def _twins_with_a_copy_queued(database, last):
     return service, fakes
 
 
-def test_the_guests_last_command_reaches_the_destination_when_the_source_port_goes_first(hypervisors):
-    """docs/controller.md, migration step 2: once a switch confirmed a job, its change is
-    applied to the twin, also when the source's port goes (the switchover) while the copy
-    waits behind a slow job on the destination (a review found the change dropped: the
-    origin was gone when the copy ran)."""
-    service, fakes = hypervisors
-    service.set_inventory(SOURCE, [ON_SOURCE])
-    service.set_inventory(DESTINATION, [ON_DESTINATION])
-    _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
-    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
-    wait_until(lambda: _drops(fakes[DESTINATION]), what="the copy on the destination")
-    blocker = _blocked_job_on_destination(service, fakes)
-    answer = service.execute(CommandRequest(SOURCE, 2, f"A {MAC} I 4 s 10.77.0.0/16", f"fw-1/{MAC}", 1, 1))
-    assert answer.status == "OK"
-    fakes[SOURCE].remove_port(2)
-    wait_until(lambda: service.state.find(SOURCE, MAC) is None, what="the source's entry retired")
-    fakes[DESTINATION].release()
-    assert blocker.wait().status == "OK"
-    _idle(service, SOURCE, DESTINATION)
-    twin = service.state.find(DESTINATION, MAC)
-    assert twin is not None and _filter("10.77.0.0/16") in twin.filters, sorted(map(str, twin.filters))
-    assert fakes[DESTINATION].trace(1, **ATTACKER_FROM_77).verdict == "drop"
-    assert service.store.load_copies() == []
-
-
 def test_the_arrival_copy_reaches_a_busy_destination_when_the_source_port_goes_first(hypervisors):
     """The destination's port is annotated (QEMU's paused destination plugged in) while its
     switch is busy; the guest's last command on the source is confirmed, then the source's
@@ -356,24 +357,13 @@ def test_the_arrival_copy_reaches_a_busy_destination_when_the_source_port_goes_f
     make the twin (a review found every copy dropped: the origin was gone)."""
     service, fakes = hypervisors
     service.set_inventory(SOURCE, [ON_SOURCE])
-    service.set_inventory(DESTINATION, [OTHER_VM])
     _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
     _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
-    _ok(service, DESTINATION, 1, f"R F {OTHER_MAC} 10.0.0.9")
-    fakes[DESTINATION].hold()
-    blocker = _stuck_in(fakes[DESTINATION],
-                        lambda: service.execute(CommandRequest(DESTINATION, 1, f"A {OTHER_MAC} I 4 s 10.99.0.0/16")))
+    blocker = _blocked_job_on_destination(service, fakes, annotated=(OTHER_VM,))
     service.set_inventory(DESTINATION, [ON_DESTINATION, OTHER_VM])
     _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.77.0.0/16")
-    fakes[SOURCE].remove_port(2)
-    wait_until(lambda: service.state.find(SOURCE, MAC) is None, what="the source's entry retired")
-    fakes[DESTINATION].release()
-    assert blocker.wait().status == "OK"
-    _idle(service, SOURCE, DESTINATION)
-    twin = service.state.find(DESTINATION, MAC)
-    assert twin is not None, "the migrated VM has no middlebox on the destination: every copy was dropped"
+    twin = _switchover_while_busy(service, fakes, blocker)
     assert {_filter("10.66.0.0/16"), _filter("10.77.0.0/16")} <= twin.filters
-    assert fakes[DESTINATION].trace(1, **ATTACKER_FROM_77).verdict == "drop"
 
 
 def test_a_change_whose_copy_was_queued_when_the_controller_stopped_reaches_the_twin(tmp_path):
@@ -383,31 +373,23 @@ def test_a_change_whose_copy_was_queued_when_the_controller_stopped_reaches_the_
     database = tmp_path / "controller.sqlite"
     service, fakes = _twins_with_a_copy_queued(database, f"A {MAC} I 4 s 10.77.0.0/16")
     service, fakes = _restarted(database, service, fakes)
-    try:
+    with _closed_after(service, fakes):
         source, twin = service.state.find(SOURCE, MAC), service.state.find(DESTINATION, MAC)
         assert _filter("10.77.0.0/16") in source.filters
         assert twin.filters == source.filters, sorted(map(str, source.filters ^ twin.filters))
         assert twin.port == 7 and twin.zone != source.zone
         assert service.store.load_copies() == [], "a copy made is still stored: it would be made again"
         assert fakes[DESTINATION].trace(1, **ATTACKER_FROM_77).verdict == "drop", "the twin's switch lacks the flow"
-    finally:
-        service.close()
-        for fake in fakes.values():
-            fake.close()
 
 
 def test_a_guests_cancel_whose_copy_was_queued_when_the_controller_stopped_removes_the_twin(tmp_path):
     database = tmp_path / "controller.sqlite"
     service, fakes = _twins_with_a_copy_queued(database, f"X {MAC}")
     service, fakes = _restarted(database, service, fakes)
-    try:
+    with _closed_after(service, fakes):
         assert service.state.find(SOURCE, MAC) is None
         assert service.state.find(DESTINATION, MAC) is None, "the guest's cancel never reached the twin"
         assert not _drops(fakes[DESTINATION]) and service.store.load_copies() == []
-    finally:
-        service.close()
-        for fake in fakes.values():
-            fake.close()
 
 
 def test_an_operators_delete_of_one_twin_is_not_undone_by_a_restart(hypervisors, tmp_path):
@@ -423,13 +405,9 @@ def test_an_operators_delete_of_one_twin_is_not_undone_by_a_restart(hypervisors,
     assert service.delete_middlebox(DESTINATION, MAC).status == "OK"
     _idle(service, DESTINATION)
     service, fakes = _restarted(database, service, fakes)
-    try:
+    with _closed_after(service, fakes):
         assert service.state.find(SOURCE, MAC) is not None
         assert service.state.find(DESTINATION, MAC) is None, "the operator's DELETE was undone by the restart"
-    finally:
-        service.close()
-        for fake in fakes.values():
-            fake.close()
 
 
 def test_a_database_from_before_copies_were_stored_looks_for_missing_twins_once(tmp_path):
@@ -445,23 +423,15 @@ def test_a_database_from_before_copies_were_stored_looks_for_missing_twins_once(
     _idle(service, DESTINATION)
     service.store.db.execute("DROP TABLE copies")                       # the older schema
     service, fakes = _restarted(database, service, fakes)
-    try:
+    with _closed_after(service, fakes):
         assert service.state.find(DESTINATION, MAC) is not None, "the older database's missing twin never made"
         assert service.store.copies_were_stored is False
         assert service.delete_middlebox(DESTINATION, MAC).status == "OK"
         _idle(service, DESTINATION)
-    finally:
-        service.close()
-        for fake in fakes.values():
-            fake.close()
     service, fakes = two_hypervisors(database)
-    try:
+    with _closed_after(service, fakes):
         assert service.store.copies_were_stored
         assert service.state.find(DESTINATION, MAC) is None, "a later start looked for missing twins again"
-    finally:
-        service.close()
-        for fake in fakes.values():
-            fake.close()
 
 
 def test_a_balancer_whose_backends_stay_on_the_source_keeps_its_filters_and_its_guest_balances(tmp_path):
@@ -469,7 +439,7 @@ def test_a_balancer_whose_backends_stay_on_the_source_keeps_its_filters_and_its_
     VMs, not located on the destination: no redirect flows there (the redirect's traffic
     reaches the guest, which balances it itself), the filters offloaded as usual."""
     service, fakes = two_hypervisors(tmp_path / "c.sqlite", ports=(1, 2, 3, 7))
-    try:
+    with _closed_after(service, fakes):
         service.set_inventory(SOURCE, [ON_SOURCE, BACKEND])
         _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
         _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
@@ -484,7 +454,3 @@ def test_a_balancer_whose_backends_stay_on_the_source_keeps_its_filters_and_its_
         assert _drops(fakes[DESTINATION]), "the filters are not offloaded on the destination"
         assert fakes[DESTINATION].groups == {} and fakes[SOURCE].groups != {}
         assert fakes[DESTINATION].trace(1, ct_state=0x21, **client).verdict == "normal"  # to the guest's port
-    finally:
-        service.close()
-        for fake in fakes.values():
-            fake.close()
