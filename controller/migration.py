@@ -180,6 +180,9 @@ def adopted(state: State, inventories: dict[int, Inventory], dpid: int, origin: 
     inventory = inventories.get(dpid, Inventory())
     here = inventory.with_mac(mac)
     current = state.find(dpid, mac)
+    if (source is not None and not cancelled and vm is not None
+            and identity_of(source, inventories.get(origin[0], Inventory())) is None):
+        source = None  # its port's annotations went (the VM left), its retirement still queued: as gone
     if source is None and cancelled:
         if current is None or here is None or identity_of(current, inventory) is None or not _shows(here, vm):
             return state
@@ -215,6 +218,14 @@ def left_behind(current: Middlebox | None, here: PortIdentity | None, change, vm
     if before is None:
         return after
     return None if current is None else with_change(current, before, after)
+
+
+def shown(copy: Copy, inventory: Inventory) -> bool:
+    """Whether a switch's annotations still show the VM a copy to it was asked for (a copy
+    that names none: always).  A copy waiting in that switch's queue when they stop
+    showing it is void: a copy made later, on a port annotated as the VM again, would bring
+    back what the guest has cancelled meanwhile."""
+    return copy.vm is None or ((here := inventory.with_mac(copy.origin[1])) is not None and _shows(here, copy.vm))
 
 
 def _shows(here: PortIdentity, vm: tuple[str, str] | None) -> bool:

@@ -34,7 +34,7 @@ from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, fil
 from .health import BackendHealth
 from .ingress import link_local
 from .metrics import Metrics
-from .migration import Copy, adopted, arrivals, copies_after
+from .migration import Copy, adopted, arrivals, copies_after, shown
 from .pacing import Pacer
 from .model import (ApplyError, Binding, Draft, Limits, Middlebox, State, added_answer_text, adding_to,
                     check_destination_mac, decide, present_answer_text, unique_zones)
@@ -202,6 +202,8 @@ class Controller:
     zones_in_flight: set = field(default_factory=set)  # conntrack zones given by jobs not yet committed
     flow_costs: dict = field(default_factory=dict)  # (dpid, mac) -> (filters, addresses, switch entries they cost)
     refusals: FaultLog = field(default_factory=lambda: FaultLog(log))  # switches refused for their identity
+    waiting_copies: dict = field(default_factory=dict)  # id -> migration.Copy queued and not made yet
+    void_copies: set = field(default_factory=set)       # ids of queued copies made void (_void_copies_to)
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.database)
@@ -622,15 +624,32 @@ class Controller:
         there; a switch that never connected has none, nothing in flight, and takes the copy
         at once (installed when it connects)."""
         for copy_id, copy in copies:
+            self.waiting_copies[copy_id] = copy
             if copy.dpid in self.reconcilers:
                 self.reconcilers[copy.dpid].submit(Job("adopt", copy=copy, copy_id=copy_id))
             else:
                 self.adopt(copy, made=copy_id)
 
+    def _void_copies_to(self, dpid: int) -> None:
+        """The copies waiting in switch ``dpid``'s queue whose VM its annotations no longer
+        show (``migration.shown``) are forgotten, and do nothing when their turn comes."""
+        inventory = self.inventory_of(dpid)
+        for copy_id, copy in list(self.waiting_copies.items()):
+            if copy.dpid == dpid and not shown(copy, inventory):
+                del self.waiting_copies[copy_id]
+                self.void_copies.add(copy_id)
+                self.store.forget_copy(copy_id)
+                log.info("switch %016x: the copy of %s from %016x is void: its VM's port there lost its annotations",
+                         dpid, copy.origin[1], copy.origin[0])
+
     def adopt(self, copy: Copy, made: int | None = None) -> bool:
         """The ``copy`` made (its switch's twin of its origin brought to it, or given its
         change), durably, and the stored copy it ``made`` forgotten; whether anything
         changed.  Only the shell of ``migration.adopted``."""
+        if made in self.void_copies:  # its target stopped showing its VM while it waited
+            self.void_copies.discard(made)
+            return False
+        self.waiting_copies.pop(made, None)
         dpid, origin = copy.dpid, copy.origin
         try:
             after = adopted(self.state, self.inventories, dpid, origin, self.state.zones | self.zones_in_flight,
@@ -692,6 +711,7 @@ class Controller:
             self.store.save_inventory(dpid, remaining)
             self.inventories[dpid] = inventory.without(port)
             log.info("switch %016x: port %d is gone; its annotations with it", dpid, port)
+            self._void_copies_to(dpid)
         if dpid in self.reconcilers:
             self.reconcilers[dpid].submit(Job("retire", ports=frozenset({port})))
             if inventory is not None and inventory.at(port) is not None:
@@ -714,6 +734,7 @@ class Controller:
         copies = arrivals(self.state, {**self.inventories, dpid: inventory}, dpid)
         copy_ids = self.store.save_inventory(dpid, entries, copies)
         self.inventories[dpid] = inventory
+        self._void_copies_to(dpid)
         for refused in inventory.refused:
             log.warning("switch %016x: annotations of %s (port %d) refused: %s", dpid, refused.interface or "?",
                         refused.port, refused.reason)

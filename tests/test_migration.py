@@ -352,3 +352,15 @@ def test_a_late_cancel_copy_does_not_remove_the_middlebox_of_a_port_now_annotate
     removed = adopted(state, {DESTINATION: build_inventory([ON_DESTINATION])}, DESTINATION, (SOURCE, MAC), {2}, True,
                       cancel, ("fw-1", "red"))
     assert removed.find(DESTINATION, MAC) is None
+
+
+def test_an_arrival_whose_origins_annotations_went_before_its_retirement_is_still_made():
+    """The source's port went: its annotations at once, its entry's retirement queued on a
+    busy source switch; the arrival copy, made meanwhile, finds the origin still in the
+    state, unannotated: as gone (a review found the arrival dropped)."""
+    state = State.of([firewall()])
+    seen = {SOURCE: build_inventory([ON_SOURCE]), DESTINATION: build_inventory([ON_DESTINATION])}
+    (copy,) = arrivals(state, seen, DESTINATION)
+    port_went = {SOURCE: build_inventory([]), DESTINATION: build_inventory([ON_DESTINATION])}
+    made = adopted(state, port_went, DESTINATION, copy.origin, state.zones, copy.cancelled, copy.change, copy.vm)
+    assert made.find(DESTINATION, MAC).filters == firewall().filters

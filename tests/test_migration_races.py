@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
+
 from fakeswitch import wait_until
 from mbvisor.controller.compat import hub
 from mbvisor.controller.flows import cookie_of
@@ -364,6 +366,72 @@ def test_the_arrival_copy_reaches_a_busy_destination_when_the_source_port_goes_f
     _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.77.0.0/16")
     twin = _switchover_while_busy(service, fakes, blocker)
     assert {_filter("10.66.0.0/16"), _filter("10.77.0.0/16")} <= twin.filters
+
+
+SOURCE_OTHER_MAC = "02:00:00:00:00:0a"
+SOURCE_OTHER = PortIdentity(1, SOURCE_OTHER_MAC, "blue", "fw-10", ("10.0.0.10",), "tap-fw10")
+
+
+@pytest.mark.parametrize("queued", ["arrival", "last command"])
+def test_a_copy_waiting_on_a_busy_destination_arrives_when_the_source_port_goes_while_the_source_is_busy_too(
+        hypervisors, queued):
+    """The source's port goes: its annotations at once, its entry's retirement queued
+    behind another tenant's job on the (busy) source switch.  The destination's copy (the
+    arrival, or the guest's last command) runs first and finds the origin still in the
+    state, without annotations (a review found it dropped: the VM reached the destination
+    with no middlebox, or without its last filter)."""
+    service, fakes = hypervisors
+    service.set_inventory(SOURCE, [ON_SOURCE, SOURCE_OTHER])
+    _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
+    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
+    _ok(service, SOURCE, 1, f"R F {SOURCE_OTHER_MAC} 10.0.0.10")
+    if queued == "arrival":
+        blocker = _blocked_job_on_destination(service, fakes, annotated=(OTHER_VM,))
+        service.set_inventory(DESTINATION, [ON_DESTINATION, OTHER_VM])
+    else:
+        service.set_inventory(DESTINATION, [ON_DESTINATION])
+        wait_until(lambda: _drops(fakes[DESTINATION]), what="the copy on the destination")
+        blocker = _blocked_job_on_destination(service, fakes)
+        _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.77.0.0/16")
+    fakes[SOURCE].hold()
+    on_source = _stuck_in(fakes[SOURCE], lambda: service.execute(
+        CommandRequest(SOURCE, 1, f"A {SOURCE_OTHER_MAC} I 4 s 10.98.0.0/16")))
+    fakes[SOURCE].ports.pop(2)
+    service.port_deleted(SOURCE, 2)   # what the app's _port_status does
+    fakes[DESTINATION].release()
+    assert blocker.wait().status == "OK"
+    _idle(service, DESTINATION)
+    fakes[SOURCE].release()
+    assert on_source.wait().status == "OK"
+    _idle(service, SOURCE, DESTINATION)
+    assert service.state.find(SOURCE, MAC) is None
+    twin = service.state.find(DESTINATION, MAC)
+    assert twin is not None, "the migrated VM has no middlebox on the destination"
+    last = {_filter("10.77.0.0/16")} if queued == "last command" else set()
+    assert {_filter("10.66.0.0/16")} | last <= twin.filters, sorted(map(str, twin.filters))
+
+
+def test_a_cancel_made_while_the_destination_was_unannotated_is_not_undone_by_the_queued_arrival(hypervisors):
+    """A first migration attempt: the destination's port is annotated while that switch is
+    busy (the arrival is queued), then unplugged (the attempt failed); the guest cancels its
+    firewall on the source (no twin is annotated: no cancel copy); a second attempt plugs
+    the destination again.  The first attempt's arrival, void since its port lost its
+    annotations, must not bring back what the guest cancelled (a review found it did)."""
+    service, fakes = hypervisors
+    service.set_inventory(SOURCE, [ON_SOURCE])
+    _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
+    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
+    blocker = _blocked_job_on_destination(service, fakes, annotated=(OTHER_VM,))
+    service.set_inventory(DESTINATION, [ON_DESTINATION, OTHER_VM])  # attempt 1: the arrival queued
+    service.set_inventory(DESTINATION, [OTHER_VM])                  # attempt 1 failed: unplugged
+    assert service.store.load_copies() == [], "the void arrival is still stored (a restart would make it)"
+    answer = service.execute(CommandRequest(SOURCE, 2, f"X {MAC}", f"fw-1/{MAC}", 1, 1))
+    assert answer.status == "OK" and service.state.find(SOURCE, MAC) is None
+    service.set_inventory(DESTINATION, [ON_DESTINATION, OTHER_VM])  # attempt 2
+    fakes[DESTINATION].release()
+    assert blocker.wait().status == "OK"
+    _idle(service, SOURCE, DESTINATION)
+    assert service.state.find(DESTINATION, MAC) is None, "the firewall the guest cancelled came back on the destination"
 
 
 def test_a_change_whose_copy_was_queued_when_the_controller_stopped_reaches_the_twin(tmp_path):
