@@ -58,17 +58,21 @@ def twin_ports(identity: PortIdentity, home: int, inventories: dict[int, Invento
 
 def arrivals(state: State, inventories: dict[int, Inventory], dpid: int) -> list["Copy"]:
     """The copies to switch ``dpid`` of the middleboxes on other switches whose VM its
-    annotations now show and that it does not hold yet.  Each carries its origin whole, as
+    annotations now show and that it does not hold yet on that port (an entry of that MAC
+    on another port is a gone port's, its retirement queued: the copy replaces it).  Each carries its origin whole, as
     a change that made it, and its VM: if the origin is gone by the time the copy is made
     (the source's port went while the destination was busy), the copy is still made from
     it (``left_behind``)."""
     here = inventories.get(dpid, Inventory())
     found = []
     for middlebox in state.middleboxes:
-        if middlebox.dpid == dpid or state.find(dpid, middlebox.mac) is not None:
+        if middlebox.dpid == dpid:
             continue
         identity = identity_of(middlebox, inventories.get(middlebox.dpid, Inventory()))
         there = here.with_mac(middlebox.mac)
+        held = state.find(dpid, middlebox.mac)
+        if held is not None and (there is None or held.port == there.port):
+            continue  # held there already (an entry on another port: a gone port's, its retirement queued)
         if identity is not None and there is not None and same_vm(there, identity):
             found.append(Copy(dpid, middlebox.key, False, (None, middlebox), (identity.vm_id, identity.tenant)))
     return found
@@ -195,7 +199,9 @@ def adopted(state: State, inventories: dict[int, Inventory], dpid: int, origin: 
         identity = identity_of(source, inventories.get(origin[0], Inventory()))
         if identity is None or here is None or not same_vm(here, identity):
             return state
-        if change is not None and current is not None and None not in change:
+        if change is not None and None not in change:
+            if current is None:  # removed here (a guest's cancel, an operator's delete): not brought back by a change
+                return state
             source = with_change(current, *change)  # only what that job changed (else: the origin as it is)
     if source.firewall_ip is None and not source.redirects:  # each side withdrew what the other kept
         return state if current is None else state.remove(dpid, mac)  # nothing left to offload: as after X
@@ -221,11 +227,16 @@ def left_behind(current: Middlebox | None, here: PortIdentity | None, change, vm
 
 
 def shown(copy: Copy, inventory: Inventory) -> bool:
-    """Whether a switch's annotations still show the VM a copy to it was asked for (a copy
-    that names none: always).  A copy waiting in that switch's queue when they stop
-    showing it is void: a copy made later, on a port annotated as the VM again, would bring
-    back what the guest has cancelled meanwhile."""
-    return copy.vm is None or ((here := inventory.with_mac(copy.origin[1])) is not None and _shows(here, copy.vm))
+    """Whether a copy that can make a twin (an arrival, a middlebox a job made) may still be
+    made: a switch's annotations still show the VM it was asked for.  One waiting in that
+    switch's queue when they stop showing it is void: made later, on a port annotated as the
+    VM again, it would bring back what the guest has cancelled meanwhile.  A copy of a change
+    only changes a twin that exists (``adopted``), so it waits for the annotations to
+    return, as do copies that name no VM."""
+    if copy.vm is None or copy.change is None or copy.change[0] is not None:
+        return True
+    here = inventory.with_mac(copy.origin[1])
+    return here is not None and _shows(here, copy.vm)
 
 
 def _shows(here: PortIdentity, vm: tuple[str, str] | None) -> bool:

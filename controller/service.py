@@ -136,6 +136,7 @@ class Plan:
     zones: tuple = ()
     costs: dict = field(default_factory=dict)  # the counts of the job's filter sets (PlanContext.costs)
     added: dict = field(default_factory=dict)  # key -> the filters added to it, if nothing else changed (Draft.added)
+    inventory: Inventory | None = None  # the switch's annotations the job was decided with (whose VM its copies are)
 
     def failed(self, failure: Failure) -> "Plan":
         """The switch refused or did not confirm: nothing of the job changes.  Every answer
@@ -373,7 +374,7 @@ class Controller:
         costs = {key: (after.by_key[key].filters, addresses, total) for key, (_, addresses, total) in final.items()}
         return Plan(requests, tuple(answers), before, after, frozenset(touched), tuple(pending),
                     frozenset(backends), tuple(keep), frozenset(independent), tuple(claimed), tuple(draft.new_zones),
-                    costs, draft.added)
+                    costs, draft.added, context.binding.inventory)
 
     @staticmethod
     def _run_of_adds(requests: list[CommandRequest], start: int, parsed: dict, pace) -> list[AddFilter]:
@@ -552,8 +553,11 @@ class Controller:
         changed = plan.before.changed_keys(plan.after, {(dpid, mac) for mac in plan.touched})
         stored = [(plan.requests[i].key, plan.answers[i], command_text(plan.requests[i].command))
                   for i in plan.keep]
+        # whose VM the job's middleboxes were when it was decided: their port may have gone
+        # (its annotations with it) while the switch applied it
+        inventories = self.inventories if plan.inventory is None else {**self.inventories, dpid: plan.inventory}
         copies = copies_after(dpid, plan.before, plan.after, plan.touched,
-                              all(request.key is not None for request in plan.requests), self.inventories)
+                              all(request.key is not None for request in plan.requests), inventories)
         copy_ids = self.store.save(plan.before, plan.after, stored, changed, plan.added, copies)
         for key in changed:  # counts of filter sets that are current now; none of gone ones
             middlebox, counted = plan.after.by_key.get(key), plan.costs.get(key)
