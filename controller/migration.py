@@ -56,10 +56,11 @@ def twin_ports(identity: PortIdentity, home: int, inventories: dict[int, Invento
     return homes
 
 
-def arrivals(state: State, inventories: dict[int, Inventory], dpid: int) -> list["Copy"]:
+def arrivals(state: State, inventories: dict[int, Inventory], dpid: int, retiring=frozenset()) -> list["Copy"]:
     """The copies to switch ``dpid`` of the middleboxes on other switches whose VM its
-    annotations now show and that it does not hold yet on that port (an entry of that MAC
-    on another port is a gone port's, its retirement queued: the copy replaces it).  Each carries its origin whole, as
+    annotations now show and that it does not hold yet on that port: an entry of that MAC on
+    another port, or on one of the ports ``retiring`` (gone, their retirement queued; a port
+    added again often gets its old number back), is a gone port's, and the copy replaces it.  Each carries its origin whole, as
     a change that made it, and its VM: if the origin is gone by the time the copy is made
     (the source's port went while the destination was busy), the copy is still made from
     it (``left_behind``)."""
@@ -71,8 +72,8 @@ def arrivals(state: State, inventories: dict[int, Inventory], dpid: int) -> list
         identity = identity_of(middlebox, inventories.get(middlebox.dpid, Inventory()))
         there = here.with_mac(middlebox.mac)
         held = state.find(dpid, middlebox.mac)
-        if held is not None and (there is None or held.port == there.port):
-            continue  # held there already (an entry on another port: a gone port's, its retirement queued)
+        if held is not None and held.port not in retiring and (there is None or held.port == there.port):
+            continue  # held there already
         if identity is not None and there is not None and same_vm(there, identity):
             found.append(Copy(dpid, middlebox.key, False, (None, middlebox), (identity.vm_id, identity.tenant)))
     return found

@@ -34,7 +34,7 @@ from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, fil
 from .health import BackendHealth
 from .ingress import link_local
 from .metrics import Metrics
-from .migration import Copy, adopted, arrivals, copies_after, shown
+from .migration import Copy, adopted, arrivals, copies_after, identity_of, shown
 from .pacing import Pacer
 from .model import (ApplyError, Binding, Draft, Limits, Middlebox, State, added_answer_text, adding_to,
                     check_destination_mac, decide, present_answer_text, unique_zones)
@@ -205,6 +205,7 @@ class Controller:
     refusals: FaultLog = field(default_factory=lambda: FaultLog(log))  # switches refused for their identity
     waiting_copies: dict = field(default_factory=dict)  # id -> migration.Copy queued and not made yet
     void_copies: set = field(default_factory=set)       # ids of queued copies made void (_void_copies_to)
+    retiring: dict = field(default_factory=dict)        # dpid -> Counter of gone ports, retirements queued
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.database)
@@ -607,6 +608,10 @@ class Controller:
     def retire(self, dpid: int, ports) -> None:
         """Middleboxes whose port is gone lose their offloads, durably: a reused port must
         never inherit them, even when the port went while the controller was away."""
+        queued = self.retiring.get(dpid, Counter())
+        queued.subtract(ports)
+        for port in [port for port, count in queued.items() if count <= 0]:
+            del queued[port]
         gone = [mb for mb in self.state.on(dpid) if mb.port in ports]
         if not gone:
             return
@@ -717,6 +722,7 @@ class Controller:
             log.info("switch %016x: port %d is gone; its annotations with it", dpid, port)
             self._void_copies_to(dpid)
         if dpid in self.reconcilers:
+            self.retiring.setdefault(dpid, Counter())[port] += 1
             self.reconcilers[dpid].submit(Job("retire", ports=frozenset({port})))
             if inventory is not None and inventory.at(port) is not None:
                 self.reconcilers[dpid].converge_soon()
@@ -735,7 +741,15 @@ class Controller:
         previous = self.inventories.get(dpid)
         if previous is not None and previous.identities == inventory.identities and previous.refused == inventory.refused:
             return previous
-        copies = arrivals(self.state, {**self.inventories, dpid: inventory}, dpid)
+        seen = {**self.inventories, dpid: inventory}
+        copies = arrivals(self.state, seen, dpid, self.retiring.get(dpid, Counter()))
+        was = previous or Inventory()
+        newly = {mb.mac for mb in self.state.on(dpid)   # this switch's middleboxes whose VM its annotations name only now
+                 if identity_of(mb, inventory) is not None and identity_of(mb, was) is None}
+        for other in sorted(seen):
+            if other != dpid and newly:
+                copies += [c for c in arrivals(self.state, seen, other, self.retiring.get(other, Counter()))
+                           if c.origin[0] == dpid and c.origin[1] in newly]
         copy_ids = self.store.save_inventory(dpid, entries, copies)
         self.inventories[dpid] = inventory
         self._void_copies_to(dpid)

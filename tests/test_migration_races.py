@@ -651,3 +651,66 @@ def test_an_operators_delete_of_one_twin_is_not_undone_by_the_guests_next_comman
     _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.77.0.0/16")
     _idle(service, SOURCE, DESTINATION)
     assert service.state.find(DESTINATION, MAC) is None, "the operator's DELETE was undone by the guest's next filter"
+
+
+# Review 5's cases (the first two failed before their fix; the third held)
+
+def test_a_retried_migration_on_the_same_port_number_gets_its_twin(hypervisors):
+    """Attempt 1 fails: the destination's port 7 goes (its retirement queued behind a slow
+    job there); attempt 2 plugs the same interface again, which OVS gives the same port
+    number (ofport reuse by name), annotated as the VM.  The destination must end with the
+    twin: docs, "a twin on a port that went, its retirement still queued, counts as missing"."""
+    service, fakes = hypervisors
+    _twins(service, fakes)
+    blocker = _blocked_job_on_destination(service, fakes)
+    fakes[DESTINATION].ports.pop(7)
+    service.port_deleted(DESTINATION, 7)                          # attempt 1 failed
+    service.set_inventory(DESTINATION, [OTHER_VM])
+    fakes[DESTINATION].ports[7] = fakes[DESTINATION]._port(7)     # attempt 2: same ofport
+    service.set_inventory(DESTINATION, [OTHER_VM, ON_DESTINATION])
+    fakes[DESTINATION].release()
+    assert blocker.wait().status == "OK"
+    _idle(service, SOURCE, DESTINATION)
+    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.77.0.0/16")         # the guest's last command before the switchover
+    _idle(service, SOURCE, DESTINATION)
+    twin = service.state.find(DESTINATION, MAC)
+    assert twin is not None, "attempt 2's destination holds no middlebox: the VM resumes there unprotected"
+    assert twin.filters == service.state.find(SOURCE, MAC).filters
+
+
+def test_a_destination_annotated_before_the_source_names_the_vm_gets_its_twin(hypervisors):
+    """The destination's annotations show fw-1 while the source's port is annotated without
+    the vm-id (or refused for a conflict that clears); the source's next publication names
+    it: both ports now show the VM, but no copy is ever made (arrivals are looked for only
+    to the switch whose annotations changed), and since a change only changes a twin that
+    exists, the guest's later commands no longer make it either."""
+    service, fakes = hypervisors
+    service.set_inventory(SOURCE, [replace(ON_SOURCE, vm_id="")])
+    _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
+    service.set_inventory(DESTINATION, [ON_DESTINATION])
+    service.set_inventory(SOURCE, [ON_SOURCE])
+    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
+    _idle(service, SOURCE, DESTINATION)
+    twin = service.state.find(DESTINATION, MAC)
+    assert twin is not None and twin.filters == service.state.find(SOURCE, MAC).filters, twin
+
+
+def test_a_queued_cancel_and_registration_again_keep_a_twin_after_an_annotation_flap(hypervisors):
+    """The guest cancels and registers its firewall again on the source (two jobs) while the
+    destination is busy: a cancel copy and a new-middlebox copy queued there.  The
+    destination's annotations go and come back meanwhile: the new-middlebox copy is void,
+    the returning annotations make no arrival (the twin the queued cancel removes is still
+    held), and the cancel then removes it: the destination ends without the middlebox the
+    source holds."""
+    service, fakes = hypervisors
+    _twins(service, fakes)
+    blocker = _blocked_job_on_destination(service, fakes)
+    assert service.execute(CommandRequest(SOURCE, 2, f"X {MAC}", CHANNEL, 1, 1)).status == "OK"
+    assert service.execute(CommandRequest(SOURCE, 2, f"R F {MAC} 10.0.0.2", CHANNEL, 1, 2)).status == "OK"
+    service.set_inventory(DESTINATION, [OTHER_VM])
+    service.set_inventory(DESTINATION, [ON_DESTINATION, OTHER_VM])
+    fakes[DESTINATION].release()
+    assert blocker.wait().status == "OK"
+    _idle(service, SOURCE, DESTINATION)
+    assert service.state.find(SOURCE, MAC) is not None
+    assert service.state.find(DESTINATION, MAC) is not None, "the source holds the firewall, its twin is gone"
