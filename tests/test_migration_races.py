@@ -560,26 +560,6 @@ def test_the_guests_last_command_confirmed_after_the_source_port_went_reaches_th
         "answered OK on the source, never reached the destination: " + str(sorted(map(str, twin.filters))))
 
 
-def test_a_guests_cancel_on_the_source_is_not_undone_by_its_next_command_on_the_destination(hypervisors):
-    """Around the switchover: the guest's X (forwarded by the source's agent just before)
-    is still being applied by a slow source switch; the resumed guest's next command is
-    applied on the destination.  Whatever else, what the guest cancelled (10.66.0.0/16)
-    must not come back, and the twins must be equal."""
-    service, fakes = hypervisors
-    _twins(service, fakes)
-    fakes[SOURCE].hold()
-    cancel = _stuck_in(fakes[SOURCE], lambda: service.execute(CommandRequest(SOURCE, 2, f"X {MAC}", CHANNEL, 1, 1)))
-    after = service.execute(CommandRequest(DESTINATION, 7, f"A {MAC} I 4 s 10.88.0.0/16", CHANNEL, 1, 2))
-    assert after.status == "OK"
-    fakes[SOURCE].release()
-    assert cancel.wait().status == "OK"
-    _idle(service, SOURCE, DESTINATION)
-    _idle(service, SOURCE, DESTINATION)
-    held = {dpid: service.state.find(dpid, MAC) for dpid in (SOURCE, DESTINATION)}
-    assert all(mb is None or _filter("10.66.0.0/16") not in mb.filters for mb in held.values()), (
-        f"the guest's cancel was undone: {held}")
-
-
 ON_DESTINATION_8 = replace(ON_DESTINATION, port=8, interface="tap-fw1-c")
 
 
@@ -602,10 +582,10 @@ def test_a_retried_migration_gets_its_arrival_when_the_failed_attempts_twin_is_r
 
 
 def test_a_change_voided_while_the_destination_was_briefly_unannotated_still_reaches_the_twin(hypervisors):
-    """docs/controller.md: a void copy's port, annotated again, "makes a new arrival from
-    the origin as it is then".  The twin already exists there (its port stayed, only its
-    annotations went and came back): no arrival is made, and the guest's change, voided,
-    is lost: the twins stay different."""
+    """The VM's annotations on the destination go and come back while the guest's change
+    waits there: the twin exists all along (its port stayed), so no arrival is made; the
+    change's copy must not be voided (a review found it voided and lost, the twins
+    different)."""
     service, fakes = hypervisors
     _twins(service, fakes)
     blocker = _blocked_job_on_destination(service, fakes)
@@ -619,26 +599,29 @@ def test_a_change_voided_while_the_destination_was_briefly_unannotated_still_rea
     assert twin.filters == source.filters, f"twins differ: {sorted(map(str, source.filters ^ twin.filters))}"
 
 
-def test_a_guests_cancel_on_the_destination_is_not_undone_by_its_earlier_command_still_on_the_source(hypervisors):
-    """A command the source's agent forwarded just before the switchover (A 10.77/16) is
-    still being applied by a slow source switch when the resumed guest cancels its firewall
-    on the destination (X with its key).  Both are answered OK; the cancel is the guest's
-    last word: docs/controller.md, "A guest's cancel (X with its channel's key) on either
-    side removes both"."""
+@pytest.mark.parametrize("on_the_slow_source, then_on_the_destination", [
+    (f"X {MAC}", f"A {MAC} I 4 s 10.88.0.0/16"), (f"A {MAC} I 4 s 10.77.0.0/16", f"X {MAC}")],
+    ids=["cancel-then-add", "add-then-cancel"])
+def test_a_guests_cancel_around_the_switchover_is_not_undone_by_its_other_command(
+        hypervisors, on_the_slow_source, then_on_the_destination):
+    """Around the switchover one of the guest's commands (forwarded by the source's agent
+    just before) is still on a slow source switch while the resumed guest's next is applied
+    on the destination; one of them is the guest's cancel (X with its key).  Both are
+    answered OK; nothing may come back of what the guest cancelled (a review found the
+    destination's change copy recreating the cancelled twin on the source, and the cancel's
+    copy then finding it present)."""
     service, fakes = hypervisors
     _twins(service, fakes)
     fakes[SOURCE].hold()
-    earlier = _stuck_in(fakes[SOURCE], lambda: service.execute(
-        CommandRequest(SOURCE, 2, f"A {MAC} I 4 s 10.77.0.0/16", CHANNEL, 1, 1)))
-    cancel = service.execute(CommandRequest(DESTINATION, 7, f"X {MAC}", CHANNEL, 1, 2))
-    assert cancel.status == "OK"
+    first = _stuck_in(fakes[SOURCE], lambda: service.execute(
+        CommandRequest(SOURCE, 2, on_the_slow_source, CHANNEL, 1, 1)))
+    assert service.execute(CommandRequest(DESTINATION, 7, then_on_the_destination, CHANNEL, 1, 2)).status == "OK"
     fakes[SOURCE].release()
-    assert earlier.wait().status == "OK"
+    assert first.wait().status == "OK"
     _idle(service, SOURCE, DESTINATION)
-    _idle(service, SOURCE, DESTINATION)
+    _idle(service, SOURCE, DESTINATION)   # the copies each side's job queued on the other
     held = {f"{dpid:x}": service.state.find(dpid, MAC) for dpid in (SOURCE, DESTINATION)}
     assert held == {f"{SOURCE:x}": None, f"{DESTINATION:x}": None}, f"the guest's cancel was undone: {held}"
-
 
 def test_an_operators_delete_of_one_twin_is_not_undone_by_the_guests_next_command(hypervisors):
     """docs/controller.md: a delete without a key "removes that switch's entry only"; a
