@@ -160,6 +160,8 @@ class MbvisorController(OSKenApp):
         message = ev.msg
         if message.reason == message.datapath.ofproto.OFPPR_DELETE:
             self.service.port_deleted(message.datapath.id, message.desc.port_no)
+        elif message.reason == message.datapath.ofproto.OFPPR_ADD:
+            self.service.port_added(message.datapath.id, message.desc.port_no)
 
     @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
     def _packet_in(self, ev):

@@ -79,6 +79,20 @@ def arrivals(state: State, inventories: dict[int, Inventory], dpid: int, retirin
     return found
 
 
+def named_only_now(middleboxes, before: Inventory, after: Inventory) -> set[str]:
+    """The MACs of a switch's ``middleboxes`` whose port the annotations ``after`` name as a
+    VM where ``before`` annotated the same MAC without a VM (``vm-id`` given later): their
+    twins elsewhere are arrivals to make now.  Not a port whose annotations were missing or
+    refused before: the twin there may be one a guest's cancel, made meanwhile, removed."""
+    found = set()
+    for middlebox in middleboxes:
+        was = before.at(middlebox.port)
+        if (identity_of(middlebox, after) is not None and was is not None and was.mac == middlebox.mac
+                and not was.vm_id):
+            found.add(middlebox.mac)
+    return found
+
+
 class Copy(NamedTuple):
     """Switch ``dpid``'s twin of ``origin`` (dpid, MAC) to be made equal to it: given only
     ``change`` (the (before, after) of the origin's job, ``compact``), or whole (None); a

@@ -34,7 +34,7 @@ from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, fil
 from .health import BackendHealth
 from .ingress import link_local
 from .metrics import Metrics
-from .migration import Copy, adopted, arrivals, copies_after, identity_of, shown
+from .migration import Copy, adopted, arrivals, copies_after, named_only_now, shown
 from .pacing import Pacer
 from .model import (ApplyError, Binding, Draft, Limits, Middlebox, State, added_answer_text, adding_to,
                     check_destination_mac, decide, present_answer_text, unique_zones)
@@ -206,6 +206,7 @@ class Controller:
     waiting_copies: dict = field(default_factory=dict)  # id -> migration.Copy queued and not made yet
     void_copies: set = field(default_factory=set)       # ids of queued copies made void (_void_copies_to)
     retiring: dict = field(default_factory=dict)        # dpid -> Counter of gone ports, retirements queued
+    replugged: dict = field(default_factory=dict)       # dpid -> those of them the switch reported added again
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.database)
@@ -612,6 +613,7 @@ class Controller:
         queued.subtract(ports)
         for port in [port for port, count in queued.items() if count <= 0]:
             del queued[port]
+            self.replugged.get(dpid, set()).discard(port)
         gone = [mb for mb in self.state.on(dpid) if mb.port in ports]
         if not gone:
             return
@@ -723,9 +725,28 @@ class Controller:
             self._void_copies_to(dpid)
         if dpid in self.reconcilers:
             self.retiring.setdefault(dpid, Counter())[port] += 1
+            self.replugged.get(dpid, set()).discard(port)
             self.reconcilers[dpid].submit(Job("retire", ports=frozenset({port})))
             if inventory is not None and inventory.at(port) is not None:
                 self.reconcilers[dpid].converge_soon()
+
+    def port_added(self, dpid: int, port: int) -> None:
+        """A port added while the retirement of a gone port with its number is still queued:
+        the same interface plugged again (OVS gives a name its old number back, as when a
+        failed migration is retried).  The entry the gone port left counts as missing for
+        the arrivals from now on (a publication from before the port went, arriving late,
+        does not make it so), and they are looked for again: the annotations may have come
+        first."""
+        if self.retiring.get(dpid, Counter())[port] <= 0:
+            return
+        self.replugged.setdefault(dpid, set()).add(port)
+        copies = arrivals(self.state, self.inventories, dpid, self._replugged(dpid))
+        if copies:
+            self._copy_soon(zip(self.store.save_copies(copies), copies))
+
+    def _replugged(self, dpid: int) -> set[int]:
+        """Ports of ``dpid`` gone and added again, the gone one's retirement still queued."""
+        return {port for port in self.replugged.get(dpid, ()) if self.retiring.get(dpid, Counter())[port] > 0}
 
     # --- the operator's annotations (published by the host agent) -----------------------
 
@@ -742,13 +763,11 @@ class Controller:
         if previous is not None and previous.identities == inventory.identities and previous.refused == inventory.refused:
             return previous
         seen = {**self.inventories, dpid: inventory}
-        copies = arrivals(self.state, seen, dpid, self.retiring.get(dpid, Counter()))
-        was = previous or Inventory()
-        newly = {mb.mac for mb in self.state.on(dpid)   # this switch's middleboxes whose VM its annotations name only now
-                 if identity_of(mb, inventory) is not None and identity_of(mb, was) is None}
+        copies = arrivals(self.state, seen, dpid, self._replugged(dpid))
+        newly = named_only_now(self.state.on(dpid), previous or Inventory(), inventory)
         for other in sorted(seen):
             if other != dpid and newly:
-                copies += [c for c in arrivals(self.state, seen, other, self.retiring.get(other, Counter()))
+                copies += [c for c in arrivals(self.state, seen, other, self._replugged(other))
                            if c.origin[0] == dpid and c.origin[1] in newly]
         copy_ids = self.store.save_inventory(dpid, entries, copies)
         self.inventories[dpid] = inventory

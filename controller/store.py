@@ -234,6 +234,11 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO ports VALUES (?, ?)", (stored_dpid(dpid), body))
             return self._add_copies(copies)
 
+    def save_copies(self, copies: list[Copy]) -> list[int]:
+        """Copies asked for by nothing else stored (a port added again); their ids."""
+        with self._transaction():
+            return self._add_copies(copies)
+
     def _add_copies(self, copies: list[Copy]) -> list[int]:
         return [self.db.execute("INSERT INTO copies (dpid, origin_dpid, mac, cancelled, change, vm) "
                                 "VALUES (?, ?, ?, ?, ?, ?)",

@@ -126,6 +126,11 @@ def test_the_handlers_move_switch_events_to_the_service(app):
         reconciler = service.reconcilers[0xA1]
         assert reconciler.submit(Job("audit")).done.wait(timeout=10)  # aggregate and group replies reach it
         assert reconciler.synced and reconciler.last_error is None
+        added = []
+        service.port_added = lambda dpid, port: added.append((dpid, port))
+        fake.add_port(9)  # _port_status tells the service of a port added
+        wait_until(lambda: added == [(0xA1, 9)], what="the port added reaching the service")
+        del service.port_added
         fake.remove_port(2)  # _port_status retires the middlebox
         wait_until(lambda: service.state.find(0xA1, MAC) is None, what="the retirement")
         datapath = fake.datapath

@@ -150,6 +150,8 @@ def _deliver(service: Controller, message) -> None:
         service.switch_connected(message.datapath)
     elif name == "OFPPortStatus" and message.reason == message.datapath.ofproto.OFPPR_DELETE:
         service.port_deleted(message.datapath.id, message.desc.port_no)
+    elif name == "OFPPortStatus" and message.reason == message.datapath.ofproto.OFPPR_ADD:
+        service.port_added(message.datapath.id, message.desc.port_no)
     else:
         service.receive(message)
 

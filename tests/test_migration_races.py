@@ -638,32 +638,85 @@ def test_an_operators_delete_of_one_twin_is_not_undone_by_the_guests_next_comman
 
 # Review 5's cases (the first two failed before their fix; the third held)
 
-def test_a_retried_migration_on_the_same_port_number_gets_its_twin(hypervisors):
+def _port_goes(service, fakes, port):
+    """The destination's port goes, as the app's port-status handler tells the service (the
+    held fake switch would only say so once released)."""
+    fakes[DESTINATION].ports.pop(port)
+    service.port_deleted(DESTINATION, port)
+
+
+def _port_comes(service, fakes, port):
+    fakes[DESTINATION].ports[port] = fakes[DESTINATION]._port(port)
+    service.port_added(DESTINATION, port)
+
+
+@pytest.mark.parametrize("annotated_first", [False, True], ids=["port-then-annotations", "annotations-then-port"])
+def test_a_retried_migration_on_the_same_port_number_gets_its_twin(hypervisors, annotated_first):
     """Attempt 1 fails: the destination's port 7 goes (its retirement queued behind a slow
     job there); attempt 2 plugs the same interface again, which OVS gives the same port
-    number (ofport reuse by name), annotated as the VM.  The destination must end with the
-    twin: docs, "a twin on a port that went, its retirement still queued, counts as missing"."""
+    number, annotated as the VM (the switch's port-added and the agent's publication in
+    either order).  The destination must end with the twin (a review found none)."""
     service, fakes = hypervisors
     _twins(service, fakes)
     blocker = _blocked_job_on_destination(service, fakes)
-    fakes[DESTINATION].ports.pop(7)
-    service.port_deleted(DESTINATION, 7)                          # attempt 1 failed
+    _port_goes(service, fakes, 7)                                     # attempt 1 failed
     service.set_inventory(DESTINATION, [OTHER_VM])
-    fakes[DESTINATION].ports[7] = fakes[DESTINATION]._port(7)     # attempt 2: same ofport
+    if annotated_first:
+        service.set_inventory(DESTINATION, [OTHER_VM, ON_DESTINATION])
+    _port_comes(service, fakes, 7)                                    # attempt 2: the same number
     service.set_inventory(DESTINATION, [OTHER_VM, ON_DESTINATION])
     fakes[DESTINATION].release()
     assert blocker.wait().status == "OK"
     _idle(service, SOURCE, DESTINATION)
-    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.77.0.0/16")         # the guest's last command before the switchover
+    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.77.0.0/16")          # the guest's last command before the switchover
     _idle(service, SOURCE, DESTINATION)
     twin = service.state.find(DESTINATION, MAC)
     assert twin is not None, "attempt 2's destination holds no middlebox: the VM resumes there unprotected"
     assert twin.filters == service.state.find(SOURCE, MAC).filters
 
 
+def test_a_late_publication_listing_a_gone_port_does_not_recreate_its_twin(hypervisors):
+    """The agent's publication taken before the port went arrives after: it still lists
+    port 7, which the switch did not report added again.  The twin there is retired, and a
+    later attempt on port 7 gets a whole copy (a review found the twin recreated on the gone
+    port and left stale for the next attempt)."""
+    service, fakes = hypervisors
+    _twins(service, fakes)
+    blocker = _blocked_job_on_destination(service, fakes)
+    _port_goes(service, fakes, 7)
+    service.set_inventory(DESTINATION, [ON_DESTINATION, OTHER_VM])    # late: taken before the delete
+    fakes[DESTINATION].release()
+    assert blocker.wait().status == "OK"
+    _idle(service, SOURCE, DESTINATION)
+    assert service.state.find(DESTINATION, MAC) is None
+    service.set_inventory(DESTINATION, [OTHER_VM])                    # the next one
+    _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.77.0.0/16")
+    _port_comes(service, fakes, 7)                                    # attempt 2, same number
+    service.set_inventory(DESTINATION, [ON_DESTINATION, OTHER_VM])
+    _idle(service, DESTINATION, SOURCE)
+    twin, source = service.state.find(DESTINATION, MAC), service.state.find(SOURCE, MAC)
+    assert twin is not None and twin.filters == source.filters, twin
+
+
+@pytest.mark.parametrize("gap", ["unannotated", "refused"])
+def test_a_guests_cancel_is_not_undone_when_the_destinations_annotations_return(hypervisors, gap):
+    """The destination's VM annotations go (removed, or refused for a moment over a clash)
+    while the guest cancels on the source: when they return, the destination's stale twin
+    must not be copied back to the source (a review found the cancel undone)."""
+    service, fakes = hypervisors
+    _twins(service, fakes)
+    clash = PortIdentity(1, "02:00:00:00:00:09", "blue", "fw-9", ("10.0.0.2",), "tap-fw9")
+    service.set_inventory(DESTINATION, [OTHER_VM] if gap == "unannotated" else [ON_DESTINATION, clash])
+    assert service.execute(CommandRequest(SOURCE, 2, f"X {MAC}", CHANNEL, 1, 1)).status == "OK"
+    _idle(service, SOURCE, DESTINATION)
+    service.set_inventory(DESTINATION, [ON_DESTINATION, OTHER_VM])
+    _idle(service, DESTINATION, SOURCE)
+    _idle(service, DESTINATION, SOURCE)
+    assert service.state.find(SOURCE, MAC) is None, f"the guest's cancel was undone: {service.state.find(SOURCE, MAC)}"
+
 def test_a_destination_annotated_before_the_source_names_the_vm_gets_its_twin(hypervisors):
     """The destination's annotations show fw-1 while the source's port is annotated without
-    the vm-id (or refused for a conflict that clears); the source's next publication names
+    the vm-id; the source's next publication names
     it: both ports now show the VM, but no copy is ever made (arrivals are looked for only
     to the switch whose annotations changed), and since a change only changes a twin that
     exists, the guest's later commands no longer make it either."""
