@@ -731,16 +731,18 @@ class Controller:
                 self.reconcilers[dpid].converge_soon()
 
     def port_added(self, dpid: int, port: int) -> None:
-        """A port added while the retirement of a gone port with its number is still queued:
-        the same interface plugged again (OVS gives a name its old number back, as when a
-        failed migration is retried).  The entry the gone port left counts as missing for
-        the arrivals from now on (a publication from before the port went, arriving late,
-        does not make it so), and they are looked for again: the annotations may have come
-        first."""
-        if self.retiring.get(dpid, Counter())[port] <= 0:
-            return
-        self.replugged.setdefault(dpid, set()).add(port)
-        copies = arrivals(self.state, self.inventories, dpid, self._replugged(dpid))
+        """A port added.  While the retirement of a gone port with its number is still
+        queued, it is the same interface plugged again (OVS gives a name its old number
+        back, as when a failed migration is retried): the entry the gone port left counts
+        as missing for the arrivals from now on (a publication from before the port went,
+        arriving late, does not make it so).  Arrivals to this port are looked for again
+        (its annotations may have come first, and the retirement run meanwhile); only to
+        this port: another port's twin an operator deleted stays deleted."""
+        if self.retiring.get(dpid, Counter())[port] > 0:
+            self.replugged.setdefault(dpid, set()).add(port)
+        here = self.inventory_of(dpid)
+        copies = [copy for copy in arrivals(self.state, self.inventories, dpid, self._replugged(dpid))
+                  if (shown_at := here.with_mac(copy.origin[1])) is not None and shown_at.port == port]
         if copies:
             self._copy_soon(zip(self.store.save_copies(copies), copies))
 

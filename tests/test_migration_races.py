@@ -650,21 +650,27 @@ def _port_comes(service, fakes, port):
     service.port_added(DESTINATION, port)
 
 
-@pytest.mark.parametrize("annotated_first", [False, True], ids=["port-then-annotations", "annotations-then-port"])
-def test_a_retried_migration_on_the_same_port_number_gets_its_twin(hypervisors, annotated_first):
+@pytest.mark.parametrize("order", ["port, annotations", "annotations, port", "annotations, retirement, port"])
+def test_a_retried_migration_on_the_same_port_number_gets_its_twin(hypervisors, order):
     """Attempt 1 fails: the destination's port 7 goes (its retirement queued behind a slow
     job there); attempt 2 plugs the same interface again, which OVS gives the same port
-    number, annotated as the VM (the switch's port-added and the agent's publication in
-    either order).  The destination must end with the twin (a review found none)."""
+    number, annotated as the VM: the switch's port-added, the agent's publication and the
+    queued retirement in any order.  The destination must end with the twin (reviews found
+    none, in two of these orders)."""
     service, fakes = hypervisors
     _twins(service, fakes)
     blocker = _blocked_job_on_destination(service, fakes)
     _port_goes(service, fakes, 7)                                     # attempt 1 failed
     service.set_inventory(DESTINATION, [OTHER_VM])
-    if annotated_first:
-        service.set_inventory(DESTINATION, [OTHER_VM, ON_DESTINATION])
-    _port_comes(service, fakes, 7)                                    # attempt 2: the same number
-    service.set_inventory(DESTINATION, [OTHER_VM, ON_DESTINATION])
+    for step in order.split(", "):
+        if step == "port":
+            _port_comes(service, fakes, 7)                            # attempt 2: the same number
+        elif step == "annotations":
+            service.set_inventory(DESTINATION, [OTHER_VM, ON_DESTINATION])
+        else:
+            fakes[DESTINATION].release()
+            assert blocker.wait().status == "OK"
+            _idle(service, SOURCE, DESTINATION)
     fakes[DESTINATION].release()
     assert blocker.wait().status == "OK"
     _idle(service, SOURCE, DESTINATION)
@@ -750,3 +756,23 @@ def test_a_queued_cancel_and_registration_again_keep_a_twin_after_an_annotation_
     _idle(service, SOURCE, DESTINATION)
     assert service.state.find(SOURCE, MAC) is not None
     assert service.state.find(DESTINATION, MAC) is not None, "the source holds the firewall, its twin is gone"
+
+
+@pytest.mark.parametrize("replugged", [False, True], ids=["no-port-added", "port-added"])
+def test_another_port_replugged_does_not_undo_an_operators_delete(hypervisors, replugged):
+    """An unrelated port of the destination goes and comes back while a twin an operator
+    deleted there stays deleted (a review found the port-added bringing it back)."""
+    service, fakes = hypervisors
+    _twins(service, fakes)
+    service.set_inventory(DESTINATION, [ON_DESTINATION, OTHER_VM])
+    _idle(service, SOURCE, DESTINATION)
+    assert service.delete_middlebox(DESTINATION, MAC).status == "OK"
+    _idle(service, DESTINATION)
+    blocker = _blocked_job_on_destination(service, fakes)   # publishes the same annotations: nothing changes
+    _port_goes(service, fakes, 2)                          # an unannotated port of the destination goes ...
+    if replugged:
+        _port_comes(service, fakes, 2)                     # ... and comes back
+    fakes[DESTINATION].release()
+    assert blocker.wait().status == "OK"
+    _idle(service, SOURCE, DESTINATION)
+    assert service.state.find(DESTINATION, MAC) is None, "the operator's DELETE was undone by another port's return"
