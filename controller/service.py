@@ -207,6 +207,7 @@ class Controller:
     void_copies: set = field(default_factory=set)       # ids of queued copies made void (_void_copies_to)
     retiring: dict = field(default_factory=dict)        # dpid -> Counter of gone ports, retirements queued
     replugged: dict = field(default_factory=dict)       # dpid -> those of them the switch reported added again
+    unplugged: dict = field(default_factory=dict)       # dpid -> ports gone whose arrivals no publication made since
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.database)
@@ -726,6 +727,7 @@ class Controller:
         if dpid in self.reconcilers:
             self.retiring.setdefault(dpid, Counter())[port] += 1
             self.replugged.get(dpid, set()).discard(port)
+            self.unplugged.setdefault(dpid, set()).add(port)
             self.reconcilers[dpid].submit(Job("retire", ports=frozenset({port})))
             if inventory is not None and inventory.at(port) is not None:
                 self.reconcilers[dpid].converge_soon()
@@ -737,9 +739,15 @@ class Controller:
         as missing for the arrivals from now on (a publication from before the port went,
         arriving late, does not make it so).  Arrivals to this port are looked for again
         (its annotations may have come first, and the retirement run meanwhile); only to
-        this port: another port's twin an operator deleted stays deleted."""
+        this port: another port's twin an operator deleted stays deleted.  Only for a port
+        seen going whose arrivals no publication has made since: a port-added is not a
+        publication that changes nothing (a twin an operator deleted, or one whose guest's
+        cancel is queued, would come back)."""
         if self.retiring.get(dpid, Counter())[port] > 0:
             self.replugged.setdefault(dpid, set()).add(port)
+        if port not in self.unplugged.get(dpid, set()):
+            return
+        self.unplugged[dpid].discard(port)
         here = self.inventory_of(dpid)
         copies = [copy for copy in arrivals(self.state, self.inventories, dpid, self._replugged(dpid))
                   if (shown_at := here.with_mac(copy.origin[1])) is not None and shown_at.port == port]
@@ -772,6 +780,9 @@ class Controller:
                 copies += [c for c in arrivals(self.state, seen, other, self._replugged(other))
                            if c.origin[0] == dpid and c.origin[1] in newly]
         copy_ids = self.store.save_inventory(dpid, entries, copies)
+        for copy in copies:  # their port's arrivals made: its port-added need not look again
+            if copy.dpid == dpid and (shown_at := inventory.with_mac(copy.origin[1])) is not None:
+                self.unplugged.get(dpid, set()).discard(shown_at.port)
         self.inventories[dpid] = inventory
         self._void_copies_to(dpid)
         for refused in inventory.refused:

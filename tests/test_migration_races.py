@@ -776,3 +776,32 @@ def test_another_port_replugged_does_not_undo_an_operators_delete(hypervisors, r
     assert blocker.wait().status == "OK"
     _idle(service, SOURCE, DESTINATION)
     assert service.state.find(DESTINATION, MAC) is None, "the operator's DELETE was undone by another port's return"
+
+
+@pytest.mark.parametrize("event", ["unchanged publication", "port-added"])
+def test_a_late_port_added_is_no_publication_that_brings_back_a_removed_twin(hypervisors, event):
+    """The destination's port-added reaching the controller after the publication that made
+    its twin must not make it again once removed: by an operator, or by the guest's cancel
+    whose copy still waits on a busy source (a review found both undone, the cancel on both
+    switches), as an unchanged publication would not."""
+    service, fakes = hypervisors
+    _twins(service, fakes)
+    service.set_inventory(SOURCE, [ON_SOURCE, OTHER_VM])
+    _idle(service, SOURCE)
+    _ok(service, SOURCE, 1, f"R F {OTHER_MAC} 10.0.0.9")
+    fakes[SOURCE].hold()                           # the source busy: the cancel's copy waits there
+    blocker = _stuck_in(fakes[SOURCE],
+                        lambda: service.execute(CommandRequest(SOURCE, 1, f"A {OTHER_MAC} I 4 s 10.99.0.0/16")))
+    assert service.execute(CommandRequest(DESTINATION, 7, f"X {MAC}", CHANNEL, 1, 1)).status == "OK"
+    _idle(service, DESTINATION)
+    if event == "port-added":
+        _port_comes(service, fakes, 7)
+    else:
+        service.set_inventory(DESTINATION, [ON_DESTINATION])
+    _idle(service, DESTINATION)
+    fakes[SOURCE].release()
+    assert blocker.wait().status == "OK"
+    _idle(service, SOURCE, DESTINATION)
+    _idle(service, SOURCE, DESTINATION)
+    held = {f"{dpid:x}": service.state.find(dpid, MAC) for dpid in (SOURCE, DESTINATION)}
+    assert held == {f"{SOURCE:x}": None, f"{DESTINATION:x}": None}, f"the guest's cancel was undone: {held}"
