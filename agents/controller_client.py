@@ -159,11 +159,13 @@ class ControllerClient:
             raise refusal(status, body)
         return checked_answers(body, len(commands))
 
-    def put_ports(self, dpid: int, ports: list[dict]) -> dict:
-        """Replace the switch's inventory of annotated ports (``PUT /v1/switches/{dpid}/ports``);
-        the controller's answer, ``{"dpid", "ports": [accepted], "refused": [{"port",
-        "interface", "reason"}]}``.  Raises ControllerUnavailable or ControllerFailed."""
-        status, body = self._call("PUT", f"/v1/switches/{dpid:016x}/ports", {"ports": ports})
+    def put_ports(self, dpid: int, ports: list[dict], underlay: list[dict] = ()) -> dict:
+        """Replace the switch's inventory of annotated ports and underlay ports (``PUT
+        /v1/switches/{dpid}/ports``); the controller's answer, ``{"dpid", "ports":
+        [accepted], "underlay": [accepted], "refused": [{"port", "interface", "reason"}]}``.
+        Raises ControllerUnavailable or ControllerFailed."""
+        status, body = self._call("PUT", f"/v1/switches/{dpid:016x}/ports",
+                                  {"ports": ports, **({"underlay": list(underlay)} if underlay else {})})
         if status != 200:
             raise refusal(status, body)
         if not (isinstance(body, dict) and isinstance(body.get("ports"), list) and isinstance(body.get("refused"), list)

@@ -28,8 +28,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mbvisor.controller.requests import BadRequest, clip, inventory_from_body, port_identity_body
-from mbvisor.controller.trust import MAX_ADDRESSES, TENANT, PortIdentity
+from mbvisor.controller.requests import BadRequest, clip, inventory_body, inventory_from_body, port_identity_body
+from mbvisor.controller.trust import MAX_ADDRESSES, TENANT, PortIdentity, Underlay
 
 CHANNEL_KEY = "mbvisor-channel"
 DOORBELL_KEY = "mbvisor-doorbell"
@@ -37,6 +37,7 @@ MAC_KEY = "attached-mac"
 VM_ID_KEY = "vm-id"
 TENANT_KEY = "mbvisor-tenant"
 IPS_KEY = "mbvisor-ips"
+UNDERLAY_KEY = "mbvisor-underlay"  # a port to other hypervisors: "*" or the datapath ids it leads to
 RATE_KEY, BURST_KEY = "mbvisor-rate", "mbvisor-burst"  # this VM's own rate limit (the agent's otherwise)
 MAX_RATE = 1_000_000.0  # commands per second, or a burst: more is no limit at all, so a typo
 MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -100,7 +101,7 @@ class Scan:
     channel file): nothing is published then."""
 
     channels: list[VmChannel]
-    inventories: dict[int, tuple[PortIdentity, ...]] | None = None
+    inventories: dict[int, tuple[PortIdentity | Underlay, ...]] | None = None
     bridges: dict[int, str] = field(default_factory=dict)
     refused: tuple[Refusal, ...] = ()
     # Per bridge, the OVS rows of its inventory's interfaces: a port deleted and re-created
@@ -238,6 +239,23 @@ def _entry(interface: _Interface) -> PortIdentity:
     return entry
 
 
+def _underlay(interface: _Interface) -> Underlay:
+    """The underlay entry of an interface annotated ``mbvisor-underlay`` (``*``, or the
+    datapath ids of the switches it leads to, separated by commas and/or blanks), checked
+    by the controller's own rules; ValueError saying what is wrong."""
+    if MAC_KEY in interface.ids or interface.ids.get(CHANNEL_KEY):
+        raise ValueError(f"{UNDERLAY_KEY} on a VM's interface (attached-mac or {CHANNEL_KEY}): an underlay port "
+                         "leads to other hypervisors")
+    text = interface.ids[UNDERLAY_KEY].strip()
+    leads_to = [part for part in re.split(r"[,\s]+", text) if part] or ["*"]
+    try:
+        entries = inventory_from_body(inventory_body([]) | {"underlay": [
+            {"port": interface.port, "interface": interface.name, "leads_to": leads_to}]})
+    except BadRequest as error:
+        raise ValueError(f"{UNDERLAY_KEY} {clip(text, 80)!r}: {error.message}") from None
+    return entries[0]
+
+
 def rate_limit(ids: dict) -> tuple[float | None, float | None]:
     """``mbvisor-rate`` and ``mbvisor-burst`` (commands per second, commands at once), each
     optional; ValueError naming the one that is not a number in (0, MAX_RATE], or a burst
@@ -274,10 +292,16 @@ def scan_ovsdb(bridges: dict, ports: dict, interfaces: dict) -> Scan:
     found, names = _interfaces(bridges, ports, interfaces)
     shared = _shared_macs(found)
     channels, refused = [], []
-    inventories: dict[int, list[PortIdentity]] = {dpid: [] for dpid in names}
+    inventories: dict[int, list[PortIdentity | Underlay]] = {dpid: [] for dpid in names}
     incarnations: dict[int, set[str]] = {}
     for interface in found:
         problems = [shared[interface.name]] if interface.name in shared else []
+        if UNDERLAY_KEY in interface.ids:
+            try:
+                inventories[interface.dpid].append(_underlay(interface))
+                incarnations.setdefault(interface.dpid, set()).add(interface.uuid)
+            except ValueError as error:
+                problems.append(f"underlay annotation of {interface.name} (port {interface.port}) refused: {error}")
         if MAC_KEY in interface.ids and TENANT_KEY in interface.ids:
             try:
                 inventories[interface.dpid].append(_entry(interface))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from mbvisor.guest.backoff import Backoff
 
 from .controller_client import ControllerClient, ControllerFailed, ControllerUnavailable
-from mbvisor.controller.requests import port_identity_body
+from mbvisor.controller.requests import inventory_body
 from mbvisor.controller.trust import PortIdentity
 
 log = logging.getLogger("mbvisor.agent")
@@ -174,7 +174,8 @@ class Publisher:
     def _publish(self, sent: tuple[PortIdentity, ...]) -> None:
         where = f"inventory of {self.publication.bridge} ({self.publication.dpid:016x})"
         try:
-            answer = self.client.put_ports(self.publication.dpid, [port_identity_body(entry) for entry in sent])
+            body = inventory_body(sent)
+            answer = self.client.put_ports(self.publication.dpid, body["ports"], body["underlay"])
         except (ControllerUnavailable, ControllerFailed) as error:
             with self.lock:
                 if self.publication.failed(str(error), time.monotonic()):

@@ -39,12 +39,14 @@ from typing import Callable, Mapping
 
 from mbvisor.guest.commands import MAC_LAYER, TRANSPORT_LAYER, Filter, Layer
 
+from .anchors import Elsewhere, Steer
+from .anchors import located as tenant_backends
 from .filters import _address_match, compile_filters, compile_plain_filters
 from .ingress import compile_ingress
 from .model import MAX_ZONE, Middlebox, State
-from .pipeline import (ARP_CAPTURE, BACKEND_ANSWER, BACKEND_TABLE, BASE_COOKIE, CONTROLLER_METER, ENTERED, FILTER,
-                       FILTER_CONJUNCTION, FRAGMENT_TABLE,
-                       MISS, NEIGHBOUR_DISCOVERY, OFFLOAD_TABLE, REDIRECT, REDIRECT_FROM_SOURCE, REDIRECT_REPLY,
+from .pipeline import (ARP_CAPTURE, BACKEND_ANSWER, BACKEND_TABLE, BASE_COOKIE, CLAIMED, CONTROLLER_METER, ENTERED,
+                       FILTER, FILTER_CONJUNCTION, FRAGMENT_TABLE, INGRESS_TABLE, MISS, NEIGHBOUR_DISCOVERY,
+                       OFFLOAD_TABLE, REDIRECT, REDIRECT_FROM_SOURCE, REDIRECT_REPLY,
                        REDIRECT_TABLE, STRAY, Action, Flow, Group, cookie_of, match, port_meter)
 from .stepping import Pause
 from .trust import Inventory, TrustMode
@@ -80,6 +82,7 @@ class Surroundings:
     neighbours: Mapping[str, Neighbour] = field(default_factory=dict)
     down: frozenset[str] = frozenset()
     metered: bool = True  # the switch has the controller's meter (SwitchReconciler sets it up)
+    elsewhere: Elsewhere | None = None  # the other switches, for balancers that migrated (anchors.py)
 
     def vouches(self, middlebox: Middlebox) -> bool:
         """The annotations of the middlebox's port still say it is this VM with these
@@ -156,6 +159,8 @@ def compile_middlebox(middlebox: Middlebox, surroundings: Surroundings, pause: P
     """The flows (all with the middlebox's cookie) and groups one middlebox needs: none
     for a middlebox its port's annotations no longer vouch for.  ``pause`` is called
     every few filters (stepping.py)."""
+    if middlebox.anchor is not None:
+        return compile_anchor(middlebox, surroundings)
     if not surroundings.vouches(middlebox):
         return SwitchConfig(frozenset(), frozenset())
     redirect_flows, groups, missing = compile_redirects(middlebox, surroundings)
@@ -324,20 +329,45 @@ def group_id(middlebox: Middlebox, index: int) -> int:
     return (middlebox.zone << 8) | index
 
 
+def compile_anchor(anchor: Middlebox, surroundings: Surroundings) -> SwitchConfig:
+    """An anchor's flows: the redirects of the twin it serves (``Elsewhere.served``) with
+    its own zone, to its tenant's backends here, entered by its MAC or as steered there;
+    none without such a twin."""
+    twin = surroundings.elsewhere.served(anchor) if surroundings.elsewhere is not None else None
+    if twin is None:
+        return SwitchConfig(frozenset(), frozenset())
+    stand_in = replace(twin, dpid=anchor.dpid, port=anchor.port, zone=anchor.zone, filters=frozenset(),
+                       firewall_ip=None, anchor=anchor.anchor)
+    flows, groups, _ = compile_redirects(stand_in, surroundings)
+    return SwitchConfig(frozenset(flows), frozenset(groups))
+
+
 def compile_redirects(middlebox: Middlebox, surroundings: Surroundings) -> tuple[set[Flow], set[Group], set[str]]:
     """A redirect's flows use only the backends the surroundings locate and that answer
     health checks; a redirect with none of them left gets no flows at all, so its traffic
-    goes to the middlebox itself (the offload steps aside).  In a lab, a backend nobody
+    goes to the middlebox itself (the offload steps aside), unless another switch holds
+    its backends: then it is steered there (``anchors``).  In a lab, a backend nobody
     has answered ARP for yet makes the whole middlebox unresolved."""
     if middlebox.balancer_ip is None or not middlebox.redirects:
         return set(), set(), set()
     backends = sorted({b for r in middlebox.redirects for b in r.backends})
-    located = {b: surroundings.locate(middlebox, b) for b in backends}
-    if surroundings.inventory.at(middlebox.port) is None:
+    if middlebox.anchor is not None:
+        located = {b: None for b in backends} | {
+            b: Neighbour(owner.mac, owner.port)
+            for b, owner in tenant_backends(surroundings.inventory, middlebox.anchor, backends, middlebox.mac).items()}
+    else:
+        located = {b: surroundings.locate(middlebox, b) for b in backends}
+    if middlebox.anchor is None and surroundings.inventory.at(middlebox.port) is None:
         missing = {b for b, where in located.items() if where is None}
         if missing:
             return set(), set(), missing
     live = {b: where for b, where in located.items() if where is not None and b not in surroundings.down}
+    # Traffic steered here by the switch the balancer went to comes to one of its backends'
+    # MACs (``Steer``): accepted as the balancer's own while another switch holds it.
+    steered_here = middlebox.anchor is not None or (
+        surroundings.elsewhere is not None and surroundings.elsewhere.twinned(middlebox))
+    steers = surroundings.elsewhere.steers(middlebox) if (
+        surroundings.elsewhere is not None and middlebox.anchor is None) else ()
     cookie, zone, address = cookie_of(middlebox.mac), middlebox.zone, middlebox.balancer_ip
     ip, eth_type = _ip_prefix(address), _eth_type(address)
     enter = (("set_field", "reg1", ENTERED), ("ct_nat", zone, REDIRECT_TABLE))
@@ -346,14 +376,18 @@ def compile_redirects(middlebox: Middlebox, surroundings: Surroundings) -> tuple
     used: set[str] = set()
     for index, redirect in enumerate(middlebox.redirects):
         pool = [b for b in redirect.backends if b in live]
-        if not pool:
-            continue
-        used.update(pool)
         priority = REDIRECT_FROM_SOURCE if redirect.source else REDIRECT
         source = {f"{ip}_src": _address_match(redirect.source)}
-        flows.add(Flow(OFFLOAD_TABLE, priority,
-                       _match(eth_type=eth_type, eth_dst=middlebox.mac, **{f"{ip}_dst": address}, **source),
-                       enter, cookie))
+        if not pool:
+            flows |= _steering(middlebox, redirect.backends, steers, priority, source, cookie)
+            continue
+        used.update(pool)
+        entries = [middlebox.mac] + ([located[b].mac for b in redirect.backends if located.get(b) is not None]
+                                     if steered_here else [])
+        for mac in dict.fromkeys(entries):
+            flows.add(Flow(OFFLOAD_TABLE, priority,
+                           _match(eth_type=eth_type, eth_dst=mac, **{f"{ip}_dst": address}, **source),
+                           enter, cookie))
         group = Group(group_id(middlebox, index), tuple(
             (("set_field", "reg0", _bucket_mark(middlebox, index, i)), ("resubmit", BACKEND_TABLE))
             for i in range(len(pool))))
@@ -368,7 +402,7 @@ def compile_redirects(middlebox: Middlebox, surroundings: Surroundings) -> tuple
                            (("ct_commit_nat", zone, backend), *_to(live[backend])), cookie))
     for backend in sorted({b for b, where in located.items() if where is not None}):
         flows.add(_health_answer(backend, located[backend], cookie, surroundings.metered))
-    if ip == "ipv6":  # neighbour discovery for the balancer's address is the middlebox's own
+    if ip == "ipv6" and middlebox.anchor is None:  # neighbour discovery for the balancer's address is its own
         for icmp_type in (NEIGHBOUR_SOLICIT, NEIGHBOUR_ADVERT):
             flows.add(Flow(OFFLOAD_TABLE, NEIGHBOUR_DISCOVERY,
                            _match(eth_type=ETH_IPV6, eth_dst=middlebox.mac, ipv6_dst=address, ip_proto=ICMPV6,
@@ -391,6 +425,29 @@ def compile_redirects(middlebox: Middlebox, surroundings: Surroundings) -> tuple
         flows.add(Flow(REDIRECT_TABLE, REDIRECT, _match(ct_state=ct_state("+trk+rpl"), ct_zone=zone, reg1=0),
                        (("output_ct_mark",),), cookie))
     return flows, groups, set()
+
+
+def _steering(middlebox: Middlebox, backends, steers: tuple[Steer, ...], priority: int, source: dict,
+              cookie: int) -> set[Flow]:
+    """A redirect without backends here, towards the first switch that holds some of them:
+    its packets get the first such backend's MAC and leave through the underlay port to
+    that switch (never NORMAL: it would flood them until it learned that MAC); their
+    replies, the balancer's address as their source, may come back through that port from
+    those backends' MACs (port security would drop them as a claim of its address)."""
+    steer = next((s for s in steers if any(b in s.backends for b in backends)), None)
+    if steer is None:
+        return set()
+    address = middlebox.balancer_ip
+    ip, eth_type = _ip_prefix(address), _eth_type(address)
+    mac = next(steer.backends[b] for b in backends if b in steer.backends)
+    flows = {Flow(OFFLOAD_TABLE, priority, _match(eth_type=eth_type, eth_dst=middlebox.mac,
+                                                  **{f"{ip}_dst": address}, **source),
+                  (("set_field", "eth_dst", mac), ("output", steer.port)), cookie)}
+    for backend_mac in sorted(set(steer.backends.values())):
+        flows.add(Flow(INGRESS_TABLE, CLAIMED + 1, _match(in_port=steer.port, eth_src=backend_mac, eth_type=eth_type,
+                                                          **{f"{ip}_src": address}),
+                       (("goto", OFFLOAD_TABLE),), cookie))
+    return flows
 
 
 def _health_answer(backend: str, where: Neighbour, cookie: int, metered: bool) -> Flow:

@@ -72,7 +72,7 @@ def arrivals(state: State, inventories: dict[int, Inventory], dpid: int, retirin
         identity = identity_of(middlebox, inventories.get(middlebox.dpid, Inventory()))
         there = here.with_mac(middlebox.mac)
         held = state.find(dpid, middlebox.mac)
-        if held is not None and held.port not in retiring and (there is None or held.port == there.port):
+        if held is not None and held.anchor is None and held.port not in retiring and (there is None or held.port == there.port):
             continue  # held there already
         if identity is not None and there is not None and same_vm(there, identity):
             found.append(Copy(dpid, middlebox.key, False, (None, middlebox), (identity.vm_id, identity.tenant)))
@@ -199,6 +199,9 @@ def adopted(state: State, inventories: dict[int, Inventory], dpid: int, origin: 
     inventory = inventories.get(dpid, Inventory())
     here = inventory.with_mac(mac)
     current = state.find(dpid, mac)
+    anchor = None
+    if current is not None and current.anchor is not None:  # no twin: replaced by one, which keeps its zone
+        anchor, current = current, None
     if (source is not None and not cancelled and vm is not None
             and identity_of(source, inventories.get(origin[0], Inventory())) is None):
         source = None  # its port's annotations went (the VM left), its retirement still queued: as gone
@@ -220,7 +223,7 @@ def adopted(state: State, inventories: dict[int, Inventory], dpid: int, origin: 
             source = with_change(current, *change)  # only what that job changed (else: the origin as it is)
     if source.firewall_ip is None and not source.redirects:  # each side withdrew what the other kept
         return state if current is None else state.remove(dpid, mac)  # nothing left to offload: as after X
-    copy = twin(source, dpid, here.port, current, zones_taken)
+    copy = twin(source, dpid, here.port, current if current is not None else anchor, zones_taken)
     if current == copy:
         return state
     check_can_hold(state, copy, inventory)  # as a registration there would be

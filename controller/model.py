@@ -87,6 +87,11 @@ class Middlebox:
     balancer_ip: str | None = None
     filters: frozenset[Filter] = frozenset()
     redirects: tuple[Redirect, ...] = ()
+    # An *anchor*: what stays of a balancer whose port went while its twin (the same VM, on
+    # the switch it migrated to) holds its redirects and its backends are here: the
+    # connections conntrack tracks here in its zone, for the tenant named.  No guest speaks
+    # for it; it runs its twin's redirects (anchors.py).
+    anchor: str | None = None
 
     @property
     def key(self) -> tuple[int, str]:
@@ -342,6 +347,8 @@ def _current(state: State | Draft, binding: Binding, command: Command) -> Middle
     # An add reads the filters so far (``filters_of``) and leaves a draft's growing set as
     # it is: settling it for every added filter would copy it every time.
     current = (state.peek if isinstance(command, AddFilter) else state.find)(binding.dpid, command.mac)
+    if current is not None and current.anchor is not None:
+        current = None  # no guest's: a VM registering that MAC here replaces it
     if current is not None and current.port != binding.port:
         raise ApplyError("port-conflict", f"{command.mac} is registered on port {current.port} of this "
                                           f"switch, not on port {binding.port}; cancel it there first")

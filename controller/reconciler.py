@@ -261,6 +261,7 @@ class Installed:
 class Job:
     """``kind``: sync (full reconciliation), audit, commands, retire (ports gone),
     adopt (hold a copy of another switch's middlebox: its VM is migrating here),
+    drop_anchors (anchors nothing needs any more, anchors.py),
     refresh (re-install the flows of some middleboxes, e.g. a backend went down),
     converge (the annotated ports changed: everything compiled again, sent as a difference
     from what the switch is known to hold, without reading it)."""
@@ -271,6 +272,7 @@ class Job:
     macs: frozenset = frozenset()
     copy: object = None          # adopt: the migration.Copy to make here ...
     copy_id: int | None = None   # ... stored under this id (Store.load_copies)
+    forced: bool = False         # drop_anchors: the operator's delete, needed or not
     done: object = field(default_factory=hub.Event)
     answers: list | None = None
     counted: bool = False  # among pacing.COMMANDS
@@ -633,6 +635,16 @@ class SwitchReconciler:
         if self._install(before, self.service.state, macs, set()) is None:
             self.applied = self.generation
         else:
+            self.synced = False  # the next reconciliation removes them
+            self._retry_sync(self.link)
+
+    def _drop_anchors(self, job: Job) -> None:
+        """Checked when it runs: the twin may have come back meanwhile."""
+        before = self.service.state
+        dropped = self.service.drop_anchors(self.dpid, job.macs, job.forced)
+        if dropped and self._install(before, self.service.state, dropped, set()) is None:
+            self.applied = self.generation
+        elif dropped:
             self.synced = False  # the next reconciliation removes them
             self._retry_sync(self.link)
 

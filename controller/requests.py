@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 from mbvisor.guest.errors import InvalidValueError
 from mbvisor.guest.fields import MAC_ADDRESS
 
-from .trust import MAX_ADDRESSES, TENANT, PortIdentity, canonical
+from .trust import MAX_ADDRESSES, TENANT, PortIdentity, Underlay, canonical
 
 MAX_DPID = 2**64 - 1
 MAX_PORT = 0xFFFFFF00  # OFPP_MAX: numbers above it are OpenFlow's reserved ports
@@ -276,28 +276,67 @@ PORT_FIELDS = frozenset(("port", "interface", "mac", "vm_id", "tenant", "ips"))
 MAX_PORTS = 4096  # annotated ports per switch in one inventory
 
 
-def inventory_from_body(body) -> list[PortIdentity]:
-    """A switch's annotated ports as the agent publishes them, validated whole: one bad
-    entry refuses the request (the inventory replaces the switch's, so half of one would
-    drop ports' protection)."""
+def inventory_from_body(body) -> list[PortIdentity | Underlay]:
+    """A switch's annotated ports (and its underlay ports) as the agent publishes them,
+    validated whole: one bad entry refuses the request (the inventory replaces the
+    switch's, so half of one would drop ports' protection)."""
     if not isinstance(body, dict):
         raise BadRequest("body", 'must be a JSON object {"ports": [...]}')
-    _refuse_unknown(body, frozenset(("ports",)))
-    ports = body.get("ports")
-    if not isinstance(ports, list) or len(ports) > MAX_PORTS:
-        raise BadRequest("ports", f"must be a list of at most {MAX_PORTS} port objects")
-    entries = []
-    for index, item in enumerate(ports):
-        try:
-            entries.append(_port_identity(item))
-        except BadRequest as error:
-            raise BadRequest(f"ports[{index}].{error.field}", error.message) from None
+    _refuse_unknown(body, frozenset(("ports", "underlay")))
+    entries: list[PortIdentity | Underlay] = []
+    for name, read in (("ports", _port_identity), ("underlay", _underlay)):
+        items = body.get(name, [] if name == "underlay" else None)
+        if not isinstance(items, list) or len(items) > MAX_PORTS:
+            raise BadRequest(name, f"must be a list of at most {MAX_PORTS} port objects")
+        for index, item in enumerate(items):
+            try:
+                entries.append(read(item))
+            except BadRequest as error:
+                raise BadRequest(f"{name}[{index}].{error.field}", error.message) from None
     return entries
+
+
+def inventory_body(entries) -> dict:
+    """The body of ``entries`` (``inventory_from_body`` reads it back)."""
+    return {"ports": [port_identity_body(e) for e in entries if isinstance(e, PortIdentity)],
+            "underlay": [underlay_body(e) for e in entries if isinstance(e, Underlay)]}
 
 
 def port_identity_body(identity: PortIdentity) -> dict:
     return {"port": identity.port, "interface": identity.interface, "mac": identity.mac, "vm_id": identity.vm_id,
             "tenant": identity.tenant, "ips": list(identity.ips)}
+
+
+def underlay_body(underlay: Underlay) -> dict:
+    return {"port": underlay.port, "interface": underlay.interface,
+            "leads_to": ["*"] if underlay.leads_to is None else [f"{d:016x}" for d in sorted(underlay.leads_to)]}
+
+
+UNDERLAY_FIELDS = frozenset(("port", "interface", "leads_to"))
+MAX_PEERS = 1024  # switches one underlay port names
+
+
+def _underlay(item) -> Underlay:
+    if not isinstance(item, dict):
+        raise BadRequest("body", "must be an object with port and leads_to")
+    _refuse_unknown(item, UNDERLAY_FIELDS)
+    if item.get("port") is None:
+        raise BadRequest("port", "required")
+    interface = item.get("interface", "")
+    if not isinstance(interface, str) or len(interface) > MAX_CHANNEL_CHARS:
+        raise BadRequest("interface", f"must be a string of at most {MAX_CHANNEL_CHARS} characters")
+    leads_to = item.get("leads_to", ["*"])
+    if not isinstance(leads_to, list) or not 0 < len(leads_to) <= MAX_PEERS:
+        raise BadRequest("leads_to", f'must be ["*"] or a list of 1..{MAX_PEERS} datapath ids')
+    if leads_to == ["*"]:
+        return Underlay(_integer(item["port"], "port", 1, MAX_PORT), interface, None)
+    try:
+        if not all(isinstance(value, str) for value in leads_to):  # as the API prints them
+            raise _bad_dpid()
+        peers = frozenset(dpid_from(value) for value in leads_to)
+    except BadRequest:
+        raise BadRequest("leads_to", f'must be ["*"] or a list of 1..{MAX_PEERS} datapath ids') from None
+    return Underlay(_integer(item["port"], "port", 1, MAX_PORT), interface, peers)
 
 
 def _port_identity(item) -> PortIdentity:

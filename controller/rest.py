@@ -33,7 +33,7 @@ from .handshakes import HandshakingListener
 from .flows import cookie_of
 from .pacing import Pacer
 from .requests import (BadRequest, SwitchUnavailable, answers_wanted, clip, dpid_from, inventory_from_body, is_batch,
-                       mac_from, port_identity_body, requests_from_body)
+                       mac_from, port_identity_body, requests_from_body, underlay_body)
 from .store import encode_middlebox, filter_text
 
 log = logging.getLogger("mbvisor.rest")
@@ -280,6 +280,7 @@ class RestApi:
 
 def _inventory_body(dpid: int, inventory) -> dict:
     return {"dpid": f"{dpid:016x}", "ports": [port_identity_body(i) for i in inventory.identities],
+            "underlay": [underlay_body(u) for u in inventory.underlay],
             "refused": [{"port": r.port, "interface": r.interface, "reason": r.reason} for r in inventory.refused]}
 
 

@@ -29,6 +29,7 @@ from mbvisor.guest.errors import CommandError
 from mbvisor.guest.grammar import parse_command
 from mbvisor.guest.reader import FaultLog
 
+from .anchors import Elsewhere, affected, kept_as_anchors, needless
 from .compat import arp, ether, ethernet, hub, icmpv6, ipv6, ipv6_protocol, packet
 from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, filter_cost, filters_cost
 from .health import BackendHealth
@@ -573,6 +574,7 @@ class Controller:
             reconciler = self.reconciler(dpid)
             reconciler.generation += 1
             reconciler.applied = reconciler.generation
+            self._follow(dpid, {mac for _, mac in changed})
         self._log(dpid, plan)
         self._copy_soon(zip(copy_ids, copies))
         return list(plan.answers)
@@ -605,6 +607,9 @@ class Controller:
         middlebox = self.state.find(dpid, mac)
         if middlebox is None:
             return Answer("REJECTED", f"no middlebox {mac} on {dpid:016x}", "not-found")
+        if middlebox.anchor is not None:
+            self.reconciler(dpid).submit(Job("drop_anchors", macs=frozenset({mac}), forced=True)).done.wait()
+            return ok_answer(f"anchor {mac} removed")
         return self.execute(CommandRequest(dpid, middlebox.port, f"X {mac}"))
 
     def retire(self, dpid: int, ports) -> None:
@@ -615,19 +620,58 @@ class Controller:
         for port in [port for port, count in queued.items() if count <= 0]:
             del queued[port]
             self.replugged.get(dpid, set()).discard(port)
-        gone = [mb for mb in self.state.on(dpid) if mb.port in ports]
+        gone = [mb for mb in self.state.on(dpid) if mb.port in ports and mb.anchor is None]
         if not gone:
             return
+        anchors = {a.mac: a for a in kept_as_anchors(self.state, dpid, gone, self.inventories)}
         after = self.state
         for middlebox in gone:
-            after = after.remove(dpid, middlebox.mac)
+            after = after.put(anchors[middlebox.mac]) if middlebox.mac in anchors else after.remove(dpid, middlebox.mac)
             self.flow_costs.pop(middlebox.key, None)
         self.store.save(self.state, after, [])
         self.state = after
         reconciler = self.reconciler(dpid)
         reconciler.generation += 1
         for middlebox in gone:
-            log.info("switch %016x: port %d is gone; offloads of %s removed", dpid, middlebox.port, middlebox.mac)
+            if middlebox.mac in anchors:
+                log.info("switch %016x: port %d is gone; %s stays as the anchor of its redirects' connections "
+                         "(its VM and its backends' traffic are elsewhere)", dpid, middlebox.port, middlebox.mac)
+            else:
+                log.info("switch %016x: port %d is gone; offloads of %s removed", dpid, middlebox.port, middlebox.mac)
+        self._follow(dpid, {mb.mac for mb in gone})
+
+    def drop_anchors(self, dpid: int, macs, forced: bool = False) -> set[str]:
+        """The anchors among ``macs`` that nothing needs any more (``anchors.needless``), or
+        all of them when ``forced`` (the operator's delete), removed durably; their MACs."""
+        dropped = {mac for mac in macs if (mb := self.state.find(dpid, mac)) is not None and mb.anchor is not None
+                   and (forced or needless(self.state, self.inventories, mb))}
+        if not dropped:
+            return dropped
+        after = self.state
+        for mac in dropped:
+            after = after.remove(dpid, mac)
+        self.store.save(self.state, after, [])
+        self.state = after
+        self.reconciler(dpid).generation += 1
+        for mac in sorted(dropped):
+            log.info("switch %016x: anchor %s removed: %s", dpid, mac,
+                     "the operator deleted it" if forced else "no twin's redirects need its backends any more")
+        self._follow(dpid, dropped)
+        return dropped
+
+    def _follow(self, dpid: int, macs) -> None:
+        """The other switches' entries of ``macs`` (changed on ``dpid``, or their annotations
+        there) compiled again in their own queues: a twin steers to the switch holding the
+        backends, an anchor runs its twin's redirects (anchors.py); and anchors that may be
+        needless now looked at there."""
+        if len(self.reconcilers) < 2 or not macs:
+            return
+        again, anchors = affected(self.state, dpid, macs, list(self.reconcilers))
+        for other in sorted(set(again) | set(anchors)):
+            if anchors.get(other):
+                self.reconcilers[other].submit(Job("drop_anchors", macs=frozenset(anchors[other])))
+            self.reconcilers[other].submit(Job("refresh", macs=frozenset(again.get(other, set()) |
+                                                                          anchors.get(other, set()))))
 
     # --- a middlebox on two switches while its VM migrates (migration.py) --------------
 
@@ -679,6 +723,7 @@ class Controller:
         self.state = after
         if dpid in self.reconcilers:
             self.reconcilers[dpid].generation += 1
+        self._follow(dpid, {origin[1]})
         log.info("switch %016x: %s %s, the twin of %016x's (its VM is annotated on both)", dpid,
                  "holds a copy of" if after.find(*key) else "dropped its copy of", origin[1], origin[0])
         return True
@@ -719,11 +764,12 @@ class Controller:
         publishes again."""
         inventory = self.inventories.get(dpid)
         if inventory is not None and inventory.at(port) is not None:
-            remaining = [i for i in inventory.identities if i.port != port]
+            remaining = [entry for entry in inventory.entries if entry.port != port]
             self.store.save_inventory(dpid, remaining)
             self.inventories[dpid] = inventory.without(port)
             log.info("switch %016x: port %d is gone; its annotations with it", dpid, port)
             self._void_copies_to(dpid)
+            self._follow(dpid, {mb.mac for mb in self.state.on(dpid)})
         if dpid in self.reconcilers:
             self.retiring.setdefault(dpid, Counter())[port] += 1
             self.replugged.get(dpid, set()).discard(port)
@@ -770,7 +816,7 @@ class Controller:
         and backends the annotations still vouch for)."""
         inventory = build_inventory(entries)
         previous = self.inventories.get(dpid)
-        if previous is not None and previous.identities == inventory.identities and previous.refused == inventory.refused:
+        if previous is not None and previous.entries == inventory.entries and previous.refused == inventory.refused:
             return previous
         seen = {**self.inventories, dpid: inventory}
         copies = arrivals(self.state, seen, dpid, self._replugged(dpid))
@@ -793,12 +839,17 @@ class Controller:
         if dpid in self.reconcilers:
             self.reconcilers[dpid].converge_soon()
         self._copy_soon(zip(copy_ids, copies))
+        self._follow(dpid, {mb.mac for mb in self.state.on(dpid)})
+        anchors = frozenset(mb.mac for mb in self.state.on(dpid) if mb.anchor is not None)
+        if anchors and dpid in self.reconcilers:  # their backends may have left
+            self.reconcilers[dpid].submit(Job("drop_anchors", macs=anchors))
         return inventory
 
     def surroundings(self, dpid: int, metered: bool = True) -> Surroundings:
         health = self.health.get(dpid)
         return Surroundings(self.settings.trust, self.inventory_of(dpid), self.neighbours_of(dpid),
-                            health.reported if health else frozenset(), metered)
+                            health.reported if health else frozenset(), metered,
+                            Elsewhere(dpid, self.state, self.inventories))
 
     # --- backends: health checks, and in a lab their location by ARP ---------------------
 

@@ -44,7 +44,7 @@ from mbvisor.guest.grammar import format_command, parse_command
 
 from .migration import Copy
 from .model import Limits, Middlebox, Redirect, State, added_text
-from .trust import PortIdentity
+from .trust import PortIdentity, Underlay
 from .requests import Answer
 from .compat import hub
 
@@ -79,6 +79,20 @@ def command_text(command: dict | str) -> str:
     return command if isinstance(command, str) else json.dumps(command, sort_keys=True, separators=(",", ":"))
 
 
+def _inventory_entry(entry: PortIdentity | Underlay) -> dict:
+    if isinstance(entry, Underlay):
+        return {"underlay": True, "port": entry.port, "interface": entry.interface,
+                "leads_to": None if entry.leads_to is None else sorted(entry.leads_to)}
+    return {"port": entry.port, "mac": entry.mac, "tenant": entry.tenant, "vm_id": entry.vm_id, "ips": list(entry.ips),
+            "interface": entry.interface}
+
+
+def _loaded_entry(e: dict) -> PortIdentity | Underlay:
+    if e.get("underlay"):
+        return Underlay(e["port"], e["interface"], None if e["leads_to"] is None else frozenset(e["leads_to"]))
+    return PortIdentity(e["port"], e["mac"], e["tenant"], e["vm_id"], tuple(e["ips"]), e["interface"])
+
+
 def encode_middlebox(middlebox: Middlebox) -> str:
     """Everything but the filters (rows of their own, ``filter_text``), in canonical
     command text: readable and versionless."""
@@ -86,7 +100,7 @@ def encode_middlebox(middlebox: Middlebox) -> str:
                                                      r.source, r.backends)) for r in middlebox.redirects]
     return json.dumps({
         "port": middlebox.port, "zone": middlebox.zone, "firewall_ip": middlebox.firewall_ip,
-        "balancer_ip": middlebox.balancer_ip, "redirects": redirects,
+        "balancer_ip": middlebox.balancer_ip, "redirects": redirects, "anchor": middlebox.anchor,
     })
 
 
@@ -110,7 +124,7 @@ def decode_middlebox(dpid: int, mac: str, body: str, filter_texts=()) -> Middleb
     data = json.loads(body)
     redirects = tuple(Redirect(c.source, c.backends) for c in map(parse_command, data["redirects"]))
     return Middlebox(dpid, data["port"], mac, data["zone"], data["firewall_ip"], data["balancer_ip"],
-                     frozenset(parse_command(text).filter for text in filter_texts), redirects)
+                     frozenset(parse_command(text).filter for text in filter_texts), redirects, data.get("anchor"))
 
 
 def encode_change(change: tuple[Middlebox | None, Middlebox | None] | None) -> str | None:
@@ -225,11 +239,11 @@ class Store:
             self.checkpointing = False
             self.checkpointed_at = time.monotonic()
 
-    def save_inventory(self, dpid: int, entries: list[PortIdentity], copies: list[Copy] = ()) -> list[int]:
-        """A switch's annotated ports as published (refusals are recomputed on load), with
-        the copies (arrivals) they ask for; the copies' ids."""
-        body = json.dumps([{"port": e.port, "mac": e.mac, "tenant": e.tenant, "vm_id": e.vm_id, "ips": list(e.ips),
-                            "interface": e.interface} for e in entries])
+    def save_inventory(self, dpid: int, entries: list[PortIdentity | Underlay], copies: list[Copy] = ()
+                       ) -> list[int]:
+        """A switch's annotated ports (and underlay ports) as published (refusals are
+        recomputed on load), with the copies (arrivals) they ask for; the copies' ids."""
+        body = json.dumps([_inventory_entry(e) for e in entries])
         with self._transaction():
             self.db.execute("INSERT OR REPLACE INTO ports VALUES (?, ?)", (stored_dpid(dpid), body))
             return self._add_copies(copies)
@@ -260,9 +274,8 @@ class Store:
             with self._transaction():
                 self.db.execute("DELETE FROM copies WHERE id = ?", (copy_id,))
 
-    def load_inventories(self) -> dict[int, list[PortIdentity]]:
-        return {loaded_dpid(dpid): [PortIdentity(e["port"], e["mac"], e["tenant"], e["vm_id"], tuple(e["ips"]),
-                                                 e["interface"]) for e in json.loads(body)]
+    def load_inventories(self) -> dict[int, list[PortIdentity | Underlay]]:
+        return {loaded_dpid(dpid): [_loaded_entry(e) for e in json.loads(body)]
                 for dpid, body in self.db.execute("SELECT dpid, body FROM ports ORDER BY dpid")}
 
     def save(self, before: State, after: State, answers: list[tuple[tuple[str, int, int], Answer, str]],

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -52,6 +53,21 @@ class PortIdentity:
 
 
 @dataclass(frozen=True)
+class Underlay:
+    """A port of the hypervisor's bridge that leads to other hypervisors (an uplink, a
+    tunnel), as the operator annotated it (``mbvisor-underlay``): the datapath ids of the
+    switches it leads to, or None for every other one.  A balancer that migrated away from
+    its backends sends their traffic back to them through it (anchors.py)."""
+
+    port: int
+    interface: str = ""
+    leads_to: frozenset[int] | None = None
+
+    def reaches(self, dpid: int) -> bool:
+        return self.leads_to is None or dpid in self.leads_to
+
+
+@dataclass(frozen=True)
 class Refused:
     port: int
     interface: str
@@ -66,6 +82,7 @@ class Inventory:
     refused: tuple[Refused, ...] = ()
     by_address: Mapping[str, PortIdentity] = field(default_factory=dict)
     by_mac: Mapping[str, PortIdentity] = field(default_factory=dict)
+    underlay: tuple[Underlay, ...] = ()
 
     def at(self, port: int) -> PortIdentity | None:
         return self.ports.get(port)
@@ -76,7 +93,14 @@ class Inventory:
     def without(self, port: int) -> "Inventory":
         """The inventory once ``port`` is gone from the switch: a reused number must not
         speak for the VM that had it until the agent publishes again."""
-        return build_inventory([identity for identity in self.identities if identity.port != port])
+        return build_inventory([entry for entry in self.entries if entry.port != port])
+
+    def toward(self, dpid: int) -> int | None:
+        """The underlay port that leads to switch ``dpid``: one that names it, else one that
+        leads everywhere (the lowest number of either); None if none does."""
+        named = [u.port for u in self.underlay if u.leads_to is not None and dpid in u.leads_to]
+        anywhere = [u.port for u in self.underlay if u.leads_to is None]
+        return min(named or anywhere, default=None)
 
     def owner(self, address: str) -> PortIdentity | None:
         return self.by_address.get(canonical(address))
@@ -85,15 +109,24 @@ class Inventory:
     def identities(self) -> tuple[PortIdentity, ...]:
         return tuple(self.ports[port] for port in sorted(self.ports))
 
+    @property
+    def entries(self) -> tuple[PortIdentity | Underlay, ...]:
+        """Everything accepted, as published (``build_inventory`` makes it again)."""
+        return self.identities + self.underlay
+
 
 def canonical(address: str) -> str:
     return str(ipaddress.ip_address(address))
 
 
-def build_inventory(entries: Iterable[PortIdentity]) -> Inventory:
+def build_inventory(entries: Iterable[PortIdentity | Underlay]) -> Inventory:
     """The accepted ports: every port that shares its number, its MAC or one of its
-    addresses with another is refused, all of them, with the reason."""
+    addresses with another is refused, all of them, with the reason.  An underlay port
+    shares nothing but its number (with a VM port or another underlay port: all refused)."""
     entries = list(entries)
+    underlay = [e for e in entries if isinstance(e, Underlay)]
+    entries = [e for e in entries if not isinstance(e, Underlay)]
+    numbers = Counter([e.port for e in entries] + [u.port for u in underlay])
     claims: dict[tuple[str, str], list[PortIdentity]] = {}
     for entry in entries:
         claims.setdefault(("port", str(entry.port)), []).append(entry)
@@ -110,11 +143,17 @@ def build_inventory(entries: Iterable[PortIdentity]) -> Inventory:
             reason = f"{kind} {value} is claimed by {_claimants(holders)}"
             for holder in holders:
                 reasons.setdefault(id(holder), []).append(reason)
+    for entry in entries:
+        if numbers[entry.port] > 1 and not any(r.startswith("port ") for r in reasons.get(id(entry), ())):
+            reasons.setdefault(id(entry), []).append(f"port {entry.port} is also an underlay port")
     accepted = {e.port: e for e in entries if id(e) not in reasons}
-    refused = tuple(sorted((Refused(e.port, e.interface, _first_reasons(reasons[id(e)]))
-                            for e in entries if id(e) in reasons), key=lambda r: (r.port, r.interface)))
-    return Inventory(accepted, refused, {address: e for e in accepted.values() for address in e.ips},
-                     {e.mac: e for e in accepted.values()})
+    refused = [Refused(e.port, e.interface, _first_reasons(reasons[id(e)])) for e in entries if id(e) in reasons]
+    refused += [Refused(u.port, u.interface, f"underlay port {u.port} shares its number with another port")
+                for u in underlay if numbers[u.port] > 1]
+    return Inventory(accepted, tuple(sorted(refused, key=lambda r: (r.port, r.interface))),
+                     {address: e for e in accepted.values() for address in e.ips},
+                     {e.mac: e for e in accepted.values()},
+                     tuple(sorted((u for u in underlay if numbers[u.port] == 1), key=lambda u: u.port)))
 
 
 NAMED_CLAIMANTS = 4  # a refusal names this many of the ports sharing a value, then counts the rest

@@ -293,11 +293,13 @@ class FakeController:
     def __init__(self, on_put=None):
         self.on_put = on_put or (lambda dpid, ports: {"dpid": f"{dpid:016x}", "ports": ports, "refused": []})
         self.puts: list[tuple[int, list[dict]]] = []
+        self.underlays: list[tuple[int, list[dict]]] = []
         self.lock = threading.Lock()
 
-    def put_ports(self, dpid: int, ports: list[dict]) -> dict:
+    def put_ports(self, dpid: int, ports: list[dict], underlay: list[dict] = ()) -> dict:
         with self.lock:
             self.puts.append((dpid, ports))
+            self.underlays.append((dpid, list(underlay)))
         return self.on_put(dpid, ports)
 
     def execute(self, requests):

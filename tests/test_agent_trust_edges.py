@@ -100,11 +100,11 @@ class StrictController:
         self.puts = 0
         self.lock = threading.Lock()
 
-    def put_ports(self, dpid, ports):
+    def put_ports(self, dpid, ports, underlay=()):
         with self.lock:
             self.puts += 1
             try:
-                inventory_from_body({"ports": ports})
+                inventory_from_body({"ports": ports, "underlay": list(underlay)})
             except BadRequest as error:
                 raise refusal(400, {"error": {"code": "bad-request", "message": f"{error.field}: {error.message}"}})
             self.held[dpid] = ports

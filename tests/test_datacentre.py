@@ -174,7 +174,7 @@ def test_closing_after_an_error_leaves_nothing_of_the_lab():
 def test_a_build_that_fails_halfway_leaves_nothing(monkeypatch):
     seen = {}
 
-    def broken_underlay(self, other):
+    def broken_underlay(self, other, *beyond):
         seen.update(traces(built), pids=built.pids())
         raise RuntimeError("no underlay today")
 

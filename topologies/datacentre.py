@@ -28,8 +28,10 @@ Each hypervisor is what a KVM host running mbvisor has, in miniature:
   root-namespace address or route touches; nothing outside reaches it).
 
 The underlay chains the hypervisors: a veth between hypervisor i and i+1, a port ``ul<j>``
-(ofport 1000 + j, towards hypervisor j) on each bridge.  mbvisor's table misses hand
-frames to NORMAL, which learns and floods across the chain (no loop: a chain has none).
+(ofport 1000 + j, towards hypervisor j) on each bridge, annotated ``mbvisor-underlay`` with
+the datapath ids of the hypervisors beyond it (a balancer that migrated away from its
+backends sends their traffic back through it).  mbvisor's table misses hand frames to
+NORMAL, which learns and floods across the chain (no loop: a chain has none).
 
 A VM is a namespace ``<prefix>-<name>`` whose ``eth0`` is a veth to port ``tap<n>`` (ofport
 n, the n-th VM of its hypervisor) annotated as an operator would (``attached-mac``,
@@ -241,19 +243,22 @@ class Hypervisor:
         self.bridge.hosts.append(vm)
         return vm
 
-    def link_to(self, other: Hypervisor) -> None:
-        """The underlay between this hypervisor and ``other``: a veth, a port on each bridge."""
+    def link_to(self, other: Hypervisor, mine_leads_to, theirs_leads_to) -> None:
+        """The underlay between this hypervisor and ``other``: a veth, a port on each bridge,
+        annotated (``mbvisor-underlay``) with the datapath ids of the hypervisors beyond it."""
         mine, theirs = f"ul{other.index}", f"ul{self.index}"
         run(["ip", "-n", self.namespace, "link", "add", mine, "type", "veth", "peer", "name", theirs,
              "netns", other.namespace])
-        for hypervisor, port, peer in ((self, mine, other), (other, theirs, self)):
+        for hypervisor, port, peer, beyond in ((self, mine, other, mine_leads_to),
+                                               (other, theirs, self, theirs_leads_to)):
             hypervisor.in_namespace("ethtool", "-K", port, "tx", "off", "gro", "off")
             run(["ip", "-n", hypervisor.namespace, "link", "set", port, "up"])
-            hypervisor._add_port(port, UNDERLAY_OFPORT + peer.index)
+            hypervisor._add_port(port, UNDERLAY_OFPORT + peer.index,
+                                 f'external_ids:mbvisor-underlay="{",".join(f"{d:016x}" for d in beyond)}"')
 
-    def _add_port(self, port: str, ofport: int) -> None:
+    def _add_port(self, port: str, ofport: int, *settings: str) -> None:
         self.bridge.vsctl("add-port", self.bridge.name, port, "--", "set", "interface", port,
-                          f"ofport_request={ofport}")
+                          f"ofport_request={ofport}", *settings)
         if self.bridge.ofport(port) != ofport:
             raise NetlabError(f"{port} on {self.bridge.name} did not get ofport {ofport}")
 
@@ -358,10 +363,12 @@ class DataCentre:
             self.hypervisors.append(hypervisor)
             hypervisor.build(self.controller, management, self.openflow_target)
         for left, right in zip(self.hypervisors, self.hypervisors[1:]):
-            left.link_to(right)
+            left.link_to(right, [h.dpid for h in self.hypervisors[right.index:]],
+                         [h.dpid for h in self.hypervisors[:left.index + 1]])
         self.say(f"underlay: {' - '.join(f'hv{h.index}' for h in self.hypervisors)}; waiting for the switches")
         for hypervisor in self.hypervisors:
             self.wait_synced(hypervisor.index)
+            self._wait_underlay_published(hypervisor)
         for index in range(self.size):
             for _ in range(self.hosts_per_hypervisor):
                 self.add_vm(index, channel=self.channels)
@@ -402,6 +409,15 @@ class DataCentre:
         if vm.region:
             where.agent.wait_serving(f"{name}/{vm.port_name}")
         return vm
+
+    def _wait_underlay_published(self, hypervisor: Hypervisor) -> None:
+        path = f"/v1/switches/{hypervisor.dpid:016x}/ports"
+        links = len([h for h in self.hypervisors if abs(h.index - hypervisor.index) == 1])
+
+        def published() -> bool:
+            return len(self.controller.get(path)[1].get("underlay", [])) == links
+        wait_until(published, 20, f"the agent of hypervisor {hypervisor.index} to publish its underlay ports",
+                   interval=0.05)
 
     def _wait_published(self, vm: VM) -> None:
         path = f"/v1/switches/{vm.hypervisor.dpid:016x}/ports"

@@ -1230,8 +1230,8 @@ class Lab:
             log_path = os.path.join(self.workdir, f"process-{len(self._processes)}.err")
             stderr = open(log_path, "w")
         try:
-            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                     start_new_session=True, **kwargs)
+            popen = subprocess.Popen(argv, stdout=stdout, stderr=stderr, start_new_session=True,
+                                     **{"stdin": subprocess.DEVNULL, **kwargs})
         finally:
             for stream in (stdout, stderr):
                 if hasattr(stream, "close") and getattr(stream, "name", None) == log_path:

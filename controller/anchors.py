@@ -1,0 +1,159 @@
+"""A balancer's redirects run where its backends are, wherever the balancer itself is.
+
+Conntrack is per host: a redirected connection lives in the zone of the switch that
+redirected it, beside its backend.  When a load balancer's VM migrates to another host
+and its backends stay, the connections open through it must go on there.  So:
+
+* The switch a balancer went to *steers* its redirect traffic to the switch that holds its
+  backends (a twin that still has them, or an anchor): the destination MAC becomes one
+  backend's there, out of the underlay port that leads to it (``Inventory.toward``); the
+  redirect's replies coming back through that port may carry the balancer's address.
+* The balancer's entry on the backends' switch accepts traffic so steered besides its own
+  MAC, and when its port there goes it stays as an *anchor* (``Middlebox.anchor``): it
+  keeps its conntrack zone and runs its twin's redirects, until no twin with redirects
+  for backends there is left (``needless``).
+
+Only annotations pair anything: the twin is an annotated VM of the anchor's tenant, and
+backends are located by the tenant's own annotations on the anchor's switch.  Pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple
+
+from .migration import identity_of, same_vm
+from .model import Middlebox, State
+from .trust import Inventory, PortIdentity
+
+
+class Steer(NamedTuple):
+    """Where a balancer's redirect traffic goes from this switch: switch ``dpid``, through
+    this switch's ``port``; ``backends`` (address -> MAC) are the balancer's there."""
+
+    dpid: int
+    port: int
+    backends: Mapping[str, str]
+
+
+def backends_of(middlebox: Middlebox) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(b for r in middlebox.redirects for b in r.backends))
+
+
+def located(inventory: Inventory, tenant: str, addresses, mac: str) -> dict[str, PortIdentity]:
+    """Of ``addresses``, those annotated VMs of ``tenant`` own on this switch (not the
+    balancer's own port, ``mac``)."""
+    found = {}
+    for address in addresses:
+        owner = inventory.owner(address)
+        if owner is not None and owner.tenant == tenant and owner.mac != mac:
+            found[address] = owner
+    return found
+
+
+@dataclass(frozen=True)
+class Elsewhere:
+    """The other switches, as far as switch ``dpid``'s redirects need them."""
+
+    dpid: int
+    state: State
+    inventories: Mapping[int, Inventory]
+
+    def _others(self, mac: str):
+        for dpid in sorted(self.inventories):
+            if dpid != self.dpid and (entry := self.state.find(dpid, mac)) is not None:
+                yield dpid, entry
+
+    def twinned(self, middlebox: Middlebox) -> bool:
+        """Another switch holds an entry of this MAC (a twin, or an anchor)."""
+        return any(True for _ in self._others(middlebox.mac))
+
+    def served(self, anchor: Middlebox) -> Middlebox | None:
+        """The twin an anchor runs the redirects of: of its MAC, on another switch,
+        annotated there as a VM of the anchor's tenant (the first such, by switch)."""
+        for dpid, entry in self._others(anchor.mac):
+            identity = identity_of(entry, self.inventories[dpid]) if entry.anchor is None else None
+            if identity is not None and identity.tenant == anchor.anchor:
+                return entry
+        return None
+
+    def steers(self, middlebox: Middlebox) -> tuple[Steer, ...]:
+        """Where this switch's ``middlebox`` may send redirect traffic: each other switch
+        holding its anchor, or its twin (the same VM), with backends of its tenant there,
+        that an underlay port of this switch leads to.  An entry whose port's annotations
+        went (the port went; its retirement, which may keep it as an anchor, still queued)
+        counts as its twin: steering must not stop for that moment."""
+        here = identity_of(middlebox, self.inventories.get(self.dpid, Inventory()))
+        if here is None:
+            return ()
+        found = []
+        for dpid, entry in self._others(middlebox.mac):
+            there = identity_of(entry, self.inventories[dpid]) if entry.anchor is None else None
+            if entry.anchor is not None:
+                tenant = entry.anchor
+            elif there is None and self.inventories[dpid].with_mac(middlebox.mac) is None:
+                tenant = here.tenant  # its port's annotations went with the port; it may stay as an anchor
+            elif there is None or not same_vm(there, here):
+                continue
+            else:
+                tenant = there.tenant
+            port = self.inventories[self.dpid].toward(dpid)
+            if tenant != here.tenant or port is None:
+                continue
+            backends = located(self.inventories[dpid], tenant, backends_of(middlebox), middlebox.mac)
+            if backends:
+                found.append(Steer(dpid, port, {address: owner.mac for address, owner in backends.items()}))
+        return tuple(found)
+
+
+def kept_as_anchors(state: State, dpid: int, gone, inventories: Mapping[int, Inventory]) -> list[Middlebox]:
+    """Of the balancers on ``dpid`` whose port ``gone`` went, the anchors they leave: those
+    with a twin elsewhere whose redirects have backends of its tenant here."""
+    anchors = []
+    for middlebox in gone:
+        if middlebox.anchor is not None or not middlebox.redirects:
+            continue
+        for tenant in _tenants(state, dpid, middlebox.mac, inventories):
+            anchor = Middlebox(dpid, middlebox.port, middlebox.mac, middlebox.zone, anchor=tenant)
+            serving = Elsewhere(dpid, state, inventories).served(anchor)
+            if serving is not None and located(inventories.get(dpid, Inventory()), tenant, backends_of(serving),
+                                               middlebox.mac):
+                anchors.append(anchor)
+                break
+    return anchors
+
+
+def _tenants(state: State, dpid: int, mac: str, inventories: Mapping[int, Inventory]) -> list[str]:
+    """The tenants the annotations on other switches name for entries of ``mac``."""
+    tenants = []
+    for other in sorted(inventories):
+        entry = state.find(other, mac) if other != dpid else None
+        identity = identity_of(entry, inventories[other]) if entry is not None and entry.anchor is None else None
+        if identity is not None and identity.tenant not in tenants:
+            tenants.append(identity.tenant)
+    return tenants
+
+
+def needless(state: State, inventories: Mapping[int, Inventory], anchor: Middlebox) -> bool:
+    """Whether nothing needs ``anchor`` any more: no twin of its tenant elsewhere, or none
+    whose redirects have backends of that tenant on its switch."""
+    serving = Elsewhere(anchor.dpid, state, inventories).served(anchor)
+    here = inventories.get(anchor.dpid, Inventory())
+    return serving is None or not located(here, anchor.anchor, backends_of(serving), anchor.mac)
+
+
+def affected(state: State, dpid: int, macs, dpids) -> tuple[dict[int, set[str]], dict[int, set[str]]]:
+    """After a change of ``macs`` on switch ``dpid`` (its entries, or its annotations): by
+    other switch among ``dpids``, the entries of those MACs to compile again (they may
+    steer to it, or be steered from it), and the anchors to look at (they may be needless
+    now)."""
+    again: dict[int, set[str]] = {}
+    anchors: dict[int, set[str]] = {}
+    for other in dpids:
+        if other == dpid:
+            continue
+        for mac in macs:
+            entry = state.find(other, mac)
+            if entry is not None:
+                (anchors if entry.anchor is not None else again).setdefault(other, set()).add(mac)
+    return again, anchors

@@ -1,0 +1,310 @@
+"""A balancer's redirects run where its backends are (controller/anchors.py): the pure
+parts (underlay annotations, where a twin steers, which entries stay as anchors and when
+they go, the flows both switches compile), then the shell on two fake switches that apply
+the real encoded messages (tests/test_anchors_ovs.py has real switches and packets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fakeswitch import wait_until
+from mbvisor.agents.discovery import scan_ovsdb
+from mbvisor.controller.anchors import Elsewhere, Steer, affected, kept_as_anchors, needless
+from mbvisor.controller.flows import Surroundings, compile_middlebox, cookie_of
+from mbvisor.controller.migration import adopted, arrivals
+from mbvisor.controller.model import Binding, Middlebox, Redirect, State, TrustMode, apply
+from mbvisor.controller.pipeline import CLAIMED, INGRESS_TABLE, OFFLOAD_TABLE, REDIRECT
+from mbvisor.controller.requests import BadRequest, inventory_body, inventory_from_body
+from mbvisor.controller.service import Controller, Settings
+from mbvisor.controller.store import Store
+from mbvisor.controller.trust import PortIdentity, Underlay, build_inventory
+from mbvisor.guest.grammar import parse_command
+
+from test_migration import _ok, two_hypervisors
+
+A, B, C = 0xA1, 0xB2, 0xC3
+LB = "02:00:00:00:00:64"
+LB_IP = "10.0.0.100"
+WEB1 = PortIdentity(1, "02:00:00:00:00:11", "red", "web-1", ("10.0.0.11",), "tap-web1")
+WEB2 = PortIdentity(3, "02:00:00:00:00:12", "red", "web-2", ("10.0.0.12",), "tap-web2")
+LB_ON_A = PortIdentity(2, LB, "red", "lb-1", (LB_IP,), "tap-lb-a")
+LB_ON_B = PortIdentity(7, LB, "red", "lb-1", (LB_IP,), "tap-lb-b")
+UNDERLAY_PORT = 9
+TO_EVERYONE = Underlay(UNDERLAY_PORT, "ul", None)
+CLIENT = dict(eth_src="02:00:00:00:00:99", eth_type=0x0800, ipv4_src="10.0.0.99", ipv4_dst=LB_IP, ip_proto=6,
+              tcp_src=40000, tcp_dst=80)
+REPLY = dict(eth_src=WEB1.mac, eth_dst=CLIENT["eth_src"], eth_type=0x0800, ipv4_src=LB_IP, ipv4_dst="10.0.0.99",
+             ip_proto=6, tcp_src=80, tcp_dst=40000)
+
+
+def balancer(dpid=A, port=2, zone=1, backends=("10.0.0.11", "10.0.0.12")) -> Middlebox:
+    return Middlebox(dpid, port, LB, zone, None, LB_IP, redirects=(Redirect(None, tuple(backends)),))
+
+
+def inventories(a=(LB_ON_A, WEB1, WEB2, TO_EVERYONE), b=(LB_ON_B, TO_EVERYONE)):
+    return {A: build_inventory(a), B: build_inventory(b)}
+
+
+# --- underlay annotations ----------------------------------------------------------------
+
+def test_an_underlay_port_leads_to_the_switches_it_names_or_to_every_one():
+    inventory = build_inventory([Underlay(20, "ul-all", None), Underlay(12, "ul-c", frozenset({C})),
+                                 Underlay(11, "ul-b", frozenset({B, C}))])
+    assert inventory.toward(C) == 11  # one naming it (the lowest) before one leading everywhere
+    assert inventory.toward(B) == 11
+    assert inventory.toward(A) == 20
+    assert build_inventory([Underlay(12, "ul-c", frozenset({C}))]).toward(B) is None
+
+
+def test_an_underlay_port_that_shares_its_number_is_refused_with_the_vm_port():
+    inventory = build_inventory([WEB1, Underlay(WEB1.port, "ul", None), Underlay(5, "a"), Underlay(5, "b")])
+    assert inventory.underlay == () and inventory.at(WEB1.port) is None
+    assert {(r.port, r.interface) for r in inventory.refused} == {(1, "tap-web1"), (1, "ul"), (5, "a"), (5, "b")}
+    assert "also an underlay port" in next(r.reason for r in inventory.refused if r.interface == "tap-web1")
+
+
+def test_underlay_ports_round_trip_through_the_api_and_bad_ones_are_refused_whole():
+    entries = [WEB1, Underlay(9, "ul0", None), Underlay(10, "ul1", frozenset({B, C}))]
+    assert inventory_from_body(inventory_body(entries)) == entries
+    assert inventory_from_body({"ports": [], "underlay": [{"port": 9}]}) == [Underlay(9, "", None)]
+    for bad, field in (([{"port": 9, "leads_to": [str(B), "*"]}], "leads_to"),
+                       ([{"port": 9, "leads_to": [B]}], "leads_to"),          # ids as the API prints them
+                       ([{"port": 9, "leads_to": []}], "leads_to"),
+                       ([{"port": 9, "leads_to": ["0"] * 1025}], "leads_to"),
+                       ([{"port": 0}], "port"), ([{"leads_to": ["*"]}], "port"),
+                       ([{"port": 9, "peer": "x"}], "peer"), ("ul0", "underlay")):
+        with pytest.raises(BadRequest) as refused:
+            inventory_from_body({"ports": [], "underlay": bad})
+        assert field in refused.value.field, (bad, refused.value.field)
+
+
+def _ovsdb(*interfaces):
+    """``ovs-vsctl --format=json list Bridge/Port/Interface`` of one bridge."""
+    bridges = {"headings": ["_uuid", "name", "datapath_id", "ports"],
+               "data": [[["uuid", "br"], "br0", f"{A:016x}", ["set", [["uuid", f"p{i}"] for i in
+                                                                       range(len(interfaces))]]]]}
+    ports = {"headings": ["_uuid", "name", "interfaces"],
+             "data": [[["uuid", f"p{i}"], name, ["uuid", f"i{i}"]] for i, (name, _, _) in enumerate(interfaces)]}
+    rows = {"headings": ["_uuid", "name", "ofport", "external_ids", "mac_in_use"],
+            "data": [[["uuid", f"i{i}"], name, number, ["map", list(ids.items())], "02:00:00:00:ff:01"]
+                     for i, (name, number, ids) in enumerate(interfaces)]}
+    return bridges, ports, rows
+
+
+def test_the_agent_publishes_an_underlay_annotation_and_refuses_a_bad_or_misplaced_one():
+    scan = scan_ovsdb(*_ovsdb(("ul0", 9, {"mbvisor-underlay": f"{B:016x}, {C:x}"}),
+                              ("ul1", 10, {"mbvisor-underlay": ""}),
+                              ("ul2", 11, {"mbvisor-underlay": "*, 00a1"}),
+                              ("vm", 12, {"mbvisor-underlay": "*", "attached-mac": "02:00:00:00:00:05",
+                                          "mbvisor-tenant": "red"})))
+    underlay = [e for e in scan.inventories[A] if isinstance(e, Underlay)]
+    assert underlay == [Underlay(9, "ul0", frozenset({B, C})), Underlay(10, "ul1", None)]
+    reasons = {r.interface: r.reason for r in scan.refused}
+    assert set(reasons) == {"ul2", "vm"}
+    assert "leads_to" not in reasons["ul2"] and "mbvisor-underlay" in reasons["ul2"]
+    assert "VM's interface" in reasons["vm"]
+
+
+def test_underlay_ports_and_anchors_are_stored(tmp_path):
+    store = Store(tmp_path / "db.sqlite")
+    entries = [LB_ON_A, Underlay(9, "ul0", None), Underlay(10, "ul1", frozenset({B}))]
+    store.save_inventory(A, entries)
+    anchor = Middlebox(A, 2, LB, 5, anchor="red")
+    store.save(State(), State.of([anchor]), [])
+    assert store.load_inventories() == {A: entries}
+    assert store.load(State().limits).find(A, LB) == anchor
+
+
+# --- where a twin steers, what stays as an anchor, when it goes --------------------------
+
+def test_a_twin_without_its_backends_steers_to_the_switch_holding_them():
+    state = State.of([balancer(), balancer(B, 7, zone=2)])
+    seen = inventories()
+    steers = Elsewhere(B, state, seen).steers(state.find(B, LB))
+    assert steers == (Steer(A, UNDERLAY_PORT, {"10.0.0.11": WEB1.mac, "10.0.0.12": WEB2.mac}),)
+    assert Elsewhere(A, state, seen).steers(state.find(A, LB)) == ()  # no backend of it on B
+
+
+def test_the_twin_keeps_steering_while_the_sources_retirement_is_queued():
+    """The source's port went: its annotations at once, its entry only when its retirement
+    runs (then as an anchor).  A recompilation of the twin in between still steers (the
+    first version stopped for that moment: a connection's packet would then reach the
+    guest, which resets it)."""
+    state = State.of([balancer(), balancer(B, 7, zone=2)])
+    port_gone = inventories(a=(WEB1, WEB2, TO_EVERYONE))
+    assert Elsewhere(B, state, port_gone).steers(state.find(B, LB)) == Elsewhere(B, state, inventories()).steers(
+        state.find(B, LB))
+    other_vm_there = inventories(a=(PortIdentity(5, LB, "red", "lb-9", ()), WEB1, WEB2, TO_EVERYONE))
+    assert Elsewhere(B, state, other_vm_there).steers(state.find(B, LB)) == ()
+
+
+@pytest.mark.parametrize("case", ["no underlay", "other tenant", "other vm", "backends elsewhere", "unannotated"])
+def test_no_steering_unless_annotations_pair_the_twins_and_an_underlay_port_leads_there(case):
+    state = State.of([balancer(), balancer(B, 7, zone=2)])
+    on_b = {"no underlay": (LB_ON_B,),
+            "other tenant": (PortIdentity(7, LB, "blue", "lb-1", (LB_IP,)), TO_EVERYONE),
+            "other vm": (PortIdentity(7, LB, "red", "lb-2", (LB_IP,)), TO_EVERYONE),
+            "backends elsewhere": (LB_ON_B, TO_EVERYONE),
+            "unannotated": (TO_EVERYONE,)}[case]
+    on_a = (LB_ON_A, TO_EVERYONE) if case == "backends elsewhere" else (LB_ON_A, WEB1, WEB2)
+    assert Elsewhere(B, state, inventories(on_a, on_b)).steers(state.find(B, LB)) == ()
+
+
+def test_a_balancer_whose_port_goes_stays_as_an_anchor_only_while_its_twin_needs_its_backends():
+    state = State.of([balancer(), balancer(B, 7, zone=2)])
+    gone_from_a = inventories(a=(WEB1, WEB2, TO_EVERYONE))  # its port's annotations went with it
+    assert kept_as_anchors(state, A, [state.find(A, LB)], gone_from_a) == [Middlebox(A, 2, LB, 1, anchor="red")]
+    assert kept_as_anchors(State.of([balancer()]), A, [balancer()], gone_from_a) == []  # no twin
+    assert kept_as_anchors(state, A, [state.find(A, LB)], inventories(a=(TO_EVERYONE,))) == []  # no backends here
+    firewall = Middlebox(A, 2, LB, 1, "10.0.0.100")
+    assert kept_as_anchors(State.of([firewall, balancer(B, 7)]), A, [firewall], gone_from_a) == []
+    anchor = Middlebox(A, 2, LB, 1, anchor="red")
+    with_anchor = state.put(anchor)
+    assert not needless(with_anchor, gone_from_a, anchor)
+    assert needless(with_anchor.remove(B, LB), gone_from_a, anchor)                      # the twin went
+    assert needless(with_anchor.put(balancer(B, 7, 2, ("10.0.0.50",))), gone_from_a, anchor)  # other backends
+    assert needless(with_anchor, inventories(a=(TO_EVERYONE,)), anchor)                  # the backends left
+    assert needless(with_anchor, inventories(a=(WEB1, WEB2), b=()), anchor)              # the twin's VM left
+
+
+def test_a_change_on_one_switch_recompiles_the_entries_of_those_macs_elsewhere():
+    state = State.of([balancer(), Middlebox(B, 7, LB, 2, anchor="red"), Middlebox(C, 1, "02:00:00:00:00:01", 3)])
+    again, anchors = affected(state, A, {LB, "02:00:00:00:00:01"}, [A, B, C])
+    assert again == {C: {"02:00:00:00:00:01"}} and anchors == {B: {LB}}
+    again, anchors = affected(state, B, {LB}, [A, B, C])
+    assert again == {A: {LB}} and anchors == {}
+
+
+def test_a_guest_registering_the_anchors_mac_replaces_it():
+    anchor = Middlebox(A, 2, LB, 5, anchor="red")
+    binding = Binding(A, 2, TrustMode.ANNOTATIONS, build_inventory([LB_ON_A, WEB1, WEB2]))
+    after = apply(State.of([anchor]), binding, parse_command(f"R L {LB} {LB_IP} 0 * 10.0.0.11")).state
+    assert after.find(A, LB).anchor is None and after.find(A, LB).redirects
+    with pytest.raises(Exception, match="not registered|no middlebox|unknown"):
+        apply(State.of([anchor]), binding, parse_command(f"A {LB} I 4 s 10.66.0.0/16"))
+
+
+def test_the_vm_coming_back_replaces_its_anchor_with_a_twin_in_the_anchors_zone():
+    anchor = Middlebox(A, 2, LB, 5, anchor="red")
+    state = State.of([anchor, balancer(B, 7, zone=2)])
+    seen = inventories(a=(LB_ON_A, WEB1, WEB2, TO_EVERYONE))
+    [copy] = arrivals(state, seen, A)
+    after = adopted(state, seen, A, copy.origin, state.zones, change=copy.change, vm=copy.vm)
+    back = after.find(A, LB)
+    assert back.anchor is None and back.zone == 5 and back.redirects == balancer().redirects
+    change = (balancer(B, 7, 2), balancer(B, 7, 2, ("10.0.0.11",)))
+    assert adopted(state, seen, A, (B, LB), state.zones, change=change, vm=copy.vm) is state  # only arrivals
+
+
+# --- the flows -------------------------------------------------------------------------------
+
+def _flows(middlebox: Middlebox, state: State, seen, dpid: int):
+    surroundings = Surroundings(TrustMode.ANNOTATIONS, seen[dpid], elsewhere=Elsewhere(dpid, state, seen))
+    return compile_middlebox(middlebox, surroundings).flows
+
+
+def test_the_twin_steers_the_redirect_out_of_its_underlay_port_and_lets_its_replies_in():
+    state = State.of([balancer(), balancer(B, 7, zone=2)])
+    flows = _flows(state.find(B, LB), state, inventories(), B)
+    redirect = {f for f in flows if f.table == OFFLOAD_TABLE and f.priority == REDIRECT}
+    assert [(dict(f.match), f.actions) for f in redirect] == [
+        ({"eth_type": 0x0800, "eth_dst": LB, "ipv4_dst": LB_IP},
+         (("set_field", "eth_dst", WEB1.mac), ("output", UNDERLAY_PORT)))]
+    allowed = {dict(f.match)["eth_src"] for f in flows if f.table == INGRESS_TABLE}
+    assert allowed == {WEB1.mac, WEB2.mac}
+    assert all(f.priority == CLAIMED + 1 and dict(f.match)["in_port"] == UNDERLAY_PORT
+               and dict(f.match)["ipv4_src"] == LB_IP for f in flows if f.table == INGRESS_TABLE)
+
+
+def test_an_anchor_runs_its_twins_redirects_in_its_own_zone_entered_as_steered():
+    anchor = Middlebox(A, 2, LB, 5, anchor="red")
+    state = State.of([anchor, balancer(B, 7, zone=2, backends=("10.0.0.12",))])
+    seen = inventories(a=(WEB1, WEB2, TO_EVERYONE))
+    flows = _flows(anchor, state, seen, A)
+    entries = {dict(f.match)["eth_dst"] for f in flows if f.table == OFFLOAD_TABLE and f.priority == REDIRECT}
+    assert entries == {LB, WEB2.mac}  # the twin's redirect now names web-2 only
+    assert {a[1] for f in flows for a in f.actions if a[0] in ("ct_nat", "ct_commit_nat")} == {5}
+    assert not any(f.table == INGRESS_TABLE for f in flows)
+    assert _flows(anchor, state.remove(B, LB), seen, A) == frozenset()  # nothing to run
+
+
+def test_a_balancer_with_a_twin_accepts_steered_traffic_one_without_does_not():
+    seen = inventories()
+    alone = _flows(balancer(), State.of([balancer()]), seen, A)
+    twinned = _flows(balancer(), State.of([balancer(), balancer(B, 7, 2)]), seen, A)
+    assert twinned - alone == {f for f in twinned if f.table == OFFLOAD_TABLE and f.priority == REDIRECT
+                               and dict(f.match)["eth_dst"] != LB}
+    assert len(twinned - alone) == 2 and alone < twinned
+
+
+# --- the shell, on fake switches ----------------------------------------------------------------
+
+@pytest.fixture
+def hosts(tmp_path):
+    """A (0xA1: backends on 1 and 3, the balancer on 2) and B (0xB2: its twin on 7, a
+    client on 4), each with its underlay port 9."""
+    from test_migration import DESTINATION, SOURCE
+    assert (SOURCE, DESTINATION) == (A, B)
+    service, fakes = two_hypervisors(tmp_path / "controller.sqlite", ports=(1, 2, 3, 4, 7, UNDERLAY_PORT))
+    service.set_inventory(A, [LB_ON_A, WEB1, WEB2, TO_EVERYONE])
+    _ok(service, A, 2, f"R L {LB} {LB_IP} 0 * 10.0.0.11,10.0.0.12")
+    service.set_inventory(B, [LB_ON_B, Underlay(UNDERLAY_PORT, "ul", frozenset({A}))])
+    wait_until(lambda: steered(fakes[B]), what="the twin on B to steer to A")
+    wait_until(lambda: served_on_a(fakes[A]), what="A to take what B steers")
+    yield service, fakes
+    service.close()
+    for fake in fakes.values():
+        fake.close()
+
+
+def steered(fake) -> bool:
+    trace = fake.trace(4, eth_dst=LB, **CLIENT)
+    return trace.ports == [UNDERLAY_PORT] and trace.fields["eth_dst"] == WEB1.mac
+
+
+def served_on_a(fake) -> bool:
+    """A packet steered from B reaches web-1 through the balancer's zone on A."""
+    trace = fake.trace(UNDERLAY_PORT, eth_dst=WEB1.mac, bucket=0, **CLIENT)
+    return trace.ports == [WEB1.port] and trace.fields["ipv4_dst"] == "10.0.0.11"
+
+
+def own(fake) -> list:
+    return [f for f in fake.flows() if f.cookie == cookie_of(LB)]
+
+
+def test_the_source_port_going_leaves_an_anchor_and_the_twins_cancel_takes_it(hosts):
+    service, fakes = hosts
+    assert served_on_a(fakes[A])
+    assert fakes[B].trace(UNDERLAY_PORT, **REPLY).verdict == "normal"  # not dropped as a claim of LB_IP
+    zone = service.state.find(A, LB).zone
+    fakes[A].remove_port(2)
+    wait_until(lambda: (service.state.find(A, LB) or Middlebox(0, 0, "", 0)).anchor == "red",
+               what="the anchor on A")
+    assert service.state.find(A, LB) == Middlebox(A, 2, LB, zone, anchor="red")
+    wait_until(lambda: served_on_a(fakes[A]) and steered(fakes[B]), what="the anchor's flows on A, B steering")
+    restarted = Controller(Settings(database=service.settings.database))
+    assert restarted.state.find(A, LB) == service.state.find(A, LB)  # durably
+    restarted.close()
+    _ok(service, B, 7, f"X {LB}")
+    wait_until(lambda: service.state.find(A, LB) is None, what="the anchor to go with its twin")
+    wait_until(lambda: own(fakes[A]) == [] and own(fakes[B]) == [], what="both switches without its flows")
+
+
+def test_the_backends_leaving_the_anchors_switch_take_the_anchor(hosts):
+    service, fakes = hosts
+    fakes[A].remove_port(2)
+    wait_until(lambda: service.state.find(A, LB) is not None and service.state.find(A, LB).anchor, what="anchor")
+    service.set_inventory(A, [TO_EVERYONE])
+    wait_until(lambda: service.state.find(A, LB) is None, what="the anchor to go with the backends")
+    wait_until(lambda: not steered(fakes[B]), what="B to stop steering")
+    assert own(fakes[A]) == []
+
+
+def test_an_operators_delete_of_an_anchor_removes_it_and_the_twin_stops_steering(hosts):
+    service, fakes = hosts
+    fakes[A].remove_port(2)
+    wait_until(lambda: service.state.find(A, LB) is not None and service.state.find(A, LB).anchor, what="anchor")
+    answer = service.delete_middlebox(A, LB)
+    assert answer.status == "OK" and service.state.find(A, LB) is None
+    wait_until(lambda: own(fakes[A]) == [] and not steered(fakes[B]), what="A without it, B not steering")
+    assert service.state.find(B, LB) is not None  # the twin keeps the redirect (its guest balances it)
