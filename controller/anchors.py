@@ -9,17 +9,20 @@ and its backends stay, the connections open through it must go on there.  So:
   backend's there, out of the underlay port that leads to it (``Inventory.toward``); the
   redirect's replies coming back through that port may carry the balancer's address.
 * The balancer's entry on the backends' switch accepts traffic so steered besides its own
-  MAC, and when its port there goes it stays as an *anchor* (``Middlebox.anchor``): it
-  keeps its conntrack zone and runs its twin's redirects, until no twin with redirects
-  for backends there is left (``needless``).
+  MAC, and when its port there goes (or the source agent deletes the VM that left) it
+  stays as an *anchor* (``Middlebox.anchor``: the VM and tenant its port was annotated
+  with): it keeps its conntrack zone and its redirects (their backends stay its own on
+  that switch) and runs its twin's, until no twin of that VM with redirects for backends
+  there is left (``needless``).
 
-Only annotations pair anything: the twin is an annotated VM of the anchor's tenant, and
-backends are located by the tenant's own annotations on the anchor's switch.  Pure.
+Only annotations pair anything: the twin is the same VM (``vm-id``, tenant, MAC) annotated
+on another switch, and backends are located by its tenant's own annotations on the
+anchor's switch.  Pure.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Mapping, NamedTuple
 
 from .migration import identity_of, same_vm
@@ -53,11 +56,13 @@ def located(inventory: Inventory, tenant: str, addresses, mac: str) -> dict[str,
 
 @dataclass(frozen=True)
 class Elsewhere:
-    """The other switches, as far as switch ``dpid``'s redirects need them."""
+    """The other switches, as far as switch ``dpid``'s redirects need them; ``retiring``:
+    by switch, the ports gone whose retirement is still queued there."""
 
     dpid: int
     state: State
     inventories: Mapping[int, Inventory]
+    retiring: Mapping[int, frozenset[int]] = field(default_factory=dict)
 
     def _others(self, mac: str):
         for dpid in sorted(self.inventories):
@@ -70,19 +75,20 @@ class Elsewhere:
 
     def served(self, anchor: Middlebox) -> Middlebox | None:
         """The twin an anchor runs the redirects of: of its MAC, on another switch,
-        annotated there as a VM of the anchor's tenant (the first such, by switch)."""
+        annotated there as the anchor's VM (the first such, by switch)."""
         for dpid, entry in self._others(anchor.mac):
             identity = identity_of(entry, self.inventories[dpid]) if entry.anchor is None else None
-            if identity is not None and identity.tenant == anchor.anchor:
+            if identity is not None and (identity.vm_id, identity.tenant) == anchor.anchor:
                 return entry
         return None
 
     def steers(self, middlebox: Middlebox) -> tuple[Steer, ...]:
         """Where this switch's ``middlebox`` may send redirect traffic: each other switch
         holding its anchor, or its twin (the same VM), with backends of its tenant there,
-        that an underlay port of this switch leads to.  An entry whose port's annotations
-        went (the port went; its retirement, which may keep it as an anchor, still queued)
-        counts as its twin: steering must not stop for that moment."""
+        that an underlay port of this switch leads to.  An entry whose port went, its
+        retirement (which may keep it as an anchor) still queued, counts as its twin:
+        steering must not stop for that moment; an entry whose port is unannotated for any
+        other reason accepts nothing, and gets nothing."""
         here = identity_of(middlebox, self.inventories.get(self.dpid, Inventory()))
         if here is None:
             return ()
@@ -90,9 +96,11 @@ class Elsewhere:
         for dpid, entry in self._others(middlebox.mac):
             there = identity_of(entry, self.inventories[dpid]) if entry.anchor is None else None
             if entry.anchor is not None:
-                tenant = entry.anchor
-            elif there is None and self.inventories[dpid].with_mac(middlebox.mac) is None:
-                tenant = here.tenant  # its port's annotations went with the port; it may stay as an anchor
+                if entry.anchor != (here.vm_id, here.tenant):
+                    continue
+                tenant = here.tenant
+            elif there is None and entry.port in self.retiring.get(dpid, ()):
+                tenant = here.tenant  # its port went; its retirement may keep it as an anchor
             elif there is None or not same_vm(there, here):
                 continue
             else:
@@ -106,32 +114,23 @@ class Elsewhere:
         return tuple(found)
 
 
-def kept_as_anchors(state: State, dpid: int, gone, inventories: Mapping[int, Inventory]) -> list[Middlebox]:
-    """Of the balancers on ``dpid`` whose port ``gone`` went, the anchors they leave: those
-    with a twin elsewhere whose redirects have backends of its tenant here."""
+def kept_as_anchors(state: State, dpid: int, gone, inventories: Mapping[int, Inventory],
+                    identities: Mapping[int, PortIdentity]) -> list[Middlebox]:
+    """Of the balancers on ``dpid`` that ``gone`` (their port went, or the source agent
+    deleted the VM that left), the anchors they leave: those whose port was annotated
+    (``identities``, by port) as a VM whose twin elsewhere has redirects with backends of
+    its tenant here.  An anchor keeps its zone and redirects, nothing else."""
     anchors = []
     for middlebox in gone:
-        if middlebox.anchor is not None or not middlebox.redirects:
+        identity = identities.get(middlebox.port)
+        if (middlebox.anchor is not None or not middlebox.redirects or identity is None
+                or identity.mac != middlebox.mac or not identity.vm_id):
             continue
-        for tenant in _tenants(state, dpid, middlebox.mac, inventories):
-            anchor = Middlebox(dpid, middlebox.port, middlebox.mac, middlebox.zone, anchor=tenant)
-            serving = Elsewhere(dpid, state, inventories).served(anchor)
-            if serving is not None and located(inventories.get(dpid, Inventory()), tenant, backends_of(serving),
-                                               middlebox.mac):
-                anchors.append(anchor)
-                break
+        anchor = replace(middlebox, firewall_ip=None, filters=frozenset(),
+                         anchor=(identity.vm_id, identity.tenant))
+        if not needless(state, inventories, anchor):
+            anchors.append(anchor)
     return anchors
-
-
-def _tenants(state: State, dpid: int, mac: str, inventories: Mapping[int, Inventory]) -> list[str]:
-    """The tenants the annotations on other switches name for entries of ``mac``."""
-    tenants = []
-    for other in sorted(inventories):
-        entry = state.find(other, mac) if other != dpid else None
-        identity = identity_of(entry, inventories[other]) if entry is not None and entry.anchor is None else None
-        if identity is not None and identity.tenant not in tenants:
-            tenants.append(identity.tenant)
-    return tenants
 
 
 def needless(state: State, inventories: Mapping[int, Inventory], anchor: Middlebox) -> bool:
@@ -139,14 +138,14 @@ def needless(state: State, inventories: Mapping[int, Inventory], anchor: Middleb
     whose redirects have backends of that tenant on its switch."""
     serving = Elsewhere(anchor.dpid, state, inventories).served(anchor)
     here = inventories.get(anchor.dpid, Inventory())
-    return serving is None or not located(here, anchor.anchor, backends_of(serving), anchor.mac)
+    return serving is None or not located(here, anchor.anchor[1], backends_of(serving), anchor.mac)
 
 
 def affected(state: State, dpid: int, macs, dpids) -> tuple[dict[int, set[str]], dict[int, set[str]]]:
     """After a change of ``macs`` on switch ``dpid`` (its entries, or its annotations): by
-    other switch among ``dpids``, the entries of those MACs to compile again (they may
+    other switch among ``dpids``, the balancers of those MACs to compile again (they may
     steer to it, or be steered from it), and the anchors to look at (they may be needless
-    now)."""
+    now).  A firewall's twin compiles nothing from the other side: it is left alone."""
     again: dict[int, set[str]] = {}
     anchors: dict[int, set[str]] = {}
     for other in dpids:
@@ -154,6 +153,14 @@ def affected(state: State, dpid: int, macs, dpids) -> tuple[dict[int, set[str]],
             continue
         for mac in macs:
             entry = state.find(other, mac)
-            if entry is not None:
-                (anchors if entry.anchor is not None else again).setdefault(other, set()).add(mac)
+            if entry is not None and entry.anchor is not None:
+                anchors.setdefault(other, set()).add(mac)
+            elif entry is not None and entry.redirects:
+                again.setdefault(other, set()).add(mac)
     return again, anchors
+
+
+def steering_macs(middleboxes) -> set[str]:
+    """The MACs of a switch's entries whose annotations other switches' flows read: its
+    balancers and anchors."""
+    return {mb.mac for mb in middleboxes if mb.redirects or mb.anchor is not None}

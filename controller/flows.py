@@ -59,6 +59,7 @@ ICMPV6, NEIGHBOUR_SOLICIT, NEIGHBOUR_ADVERT = 58, 135, 136
 # The controller's own (locally administered) MAC for resolving and checking backends:
 # replies to it come to the controller and to nobody else.
 RESOLVER_MAC = "02:4d:42:00:00:01"
+OFPP_IN_PORT = 0xFFFFFFF8  # output to the port a packet came in on (a plain output there is dropped)
 
 _match = match
 
@@ -337,7 +338,7 @@ def compile_anchor(anchor: Middlebox, surroundings: Surroundings) -> SwitchConfi
     if twin is None:
         return SwitchConfig(frozenset(), frozenset())
     stand_in = replace(twin, dpid=anchor.dpid, port=anchor.port, zone=anchor.zone, filters=frozenset(),
-                       firewall_ip=None, anchor=anchor.anchor)
+                       firewall_ip=None, anchor=anchor.anchor)  # its twin's redirects, in its zone
     flows, groups, _ = compile_redirects(stand_in, surroundings)
     return SwitchConfig(frozenset(flows), frozenset(groups))
 
@@ -354,7 +355,8 @@ def compile_redirects(middlebox: Middlebox, surroundings: Surroundings) -> tuple
     if middlebox.anchor is not None:
         located = {b: None for b in backends} | {
             b: Neighbour(owner.mac, owner.port)
-            for b, owner in tenant_backends(surroundings.inventory, middlebox.anchor, backends, middlebox.mac).items()}
+            for b, owner in tenant_backends(surroundings.inventory, middlebox.anchor[1], backends,
+                                            middlebox.mac).items()}
     else:
         located = {b: surroundings.locate(middlebox, b) for b in backends}
     if middlebox.anchor is None and surroundings.inventory.at(middlebox.port) is None:
@@ -440,9 +442,12 @@ def _steering(middlebox: Middlebox, backends, steers: tuple[Steer, ...], priorit
     address = middlebox.balancer_ip
     ip, eth_type = _ip_prefix(address), _eth_type(address)
     mac = next(steer.backends[b] for b in backends if b in steer.backends)
-    flows = {Flow(OFFLOAD_TABLE, priority, _match(eth_type=eth_type, eth_dst=middlebox.mac,
-                                                  **{f"{ip}_dst": address}, **source),
-                  (("set_field", "eth_dst", mac), ("output", steer.port)), cookie)}
+    entry = {"eth_type": eth_type, "eth_dst": middlebox.mac, f"{ip}_dst": address, **source}
+    flows = {Flow(OFFLOAD_TABLE, priority, _match(**entry), (("set_field", "eth_dst", mac), ("output", steer.port)),
+                  cookie),
+             # from the underlay port itself (a client behind it): out again, through IN_PORT
+             Flow(OFFLOAD_TABLE, priority + 1, _match(in_port=steer.port, **entry),
+                  (("set_field", "eth_dst", mac), ("output", OFPP_IN_PORT)), cookie)}
     for backend_mac in sorted(set(steer.backends.values())):
         flows.add(Flow(INGRESS_TABLE, CLAIMED + 1, _match(in_port=steer.port, eth_src=backend_mac, eth_type=eth_type,
                                                           **{f"{ip}_src": address}),

@@ -118,6 +118,8 @@ def copies_after(dpid: int, before: State, after: State, touched, by_guests: boo
     copies = []
     for mac in sorted(touched):
         now, was = after.find(dpid, mac), before.find(dpid, mac)
+        if now is not None and now.anchor is not None:
+            continue  # what stays of a departed balancer (anchors.py): nothing for its twin
         cancelled = now is None
         if cancelled and not by_guests:
             continue

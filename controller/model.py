@@ -89,9 +89,9 @@ class Middlebox:
     redirects: tuple[Redirect, ...] = ()
     # An *anchor*: what stays of a balancer whose port went while its twin (the same VM, on
     # the switch it migrated to) holds its redirects and its backends are here: the
-    # connections conntrack tracks here in its zone, for the tenant named.  No guest speaks
-    # for it; it runs its twin's redirects (anchors.py).
-    anchor: str | None = None
+    # connections conntrack tracks here in its zone.  (vm-id, tenant) of that VM.  No guest
+    # speaks for it; it keeps its redirects' backends and runs its twin's (anchors.py).
+    anchor: tuple[str, str] | None = None
 
     @property
     def key(self) -> tuple[int, str]:
@@ -480,6 +480,8 @@ def _check_backends_unique(state: State, middlebox: Middlebox, backends: tuple[s
 
 def _may_use(inventory: Inventory, middlebox: Middlebox, backend: str) -> bool:
     owner, identity = inventory.owner(backend), inventory.at(middlebox.port)
+    if middlebox.anchor is not None:  # its port is gone: the backends of its VM's tenant stay its own
+        return owner is not None and owner.tenant == middlebox.anchor[1]
     if owner is None:
         return identity is None  # a lab's unannotated middlebox, located by ARP
     return identity is not None and owner.tenant == identity.tenant and owner.port != identity.port

@@ -134,6 +134,15 @@ def requests_from_body(body, pause: Callable[[], None] = lambda: None) -> list[C
 _BATCH_FIELDS = frozenset((BATCH_FIELD, ANSWERS_FIELD))
 
 
+def flag_from(value: str | None, field: str) -> bool:
+    """A query flag: absent or ``false`` is False, ``true`` True; anything else is refused."""
+    if value in (None, "false"):
+        return False
+    if value == "true":
+        return True
+    raise BadRequest(field, "must be true or false")
+
+
 def answers_wanted(body: dict) -> str:
     """Which answers a batch asks for: ``all``, one per command (the default), or
     ``failures``, only those not OK, each with its command's index: a bulk loader of

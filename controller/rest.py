@@ -32,7 +32,8 @@ from .compat import hub
 from .handshakes import HandshakingListener
 from .flows import cookie_of
 from .pacing import Pacer
-from .requests import (BadRequest, SwitchUnavailable, answers_wanted, clip, dpid_from, inventory_from_body, is_batch,
+from .requests import (BadRequest, SwitchUnavailable, answers_wanted, clip, dpid_from, flag_from, inventory_from_body,
+                       is_batch,
                        mac_from, port_identity_body, requests_from_body, underlay_body)
 from .store import encode_middlebox, filter_text
 
@@ -272,7 +273,8 @@ class RestApi:
         return _json(_inventory_body(dpid, inventory))
 
     def delete(self, request, dpid, mac):
-        answer = self.service.delete_middlebox(dpid_from(dpid), mac_from(mac))
+        answer = self.service.delete_middlebox(dpid_from(dpid), mac_from(mac),
+                                               flag_from(request.GET.get("anchor"), "anchor"))
         if answer.code == "not-found":
             raise _NotFound(answer.text)
         return _json(_answer_body(answer), http_status(answer))

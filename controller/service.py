@@ -29,7 +29,7 @@ from mbvisor.guest.errors import CommandError
 from mbvisor.guest.grammar import parse_command
 from mbvisor.guest.reader import FaultLog
 
-from .anchors import Elsewhere, affected, kept_as_anchors, needless
+from .anchors import Elsewhere, affected, kept_as_anchors, needless, steering_macs
 from .compat import arp, ether, ethernet, hub, icmpv6, ipv6, ipv6_protocol, packet
 from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, filter_cost, filters_cost
 from .health import BackendHealth
@@ -209,6 +209,7 @@ class Controller:
     retiring: dict = field(default_factory=dict)        # dpid -> Counter of gone ports, retirements queued
     replugged: dict = field(default_factory=dict)       # dpid -> those of them the switch reported added again
     unplugged: dict = field(default_factory=dict)       # dpid -> ports gone whose arrivals no publication made since
+    departed: dict = field(default_factory=dict)        # dpid -> {port: its annotations when it went} (anchors.py)
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.database)
@@ -221,6 +222,8 @@ class Controller:
         self.metrics = Metrics()
         for copy_id, copy in self.store.load_copies():  # queued when the controller stopped
             self.adopt(copy, made=copy_id)
+        for anchor in [mb for mb in self.state.middleboxes if mb.anchor is not None]:
+            self.drop_anchors(anchor.dpid, {anchor.mac})  # one that became needless while it was stopped
         if not self.store.copies_were_stored:  # a database from before they were
             for dpid in sorted(self.inventories):
                 for copy in arrivals(self.state, self.inventories, dpid):
@@ -374,11 +377,32 @@ class Controller:
             raise
         # Counts of the filter sets the job ends with, kept with them once they are frozen.
         final = {key: counted for key, counted in context.costs.items() if counted[0] is draft.filters_of(*key)}
-        after = draft.state()
+        after = self._departed_balancers(dpid, requests, before, draft.state(), touched)
         costs = {key: (after.by_key[key].filters, addresses, total) for key, (_, addresses, total) in final.items()}
         return Plan(requests, tuple(answers), before, after, frozenset(touched), tuple(pending),
                     frozenset(backends), tuple(keep), frozenset(independent), tuple(claimed), tuple(draft.new_zones),
                     costs, draft.added, context.binding.inventory)
+
+    def _departed_balancers(self, dpid: int, requests: list[CommandRequest], before: State, after: State,
+                            touched) -> State:
+        """``after`` with the anchors that balancers a job of deletes without a key (the
+        source agent's removal of a VM that left, an operator's) leave behind (anchors.py):
+        the agent's delete may come before or after the port-status that retires it."""
+        if any(request.key is not None for request in requests):
+            return after
+        removed = [mb for mac in touched if (mb := before.find(dpid, mac)) is not None and mb.redirects
+                   and after.find(dpid, mac) is None]
+        if not removed:
+            return after
+        for anchor in kept_as_anchors(before, dpid, removed, self.inventories, self._identities(dpid, removed)):
+            after = after.put(anchor)
+        return after
+
+    def _identities(self, dpid: int, middleboxes) -> dict[int, PortIdentity]:
+        """By port, what each middlebox's port was annotated as: now, or when it went."""
+        inventory, departed = self.inventory_of(dpid), self.departed.get(dpid, {})
+        return {mb.port: identity for mb in middleboxes
+                if (identity := departed.get(mb.port) or inventory.at(mb.port)) is not None}
 
     @staticmethod
     def _run_of_adds(requests: list[CommandRequest], start: int, parsed: dict, pace) -> list[AddFilter]:
@@ -602,13 +626,28 @@ class Controller:
         self.metrics.command(answer.status, len(requests))
         return [answer] * len(requests)
 
-    def delete_middlebox(self, dpid: int, mac: str) -> Answer:
-        """The operator's (or the agent's) delete: like the guest's X, without a guest."""
+    def delete_middlebox(self, dpid: int, mac: str, anchor: bool = False) -> Answer:
+        """The operator's (or the agent's) delete: like the guest's X, without a guest.  A
+        balancer whose twin elsewhere still needs its backends here stays as their anchor
+        (``_departed_balancers``); an anchor goes only when asked by name (``anchor``): the
+        source agent's delete of the VM that left must not take it."""
         middlebox = self.state.find(dpid, mac)
         if middlebox is None:
             return Answer("REJECTED", f"no middlebox {mac} on {dpid:016x}", "not-found")
-        if middlebox.anchor is not None:
-            self.reconciler(dpid).submit(Job("drop_anchors", macs=frozenset({mac}), forced=True)).done.wait()
+        if (middlebox.anchor is not None) != anchor:
+            what = ("is the anchor of a migrated balancer's redirects; delete it as an anchor (?anchor=true)"
+                    if middlebox.anchor is not None else "is no anchor")
+            return Answer("REJECTED", f"{mac} on {dpid:016x} {what}", "not-found")
+        if anchor:
+            if dpid in self.reconcilers:
+                job = self.reconcilers[dpid].submit(Job("drop_anchors", macs=frozenset({mac}), forced=True))
+                if not job.done.wait(timeout=JOB_DEADLINE):
+                    return Answer("UNAVAILABLE", f"switch {dpid:016x} did not take the delete; try again",
+                                  "switch-down")
+            else:  # never connected: its flows are compiled when it connects
+                self.drop_anchors(dpid, {mac}, forced=True)
+            if self.state.find(dpid, mac) is not None:
+                return Answer("REJECTED", f"{mac} on {dpid:016x} is no anchor any more", "not-found")
             return ok_answer(f"anchor {mac} removed")
         return self.execute(CommandRequest(dpid, middlebox.port, f"X {mac}"))
 
@@ -621,9 +660,12 @@ class Controller:
             del queued[port]
             self.replugged.get(dpid, set()).discard(port)
         gone = [mb for mb in self.state.on(dpid) if mb.port in ports and mb.anchor is None]
+        identities = self._identities(dpid, gone)
+        for port in ports:
+            self.departed.get(dpid, {}).pop(port, None)
         if not gone:
             return
-        anchors = {a.mac: a for a in kept_as_anchors(self.state, dpid, gone, self.inventories)}
+        anchors = {a.mac: a for a in kept_as_anchors(self.state, dpid, gone, self.inventories, identities)}
         after = self.state
         for middlebox in gone:
             after = after.put(anchors[middlebox.mac]) if middlebox.mac in anchors else after.remove(dpid, middlebox.mac)
@@ -652,7 +694,8 @@ class Controller:
             after = after.remove(dpid, mac)
         self.store.save(self.state, after, [])
         self.state = after
-        self.reconciler(dpid).generation += 1
+        if dpid in self.reconcilers:
+            self.reconcilers[dpid].generation += 1
         for mac in sorted(dropped):
             log.info("switch %016x: anchor %s removed: %s", dpid, mac,
                      "the operator deleted it" if forced else "no twin's redirects need its backends any more")
@@ -764,12 +807,13 @@ class Controller:
         publishes again."""
         inventory = self.inventories.get(dpid)
         if inventory is not None and inventory.at(port) is not None:
+            self.departed.setdefault(dpid, {})[port] = inventory.at(port)
             remaining = [entry for entry in inventory.entries if entry.port != port]
             self.store.save_inventory(dpid, remaining)
             self.inventories[dpid] = inventory.without(port)
             log.info("switch %016x: port %d is gone; its annotations with it", dpid, port)
             self._void_copies_to(dpid)
-            self._follow(dpid, {mb.mac for mb in self.state.on(dpid)})
+            self._follow(dpid, steering_macs(self.state.on(dpid)))
         if dpid in self.reconcilers:
             self.retiring.setdefault(dpid, Counter())[port] += 1
             self.replugged.get(dpid, set()).discard(port)
@@ -839,7 +883,7 @@ class Controller:
         if dpid in self.reconcilers:
             self.reconcilers[dpid].converge_soon()
         self._copy_soon(zip(copy_ids, copies))
-        self._follow(dpid, {mb.mac for mb in self.state.on(dpid)})
+        self._follow(dpid, steering_macs(self.state.on(dpid)))
         anchors = frozenset(mb.mac for mb in self.state.on(dpid) if mb.anchor is not None)
         if anchors and dpid in self.reconcilers:  # their backends may have left
             self.reconcilers[dpid].submit(Job("drop_anchors", macs=anchors))
@@ -849,7 +893,9 @@ class Controller:
         health = self.health.get(dpid)
         return Surroundings(self.settings.trust, self.inventory_of(dpid), self.neighbours_of(dpid),
                             health.reported if health else frozenset(), metered,
-                            Elsewhere(dpid, self.state, self.inventories))
+                            Elsewhere(dpid, self.state, self.inventories,
+                                      {d: frozenset(p for p, n in queued.items() if n > 0)
+                                       for d, queued in self.retiring.items()}))
 
     # --- backends: health checks, and in a lab their location by ARP ---------------------
 

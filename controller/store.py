@@ -100,7 +100,8 @@ def encode_middlebox(middlebox: Middlebox) -> str:
                                                      r.source, r.backends)) for r in middlebox.redirects]
     return json.dumps({
         "port": middlebox.port, "zone": middlebox.zone, "firewall_ip": middlebox.firewall_ip,
-        "balancer_ip": middlebox.balancer_ip, "redirects": redirects, "anchor": middlebox.anchor,
+        "balancer_ip": middlebox.balancer_ip, "redirects": redirects,
+        "anchor": None if middlebox.anchor is None else {"vm_id": middlebox.anchor[0], "tenant": middlebox.anchor[1]},
     })
 
 
@@ -124,7 +125,8 @@ def decode_middlebox(dpid: int, mac: str, body: str, filter_texts=()) -> Middleb
     data = json.loads(body)
     redirects = tuple(Redirect(c.source, c.backends) for c in map(parse_command, data["redirects"]))
     return Middlebox(dpid, data["port"], mac, data["zone"], data["firewall_ip"], data["balancer_ip"],
-                     frozenset(parse_command(text).filter for text in filter_texts), redirects, data.get("anchor"))
+                     frozenset(parse_command(text).filter for text in filter_texts), redirects,
+                     None if data.get("anchor") is None else (data["anchor"]["vm_id"], data["anchor"]["tenant"]))
 
 
 def encode_change(change: tuple[Middlebox | None, Middlebox | None] | None) -> str | None:

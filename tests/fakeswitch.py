@@ -595,8 +595,10 @@ class _Tracer:
             self.trace.controller = (self.current.table, self.current.priority, self.current.cookie)
         elif port in (ofp.OFPP_FLOOD, ofp.OFPP_ALL):
             self.trace.ports += [p for p in sorted(self.switch.ports) if p != in_port]
-        else:
-            self.trace.ports.append(in_port if port == ofp.OFPP_IN_PORT else port)
+        elif port == ofp.OFPP_IN_PORT:
+            self.trace.ports.append(in_port)
+        elif port != in_port:  # OpenFlow (and OVS) drop an output to the port it came in on
+            self.trace.ports.append(port)
         self.trace.fields = dict(self.fields)
 
     def group(self, group: GroupEntry, depth: int) -> None:

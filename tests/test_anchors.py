@@ -5,6 +5,8 @@ the real encoded messages (tests/test_anchors_ovs.py has real switches and packe
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from fakeswitch import wait_until
@@ -12,7 +14,7 @@ from mbvisor.agents.discovery import scan_ovsdb
 from mbvisor.controller.anchors import Elsewhere, Steer, affected, kept_as_anchors, needless
 from mbvisor.controller.flows import Surroundings, compile_middlebox, cookie_of
 from mbvisor.controller.migration import adopted, arrivals
-from mbvisor.controller.model import Binding, Middlebox, Redirect, State, TrustMode, apply
+from mbvisor.controller.model import ApplyError, Binding, Middlebox, Redirect, State, TrustMode, apply
 from mbvisor.controller.pipeline import CLAIMED, INGRESS_TABLE, OFFLOAD_TABLE, REDIRECT
 from mbvisor.controller.requests import BadRequest, inventory_body, inventory_from_body
 from mbvisor.controller.service import Controller, Settings
@@ -39,6 +41,12 @@ REPLY = dict(eth_src=WEB1.mac, eth_dst=CLIENT["eth_src"], eth_type=0x0800, ipv4_
 
 def balancer(dpid=A, port=2, zone=1, backends=("10.0.0.11", "10.0.0.12")) -> Middlebox:
     return Middlebox(dpid, port, LB, zone, None, LB_IP, redirects=(Redirect(None, tuple(backends)),))
+
+
+def anchor_of(zone=5, backends=("10.0.0.11", "10.0.0.12")) -> Middlebox:
+    """What stays on A of the balancer ``lb-1`` (tenant red) once its port went."""
+    return Middlebox(A, 2, LB, zone, None, LB_IP, redirects=(Redirect(None, tuple(backends)),),
+                     anchor=("lb-1", "red"))
 
 
 def inventories(a=(LB_ON_A, WEB1, WEB2, TO_EVERYONE), b=(LB_ON_B, TO_EVERYONE)):
@@ -109,7 +117,7 @@ def test_underlay_ports_and_anchors_are_stored(tmp_path):
     store = Store(tmp_path / "db.sqlite")
     entries = [LB_ON_A, Underlay(9, "ul0", None), Underlay(10, "ul1", frozenset({B}))]
     store.save_inventory(A, entries)
-    anchor = Middlebox(A, 2, LB, 5, anchor="red")
+    anchor = anchor_of()
     store.save(State(), State.of([anchor]), [])
     assert store.load_inventories() == {A: entries}
     assert store.load(State().limits).find(A, LB) == anchor
@@ -125,17 +133,22 @@ def test_a_twin_without_its_backends_steers_to_the_switch_holding_them():
     assert Elsewhere(A, state, seen).steers(state.find(A, LB)) == ()  # no backend of it on B
 
 
-def test_the_twin_keeps_steering_while_the_sources_retirement_is_queued():
+def test_the_twin_keeps_steering_while_the_sources_retirement_is_queued_and_only_then():
     """The source's port went: its annotations at once, its entry only when its retirement
     runs (then as an anchor).  A recompilation of the twin in between still steers (the
     first version stopped for that moment: a connection's packet would then reach the
-    guest, which resets it)."""
+    guest, which resets it).  An entry unannotated for any other reason (its port went
+    while the controller was away, its annotations refused) accepts nothing: no steering
+    into it (a review found that black hole)."""
     state = State.of([balancer(), balancer(B, 7, zone=2)])
     port_gone = inventories(a=(WEB1, WEB2, TO_EVERYONE))
-    assert Elsewhere(B, state, port_gone).steers(state.find(B, LB)) == Elsewhere(B, state, inventories()).steers(
-        state.find(B, LB))
-    other_vm_there = inventories(a=(PortIdentity(5, LB, "red", "lb-9", ()), WEB1, WEB2, TO_EVERYONE))
-    assert Elsewhere(B, state, other_vm_there).steers(state.find(B, LB)) == ()
+    steering = Elsewhere(B, state, inventories()).steers(state.find(B, LB))
+    assert Elsewhere(B, state, port_gone, {A: frozenset({2})}).steers(state.find(B, LB)) == steering
+    assert Elsewhere(B, state, port_gone).steers(state.find(B, LB)) == ()
+    on_a = compile_middlebox(state.find(A, LB), Surroundings(TrustMode.ANNOTATIONS, port_gone[A],
+                                                             elsewhere=Elsewhere(A, state, port_gone))).flows
+    assert on_a == frozenset()  # what B would have steered into
+    assert Elsewhere(B, state, port_gone, {A: frozenset({3})}).steers(state.find(B, LB)) == ()  # another port
 
 
 @pytest.mark.parametrize("case", ["no underlay", "other tenant", "other vm", "backends elsewhere", "unannotated"])
@@ -153,12 +166,14 @@ def test_no_steering_unless_annotations_pair_the_twins_and_an_underlay_port_lead
 def test_a_balancer_whose_port_goes_stays_as_an_anchor_only_while_its_twin_needs_its_backends():
     state = State.of([balancer(), balancer(B, 7, zone=2)])
     gone_from_a = inventories(a=(WEB1, WEB2, TO_EVERYONE))  # its port's annotations went with it
-    assert kept_as_anchors(state, A, [state.find(A, LB)], gone_from_a) == [Middlebox(A, 2, LB, 1, anchor="red")]
-    assert kept_as_anchors(State.of([balancer()]), A, [balancer()], gone_from_a) == []  # no twin
-    assert kept_as_anchors(state, A, [state.find(A, LB)], inventories(a=(TO_EVERYONE,))) == []  # no backends here
+    was = {2: LB_ON_A}
+    assert kept_as_anchors(state, A, [state.find(A, LB)], gone_from_a, was) == [anchor_of(zone=1)]
+    assert kept_as_anchors(state, A, [state.find(A, LB)], gone_from_a, {}) == []  # its VM unknown
+    assert kept_as_anchors(State.of([balancer()]), A, [balancer()], gone_from_a, was) == []  # no twin
+    assert kept_as_anchors(state, A, [state.find(A, LB)], inventories(a=(TO_EVERYONE,)), was) == []  # no backends
     firewall = Middlebox(A, 2, LB, 1, "10.0.0.100")
-    assert kept_as_anchors(State.of([firewall, balancer(B, 7)]), A, [firewall], gone_from_a) == []
-    anchor = Middlebox(A, 2, LB, 1, anchor="red")
+    assert kept_as_anchors(State.of([firewall, balancer(B, 7)]), A, [firewall], gone_from_a, was) == []
+    anchor = anchor_of(zone=1)
     with_anchor = state.put(anchor)
     assert not needless(with_anchor, gone_from_a, anchor)
     assert needless(with_anchor.remove(B, LB), gone_from_a, anchor)                      # the twin went
@@ -167,16 +182,18 @@ def test_a_balancer_whose_port_goes_stays_as_an_anchor_only_while_its_twin_needs
     assert needless(with_anchor, inventories(a=(WEB1, WEB2), b=()), anchor)              # the twin's VM left
 
 
-def test_a_change_on_one_switch_recompiles_the_entries_of_those_macs_elsewhere():
-    state = State.of([balancer(), Middlebox(B, 7, LB, 2, anchor="red"), Middlebox(C, 1, "02:00:00:00:00:01", 3)])
-    again, anchors = affected(state, A, {LB, "02:00:00:00:00:01"}, [A, B, C])
-    assert again == {C: {"02:00:00:00:00:01"}} and anchors == {B: {LB}}
+def test_a_change_on_one_switch_recompiles_the_balancers_of_those_macs_elsewhere_not_firewalls():
+    firewall = "02:00:00:00:00:01"
+    state = State.of([balancer(), replace(anchor_of(), dpid=B), balancer(C, 3, 3),
+                      Middlebox(C, 1, firewall, 4, "10.0.0.1"), Middlebox(B, 1, firewall, 6, "10.0.0.1")])
+    again, anchors = affected(state, A, {LB, firewall}, [A, B, C])
+    assert again == {C: {LB}} and anchors == {B: {LB}}  # a firewall's twin reads nothing of the other side
     again, anchors = affected(state, B, {LB}, [A, B, C])
-    assert again == {A: {LB}} and anchors == {}
+    assert again == {A: {LB}, C: {LB}} and anchors == {}
 
 
 def test_a_guest_registering_the_anchors_mac_replaces_it():
-    anchor = Middlebox(A, 2, LB, 5, anchor="red")
+    anchor = anchor_of()
     binding = Binding(A, 2, TrustMode.ANNOTATIONS, build_inventory([LB_ON_A, WEB1, WEB2]))
     after = apply(State.of([anchor]), binding, parse_command(f"R L {LB} {LB_IP} 0 * 10.0.0.11")).state
     assert after.find(A, LB).anchor is None and after.find(A, LB).redirects
@@ -185,7 +202,7 @@ def test_a_guest_registering_the_anchors_mac_replaces_it():
 
 
 def test_the_vm_coming_back_replaces_its_anchor_with_a_twin_in_the_anchors_zone():
-    anchor = Middlebox(A, 2, LB, 5, anchor="red")
+    anchor = anchor_of()
     state = State.of([anchor, balancer(B, 7, zone=2)])
     seen = inventories(a=(LB_ON_A, WEB1, WEB2, TO_EVERYONE))
     [copy] = arrivals(state, seen, A)
@@ -217,7 +234,7 @@ def test_the_twin_steers_the_redirect_out_of_its_underlay_port_and_lets_its_repl
 
 
 def test_an_anchor_runs_its_twins_redirects_in_its_own_zone_entered_as_steered():
-    anchor = Middlebox(A, 2, LB, 5, anchor="red")
+    anchor = anchor_of()
     state = State.of([anchor, balancer(B, 7, zone=2, backends=("10.0.0.12",))])
     seen = inventories(a=(WEB1, WEB2, TO_EVERYONE))
     flows = _flows(anchor, state, seen, A)
@@ -278,9 +295,9 @@ def test_the_source_port_going_leaves_an_anchor_and_the_twins_cancel_takes_it(ho
     assert fakes[B].trace(UNDERLAY_PORT, **REPLY).verdict == "normal"  # not dropped as a claim of LB_IP
     zone = service.state.find(A, LB).zone
     fakes[A].remove_port(2)
-    wait_until(lambda: (service.state.find(A, LB) or Middlebox(0, 0, "", 0)).anchor == "red",
+    wait_until(lambda: (service.state.find(A, LB) or Middlebox(0, 0, "", 0)).anchor == ("lb-1", "red"),
                what="the anchor on A")
-    assert service.state.find(A, LB) == Middlebox(A, 2, LB, zone, anchor="red")
+    assert service.state.find(A, LB) == anchor_of(zone=zone)
     wait_until(lambda: served_on_a(fakes[A]) and steered(fakes[B]), what="the anchor's flows on A, B steering")
     restarted = Controller(Settings(database=service.settings.database))
     assert restarted.state.find(A, LB) == service.state.find(A, LB)  # durably
@@ -304,7 +321,98 @@ def test_an_operators_delete_of_an_anchor_removes_it_and_the_twin_stops_steering
     service, fakes = hosts
     fakes[A].remove_port(2)
     wait_until(lambda: service.state.find(A, LB) is not None and service.state.find(A, LB).anchor, what="anchor")
-    answer = service.delete_middlebox(A, LB)
+    refused = service.delete_middlebox(A, LB)  # as the source agent cleans up: not the anchor
+    assert refused.code == "not-found" and "anchor=true" in refused.text and service.state.find(A, LB)
+    answer = service.delete_middlebox(A, LB, anchor=True)
     assert answer.status == "OK" and service.state.find(A, LB) is None
+    assert service.delete_middlebox(B, LB, anchor=True).code == "not-found"  # the twin is no anchor
     wait_until(lambda: own(fakes[A]) == [] and not steered(fakes[B]), what="A without it, B not steering")
     assert service.state.find(B, LB) is not None  # the twin keeps the redirect (its guest balances it)
+
+
+# --- found by a review of the first version (each failed there) ---------------------------------
+
+def test_the_source_agents_delete_of_the_vm_that_left_keeps_the_anchor_before_or_after_the_port_status(hosts):
+    """agents/agent.py deletes a VM's middlebox once its channel closed, before or after the
+    switch reports its port gone (tests/test_migration.py)."""
+    service, fakes = hosts
+    assert service.delete_middlebox(A, LB).status == "OK"      # before: the delete leaves the anchor
+    assert service.state.find(A, LB) == anchor_of(zone=service.state.find(A, LB).zone)
+    fakes[A].remove_port(2)
+    _idle(service, A, B)
+    assert service.state.find(A, LB).anchor == ("lb-1", "red")
+    assert service.delete_middlebox(A, LB).code == "not-found"  # after: the anchor is not the VM's
+    assert service.state.find(A, LB) is not None
+    wait_until(lambda: served_on_a(fakes[A]) and steered(fakes[B]), what="the connections still served")
+
+
+def test_a_frame_from_the_underlay_is_steered_back_out_through_in_port(hosts):
+    """A client behind the same underlay port (a third hypervisor on a shared uplink):
+    output to the port a frame came in on is dropped by OpenFlow; IN_PORT sends it."""
+    service, fakes = hosts
+    trace = fakes[B].trace(UNDERLAY_PORT, eth_dst=LB, **CLIENT)
+    assert trace.ports == [UNDERLAY_PORT] and trace.fields["eth_dst"] == WEB1.mac
+
+
+def test_a_departing_balancer_is_no_anchor_for_another_vm_with_its_mac():
+    """MACs are unique per switch only: another tenant's VM with the same MAC on B, with
+    backends of its own on A, must not take over red's zone on A."""
+    blue_web = PortIdentity(4, "02:00:00:00:00:13", "blue", "blue-web", ("10.0.0.13",), "tap-bw")
+    state = State.of([balancer(), balancer(B, 7, zone=2, backends=("10.0.0.13",))])
+    seen = {A: build_inventory([WEB1, WEB2, blue_web, TO_EVERYONE]),
+            B: build_inventory([PortIdentity(7, LB, "blue", "other-vm", (LB_IP,)), TO_EVERYONE])}
+    assert kept_as_anchors(state, A, [state.find(A, LB)], seen, {2: LB_ON_A}) == []
+    same_tenant_other_vm = {**seen, B: build_inventory([PortIdentity(7, LB, "red", "lb-2", (LB_IP,)), TO_EVERYONE])}
+    assert kept_as_anchors(state, A, [state.find(A, LB)], same_tenant_other_vm, {2: LB_ON_A}) == []
+
+
+def test_a_new_balancer_cannot_name_an_anchors_backends():
+    """Replies are recognised by their backend: a second balancer naming the anchor's
+    backend would compile the same reply flow with another zone (OVS keeps one)."""
+    state = State.of([anchor_of(), balancer(B, 7, zone=2)])
+    lb3 = PortIdentity(4, "02:00:00:00:00:65", "red", "lb-3", ("10.0.0.101",), "tap-lb3")
+    binding = Binding(A, 4, TrustMode.ANNOTATIONS, build_inventory([WEB1, WEB2, lb3, TO_EVERYONE]))
+    with pytest.raises(ApplyError) as refused:
+        apply(state, binding, parse_command(f"R L {lb3.mac} 10.0.0.101 0 * 10.0.0.11"))
+    assert refused.value.code == "backend-in-use"
+
+
+def test_a_firewalls_twin_does_not_make_the_source_recompile_its_filters_whole(tmp_path):
+    """The copy to the twin asks nothing of the source: a firewall's entries depend on no
+    other switch, and a refresh would make its next adds compile the whole set."""
+    from test_migration import MAC, ON_DESTINATION, ON_SOURCE, SOURCE, DESTINATION
+    service, fakes = two_hypervisors(tmp_path / "controller.sqlite")
+    try:
+        service.set_inventory(SOURCE, [ON_SOURCE])
+        service.set_inventory(DESTINATION, [ON_DESTINATION])
+        _ok(service, SOURCE, 2, f"R F {MAC} 10.0.0.2")
+        _ok(service, SOURCE, 2, f"A {MAC} I 4 s 10.66.0.0/16")
+        wait_until(lambda: (copy := service.state.find(DESTINATION, MAC)) is not None and len(copy.filters) == 1,
+                   what="the copy made")
+        _idle(service, DESTINATION, SOURCE)
+        assert MAC in service.reconcilers[SOURCE].exact
+    finally:
+        service.close()
+        for fake in fakes.values():
+            fake.close()
+
+
+def test_an_anchor_needless_while_the_controller_was_stopped_goes_at_its_start(tmp_path):
+    database = tmp_path / "db.sqlite"
+    store = Store(database)
+    store.save(State(), State.of([anchor_of()]), [])
+    store.save_inventory(A, [WEB1, WEB2, TO_EVERYONE])  # its twin's cancel was stored before the kill
+    store.db.close()
+    service = Controller(Settings(database=database, audit_interval=0, backend_check_interval=0))
+    try:
+        assert service.state.find(A, LB) is None
+        assert Store(database).load(State().limits).find(A, LB) is None  # durably
+    finally:
+        service.close()
+
+
+def _idle(service, *dpids) -> None:
+    """Every job queued on these switches so far has run (jobs run in order)."""
+    from mbvisor.controller.reconciler import Job
+    for dpid in dpids:
+        assert service.reconcilers[dpid].submit(Job("refresh")).done.wait(10)

@@ -60,8 +60,8 @@ class FakeService:
         self.submitted.append(requests)
         return [self.answer(request) for request in requests]
 
-    def delete_middlebox(self, dpid: int, mac: str) -> Answer:
-        self.calls.append(("delete", dpid, mac))
+    def delete_middlebox(self, dpid: int, mac: str, anchor: bool = False) -> Answer:
+        self.calls.append(("delete", dpid, mac) + (("anchor",) if anchor else ()))
         middlebox = self.state.find(dpid, mac)
         if middlebox is None:
             return Answer("REJECTED", f"no middlebox {mac} on {dpid:016x}", "not-found")
@@ -286,6 +286,11 @@ def test_delete_maps_not_found_to_404_and_answers_like_a_command(api, service):
     done = call(api, "DELETE", f"/v1/middleboxes/00000000000000A1/{MAC.upper()}", headers=AUTH)
     assert done.status_int == 200 and done.json["status"] == "OK"
     assert service.calls[-1] == ("delete", DPID, MAC)  # canonical MAC, integer dpid
+    call(api, "DELETE", f"/v1/middleboxes/a1/{MAC}?anchor=true", headers=AUTH)
+    assert service.calls[-1] == ("delete", DPID, MAC, "anchor")
+    calls = len(service.calls)
+    bad = call(api, "DELETE", f"/v1/middleboxes/a1/{MAC}?anchor=yes", headers=AUTH)
+    assert bad.status_int == 400 and "anchor" in bad.json["error"]["message"] and len(service.calls) == calls
 
 
 # --- 3. auth -------------------------------------------------------------------------------
