@@ -56,13 +56,35 @@ def located(inventory: Inventory, tenant: str, addresses, mac: str) -> dict[str,
 
 @dataclass(frozen=True)
 class Elsewhere:
-    """The other switches, as far as switch ``dpid``'s redirects need them; ``retiring``:
-    by switch, the ports gone whose retirement is still queued there."""
+    """The other switches, as far as switch ``dpid``'s redirects need them; ``departed``:
+    by switch, the annotations of ports that lost them (the port went, or the agent
+    published its inventory without it) whose entries are not retired yet."""
 
     dpid: int
     state: State
     inventories: Mapping[int, Inventory]
-    retiring: Mapping[int, frozenset[int]] = field(default_factory=dict)
+    departed: Mapping[int, Mapping[int, PortIdentity]] = field(default_factory=dict)
+
+    def _identity(self, dpid: int, entry: Middlebox) -> PortIdentity | None:
+        """The VM an entry's port is annotated as, or was until it lost its annotations."""
+        identity = identity_of(entry, self.inventories.get(dpid, Inventory()))
+        if identity is None:
+            was = self.departed.get(dpid, {}).get(entry.port)
+            if was is not None and was.mac == entry.mac and was.vm_id:
+                return was
+        return identity
+
+    def pending_anchor(self, middlebox: Middlebox) -> Middlebox | None:
+        """A balancer of this switch whose port lost its annotations, not retired yet: the
+        anchor its retirement will leave, if any (its VM's twin still needs it), run as one
+        meanwhile, so that nothing steered here is lost in between."""
+        if middlebox.anchor is not None or not middlebox.redirects:
+            return None
+        was = self.departed.get(self.dpid, {}).get(middlebox.port)
+        if was is None or was.mac != middlebox.mac or not was.vm_id:
+            return None
+        anchor = replace(middlebox, firewall_ip=None, filters=frozenset(), anchor=(was.vm_id, was.tenant))
+        return None if needless(self.state, self.inventories, anchor) else anchor
 
     def _others(self, mac: str):
         for dpid in sorted(self.inventories):
@@ -85,25 +107,23 @@ class Elsewhere:
     def steers(self, middlebox: Middlebox) -> tuple[Steer, ...]:
         """Where this switch's ``middlebox`` may send redirect traffic: each other switch
         holding its anchor, or its twin (the same VM), with backends of its tenant there,
-        that an underlay port of this switch leads to.  An entry whose port went, its
-        retirement (which may keep it as an anchor) still queued, counts as its twin:
-        steering must not stop for that moment; an entry whose port is unannotated for any
-        other reason accepts nothing, and gets nothing."""
+        that an underlay port of this switch leads to.  An entry whose port lost its
+        annotations, not retired yet, counts as what it was (``pending_anchor``: it runs as
+        the anchor it will be): steering must not stop for that moment; an entry whose port
+        is unannotated and was never seen annotated accepts nothing, and gets nothing."""
         here = identity_of(middlebox, self.inventories.get(self.dpid, Inventory()))
         if here is None:
             return ()
         found = []
         for dpid, entry in self._others(middlebox.mac):
-            there = identity_of(entry, self.inventories[dpid]) if entry.anchor is None else None
             if entry.anchor is not None:
                 if entry.anchor != (here.vm_id, here.tenant):
                     continue
                 tenant = here.tenant
-            elif there is None and entry.port in self.retiring.get(dpid, ()):
-                tenant = here.tenant  # its port went; its retirement may keep it as an anchor
-            elif there is None or not same_vm(there, here):
-                continue
             else:
+                there = self._identity(dpid, entry)
+                if there is None or not same_vm(there, here):
+                    continue
                 tenant = there.tenant
             port = self.inventories[self.dpid].toward(dpid)
             if tenant != here.tenant or port is None:

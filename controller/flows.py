@@ -161,9 +161,11 @@ def compile_middlebox(middlebox: Middlebox, surroundings: Surroundings, pause: P
     for a middlebox its port's annotations no longer vouch for.  ``pause`` is called
     every few filters (stepping.py)."""
     if middlebox.anchor is not None:
-        return compile_anchor(middlebox, surroundings)
+        return compile_anchor(middlebox, surroundings, pause)
     if not surroundings.vouches(middlebox):
-        return SwitchConfig(frozenset(), frozenset())
+        pending = surroundings.elsewhere.pending_anchor(middlebox) if surroundings.elsewhere is not None else None
+        return (compile_anchor(pending, surroundings, pause) if pending is not None
+                else SwitchConfig(frozenset(), frozenset()))
     redirect_flows, groups, missing = compile_redirects(middlebox, surroundings)
     return SwitchConfig(frozenset(_filter_flows(middlebox, surroundings.addresses(middlebox), pause) | redirect_flows),
                         frozenset(groups),
@@ -330,17 +332,19 @@ def group_id(middlebox: Middlebox, index: int) -> int:
     return (middlebox.zone << 8) | index
 
 
-def compile_anchor(anchor: Middlebox, surroundings: Surroundings) -> SwitchConfig:
-    """An anchor's flows: the redirects of the twin it serves (``Elsewhere.served``) with
-    its own zone, to its tenant's backends here, entered by its MAC or as steered there;
-    none without such a twin."""
+def compile_anchor(anchor: Middlebox, surroundings: Surroundings, pause: Pause | None = None) -> SwitchConfig:
+    """An anchor's flows: the offloads of the twin it serves (``Elsewhere.served``) for
+    the traffic that enters this switch: its filters, and its redirects with the anchor's
+    own zone to its tenant's backends here, entered by its MAC or as steered here; none
+    without such a twin.  (Traffic for its MAC from this switch's hosts meets the anchor
+    first: without the filters here, they would be bypassed.)"""
     twin = surroundings.elsewhere.served(anchor) if surroundings.elsewhere is not None else None
     if twin is None:
         return SwitchConfig(frozenset(), frozenset())
-    stand_in = replace(twin, dpid=anchor.dpid, port=anchor.port, zone=anchor.zone, filters=frozenset(),
-                       firewall_ip=None, anchor=anchor.anchor)  # its twin's redirects, in its zone
+    stand_in = replace(twin, dpid=anchor.dpid, port=anchor.port, zone=anchor.zone, anchor=anchor.anchor)
     flows, groups, _ = compile_redirects(stand_in, surroundings)
-    return SwitchConfig(frozenset(flows), frozenset(groups))
+    own = frozenset(ip for ip in (twin.firewall_ip, twin.balancer_ip) if ip is not None)
+    return SwitchConfig(frozenset(_filter_flows(stand_in, own, pause) | flows), frozenset(groups))
 
 
 def compile_redirects(middlebox: Middlebox, surroundings: Surroundings) -> tuple[set[Flow], set[Group], set[str]]:

@@ -209,7 +209,7 @@ class Controller:
     retiring: dict = field(default_factory=dict)        # dpid -> Counter of gone ports, retirements queued
     replugged: dict = field(default_factory=dict)       # dpid -> those of them the switch reported added again
     unplugged: dict = field(default_factory=dict)       # dpid -> ports gone whose arrivals no publication made since
-    departed: dict = field(default_factory=dict)        # dpid -> {port: its annotations when it went} (anchors.py)
+    departed: dict = field(default_factory=dict)        # dpid -> {port: annotations it lost, entry not retired}
 
     def __post_init__(self) -> None:
         self.store = Store(self.settings.database)
@@ -807,7 +807,7 @@ class Controller:
         publishes again."""
         inventory = self.inventories.get(dpid)
         if inventory is not None and inventory.at(port) is not None:
-            self.departed.setdefault(dpid, {})[port] = inventory.at(port)
+            self._remember_departed(dpid, inventory, inventory.without(port))
             remaining = [entry for entry in inventory.entries if entry.port != port]
             self.store.save_inventory(dpid, remaining)
             self.inventories[dpid] = inventory.without(port)
@@ -844,6 +844,17 @@ class Controller:
         if copies:
             self._copy_soon(zip(self.store.save_copies(copies), copies))
 
+    def _remember_departed(self, dpid: int, before: Inventory, after: Inventory) -> None:
+        """What the ports that lost their annotations were (anchors.py: an entry there,
+        until retired, is the anchor it may become), whichever of the agent's publication
+        and the switch's port-status comes first; forgotten once annotated again."""
+        departed = self.departed.setdefault(dpid, {})
+        for port, identity in before.ports.items():
+            if port not in after.ports:
+                departed[port] = identity
+        for port in after.ports:
+            departed.pop(port, None)
+
     def _replugged(self, dpid: int) -> set[int]:
         """Ports of ``dpid`` gone and added again, the gone one's retirement still queued."""
         return {port for port in self.replugged.get(dpid, ()) if self.retiring.get(dpid, Counter())[port] > 0}
@@ -862,6 +873,7 @@ class Controller:
         previous = self.inventories.get(dpid)
         if previous is not None and previous.entries == inventory.entries and previous.refused == inventory.refused:
             return previous
+        self._remember_departed(dpid, previous or Inventory(), inventory)
         seen = {**self.inventories, dpid: inventory}
         copies = arrivals(self.state, seen, dpid, self._replugged(dpid))
         newly = named_only_now(self.state.on(dpid), previous or Inventory(), inventory)
@@ -893,9 +905,7 @@ class Controller:
         health = self.health.get(dpid)
         return Surroundings(self.settings.trust, self.inventory_of(dpid), self.neighbours_of(dpid),
                             health.reported if health else frozenset(), metered,
-                            Elsewhere(dpid, self.state, self.inventories,
-                                      {d: frozenset(p for p, n in queued.items() if n > 0)
-                                       for d, queued in self.retiring.items()}))
+                            Elsewhere(dpid, self.state, self.inventories, self.departed))
 
     # --- backends: health checks, and in a lab their location by ARP ---------------------
 

@@ -133,22 +133,28 @@ def test_a_twin_without_its_backends_steers_to_the_switch_holding_them():
     assert Elsewhere(A, state, seen).steers(state.find(A, LB)) == ()  # no backend of it on B
 
 
-def test_the_twin_keeps_steering_while_the_sources_retirement_is_queued_and_only_then():
-    """The source's port went: its annotations at once, its entry only when its retirement
-    runs (then as an anchor).  A recompilation of the twin in between still steers (the
-    first version stopped for that moment: a connection's packet would then reach the
-    guest, which resets it).  An entry unannotated for any other reason (its port went
-    while the controller was away, its annotations refused) accepts nothing: no steering
-    into it (a review found that black hole)."""
+def test_the_twin_keeps_steering_while_the_sources_entry_waits_for_its_retirement():
+    """The source's port lost its annotations (the agent's publication or the port-status,
+    whichever came first), its entry not retired yet: it runs as the anchor it will be, and
+    the twin keeps steering to it (the first version stopped for that moment: a
+    connection's packet then reached the guest, which resets it).  An entry whose port was
+    never seen annotated accepts nothing and gets nothing (a review found B steering into
+    such an entry: a black hole)."""
     state = State.of([balancer(), balancer(B, 7, zone=2)])
     port_gone = inventories(a=(WEB1, WEB2, TO_EVERYONE))
     steering = Elsewhere(B, state, inventories()).steers(state.find(B, LB))
-    assert Elsewhere(B, state, port_gone, {A: frozenset({2})}).steers(state.find(B, LB)) == steering
+    departed = {A: {2: LB_ON_A}}
+    assert Elsewhere(B, state, port_gone, departed).steers(state.find(B, LB)) == steering
+    pending = compile_middlebox(state.find(A, LB), Surroundings(
+        TrustMode.ANNOTATIONS, port_gone[A], elsewhere=Elsewhere(A, state, port_gone, departed))).flows
+    assert pending == compile_middlebox(anchor_of(zone=1), Surroundings(
+        TrustMode.ANNOTATIONS, port_gone[A], elsewhere=Elsewhere(A, state.put(anchor_of(zone=1)), port_gone))).flows
+    assert pending
     assert Elsewhere(B, state, port_gone).steers(state.find(B, LB)) == ()
-    on_a = compile_middlebox(state.find(A, LB), Surroundings(TrustMode.ANNOTATIONS, port_gone[A],
-                                                             elsewhere=Elsewhere(A, state, port_gone))).flows
-    assert on_a == frozenset()  # what B would have steered into
-    assert Elsewhere(B, state, port_gone, {A: frozenset({3})}).steers(state.find(B, LB)) == ()  # another port
+    assert compile_middlebox(state.find(A, LB), Surroundings(
+        TrustMode.ANNOTATIONS, port_gone[A], elsewhere=Elsewhere(A, state, port_gone))).flows == frozenset()
+    other_vm = {A: {2: PortIdentity(2, LB, "red", "lb-9", (LB_IP,))}}
+    assert Elsewhere(B, state, port_gone, other_vm).steers(state.find(B, LB)) == ()
 
 
 @pytest.mark.parametrize("case", ["no underlay", "other tenant", "other vm", "backends elsewhere", "unannotated"])
@@ -243,6 +249,22 @@ def test_an_anchor_runs_its_twins_redirects_in_its_own_zone_entered_as_steered()
     assert {a[1] for f in flows for a in f.actions if a[0] in ("ct_nat", "ct_commit_nat")} == {5}
     assert not any(f.table == INGRESS_TABLE for f in flows)
     assert _flows(anchor, state.remove(B, LB), seen, A) == frozenset()  # nothing to run
+
+
+def test_an_anchor_filters_what_enters_its_switch_as_its_twin_does():
+    """A host on the anchor's switch sending to the balancer's MAC meets the anchor first:
+    without the twin's filters there, an attacker beside the backends would bypass them
+    (the real QEMU migration found it: its attacker on A reached the backends)."""
+    attack = parse_command(f"A {LB} I 4 s 10.66.0.0/16").filter
+    twin = replace(balancer(B, 7, zone=2), firewall_ip=LB_IP, filters=frozenset({attack}))
+    state = State.of([anchor_of(), twin])
+    seen = inventories(a=(WEB1, WEB2, TO_EVERYONE))
+    flows = _flows(anchor_of(), state, seen, A)
+    drops = [f for f in flows if f.table == OFFLOAD_TABLE and f.actions == () and dict(f.match).get("eth_dst") == LB]
+    assert drops and all(f.priority > REDIRECT for f in drops)
+    assert set(drops) == {f for f in _flows(twin, state, seen, B)
+                          if f.table == OFFLOAD_TABLE and f.actions == () and dict(f.match).get("eth_dst") == LB}
+    assert any(dict(f.match).get("ipv4_src") == ("10.66.0.0", "255.255.0.0") for f in drops)
 
 
 def test_a_balancer_with_a_twin_accepts_steered_traffic_one_without_does_not():

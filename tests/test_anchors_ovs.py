@@ -10,6 +10,7 @@ itself, and the source's port goes."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import select
 import subprocess
 import sys
@@ -38,6 +39,50 @@ def serve(connection):
 while True:
     threading.Thread(target=serve, args=(server.accept()[0],), daemon=True).start()
 """
+
+# One TCP connection kept busy until the file `stop` exists: a numbered line every
+# `interval` s, each answer checked ("ok N" printed per answer), then a summary as JSON.
+CHATTER = r"""
+import json, os, socket, sys, time
+dst, port, stop, interval = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+connection = socket.create_connection((dst, port), timeout=5)
+stream = connection.makefile("rw")
+print("connected", flush=True)
+sent = answered = 0
+servers, errors = set(), []
+deadline = time.monotonic() + 300
+while not os.path.exists(stop) and time.monotonic() < deadline:
+    try:
+        stream.write(f"{sent}\n")
+        stream.flush()
+        sent += 1
+        line = stream.readline()
+    except OSError as error:
+        errors.append(repr(error))
+        break
+    if not line:
+        errors.append("closed")
+        break
+    name, number = line.split()
+    if int(number) != sent - 1:
+        errors.append(f"answer {line.strip()!r} to line {sent - 1}")
+    servers.add(name)
+    answered += 1
+    print(f"ok {answered}", flush=True)
+    time.sleep(interval)
+print(json.dumps({"sent": sent, "answered": answered, "servers": sorted(servers), "errors": errors}), flush=True)
+"""
+
+
+def answered_so_far(chatter) -> int:
+    """The answers a CHATTER process has had so far."""
+    counts = [int(line.split()[1]) for line in chatter.output().splitlines() if line.startswith("ok ")]
+    return counts[-1] if counts else 0
+
+
+def chatter_summary(chatter) -> dict:
+    return json.loads(chatter.output().strip().splitlines()[-1])
+
 
 # One TCP connection kept open: each line on stdin is sent, the answer printed (or why not).
 SESSION = r"""
@@ -134,10 +179,10 @@ def test_a_redirected_connection_survives_its_balancer_moving_away_from_its_back
     # The switchover: the guest announces itself on hypervisor 1, then the source's port goes.
     announce(moved)
     a.bridge.vsctl("del-port", a.bridge.name, balancer.port_name)
-    wait_until(lambda: entries(dc, balancer.mac).get(f"{a.dpid:016x}", {}).get("anchor") == balancer.tenant, 20,
-               "hypervisor 0's entry to stay as the anchor")
+    wait_until(lambda: entries(dc, balancer.mac).get(f"{a.dpid:016x}", {}).get("anchor")
+               == {"vm_id": balancer.vm_id, "tenant": balancer.tenant}, 20, "hypervisor 0's entry to stay as the anchor")
     anchor = entries(dc, balancer.mac)[f"{a.dpid:016x}"]
-    assert anchor["filters"] == [] and anchor["redirects"] == []
+    assert anchor["filters"] == [] and len(anchor["redirects"]) == 1
 
     assert before.say("three") == f"{server} three"       # the connection open through the move goes on
     assert near_session.say("n2") == f"{near_server} n2"  # and one from hypervisor 0 itself

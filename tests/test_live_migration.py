@@ -1,7 +1,8 @@
 """A real live migration (issue 15): a QEMU middlebox guest (the project's initramfs, TCG)
 running the real ``mbctl`` on its ivshmem-plain device, migrated with QMP ``migrate`` from
 hypervisor A to hypervisor B of a two-hypervisor :class:`DataCentre`, while an attacker on
-A keeps sending.  Each QEMU runs in its hypervisor's network namespace, so its tap is that
+A keeps sending and a client on B keeps a TCP connection busy through the guest's
+load-balancer redirect to backends on A (they stay there: controller/anchors.py).  Each QEMU runs in its hypervisor's network namespace, so its tap is that
 hypervisor's bridge port, annotated as an operator would (same ``vm-id``, tenant and MAC on
 both sides, each side its own region file); each hypervisor's real agent serves its own side's
 region, and the one controller copies the middlebox to B when B's agent publishes the paused
@@ -30,9 +31,12 @@ from mbvisor.topologies.netlab import settle, wait_until
 from mbvisor.topologies.qemu.migration import REGION_SIZE, QMP, QMPError, MigratableVM, event_time, migrate
 from mbvisor.topologies.qemu.vm import build_image, requirements
 
+from test_anchors_ovs import CHATTER, ECHO, answered_so_far, chatter_summary
+
 pytestmark = pytest.mark.host
 
 GUEST_IP = "10.0.1.200"
+SERVICE_PORT = 7000
 TENANT = "blue"
 PACED = 300          # attack packets per measured phase, 1 ms apart
 RESUME_TO_FLOWS_TARGET = 0.100   # s (issue 15): offloads active on B within 100 ms of the resume
@@ -122,6 +126,13 @@ def _migrate_under_attack(dc, image, tmp_path, vms, record_property):
     mac = f"52:54:00:{digits[:2]}:{digits[2:]}:c8"
     vm_id = f"{dc.prefix}-mb"
     attacker = dc.add_vm(0, "attacker", tenant="red")          # on A, another tenant
+    backends = [dc.add_vm(0, f"web{i}", tenant=TENANT) for i in (1, 2)]   # on A, the guest's tenant
+    client = dc.add_vm(1, "client", tenant="green")            # on B
+    for backend in backends:
+        backend.popen([sys.executable, "-I", "-u", "-c", ECHO, backend.name, str(SERVICE_PORT)])
+        backend.wait_listening(SERVICE_PORT)
+        backend.set_arp(client.ip, client.mac)                 # no broadcast ARP reaches the guest's counts
+    client.set_arp(GUEST_IP, mac)
     common = dict(vm_id=vm_id, mac=mac, image=image, tenant=TENANT, ips=GUEST_IP,
                   append=f"mbv.ip={GUEST_IP}/16 mbv.arp={attacker.ip},{attacker.mac}")
 
@@ -142,6 +153,12 @@ def _migrate_under_attack(dc, image, tmp_path, vms, record_property):
     # 3. the guest's own mbctl registers the firewall and filters the attacker, on A
     mbctl_ok(source, f"register firewall --ip {GUEST_IP}")
     mbctl_ok(source, f"filter add --layer ip --src {attacker.ip}")
+    # ... and balances its address to its backends on A; a client on B keeps a connection busy
+    mbctl_ok(source, f"redirect --ip {GUEST_IP} --to {','.join(b.ip for b in backends)}")
+    stop_client = tmp_path / "stop-client"
+    chatter = client.popen([sys.executable, "-I", "-u", "-c", CHATTER, GUEST_IP, str(SERVICE_PORT),
+                            str(stop_client), "0.005"])
+    wait_until(lambda: answered_so_far(chatter) >= 20, 20, "the client's connection answered through A")
     assert has_drop_flow(a.bridge, mac, attacker.ip) and not has_drop_flow(b.bridge, mac, attacker.ip)
     rx, dropped = guest_rx(source), attack_drops(a.bridge, mac, attacker.ip)
     assert attacker.send_udp(GUEST_IP, 9, count=PACED, interval=0.001) == PACED
@@ -185,13 +202,19 @@ def _migrate_under_attack(dc, image, tmp_path, vms, record_property):
     source.quit()
     dropped_on_a = attack_drops(a.bridge, mac, attacker.ip) - dropped - PACED   # its flows go with its port
     source.remove_port()
-    wait_until(lambda: dc.controller.get(f"/v1/middleboxes/{a.dpid:016x}/{mac}")[0] == 404, 20,
-               "A's entry retired once its port went")
-    wait_until(lambda: not has_drop_flow(a.bridge, mac, attacker.ip), 20, "A's flows for the VM removed")
+    # its redirect's backends stay on A: A's entry stays as their anchor, without filters
+    wait_until(lambda: dc.controller.get(f"/v1/middleboxes/{a.dpid:016x}/{mac}")[1].get("anchor")
+               == {"vm_id": vm_id, "tenant": TENANT}, 20, "A's entry to stay as the anchor once its port went")
+    assert has_drop_flow(a.bridge, mac, attacker.ip)  # the anchor filters what enters at A, as its twin does
+    answered_at_switchover = answered_so_far(chatter)
+    wait_until(lambda: answered_so_far(chatter) >= answered_at_switchover + 100, 20,
+               "the client's connection answered after the switchover")
     # the attack goes on for a moment after the switchover, then stops
-    drops_now = attack_drops(b.bridge, mac, attacker.ip)
-    wait_until(lambda: attack_drops(b.bridge, mac, attacker.ip) - drops_now >= 200, 20,
-               "the attack arriving at B after the switchover and dropped there")
+    def dropped_anywhere() -> int:
+        return attack_drops(a.bridge, mac, attacker.ip) + attack_drops(b.bridge, mac, attacker.ip)
+    drops_now = dropped_anywhere()
+    wait_until(lambda: dropped_anywhere() - drops_now >= 200, 20,
+               "the attack dropped after the switchover (on A by the anchor, as the attacker is there)")
     stop.touch()
     wait_until(lambda: not sender.alive(), 10, "the attack sender to stop")
     sent_during = int(sender.output().split()[-1])
@@ -205,11 +228,11 @@ def _migrate_under_attack(dc, image, tmp_path, vms, record_property):
     assert {k: ring_after[k] for k in ("state", "epoch", "published", "answered", "pending")} == \
         {k: ring_before[k] for k in ("state", "epoch", "published", "answered", "pending")}, (ring_before, ring_after)
 
-    # 5. after the switchover: paced attack arrives at B and is dropped there, 0 reach the guest
-    rx, before_b = guest_rx(destination), attack_drops(b.bridge, mac, attacker.ip)
+    # 5. after the switchover: the paced attack is dropped (by A's anchor), 0 reach the guest
+    rx, before = guest_rx(destination), dropped_anywhere()
     assert attacker.send_udp(GUEST_IP, 9, count=PACED, interval=0.001) == PACED
-    wait_until(lambda: attack_drops(b.bridge, mac, attacker.ip) - before_b >= PACED, 20, "the attack dropped on B")
-    after_b = settle(lambda: attack_drops(b.bridge, mac, attacker.ip)) - before_b
+    wait_until(lambda: dropped_anywhere() - before >= PACED, 20, "the attack dropped after the switchover")
+    dropped_after = settle(dropped_anywhere) - before
     reached_after = guest_rx(destination) - rx
     # the guest's mbctl keeps working on B, from the migrated ring, through B's agent
     b.agent.wait_serving(f"{vm_id}/mbqb")
@@ -226,15 +249,20 @@ def _migrate_under_attack(dc, image, tmp_path, vms, record_property):
     assert channel["forwarded"] == answered_before["forwarded"] + 1
     assert channel["answered"] == answered_before["answered"] + 1
 
+    stop_client.touch()
+    wait_until(lambda: not chatter.alive(), 10, "the client to stop")
+    connection = chatter_summary(chatter)
+
     resume_at = event_time(resume)
     figures = {
+        "client_connection": connection,
         "migration_total_ms": outcome.get("total-time"), "downtime_ms": outcome.get("downtime"),
         "ram_transferred": outcome.get("ram", {}).get("transferred"),
         "resume_to_flows_confirmed_ms": round((flows_on_b - resume_at) * 1000, 1),
         "attack_sent_during_migration": sent_during, "dropped_on_a_during": dropped_on_a,
         "dropped_on_b_during": during_b,
         "reached_guest_during": reached_during,
-        "attack_after_switchover": PACED, "dropped_on_b_after": after_b, "reached_guest_after": reached_after,
+        "attack_after_switchover": PACED, "dropped_after": dropped_after, "reached_guest_after": reached_after,
         "ring_before": {k: ring_before[k] for k in ("epoch", "published", "answered")},
         "ring_after": {k: ring_after[k] for k in ("epoch", "published", "answered")},
         "b_agent_channel": {k: channel.get(k) for k in ("answered", "forwarded", "state") if k in channel},
@@ -244,8 +272,11 @@ def _migrate_under_attack(dc, image, tmp_path, vms, record_property):
     record_property("live_migration", figures)
     print("live migration figures:", json.dumps(figures))
     assert flows_on_b - resume_at <= RESUME_TO_FLOWS_TARGET, figures
+    # the redirected connection survived: every line answered in order, by one backend, no reset
+    assert connection["errors"] == [] and connection["answered"] == connection["sent"], figures
+    assert len(connection["servers"]) == 1, figures
     assert reached_during == 0 and reached_after == 0, figures
-    assert after_b == PACED, figures
+    assert dropped_after == PACED, figures
 
 
 def test_a_command_in_flight_at_the_switchover_is_answered_once(image, tmp_path):
