@@ -83,7 +83,7 @@ class Elsewhere:
         was = self.departed.get(self.dpid, {}).get(middlebox.port)
         if was is None or was.mac != middlebox.mac or not was.vm_id:
             return None
-        anchor = replace(middlebox, firewall_ip=None, filters=frozenset(), anchor=(was.vm_id, was.tenant))
+        anchor = replace(middlebox, filters=frozenset(), anchor=(was.vm_id, was.tenant))
         return None if needless(self.state, self.inventories, anchor) else anchor
 
     def _others(self, mac: str):
@@ -139,26 +139,43 @@ def kept_as_anchors(state: State, dpid: int, gone, inventories: Mapping[int, Inv
     """Of the balancers on ``dpid`` that ``gone`` (their port went, or the source agent
     deleted the VM that left), the anchors they leave: those whose port was annotated
     (``identities``, by port) as a VM whose twin elsewhere has redirects with backends of
-    its tenant here.  An anchor keeps its zone and redirects, nothing else."""
+    its tenant here.  An anchor keeps its zone, addresses and redirects (they stay its own
+    on that switch), no filters."""
     anchors = []
     for middlebox in gone:
         identity = identities.get(middlebox.port)
         if (middlebox.anchor is not None or not middlebox.redirects or identity is None
                 or identity.mac != middlebox.mac or not identity.vm_id):
             continue
-        anchor = replace(middlebox, firewall_ip=None, filters=frozenset(),
-                         anchor=(identity.vm_id, identity.tenant))
+        anchor = replace(middlebox, filters=frozenset(), anchor=(identity.vm_id, identity.tenant))
         if not needless(state, inventories, anchor):
             anchors.append(anchor)
     return anchors
 
 
 def needless(state: State, inventories: Mapping[int, Inventory], anchor: Middlebox) -> bool:
-    """Whether nothing needs ``anchor`` any more: no twin of its tenant elsewhere, or none
-    whose redirects have backends of that tenant on its switch."""
+    """Whether nothing needs ``anchor`` any more: no twin of its VM elsewhere, none whose
+    redirects have backends of its tenant on its switch, or its MAC annotated there as
+    another VM now (``taken``)."""
     serving = Elsewhere(anchor.dpid, state, inventories).served(anchor)
     here = inventories.get(anchor.dpid, Inventory())
-    return serving is None or not located(here, anchor.anchor[1], backends_of(serving), anchor.mac)
+    return (serving is None or taken(here, anchor)
+            or not located(here, anchor.anchor[1], backends_of(serving), anchor.mac))
+
+
+def taken(inventory: Inventory, anchor: Middlebox) -> bool:
+    """Its switch's annotations give its MAC to another VM (MACs are unique per switch
+    only): what is sent to that MAC there is that VM's, never the anchor's to filter or
+    redirect."""
+    shown = inventory.with_mac(anchor.mac)
+    return shown is not None and (shown.vm_id, shown.tenant) != anchor.anchor
+
+
+def own_addresses(inventory: Inventory, twin: Middlebox) -> frozenset[str]:
+    """The addresses an anchor's filters treat as its own (their group-frame forms): its
+    twin's, but none that a VM of the anchor's switch holds (that group traffic is its)."""
+    return frozenset(ip for ip in (twin.firewall_ip, twin.balancer_ip)
+                     if ip is not None and inventory.owner(ip) is None)
 
 
 def affected(state: State, dpid: int, macs, dpids) -> tuple[dict[int, set[str]], dict[int, set[str]]]:

@@ -39,8 +39,7 @@ from typing import Callable, Mapping
 
 from mbvisor.guest.commands import MAC_LAYER, TRANSPORT_LAYER, Filter, Layer
 
-from .anchors import Elsewhere, Steer
-from .anchors import located as tenant_backends
+from .anchors import Elsewhere, Steer, own_addresses, taken
 from .filters import _address_match, compile_filters, compile_plain_filters
 from .ingress import compile_ingress
 from .model import MAX_ZONE, Middlebox, State
@@ -106,8 +105,12 @@ class Surroundings:
     def locate(self, middlebox: Middlebox, backend: str) -> Neighbour | None:
         """Where ``backend`` is, if the middlebox may use it: an annotated VM of the same
         tenant (its port and MAC), or in a lab, for an unannotated middlebox, whoever
-        answered ARP for it."""
+        answered ARP for it.  An anchor's: a VM of its tenant (its own port is gone)."""
         owner = self.inventory.owner(backend)
+        if middlebox.anchor is not None:
+            if owner is None or owner.tenant != middlebox.anchor[1] or owner.mac == middlebox.mac:
+                return None
+            return Neighbour(owner.mac, owner.port)
         identity = self.inventory.at(middlebox.port)
         if owner is not None:
             if identity is None or owner.tenant != identity.tenant or owner.port == identity.port:
@@ -339,11 +342,11 @@ def compile_anchor(anchor: Middlebox, surroundings: Surroundings, pause: Pause |
     without such a twin.  (Traffic for its MAC from this switch's hosts meets the anchor
     first: without the filters here, they would be bypassed.)"""
     twin = surroundings.elsewhere.served(anchor) if surroundings.elsewhere is not None else None
-    if twin is None:
+    if twin is None or taken(surroundings.inventory, anchor):
         return SwitchConfig(frozenset(), frozenset())
     stand_in = replace(twin, dpid=anchor.dpid, port=anchor.port, zone=anchor.zone, anchor=anchor.anchor)
     flows, groups, _ = compile_redirects(stand_in, surroundings)
-    own = frozenset(ip for ip in (twin.firewall_ip, twin.balancer_ip) if ip is not None)
+    own = own_addresses(surroundings.inventory, twin)
     return SwitchConfig(frozenset(_filter_flows(stand_in, own, pause) | flows), frozenset(groups))
 
 
@@ -356,13 +359,7 @@ def compile_redirects(middlebox: Middlebox, surroundings: Surroundings) -> tuple
     if middlebox.balancer_ip is None or not middlebox.redirects:
         return set(), set(), set()
     backends = sorted({b for r in middlebox.redirects for b in r.backends})
-    if middlebox.anchor is not None:
-        located = {b: None for b in backends} | {
-            b: Neighbour(owner.mac, owner.port)
-            for b, owner in tenant_backends(surroundings.inventory, middlebox.anchor[1], backends,
-                                            middlebox.mac).items()}
-    else:
-        located = {b: surroundings.locate(middlebox, b) for b in backends}
+    located = {b: surroundings.locate(middlebox, b) for b in backends}
     if middlebox.anchor is None and surroundings.inventory.at(middlebox.port) is None:
         missing = {b for b, where in located.items() if where is None}
         if missing:

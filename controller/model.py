@@ -379,7 +379,7 @@ def _check_trust(binding: Binding, command: Command) -> None:
 def _new_middlebox(state: State, binding: Binding, mac: str) -> Middlebox:
     """Conntrack zones are unique among all switches: every userspace bridge of a host
     shares one conntrack table, so a zone per switch would mix their connections."""
-    on_port = sum(1 for mb in state.on(binding.dpid) if mb.port == binding.port)
+    on_port = sum(1 for mb in state.on(binding.dpid) if mb.port == binding.port and mb.anchor is None)
     if on_port >= state.limits.per_port:
         raise ApplyError("limit", f"port {binding.port} has {on_port} middleboxes, the limit is {state.limits.per_port}")
     used = state.zones_in_use()
@@ -423,7 +423,8 @@ def check_can_hold(state: State, middlebox: Middlebox, inventory: Inventory) -> 
             if ip in (other.firewall_ip, other.balancer_ip):
                 raise ApplyError("address-in-use", f"{ip} is the address of another middlebox on this switch")
     _check_backends_unique(state, middlebox, tuple(b for r in middlebox.redirects for b in r.backends), inventory)
-    on_port = sum(1 for mb in state.on(middlebox.dpid) if mb.port == middlebox.port and mb.mac != middlebox.mac)
+    on_port = sum(1 for mb in state.on(middlebox.dpid)
+                  if mb.port == middlebox.port and mb.mac != middlebox.mac and mb.anchor is None)
     if on_port >= state.limits.per_port:
         raise ApplyError("limit", f"port {middlebox.port} has {on_port} middleboxes, the limit is {state.limits.per_port}")
 

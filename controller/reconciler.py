@@ -261,7 +261,10 @@ class Installed:
 class Job:
     """``kind``: sync (full reconciliation), audit, commands, retire (ports gone),
     adopt (hold a copy of another switch's middlebox: its VM is migrating here),
-    drop_anchors (anchors nothing needs any more, anchors.py),
+    drop_anchors (the operator's delete of an anchor), anchor (balancers whose port lost its
+    annotations made the anchors they will be), follow (another switch changed what this
+    one's balancers and anchors compile from: needless anchors dropped, the rest compiled
+    again; anchors.py),
     refresh (re-install the flows of some middleboxes, e.g. a backend went down),
     converge (the annotated ports changed: everything compiled again, sent as a difference
     from what the switch is known to hold, without reading it)."""
@@ -281,7 +284,7 @@ class Job:
     def background(self) -> bool:
         """Reconciliations: nobody waits on them for an answer, so they step aside for
         commands on their way (pacing.py)."""
-        return self.kind in ("sync", "audit", "converge")
+        return self.kind in ("sync", "audit", "converge", "follow")
 
 
 class SwitchReconciler:
@@ -354,6 +357,16 @@ class SwitchReconciler:
     def submit(self, job: Job) -> Job:
         self._push(job)
         return job
+
+    def follow_soon(self, macs) -> None:
+        """A follow job for ``macs``, merged into one still queued: a guest adding filters
+        one by one on its twin's switch costs this switch one recompilation per turn of its
+        queue, not one per command."""
+        queued = next((job for job in self.jobs if job.kind == "follow"), None)
+        if queued is not None:
+            queued.macs = queued.macs | frozenset(macs)
+        else:
+            self.submit(Job("follow", macs=frozenset(macs)))
 
     def converge_soon(self) -> None:
         """One convergence pending at most: it compiles whatever the annotations are when
@@ -639,13 +652,29 @@ class SwitchReconciler:
             self._retry_sync(self.link)
 
     def _drop_anchors(self, job: Job) -> None:
+        before = self.service.state
+        self._settle(before, self.service.drop_anchors(self.dpid, job.macs, job.forced))
+
+    def _anchor(self, job: Job) -> None:
+        before = self.service.state
+        self.service.anchor_departed(self.dpid, job.ports)
+        self._settle(before, {mb.mac for mb in before.on(self.dpid) if mb.port in job.ports})
+
+    def _follow(self, job: Job) -> None:
         """Checked when it runs: the twin may have come back meanwhile."""
         before = self.service.state
-        dropped = self.service.drop_anchors(self.dpid, job.macs, job.forced)
-        if dropped and self._install(before, self.service.state, dropped, set()) is None:
+        self.service.drop_anchors(self.dpid, job.macs)
+        self._settle(before, job.macs)
+
+    def _settle(self, before, macs) -> None:
+        """The flows of ``macs`` from ``before`` to the current state, or a reconciliation."""
+        if not macs:
+            return
+        self._forget_exact(macs)
+        if self._install(before, self.service.state, macs, set()) is None:
             self.applied = self.generation
-        elif dropped:
-            self.synced = False  # the next reconciliation removes them
+        else:
+            self.synced = False  # the next reconciliation does it
             self._retry_sync(self.link)
 
     def _adopt(self, job: Job) -> None:

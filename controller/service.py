@@ -35,9 +35,9 @@ from .flows import RESOLVER_MAC, Neighbour, Surroundings, counts_as_handled, fil
 from .health import BackendHealth
 from .ingress import link_local
 from .metrics import Metrics
-from .migration import Copy, adopted, arrivals, copies_after, named_only_now, shown
+from .migration import Copy, adopted, arrivals, copies_after, identity_of, named_only_now, shown
 from .pacing import Pacer
-from .model import (ApplyError, Binding, Draft, Limits, Middlebox, State, added_answer_text, adding_to,
+from .model import (ApplyError, Binding, Draft, Limits, Middlebox, State, added_answer_text, adding_to, check_can_hold,
                     check_destination_mac, decide, present_answer_text, unique_zones)
 from .pipeline import COOKIE_TAG, COOKIE_TAG_MASK, cookie_of
 from .placement import Placement, placement_from
@@ -395,6 +395,10 @@ class Controller:
         if not removed:
             return after
         for anchor in kept_as_anchors(before, dpid, removed, self.inventories, self._identities(dpid, removed)):
+            try:  # the job may have given its backends or addresses to another balancer meanwhile
+                check_can_hold(after, anchor, self.inventory_of(dpid))
+            except ApplyError:
+                continue
             after = after.put(anchor)
         return after
 
@@ -682,6 +686,30 @@ class Controller:
                 log.info("switch %016x: port %d is gone; offloads of %s removed", dpid, middlebox.port, middlebox.mac)
         self._follow(dpid, {mb.mac for mb in gone})
 
+    def anchor_departed(self, dpid: int, ports) -> None:
+        """The balancers on ``ports`` whose port lost its annotations (``departed``) made the
+        anchors they will be, durably, if their VM's twin needs them; the others as they
+        are (their annotations may return)."""
+        departed = self.departed.get(dpid, {})
+        waiting = [mb for mb in self.state.on(dpid) if mb.port in ports and mb.port in departed
+                   and mb.anchor is None and identity_of(mb, self.inventory_of(dpid)) is None]
+        anchors = kept_as_anchors(self.state, dpid, waiting, self.inventories, self._identities(dpid, waiting))
+        if not anchors:
+            return
+        after = self.state
+        for anchor in anchors:
+            after = after.put(anchor)
+            departed.pop(anchor.port, None)
+            self.flow_costs.pop(anchor.key, None)
+        self.store.save(self.state, after, [])
+        self.state = after
+        if dpid in self.reconcilers:
+            self.reconcilers[dpid].generation += 1
+        for anchor in anchors:
+            log.info("switch %016x: port %d lost its annotations; %s stays as the anchor of its redirects' "
+                     "connections (its VM %s is elsewhere)", dpid, anchor.port, anchor.mac, anchor.anchor[0])
+        self._follow(dpid, {anchor.mac for anchor in anchors})
+
     def drop_anchors(self, dpid: int, macs, forced: bool = False) -> set[str]:
         """The anchors among ``macs`` that nothing needs any more (``anchors.needless``), or
         all of them when ``forced`` (the operator's delete), removed durably; their MACs."""
@@ -711,10 +739,7 @@ class Controller:
             return
         again, anchors = affected(self.state, dpid, macs, list(self.reconcilers))
         for other in sorted(set(again) | set(anchors)):
-            if anchors.get(other):
-                self.reconcilers[other].submit(Job("drop_anchors", macs=frozenset(anchors[other])))
-            self.reconcilers[other].submit(Job("refresh", macs=frozenset(again.get(other, set()) |
-                                                                          anchors.get(other, set()))))
+            self.reconcilers[other].follow_soon(again.get(other, set()) | anchors.get(other, set()))
 
     # --- a middlebox on two switches while its VM migrates (migration.py) --------------
 
@@ -845,15 +870,19 @@ class Controller:
             self._copy_soon(zip(self.store.save_copies(copies), copies))
 
     def _remember_departed(self, dpid: int, before: Inventory, after: Inventory) -> None:
-        """What the ports that lost their annotations were (anchors.py: an entry there,
-        until retired, is the anchor it may become), whichever of the agent's publication
-        and the switch's port-status comes first; forgotten once annotated again."""
+        """What the balancers' ports that lost their annotations were (anchors.py: the entry
+        there, until retired or made an anchor, is the anchor it may become), whichever of
+        the agent's publication and the switch's port-status comes first.  Kept if the
+        number is annotated again meanwhile (as another VM: the entry is still the departed
+        one's); forgotten with the entry."""
         departed = self.departed.setdefault(dpid, {})
+        balancers = {mb.port: mb for mb in self.state.on(dpid) if mb.anchor is None and mb.redirects}
         for port, identity in before.ports.items():
-            if port not in after.ports:
+            if (port not in after.ports or after.ports[port] != identity) and port in balancers \
+                    and balancers[port].mac == identity.mac:
                 departed[port] = identity
-        for port in after.ports:
-            departed.pop(port, None)
+        for port in [port for port in departed if port not in balancers]:
+            del departed[port]
 
     def _replugged(self, dpid: int) -> set[int]:
         """Ports of ``dpid`` gone and added again, the gone one's retirement still queued."""
@@ -896,9 +925,12 @@ class Controller:
             self.reconcilers[dpid].converge_soon()
         self._copy_soon(zip(copy_ids, copies))
         self._follow(dpid, steering_macs(self.state.on(dpid)))
-        anchors = frozenset(mb.mac for mb in self.state.on(dpid) if mb.anchor is not None)
-        if anchors and dpid in self.reconcilers:  # their backends may have left
-            self.reconcilers[dpid].submit(Job("drop_anchors", macs=anchors))
+        anchors = {mb.mac for mb in self.state.on(dpid) if mb.anchor is not None}
+        if anchors and dpid in self.reconcilers:  # their backends may have left, their MAC be another VM's
+            self.reconcilers[dpid].follow_soon(anchors)
+        departed = self.departed.get(dpid, {})
+        if departed and dpid in self.reconcilers:  # durably the anchors they will be (a kill -9 would lose them)
+            self.reconcilers[dpid].submit(Job("anchor", ports=frozenset(departed)))
         return inventory
 
     def surroundings(self, dpid: int, metered: bool = True) -> Surroundings:

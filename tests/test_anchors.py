@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from fakeswitch import wait_until
+from fakeswitch import FakeSwitch, wait_until
 from mbvisor.agents.discovery import scan_ovsdb
 from mbvisor.controller.anchors import Elsewhere, Steer, affected, kept_as_anchors, needless
 from mbvisor.controller.flows import Surroundings, compile_middlebox, cookie_of
@@ -22,7 +22,7 @@ from mbvisor.controller.store import Store
 from mbvisor.controller.trust import PortIdentity, Underlay, build_inventory
 from mbvisor.guest.grammar import parse_command
 
-from test_migration import _ok, two_hypervisors
+from test_migration import _deliver, _ok, two_hypervisors
 
 A, B, C = 0xA1, 0xB2, 0xC3
 LB = "02:00:00:00:00:64"
@@ -438,3 +438,167 @@ def _idle(service, *dpids) -> None:
     from mbvisor.controller.reconciler import Job
     for dpid in dpids:
         assert service.reconcilers[dpid].submit(Job("refresh")).done.wait(10)
+
+
+# --- found by a second review (each failed on the version before its fix) ------------------------
+
+DROP_ALL = parse_command(f"A {LB} I 4 s 0.0.0.0/0").filter
+
+
+def _flows_departed(middlebox, state, seen, dpid, departed=None):
+    return compile_middlebox(middlebox, Surroundings(TrustMode.ANNOTATIONS, seen[dpid],
+                                                     elsewhere=Elsewhere(dpid, state, seen, departed or {}))).flows
+
+
+def _twin_with_filter():
+    return replace(balancer(B, 7, zone=2), firewall_ip=LB_IP, filters=frozenset({DROP_ALL}))
+
+
+def test_an_anchor_leaves_another_tenants_vm_with_its_mac_alone():
+    """Red's balancer left A; blue's VM on A is annotated with the MAC it had (MACs are
+    unique per switch only, and red's port is gone) and the address.  Red's anchor must
+    not drop (red's guest's filters) nor redirect (to red's backends) what is sent to it."""
+    blue = PortIdentity(4, LB, "blue", "blue-vm", (LB_IP,), "tap-blue")
+    seen = {A: build_inventory([WEB1, WEB2, blue, TO_EVERYONE]), B: build_inventory([LB_ON_B, TO_EVERYONE])}
+    state = State.of([anchor_of(), _twin_with_filter()])
+    flows = _flows_departed(anchor_of(), state, seen, A)
+    hits = [f for f in flows if f.table == OFFLOAD_TABLE and dict(f.match).get("eth_dst") == LB]
+    assert hits == [], sorted((f.priority, f.actions) for f in hits)[:3]
+
+
+def test_a_pending_anchor_leaves_another_tenants_vm_with_its_mac_alone():
+    blue = PortIdentity(4, LB, "blue", "blue-vm", (LB_IP,), "tap-blue")
+    seen = {A: build_inventory([WEB1, WEB2, blue, TO_EVERYONE]), B: build_inventory([LB_ON_B, TO_EVERYONE])}
+    state = State.of([balancer(), _twin_with_filter()])
+    departed = {A: {2: PortIdentity(2, LB, "red", "lb-1", (LB_IP,), "tap-lb-a")}}
+    flows = _flows_departed(balancer(), state, seen, A, departed)
+    assert not any(dict(f.match).get("eth_dst") == LB for f in flows if f.table == OFFLOAD_TABLE)
+
+
+def test_an_anchors_group_frame_filters_do_not_match_an_address_another_tenant_holds_on_its_switch():
+    """filters.py: "Group traffic for any other address is never touched: it is other
+    tenants' too"; model._check_address_free: "two middleboxes compiling the same flow
+    would take it from each other".  The anchor's group forms use its twin's addresses,
+    unchecked on A; its firewall address is not reserved there (anchor.firewall_ip None)."""
+    fw_ip = "10.0.0.200"
+    on_b = PortIdentity(7, LB, "red", "lb-1", (LB_IP, fw_ip), "tap-lb-b")
+    twin = replace(balancer(B, 7, zone=2), firewall_ip=fw_ip, filters=frozenset({DROP_ALL}))
+    blue = PortIdentity(4, "02:00:00:00:00:77", "blue", "blue-fw", (fw_ip,), "tap-blue")
+    seen = {A: build_inventory([WEB1, WEB2, blue, TO_EVERYONE]), B: build_inventory([on_b, TO_EVERYONE])}
+    state = State.of([anchor_of(), twin])
+    binding = Binding(A, 4, TrustMode.ANNOTATIONS, seen[A])
+    for text in (f"R F {blue.mac} {fw_ip}", f"A {blue.mac} I 4 s 0.0.0.0/0"):  # blue's own firewall: accepted
+        state = apply(state, binding, parse_command(text)).state
+    anchor = _flows_departed(anchor_of(), state, seen, A)
+    blue_flows = _flows_departed(state.find(A, blue.mac), state, seen, A)
+    group = [f for f in anchor if dict(f.match).get("ipv4_dst") == fw_ip]
+    shared = {(f.table, f.priority, f.match) for f in anchor} & {(f.table, f.priority, f.match) for f in blue_flows}
+    assert group == [] and not shared, f"{len(group)} drops of blue's address, {len(shared)} of blue's identities"
+
+
+def test_the_pending_anchor_survives_a_restart(hosts, tmp_path):
+    """A's agent publishes the inventory without the balancer's port (the VM left), the
+    controller is killed before the port-status; after the restart, the source agent's
+    delete must still leave the anchor (nothing lost across kill -9)."""
+    service, fakes = hosts
+    service.set_inventory(A, [WEB1, WEB2, TO_EVERYONE])
+    _idle(service, A, B)
+    assert served_on_a(fakes[A]) and steered(fakes[B])  # the pending anchor
+    database = service.settings.database
+    service.close()
+    for fake in fakes.values():
+        fake.close()
+    restarted = Controller(Settings(database=database, audit_interval=0, backend_check_interval=0))
+    new = {}
+    try:
+        for dpid in (A, B):
+            new[dpid] = FakeSwitch(dpid, ports=(1, 2, 3, 4, 7, 9), sink=lambda m, s=restarted: _deliver(s, m))
+            restarted.switch_connected(new[dpid].datapath)
+            wait_until(lambda d=dpid: restarted.reconcilers[d].synced, what="reconciled")
+        _idle(restarted, A, B)
+        steering_after_restart = steered(new[B])
+        assert restarted.delete_middlebox(A, LB).code == "not-found"  # the source agent's cleanup: an anchor
+        kept = restarted.state.find(A, LB)
+        assert kept is not None and kept.anchor == ("lb-1", "red"), (kept, steering_after_restart)
+    finally:
+        restarted.close()
+        for fake in new.values():
+            fake.close()
+
+
+def test_a_port_number_reannotated_before_the_retirement_runs_keeps_the_anchor(tmp_path):
+    """Port-status first (departed remembered, retirement queued), then the agent publishes
+    the number reused by another VM before the retirement job runs: the departed VM's
+    annotations are forgotten, and the retirement removes the balancer instead of
+    anchoring it (its connections on A are lost)."""
+    service = Controller(Settings(database=tmp_path / "db.sqlite", audit_interval=0, backend_check_interval=0))
+    try:
+        service.set_inventory(A, [PortIdentity(2, LB, "red", "lb-1", (LB_IP,), "tap-lb-a"), WEB1, WEB2, TO_EVERYONE])
+        service.set_inventory(B, [LB_ON_B, TO_EVERYONE])
+        service.state = State.of([balancer(), balancer(B, 7, zone=2)])
+        service.port_deleted(A, 2)           # the switch's port-status (retirement queued behind A's jobs)
+        other = PortIdentity(2, "02:00:00:00:00:55", "blue", "blue-vm", ("10.0.0.55",), "tap-new")
+        service.set_inventory(A, [other, WEB1, WEB2, TO_EVERYONE])  # the agent, quicker than A's queue
+        service.retire(A, {2})               # the retirement job runs
+        kept = service.state.find(A, LB)
+        assert kept is not None and kept.anchor == ("lb-1", "red"), kept
+    finally:
+        service.close()
+
+
+def test_an_anchors_backends_are_reported_as_it_uses_them(hosts):
+    """GET /v1/middleboxes/{dpid}/{mac}: ``unlocated`` means "not used"."""
+    service, fakes = hosts
+    fakes[A].remove_port(2)
+    wait_until(lambda: service.state.find(A, LB) is not None and service.state.find(A, LB).anchor, what="anchor")
+    wait_until(lambda: served_on_a(fakes[A]), what="the anchor serving web-1")
+    assert service.backend_states(A, LB) == {"10.0.0.11": "up", "10.0.0.12": "up"}
+
+
+def test_a_keyless_batch_cannot_leave_two_balancers_on_one_backend(hosts):
+    """An operator's keyless batch deletes the balancer and registers another one of its
+    tenant on the freed backend: the anchor put back after the job's decisions names the
+    same backend (model._check_backends_unique: "a backend serves one middlebox per
+    switch"; two reply flows of one identity, two zones)."""
+    from mbvisor.controller.requests import CommandRequest
+    service, fakes = hosts
+    lb3 = PortIdentity(4, "02:00:00:00:00:65", "red", "lb-3", ("10.0.0.101",), "tap-lb3")
+    service.set_inventory(A, [PortIdentity(2, LB, "red", "lb-1", (LB_IP,), "tap-lb-a"), WEB1, WEB2, lb3,
+                              TO_EVERYONE])
+    answers = service.submit([CommandRequest(A, 2, f"X {LB}"),
+                              CommandRequest(A, 4, f"R L {lb3.mac} 10.0.0.101 0 * 10.0.0.11")])
+    assert [a.status for a in answers] == ["OK", "OK"], answers
+    holders = [mb.mac for mb in service.state.on(A) if any("10.0.0.11" in r.backends for r in mb.redirects)]
+    assert len(holders) == 1, service.state.on(A)
+
+
+
+
+def test_changes_on_the_twin_while_the_anchors_switch_is_busy_are_followed_once(hosts, monkeypatch):
+    """Each change of the twin asks the anchor's switch to compile it again; asked while
+    that switch is busy, the asks merge into one (a guest adding filters one by one on B
+    costs A one recompilation per turn of its queue, not one per command)."""
+    import mbvisor.controller.flows as flows
+    from test_migration_races import _stuck_in
+    from mbvisor.controller.requests import CommandRequest
+    service, fakes = hosts
+    fakes[A].remove_port(2)
+    wait_until(lambda: service.state.find(A, LB) is not None and service.state.find(A, LB).anchor, what="anchor")
+    _ok(service, B, 7, f"R F {LB} {LB_IP}")
+    service.set_inventory(A, [WEB1, WEB2, TO_EVERYONE, PortIdentity(4, "02:00:00:00:00:44", "blue", "fw", ("10.0.0.44",))])
+    _idle(service, A, B)
+    _ok(service, A, 4, "R F 02:00:00:00:00:44 10.0.0.44")
+    compiled = []
+    real = flows.compile_anchor
+    monkeypatch.setattr(flows, "compile_anchor", lambda a, s, p=None: compiled.append(a.mac) or real(a, s, p))
+    fakes[A].hold()
+    busy = _stuck_in(fakes[A], lambda: service.execute(CommandRequest(A, 4, "A 02:00:00:00:00:44 I 4 s 10.9.0.0/16")))
+    for i in range(20):
+        _ok(service, B, 7, f"A {LB} I 4 s 10.{i}.0.0/16")
+    assert sum(1 for job in service.reconcilers[A].jobs if job.kind == "follow") == 1
+    fakes[A].release()
+    assert busy.wait().status == "OK"
+    _idle(service, A, B)
+    assert compiled.count(LB) == 1, compiled
+    attack = {**CLIENT, "ipv4_src": "10.19.0.1"}
+    assert fakes[A].trace(UNDERLAY_PORT, eth_dst=LB, **attack).verdict == "drop"  # the last of them, at A too
