@@ -27,7 +27,7 @@ import pytest
 from mbvisor.controller.flows import cookie_of
 from mbvisor.guest.ring import describe
 from mbvisor.topologies.datacentre import DataCentre
-from mbvisor.topologies.netlab import settle, wait_until
+from mbvisor.topologies.netlab import run, settle, wait_until
 from mbvisor.topologies.qemu.migration import REGION_SIZE, QMP, QMPError, MigratableVM, event_time, migrate
 from mbvisor.topologies.qemu.vm import build_image, requirements
 
@@ -79,6 +79,14 @@ def attack_drops(bridge, mac: str, source: str) -> int:
 def has_drop_flow(bridge, mac: str, source: str) -> bool:
     return any(f"nw_src={source}" in f.raw and f.actions == "drop"
                for f in bridge.flows(f"cookie={cookie_of(mac):#x}/-1"))
+
+
+def learned_port(hypervisor, mac: str) -> int | None:
+    """The port a hypervisor's switch learned ``mac`` on (NORMAL's MAC table), if any."""
+    table = run(["ovs-appctl", "-t", str(hypervisor.directory / "ovs-vswitchd.ctl"), "fdb/show",
+                 hypervisor.bridge.name]).stdout
+    return next((int(fields[0]) for fields in map(str.split, table.splitlines()[1:])
+                 if len(fields) >= 3 and fields[2] == mac and fields[0].isdigit()), None)
 
 
 def mbctl_ok(vm: MigratableVM, arguments: str) -> dict:
@@ -155,6 +163,11 @@ def _migrate_under_attack(dc, image, tmp_path, vms, record_property):
     mbctl_ok(source, f"filter add --layer ip --src {attacker.ip}")
     # ... and balances its address to its backends on A; a client on B keeps a connection busy
     mbctl_ok(source, f"redirect --ip {GUEST_IP} --to {','.join(b.ip for b in backends)}")
+    # the guest talks (as any VM does): the switches learn where its MAC is, and the client's
+    # traffic to it is not flooded, into the paused destination's queue among others (NORMAL)
+    source.run(f"ping -c 1 -W 1 {client.ip}")   # its reply goes the redirect's way: only the ARP matters
+    wait_until(lambda: learned_port(b, mac) == b.bridge.ofport(f"ul{a.index}"), 10,
+               "B's switch to learn that the guest's MAC is behind its underlay port")
     stop_client = tmp_path / "stop-client"
     chatter = client.popen([sys.executable, "-I", "-u", "-c", CHATTER, GUEST_IP, str(SERVICE_PORT),
                             str(stop_client), "0.005"])
