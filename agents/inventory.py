@@ -88,7 +88,9 @@ class Publication:
         silent)."""
         lines = []
         if sent != self.accepted or self.attempts:
-            lines.append(f"{len(sent)} port(s) published"
+            vms = sum(1 for entry in sent if isinstance(entry, PortIdentity))
+            lines.append(f"{vms} port(s)" + (f" and {len(sent) - vms} underlay port(s)" if len(sent) > vms else "")
+                         + " published"
                          + (f" after {self.attempts} failed attempt(s)" if self.attempts else ""))
         refused = tuple(dict(r) for r in answer.get("refused", ()))
         if refused != self.refused:
@@ -111,7 +113,9 @@ class Publication:
 
     def status(self) -> dict:
         state = "published" if self.in_sync else ("failing" if self.attempts else "pending")
-        return {"dpid": f"{self.dpid:016x}", "bridge": self.bridge, "ports": len(self.wanted), "state": state,
+        vms = sum(1 for entry in self.wanted if isinstance(entry, PortIdentity))
+        return {"dpid": f"{self.dpid:016x}", "bridge": self.bridge, "ports": vms, "underlay": len(self.wanted) - vms,
+                "state": state,
                 "published_at": self.published_at, "attempts": self.attempts, "error": self.error,
                 "refused": list(self.refused)}
 

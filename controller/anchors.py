@@ -87,9 +87,9 @@ class Elsewhere:
         return None if needless(self.state, self.inventories, anchor) else anchor
 
     def _others(self, mac: str):
-        for dpid in sorted(self.inventories):
-            if dpid != self.dpid and (entry := self.state.find(dpid, mac)) is not None:
-                yield dpid, entry
+        for dpid in self.state.holders(mac):
+            if dpid != self.dpid:
+                yield dpid, self.state.find(dpid, mac)
 
     def twinned(self, middlebox: Middlebox) -> bool:
         """Another switch holds an entry of this MAC (a twin, or an anchor)."""
@@ -99,7 +99,7 @@ class Elsewhere:
         """The twin an anchor runs the redirects of: of its MAC, on another switch,
         annotated there as the anchor's VM (the first such, by switch)."""
         for dpid, entry in self._others(anchor.mac):
-            identity = identity_of(entry, self.inventories[dpid]) if entry.anchor is None else None
+            identity = identity_of(entry, self.inventories.get(dpid, Inventory())) if entry.anchor is None else None
             if identity is not None and (identity.vm_id, identity.tenant) == anchor.anchor:
                 return entry
         return None
@@ -125,10 +125,10 @@ class Elsewhere:
                 if there is None or not same_vm(there, here):
                     continue
                 tenant = there.tenant
-            port = self.inventories[self.dpid].toward(dpid)
+            port = self.inventories.get(self.dpid, Inventory()).toward(dpid)
             if tenant != here.tenant or port is None:
                 continue
-            backends = located(self.inventories[dpid], tenant, backends_of(middlebox), middlebox.mac)
+            backends = located(self.inventories.get(dpid, Inventory()), tenant, backends_of(middlebox), middlebox.mac)
             if backends:
                 found.append(Steer(dpid, port, {address: owner.mac for address, owner in backends.items()}))
         return tuple(found)
@@ -185,14 +185,15 @@ def affected(state: State, dpid: int, macs, dpids) -> tuple[dict[int, set[str]],
     now).  A firewall's twin compiles nothing from the other side: it is left alone."""
     again: dict[int, set[str]] = {}
     anchors: dict[int, set[str]] = {}
-    for other in dpids:
-        if other == dpid:
-            continue
-        for mac in macs:
+    wanted = set(dpids)
+    for mac in macs:
+        for other in state.holders(mac):
+            if other == dpid or other not in wanted:
+                continue
             entry = state.find(other, mac)
-            if entry is not None and entry.anchor is not None:
+            if entry.anchor is not None:
                 anchors.setdefault(other, set()).add(mac)
-            elif entry is not None and entry.redirects:
+            elif entry.redirects:
                 again.setdefault(other, set()).add(mac)
     return again, anchors
 

@@ -137,6 +137,20 @@ class State:
             grouped.setdefault(key[0], []).append(self.by_key[key])
         return {dpid: tuple(middleboxes) for dpid, middleboxes in grouped.items()}
 
+    def holders(self, mac: str) -> tuple[int, ...]:
+        """The switches holding an entry of ``mac``, in order (a migrating VM's twins)."""
+        return self._by_mac.get(mac, ())
+
+    @cached_property
+    def _by_mac(self) -> dict[str, tuple[int, ...]]:
+        """Found once per state, and only for states asked (balancers' compilations): a
+        look per switch per balancer made a switch of 1,000 balancers among 1,000 switches
+        cost 0.27 s to compile."""
+        found: dict[str, list[int]] = {}
+        for dpid, mac in sorted(self.by_key):
+            found.setdefault(mac, []).append(dpid)
+        return {mac: tuple(dpids) for mac, dpids in found.items()}
+
     @cached_property
     def zones(self) -> frozenset[int]:
         return frozenset(mb.zone for mb in self.by_key.values())

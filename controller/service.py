@@ -405,8 +405,13 @@ class Controller:
     def _identities(self, dpid: int, middleboxes) -> dict[int, PortIdentity]:
         """By port, what each middlebox's port was annotated as: now, or when it went."""
         inventory, departed = self.inventory_of(dpid), self.departed.get(dpid, {})
-        return {mb.port: identity for mb in middleboxes
-                if (identity := departed.get(mb.port) or inventory.at(mb.port)) is not None}
+        found = {}
+        for mb in middleboxes:
+            now = inventory.at(mb.port)
+            identity = now if now is not None and now.mac == mb.mac else departed.get(mb.port)
+            if identity is not None:
+                found[mb.port] = identity
+        return found
 
     @staticmethod
     def _run_of_adds(requests: list[CommandRequest], start: int, parsed: dict, pace) -> list[AddFilter]:
@@ -735,7 +740,7 @@ class Controller:
         there) compiled again in their own queues: a twin steers to the switch holding the
         backends, an anchor runs its twin's redirects (anchors.py); and anchors that may be
         needless now looked at there."""
-        if len(self.reconcilers) < 2 or not macs:
+        if not macs or not any(other != dpid for other in self.reconcilers):
             return
         again, anchors = affected(self.state, dpid, macs, list(self.reconcilers))
         for other in sorted(set(again) | set(anchors)):
@@ -831,7 +836,8 @@ class Controller:
         VM given the same number must not speak for the one that had it until the agent
         publishes again."""
         inventory = self.inventories.get(dpid)
-        if inventory is not None and inventory.at(port) is not None:
+        annotated = inventory is not None and any(entry.port == port for entry in inventory.entries)
+        if annotated:  # a VM's port, or an underlay port: a reused number must lead nowhere
             self._remember_departed(dpid, inventory, inventory.without(port))
             remaining = [entry for entry in inventory.entries if entry.port != port]
             self.store.save_inventory(dpid, remaining)
@@ -844,7 +850,7 @@ class Controller:
             self.replugged.get(dpid, set()).discard(port)
             self.unplugged.setdefault(dpid, set()).add(port)
             self.reconcilers[dpid].submit(Job("retire", ports=frozenset({port})))
-            if inventory is not None and inventory.at(port) is not None:
+            if annotated:
                 self.reconcilers[dpid].converge_soon()
 
     def port_added(self, dpid: int, port: int) -> None:
@@ -869,7 +875,7 @@ class Controller:
         if copies:
             self._copy_soon(zip(self.store.save_copies(copies), copies))
 
-    def _remember_departed(self, dpid: int, before: Inventory, after: Inventory) -> None:
+    def _remember_departed(self, dpid: int, before: Inventory, after: Inventory) -> set[int]:
         """What the balancers' ports that lost their annotations were (anchors.py: the entry
         there, until retired or made an anchor, is the anchor it may become), whichever of
         the agent's publication and the switch's port-status comes first.  Kept if the
@@ -877,12 +883,17 @@ class Controller:
         one's); forgotten with the entry."""
         departed = self.departed.setdefault(dpid, {})
         balancers = {mb.port: mb for mb in self.state.on(dpid) if mb.anchor is None and mb.redirects}
+        new = set()
         for port, identity in before.ports.items():
-            if (port not in after.ports or after.ports[port] != identity) and port in balancers \
-                    and balancers[port].mac == identity.mac:
+            now = after.ports.get(port)
+            if now is not None and now.mac == identity.mac:
+                departed.pop(port, None)  # the same VM (its vm-id or addresses edited): still there
+            elif port in balancers and balancers[port].mac == identity.mac:
                 departed[port] = identity
+                new.add(port)
         for port in [port for port in departed if port not in balancers]:
             del departed[port]
+        return new
 
     def _replugged(self, dpid: int) -> set[int]:
         """Ports of ``dpid`` gone and added again, the gone one's retirement still queued."""
@@ -902,7 +913,7 @@ class Controller:
         previous = self.inventories.get(dpid)
         if previous is not None and previous.entries == inventory.entries and previous.refused == inventory.refused:
             return previous
-        self._remember_departed(dpid, previous or Inventory(), inventory)
+        newly_departed = self._remember_departed(dpid, previous or Inventory(), inventory)
         seen = {**self.inventories, dpid: inventory}
         copies = arrivals(self.state, seen, dpid, self._replugged(dpid))
         newly = named_only_now(self.state.on(dpid), previous or Inventory(), inventory)
@@ -928,9 +939,8 @@ class Controller:
         anchors = {mb.mac for mb in self.state.on(dpid) if mb.anchor is not None}
         if anchors and dpid in self.reconcilers:  # their backends may have left, their MAC be another VM's
             self.reconcilers[dpid].follow_soon(anchors)
-        departed = self.departed.get(dpid, {})
-        if departed and dpid in self.reconcilers:  # durably the anchors they will be (a kill -9 would lose them)
-            self.reconcilers[dpid].submit(Job("anchor", ports=frozenset(departed)))
+        if newly_departed and dpid in self.reconcilers:  # durably the anchors they will be (kill -9 would lose them)
+            self.reconcilers[dpid].submit(Job("anchor", ports=frozenset(newly_departed)))
         return inventory
 
     def surroundings(self, dpid: int, metered: bool = True) -> Surroundings:

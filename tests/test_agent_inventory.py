@@ -225,7 +225,7 @@ def test_failures_back_off_log_once_and_a_change_is_still_sent_at_once():
     assert state.wait(2) == 1.0  # the back-off starts again
     assert [state.failed("HTTP 400: ports[0].tenant", now=t) for t in (3, 5, 9, 17)] == [False] * 4
     assert state.wait(17) == 8.0  # the ceiling
-    assert state.status() == {"dpid": f"{DPID:016x}", "bridge": "br0", "ports": 1, "state": "failing",
+    assert state.status() == {"dpid": f"{DPID:016x}", "bridge": "br0", "ports": 1, "underlay": 0, "state": "failing",
                               "published_at": None, "attempts": 7, "error": "HTTP 400: ports[0].tenant",
                               "refused": []}
     assert state.offer((ENTRY1, ENTRY2), now=24) and state.wait(24) == 0  # the operator fixed something
@@ -600,3 +600,12 @@ def test_real_agent_publishes_annotations_and_duplicates_are_refused_on_both_sid
         for region in regions:
             if os.path.exists(region):
                 os.unlink(region)
+
+
+def test_underlay_ports_are_published_with_the_inventory_and_counted_apart():
+    from mbvisor.controller.trust import Underlay
+    state = publication()
+    uplink = Underlay(1000, "ul0", None)
+    assert state.offer((ENTRY1, uplink), now=0)
+    assert state.succeeded((ENTRY1, uplink), accepted(ENTRY1), now=0)[0] == "1 port(s) and 1 underlay port(s) published"
+    assert (state.status()["ports"], state.status()["underlay"]) == (1, 1)

@@ -602,3 +602,88 @@ def test_changes_on_the_twin_while_the_anchors_switch_is_busy_are_followed_once(
     assert compiled.count(LB) == 1, compiled
     attack = {**CLIENT, "ipv4_src": "10.19.0.1"}
     assert fakes[A].trace(UNDERLAY_PORT, eth_dst=LB, **attack).verdict == "drop"  # the last of them, at A too
+
+
+# --- found by a third review (each failed on the version before its fix) ------------------------
+
+def test_an_underlay_port_that_goes_stops_leading_anywhere(tmp_path):
+    """port_deleted drops a VM port's annotations at once ("a reused number must not speak
+    for the VM that had it"); an underlay port's stay: B keeps steering clients' traffic out
+    of that number, and keeps letting in frames from it as the balancer's replies."""
+    service = Controller(Settings(database=tmp_path / "db.sqlite", audit_interval=0, backend_check_interval=0))
+    try:
+        service.set_inventory(B, [LB_ON_B, TO_EVERYONE])
+        service.port_deleted(B, UNDERLAY_PORT)
+        assert service.inventory_of(B).toward(A) is None
+    finally:
+        service.close()
+
+
+def test_a_change_on_a_switch_without_a_reconciler_is_followed_by_the_only_connected_one(tmp_path):
+    """_follow returns when len(reconcilers) < 2 even if ``dpid`` is not among them."""
+    database = tmp_path / "db.sqlite"
+    store = Store(database)
+    store.save(State(), State.of([anchor_of(), balancer(B, 7, zone=2)]), [])
+    store.save_inventory(A, [WEB1, WEB2, TO_EVERYONE])
+    store.save_inventory(B, [LB_ON_B, TO_EVERYONE])
+    store.db.close()
+    service = Controller(Settings(database=database, audit_interval=0, backend_check_interval=0))
+    fake = FakeSwitch(B, ports=(1, 2, 3, 4, 7, UNDERLAY_PORT), sink=lambda m: _deliver(service, m))
+    try:
+        service.switch_connected(fake.datapath)  # A's switch has not reconnected since the restart
+        wait_until(lambda: service.reconcilers[B].synced, what="B reconciled")
+        assert steered(fake)
+        assert service.delete_middlebox(A, LB, anchor=True).status == "OK"
+        _idle(service, B)
+        assert not steered(fake), "B still steers the redirect into A, whose anchor is gone"
+    finally:
+        service.close()
+        fake.close()
+
+
+def test_an_anchors_backends_are_health_checked(hosts, monkeypatch):
+    service, fakes = hosts
+    fakes[A].remove_port(2)
+    wait_until(lambda: (mb := service.state.find(A, LB)) is not None and mb.anchor, what="anchor")
+    checked = []
+    monkeypatch.setattr(Controller, "arp_check", classmethod(lambda cls, dp, address, where: checked.append(address)))
+    monkeypatch.setattr(service.reconcilers[A].link, "send_unconfirmed", lambda message: None)
+    service._check_backends()
+    assert sorted(checked) == ["10.0.0.11", "10.0.0.12"]  # as the redirects it keeps name them
+
+
+def test_an_address_edit_on_a_balancers_port_is_remembered_as_a_departure(tmp_path):
+    """_remember_departed records any change of the identity (here: one more address), and
+    never forgets it while the balancer lives: every later inventory change of that switch
+    queues an anchor job that recompiles the balancer whole (its exact record dropped)."""
+    service = Controller(Settings(database=tmp_path / "db.sqlite", audit_interval=0, backend_check_interval=0))
+    try:
+        service.set_inventory(A, [LB_ON_A, WEB1, WEB2])
+        service.state = State.of([balancer()])
+        more = PortIdentity(2, LB, "red", "lb-1", (LB_IP, "10.0.0.101"), "tap-lb-a")
+        service.set_inventory(A, [more, WEB1, WEB2])
+        assert service.departed.get(A, {}) == {}, service.departed
+    finally:
+        service.close()
+
+
+def test_a_vm_id_given_later_leaves_a_stale_departure_that_costs_the_anchor(tmp_path):
+    """The operator gives the balancer's port its vm-id after it registered (the agent used
+    the interface name until then), then migrates it: the source agent's delete, before the
+    port-status, reads the stale departed identity first (_identities) and leaves no anchor."""
+    from test_migration import _ok, two_hypervisors
+    service, fakes = two_hypervisors(tmp_path / "c.sqlite", ports=(1, 2, 3, 4, 7, UNDERLAY_PORT))
+    try:
+        unnamed = PortIdentity(2, LB, "red", "tap-lb-a", (LB_IP,), "tap-lb-a")   # vm-id defaulted
+        service.set_inventory(A, [unnamed, WEB1, WEB2, TO_EVERYONE])
+        _ok(service, A, 2, f"R L {LB} {LB_IP} 0 * 10.0.0.11,10.0.0.12")
+        service.set_inventory(A, [LB_ON_A, WEB1, WEB2, TO_EVERYONE])              # vm-id=lb-1 set
+        service.set_inventory(B, [LB_ON_B, TO_EVERYONE])                          # destination plugged
+        wait_until(lambda: steered(fakes[B]), what="the twin on B steering to A")
+        assert service.delete_middlebox(A, LB).status == "OK"                     # the source agent's delete
+        kept = service.state.find(A, LB)
+        assert kept is not None and kept.anchor == ("lb-1", "red"), (kept, service.departed)
+    finally:
+        service.close()
+        for fake in fakes.values():
+            fake.close()
