@@ -641,15 +641,7 @@ class SwitchReconciler:
         """Checked when it runs, after any job that was in flight when the port went."""
         before = self.service.state
         self.service.retire(self.dpid, job.ports)
-        macs = {mb.mac for mb in before.on(self.dpid) if mb.port in job.ports}
-        if not macs:
-            return
-        self._forget_exact(macs)
-        if self._install(before, self.service.state, macs, set()) is None:
-            self.applied = self.generation
-        else:
-            self.synced = False  # the next reconciliation removes them
-            self._retry_sync(self.link)
+        self._settle(before, {mb.mac for mb in before.on(self.dpid) if mb.port in job.ports})
 
     def _drop_anchors(self, job: Job) -> None:
         before = self.service.state
