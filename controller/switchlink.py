@@ -94,19 +94,21 @@ class SwitchLink:
         MAX_LISTED entries: a switch that keeps sending parts is given up on."""
         started = time.monotonic()
         try:
-            while True:
-                parts = len(waiter.body)
-                answered = waiter.done.wait(timeout=min(timeout, pacing.ANSWER_GRACE))
-                if not answered and timeout > pacing.ANSWER_GRACE:
-                    with pacing.elsewhere():  # a hung switch holds no reconciliation back
-                        answered = waiter.done.wait(timeout=timeout - pacing.ANSWER_GRACE)
-                if answered:
-                    break
-                if not (progressing and len(waiter.body) > parts):
-                    raise SwitchUnreachable(f"switch {self.dpid:016x} did not answer {what} within {timeout:.1f} s")
-                if len(waiter.body) > MAX_LISTED or time.monotonic() - started > LISTING_CEILING:
-                    raise SwitchUnreachable(f"switch {self.dpid:016x} was still answering {what} after "
-                                            f"{time.monotonic() - started:.0f} s and {len(waiter.body)} entries")
+            with pacing.on_switch():  # bulk requests are read meanwhile (pacing.preparing)
+                while True:
+                    parts = len(waiter.body)
+                    answered = waiter.done.wait(timeout=min(timeout, pacing.ANSWER_GRACE))
+                    if not answered and timeout > pacing.ANSWER_GRACE:
+                        with pacing.elsewhere():  # a hung switch holds no reconciliation back
+                            answered = waiter.done.wait(timeout=timeout - pacing.ANSWER_GRACE)
+                    if answered:
+                        break
+                    if not (progressing and len(waiter.body) > parts):
+                        raise SwitchUnreachable(f"switch {self.dpid:016x} did not answer {what} within "
+                                                f"{timeout:.1f} s")
+                    if len(waiter.body) > MAX_LISTED or time.monotonic() - started > LISTING_CEILING:
+                        raise SwitchUnreachable(f"switch {self.dpid:016x} was still answering {what} after "
+                                                f"{time.monotonic() - started:.0f} s and {len(waiter.body)} entries")
             if waiter.lost:
                 raise SwitchUnreachable(waiter.lost)
         finally:

@@ -1321,3 +1321,22 @@ def test_redirects_missing_since_a_restart_come_back_with_the_next_filter(tmp_pa
         assert redirects()
     finally:
         host.close()
+
+
+def test_bulk_requests_are_read_while_a_command_waits_for_its_switch(host, fast_timeouts, monkeypatch):
+    """The bundle's commit is the switch's work: a bulk request's reading (pacing.preparing)
+    runs meanwhile, not only after the command was answered."""
+    monkeypatch.setattr(pacing, "PREPARE_DEFERRAL", 30.0)
+    fake = host.switch()
+    host.ok(f"R F {MAC} 10.0.0.5")
+    fake.hold()  # the job streams its bundle, then waits for the commit's answer
+    answered = []
+    hub.spawn(lambda: answered.extend(host.run(f"A {MAC} I 4 s 10.66.0.0/16")))
+    reconciler = host.service.reconcilers[DPID]
+    wait_until(lambda: reconciler.current is not None, what="the command carried out")
+    carried = reconciler.current
+    with pacing.preparing():
+        read_while_it_waits = reconciler.current is carried
+    assert carried.kind == "commands" and read_while_it_waits and not answered
+    wait_until(lambda: answered, timeout=5, what="the held switch's answer")
+    fake.release()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 from fakeswitch import wait_until
@@ -208,3 +209,110 @@ def test_a_command_waiting_elsewhere_does_not_count_meanwhile():
     finally:
         pacing.COMMANDS.end()
     assert pacing.COMMANDS.running == 0
+
+
+# --- bulk requests are read while commands wait on their switches ----------------------------
+
+def test_the_cpu_is_free_of_commands_only_while_each_waits_on_its_switch():
+    assert pacing.CPU_FREE.is_set()
+    with pacing.on_switch():  # a green thread carrying no command (a reconciliation's listing)
+        assert pacing.CPU_FREE.is_set()
+    with pacing.carrying():
+        assert not pacing.CPU_FREE.is_set()
+        with pacing.on_switch():
+            assert pacing.CPU_FREE.is_set()
+            with pacing.on_switch():  # nested: still waiting when the inner wait ends
+                pass
+            assert pacing.CPU_FREE.is_set()
+        assert not pacing.CPU_FREE.is_set()
+        release = []
+        other = pacing.hub.spawn(_carried_command, [], release)  # another switch's command at work
+        wait_until(lambda: len(pacing._carrying) == 2, what="the second command carried")
+        with pacing.on_switch():
+            assert not pacing.CPU_FREE.is_set()  # this one waits, the other works
+        try:
+            release.append("on switch")
+            with pacing.on_switch():
+                wait_until(pacing.CPU_FREE.is_set, what="both commands waiting on their switches")
+        finally:
+            _answer(other, release)
+    assert pacing.CPU_FREE.is_set() and not pacing._carrying and not pacing._on_switch
+
+
+def _carried_command(log: list, release: list) -> None:
+    """A command carried out: it works on the CPU (yielding between slices) until told to
+    wait on its switch, waits until told it was answered, then works again briefly."""
+    with pacing.carrying():
+        while "on switch" not in release:
+            log.append("working")
+            pacing.hub.sleep(0)
+        with pacing.on_switch():
+            log.append("on switch")
+            while "done" not in release:
+                pacing.hub.sleep(0)
+        log.append("answered")
+
+
+def _answer(command, release: list) -> None:
+    """Let a _carried_command end (also when a test failed half way: a command left
+    carried out would hold every later test's bulk reading back)."""
+    release.extend(["on switch", "done"])
+    if command is not None:
+        command.wait()
+
+
+@contextlib.contextmanager
+def _command_at_work():
+    """A _carried_command working on the CPU: its log and its release."""
+    log, release = [], []
+    command = pacing.hub.spawn(_carried_command, log, release)
+    try:
+        wait_until(lambda: log, what="the command at work")
+        yield log, release
+    finally:
+        _answer(command, release)
+
+
+def test_a_bulk_request_is_read_once_the_command_at_work_waits_on_its_switch(monkeypatch):
+    monkeypatch.setattr(pacing, "PREPARE_DEFERRAL", 30.0)
+    with _command_at_work() as (log, release):
+        pacing.hub.spawn(lambda: (wait_until(lambda: len(log) > 20, what="some work"), release.append("on switch")))
+        with pacing.preparing():
+            log.append("read")
+        assert log.index("read") > log.index("on switch")  # not a slice of the command's work before
+
+
+def test_a_bulk_reading_steps_aside_at_its_rests_while_a_command_works(monkeypatch):
+    monkeypatch.setattr(pacing, "PREPARE_DEFERRAL", 30.0)
+    log, release = [], []
+    command = None
+    try:
+        with pacing.preparing():
+            log.append("reading")  # nothing carried out: at once
+            command = pacing.hub.spawn(_carried_command, log, release)
+            pacing.hub.spawn(lambda: (wait_until(lambda: len(log) > 20, what="some work"),
+                                      release.append("on switch")))
+            pacing.Pacer().rest()
+            log.append("reading on")
+        assert log.index("reading on") > log.index("on switch")
+    finally:
+        _answer(command, release)
+
+
+def test_a_bulk_reading_waits_no_longer_than_its_deferral(monkeypatch):
+    monkeypatch.setattr(pacing, "PREPARE_DEFERRAL", 0.05)
+    with _command_at_work() as (log, _):
+        started = pacing.time.monotonic()
+        with pacing.preparing():
+            waited = pacing.time.monotonic() - started
+            pacing.Pacer(0).rest()  # its deferral is spent: the rest only yields
+        assert waited >= 0.05 and "on switch" not in log  # a command that never waits delays it this long only
+
+
+def test_a_request_that_is_not_bulk_is_read_at_once(monkeypatch):
+    monkeypatch.setattr(pacing, "PREPARE_DEFERRAL", 30.0)
+    with _command_at_work() as (log, _):
+        with pacing.preparing(bulk=False):
+            log.append("read")
+            pacing.Pacer(0).rest()
+        assert "on switch" not in log

@@ -609,3 +609,34 @@ def test_an_ok_answer_made_in_bulk_is_the_named_tuple_s_own():
     made = ok_answer("added: A 52:34:56:00:12:22 I 4 s 10.0.0.1")
     assert made == Answer("OK", "added: A 52:34:56:00:12:22 I 4 s 10.0.0.1")
     assert type(made) is Answer and made.ok and made.code == "ok" and made.replayed is False
+
+
+def test_a_bulk_request_is_read_once_the_command_at_work_waits_on_its_switch(api, service, monkeypatch):
+    """A body of BULK_BODY bytes or more waits while a command is carried out on the CPU
+    (pacing.preparing); a smaller one is read at once."""
+    monkeypatch.setattr(pacing, "PREPARE_DEFERRAL", 30.0)
+    log, release = [], []
+    service.answer = lambda request: (log.append(request.command), Answer("OK", "done"))[1]
+
+    def command_at_work():
+        with pacing.carrying():
+            while not release:
+                log.append("working")
+                pacing.hub.sleep(0)
+            with pacing.on_switch():
+                log.append("on switch")
+
+    worker = pacing.hub.spawn(command_at_work)
+    pacing.hub.sleep(0)
+    try:
+        small = {"commands": [{**COMMAND, "command": "small"}]}
+        assert call(api, "POST", "/v1/commands", small, AUTH).status_int == 200
+        assert "small" in log and "on switch" not in log  # read while the command works
+        bulk = {"commands": [{**COMMAND, "command": "bulk"}] * 600}
+        assert len(json.dumps(bulk)) >= rest.BULK_BODY
+        pacing.hub.spawn(lambda: (pacing.hub.sleep(0.01), release.append(True)))
+        assert call(api, "POST", "/v1/commands", bulk, AUTH).status_int == 200
+        assert log.index("bulk") > log.index("on switch")
+    finally:
+        release.append(True)
+        worker.wait()
