@@ -30,14 +30,15 @@ a command was on its way, none with it).
 
 A bulk request's reading (its JSON decoded and its commands checked, about 3 ms for 1,000
 commands: pure work, no switch needed) waits while commands are carried out on the CPU,
-and is done while they wait for their switches' answers (``preparing``).  A bulk loader
-keeps two requests in flight: the next one used to be read in slices between those of the
-job before it, which made that job longer, and the controller then sat idle while the
-switch committed the job's bundle (3.5 ms of 1,000 filters; 0.37-0.42 s of the 3.0-3.6 s
-100k-filter install, measured with the event loop's polls timed).  Read during that wait,
-it leaves 0.10 s idle: the install's wall time went from 0.37-0.43 s above the
-controller's CPU time to 0.15-0.20 s (three installs of each, alternating).  It waits
-PREPARE_DEFERRAL at most, so a steady stream of other commands delays it by no more.
+and is done while they wait for their switches' answers or on the network
+(``preparing``).  A bulk loader keeps two requests in flight: the next one used to be read
+in slices between those of the job before it, which made that job longer, and the
+controller then sat idle while the switch committed the job's bundle (3.5 ms of 1,000
+filters; 0.37 s of a 100k-filter install's 0.37-0.42 s idle, the event loop's polls
+timed).  Read during that wait, it leaves about 0.10 s idle: in four 100k installs of each,
+alternating, the install's wall time went from 0.47-0.56 s above the controller's CPU time
+to 0.18-0.25 s.  It waits PREPARE_DEFERRAL at most after it was read off the connection,
+so a steady stream of other commands delays it by no more.
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ def carrying():
 
 @contextlib.contextmanager
 def on_switch():
-    """The calling green thread waits for its switch's answer: the command it carries out
-    (if any) leaves the CPU to bulk requests' reading meanwhile."""
+    """The calling green thread waits for its switch's answer (or, in ``elsewhere``, on
+    the network): the command it carries out (if any) leaves the CPU to bulk requests'
+    reading meanwhile."""
     me = hub.getcurrent()
     if me not in _carrying or me in _on_switch:
         yield
@@ -171,13 +173,14 @@ def preparing(bulk: bool = True):
 def elsewhere():
     """The calling green thread waits on a switch or the network: the command it carries
     out (if any) does not hold background work back meanwhile (a hung switch's 5 s would
-    slow every reconciliation sevenfold)."""
+    slow every reconciliation sevenfold), nor bulk requests' reading."""
     if hub.getcurrent() not in _carrying:
         yield
         return
     COMMANDS.end()
     try:
-        yield
+        with on_switch():
+            yield
     finally:
         COMMANDS.begin()
 

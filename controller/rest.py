@@ -132,7 +132,12 @@ def _describe(middlebox) -> dict:
 
 
 def _json_body(request: Request):
-    """The request's JSON, read at most ``MAX_BODY`` bytes: a client cannot make us buffer
+    """The request's JSON (``_body_bytes``, then ``_decoded``)."""
+    return _decoded(_body_bytes(request))
+
+
+def _body_bytes(request: Request) -> bytes:
+    """The request's body, read at most ``MAX_BODY`` bytes: a client cannot make us buffer
     more than that, whatever Content-Length it claims or however long it streams."""
     if (request.content_length or 0) > MAX_BODY:
         raise _TooLarge()
@@ -141,6 +146,10 @@ def _json_body(request: Request):
     data = request.body_file.read(MAX_BODY + 1)
     if len(data) > MAX_BODY:
         raise _TooLarge()
+    return data
+
+
+def _decoded(data: bytes):
     try:
         return json.loads(data)
     except json.JSONDecodeError as error:
@@ -259,8 +268,9 @@ class RestApi:
     def command(self, request):
         """One command object, answered with its own HTTP status; or ``{"commands": [...]}``,
         answered 200 with an answer per command once the whole request was valid."""
-        with preparing(bulk=(request.content_length or 0) >= BULK_BODY):
-            body = _json_body(request)
+        data = _body_bytes(request)
+        with preparing(bulk=len(data) >= BULK_BODY):  # chunked bodies too: counted as read
+            body = _decoded(data)
             requests = requests_from_body(body, pause=Pacer())
         answers = self.service.submit(requests)
         if is_batch(body):

@@ -100,3 +100,13 @@ def netns_name():
         yield name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False, timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def no_command_left_carried_out():
+    """A command left carried out by a test (a green thread killed in the middle, a helper
+    never released) would hold every later test's bulk reading back (pacing.preparing)."""
+    from mbvisor.controller import pacing
+    yield
+    assert not pacing._carrying and not pacing._on_switch and not pacing._preparing, "pacing state left behind"
+    assert pacing.CPU_FREE.is_set()

@@ -203,7 +203,8 @@ def test_a_command_waiting_elsewhere_does_not_count_meanwhile():
         with pacing.carrying():
             with pacing.elsewhere():
                 assert pacing.COMMANDS.running == 0 and pacing.COMMANDS.idle.is_set()
-            assert pacing.COMMANDS.running == 1
+                assert pacing.CPU_FREE.is_set()  # nor does it hold bulk requests' reading back (an ARP wait)
+            assert pacing.COMMANDS.running == 1 and not pacing.CPU_FREE.is_set()
         with pacing.elsewhere():  # a green thread carrying nothing: nothing to take off
             assert pacing.COMMANDS.running == 1
     finally:
@@ -307,6 +308,17 @@ def test_a_bulk_reading_waits_no_longer_than_its_deferral(monkeypatch):
             waited = pacing.time.monotonic() - started
             pacing.Pacer(0).rest()  # its deferral is spent: the rest only yields
         assert waited >= 0.05 and "on switch" not in log  # a command that never waits delays it this long only
+
+
+def test_a_bulk_reading_s_rests_share_its_one_deferral(monkeypatch):
+    monkeypatch.setattr(pacing, "PREPARE_DEFERRAL", 0.5)
+    with _command_at_work() as (log, _):
+        started = pacing.time.monotonic()
+        with pacing.preparing():
+            for _ in range(4):
+                pacing.Pacer(0).rest()
+        waited = pacing.time.monotonic() - started
+        assert 0.5 <= waited < 1.0 and "on switch" not in log  # not 0.5 s more at each rest
 
 
 def test_a_request_that_is_not_bulk_is_read_at_once(monkeypatch):

@@ -25,6 +25,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from webob import Request
 
+from fakeswitch import wait_until
 from mbvisor.controller import pacing
 from mbvisor.controller import rest
 from mbvisor.controller.flows import cookie_of
@@ -611,9 +612,10 @@ def test_an_ok_answer_made_in_bulk_is_the_named_tuple_s_own():
     assert type(made) is Answer and made.ok and made.code == "ok" and made.replayed is False
 
 
-def test_a_bulk_request_is_read_once_the_command_at_work_waits_on_its_switch(api, service, monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_bulk_request_is_read_once_the_command_at_work_waits_on_its_switch(api, service, monkeypatch, chunked):
     """A body of BULK_BODY bytes or more waits while a command is carried out on the CPU
-    (pacing.preparing); a smaller one is read at once."""
+    (pacing.preparing), however it was sent; a smaller one is read at once."""
     monkeypatch.setattr(pacing, "PREPARE_DEFERRAL", 30.0)
     log, release = [], []
     service.answer = lambda request: (log.append(request.command), Answer("OK", "done"))[1]
@@ -626,16 +628,25 @@ def test_a_bulk_request_is_read_once_the_command_at_work_waits_on_its_switch(api
             with pacing.on_switch():
                 log.append("on switch")
 
+    def post(body: dict):
+        data = json.dumps(body).encode()
+        request = Request.blank("/v1/commands", method="POST", headers=AUTH, body=data)
+        if chunked:  # as eventlet hands a chunked body: no length
+            request.content_length = None
+            request.headers["Transfer-Encoding"] = "chunked"
+        return request.get_response(api)
+
     worker = pacing.hub.spawn(command_at_work)
     pacing.hub.sleep(0)
     try:
-        small = {"commands": [{**COMMAND, "command": "small"}]}
-        assert call(api, "POST", "/v1/commands", small, AUTH).status_int == 200
-        assert "small" in log and "on switch" not in log  # read while the command works
+        started = time.monotonic()
+        assert post({"commands": [{**COMMAND, "command": "small"}]}).status_int == 200
+        assert time.monotonic() - started < 10 and "on switch" not in log  # read while the command works
         bulk = {"commands": [{**COMMAND, "command": "bulk"}] * 600}
         assert len(json.dumps(bulk)) >= rest.BULK_BODY
-        pacing.hub.spawn(lambda: (pacing.hub.sleep(0.01), release.append(True)))
-        assert call(api, "POST", "/v1/commands", bulk, AUTH).status_int == 200
+        pacing.hub.spawn(lambda: (wait_until(lambda: pacing._preparing, what="the bulk request waiting"),
+                                  release.append(True)))
+        assert post(bulk).status_int == 200
         assert log.index("bulk") > log.index("on switch")
     finally:
         release.append(True)
