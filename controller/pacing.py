@@ -110,7 +110,6 @@ def carrying():
         yield
     finally:
         _carrying.discard(me)
-        _on_switch.discard(me)
         _cpu_changed()
 
 
